@@ -1,0 +1,1 @@
+//! Criterion benches for the qint8 workspace live in `benches/`; this library is empty.

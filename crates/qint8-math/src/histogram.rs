@@ -1,0 +1,599 @@
+//! Streaming histograms of activations, for histogram-based calibration.
+//!
+//! Two kinds: of `|x|` over `[0, hi]` (symmetric calibration, what TensorRT's
+//! entropy calibrator uses) and of signed `x` over `[lo, hi]` (affine ranges).
+//!
+//! Two range modes:
+//! - **Fixed** ([`Histogram::fixed_abs`], [`Histogram::fixed_signed`]): the
+//!   range is set up front, typically from a first pass that found the global
+//!   max. The result then depends on neither batch size nor batch order.
+//!   Values outside the range are counted in the edge bins (they are clipped
+//!   there by any threshold anyway) and in [`Histogram::clipped`].
+//! - **Dynamic** ([`Histogram::dynamic_abs`], [`Histogram::dynamic_signed`]).
+//!   Growth policy: the range is always a power of two (`[0, 2^k]` or
+//!   `[-2^k, 2^k]`), the smallest that holds every value seen. When a batch
+//!   exceeds it, the range doubles as often as needed and each doubling merges
+//!   adjacent bin pairs. Because bin edges of a power-of-two range are exact
+//!   binary fractions, the counts after growth equal those of a histogram
+//!   built at the final range directly, and merging two dynamic histograms
+//!   gives exactly the histogram of the concatenated data. The price is
+//!   resolution: between half and all of the bins are in use.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MathError, Result};
+
+/// Default number of bins (TensorRT and modelopt use 2048).
+pub const DEFAULT_BINS: usize = 2048;
+
+/// The largest power of two an f32 holds; dynamic ranges cannot grow past it.
+const MAX_DYNAMIC: f32 = 1.7014118e38;
+
+/// Batches at least this long are binned in parallel.
+const PARALLEL_MIN_LEN: usize = 1 << 16;
+
+/// Of `|x|` or of signed `x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistogramKind {
+    /// Histogram of `|x|` over `[0, hi]`.
+    Abs,
+    /// Histogram of `x` over `[lo, hi]`.
+    Signed,
+}
+
+/// A histogram with a fixed number of bins. See the module docs for the modes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    kind: HistogramKind,
+    fixed: bool,
+    lo: f32,
+    hi: f32,
+    counts: Vec<u64>,
+    total: u64,
+    clipped: u64,
+    min: f32,
+    max: f32,
+}
+
+impl Histogram {
+    fn new(kind: HistogramKind, fixed: bool, bins: usize, lo: f32, hi: f32) -> Result<Self> {
+        let multiple = match kind {
+            HistogramKind::Abs => 2,
+            HistogramKind::Signed => 4,
+        };
+        if bins < multiple || !bins.is_multiple_of(multiple) || bins > (1 << 24) {
+            return Err(MathError::BadHistogram(format!(
+                "{bins} bins: need a multiple of {multiple} between {multiple} and 2^24"
+            )));
+        }
+        for v in [lo, hi] {
+            if !v.is_finite() {
+                return Err(MathError::NonFinite {
+                    what: "histogram range",
+                    value: v,
+                });
+            }
+        }
+        if lo > hi {
+            return Err(MathError::InvertedRange { min: lo, max: hi });
+        }
+        Ok(Self {
+            kind,
+            fixed,
+            lo,
+            hi,
+            counts: vec![0; bins],
+            total: 0,
+            clipped: 0,
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+        })
+    }
+
+    /// Histogram of `|x|` whose range grows in powers of two.
+    pub fn dynamic_abs(bins: usize) -> Result<Self> {
+        Self::new(HistogramKind::Abs, false, bins, 0.0, 0.0)
+    }
+
+    /// Histogram of `x` over a symmetric range that grows in powers of two.
+    /// `bins` must be a multiple of 4.
+    pub fn dynamic_signed(bins: usize) -> Result<Self> {
+        Self::new(HistogramKind::Signed, false, bins, 0.0, 0.0)
+    }
+
+    /// Histogram of `|x|` over the fixed range `[0, amax]`.
+    pub fn fixed_abs(bins: usize, amax: f32) -> Result<Self> {
+        if amax < 0.0 {
+            return Err(MathError::NegativeAmax(amax));
+        }
+        Self::new(HistogramKind::Abs, true, bins, 0.0, amax)
+    }
+
+    /// Histogram of `x` over the fixed range `[lo, hi]`.
+    pub fn fixed_signed(bins: usize, lo: f32, hi: f32) -> Result<Self> {
+        Self::new(HistogramKind::Signed, true, bins, lo, hi)
+    }
+
+    /// Of `|x|` or of `x`.
+    pub fn kind(&self) -> HistogramKind {
+        self.kind
+    }
+
+    /// Whether the range is fixed.
+    pub fn is_fixed(&self) -> bool {
+        self.fixed
+    }
+
+    /// Bin counts.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// Number of bins.
+    pub fn bins(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Current range `(lo, hi)`.
+    pub fn range(&self) -> (f32, f32) {
+        (self.lo, self.hi)
+    }
+
+    /// Width of one bin (0 while the range is empty).
+    pub fn bin_width(&self) -> f32 {
+        (self.hi - self.lo) / self.counts.len() as f32
+    }
+
+    /// Number of values added.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Values that fell outside a fixed range (counted in the edge bins).
+    pub fn clipped(&self) -> u64 {
+        self.clipped
+    }
+
+    /// Smallest and largest value added (`None` before any value).
+    pub fn min_max(&self) -> Option<(f32, f32)> {
+        (self.total > 0).then_some((self.min, self.max))
+    }
+
+    /// Largest `|x|` added (0 before any value).
+    pub fn max_abs(&self) -> f32 {
+        match self.min_max() {
+            Some((lo, hi)) => lo.abs().max(hi.abs()),
+            None => 0.0,
+        }
+    }
+
+    /// Adds a batch. Fails without changing the histogram if the batch holds
+    /// a NaN or infinity (the error gives its index).
+    pub fn add(&mut self, x: &[f32]) -> Result<()> {
+        if x.is_empty() {
+            return Ok(());
+        }
+        let (bmin, bmax) = batch_min_max(x)?;
+        if !self.fixed {
+            self.grow_to(bmin.abs().max(bmax.abs()))?;
+        }
+        let binner = self.binner();
+        let bins = self.counts.len();
+        let clipped = if x.len() >= PARALLEL_MIN_LEN {
+            let (counts, clipped) = x
+                .par_chunks(PARALLEL_MIN_LEN / 4)
+                .fold(
+                    || (vec![0u64; bins], 0u64),
+                    |(mut c, k), chunk| {
+                        let k2 = binner.bin_into(chunk, &mut c);
+                        (c, k + k2)
+                    },
+                )
+                .reduce(
+                    || (vec![0u64; bins], 0u64),
+                    |(mut a, ka), (b, kb)| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        (a, ka + kb)
+                    },
+                );
+            self.counts
+                .iter_mut()
+                .zip(&counts)
+                .for_each(|(a, b)| *a += b);
+            clipped
+        } else {
+            binner.bin_into(x, &mut self.counts)
+        };
+        self.clipped += clipped;
+        self.total += x.len() as u64;
+        self.min = self.min.min(bmin);
+        self.max = self.max.max(bmax);
+        Ok(())
+    }
+
+    /// Doubles a dynamic range until it holds `need`.
+    fn grow_to(&mut self, need: f32) -> Result<()> {
+        if need == 0.0 || need <= self.hi {
+            return Ok(());
+        }
+        if need > MAX_DYNAMIC {
+            return Err(MathError::BadHistogram(format!(
+                "value {need} exceeds the largest power-of-two range of f32 (2^127); use a fixed range"
+            )));
+        }
+        if self.hi == 0.0 {
+            // First non-zero data: zeros counted so far sit in the bin of 0,
+            // which is the same bin at every power-of-two range.
+            let r = pow2_ceil(need);
+            self.hi = r;
+            if self.kind == HistogramKind::Signed {
+                self.lo = -r;
+            }
+            return Ok(());
+        }
+        while self.hi < need {
+            let n = self.counts.len();
+            let old = std::mem::replace(&mut self.counts, vec![0; n]);
+            let offset = match self.kind {
+                HistogramKind::Abs => 0,
+                HistogramKind::Signed => n / 4,
+            };
+            for (i, c) in old.into_iter().enumerate() {
+                self.counts[offset + i / 2] += c;
+            }
+            self.hi *= 2.0;
+            if self.kind == HistogramKind::Signed {
+                self.lo = -self.hi;
+            }
+        }
+        Ok(())
+    }
+
+    fn binner(&self) -> Binner {
+        let n = self.counts.len();
+        let width = self.hi - self.lo;
+        let inv = if width > 0.0 { n as f32 / width } else { 0.0 };
+        match (self.kind, self.fixed) {
+            (HistogramKind::Abs, _) => Binner::Abs {
+                inv,
+                last: n - 1,
+                hi: self.hi,
+            },
+            // Dynamic signed ranges are symmetric: index floor(x * inv) + n/2,
+            // which keeps the pair-merge of `grow_to` exact.
+            (HistogramKind::Signed, false) => Binner::Centered {
+                inv,
+                half: n as i64 / 2,
+                last: n - 1,
+            },
+            (HistogramKind::Signed, true) => Binner::Offset {
+                lo: self.lo,
+                hi: self.hi,
+                inv,
+                last: n - 1,
+            },
+        }
+    }
+
+    /// Adds another histogram's counts.
+    ///
+    /// Dynamic histograms of the same kind and bin count always merge (the
+    /// smaller range grows first). Fixed histograms merge only with an
+    /// identical range.
+    pub fn merge(&mut self, other: &Histogram) -> Result<()> {
+        if self.kind != other.kind
+            || self.counts.len() != other.counts.len()
+            || self.fixed != other.fixed
+        {
+            return Err(MathError::HistogramMismatch(format!(
+                "{:?}/{} bins/{} vs {:?}/{} bins/{}",
+                self.kind,
+                self.counts.len(),
+                if self.fixed { "fixed" } else { "dynamic" },
+                other.kind,
+                other.counts.len(),
+                if other.fixed { "fixed" } else { "dynamic" },
+            )));
+        }
+        if self.fixed {
+            if (self.lo, self.hi) != (other.lo, other.hi) {
+                return Err(MathError::HistogramMismatch(format!(
+                    "fixed ranges differ: [{}, {}] vs [{}, {}]",
+                    self.lo, self.hi, other.lo, other.hi
+                )));
+            }
+            self.add_counts(&other.counts);
+        } else {
+            let mut o = other.clone();
+            self.grow_to(o.hi)?;
+            o.grow_to(self.hi)?;
+            self.add_counts(&o.counts);
+        }
+        self.total += other.total;
+        self.clipped += other.clipped;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        Ok(())
+    }
+
+    fn add_counts(&mut self, c: &[u64]) {
+        self.counts.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+    }
+
+    /// Folds a signed histogram with a symmetric range into a histogram of
+    /// `|x|` with half as many bins and the same bin width. Abs histograms are
+    /// returned unchanged.
+    pub fn to_abs(&self) -> Result<Histogram> {
+        if self.kind == HistogramKind::Abs {
+            return Ok(self.clone());
+        }
+        if self.lo != -self.hi {
+            return Err(MathError::BadHistogram(format!(
+                "cannot fold the asymmetric range [{}, {}] into |x|",
+                self.lo, self.hi
+            )));
+        }
+        let n = self.counts.len();
+        let half = n / 2;
+        let counts = (0..half)
+            .map(|k| self.counts[half + k] + self.counts[half - 1 - k])
+            .collect();
+        Ok(Histogram {
+            kind: HistogramKind::Abs,
+            lo: 0.0,
+            counts,
+            ..self.clone()
+        })
+    }
+}
+
+/// Smallest power of two `>= v` (for positive finite `v`).
+fn pow2_ceil(v: f32) -> f32 {
+    let mut r = 2f32.powi(v.log2().ceil() as i32);
+    // log2 rounding can land one power low or high.
+    while r < v {
+        r *= 2.0;
+    }
+    while r / 2.0 >= v && r / 2.0 > 0.0 {
+        r /= 2.0;
+    }
+    r
+}
+
+/// Min and max of a batch, or the first non-finite value's index.
+fn batch_min_max(x: &[f32]) -> Result<(f32, f32)> {
+    let mut lo = f32::INFINITY;
+    let mut hi = f32::NEG_INFINITY;
+    let mut finite = true;
+    for &v in x {
+        lo = lo.min(v);
+        hi = hi.max(v);
+        finite &= v.is_finite();
+    }
+    if !finite {
+        // Invariant: `finite` is false only if some element is non-finite.
+        let (index, &value) = x
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .unwrap_or((0, &f32::NAN));
+        return Err(MathError::NonFiniteData {
+            what: "histogram input",
+            index,
+            value,
+        });
+    }
+    Ok((lo, hi))
+}
+
+/// Truncates a bin position already clamped to `[0, last]`.
+#[inline(always)]
+fn to_index(t: f32) -> usize {
+    // A plain truncating conversion: the saturating `as` costs extra
+    // instructions per value in this hot loop.
+    if t >= 0.0 && t < (1u32 << 24) as f32 {
+        // SAFETY: checked just above that `t` is in [0, 2^24), which fits i32.
+        unsafe { t.to_int_unchecked::<i32>() as usize }
+    } else {
+        0
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Binner {
+    Abs {
+        inv: f32,
+        last: usize,
+        hi: f32,
+    },
+    Centered {
+        inv: f32,
+        half: i64,
+        last: usize,
+    },
+    Offset {
+        lo: f32,
+        hi: f32,
+        inv: f32,
+        last: usize,
+    },
+}
+
+impl Binner {
+    /// Bin of `v` and whether it lies outside the range. `v` must be finite
+    /// (`Histogram::add` checks the batch first).
+    #[inline(always)]
+    fn index(&self, v: f32) -> (usize, bool) {
+        match *self {
+            Binner::Abs { inv, last, hi } => {
+                let a = v.abs();
+                (to_index((a * inv).min(last as f32)), a > hi)
+            }
+            Binner::Centered { inv, half, last } => {
+                let t = (v * inv).floor() + half as f32;
+                (to_index(t.clamp(0.0, last as f32)), false)
+            }
+            Binner::Offset { lo, hi, inv, last } => (
+                to_index(((v - lo) * inv).clamp(0.0, last as f32)),
+                v < lo || v > hi,
+            ),
+        }
+    }
+
+    /// Adds `x` to `counts` and returns how many values fell outside the range.
+    fn bin_into(&self, x: &[f32], counts: &mut [u64]) -> u64 {
+        let n = counts.len();
+        let mut clipped = 0u64;
+        if x.len() < 4 * n {
+            for &v in x {
+                let (i, c) = self.index(v);
+                counts[i] += 1;
+                clipped += c as u64;
+            }
+            return clipped;
+        }
+        // Four interleaved sub-histograms: consecutive equal bins (common in
+        // activations) would otherwise serialize on one counter's store.
+        let mut sub = vec![0u32; 4 * n];
+        let (s0, rest) = sub.split_at_mut(n);
+        let (s1, rest) = rest.split_at_mut(n);
+        let (s2, s3) = rest.split_at_mut(n);
+        // u32 counters: flush before they could overflow.
+        for big in x.chunks(4 << 30) {
+            let quads = big.chunks_exact(4);
+            let tail = quads.remainder();
+            for q in quads {
+                let (i0, c0) = self.index(q[0]);
+                let (i1, c1) = self.index(q[1]);
+                let (i2, c2) = self.index(q[2]);
+                let (i3, c3) = self.index(q[3]);
+                s0[i0] += 1;
+                s1[i1] += 1;
+                s2[i2] += 1;
+                s3[i3] += 1;
+                clipped += c0 as u64 + c1 as u64 + c2 as u64 + c3 as u64;
+            }
+            for &v in tail {
+                let (i, c) = self.index(v);
+                s0[i] += 1;
+                clipped += c as u64;
+            }
+            for (k, c) in counts.iter_mut().enumerate() {
+                *c += s0[k] as u64 + s1[k] as u64 + s2[k] as u64 + s3[k] as u64;
+            }
+            s0.fill(0);
+            s1.fill(0);
+            s2.fill(0);
+            s3.fill(0);
+        }
+        clipped
+    }
+}
+
+/// Straightforward histogram of `|x|` over `[0, hi]`, the reference the fast
+/// binning is tested against. Out-of-range values go to the last bin.
+pub fn reference_abs_counts(x: &[f32], bins: usize, hi: f32) -> Vec<u64> {
+    let mut c = vec![0u64; bins];
+    if bins == 0 {
+        return c;
+    }
+    let w = hi / bins as f32;
+    for &v in x {
+        let a = v.abs();
+        let i = if w > 0.0 { (a / w).floor() as usize } else { 0 };
+        c[i.min(bins - 1)] += 1;
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_abs_grows_by_doubling() {
+        let mut h = Histogram::dynamic_abs(8).unwrap();
+        h.add(&[0.0, 0.0]).unwrap();
+        assert_eq!(h.range(), (0.0, 0.0));
+        h.add(&[0.3, 0.9]).unwrap();
+        assert_eq!(h.range(), (0.0, 1.0));
+        // width 1/8: 0 -> 0, 0.3 -> 2, 0.9 -> 7
+        assert_eq!(h.counts(), &[2, 0, 1, 0, 0, 0, 0, 1]);
+        h.add(&[-3.0]).unwrap();
+        assert_eq!(h.range(), (0.0, 4.0));
+        // width 1/2: 0,0,0.3 -> 0, 0.9 -> 1, 3 -> 6
+        assert_eq!(h.counts(), &[3, 1, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(h.total(), 5);
+        assert_eq!(h.min_max(), Some((-3.0, 0.9)));
+        assert_eq!(h.max_abs(), 3.0);
+    }
+
+    #[test]
+    fn dynamic_signed_grows_around_center() {
+        let mut h = Histogram::dynamic_signed(8).unwrap();
+        h.add(&[-0.9, 0.0, 0.6]).unwrap();
+        assert_eq!(h.range(), (-1.0, 1.0));
+        assert_eq!(h.counts(), &[1, 0, 0, 0, 1, 0, 1, 0]);
+        h.add(&[1.5]).unwrap();
+        assert_eq!(h.range(), (-2.0, 2.0));
+        assert_eq!(h.counts(), &[0, 0, 1, 0, 1, 1, 0, 1]);
+        let a = h.to_abs().unwrap();
+        assert_eq!(a.counts(), &[1, 2, 0, 1]);
+    }
+
+    #[test]
+    fn fixed_range_clips_into_edges() {
+        let mut h = Histogram::fixed_abs(4, 1.0).unwrap();
+        h.add(&[0.1, -0.6, 1.0, 2.0]).unwrap();
+        assert_eq!(h.counts(), &[1, 0, 1, 2]);
+        assert_eq!(h.clipped(), 1);
+        let mut s = Histogram::fixed_signed(4, -1.0, 3.0).unwrap();
+        s.add(&[-2.0, -0.5, 0.5, 2.9, 7.0]).unwrap();
+        assert_eq!(s.counts(), &[2, 1, 0, 2]);
+        assert_eq!(s.clipped(), 2);
+        // All-zero tensors get a zero-width range: everything in bin 0.
+        let mut z = Histogram::fixed_abs(4, 0.0).unwrap();
+        z.add(&[0.0, 0.0]).unwrap();
+        assert_eq!(z.counts(), &[2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn rejects_non_finite_and_bad_configs() {
+        let mut h = Histogram::dynamic_abs(8).unwrap();
+        let err = h.add(&[1.0, f32::NAN, 2.0]).unwrap_err();
+        assert!(
+            matches!(err, MathError::NonFiniteData { index: 1, .. }),
+            "{err:?}"
+        );
+        assert_eq!(h.total(), 0);
+        assert!(h.add(&[f32::INFINITY]).is_err());
+        assert!(Histogram::dynamic_abs(7).is_err());
+        assert!(Histogram::dynamic_signed(6).is_err());
+        assert!(Histogram::fixed_abs(8, -1.0).is_err());
+        assert!(Histogram::fixed_signed(8, 1.0, -1.0).is_err());
+        assert!(Histogram::fixed_abs(8, f32::NAN).is_err());
+    }
+
+    #[test]
+    fn merge_rules() {
+        let mut a = Histogram::fixed_abs(8, 1.0).unwrap();
+        let b = Histogram::fixed_abs(8, 2.0).unwrap();
+        assert!(a.merge(&b).is_err());
+        let d = Histogram::dynamic_abs(8).unwrap();
+        assert!(a.merge(&d).is_err());
+        let s = Histogram::dynamic_signed(8).unwrap();
+        assert!(Histogram::dynamic_abs(8).unwrap().merge(&s).is_err());
+    }
+
+    #[test]
+    fn pow2_ceil_is_tight() {
+        assert_eq!(pow2_ceil(1.0), 1.0);
+        assert_eq!(pow2_ceil(1.0001), 2.0);
+        assert_eq!(pow2_ceil(0.3), 0.5);
+        assert_eq!(pow2_ceil(1.0e38), MAX_DYNAMIC);
+        let mut h = Histogram::dynamic_abs(8).unwrap();
+        assert!(matches!(h.add(&[3.0e38]), Err(MathError::BadHistogram(_))));
+    }
+}

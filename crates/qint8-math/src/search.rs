@@ -1,0 +1,648 @@
+//! Range search: choosing a clipping threshold from a histogram.
+//!
+//! | method | threshold |
+//! |---|---|
+//! | [`RangeMethod::Max`] | the largest `|x|` seen |
+//! | [`RangeMethod::Percentile`] | the upper edge of the bin where the cumulative count reaches `p`% |
+//! | [`RangeMethod::Entropy`] | TensorRT's KL-divergence search (two conventions, see [`EntropyVariant`]) |
+//! | [`RangeMethod::Mse`] | the bin centre minimizing the expected squared quantization error |
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MathError, Result};
+use crate::histogram::{Histogram, HistogramKind};
+
+/// Which published form of the entropy calibration to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyVariant {
+    /// The convention of NVIDIA's pytorch-quantization and TensorRT Model
+    /// Optimizer (modelopt): before the search the first bin takes the
+    /// second bin's count (removing the zero spike that ReLU outputs put in
+    /// bin 0), the threshold is `i * bin_width`, and among tied minima the
+    /// last (largest) threshold wins. The default: on post-ReLU data the
+    /// literal form clips far too much, and these are the tools users compare
+    /// against.
+    #[default]
+    Modelopt,
+    /// The algorithm exactly as on the slides of "8-bit Inference with
+    /// TensorRT" (Szymon Migacz, GTC 2017, S7310): no zero-spike fix,
+    /// threshold `(i + 0.5) * bin_width`, first of tied minima.
+    Gtc2017,
+}
+
+/// How to choose a range from a histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum RangeMethod {
+    /// Largest absolute value observed.
+    Max,
+    /// The `percentile`-th percentile of `|x|` (0 < p <= 100).
+    Percentile {
+        /// Percent of values that must lie inside the range, e.g. 99.99.
+        percentile: f64,
+    },
+    /// KL-divergence minimization as TensorRT's entropy calibrator does it.
+    Entropy {
+        /// Which convention.
+        variant: EntropyVariant,
+        /// First candidate end bin (128).
+        start_bin: usize,
+        /// Quantized levels the candidate range is merged into (128 for int8).
+        levels: usize,
+    },
+    /// Mean squared error minimization over bin centres from `start_bin` up.
+    Mse {
+        /// First candidate bin (128).
+        start_bin: usize,
+    },
+}
+
+impl Default for RangeMethod {
+    fn default() -> Self {
+        Self::entropy()
+    }
+}
+
+impl RangeMethod {
+    /// Entropy search with the default convention, start bin 128 and 128 levels.
+    pub const fn entropy() -> Self {
+        Self::Entropy {
+            variant: EntropyVariant::Modelopt,
+            start_bin: 128,
+            levels: 128,
+        }
+    }
+
+    /// Percentile search (pytorch-quantization's default is 99.99).
+    pub const fn percentile(p: f64) -> Self {
+        Self::Percentile { percentile: p }
+    }
+
+    /// MSE search from bin 128.
+    pub const fn mse() -> Self {
+        Self::Mse { start_bin: 128 }
+    }
+}
+
+/// Chooses a symmetric clipping threshold `amax` from a histogram.
+///
+/// Signed histograms with a symmetric range are folded to `|x|` first.
+/// The result never exceeds the largest `|x|` observed.
+pub fn search_amax(h: &Histogram, method: &RangeMethod) -> Result<f32> {
+    if h.total() == 0 {
+        return Err(MathError::EmptyHistogram);
+    }
+    let max_abs = h.max_abs();
+    if let RangeMethod::Max = method {
+        return Ok(max_abs);
+    }
+    let abs;
+    let h = if h.kind() == HistogramKind::Signed {
+        abs = h.to_abs()?;
+        &abs
+    } else {
+        h
+    };
+    let w = h.bin_width() as f64;
+    let amax = match *method {
+        RangeMethod::Max => max_abs as f64,
+        RangeMethod::Percentile { percentile } => {
+            let k = percentile_bin(h.counts(), percentile, h.total())?;
+            (k + 1) as f64 * w
+        }
+        RangeMethod::Entropy {
+            variant,
+            start_bin,
+            levels,
+        } => {
+            let Some(best) = entropy_search(h.counts(), variant, start_bin, levels)? else {
+                return Ok(max_abs);
+            };
+            match variant {
+                EntropyVariant::Modelopt => best as f64 * w,
+                EntropyVariant::Gtc2017 => (best as f64 + 0.5) * w,
+            }
+        }
+        RangeMethod::Mse { start_bin } => {
+            let i = mse_search(h.counts(), start_bin)?;
+            (i as f64 + 0.5) * w
+        }
+    };
+    Ok((amax as f32).min(max_abs))
+}
+
+/// Chooses an affine range `[min, max]` from a histogram.
+///
+/// For signed histograms `Max` gives the observed extremes and `Percentile`
+/// clips both tails at `p`; entropy and MSE are symmetric searches, so they
+/// give `[-amax, amax]` intersected with the observed range. For histograms
+/// of `|x|` every method gives `[-amax, amax]` intersected with the observed range.
+pub fn search_min_max(h: &Histogram, method: &RangeMethod) -> Result<(f32, f32)> {
+    let (min, max) = h.min_max().ok_or(MathError::EmptyHistogram)?;
+    match (h.kind(), method) {
+        (HistogramKind::Signed, RangeMethod::Max) => Ok((min, max)),
+        (HistogramKind::Signed, RangeMethod::Percentile { percentile }) => {
+            let c = h.counts();
+            let w = h.bin_width();
+            let (lo, _) = h.range();
+            let hi_bin = percentile_bin(c, *percentile, h.total())?;
+            let rev: Vec<u64> = c.iter().rev().copied().collect();
+            let lo_bin = c.len() - 1 - percentile_bin(&rev, *percentile, h.total())?;
+            let a = (lo + lo_bin as f32 * w).max(min);
+            let b = (lo + (hi_bin + 1) as f32 * w).min(max);
+            Ok((a.min(b), b.max(a)))
+        }
+        _ => {
+            let a = search_amax(h, method)?;
+            Ok(((-a).max(min), a.min(max)))
+        }
+    }
+}
+
+/// First bin at which the cumulative count reaches `p`% of `total`.
+fn percentile_bin(counts: &[u64], p: f64, total: u64) -> Result<usize> {
+    if !(p > 0.0 && p <= 100.0) {
+        return Err(MathError::BadParameter {
+            name: "percentile",
+            value: p,
+            expected: "0 < p <= 100",
+        });
+    }
+    let target = p / 100.0 * total as f64;
+    let mut cum = 0u64;
+    for (k, &c) in counts.iter().enumerate() {
+        cum += c;
+        if cum as f64 >= target {
+            return Ok(k);
+        }
+    }
+    Ok(counts.len() - 1)
+}
+
+fn check_search_params(start_bin: usize, levels: usize, bins: usize) -> Result<()> {
+    if levels == 0 {
+        return Err(MathError::BadParameter {
+            name: "levels",
+            value: 0.0,
+            expected: ">= 1",
+        });
+    }
+    if start_bin == 0 {
+        return Err(MathError::BadParameter {
+            name: "start_bin",
+            value: 0.0,
+            expected: ">= 1",
+        });
+    }
+    if bins == 0 {
+        return Err(MathError::BadHistogram("no bins".into()));
+    }
+    Ok(())
+}
+
+/// The counts an entropy search works on: f64, with the zero-spike fix of
+/// the modelopt convention applied.
+fn entropy_counts(counts: &[u64], variant: EntropyVariant) -> Vec<f64> {
+    let mut b: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    if variant == EntropyVariant::Modelopt && b.len() > 1 {
+        b[0] = b[1];
+    }
+    b
+}
+
+/// Candidate end bins of an entropy search: `start_bin..=bins` (or just
+/// `bins` when the histogram is shorter than `start_bin`).
+fn entropy_candidates(start_bin: usize, bins: usize) -> std::ops::RangeInclusive<usize> {
+    start_bin.min(bins)..=bins
+}
+
+/// KL divergence `KL(P || Q)` of one entropy-search candidate, computed
+/// directly from the definition (the O(i) reference the fast search
+/// re-checks near-minimal candidates with).
+///
+/// `b` are the counts (after any zero-spike fix), `i` the number of bins kept:
+/// `P = b[..i]` with the mass of `b[i..]` added to `P[i-1]`; `Q` merges
+/// `b[..i]` into `levels` groups (bin `j` goes to group `j * levels / i`) and
+/// spreads each group's sum evenly over its non-empty bins. Returns infinity
+/// when `P` has mass where `Q` has none.
+pub fn entropy_divergence(b: &[f64], i: usize, levels: usize) -> f64 {
+    let mut p = b[..i].to_vec();
+    let outliers: f64 = b[i..].iter().sum();
+    p[i - 1] += outliers;
+    let mut sums = vec![0.0f64; levels];
+    let mut nonempty = vec![0usize; levels];
+    for j in 0..i {
+        if b[j] != 0.0 {
+            sums[j * levels / i] += b[j];
+            nonempty[j * levels / i] += 1;
+        }
+    }
+    let mut q = vec![0.0f64; i];
+    for j in 0..i {
+        if b[j] != 0.0 {
+            let g = j * levels / i;
+            q[j] = sums[g] / nonempty[g] as f64;
+        }
+    }
+    let ps: f64 = p.iter().sum();
+    let qs: f64 = q.iter().sum();
+    let mut kl = 0.0;
+    for j in 0..i {
+        let pj = p[j] / ps;
+        if pj > 0.0 {
+            let qj = q[j] / qs;
+            if qj == 0.0 {
+                return f64::INFINITY;
+            }
+            kl += pj * (pj / qj).ln();
+        }
+    }
+    kl
+}
+
+/// Runs the entropy search and returns the chosen number of bins `i`, or
+/// `None` when the histogram holds no mass to search (all zero after the
+/// zero-spike fix).
+///
+/// Cost: prefix sums make every candidate O(levels) instead of O(i), so the
+/// 1921 candidates of a 2048-bin histogram take about 250k group terms.
+/// Candidates whose fast divergence is within a tight tolerance of the
+/// minimum are re-evaluated with [`entropy_divergence`], so the result is
+/// exactly that of the direct O(bins^2) search, ties included.
+pub fn entropy_search(
+    counts: &[u64],
+    variant: EntropyVariant,
+    start_bin: usize,
+    levels: usize,
+) -> Result<Option<usize>> {
+    check_search_params(start_bin, levels, counts.len())?;
+    let b = entropy_counts(counts, variant);
+    let n = b.len();
+    let s: f64 = b.iter().sum();
+    if s == 0.0 {
+        return Ok(None);
+    }
+    // prefix[k] = sum b[..k], blogb[k] = sum b ln b over b[..k], nz[k] = non-empty bins in b[..k].
+    let mut prefix = vec![0.0f64; n + 1];
+    let mut blogb = vec![0.0f64; n + 1];
+    let mut nz = vec![0usize; n + 1];
+    for j in 0..n {
+        prefix[j + 1] = prefix[j] + b[j];
+        blogb[j + 1] = blogb[j] + if b[j] > 0.0 { b[j] * b[j].ln() } else { 0.0 };
+        nz[j + 1] = nz[j] + (b[j] > 0.0) as usize;
+    }
+    let ln_int: Vec<f64> = (0..=n)
+        .map(|k| if k > 0 { (k as f64).ln() } else { 0.0 })
+        .collect();
+    let ln_s = s.ln();
+    let candidates: Vec<usize> = entropy_candidates(start_bin, n).collect();
+
+    let fast = |i: usize| -> f64 {
+        let t = prefix[i];
+        let last = b[i - 1];
+        let out = s - t;
+        if last == 0.0 && out > 0.0 {
+            return f64::INFINITY;
+        }
+        if t == 0.0 {
+            // Only outliers: all of P's mass sits in an empty bin of Q.
+            return f64::INFINITY;
+        }
+        let ln_t = t.ln();
+        // Sum over groups of B_g * ln(G_g / n_g), with B_g the mass of the
+        // group excluding bin i-1, and the group terms of sum b ln b.
+        let mut acc_bln = 0.0f64;
+        let mut acc_cross = 0.0f64;
+        let mut g_last = 0.0f64;
+        let mut n_last = 1usize;
+        let mut g_start = 0usize;
+        let mut gsum = [0.0f64; 64];
+        let mut gmass = [0.0f64; 64];
+        let mut gln = [0.0f64; 64];
+        let mut g = 0usize;
+        while g < levels {
+            // Groups are processed in chunks so the logs below vectorize.
+            let chunk = (levels - g).min(64);
+            for k in 0..chunk {
+                let a = g_start;
+                let e = ((g + k + 1) * i).div_ceil(levels).min(i);
+                g_start = e;
+                let gs = prefix[e] - prefix[a];
+                let cnt = nz[e] - nz[a];
+                let mut mass = gs;
+                let mut bl = blogb[e] - blogb[a];
+                if e == i && a < e {
+                    // This group holds bin i-1, which is handled separately.
+                    mass -= last;
+                    if last > 0.0 {
+                        bl -= last * last.ln();
+                    }
+                    g_last = gs;
+                    n_last = cnt.max(1);
+                }
+                // Counts are integers, so a non-empty group sums to >= 1;
+                // empty groups have zero mass and contribute nothing.
+                gsum[k] = gs.max(1.0);
+                gmass[k] = mass;
+                gln[k] = ln_int[cnt];
+                acc_bln += bl;
+            }
+            let mut cross = 0.0f64;
+            for k in 0..chunk {
+                cross += gmass[k] * (fast_ln(gsum[k]) - gln[k]);
+            }
+            acc_cross += cross;
+            g += chunk;
+        }
+        // Bins j < i-1: (1/S) * [sum b ln b - sum_g B_g (ln S + ln(G_g/n_g) - ln T)].
+        let mass_rest = t - last;
+        let mut kl = (acc_bln - acc_cross - mass_rest * (ln_s - ln_t)) / s;
+        let p_last = last + out;
+        if p_last > 0.0 {
+            let q_last = g_last / n_last as f64;
+            kl += p_last / s * ((p_last / s).ln() - (q_last / t).ln());
+        }
+        kl
+    };
+
+    let kls: Vec<f64> = candidates.iter().map(|&i| fast(i)).collect();
+    let best = kls.iter().copied().fold(f64::INFINITY, f64::min);
+    let tol = 1e-9 * best.abs().max(1e-3);
+    let pick_last = variant == EntropyVariant::Modelopt;
+    // Re-check near-minimal candidates exactly and apply the tie rule.
+    let mut chosen: Option<(usize, f64)> = None;
+    for (&i, &f) in candidates.iter().zip(&kls) {
+        if f.is_nan() || f > best + tol {
+            continue;
+        }
+        let exact = entropy_divergence(&b, i, levels);
+        chosen = match chosen {
+            None => Some((i, exact)),
+            Some((ci, ce)) => {
+                if exact < ce || (exact == ce && pick_last) {
+                    Some((i, exact))
+                } else {
+                    Some((ci, ce))
+                }
+            }
+        };
+    }
+    Ok(chosen.map(|(i, _)| i))
+}
+
+/// Natural log of a positive, finite, normal f64, accurate to a few ulp and
+/// branch-free so loops over it vectorize (the libm call does not).
+#[inline(always)]
+fn fast_ln(x: f64) -> f64 {
+    // ln 2 split so that e * LN2_HI is exact (fdlibm's constants).
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    let bits = x.to_bits();
+    // Normalize the mantissa into [sqrt(1/2), sqrt(2)).
+    let shifted = bits.wrapping_sub(0x3fe6_a09e_667f_3bcd);
+    let e = (shifted as i64 >> 52) as f64;
+    let m = f64::from_bits((shifted & 0x000f_ffff_ffff_ffff).wrapping_add(0x3fe6_a09e_667f_3bcd));
+    let f = m - 1.0;
+    let s = f / (2.0 + f);
+    let z = s * s;
+    // ln(m) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), |s| < 0.172.
+    let poly = 1.0 / 3.0
+        + z * (1.0 / 5.0
+            + z * (1.0 / 7.0
+                + z * (1.0 / 9.0
+                    + z * (1.0 / 11.0
+                        + z * (1.0 / 13.0
+                            + z * (1.0 / 15.0
+                                + z * (1.0 / 17.0 + z * (1.0 / 19.0 + z / 21.0))))))));
+    let ln_m = 2.0 * s + 2.0 * s * z * poly;
+    e * LN2_HI + (ln_m + e * LN2_LO)
+}
+
+/// MSE search over bin centres: for each candidate bin `i >= start_bin`,
+/// `amax = centre(i)` and the error is `sum_j counts[j] * (fq(centre(j)) - centre(j))^2`
+/// with int8 symmetric fake quantization at that `amax`. Returns the best `i`
+/// (first of ties). Bin width is factored out: centres are `j + 0.5`.
+pub fn mse_search(counts: &[u64], start_bin: usize) -> Result<usize> {
+    check_search_params(start_bin, 1, counts.len())?;
+    let n = counts.len();
+    let c: Vec<f64> = counts.iter().map(|&k| k as f64).collect();
+    // Prefix sums of c, c*x and c*x^2 over bin centres x = j + 0.5: the
+    // error of every clipped bin is (x - qmax_value)^2, summed in O(1).
+    let mut s0 = vec![0.0f64; n + 1];
+    let mut s1 = vec![0.0f64; n + 1];
+    let mut s2 = vec![0.0f64; n + 1];
+    for j in 0..n {
+        let x = j as f64 + 0.5;
+        s0[j + 1] = s0[j] + c[j];
+        s1[j + 1] = s1[j] + c[j] * x;
+        s2[j + 1] = s2[j] + c[j] * x * x;
+    }
+    let tails = Tails { s0, s1, s2 };
+    let first = start_bin.min(n - 1);
+    let errs: Vec<f64> = (first..n)
+        .into_par_iter()
+        .map(|i| mse_candidate(&c, &tails, i))
+        .collect();
+    let mut best = (first, f64::INFINITY);
+    for (k, &e) in errs.iter().enumerate() {
+        if e < best.1 {
+            best = (first + k, e);
+        }
+    }
+    Ok(best.0)
+}
+
+struct Tails {
+    s0: Vec<f64>,
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+}
+
+/// Expected squared error (in units of bin width squared) of quantizing the
+/// histogram with `amax` at the centre of bin `i`.
+fn mse_candidate(c: &[f64], t: &Tails, i: usize) -> f64 {
+    let n = c.len();
+    let amax = i as f64 + 0.5;
+    let scale = amax / 127.0;
+    // Bins whose centre rounds to 127 or beyond saturate at amax.
+    let clip_from = ((127.5 * scale - 0.5).ceil().max(0.0) as usize).min(n);
+    // 1.5 * 2^52: adding and subtracting it rounds half to even (|v| <= 128 here).
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    let mut err = 0.0;
+    for (j, &cnt) in c[..clip_from].iter().enumerate() {
+        let x = j as f64 + 0.5;
+        let v = (x / scale).min(127.0);
+        let q = ((v + MAGIC) - MAGIC) * scale;
+        err += cnt * (q - x) * (q - x);
+    }
+    // sum c (x - amax)^2 = S2 - 2 amax S1 + amax^2 S0 over the clipped bins.
+    let (k0, k1, k2) = (
+        t.s0[n] - t.s0[clip_from],
+        t.s1[n] - t.s1[clip_from],
+        t.s2[n] - t.s2[clip_from],
+    );
+    err + (k2 - 2.0 * amax * k1 + amax * amax * k0).max(0.0)
+}
+
+/// The MSE search computed directly: every bin of every candidate through
+/// fake quantization. Reference for [`mse_search`].
+pub fn mse_search_reference(counts: &[u64], start_bin: usize) -> Result<usize> {
+    check_search_params(start_bin, 1, counts.len())?;
+    let n = counts.len();
+    let first = start_bin.min(n - 1);
+    let mut best = (first, f64::INFINITY);
+    for i in first..n {
+        let scale = (i as f64 + 0.5) / 127.0;
+        let mut err = 0.0;
+        for (j, &cnt) in counts.iter().enumerate() {
+            let x = j as f64 + 0.5;
+            let q = (x / scale).round_ties_even().min(127.0) * scale;
+            err += cnt as f64 * (q - x) * (q - x);
+        }
+        if err < best.1 {
+            best = (i, err);
+        }
+    }
+    Ok(best.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_ln_is_accurate() {
+        for &x in &[
+            1.0,
+            2.0,
+            3.0,
+            0.5,
+            1e-300,
+            1e300,
+            12345.678,
+            std::f64::consts::SQRT_2,
+            std::f64::consts::FRAC_1_SQRT_2 - 1e-9,
+        ] {
+            let a = fast_ln(x);
+            let b = x.ln();
+            assert!(
+                (a - b).abs() <= 4.0 * f64::EPSILON * b.abs().max(1.0),
+                "{x}: {a} vs {b}"
+            );
+        }
+    }
+
+    fn hist_of(values: &[f32], bins: usize, amax: f32) -> Histogram {
+        let mut h = Histogram::fixed_abs(bins, amax).unwrap();
+        h.add(values).unwrap();
+        h
+    }
+
+    #[test]
+    fn max_and_percentile() {
+        let v: Vec<f32> = (0..1000).map(|i| i as f32 / 100.0).collect(); // 0 .. 9.99
+        let h = hist_of(&v, 100, 10.0);
+        assert_eq!(search_amax(&h, &RangeMethod::Max).unwrap(), 9.99);
+        // 90% of 1000 = 900 values: bins of width 0.1 hold 10 each -> bin 89, upper edge 9.0.
+        let p = search_amax(&h, &RangeMethod::percentile(90.0)).unwrap();
+        assert!((p - 9.0).abs() < 1e-5, "{p}");
+        assert!(search_amax(&h, &RangeMethod::percentile(0.0)).is_err());
+        assert!(search_amax(&h, &RangeMethod::percentile(100.5)).is_err());
+        let empty = Histogram::fixed_abs(100, 1.0).unwrap();
+        assert_eq!(
+            search_amax(&empty, &RangeMethod::Max),
+            Err(MathError::EmptyHistogram)
+        );
+    }
+
+    #[test]
+    fn signed_percentile_clips_both_tails() {
+        // Values away from bin edges: exactly 10 in each bin of width 0.1.
+        let v: Vec<f32> = (-500..500).map(|i| (i as f32 + 0.5) / 100.0).collect();
+        let mut h = Histogram::fixed_signed(100, -5.0, 5.0).unwrap();
+        h.add(&v).unwrap();
+        let (lo, hi) = search_min_max(&h, &RangeMethod::percentile(99.0)).unwrap();
+        assert!(
+            (lo + 4.9).abs() < 1e-4 && (hi - 4.9).abs() < 1e-4,
+            "{lo} {hi}"
+        );
+        assert_eq!(
+            search_min_max(&h, &RangeMethod::Max).unwrap(),
+            (-4.995, 4.995)
+        );
+    }
+
+    /// Deterministic pseudo-normal samples (no rand dependency in the library).
+    fn normals(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        };
+        (0..n)
+            .map(|_| {
+                let (u, v) = (next().max(1e-300), next());
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entropy_on_relu_data_depends_on_the_zero_spike_fix() {
+        // ReLU(N(0,1)) plus a few large outliers: max 20.
+        let mut v: Vec<f32> = normals(200_000, 7)
+            .into_iter()
+            .map(|x| x.max(0.0))
+            .collect();
+        v.extend([20.0, 18.0, 15.0, 12.0]);
+        let h = hist_of(&v, 2048, 20.0);
+        let m = search_amax(&h, &RangeMethod::entropy()).unwrap();
+        let g = search_amax(
+            &h,
+            &RangeMethod::Entropy {
+                variant: EntropyVariant::Gtc2017,
+                start_bin: 128,
+                levels: 128,
+            },
+        )
+        .unwrap();
+        // The literal slide algorithm clips at the smallest candidates; the
+        // modelopt convention keeps a useful range (facts file: ~1.3 vs ~11 of 20.6).
+        assert!(g < 2.0, "gtc {g}");
+        assert!(m > 3.0 && m <= 20.0, "modelopt {m}");
+    }
+
+    #[test]
+    fn entropy_clips_gaussian_tails() {
+        let v = normals(200_000, 3);
+        let h = hist_of(&v, 2048, v.iter().fold(0f32, |a, b| a.max(b.abs())));
+        let a = search_amax(&h, &RangeMethod::entropy()).unwrap();
+        let mx = h.max_abs();
+        assert!(a > 2.0 && a < mx, "entropy amax {a}, max {mx}");
+        let m = search_amax(&h, &RangeMethod::mse()).unwrap();
+        assert!(m > 2.0 && m < mx, "mse amax {m}, max {mx}");
+    }
+
+    #[test]
+    fn all_zero_histogram_gives_zero() {
+        let h = hist_of(&[0.0; 10], 2048, 0.0);
+        assert_eq!(search_amax(&h, &RangeMethod::entropy()).unwrap(), 0.0);
+        assert_eq!(search_amax(&h, &RangeMethod::mse()).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn serde_names() {
+        let j = serde_json::to_string(&RangeMethod::entropy()).unwrap();
+        assert_eq!(
+            j,
+            r#"{"method":"entropy","variant":"modelopt","start_bin":128,"levels":128}"#
+        );
+        let m: RangeMethod =
+            serde_json::from_str(r#"{"method":"percentile","percentile":99.99}"#).unwrap();
+        assert_eq!(m, RangeMethod::percentile(99.99));
+    }
+}
