@@ -1,0 +1,323 @@
+//! 2-D convolution (ONNX Conv, <https://onnx.ai/onnx/operators/onnx__Conv.html>,
+//! opsets 1-22): depthwise convolutions run a direct kernel, everything else
+//! im2col + GEMM (1x1 stride-1 convolutions skip the im2col). Bias and a
+//! following activation are applied in the same pass over the output.
+
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, Mat};
+use super::Activation;
+
+/// A convolution resolved for one input shape, with its weights packed.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Batch.
+    pub n: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height and width.
+    pub ih: usize,
+    /// Input width.
+    pub iw: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Groups.
+    pub group: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (h, w).
+    pub stride: (usize, usize),
+    /// Dilations (h, w).
+    pub dilation: (usize, usize),
+    /// Padding at the top and left.
+    pub pad: (usize, usize),
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+    /// Weights `[cout, cin / group * kh * kw]`.
+    pub weight: Vec<f32>,
+    /// Bias per output channel (zeros when the node has none).
+    pub bias: Vec<f32>,
+    /// Activation fused into the epilogue.
+    pub act: Activation,
+}
+
+/// Output planes smaller than this are computed for the whole batch in one
+/// GEMM (better shaped products for small feature maps).
+const BATCHED_BELOW: usize = 256;
+
+impl Conv2d {
+    fn is_depthwise(&self) -> bool {
+        self.group == self.cin && self.group == self.cout && self.group > 1
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == (1, 1) && self.pad == (0, 0)
+    }
+
+    fn k(&self) -> usize {
+        self.cin / self.group * self.kh * self.kw
+    }
+
+    /// Scratch floats [`Conv2d::run`] needs.
+    pub fn scratch_len(&self) -> usize {
+        if self.is_depthwise() {
+            return 0;
+        }
+        let p = self.oh * self.ow;
+        let cout_g = self.cout / self.group;
+        if p < BATCHED_BELOW {
+            // Column matrix for the whole batch plus the product before scatter.
+            self.k() * self.n * p + cout_g * self.n * p
+        } else if self.is_pointwise() {
+            0
+        } else {
+            self.k() * p
+        }
+    }
+
+    /// Runs the convolution: `x` is `[n, cin, ih, iw]`, `y` is `[n, cout, oh, ow]`.
+    pub fn run(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
+        if self.is_depthwise() {
+            self.depthwise(x, y);
+        } else if self.oh * self.ow < BATCHED_BELOW {
+            self.batched(x, y, scratch, threads);
+        } else {
+            self.per_image(x, y, scratch, threads);
+        }
+    }
+
+    fn per_image(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
+        let (p, cin_g, cout_g, k) = (
+            self.oh * self.ow,
+            self.cin / self.group,
+            self.cout / self.group,
+            self.k(),
+        );
+        let in_img = self.cin * self.ih * self.iw;
+        for img in 0..self.n {
+            let xi = &x[img * in_img..(img + 1) * in_img];
+            let yi = &mut y[img * self.cout * p..(img + 1) * self.cout * p];
+            for g in 0..self.group {
+                let xg = &xi[g * cin_g * self.ih * self.iw..(g + 1) * cin_g * self.ih * self.iw];
+                let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
+                let yg = &mut yi[g * cout_g * p..(g + 1) * cout_g * p];
+                let cols: &[f32] = if self.is_pointwise() {
+                    xg
+                } else {
+                    im2col(self, xg, &mut scratch[..k * p], p, 0);
+                    &scratch[..k * p]
+                };
+                sgemm(
+                    cout_g,
+                    p,
+                    k,
+                    Mat::row_major(w, k),
+                    Mat::row_major(cols, p),
+                    yg,
+                    p,
+                    false,
+                    threads,
+                );
+            }
+            self.epilogue(yi, p);
+        }
+    }
+
+    fn batched(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
+        let (p, cin_g, cout_g, k) = (
+            self.oh * self.ow,
+            self.cin / self.group,
+            self.cout / self.group,
+            self.k(),
+        );
+        let np = self.n * p;
+        let in_img = self.cin * self.ih * self.iw;
+        let (cols, prod) = scratch.split_at_mut(k * np);
+        for g in 0..self.group {
+            for img in 0..self.n {
+                let xg =
+                    &x[img * in_img + g * cin_g * self.ih * self.iw..][..cin_g * self.ih * self.iw];
+                im2col(self, xg, cols, np, img * p);
+            }
+            let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
+            sgemm(
+                cout_g,
+                np,
+                k,
+                Mat::row_major(w, k),
+                Mat::row_major(cols, np),
+                &mut prod[..cout_g * np],
+                np,
+                false,
+                threads,
+            );
+            // [cout_g, n, p] -> [n, cout, p]
+            for co in 0..cout_g {
+                for img in 0..self.n {
+                    let dst = &mut y[(img * self.cout + g * cout_g + co) * p..][..p];
+                    dst.copy_from_slice(&prod[co * np + img * p..][..p]);
+                }
+            }
+        }
+        for img in 0..self.n {
+            self.epilogue(&mut y[img * self.cout * p..(img + 1) * self.cout * p], p);
+        }
+    }
+
+    /// Adds the bias and applies the activation to one image's output.
+    fn epilogue(&self, y: &mut [f32], p: usize) {
+        let act = self.act;
+        y.par_chunks_mut(p)
+            .zip(self.bias.par_iter())
+            .for_each(|(plane, &b)| {
+                for v in plane.iter_mut() {
+                    *v = act.apply(*v + b);
+                }
+            });
+    }
+
+    fn depthwise(&self, x: &[f32], y: &mut [f32]) {
+        let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dilation;
+        let (pt, pl) = self.pad;
+        let kk = self.kh * self.kw;
+        y.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(plane_idx, out)| {
+                let c = plane_idx % self.cout;
+                let src = &x[plane_idx * ih * iw..(plane_idx + 1) * ih * iw];
+                let w = &self.weight[c * kk..(c + 1) * kk];
+                out.fill(self.bias[c]);
+                for ki in 0..self.kh {
+                    for kj in 0..self.kw {
+                        let wv = w[ki * self.kw + kj];
+                        // Output columns whose input column is inside the image.
+                        let off = kj * dw;
+                        let ox0 = if pl > off { (pl - off).div_ceil(sw) } else { 0 };
+                        let ox1 = if iw + pl > off {
+                            ((iw + pl - off - 1) / sw + 1).min(ow)
+                        } else {
+                            0
+                        };
+                        if ox0 >= ox1 {
+                            continue;
+                        }
+                        for oy in 0..oh {
+                            let iy = (oy * sh + ki * dh) as isize - pt as isize;
+                            if iy < 0 || iy >= ih as isize {
+                                continue;
+                            }
+                            let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
+                            let orow = &mut out[oy * ow..(oy + 1) * ow];
+                            let base = ox0 * sw + off - pl;
+                            if sw == 1 {
+                                let n = ox1 - ox0;
+                                for (o, &v) in orow[ox0..ox1].iter_mut().zip(&row[base..base + n]) {
+                                    *o += wv * v;
+                                }
+                            } else {
+                                for (t, o) in orow[ox0..ox1].iter_mut().enumerate() {
+                                    *o += wv * row[base + t * sw];
+                                }
+                            }
+                        }
+                    }
+                }
+                for v in out.iter_mut() {
+                    *v = self.act.apply(*v);
+                }
+            });
+    }
+
+    /// Straightforward reference convolution for tests.
+    pub fn reference(&self, x: &[f32], y: &mut [f32]) {
+        let (cin_g, cout_g) = (self.cin / self.group, self.cout / self.group);
+        for img in 0..self.n {
+            for co in 0..self.cout {
+                let g = co / cout_g;
+                for oy in 0..self.oh {
+                    for ox in 0..self.ow {
+                        let mut s = self.bias[co] as f64;
+                        for ci in 0..cin_g {
+                            for ki in 0..self.kh {
+                                for kj in 0..self.kw {
+                                    let iy = (oy * self.stride.0 + ki * self.dilation.0) as isize
+                                        - self.pad.0 as isize;
+                                    let ix = (ox * self.stride.1 + kj * self.dilation.1) as isize
+                                        - self.pad.1 as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= self.ih as isize
+                                        || ix >= self.iw as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((img * self.cin + g * cin_g + ci) * self.ih
+                                        + iy as usize)
+                                        * self.iw
+                                        + ix as usize];
+                                    let wv = self.weight
+                                        [((co * cin_g + ci) * self.kh + ki) * self.kw + kj];
+                                    s += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        y[((img * self.cout + co) * self.oh + oy) * self.ow + ox] =
+                            self.act.apply(s as f32);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the im2col matrix of one image's group (`[cin_g, ih, iw]`) into
+/// `cols` (`[cin_g * kh * kw, ld]`), at column offset `col0`.
+fn im2col(c: &Conv2d, x: &[f32], cols: &mut [f32], ld: usize, col0: usize) {
+    let (ih, iw, oh, ow) = (c.ih, c.iw, c.oh, c.ow);
+    let (sh, sw) = c.stride;
+    let (dh, dw) = c.dilation;
+    let (pt, pl) = c.pad;
+    let (kh, kw) = (c.kh, c.kw);
+    cols.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
+        let ci = r / (kh * kw);
+        let ki = (r / kw) % kh;
+        let kj = r % kw;
+        let src = &x[ci * ih * iw..(ci + 1) * ih * iw];
+        let dst = &mut row[col0..col0 + oh * ow];
+        let off = kj * dw;
+        let ox0 = if pl > off { (pl - off).div_ceil(sw) } else { 0 }.min(ow);
+        let ox1 = if iw + pl > off {
+            ((iw + pl - off - 1) / sw + 1).min(ow)
+        } else {
+            0
+        }
+        .max(ox0);
+        for oy in 0..oh {
+            let d = &mut dst[oy * ow..(oy + 1) * ow];
+            let iy = (oy * sh + ki * dh) as isize - pt as isize;
+            if iy < 0 || iy >= ih as isize {
+                d.fill(0.0);
+                continue;
+            }
+            let srow = &src[iy as usize * iw..(iy as usize + 1) * iw];
+            d[..ox0].fill(0.0);
+            d[ox1..].fill(0.0);
+            if ox1 > ox0 {
+                let base = ox0 * sw + off - pl;
+                if sw == 1 {
+                    d[ox0..ox1].copy_from_slice(&srow[base..base + (ox1 - ox0)]);
+                } else {
+                    for (t, v) in d[ox0..ox1].iter_mut().enumerate() {
+                        *v = srow[base + t * sw];
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,428 @@
+//! Elementwise and data-movement kernels: ONNX Add/Sub/Mul/Div/Equal/Where
+//! with numpy broadcasting, Relu/Clip/Sigmoid/HardSigmoid/HardSwish,
+//! BatchNormalization (inference), Softmax, ReduceMean, Transpose, Concat,
+//! Gather (opsets 7-22).
+
+use rayon::prelude::*;
+
+use super::{sigmoid, Activation};
+
+/// Elements per parallel task for elementwise work.
+const GRAIN: usize = 1 << 14;
+
+/// A binary arithmetic operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinOp {
+    /// a + b
+    Add,
+    /// a - b
+    Sub,
+    /// a * b
+    Mul,
+    /// a / b
+    Div,
+    /// 1.0 where a == b, else 0.0
+    Equal,
+}
+
+impl BinOp {
+    #[inline(always)]
+    fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            BinOp::Add => a + b,
+            BinOp::Sub => a - b,
+            BinOp::Mul => a * b,
+            BinOp::Div => a / b,
+            BinOp::Equal => (a == b) as u8 as f32,
+        }
+    }
+}
+
+/// Strides of `shape` broadcast to `out` (0 on broadcast axes), aligned to `out`'s rank.
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let r = out.len();
+    let mut strides = vec![0; r];
+    let mut acc = 1;
+    for i in (0..shape.len()).rev() {
+        let o = r - shape.len() + i;
+        strides[o] = if shape[i] == 1 && out[o] != 1 { 0 } else { acc };
+        acc *= shape[i];
+    }
+    strides
+}
+
+/// A broadcast iteration plan over `out`, with dimensions merged where every
+/// operand is either contiguous across them or broadcast across both.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    dims: Vec<usize>,
+    strides: Vec<Vec<usize>>,
+}
+
+impl Broadcast {
+    /// Plans iteration of `out` over operands of `shapes`.
+    pub fn new(shapes: &[&[usize]], out: &[usize]) -> Self {
+        let all: Vec<Vec<usize>> = shapes.iter().map(|s| broadcast_strides(s, out)).collect();
+        let mut dims: Vec<usize> = Vec::new();
+        let mut strides: Vec<Vec<usize>> = vec![Vec::new(); shapes.len()];
+        for (i, &d) in out.iter().enumerate() {
+            if d == 1 {
+                continue;
+            }
+            let mergeable = !dims.is_empty()
+                && all.iter().zip(&strides).all(|(s, cur)| {
+                    let last = *cur.last().unwrap_or(&0);
+                    (last == 0 && s[i] == 0) || (s[i] != 0 && last == s[i] * d)
+                });
+            if mergeable {
+                let l = dims.len() - 1;
+                dims[l] *= d;
+                for (cur, s) in strides.iter_mut().zip(&all) {
+                    let last = cur.len() - 1;
+                    cur[last] = s[i];
+                }
+            } else {
+                dims.push(d);
+                for (cur, s) in strides.iter_mut().zip(&all) {
+                    cur.push(s[i]);
+                }
+            }
+        }
+        if dims.is_empty() {
+            dims.push(1);
+            for cur in &mut strides {
+                cur.push(0);
+            }
+        }
+        Self { dims, strides }
+    }
+
+    fn inner(&self) -> usize {
+        *self.dims.last().unwrap_or(&1)
+    }
+
+    /// Offset of row `r`'s first element in operand `k`.
+    fn offset(&self, k: usize, mut r: usize) -> usize {
+        let s = &self.strides[k];
+        let mut off = 0;
+        for d in (0..self.dims.len() - 1).rev() {
+            off += (r % self.dims[d]) * s[d];
+            r /= self.dims[d];
+        }
+        off
+    }
+
+    fn inner_stride(&self, k: usize) -> usize {
+        *self.strides[k].last().unwrap_or(&0)
+    }
+}
+
+/// `out = a op b` with broadcasting; `plan` from [`Broadcast::new`] on `[a, b]`.
+pub fn binary(op: BinOp, plan: &Broadcast, a: &[f32], b: &[f32], out: &mut [f32]) {
+    let inner = plan.inner();
+    let (sa, sb) = (plan.inner_stride(0), plan.inner_stride(1));
+    let rows_per_task = (GRAIN / inner.max(1)).max(1);
+    out.par_chunks_mut(inner * rows_per_task)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (i, row) in chunk.chunks_mut(inner).enumerate() {
+                let r = t * rows_per_task + i;
+                let (oa, ob) = (plan.offset(0, r), plan.offset(1, r));
+                match (sa, sb) {
+                    (1, 1) => row_op(op, row, &a[oa..oa + inner], &b[ob..ob + inner]),
+                    (1, 0) => {
+                        let bv = b[ob];
+                        for (o, &x) in row.iter_mut().zip(&a[oa..oa + inner]) {
+                            *o = op.apply(x, bv);
+                        }
+                    }
+                    (0, 1) => {
+                        let av = a[oa];
+                        for (o, &y) in row.iter_mut().zip(&b[ob..ob + inner]) {
+                            *o = op.apply(av, y);
+                        }
+                    }
+                    _ => {
+                        for (j, o) in row.iter_mut().enumerate() {
+                            *o = op.apply(a[oa + j * sa], b[ob + j * sb]);
+                        }
+                    }
+                }
+            }
+        });
+}
+
+#[inline(always)]
+fn row_op(op: BinOp, out: &mut [f32], a: &[f32], b: &[f32]) {
+    // One monomorphic loop per op so each vectorizes.
+    macro_rules! lp {
+        ($f:expr) => {
+            for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                *o = $f(x, y);
+            }
+        };
+    }
+    match op {
+        BinOp::Add => lp!(|x: f32, y: f32| x + y),
+        BinOp::Sub => lp!(|x: f32, y: f32| x - y),
+        BinOp::Mul => lp!(|x: f32, y: f32| x * y),
+        BinOp::Div => lp!(|x: f32, y: f32| x / y),
+        BinOp::Equal => lp!(|x: f32, y: f32| (x == y) as u8 as f32),
+    }
+}
+
+/// `out = cond != 0 ? x : y` with broadcasting (plan over `[cond, x, y]`).
+pub fn where_(plan: &Broadcast, c: &[f32], x: &[f32], y: &[f32], out: &mut [f32]) {
+    let inner = plan.inner();
+    for (r, row) in out.chunks_mut(inner).enumerate() {
+        let (oc, ox, oy) = (plan.offset(0, r), plan.offset(1, r), plan.offset(2, r));
+        let (sc, sx, sy) = (
+            plan.inner_stride(0),
+            plan.inner_stride(1),
+            plan.inner_stride(2),
+        );
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = if c[oc + j * sc] != 0.0 {
+                x[ox + j * sx]
+            } else {
+                y[oy + j * sy]
+            };
+        }
+    }
+}
+
+/// Broadcasts `x` to `out` (Expand).
+pub fn expand(plan: &Broadcast, x: &[f32], out: &mut [f32]) {
+    let inner = plan.inner();
+    let s = plan.inner_stride(0);
+    for (r, row) in out.chunks_mut(inner).enumerate() {
+        let o = plan.offset(0, r);
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = x[o + j * s];
+        }
+    }
+}
+
+/// A unary operator.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unary {
+    /// Relu or Clip.
+    Act(Activation),
+    /// 1 / (1 + e^-x).
+    Sigmoid,
+    /// x * sigmoid(x) (SiLU, fused from Sigmoid + Mul).
+    Silu,
+    /// max(0, min(1, alpha x + beta)).
+    HardSigmoid(f32, f32),
+    /// x * max(0, min(1, x / 6 + 0.5)).
+    HardSwish,
+}
+
+impl Unary {
+    /// Applies the operator to one value.
+    #[inline(always)]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Unary::Act(a) => a.apply(v),
+            Unary::Sigmoid => sigmoid(v),
+            Unary::Silu => v * sigmoid(v),
+            Unary::HardSigmoid(a, b) => (a * v + b).clamp(0.0, 1.0),
+            Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+        }
+    }
+}
+
+/// `out = f(x)` elementwise, in parallel.
+pub fn unary(f: Unary, x: &[f32], out: &mut [f32]) {
+    macro_rules! lp {
+        ($g:expr) => {
+            out.par_chunks_mut(GRAIN)
+                .zip(x.par_chunks(GRAIN))
+                .for_each(|(o, i)| {
+                    for (o, &v) in o.iter_mut().zip(i) {
+                        *o = $g(v);
+                    }
+                })
+        };
+    }
+    // Monomorphic loops so each vectorizes.
+    match f {
+        Unary::Act(Activation::Relu) => lp!(|v: f32| Activation::Relu.apply(v)),
+        Unary::Sigmoid => lp!(sigmoid),
+        Unary::Silu => lp!(|v: f32| v * sigmoid(v)),
+        other => lp!(|v: f32| other.apply(v)),
+    }
+}
+
+/// Inference BatchNormalization: `y = x * a[c] + b[c]` over `[N, C, inner]`.
+pub fn channel_affine(x: &[f32], out: &mut [f32], a: &[f32], b: &[f32], inner: usize) {
+    let c = a.len();
+    out.par_chunks_mut(inner.max(1))
+        .enumerate()
+        .for_each(|(p, o)| {
+            let ch = p % c;
+            for (o, &v) in o.iter_mut().zip(&x[p * inner..(p + 1) * inner]) {
+                *o = v * a[ch] + b[ch];
+            }
+        });
+}
+
+/// Softmax over the middle axis of `[outer, n, inner]`.
+pub fn softmax(x: &[f32], out: &mut [f32], n: usize, inner: usize) {
+    let block = n * inner;
+    out.par_chunks_mut(block.max(1))
+        .zip(x.par_chunks(block.max(1)))
+        .for_each(|(o, xb)| {
+            for j in 0..inner {
+                let mut m = f32::NEG_INFINITY;
+                for i in 0..n {
+                    m = m.max(xb[i * inner + j]);
+                }
+                let mut s = 0.0f32;
+                for i in 0..n {
+                    let e = super::fast_exp(xb[i * inner + j] - m);
+                    o[i * inner + j] = e;
+                    s += e;
+                }
+                for i in 0..n {
+                    o[i * inner + j] /= s;
+                }
+            }
+        });
+}
+
+/// Mean over the middle axis of `[outer, n, inner]` into `[outer, inner]`.
+pub fn mean_axis(x: &[f32], out: &mut [f32], n: usize, inner: usize) {
+    out.par_chunks_mut(inner.max(1))
+        .enumerate()
+        .for_each(|(o, row)| {
+            row.fill(0.0);
+            for i in 0..n {
+                let src = &x[(o * n + i) * inner..(o * n + i + 1) * inner];
+                for (r, &v) in row.iter_mut().zip(src) {
+                    *r += v;
+                }
+            }
+            for r in row.iter_mut() {
+                *r /= n as f32;
+            }
+        });
+}
+
+/// Permutes axes: `out[j] = x[i]` where `out` has shape `shape[perm[k]]`.
+pub fn transpose(x: &[f32], shape: &[usize], perm: &[usize], out: &mut [f32]) {
+    let rank = shape.len();
+    let mut in_strides = vec![1; rank];
+    for i in (0..rank.saturating_sub(1)).rev() {
+        in_strides[i] = in_strides[i + 1] * shape[i + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let inner = *out_shape.last().unwrap_or(&1);
+    let s_last = *strides.last().unwrap_or(&1);
+    for (r, row) in out.chunks_mut(inner.max(1)).enumerate() {
+        let mut rem = r;
+        let mut off = 0;
+        for d in (0..rank.saturating_sub(1)).rev() {
+            off += (rem % out_shape[d]) * strides[d];
+            rem /= out_shape[d];
+        }
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = x[off + j * s_last];
+        }
+    }
+}
+
+/// Concatenation: each input is `[outer, len_k]` (its axis-and-inner block
+/// length); `out` is `[outer, sum len_k]`.
+pub fn concat(inputs: &[(&[f32], usize)], out: &mut [f32], outer: usize) {
+    let total: usize = inputs.iter().map(|(_, l)| l).sum();
+    for o in 0..outer {
+        let mut pos = o * total;
+        for (x, l) in inputs {
+            out[pos..pos + l].copy_from_slice(&x[o * l..(o + 1) * l]);
+            pos += l;
+        }
+    }
+}
+
+/// Gather along the middle axis of `[outer, n, inner]` with normalized indices.
+pub fn gather(x: &[f32], out: &mut [f32], n: usize, inner: usize, idx: &[usize]) {
+    let per = idx.len() * inner;
+    for (o, block) in out.chunks_mut(per.max(1)).enumerate() {
+        for (k, &i) in idx.iter().enumerate() {
+            block[k * inner..(k + 1) * inner]
+                .copy_from_slice(&x[(o * n + i) * inner..(o * n + i + 1) * inner]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_matches_naive() {
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[2, 3, 4, 5], &[2, 3, 4, 5]),
+            (&[2, 3, 4, 5], &[2, 3, 1, 1]),
+            (&[2, 3, 4, 5], &[1]),
+            (&[1, 3, 1, 5], &[2, 1, 4, 1]),
+            (&[5], &[2, 3, 4, 5]),
+            (&[2, 1, 4, 5], &[3, 1, 5]),
+        ];
+        for (sa, sb) in cases {
+            let out_shape: Vec<usize> = {
+                let r = sa.len().max(sb.len());
+                (0..r)
+                    .map(|i| {
+                        let da = if i + sa.len() >= r {
+                            sa[i + sa.len() - r]
+                        } else {
+                            1
+                        };
+                        let db = if i + sb.len() >= r {
+                            sb[i + sb.len() - r]
+                        } else {
+                            1
+                        };
+                        da.max(db)
+                    })
+                    .collect()
+            };
+            let a: Vec<f32> = (0..sa.iter().product::<usize>())
+                .map(|i| i as f32 * 0.5 - 3.0)
+                .collect();
+            let b: Vec<f32> = (0..sb.iter().product::<usize>())
+                .map(|i| i as f32 + 1.0)
+                .collect();
+            let plan = Broadcast::new(&[sa, sb], &out_shape);
+            let mut out = vec![0.0; out_shape.iter().product()];
+            binary(BinOp::Div, &plan, &a, &b, &mut out);
+            let av = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(sa), a.clone()).unwrap();
+            let bv = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(sb), b.clone()).unwrap();
+            let expect = &av / &bv;
+            assert_eq!(expect.shape(), &out_shape[..]);
+            assert_eq!(
+                expect.iter().copied().collect::<Vec<_>>(),
+                out,
+                "{sa:?} / {sb:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn transpose_and_softmax() {
+        let x: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let mut out = vec![0.0; 24];
+        transpose(&x, &[2, 3, 4], &[2, 0, 1], &mut out);
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3, 4]), x.clone()).unwrap();
+        let t = a.permuted_axes(ndarray::IxDyn(&[2, 0, 1]));
+        assert_eq!(t.iter().copied().collect::<Vec<_>>(), out);
+        let mut s = vec![0.0; 6];
+        softmax(&[1.0, 2.0, 3.0, 0.0, 0.0, 0.0], &mut s, 3, 1);
+        let e: f32 = (1f32.exp() + 2f32.exp() + 3f32.exp()).recip();
+        assert!((s[2] - 3f32.exp() * e).abs() < 1e-6);
+        assert!((s[3] - 1.0 / 3.0).abs() < 1e-6);
+    }
+}

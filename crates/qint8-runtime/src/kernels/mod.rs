@@ -1,0 +1,107 @@
+//! CPU kernels. Each module opens with the ONNX operators it implements.
+//! Fast paths sit beside straightforward references that tests compare them to.
+
+pub mod conv;
+pub mod elementwise;
+pub mod gemm;
+pub mod pool;
+
+/// An activation applied elementwise, on its own or fused into a
+/// convolution's epilogue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// Identity.
+    None,
+    /// max(x, 0).
+    Relu,
+    /// clamp(x, lo, hi).
+    Clip(f32, f32),
+}
+
+impl Activation {
+    /// Applies the activation to one value.
+    #[inline(always)]
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::None => v,
+            // Written as a select so NaN propagates as in ONNX Runtime.
+            Activation::Relu => {
+                if v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
+            Activation::Clip(lo, hi) => {
+                let v = if v < lo { lo } else { v };
+                if v > hi {
+                    hi
+                } else {
+                    v
+                }
+            }
+        }
+    }
+}
+
+/// `e^x` for f32, branch-free so loops over it vectorize (the libm call
+/// does not). Cody-Waite range reduction and a degree-6 polynomial: relative
+/// error below 2 ulp over the whole range; overflows to infinity and
+/// underflows to 0 like `f32::exp`.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-104.0, 88.72284);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // exp(r) on |r| <= ln2/2: Taylor to degree 6 (Horner).
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    // Scale by 2^n in two steps so n down to -150 still lands in subnormals.
+    let n = n as i32;
+    let n1 = n / 2;
+    let n2 = n - n1;
+    p * f32::from_bits(((n1 + 127).max(0) as u32) << 23)
+        * f32::from_bits(((n2 + 127).max(0) as u32) << 23)
+}
+
+/// Logistic sigmoid `1 / (1 + e^-x)` on top of [`fast_exp`].
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_matches_libm() {
+        let mut x = -110.0f32;
+        while x < 88.7 {
+            let (a, b) = (fast_exp(x), x.exp());
+            if b.is_normal() {
+                assert!(((a - b) / b).abs() < 4e-7, "exp({x}) = {a} vs {b}");
+            } else {
+                assert!((a - b).abs() <= f32::MIN_POSITIVE, "exp({x}) = {a} vs {b}");
+            }
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(100.0), f32::INFINITY);
+        assert_eq!(fast_exp(-200.0), 0.0);
+        assert!(sigmoid(-200.0) >= 0.0 && sigmoid(200.0) == 1.0);
+        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
+    }
+
+    #[test]
+    fn activations() {
+        assert_eq!(Activation::Relu.apply(-1.0), 0.0);
+        assert!(Activation::Relu.apply(f32::NAN).is_nan());
+        assert_eq!(Activation::Clip(0.0, 6.0).apply(7.0), 6.0);
+    }
+}

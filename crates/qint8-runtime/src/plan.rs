@@ -1,0 +1,1142 @@
+//! Compilation of a graph, for concrete input shapes, into a flat list of
+//! kernel steps over one activation arena.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use qint8_graph::shape::{self, ValueShape};
+use qint8_graph::{DataType, Graph, Node, Op, Tensor};
+use qint8_math::params::{ChannelParams, QuantDtype, QuantParams};
+
+use crate::error::{Result, RuntimeError};
+use crate::kernels::conv::Conv2d;
+use crate::kernels::elementwise::{self as ew, BinOp, Broadcast, Unary};
+use crate::kernels::gemm::{sgemm, Mat};
+use crate::kernels::pool::{self, Pool2d};
+use crate::kernels::Activation;
+
+/// A place in the arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Where a step reads an input from.
+#[derive(Debug, Clone)]
+pub(crate) enum Src {
+    Slot(Slot),
+    Const(Arc<Vec<f32>>),
+}
+
+/// A kernel with everything resolved for the plan's shapes.
+#[derive(Debug, Clone)]
+pub(crate) enum Kernel {
+    Conv(Box<Conv2d>),
+    /// `out[m, n] = a[m, k] * b + bias`, `b` given as (data, row stride, col stride).
+    Gemm {
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        b: Arc<Vec<f32>>,
+        b_rs: usize,
+        b_cs: usize,
+        /// Bias broadcast to `[m, n]` (already scaled by beta), if any.
+        bias: Option<Arc<Vec<f32>>>,
+        alpha: f32,
+    },
+    /// Batched matrix product of two runtime operands (or a constant B),
+    /// batch dims already broadcast: `batch` products of `[m, k] x [k, n]`.
+    MatMul {
+        m: usize,
+        n: usize,
+        k: usize,
+        a_batch: Vec<usize>,
+        b_batch: Vec<usize>,
+    },
+    Binary(BinOp, Broadcast),
+    Where(Broadcast),
+    Expand(Broadcast),
+    Unary(Unary),
+    MaxPool(Pool2d),
+    AvgPool(Pool2d),
+    GlobalAvg {
+        plane: usize,
+    },
+    Mean {
+        n: usize,
+        inner: usize,
+    },
+    Softmax {
+        n: usize,
+        inner: usize,
+    },
+    Transpose {
+        shape: Vec<usize>,
+        perm: Vec<usize>,
+    },
+    Concat {
+        lens: Vec<usize>,
+        outer: usize,
+    },
+    Gather {
+        n: usize,
+        inner: usize,
+        idx: Vec<usize>,
+    },
+    Affine {
+        a: Vec<f32>,
+        b: Vec<f32>,
+        inner: usize,
+    },
+    Copy,
+    Quantize {
+        params: QuantParams,
+        shape: Vec<usize>,
+    },
+    Dequantize {
+        params: QuantParams,
+        shape: Vec<usize>,
+    },
+    FakeQuant {
+        params: QuantParams,
+        shape: Vec<usize>,
+    },
+    /// Float to integer conversion (truncation toward zero, saturating).
+    CastInt {
+        lo: f32,
+        hi: f32,
+    },
+}
+
+/// One step: a kernel reading `ins` and writing `out`.
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    pub node: String,
+    pub op: &'static str,
+    pub kernel: Kernel,
+    pub ins: Vec<Src>,
+    pub out: Slot,
+    /// Values this step makes visible to observers: (name, shape). Aliases
+    /// (Reshape, Flatten, ...) of the output are listed too.
+    pub names: Vec<(String, Vec<usize>)>,
+}
+
+/// Where a graph output comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum OutSrc {
+    Slot(Slot),
+    Const(Arc<Vec<f32>>),
+}
+
+/// Memory and size figures of a compiled plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanStats {
+    /// Kernel steps executed per run.
+    pub steps: usize,
+    /// Bytes of the activation arena (all intermediate tensors, with reuse).
+    pub arena_bytes: usize,
+    /// Bytes of kernel scratch space (im2col buffers).
+    pub scratch_bytes: usize,
+    /// Sum of all intermediate tensor sizes without reuse, for comparison.
+    pub unshared_bytes: usize,
+    /// Bytes of constants held by the plan (packed weights, biases).
+    pub constant_bytes: usize,
+}
+
+impl PlanStats {
+    /// Peak activation memory: arena plus scratch.
+    pub fn peak_activation_bytes(&self) -> usize {
+        self.arena_bytes + self.scratch_bytes
+    }
+}
+
+/// A graph compiled for one set of input shapes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub(crate) steps: Vec<Step>,
+    pub(crate) inputs: Vec<(String, Slot, Vec<usize>)>,
+    pub(crate) outputs: Vec<(String, OutSrc, Vec<usize>)>,
+    pub(crate) arena_len: usize,
+    pub(crate) scratch_len: usize,
+    pub(crate) stats: PlanStats,
+}
+
+impl Plan {
+    /// Memory and size figures.
+    pub fn stats(&self) -> PlanStats {
+        self.stats
+    }
+
+    /// `(node name, operator)` of every step, in execution order (fused
+    /// steps carry the first node's name).
+    pub fn steps(&self) -> Vec<(&str, &'static str)> {
+        self.steps.iter().map(|s| (s.node.as_str(), s.op)).collect()
+    }
+}
+
+fn node_err(node: &Node, detail: impl Into<String>) -> RuntimeError {
+    RuntimeError::Node {
+        node: node.name.clone(),
+        op: node.op.op_type().to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// A value during compilation: constant, or produced into a buffer.
+#[derive(Debug, Clone)]
+enum Val {
+    Const(Arc<Vec<f32>>),
+    Buf(usize),
+}
+
+/// Arena allocation with first-fit reuse of freed ranges.
+#[derive(Debug, Default)]
+struct Arena {
+    free: Vec<(usize, usize)>,
+    end: usize,
+}
+
+impl Arena {
+    fn alloc(&mut self, len: usize) -> usize {
+        // Keep every tensor 64-byte aligned.
+        let len = len.div_ceil(16) * 16;
+        if let Some(i) = self.free.iter().position(|&(_, l)| l >= len) {
+            let (off, l) = self.free[i];
+            if l == len {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (off + len, l - len);
+            }
+            return off;
+        }
+        let off = self.end;
+        self.end += len;
+        off
+    }
+
+    fn release(&mut self, off: usize, len: usize) {
+        let len = len.div_ceil(16) * 16;
+        self.free.push((off, len));
+        self.free.sort_unstable();
+        // Merge neighbours.
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.free.len());
+        for &(o, l) in &self.free {
+            match merged.last_mut() {
+                Some((mo, ml)) if *mo + *ml == o => *ml += l,
+                _ => merged.push((o, l)),
+            }
+        }
+        // A free range at the very end shrinks the arena's high-water mark.
+        self.free = merged;
+    }
+}
+
+/// Options that change what a plan computes or exposes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CompileOptions {
+    pub fuse: bool,
+    pub threads: usize,
+}
+
+/// Compiles `g` for the given input shapes.
+pub(crate) fn compile(
+    g: &Graph,
+    input_shapes: &HashMap<String, Vec<usize>>,
+    opts: CompileOptions,
+) -> Result<Plan> {
+    let shapes = shape::infer(g, input_shapes)?;
+    let outputs: HashSet<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
+    // Consumers per value, for fusion decisions and lifetimes.
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        for inp in n.inputs.iter().filter(|s| !s.is_empty()) {
+            consumers.entry(inp.as_str()).or_default().push(i);
+        }
+    }
+    let single_use = |v: &str| consumers.get(v).map(Vec::len) == Some(1) && !outputs.contains(v);
+
+    let mut vals: HashMap<String, Val> = HashMap::new();
+    // Buffers: id -> (len, last step index reading it).
+    let mut bufs: Vec<(usize, usize)> = Vec::new();
+    let mut buf_names: Vec<Vec<(String, Vec<usize>)>> = Vec::new();
+    let mut pending: Vec<(Node, Kernel, Vec<Val>, usize)> = Vec::new();
+    let mut inputs = Vec::new();
+
+    for v in &g.inputs {
+        let vs = &shapes[&v.name];
+        let id = bufs.len();
+        bufs.push((vs.shape.iter().product(), 0));
+        buf_names.push(vec![(v.name.clone(), vs.shape.clone())]);
+        vals.insert(v.name.clone(), Val::Buf(id));
+        inputs.push((v.name.clone(), id, vs.shape.clone()));
+    }
+
+    let mut skip: HashSet<usize> = HashSet::new();
+    let mut scratch_len = 0usize;
+    let mut const_bytes = 0usize;
+    for (idx, node) in g.nodes.iter().enumerate() {
+        if skip.contains(&idx) {
+            continue;
+        }
+        // Values inference already knows are constants.
+        if node
+            .outputs
+            .iter()
+            .all(|o| o.is_empty() || shapes.get(o).is_some_and(|s| s.value.is_some()))
+        {
+            for o in node.outputs.iter().filter(|o| !o.is_empty()) {
+                let t = shapes[o]
+                    .value
+                    .as_ref()
+                    .map(Tensor::to_f32_vec)
+                    .unwrap_or_default();
+                vals.insert(o.clone(), Val::Const(Arc::new(t)));
+            }
+            continue;
+        }
+        let out_name = node.outputs[0].clone();
+        let out_shape = shapes
+            .get(&out_name)
+            .map(|s| s.shape.clone())
+            .ok_or_else(|| node_err(node, "output shape unknown"))?;
+        let ins: Vec<Val> = node
+            .inputs
+            .iter()
+            .map(|i| {
+                if i.is_empty() {
+                    Ok(Val::Const(Arc::new(Vec::new())))
+                } else {
+                    vals.get(i)
+                        .cloned()
+                        .or_else(|| {
+                            shapes
+                                .get(i)
+                                .and_then(|s| s.value.as_ref())
+                                .map(|t| Val::Const(Arc::new(t.to_f32_vec())))
+                        })
+                        .ok_or_else(|| node_err(node, format!("input {i} is not available")))
+                }
+            })
+            .collect::<Result<_>>()?;
+
+        // Aliases: same data, new shape.
+        if matches!(
+            node.op,
+            Op::Reshape { .. }
+                | Op::Flatten { .. }
+                | Op::Squeeze { .. }
+                | Op::Unsqueeze { .. }
+                | Op::Identity
+                | Op::Dropout
+        ) {
+            match &ins[0] {
+                Val::Buf(id) => {
+                    buf_names[*id].push((out_name.clone(), out_shape.clone()));
+                    vals.insert(out_name, Val::Buf(*id));
+                }
+                c @ Val::Const(_) => {
+                    vals.insert(out_name, c.clone());
+                }
+            }
+            continue;
+        }
+
+        let mut kernel = build_kernel(node, &shapes, &ins, &out_shape, opts)?;
+        let mut final_name = out_name.clone();
+        let mut final_shape = out_shape.clone();
+        // Fusions.
+        if opts.fuse && single_use(&out_name) {
+            let next = consumers[out_name.as_str()][0];
+            let nn = &g.nodes[next];
+            match (&mut kernel, &nn.op) {
+                (Kernel::Conv(c), Op::Relu) if c.act == Activation::None => {
+                    c.act = Activation::Relu;
+                    skip.insert(next);
+                    final_name = nn.outputs[0].clone();
+                }
+                (Kernel::Conv(c), Op::Clip { .. }) if c.act == Activation::None => {
+                    if let Some((lo, hi)) = clip_bounds(nn, &shapes)? {
+                        c.act = Activation::Clip(lo, hi);
+                        skip.insert(next);
+                        final_name = nn.outputs[0].clone();
+                    }
+                }
+                (Kernel::Unary(Unary::Sigmoid), Op::Mul) => {
+                    // Mul(x, Sigmoid(x)) in either order is SiLU.
+                    let x = node.inputs[0].as_str();
+                    let other = if nn.inputs[0] == out_name {
+                        nn.inputs.get(1)
+                    } else {
+                        nn.inputs.first()
+                    };
+                    if other.map(String::as_str) == Some(x) {
+                        kernel = Kernel::Unary(Unary::Silu);
+                        skip.insert(next);
+                        final_name = nn.outputs[0].clone();
+                    }
+                }
+                (Kernel::Quantize { params, shape }, Op::DequantizeLinear { .. }) => {
+                    if let Some(dq) = dq_params(nn, &shapes)? {
+                        if dq == *params {
+                            kernel = Kernel::FakeQuant {
+                                params: params.clone(),
+                                shape: shape.clone(),
+                            };
+                            skip.insert(next);
+                            final_name = nn.outputs[0].clone();
+                        }
+                    }
+                }
+                _ => {}
+            }
+            final_shape = shapes[&final_name].shape.clone();
+        }
+        if let Kernel::Conv(c) = &kernel {
+            scratch_len = scratch_len.max(c.scratch_len());
+            const_bytes += 4 * (c.weight.len() + c.bias.len());
+        }
+        if let Kernel::Gemm { b, bias, .. } = &kernel {
+            const_bytes += 4 * (b.len() + bias.as_ref().map_or(0, |v| v.len()));
+        }
+
+        // All inputs constant: evaluate now and keep the result.
+        if ins.iter().all(|v| matches!(v, Val::Const(_))) {
+            let srcs: Vec<&[f32]> = ins
+                .iter()
+                .map(|v| match v {
+                    Val::Const(c) => c.as_slice(),
+                    Val::Buf(_) => &[],
+                })
+                .collect();
+            let mut out = vec![0.0; final_shape.iter().product()];
+            let mut scratch = vec![0.0; scratch_len];
+            run_kernel(&kernel, &srcs, &mut out, &mut scratch, opts.threads);
+            vals.insert(final_name, Val::Const(Arc::new(out)));
+            continue;
+        }
+        let id = bufs.len();
+        bufs.push((final_shape.iter().product(), 0));
+        buf_names.push(vec![(final_name.clone(), final_shape.clone())]);
+        vals.insert(final_name, Val::Buf(id));
+        pending.push((node.clone(), kernel, ins, id));
+    }
+
+    // Lifetimes: the last step reading each buffer; graph outputs live to the end.
+    let n_steps = pending.len();
+    for (s, (_, _, ins, _)) in pending.iter().enumerate() {
+        for v in ins {
+            if let Val::Buf(id) = v {
+                bufs[*id].1 = bufs[*id].1.max(s);
+            }
+        }
+    }
+    for o in &g.outputs {
+        if let Some(Val::Buf(id)) = vals.get(&o.name) {
+            bufs[*id].1 = n_steps;
+        }
+    }
+    // Allocate: inputs first, then each step's output, freeing dead buffers after each step.
+    let mut arena = Arena::default();
+    let mut offsets: Vec<Option<usize>> = vec![None; bufs.len()];
+    for (_, id, _) in &inputs {
+        offsets[*id] = Some(arena.alloc(bufs[*id].0));
+    }
+    let mut steps = Vec::with_capacity(n_steps);
+    let mut freed = vec![false; bufs.len()];
+    for (s, (node, kernel, ins, out)) in pending.into_iter().enumerate() {
+        let off = arena.alloc(bufs[out].0);
+        offsets[out] = Some(off);
+        let srcs = ins
+            .iter()
+            .map(|v| match v {
+                Val::Const(c) => Ok(Src::Const(c.clone())),
+                Val::Buf(id) => offsets[*id]
+                    .map(|offset| {
+                        Src::Slot(Slot {
+                            offset,
+                            len: bufs[*id].0,
+                        })
+                    })
+                    .ok_or_else(|| node_err(&node, "input buffer was never produced")),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        steps.push(Step {
+            op: node.op.op_type(),
+            node: node.name.clone(),
+            kernel,
+            ins: srcs,
+            out: Slot {
+                offset: off,
+                len: bufs[out].0,
+            },
+            names: std::mem::take(&mut buf_names[out]),
+        });
+        // Free buffers whose last reader is this step.
+        for (id, &(len, last)) in bufs.iter().enumerate() {
+            if last == s && last < n_steps && !freed[id] {
+                if let Some(o) = offsets[id] {
+                    freed[id] = true;
+                    arena.release(o, len);
+                }
+            }
+        }
+    }
+    let outputs = g
+        .outputs
+        .iter()
+        .map(|o| {
+            let shape = shapes
+                .get(&o.name)
+                .map(|s| s.shape.clone())
+                .unwrap_or_default();
+            let src = match vals.get(&o.name) {
+                Some(Val::Buf(id)) => offsets[*id]
+                    .map(|offset| {
+                        OutSrc::Slot(Slot {
+                            offset,
+                            len: bufs[*id].0,
+                        })
+                    })
+                    .ok_or_else(|| {
+                        RuntimeError::Graph(qint8_graph::GraphError::Invalid(format!(
+                            "output {} never produced",
+                            o.name
+                        )))
+                    })?,
+                Some(Val::Const(c)) => OutSrc::Const(c.clone()),
+                None => {
+                    return Err(RuntimeError::Graph(qint8_graph::GraphError::Invalid(
+                        format!("output {} is not computed", o.name),
+                    )))
+                }
+            };
+            Ok((o.name.clone(), src, shape))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inputs = inputs
+        .into_iter()
+        .map(|(name, id, shape)| {
+            let offset = offsets[id].unwrap_or(0);
+            (
+                name,
+                Slot {
+                    offset,
+                    len: bufs[id].0,
+                },
+                shape,
+            )
+        })
+        .collect();
+    let unshared: usize = bufs.iter().map(|b| b.0).sum();
+    let stats = PlanStats {
+        steps: steps.len(),
+        arena_bytes: arena.end * 4,
+        scratch_bytes: scratch_len * 4,
+        unshared_bytes: unshared * 4,
+        constant_bytes: const_bytes,
+    };
+    Ok(Plan {
+        steps,
+        inputs,
+        outputs,
+        arena_len: arena.end,
+        scratch_len,
+        stats,
+    })
+}
+
+fn const_of<'a>(node: &Node, ins: &'a [Val], i: usize, what: &str) -> Result<&'a Arc<Vec<f32>>> {
+    match ins.get(i) {
+        Some(Val::Const(c)) if !c.is_empty() || i == 0 => Ok(c),
+        _ => Err(node_err(
+            node,
+            format!("{what} (input {i}) must be a constant"),
+        )),
+    }
+}
+
+fn in_shape<'a>(
+    node: &Node,
+    shapes: &'a HashMap<String, ValueShape>,
+    i: usize,
+) -> Result<&'a [usize]> {
+    node.input(i)
+        .and_then(|n| shapes.get(n))
+        .map(|s| s.shape.as_slice())
+        .ok_or_else(|| node_err(node, format!("shape of input {i} unknown")))
+}
+
+fn clip_bounds(node: &Node, shapes: &HashMap<String, ValueShape>) -> Result<Option<(f32, f32)>> {
+    let Op::Clip { min, max } = &node.op else {
+        return Ok(None);
+    };
+    let read = |i: usize| -> Result<Option<f32>> {
+        match node.input(i) {
+            None => Ok(None),
+            Some(n) => match shapes.get(n).and_then(|s| s.value.as_ref()) {
+                Some(t) => Ok(t.to_f32_vec().first().copied()),
+                None => Err(node_err(node, format!("Clip bound {n} must be a constant"))),
+            },
+        }
+    };
+    let lo = read(1)?.or(*min).unwrap_or(f32::NEG_INFINITY);
+    let hi = read(2)?.or(*max).unwrap_or(f32::INFINITY);
+    Ok(Some((lo, hi)))
+}
+
+/// Quantization parameters of a QuantizeLinear/DequantizeLinear node.
+fn qdq_params(
+    node: &Node,
+    shapes: &HashMap<String, ValueShape>,
+    axis: i64,
+    data_rank: usize,
+) -> Result<Option<QuantParams>> {
+    let tensor = |i: usize| {
+        node.input(i)
+            .and_then(|n| shapes.get(n))
+            .and_then(|s| s.value.as_ref())
+    };
+    let Some(scale) = tensor(1) else {
+        return Ok(None);
+    };
+    let scales = scale.to_f32_vec();
+    let zp = tensor(2);
+    let dtype = match zp.map(Tensor::dtype) {
+        None | Some(DataType::Uint8) => QuantDtype::Uint8,
+        Some(DataType::Int8) => QuantDtype::Int8,
+        Some(other) => {
+            return Err(node_err(
+                node,
+                format!("zero point type {other:?} is not supported (int8/uint8 only)"),
+            ))
+        }
+    };
+    let zps: Vec<i32> = match zp {
+        Some(t) => t.to_f32_vec().iter().map(|&v| v as i32).collect(),
+        None => vec![0; scales.len()],
+    };
+    if zps.len() != scales.len() {
+        return Err(node_err(
+            node,
+            format!("{} scales but {} zero points", scales.len(), zps.len()),
+        ));
+    }
+    let channels = scales
+        .iter()
+        .zip(&zps)
+        .map(|(&s, &z)| ChannelParams::new(s, z, dtype, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    // A scalar or one-element scale is per-tensor (same result as per-axis
+    // over a dimension of size 1).
+    if scales.len() == 1 && scale.shape().len() <= 1 {
+        return Ok(Some(QuantParams::per_tensor(channels[0])));
+    }
+    let r = data_rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if a < 0 || a >= r {
+        return Err(node_err(
+            node,
+            format!("axis {axis} out of range for rank {data_rank}"),
+        ));
+    }
+    Ok(Some(QuantParams::per_channel(channels, a as usize)?))
+}
+
+fn dq_params(node: &Node, shapes: &HashMap<String, ValueShape>) -> Result<Option<QuantParams>> {
+    let Op::DequantizeLinear { axis } = node.op else {
+        return Ok(None);
+    };
+    let rank = in_shape(node, shapes, 0)?.len();
+    qdq_params(node, shapes, axis, rank)
+}
+
+fn build_kernel(
+    node: &Node,
+    shapes: &HashMap<String, ValueShape>,
+    ins: &[Val],
+    out_shape: &[usize],
+    _opts: CompileOptions,
+) -> Result<Kernel> {
+    let x_shape = || in_shape(node, shapes, 0);
+    Ok(match &node.op {
+        Op::Conv(attrs) => {
+            let xs = x_shape()?;
+            let ws = in_shape(node, shapes, 1)?;
+            let win = shape::conv_window(node, attrs, xs, ws)?;
+            if xs.len() != 4 && xs.len() != 3 {
+                return Err(node_err(
+                    node,
+                    format!("only 1-D and 2-D convolutions are supported, input is {xs:?}"),
+                ));
+            }
+            let w = const_of(node, ins, 1, "weight")?;
+            let cout = ws[0];
+            let bias = match node.input(2) {
+                Some(_) => const_of(node, ins, 2, "bias")?.as_ref().clone(),
+                None => vec![0.0; cout],
+            };
+            let two_d = xs.len() == 4;
+            let (ih, iw) = if two_d { (xs[2], xs[3]) } else { (1, xs[2]) };
+            let (kh, kw) = if two_d {
+                (win.kernel[0], win.kernel[1])
+            } else {
+                (1, win.kernel[0])
+            };
+            let pick = |v: &[usize]| if two_d { (v[0], v[1]) } else { (1, v[0]) };
+            let pad = if two_d {
+                (win.pad_begin[0], win.pad_begin[1])
+            } else {
+                (0, win.pad_begin[0])
+            };
+            let (oh, ow) = if two_d {
+                (win.out[0], win.out[1])
+            } else {
+                (1, win.out[0])
+            };
+            Kernel::Conv(Box::new(Conv2d {
+                n: xs[0],
+                cin: xs[1],
+                ih,
+                iw,
+                cout,
+                group: attrs.group,
+                kh,
+                kw,
+                stride: pick(&win.strides),
+                dilation: pick(&win.dilations),
+                pad,
+                oh,
+                ow,
+                weight: w.as_ref().clone(),
+                bias,
+                act: Activation::None,
+            }))
+        }
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            let a = x_shape()?;
+            let bs = in_shape(node, shapes, 1)?;
+            let (m, k) = if *trans_a { (a[1], a[0]) } else { (a[0], a[1]) };
+            let n = if *trans_b { bs[0] } else { bs[1] };
+            let b = const_of(node, ins, 1, "B")?.clone();
+            let (b_rs, b_cs) = if *trans_b { (1, k) } else { (n, 1) };
+            let bias = match node.input(2) {
+                None => None,
+                Some(_) => {
+                    let c = const_of(node, ins, 2, "C")?;
+                    let cs = in_shape(node, shapes, 2)?;
+                    let plan = Broadcast::new(&[cs, &[1]], &[m, n]);
+                    let mut full = vec![0.0; m * n];
+                    ew::binary(BinOp::Mul, &plan, c, &[*beta], &mut full);
+                    Some(Arc::new(full))
+                }
+            };
+            Kernel::Gemm {
+                m,
+                n,
+                k,
+                trans_a: *trans_a,
+                b,
+                b_rs,
+                b_cs,
+                bias,
+                alpha: *alpha,
+            }
+        }
+        Op::MatMul => {
+            let a = x_shape()?;
+            let b = in_shape(node, shapes, 1)?;
+            let a2: Vec<usize> = if a.len() == 1 {
+                vec![1, a[0]]
+            } else {
+                a.to_vec()
+            };
+            let b2: Vec<usize> = if b.len() == 1 {
+                vec![b[0], 1]
+            } else {
+                b.to_vec()
+            };
+            let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+            let n = b2[b2.len() - 1];
+            let batch = shape::broadcast(node, &a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
+            let nb: usize = batch.iter().product();
+            // Offsets (in matrices) of each batch entry in A and B.
+            let index = |dims: &[usize]| -> Vec<usize> {
+                let plan_shape: Vec<usize> = dims.to_vec();
+                let strides = {
+                    let mut s = vec![0usize; batch.len()];
+                    let mut acc = 1;
+                    for i in (0..plan_shape.len()).rev() {
+                        let o = batch.len() - plan_shape.len() + i;
+                        s[o] = if plan_shape[i] == 1 { 0 } else { acc };
+                        acc *= plan_shape[i];
+                    }
+                    s
+                };
+                (0..nb)
+                    .map(|mut r| {
+                        let mut off = 0;
+                        for d in (0..batch.len()).rev() {
+                            off += (r % batch[d]) * strides[d];
+                            r /= batch[d];
+                        }
+                        off
+                    })
+                    .collect()
+            };
+            Kernel::MatMul {
+                m,
+                n,
+                k,
+                a_batch: index(&a2[..a2.len() - 2]),
+                b_batch: index(&b2[..b2.len() - 2]),
+            }
+        }
+        Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Equal => {
+            let op = match node.op {
+                Op::Add => BinOp::Add,
+                Op::Sub => BinOp::Sub,
+                Op::Mul => BinOp::Mul,
+                Op::Div => BinOp::Div,
+                _ => BinOp::Equal,
+            };
+            let (a, b) = (x_shape()?, in_shape(node, shapes, 1)?);
+            Kernel::Binary(op, Broadcast::new(&[a, b], out_shape))
+        }
+        Op::Where => {
+            let (c, a, b) = (
+                x_shape()?,
+                in_shape(node, shapes, 1)?,
+                in_shape(node, shapes, 2)?,
+            );
+            Kernel::Where(Broadcast::new(&[c, a, b], out_shape))
+        }
+        Op::Expand => Kernel::Expand(Broadcast::new(&[x_shape()?], out_shape)),
+        Op::Relu => Kernel::Unary(Unary::Act(Activation::Relu)),
+        Op::Clip { .. } => {
+            let (lo, hi) = clip_bounds(node, shapes)?.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+            Kernel::Unary(Unary::Act(Activation::Clip(lo, hi)))
+        }
+        Op::Sigmoid => Kernel::Unary(Unary::Sigmoid),
+        Op::HardSigmoid { alpha, beta } => Kernel::Unary(Unary::HardSigmoid(*alpha, *beta)),
+        Op::HardSwish => Kernel::Unary(Unary::HardSwish),
+        Op::MaxPool(p) | Op::AveragePool(p) => {
+            let xs = x_shape()?;
+            if xs.len() != 4 {
+                return Err(node_err(
+                    node,
+                    format!("only 2-D pooling is supported, input is {xs:?}"),
+                ));
+            }
+            let win = shape::pool_window(node, p, xs)?;
+            let pool = Pool2d {
+                ih: xs[2],
+                iw: xs[3],
+                oh: win.out[0],
+                ow: win.out[1],
+                k: (win.kernel[0], win.kernel[1]),
+                stride: (win.strides[0], win.strides[1]),
+                dilation: (win.dilations[0], win.dilations[1]),
+                pad: (win.pad_begin[0], win.pad_begin[1]),
+                pad_end: (win.pad_end[0], win.pad_end[1]),
+                count_include_pad: p.count_include_pad,
+            };
+            if matches!(node.op, Op::MaxPool(_)) {
+                if node.outputs.get(1).is_some_and(|o| !o.is_empty()) {
+                    return Err(node_err(node, "MaxPool's Indices output is not supported"));
+                }
+                Kernel::MaxPool(pool)
+            } else {
+                Kernel::AvgPool(pool)
+            }
+        }
+        Op::GlobalAveragePool => {
+            let xs = x_shape()?;
+            Kernel::GlobalAvg {
+                plane: xs[2..].iter().product(),
+            }
+        }
+        Op::ReduceMean { .. } => {
+            let xs = x_shape()?;
+            let axes = shape::reduce_axes(node, shapes, xs.len())?;
+            if axes.is_empty() {
+                Kernel::Copy
+            } else if axes.windows(2).all(|w| w[1] == w[0] + 1) {
+                let (a0, a1) = (axes[0], axes[axes.len() - 1]);
+                Kernel::Mean {
+                    n: xs[a0..=a1].iter().product(),
+                    inner: xs[a1 + 1..].iter().product(),
+                }
+            } else {
+                return Err(node_err(
+                    node,
+                    format!("ReduceMean over non-adjacent axes {axes:?} is not supported"),
+                ));
+            }
+        }
+        Op::Softmax { axis } => {
+            let xs = x_shape()?;
+            let a = shape::norm_axis(node, *axis, xs.len())?;
+            Kernel::Softmax {
+                n: xs[a],
+                inner: xs[a + 1..].iter().product(),
+            }
+        }
+        Op::Transpose { perm } => {
+            let xs = x_shape()?;
+            Kernel::Transpose {
+                shape: xs.to_vec(),
+                perm: shape::transpose_perm(node, perm.as_deref(), xs.len())?,
+            }
+        }
+        Op::Concat { axis } => {
+            let xs = x_shape()?;
+            let a = shape::norm_axis(node, *axis, xs.len())?;
+            let lens = (0..node.inputs.len())
+                .map(|i| in_shape(node, shapes, i).map(|s| s[a..].iter().product()))
+                .collect::<Result<Vec<usize>>>()?;
+            Kernel::Concat {
+                lens,
+                outer: xs[..a].iter().product(),
+            }
+        }
+        Op::Gather { axis } => {
+            let xs = x_shape()?;
+            let a = shape::norm_axis(node, *axis, xs.len())?;
+            let dim = xs[a] as i64;
+            let raw = const_of(node, ins, 1, "indices")?;
+            let idx = raw
+                .iter()
+                .map(|&v| {
+                    let i = v as i64;
+                    let j = if i < 0 { i + dim } else { i };
+                    if j < 0 || j >= dim {
+                        Err(node_err(
+                            node,
+                            format!("index {i} out of range for dimension {dim}"),
+                        ))
+                    } else {
+                        Ok(j as usize)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Kernel::Gather {
+                n: xs[a],
+                inner: xs[a + 1..].iter().product(),
+                idx,
+            }
+        }
+        Op::BatchNormalization { epsilon } => {
+            let xs = x_shape()?;
+            let p: Vec<&Arc<Vec<f32>>> = (1..5)
+                .map(|i| const_of(node, ins, i, "BatchNormalization parameter"))
+                .collect::<Result<_>>()?;
+            let c = xs.get(1).copied().unwrap_or(1);
+            if p.iter().any(|v| v.len() != c) {
+                return Err(node_err(node, format!("parameters must have {c} entries")));
+            }
+            let a: Vec<f32> = (0..c)
+                .map(|i| p[0][i] / (p[3][i] + epsilon).sqrt())
+                .collect();
+            let b: Vec<f32> = (0..c).map(|i| p[1][i] - p[2][i] * a[i]).collect();
+            Kernel::Affine {
+                a,
+                b,
+                inner: xs.get(2..).map(|s| s.iter().product()).unwrap_or(1),
+            }
+        }
+        Op::QuantizeLinear { axis } => {
+            let xs = x_shape()?;
+            let params = qdq_params(node, shapes, *axis, xs.len())?
+                .ok_or_else(|| node_err(node, "scale must be a constant"))?;
+            Kernel::Quantize {
+                params,
+                shape: xs.to_vec(),
+            }
+        }
+        Op::DequantizeLinear { axis } => {
+            let xs = x_shape()?;
+            let params = qdq_params(node, shapes, *axis, xs.len())?
+                .ok_or_else(|| node_err(node, "scale must be a constant"))?;
+            Kernel::Dequantize {
+                params,
+                shape: xs.to_vec(),
+            }
+        }
+        Op::Cast { to } => match DataType::from_onnx(*to) {
+            Some(DataType::Float) => Kernel::Copy,
+            Some(DataType::Int64) | Some(DataType::Int32) => Kernel::CastInt {
+                lo: i32::MIN as f32,
+                hi: i32::MAX as f32,
+            },
+            Some(DataType::Int8) => Kernel::CastInt {
+                lo: -128.0,
+                hi: 127.0,
+            },
+            Some(DataType::Uint8) => Kernel::CastInt { lo: 0.0, hi: 255.0 },
+            Some(DataType::Bool) => {
+                Kernel::Binary(BinOp::Equal, Broadcast::new(&[x_shape()?, &[1]], out_shape))
+            }
+            None => {
+                return Err(node_err(
+                    node,
+                    format!("Cast to {} is not supported", DataType::onnx_name(*to)),
+                ))
+            }
+        },
+        Op::Identity
+        | Op::Dropout
+        | Op::Reshape { .. }
+        | Op::Flatten { .. }
+        | Op::Squeeze { .. }
+        | Op::Unsqueeze { .. } => Kernel::Copy,
+        Op::Shape { .. } | Op::Constant(_) | Op::ConstantOfShape { .. } => {
+            return Err(node_err(node, "should have been folded to a constant"));
+        }
+        other => {
+            return Err(node_err(
+                node,
+                format!("{} has no CPU kernel", other.op_type()),
+            ))
+        }
+    })
+}
+
+/// Runs one kernel. `ins` are the step's inputs in node order.
+pub(crate) fn run_kernel(
+    k: &Kernel,
+    ins: &[&[f32]],
+    out: &mut [f32],
+    scratch: &mut [f32],
+    threads: usize,
+) {
+    match k {
+        Kernel::Conv(c) => c.run(ins[0], out, scratch, threads),
+        Kernel::Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            b,
+            b_rs,
+            b_cs,
+            bias,
+            alpha,
+        } => {
+            let a = if *trans_a {
+                Mat::transposed(ins[0], *m)
+            } else {
+                Mat::row_major(ins[0], *k)
+            };
+            let bm = Mat {
+                data: b,
+                rs: *b_rs,
+                cs: *b_cs,
+            };
+            match bias {
+                Some(c) if *alpha == 1.0 => {
+                    out.copy_from_slice(c);
+                    sgemm(*m, *n, *k, a, bm, out, *n, true, threads);
+                }
+                _ => {
+                    sgemm(*m, *n, *k, a, bm, out, *n, false, threads);
+                    if *alpha != 1.0 {
+                        out.iter_mut().for_each(|v| *v *= alpha);
+                    }
+                    if let Some(c) = bias {
+                        out.iter_mut().zip(c.iter()).for_each(|(v, b)| *v += b);
+                    }
+                }
+            }
+        }
+        Kernel::MatMul {
+            m,
+            n,
+            k,
+            a_batch,
+            b_batch,
+        } => {
+            for (i, (&oa, &ob)) in a_batch.iter().zip(b_batch).enumerate() {
+                let a = &ins[0][oa * m * k..(oa + 1) * m * k];
+                let b = &ins[1][ob * k * n..(ob + 1) * k * n];
+                sgemm(
+                    *m,
+                    *n,
+                    *k,
+                    Mat::row_major(a, *k),
+                    Mat::row_major(b, *n),
+                    &mut out[i * m * n..(i + 1) * m * n],
+                    *n,
+                    false,
+                    threads,
+                );
+            }
+        }
+        Kernel::Binary(op, plan) => ew::binary(*op, plan, ins[0], ins[1], out),
+        Kernel::Where(plan) => ew::where_(plan, ins[0], ins[1], ins[2], out),
+        Kernel::Expand(plan) => ew::expand(plan, ins[0], out),
+        Kernel::Unary(f) => ew::unary(*f, ins[0], out),
+        Kernel::MaxPool(p) => p.max(ins[0], out),
+        Kernel::AvgPool(p) => p.average(ins[0], out),
+        Kernel::GlobalAvg { plane } => pool::global_average(ins[0], out, *plane),
+        Kernel::Mean { n, inner } => ew::mean_axis(ins[0], out, *n, *inner),
+        Kernel::Softmax { n, inner } => ew::softmax(ins[0], out, *n, *inner),
+        Kernel::Transpose { shape, perm } => ew::transpose(ins[0], shape, perm, out),
+        Kernel::Concat { lens, outer } => {
+            let parts: Vec<(&[f32], usize)> = ins.iter().zip(lens).map(|(x, &l)| (*x, l)).collect();
+            ew::concat(&parts, out, *outer);
+        }
+        Kernel::Gather { n, inner, idx } => ew::gather(ins[0], out, *n, *inner, idx),
+        Kernel::Affine { a, b, inner } => ew::channel_affine(ins[0], out, a, b, *inner),
+        Kernel::Copy => out.copy_from_slice(&ins[0][..out.len()]),
+        Kernel::Quantize { params, shape } => quantize_as_f32(ins[0], shape, params, out),
+        Kernel::Dequantize { params, shape } => dequantize_f32(ins[0], shape, params, out),
+        Kernel::FakeQuant { params, shape } => {
+            // Shapes and parameters were validated at compile time.
+            let _ = qint8_math::quant::fake_quant_into(ins[0], shape, params, out);
+        }
+        Kernel::CastInt { lo, hi } => {
+            for (o, &v) in out.iter_mut().zip(ins[0]) {
+                *o = v.trunc().clamp(*lo, *hi);
+            }
+        }
+    }
+}
+
+/// QuantizeLinear with integer results stored as f32 (exact for 8-bit values).
+fn quantize_as_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
+    let Ok((_, c, inner)) = p.layout(shape) else {
+        return;
+    };
+    let ch = p.channels();
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let cp = &ch[if ch.len() == 1 {
+            0
+        } else {
+            (i / inner.max(1)) % c
+        }];
+        *o = qint8_math::reference::quantize_value(v, cp) as f32;
+    }
+}
+
+/// DequantizeLinear of integer-valued f32 input.
+fn dequantize_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
+    let Ok((_, c, inner)) = p.layout(shape) else {
+        return;
+    };
+    let ch = p.channels();
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let cp = &ch[if ch.len() == 1 {
+            0
+        } else {
+            (i / inner.max(1)) % c
+        }];
+        *o = (v as i32 - cp.zero_point) as f32 * cp.scale;
+    }
+}

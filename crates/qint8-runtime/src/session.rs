@@ -1,0 +1,284 @@
+//! Sessions: a simplified graph, a thread pool, and compiled plans cached by
+//! input shape.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use qint8_graph::{passes, Dim, Graph, Model};
+
+use crate::error::{Result, RuntimeError};
+use crate::plan::{self, CompileOptions, OutSrc, Plan, Src};
+
+/// Sees every tensor a run produces (after fusion), by value name.
+pub trait Observer {
+    /// Called once per produced tensor, in execution order. Returning an
+    /// error stops the run with [`RuntimeError::Observer`].
+    fn observe(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: &[f32],
+    ) -> std::result::Result<(), String>;
+}
+
+impl<F: FnMut(&str, &[usize], &[f32]) -> std::result::Result<(), String>> Observer for F {
+    fn observe(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: &[f32],
+    ) -> std::result::Result<(), String> {
+        self(name, shape, data)
+    }
+}
+
+/// How a session compiles and runs graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Worker threads (0: one per available core).
+    pub threads: usize,
+    /// Run the graph passes (BatchNorm and constant folding, Identity removal) first.
+    pub simplify: bool,
+    /// Fuse Conv + Relu/Clip, Sigmoid + Mul (SiLU) and QuantizeLinear +
+    /// DequantizeLinear. Fused-away intermediate tensors are not observable.
+    pub fuse: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            simplify: true,
+            fuse: true,
+        }
+    }
+}
+
+/// A graph ready to run on the CPU.
+pub struct Session {
+    graph: Graph,
+    opts: SessionOptions,
+    threads: usize,
+    pool: rayon::ThreadPool,
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("nodes", &self.graph.nodes.len())
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl Session {
+    /// Prepares `model` for execution.
+    pub fn new(model: &Model, opts: SessionOptions) -> Result<Self> {
+        Self::from_graph(model.graph.clone(), opts)
+    }
+
+    /// Prepares a graph for execution.
+    pub fn from_graph(mut graph: Graph, opts: SessionOptions) -> Result<Self> {
+        if opts.simplify {
+            passes::simplify(&mut graph)?;
+        } else {
+            graph.validate()?;
+        }
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            opts.threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| RuntimeError::ThreadPool(e.to_string()))?;
+        Ok(Self {
+            graph,
+            opts,
+            threads,
+            pool,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The (simplified) graph this session runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Names of the graph's inputs.
+    pub fn input_names(&self) -> Vec<&str> {
+        self.graph.inputs.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    /// Names of the graph's outputs.
+    pub fn output_names(&self) -> Vec<&str> {
+        self.graph.outputs.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    /// The compiled plan for these input shapes (compiled on first use).
+    pub fn plan(&self, shapes: &[(&str, &[usize])]) -> Result<Arc<Plan>> {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (name, shape) in shapes {
+            let decl = self
+                .graph
+                .inputs
+                .iter()
+                .find(|v| v.name == *name)
+                .ok_or_else(|| RuntimeError::UnknownInput {
+                    name: name.to_string(),
+                    known: self.input_names().iter().map(|s| s.to_string()).collect(),
+                })?;
+            if let Some(d) = &decl.shape {
+                let fits = d.len() == shape.len()
+                    && d.iter().zip(shape.iter()).all(|(a, &b)| match a {
+                        Dim::Fixed(n) => *n == b,
+                        Dim::Symbolic(_) => true,
+                    });
+                if !fits {
+                    return Err(RuntimeError::InputShape {
+                        name: name.to_string(),
+                        expected: format!(
+                            "[{}]",
+                            d.iter()
+                                .map(|x| x.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        got: shape.to_vec(),
+                    });
+                }
+            }
+            by_name.insert(name.to_string(), shape.to_vec());
+        }
+        let key: Vec<Vec<usize>> = self
+            .graph
+            .inputs
+            .iter()
+            .map(|v| {
+                by_name
+                    .get(&v.name)
+                    .cloned()
+                    .ok_or_else(|| RuntimeError::MissingInput(v.name.clone()))
+            })
+            .collect::<Result<_>>()?;
+        if let Some(p) = self
+            .plans
+            .lock()
+            .map_err(|_| RuntimeError::ThreadPool("plan cache poisoned".into()))?
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let opts = CompileOptions {
+            fuse: self.opts.fuse,
+            threads: self.threads,
+        };
+        let p = Arc::new(
+            self.pool
+                .install(|| plan::compile(&self.graph, &by_name, opts))?,
+        );
+        self.plans
+            .lock()
+            .map_err(|_| RuntimeError::ThreadPool("plan cache poisoned".into()))?
+            .insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Runs the graph; returns the outputs in graph order.
+    pub fn run(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Vec<ArrayD<f32>>> {
+        self.run_inner(inputs, None)
+    }
+
+    /// Runs the graph, showing every produced tensor to `observer`.
+    pub fn run_observed(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        self.run_inner(inputs, Some(observer))
+    }
+
+    fn run_inner(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        mut observer: Option<&mut dyn Observer>,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        let plan = self.plan(&shapes)?;
+        let mut arena = vec![0.0f32; plan.arena_len];
+        let mut scratch = vec![0.0f32; plan.scratch_len];
+        for (name, slot, _) in &plan.inputs {
+            let (_, a) = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
+            let dst = &mut arena[slot.offset..slot.offset + slot.len];
+            match a.as_slice() {
+                Some(s) => dst.copy_from_slice(s),
+                None => dst.iter_mut().zip(a.iter()).for_each(|(d, &v)| *d = v),
+            }
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.observe(name, a.shape(), dst)
+                    .map_err(RuntimeError::Observer)?;
+            }
+        }
+        let threads = self.threads;
+        {
+            for step in &plan.steps {
+                // Inputs never overlap the output: the allocator keeps live
+                // buffers disjoint, so split the arena around the output.
+                let out_range = step.out.offset..step.out.offset + step.out.len;
+                let (lo, rest) = arena.split_at_mut(out_range.start);
+                let (out, hi) = rest.split_at_mut(step.out.len);
+                let ins: Vec<&[f32]> = step
+                    .ins
+                    .iter()
+                    .map(|s| match s {
+                        Src::Const(c) => c.as_slice(),
+                        Src::Slot(sl) => {
+                            if sl.offset + sl.len <= out_range.start {
+                                &lo[sl.offset..sl.offset + sl.len]
+                            } else {
+                                let o = sl.offset - out_range.end;
+                                &hi[o..o + sl.len]
+                            }
+                        }
+                    })
+                    .collect();
+                self.pool
+                    .install(|| plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads));
+                if let Some(obs) = observer.as_deref_mut() {
+                    for (name, shape) in &step.names {
+                        obs.observe(name, shape, out)
+                            .map_err(RuntimeError::Observer)?;
+                    }
+                }
+            }
+        }
+        plan.outputs
+            .iter()
+            .map(|(name, src, shape)| {
+                let data = match src {
+                    OutSrc::Slot(s) => arena[s.offset..s.offset + s.len].to_vec(),
+                    OutSrc::Const(c) => c.as_ref().clone(),
+                };
+                ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| {
+                    RuntimeError::Graph(qint8_graph::GraphError::Invalid(format!(
+                        "output {name}: {e}"
+                    )))
+                })
+            })
+            .collect()
+    }
+}
