@@ -462,8 +462,15 @@ pub(crate) fn compile(
                     .ok_or_else(|| node_err(&node, "input buffer was never produced")),
             })
             .collect::<Result<Vec<_>>>()?;
+        let op = match &kernel {
+            Kernel::Conv(c) if c.group > 1 && c.group == c.cin => "Conv(depthwise)",
+            Kernel::Conv(c) if c.kh * c.kw == 1 => "Conv(1x1)",
+            Kernel::Unary(Unary::Silu) => "SiLU",
+            Kernel::FakeQuant { .. } => "FakeQuant",
+            _ => node.op.op_type(),
+        };
         steps.push(Step {
-            op: node.op.op_type(),
+            op,
             node: node.name.clone(),
             kernel,
             ins: srcs,

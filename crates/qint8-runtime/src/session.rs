@@ -197,7 +197,7 @@ impl Session {
 
     /// Runs the graph; returns the outputs in graph order.
     pub fn run(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Vec<ArrayD<f32>>> {
-        self.run_inner(inputs, None)
+        self.run_inner(inputs, None, None)
     }
 
     /// Runs the graph, showing every produced tensor to `observer`.
@@ -206,13 +206,25 @@ impl Session {
         inputs: &[(&str, ArrayViewD<'_, f32>)],
         observer: &mut dyn Observer,
     ) -> Result<Vec<ArrayD<f32>>> {
-        self.run_inner(inputs, Some(observer))
+        self.run_inner(inputs, Some(observer), None)
+    }
+
+    /// Runs the graph once and returns the wall time of every step:
+    /// `(node, operator, seconds)` in execution order.
+    pub fn profile(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+    ) -> Result<Vec<(String, &'static str, f64)>> {
+        let mut times = Vec::new();
+        self.run_inner(inputs, None, Some(&mut times))?;
+        Ok(times)
     }
 
     fn run_inner(
         &self,
         inputs: &[(&str, ArrayViewD<'_, f32>)],
         mut observer: Option<&mut dyn Observer>,
+        mut times: Option<&mut Vec<(String, &'static str, f64)>>,
     ) -> Result<Vec<ArrayD<f32>>> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
         let plan = self.plan(&shapes)?;
@@ -256,8 +268,12 @@ impl Session {
                         }
                     })
                     .collect();
+                let t0 = times.is_some().then(std::time::Instant::now);
                 self.pool
                     .install(|| plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads));
+                if let (Some(t), Some(t0)) = (times.as_deref_mut(), t0) {
+                    t.push((step.node.clone(), step.op, t0.elapsed().as_secs_f64()));
+                }
                 if let Some(obs) = observer.as_deref_mut() {
                     for (name, shape) in &step.names {
                         obs.observe(name, shape, out)

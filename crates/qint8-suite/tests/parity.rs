@@ -34,3 +34,44 @@ fn fixtures_match_stored_onnxruntime_outputs() {
         assert!(err <= 1e-4, "{}: relative max error {err}", e["model"]);
     }
 }
+
+/// Live comparison with onnxruntime on fresh random inputs (batch 3) for
+/// every fixture. Skipped, with a note, when onnxruntime is not installed;
+/// CI installs it.
+#[test]
+fn fixtures_match_live_onnxruntime() {
+    if !qint8_suite::onnxruntime_available() {
+        eprintln!("note: python3 onnxruntime not importable; live parity skipped");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("qint8-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[3, 1, 32, 32]), |ix| {
+        let k = ix[0] * 1024 + ix[2] * 32 + ix[3];
+        ((k * 7919) % 1000) as f32 / 250.0 - 2.0
+    });
+    let input = dir.join("x.npy");
+    qint8_calibration::dataset::npy::write_npy_f32(&input, &x).unwrap();
+    for model_path in qint8_suite::fixture_models() {
+        let out = dir.join("y.npy");
+        qint8_suite::onnxruntime_run(&model_path, &input, &out, 2).unwrap();
+        let expect = read_npy_f32(&out).unwrap();
+        let model = qint8_graph::onnx::load(&model_path).unwrap();
+        let session = Session::new(
+            &model,
+            SessionOptions {
+                threads: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let got = session.run(&[("input", x.view())]).unwrap();
+        let err = relative_max_error(expect.as_slice().unwrap(), got[0].as_slice().unwrap());
+        assert!(
+            err <= 1e-4,
+            "{}: relative max error {err}",
+            model_path.display()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, Mat};
-use super::Activation;
+use super::{multiversion, Activation};
 
 /// A convolution resolved for one input shape, with its weights packed.
 #[derive(Debug, Clone)]
@@ -55,7 +55,12 @@ impl Conv2d {
     }
 
     fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == (1, 1) && self.pad == (0, 0)
+        // End padding changes the output size even for 1x1 kernels.
+        self.kh == 1
+            && self.kw == 1
+            && self.stride == (1, 1)
+            && self.pad == (0, 0)
+            && (self.oh, self.ow) == (self.ih, self.iw)
     }
 
     fn k(&self) -> usize {
@@ -173,18 +178,11 @@ impl Conv2d {
         let act = self.act;
         y.par_chunks_mut(p)
             .zip(self.bias.par_iter())
-            .for_each(|(plane, &b)| {
-                for v in plane.iter_mut() {
-                    *v = act.apply(*v + b);
-                }
-            });
+            .for_each(|(plane, &b)| bias_act(plane, b, act));
     }
 
     fn depthwise(&self, x: &[f32], y: &mut [f32]) {
         let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
-        let (sh, sw) = self.stride;
-        let (dh, dw) = self.dilation;
-        let (pt, pl) = self.pad;
         let kk = self.kh * self.kw;
         y.par_chunks_mut(oh * ow)
             .enumerate()
@@ -192,45 +190,7 @@ impl Conv2d {
                 let c = plane_idx % self.cout;
                 let src = &x[plane_idx * ih * iw..(plane_idx + 1) * ih * iw];
                 let w = &self.weight[c * kk..(c + 1) * kk];
-                out.fill(self.bias[c]);
-                for ki in 0..self.kh {
-                    for kj in 0..self.kw {
-                        let wv = w[ki * self.kw + kj];
-                        // Output columns whose input column is inside the image.
-                        let off = kj * dw;
-                        let ox0 = if pl > off { (pl - off).div_ceil(sw) } else { 0 };
-                        let ox1 = if iw + pl > off {
-                            ((iw + pl - off - 1) / sw + 1).min(ow)
-                        } else {
-                            0
-                        };
-                        if ox0 >= ox1 {
-                            continue;
-                        }
-                        for oy in 0..oh {
-                            let iy = (oy * sh + ki * dh) as isize - pt as isize;
-                            if iy < 0 || iy >= ih as isize {
-                                continue;
-                            }
-                            let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
-                            let orow = &mut out[oy * ow..(oy + 1) * ow];
-                            let base = ox0 * sw + off - pl;
-                            if sw == 1 {
-                                let n = ox1 - ox0;
-                                for (o, &v) in orow[ox0..ox1].iter_mut().zip(&row[base..base + n]) {
-                                    *o += wv * v;
-                                }
-                            } else {
-                                for (t, o) in orow[ox0..ox1].iter_mut().enumerate() {
-                                    *o += wv * row[base + t * sw];
-                                }
-                            }
-                        }
-                    }
-                }
-                for v in out.iter_mut() {
-                    *v = self.act.apply(*v);
-                }
+                depthwise_plane(self, src, w, self.bias[c], out);
             });
     }
 
@@ -272,6 +232,64 @@ impl Conv2d {
                     }
                 }
             }
+        }
+    }
+}
+
+multiversion! {
+    /// Adds `b` to a plane and applies the activation.
+    fn bias_act(plane: &mut [f32], b: f32, act: Activation) {
+        match act {
+            Activation::None => plane.iter_mut().for_each(|v| *v += b),
+            Activation::Relu => plane.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v + b)),
+            Activation::Clip(lo, hi) => plane.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v + b)),
+        }
+    }
+}
+
+multiversion! {
+    /// One output plane of a depthwise convolution.
+    fn depthwise_plane(c: &Conv2d, src: &[f32], w: &[f32], bias: f32, out: &mut [f32]) {
+        let (ih, iw, oh, ow) = (c.ih, c.iw, c.oh, c.ow);
+        let (sh, sw) = c.stride;
+        let (dh, dw) = c.dilation;
+        let (pt, pl) = c.pad;
+        out.fill(bias);
+        for ki in 0..c.kh {
+            for kj in 0..c.kw {
+                let wv = w[ki * c.kw + kj];
+                // Output columns whose input column is inside the image.
+                let off = kj * dw;
+                let ox0 = if pl > off { (pl - off).div_ceil(sw) } else { 0 };
+                let ox1 = if iw + pl > off { ((iw + pl - off - 1) / sw + 1).min(ow) } else { 0 };
+                if ox0 >= ox1 {
+                    continue;
+                }
+                for oy in 0..oh {
+                    let iy = (oy * sh + ki * dh) as isize - pt as isize;
+                    if iy < 0 || iy >= ih as isize {
+                        continue;
+                    }
+                    let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
+                    let orow = &mut out[oy * ow..(oy + 1) * ow];
+                    let base = ox0 * sw + off - pl;
+                    if sw == 1 {
+                        let n = ox1 - ox0;
+                        for (o, &v) in orow[ox0..ox1].iter_mut().zip(&row[base..base + n]) {
+                            *o += wv * v;
+                        }
+                    } else {
+                        for (t, o) in orow[ox0..ox1].iter_mut().enumerate() {
+                            *o += wv * row[base + t * sw];
+                        }
+                    }
+                }
+            }
+        }
+        match c.act {
+            Activation::None => {}
+            Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
+            Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{sigmoid, Activation};
+use super::{multiversion, sigmoid, Activation};
 
 /// Elements per parallel task for elementwise work.
 const GRAIN: usize = 1 << 14;
@@ -130,18 +130,8 @@ pub fn binary(op: BinOp, plan: &Broadcast, a: &[f32], b: &[f32], out: &mut [f32]
                 let (oa, ob) = (plan.offset(0, r), plan.offset(1, r));
                 match (sa, sb) {
                     (1, 1) => row_op(op, row, &a[oa..oa + inner], &b[ob..ob + inner]),
-                    (1, 0) => {
-                        let bv = b[ob];
-                        for (o, &x) in row.iter_mut().zip(&a[oa..oa + inner]) {
-                            *o = op.apply(x, bv);
-                        }
-                    }
-                    (0, 1) => {
-                        let av = a[oa];
-                        for (o, &y) in row.iter_mut().zip(&b[ob..ob + inner]) {
-                            *o = op.apply(av, y);
-                        }
-                    }
+                    (1, 0) => row_op_scalar(op, row, &a[oa..oa + inner], b[ob], false),
+                    (0, 1) => row_op_scalar(op, row, &b[ob..ob + inner], a[oa], true),
                     _ => {
                         for (j, o) in row.iter_mut().enumerate() {
                             *o = op.apply(a[oa + j * sa], b[ob + j * sb]);
@@ -152,22 +142,50 @@ pub fn binary(op: BinOp, plan: &Broadcast, a: &[f32], b: &[f32], out: &mut [f32]
         });
 }
 
-#[inline(always)]
-fn row_op(op: BinOp, out: &mut [f32], a: &[f32], b: &[f32]) {
-    // One monomorphic loop per op so each vectorizes.
-    macro_rules! lp {
-        ($f:expr) => {
-            for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-                *o = $f(x, y);
-            }
-        };
+multiversion! {
+    /// One row of `a op b` for equal-length rows.
+    fn row_op(op: BinOp, out: &mut [f32], a: &[f32], b: &[f32]) {
+        // One monomorphic loop per op so each vectorizes.
+        macro_rules! lp {
+            ($f:expr) => {
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    *o = $f(x, y);
+                }
+            };
+        }
+        match op {
+            BinOp::Add => lp!(|x: f32, y: f32| x + y),
+            BinOp::Sub => lp!(|x: f32, y: f32| x - y),
+            BinOp::Mul => lp!(|x: f32, y: f32| x * y),
+            BinOp::Div => lp!(|x: f32, y: f32| x / y),
+            BinOp::Equal => lp!(|x: f32, y: f32| (x == y) as u8 as f32),
+        }
     }
-    match op {
-        BinOp::Add => lp!(|x: f32, y: f32| x + y),
-        BinOp::Sub => lp!(|x: f32, y: f32| x - y),
-        BinOp::Mul => lp!(|x: f32, y: f32| x * y),
-        BinOp::Div => lp!(|x: f32, y: f32| x / y),
-        BinOp::Equal => lp!(|x: f32, y: f32| (x == y) as u8 as f32),
+}
+
+multiversion! {
+    /// One row of `x op s` (or `s op x` when `swap`) with a scalar operand.
+    fn row_op_scalar(op: BinOp, out: &mut [f32], x: &[f32], s: f32, swap: bool) {
+        macro_rules! lp {
+            ($f:expr) => {
+                if swap {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = $f(s, v);
+                    }
+                } else {
+                    for (o, &v) in out.iter_mut().zip(x) {
+                        *o = $f(v, s);
+                    }
+                }
+            };
+        }
+        match op {
+            BinOp::Add => lp!(|p: f32, q: f32| p + q),
+            BinOp::Sub => lp!(|p: f32, q: f32| p - q),
+            BinOp::Mul => lp!(|p: f32, q: f32| p * q),
+            BinOp::Div => lp!(|p: f32, q: f32| p / q),
+            BinOp::Equal => lp!(|p: f32, q: f32| (p == q) as u8 as f32),
+        }
     }
 }
 
@@ -234,23 +252,31 @@ impl Unary {
 
 /// `out = f(x)` elementwise, in parallel.
 pub fn unary(f: Unary, x: &[f32], out: &mut [f32]) {
-    macro_rules! lp {
-        ($g:expr) => {
-            out.par_chunks_mut(GRAIN)
-                .zip(x.par_chunks(GRAIN))
-                .for_each(|(o, i)| {
-                    for (o, &v) in o.iter_mut().zip(i) {
-                        *o = $g(v);
-                    }
-                })
-        };
-    }
-    // Monomorphic loops so each vectorizes.
-    match f {
-        Unary::Act(Activation::Relu) => lp!(|v: f32| Activation::Relu.apply(v)),
-        Unary::Sigmoid => lp!(sigmoid),
-        Unary::Silu => lp!(|v: f32| v * sigmoid(v)),
-        other => lp!(|v: f32| other.apply(v)),
+    out.par_chunks_mut(GRAIN)
+        .zip(x.par_chunks(GRAIN))
+        .for_each(|(o, i)| unary_chunk(f, i, o));
+}
+
+multiversion! {
+    /// `out = f(x)` on one chunk.
+    fn unary_chunk(f: Unary, x: &[f32], out: &mut [f32]) {
+        macro_rules! lp {
+            ($g:expr) => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = $g(v);
+                }
+            };
+        }
+        // Monomorphic loops so each vectorizes.
+        match f {
+            Unary::Act(Activation::Relu) => lp!(|v: f32| Activation::Relu.apply(v)),
+            Unary::Act(Activation::Clip(lo, hi)) => lp!(|v: f32| Activation::Clip(lo, hi).apply(v)),
+            Unary::Act(Activation::None) => out.copy_from_slice(&x[..out.len()]),
+            Unary::Sigmoid => lp!(sigmoid),
+            Unary::Silu => lp!(|v: f32| v * sigmoid(v)),
+            Unary::HardSigmoid(a, b) => lp!(|v: f32| (a * v + b).clamp(0.0, 1.0)),
+            Unary::HardSwish => lp!(|v: f32| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+        }
     }
 }
 

@@ -6,6 +6,51 @@ pub mod elementwise;
 pub mod gemm;
 pub mod pool;
 
+use qint8_math::kernels::SimdLevel;
+
+/// The instruction-set tier the runtime's own loops use (shared with
+/// qint8-math, so `QINT8_SIMD` caps both).
+pub fn simd_level() -> SimdLevel {
+    SimdLevel::active()
+}
+
+/// Defines a function whose body is compiled for the baseline target and
+/// inside `#[target_feature]` wrappers for AVX2 and AVX-512, dispatching on
+/// [`simd_level`] at run time. Bodies must not rely on closures for their
+/// hot loops (closures called through other crates are compiled separately).
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            match $crate::kernels::simd_level() {
+                // SAFETY: simd_level() never exceeds what the CPU supports.
+                #[cfg(target_arch = "x86_64")]
+                qint8_math::kernels::SimdLevel::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                qint8_math::kernels::SimdLevel::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// An activation applied elementwise, on its own or fused into a
 /// convolution's epilogue.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,8 +98,11 @@ pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+    // without a libm call, so the loop vectorizes on every tier.
+    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-104.0, 88.72284);
-    let n = (x * LOG2E + 0.5).floor();
+    let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     // exp(r) on |r| <= ln2/2: Taylor to degree 6 (Horner).
     let p = 1.0
@@ -63,8 +111,9 @@ pub fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
     // Scale by 2^n in two steps so n down to -150 still lands in subnormals.
-    let n = n as i32;
-    let n1 = n / 2;
+    // SAFETY: |n| <= 151 after the clamp above, so it fits i32.
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    let n1 = n >> 1;
     let n2 = n - n1;
     p * f32::from_bits(((n1 + 127).max(0) as u32) << 23)
         * f32::from_bits(((n2 + 127).max(0) as u32) << 23)

@@ -1,0 +1,166 @@
+//! Fast kernels against their straightforward references.
+
+use proptest::prelude::*;
+use qint8_runtime::kernels::conv::Conv2d;
+use qint8_runtime::kernels::gemm::{sgemm, sgemm_reference, Mat};
+use qint8_runtime::kernels::Activation;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn close(a: &[f32], b: &[f32], k: usize) -> Result<(), TestCaseError> {
+    prop_assert_eq!(a.len(), b.len());
+    // Accumulation order differs: allow f32 rounding growing with the reduction length.
+    let tol = 1e-5 * (k as f32).sqrt().max(1.0) * 4.0;
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        prop_assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "index {}: {} vs {}",
+            i,
+            x,
+            y
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+struct ConvCase {
+    n: usize,
+    cin_g: usize,
+    cout_g: usize,
+    group: usize,
+    hw: (usize, usize),
+    k: (usize, usize),
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    pad: (usize, usize, usize, usize),
+    act: u8,
+    seed: u64,
+}
+
+fn conv_case() -> impl Strategy<Value = ConvCase> {
+    (
+        1usize..4,
+        1usize..5,
+        1usize..5,
+        prop_oneof![Just(1usize), Just(2), Just(3)],
+        (1usize..20, 1usize..20),
+        (1usize..4, 1usize..4),
+        (1usize..3, 1usize..3),
+        (1usize..3, 1usize..3),
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+        0u8..3,
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(n, cin_g, cout_g, group, hw, k, stride, dilation, pad, act, seed, depthwise)| {
+                let (cin_g, cout_g) = if depthwise { (1, 1) } else { (cin_g, cout_g) };
+                let group = if depthwise { group + 2 } else { group };
+                ConvCase {
+                    n,
+                    cin_g,
+                    cout_g,
+                    group,
+                    hw,
+                    k,
+                    stride,
+                    dilation,
+                    pad,
+                    act,
+                    seed,
+                }
+            },
+        )
+        .prop_filter("kernel fits", |c| {
+            c.hw.0 + c.pad.0 + c.pad.2 > c.dilation.0 * (c.k.0 - 1)
+                && c.hw.1 + c.pad.1 + c.pad.3 > c.dilation.1 * (c.k.1 - 1)
+        })
+}
+
+fn build(c: &ConvCase) -> Conv2d {
+    let (cin, cout) = (c.cin_g * c.group, c.cout_g * c.group);
+    let oh = (c.hw.0 + c.pad.0 + c.pad.2 - c.dilation.0 * (c.k.0 - 1) - 1) / c.stride.0 + 1;
+    let ow = (c.hw.1 + c.pad.1 + c.pad.3 - c.dilation.1 * (c.k.1 - 1) - 1) / c.stride.1 + 1;
+    Conv2d {
+        n: c.n,
+        cin,
+        ih: c.hw.0,
+        iw: c.hw.1,
+        cout,
+        group: c.group,
+        kh: c.k.0,
+        kw: c.k.1,
+        stride: c.stride,
+        dilation: c.dilation,
+        pad: (c.pad.0, c.pad.1),
+        oh,
+        ow,
+        weight: values(cout * c.cin_g * c.k.0 * c.k.1, c.seed),
+        bias: values(cout, c.seed ^ 77),
+        act: [
+            Activation::None,
+            Activation::Relu,
+            Activation::Clip(-0.1, 0.3),
+        ][c.act as usize],
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
+
+    /// im2col + GEMM, 1x1, batched and depthwise paths all equal the direct convolution.
+    #[test]
+    fn conv_matches_reference(c in conv_case()) {
+        let conv = build(&c);
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.seed ^ 5);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+        let mut scratch = vec![0.0; conv.scratch_len()];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| conv.run(&x, &mut fast, &mut scratch, 2));
+        conv.reference(&x, &mut slow);
+        close(&fast, &slow, conv.cin / conv.group * conv.kh * conv.kw)?;
+    }
+
+    /// The GEMM wrapper (with transposed operands and accumulation) equals the triple loop.
+    #[test]
+    fn gemm_matches_reference(m in 1usize..40, n in 1usize..40, k in 0usize..70, ta in any::<bool>(), tb in any::<bool>(), acc in any::<bool>(), seed in any::<u64>()) {
+        let a = values(m * k, seed);
+        let b = values(k * n, seed ^ 3);
+        let c0 = values(m * n, seed ^ 9);
+        let am = if ta { Mat::transposed(&a, m) } else { Mat::row_major(&a, k) };
+        let bm = if tb { Mat::transposed(&b, k) } else { Mat::row_major(&b, n) };
+        let (mut fast, mut slow) = (c0.clone(), c0.clone());
+        prop_assert!(sgemm(m, n, k, am, bm, &mut fast, n, acc, 2));
+        sgemm_reference(m, n, k, am, bm, &mut slow, n, acc);
+        close(&fast, &slow, k)?;
+    }
+}
+
+#[test]
+fn gemm_rejects_short_buffers() {
+    let a = vec![0.0; 5];
+    let mut c = vec![0.0; 4];
+    assert!(!sgemm(
+        2,
+        2,
+        3,
+        Mat::row_major(&a, 3),
+        Mat::row_major(&a, 2),
+        &mut c,
+        2,
+        false,
+        1
+    ));
+}
