@@ -1,0 +1,82 @@
+//! `qint8`: the command-line tool of the qint8 workspace.
+//!
+//! Subcommands:
+//!
+//! - `qint8 inspect MODEL [--json]`: producer, opset, IR version, inputs and
+//!   outputs (symbolic dimensions by name), operator counts, parameters,
+//!   initializer bytes, file sizes (the `.onnx` file plus every external
+//!   data file it references), node count, and the compiled plan's steps and
+//!   peak activation memory at batch 1 (every symbolic dimension set to 1).
+//! - `qint8 run MODEL --input X.npy --output Y.npy`: feeds one float32 NPY
+//!   tensor to the model's first input and writes its first output as
+//!   float32 NPY (atomically).
+//! - `qint8 eval MODEL --data IMAGES [--labels LABELS] [--mean M[,M..]]
+//!   [--std S[,S..]] [--pad N] [--batch B] [--limit N] [--json]`: top-1 and
+//!   top-5 accuracy and throughput on an IDX image file (optionally
+//!   gzipped). Labels default to the `*-labels-idx1-ubyte[.gz]` file beside
+//!   the images. Preprocessing: zero padding of `--pad` pixels on each side
+//!   in pixel space, then `(pixel / 255 - mean) / std` per channel.
+//!   Predictions are the lowest index among equal maximal logits (as
+//!   `numpy.argmax`); a label's rank counts the logits above it plus the
+//!   equal ones at lower indices, and it is a top-k hit when that rank is
+//!   below k, so top-5 is 1.0 for models with 5 classes or fewer.
+//!   `images_per_s` is measured over the inference loop only (batch
+//!   preprocessing, execution and scoring; model loading and data reading
+//!   excluded); `total_seconds` covers the whole command. The option
+//!   `--predictions FILE.npy` (listed by `--help`, not by `-h`) writes the
+//!   predicted class of every image as a float32 NPY vector, for
+//!   comparisons with other runtimes (`scripts/eval_vs_onnxruntime.py`).
+//!
+//! The global `--threads N` sets the worker threads (default: the number of
+//! available cores). Errors are printed with their causes to stderr and
+//! exit with status 1; usage errors exit with status 2.
+
+mod cli;
+mod eval;
+mod format;
+mod inspect;
+mod run;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let threads = cli.threads.unwrap_or_else(default_threads);
+    let result = match &cli.command {
+        Command::Inspect(args) => inspect::main(args, threads),
+        Command::Run(args) => run::main(args, threads),
+        Command::Eval(args) => eval::main(args, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Number of available cores (1 when it cannot be determined).
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Writes `text` to stdout; a closed pipe (`qint8 inspect m.onnx | head`)
+/// is not an error.
+pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
+}

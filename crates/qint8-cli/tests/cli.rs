@@ -1,0 +1,562 @@
+//! End-to-end tests of the `qint8` binary on the repository's fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use prost::Message;
+use qint8_calibration::dataset::npy::{read_npy_f32, write_npy_f32};
+use qint8_graph::proto::{
+    Dimension, DimensionValue, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
+};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn model(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+fn eval_images() -> PathBuf {
+    fixtures().join("data/eval-images-idx3-ubyte")
+}
+
+fn qint8(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qint8"))
+        .args(args)
+        .output()
+        .expect("spawn qint8")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Succeeded; returns stdout.
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Failed with exit code 1 and a message, without panicking; returns stderr.
+fn fails(o: Output) -> String {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "stdout:\n{}\nstderr:\n{err}",
+        stdout(&o)
+    );
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Stdout holding exactly one JSON object.
+fn json(out: &str) -> Value {
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+    let v: Value = serde_json::from_str(out.trim()).expect("valid JSON");
+    assert!(v.is_object());
+    v
+}
+
+#[test]
+fn inspect_resnet50_shows_ops_params_and_plan() {
+    let m = model("resnet50.onnx");
+    let text = ok(qint8(&["inspect", s(&m), "--threads", "1"]));
+    for needle in [
+        "opset              17",
+        "IR version         8",
+        "pytorch 2.11.0",
+        "input  float  [batch, 1, 32, 32]",
+        "logits  float  [batch, 10]",
+        "Conv                  53",
+        "Relu                  49",
+        "GlobalAveragePool      1",
+        "total                122",
+        // The ONNX file's parameters (BatchNorm folded into the convolutions).
+        "833,674",
+        "3,358,973 B",
+        "peak activation",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+
+    let v = json(&ok(qint8(&["inspect", s(&m), "--json", "--threads", "1"])));
+    assert_eq!(v["opset"], 17);
+    assert_eq!(v["ir_version"], 8);
+    assert_eq!(v["nodes"], 122);
+    assert_eq!(v["op_counts"]["Conv"], 53);
+    assert_eq!(v["op_counts"]["Add"], 16);
+    assert_eq!(v["parameters"], 833_674);
+    assert_eq!(v["file_bytes"], 3_358_973);
+    assert_eq!(v["total_file_bytes"], 3_358_973);
+    assert_eq!(v["external_data"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        v["inputs"][0]["shape"],
+        serde_json::json!(["batch", 1, 32, 32])
+    );
+    assert_eq!(v["inputs"][0]["dtype"], "float");
+    assert!(v["initializer_bytes"].as_u64().unwrap() >= 4 * 833_674);
+    assert!(v["plan"]["steps"].as_u64().unwrap() > 0);
+    assert!(v["plan"]["peak_activation_bytes"].as_u64().unwrap() > 0);
+    assert!(v["plan_error"].is_null());
+}
+
+#[test]
+fn inspect_vgg16_dynamo_counts_external_data() {
+    let m = model("vgg16_bn_dynamo.onnx");
+    let text = ok(qint8(&["inspect", s(&m), "--threads", "1"]));
+    for needle in [
+        "opset              20",
+        "vgg16_bn_dynamo.onnx.data 4,456,448 B",
+        "1,101,858",
+        "Conv        13",
+        "Relu        15",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    let v = json(&ok(qint8(&["inspect", s(&m), "--json", "--threads", "1"])));
+    assert_eq!(v["parameters"], 1_101_858);
+    assert_eq!(v["op_counts"]["Conv"], 13);
+    assert_eq!(v["op_counts"]["Gemm"], 3);
+    let ext = v["external_data"].as_array().unwrap();
+    assert_eq!(ext.len(), 1);
+    assert_eq!(ext[0]["bytes"], 4_456_448);
+    assert!(ext[0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("vgg16_bn_dynamo.onnx.data"));
+    assert_eq!(v["file_bytes"], 62_510);
+    assert_eq!(v["total_file_bytes"], 62_510 + 4_456_448);
+}
+
+#[test]
+fn run_resnet50_reproduces_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("logits.npy");
+    let refs = fixtures().join("models/reference");
+    let input = refs.join("input_random_4x1x32x32.npy");
+    let text = ok(qint8(&[
+        "run",
+        s(&model("resnet50.onnx")),
+        "--input",
+        s(&input),
+        "--output",
+        s(&out),
+        "--threads",
+        "1",
+    ]));
+    assert!(text.contains("[4, 10]"), "{text}");
+    let got = read_npy_f32(&out).unwrap();
+    let want = read_npy_f32(refs.join("resnet50.random.logits.npy")).unwrap();
+    assert_eq!(got.shape(), want.shape());
+    let max_ref = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max_err = got
+        .iter()
+        .zip(want.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        max_err / max_ref < 1e-4,
+        "relative max error {}",
+        max_err / max_ref
+    );
+}
+
+fn eval_json(model_name: &str, extra: &[&str]) -> Value {
+    let m = model(model_name);
+    let images = eval_images();
+    let mut args = vec![
+        "eval",
+        s(&m),
+        "--data",
+        s(&images),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = qint8(&args);
+    let out = ok(o);
+    json(&out)
+}
+
+/// Top-1 on the 2000-image eval slice equals onnxruntime's (fixtures/README.md).
+fn check_slice_top1(model_name: &str, expected: f64) {
+    let v = eval_json(model_name, &["--threads", "1"]);
+    assert_eq!(v["n"], 2000);
+    let top1 = v["top1"].as_f64().unwrap();
+    assert_eq!(
+        (top1 * 1e4).round(),
+        (expected * 1e4_f64).round(),
+        "{model_name}: top-1 {top1}, onnxruntime {expected}"
+    );
+    let top5 = v["top5"].as_f64().unwrap();
+    assert!(top5 >= top1 && top5 <= 1.0);
+    assert!(v["images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["batch"], 64);
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["classes"], 10);
+}
+
+#[test]
+fn eval_resnet50_matches_onnxruntime_top1() {
+    check_slice_top1("resnet50.onnx", 0.9250);
+}
+
+#[test]
+fn eval_vgg16_bn_matches_onnxruntime_top1() {
+    check_slice_top1("vgg16_bn.onnx", 0.9350);
+}
+
+#[test]
+fn eval_efficientnet_b0_matches_onnxruntime_top1() {
+    check_slice_top1("efficientnet_b0.onnx", 0.9175);
+}
+
+#[test]
+fn eval_limit_predictions_and_human_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let preds = dir.path().join("pred.npy");
+    let v = eval_json(
+        "resnet50_dynamo.onnx",
+        &[
+            "--limit",
+            "100",
+            "--batch",
+            "30",
+            "--threads",
+            "1",
+            "--predictions",
+            s(&preds),
+        ],
+    );
+    assert_eq!(v["n"], 100);
+    assert_eq!(v["batch"], 30);
+    let p = read_npy_f32(&preds).unwrap();
+    assert_eq!(p.shape(), &[100]);
+    assert!(p
+        .iter()
+        .all(|&x| x.fract() == 0.0 && (0.0..10.0).contains(&x)));
+    // The first 8 test images: the README's labels [9, 2, 1, 1, 6, 1, 4, 6]
+    // are what the model predicts too (checked against onnxruntime's logits).
+    let eval8 =
+        read_npy_f32(fixtures().join("models/reference/resnet50_dynamo.eval8.logits.npy")).unwrap();
+    for (i, row) in eval8.outer_iter().enumerate() {
+        let row: Vec<f32> = row.iter().copied().collect();
+        let best = (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        assert_eq!(p[i] as usize, best, "image {i}");
+    }
+
+    let m = model("resnet50.onnx");
+    let images = eval_images();
+    let text = ok(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&images),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--limit",
+        "64",
+        "--threads",
+        "1",
+    ]));
+    for needle in [
+        "top-1",
+        "top-5",
+        "images/s",
+        "64 images of 1x32x32 (pad 2), 10 classes",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+}
+
+#[test]
+fn missing_model_file_is_an_error() {
+    let err = fails(qint8(&["inspect", "/nonexistent/model.onnx"]));
+    assert!(err.contains("/nonexistent/model.onnx"), "{err}");
+    let err = fails(qint8(&[
+        "eval",
+        "/nonexistent/model.onnx",
+        "--data",
+        s(&eval_images()),
+    ]));
+    assert!(err.contains("/nonexistent/model.onnx"), "{err}");
+}
+
+#[test]
+fn corrupt_models_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, b"this is not a protobuf \xff\xfe\x00\x01 at all").unwrap();
+    let err = fails(qint8(&["inspect", s(&garbage)]));
+    assert!(err.contains("garbage.onnx"), "{err}");
+
+    let full = std::fs::read(model("resnet50.onnx")).unwrap();
+    for cut in [full.len() / 2, 1000, 7] {
+        let truncated = dir.path().join(format!("truncated{cut}.onnx"));
+        std::fs::write(&truncated, &full[..cut]).unwrap();
+        let err = fails(qint8(&["inspect", s(&truncated)]));
+        assert!(err.contains("truncated"), "{err}");
+        let input = fixtures().join("models/reference/input_random_4x1x32x32.npy");
+        let out = dir.path().join("y.npy");
+        fails(qint8(&[
+            "run",
+            s(&truncated),
+            "--input",
+            s(&input),
+            "--output",
+            s(&out),
+        ]));
+        assert!(!out.exists());
+    }
+
+    // An external-data model without its .data file.
+    let lonely = dir.path().join("vgg16_bn_dynamo.onnx");
+    std::fs::copy(model("vgg16_bn_dynamo.onnx"), &lonely).unwrap();
+    let err = fails(qint8(&["inspect", s(&lonely)]));
+    assert!(err.contains("vgg16_bn_dynamo.onnx"), "{err}");
+}
+
+#[test]
+fn missing_labels_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("lonely-images-idx3-ubyte");
+    std::fs::copy(eval_images(), &images).unwrap();
+    let m = model("resnet50.onnx");
+    let err = fails(qint8(&["eval", s(&m), "--data", s(&images), "--pad", "2"]));
+    assert!(err.contains("no labels file"), "{err}");
+    assert!(err.contains("lonely-labels-idx1-ubyte"), "{err}");
+    assert!(err.contains("--labels"), "{err}");
+
+    let missing = dir.path().join("missing-labels-idx1-ubyte");
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&images),
+        "--labels",
+        s(&missing),
+        "--pad",
+        "2",
+    ]));
+    assert!(err.contains("missing-labels-idx1-ubyte"), "{err}");
+
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&dir.path().join("absent-images-idx3-ubyte")),
+    ]));
+    assert!(err.contains("images file"), "{err}");
+    assert!(err.contains("absent-images-idx3-ubyte"), "{err}");
+
+    // With --labels pointing at the real file, it works.
+    let labels = fixtures().join("data/eval-labels-idx1-ubyte");
+    let v = json(&ok(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&images),
+        "--labels",
+        s(&labels),
+        "--pad",
+        "2",
+        "--limit",
+        "10",
+        "--json",
+        "--threads",
+        "1",
+    ])));
+    assert_eq!(v["n"], 10);
+}
+
+#[test]
+fn wrong_input_shapes_name_expected_and_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy_f32(&x, &ndarray::Array2::<f32>::zeros((2, 3))).unwrap();
+    let out = dir.path().join("y.npy");
+    let m = model("resnet50.onnx");
+    let err = fails(qint8(&[
+        "run",
+        s(&m),
+        "--input",
+        s(&x),
+        "--output",
+        s(&out),
+    ]));
+    assert!(err.contains("x.npy"), "{err}");
+    assert!(err.contains("expected [batch, 1, 32, 32]"), "{err}");
+    assert!(err.contains("got [2, 3]"), "{err}");
+    assert!(!out.exists());
+
+    // Eval without the padding the model needs: 28x28 instead of 32x32.
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&eval_images()),
+        "--limit",
+        "4",
+    ]));
+    assert!(err.contains("expected [batch, 1, 32, 32]"), "{err}");
+    assert!(err.contains("got [4, 1, 28, 28]"), "{err}");
+
+    // Not an NPY file.
+    let bad = dir.path().join("bad.npy");
+    std::fs::write(&bad, b"nope").unwrap();
+    let err = fails(qint8(&[
+        "run",
+        s(&m),
+        "--input",
+        s(&bad),
+        "--output",
+        s(&out),
+    ]));
+    assert!(err.contains("bad.npy"), "{err}");
+}
+
+fn value_info(name: &str, dims: &[DimensionValue]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| Dimension {
+                            value: Some(d.clone()),
+                            denotation: String::new(),
+                        })
+                        .collect(),
+                }),
+            }),
+            denotation: String::new(),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+/// A model `x -> op_types[0] -> ... -> y` on `[batch, 1, 32, 32]` tensors.
+fn tiny_model(path: &Path, op_types: &[&str]) {
+    let dims = [
+        DimensionValue::DimParam("batch".into()),
+        DimensionValue::DimValue(1),
+        DimensionValue::DimValue(32),
+        DimensionValue::DimValue(32),
+    ];
+    let n = op_types.len();
+    let node = op_types
+        .iter()
+        .enumerate()
+        .map(|(i, op)| NodeProto {
+            input: vec![if i == 0 { "x".into() } else { format!("t{i}") }],
+            output: vec![if i + 1 == n {
+                "y".into()
+            } else {
+                format!("t{}", i + 1)
+            }],
+            name: format!("node{i}"),
+            op_type: op.to_string(),
+            ..Default::default()
+        })
+        .collect();
+    let proto = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        producer_name: "qint8-cli tests".into(),
+        graph: Some(GraphProto {
+            node,
+            name: "tiny".into(),
+            input: vec![value_info("x", &dims)],
+            output: vec![value_info("y", &dims)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, proto.encode_to_vec()).unwrap();
+}
+
+#[test]
+fn unsupported_ops_are_all_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("exotic.onnx");
+    tiny_model(&m, &["Relu", "FancyOpA", "FancyOpB"]);
+    let err = fails(qint8(&["inspect", s(&m)]));
+    assert!(err.contains("exotic.onnx"), "{err}");
+    assert!(err.contains("FancyOpA"), "{err}");
+    assert!(err.contains("FancyOpB"), "{err}");
+}
+
+#[test]
+fn eval_needs_batch_by_classes_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("relu.onnx");
+    tiny_model(&m, &["Relu"]);
+    // The model itself is fine.
+    let v = json(&ok(qint8(&["inspect", s(&m), "--json"])));
+    assert_eq!(v["op_counts"]["Relu"], 1);
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&eval_images()),
+        "--pad",
+        "2",
+        "--limit",
+        "4",
+    ]));
+    assert!(err.contains("[batch, classes]"), "{err}");
+    assert!(err.contains("[batch, 1, 32, 32]"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_with_status_2() {
+    for args in [
+        &["eval"][..],
+        &["frobnicate"],
+        &["eval", "m.onnx", "--data", "d", "--batch", "0"],
+        &["inspect", "m.onnx", "--threads", "zero"],
+        &["run", "m.onnx", "--input", "x.npy"],
+    ] {
+        let o = qint8(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let o = qint8(&["--help"]);
+    assert!(o.status.success());
+    let help = stdout(&o);
+    for sub in ["inspect", "run", "eval", "--threads"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
