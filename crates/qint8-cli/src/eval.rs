@@ -130,8 +130,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         &model,
         SessionOptions {
             threads,
-            simplify: true,
-            fuse: true,
+            ..Default::default()
         },
     )
     .with_context(|| format!("preparing {}", args.model.display()))?;

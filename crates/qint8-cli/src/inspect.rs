@@ -83,8 +83,7 @@ fn plan_stats(model: &Model, threads: usize) -> Result<PlanStats> {
         model,
         SessionOptions {
             threads,
-            simplify: true,
-            fuse: true,
+            ..Default::default()
         },
     )?;
     let shapes: Vec<(String, Vec<usize>)> = session

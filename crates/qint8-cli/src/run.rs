@@ -59,8 +59,7 @@ pub(crate) fn main(args: &RunArgs, threads: usize) -> Result<()> {
         &model,
         SessionOptions {
             threads,
-            simplify: true,
-            fuse: true,
+            ..Default::default()
         },
     )
     .with_context(|| format!("preparing {}", args.model.display()))?;

@@ -59,7 +59,9 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
             ValueShape {
                 dtype: t.dtype(),
                 shape: t.shape().to_vec(),
-                value: Some(t.clone()),
+                // Large initializers (weights) are never folded; copying them
+                // here would only double the memory of every compile.
+                value: (t.len() <= MAX_FOLD_ELEMENTS).then(|| t.clone()),
             },
         );
     }

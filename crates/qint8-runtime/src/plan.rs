@@ -314,6 +314,7 @@ pub(crate) fn compile(
                             shapes
                                 .get(i)
                                 .and_then(|s| s.value.as_ref())
+                                .or_else(|| g.initializers.get(i))
                                 .map(|t| Val::Const(Arc::new(t.to_f32_vec())))
                         })
                         .ok_or_else(|| node_err(node, format!("input {i} is not available")))
@@ -716,7 +717,7 @@ fn build_kernel(
                 pad,
                 oh,
                 ow,
-                weight: w.as_ref().clone(),
+                weight: w.clone(),
                 bias,
                 act: Activation::None,
             }))

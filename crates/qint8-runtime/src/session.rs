@@ -43,6 +43,10 @@ pub struct SessionOptions {
     /// Fuse Conv + Relu/Clip, Sigmoid + Mul (SiLU) and QuantizeLinear +
     /// DequantizeLinear. Fused-away intermediate tensors are not observable.
     pub fuse: bool,
+    /// For batches of at least `threads` samples, run sub-batches on
+    /// separate threads (each executing its whole plan sequentially) when
+    /// no operator mixes samples. Batch 1 always uses intra-operator threads.
+    pub batch_parallel: bool,
 }
 
 impl Default for SessionOptions {
@@ -51,6 +55,7 @@ impl Default for SessionOptions {
             threads: 0,
             simplify: true,
             fuse: true,
+            batch_parallel: true,
         }
     }
 }
@@ -62,6 +67,7 @@ pub struct Session {
     threads: usize,
     pool: rayon::ThreadPool,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
+    splittable: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -103,6 +109,7 @@ impl Session {
             threads,
             pool,
             plans: Mutex::new(HashMap::new()),
+            splittable: Mutex::new(HashMap::new()),
         })
     }
 
@@ -223,78 +230,235 @@ impl Session {
     fn run_inner(
         &self,
         inputs: &[(&str, ArrayViewD<'_, f32>)],
-        mut observer: Option<&mut dyn Observer>,
-        mut times: Option<&mut Vec<(String, &'static str, f64)>>,
+        observer: Option<&mut dyn Observer>,
+        times: Option<&mut Vec<(String, &'static str, f64)>>,
     ) -> Result<Vec<ArrayD<f32>>> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
         let plan = self.plan(&shapes)?;
-        let mut arena = vec![0.0f32; plan.arena_len];
-        let mut scratch = vec![0.0f32; plan.scratch_len];
-        for (name, slot, _) in &plan.inputs {
-            let (_, a) = inputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
-            let dst = &mut arena[slot.offset..slot.offset + slot.len];
-            match a.as_slice() {
-                Some(s) => dst.copy_from_slice(s),
-                None => dst.iter_mut().zip(a.iter()).for_each(|(d, &v)| *d = v),
-            }
-            if let Some(obs) = observer.as_deref_mut() {
-                obs.observe(name, a.shape(), dst)
-                    .map_err(RuntimeError::Observer)?;
-            }
-        }
-        let threads = self.threads;
+        let batch = inputs
+            .first()
+            .and_then(|(_, a)| a.shape().first().copied())
+            .unwrap_or(0);
+        if observer.is_none()
+            && times.is_none()
+            && self.opts.batch_parallel
+            && self.threads > 1
+            && batch >= self.threads
+            && self.batch_splittable(&plan, inputs, batch)
         {
-            for step in &plan.steps {
-                // Inputs never overlap the output: the allocator keeps live
-                // buffers disjoint, so split the arena around the output.
-                let out_range = step.out.offset..step.out.offset + step.out.len;
-                let (lo, rest) = arena.split_at_mut(out_range.start);
-                let (out, hi) = rest.split_at_mut(step.out.len);
-                let ins: Vec<&[f32]> = step
-                    .ins
-                    .iter()
-                    .map(|s| match s {
-                        Src::Const(c) => c.as_slice(),
-                        Src::Slot(sl) => {
-                            if sl.offset + sl.len <= out_range.start {
-                                &lo[sl.offset..sl.offset + sl.len]
-                            } else {
-                                let o = sl.offset - out_range.end;
-                                &hi[o..o + sl.len]
-                            }
-                        }
-                    })
-                    .collect();
-                let t0 = times.is_some().then(std::time::Instant::now);
-                self.pool
-                    .install(|| plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads));
-                if let (Some(t), Some(t0)) = (times.as_deref_mut(), t0) {
-                    t.push((step.node.clone(), step.op, t0.elapsed().as_secs_f64()));
-                }
-                if let Some(obs) = observer.as_deref_mut() {
-                    for (name, shape) in &step.names {
-                        obs.observe(name, shape, out)
-                            .map_err(RuntimeError::Observer)?;
-                    }
-                }
+            return self.run_split(inputs, batch);
+        }
+        let owned: Vec<(&str, std::borrow::Cow<'_, [f32]>)> = inputs
+            .iter()
+            .map(|(n, a)| {
+                let data = match a.as_slice() {
+                    Some(s) => std::borrow::Cow::Borrowed(s),
+                    None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+                };
+                (*n, data)
+            })
+            .collect();
+        let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
+        run_plan(
+            &plan,
+            &flat,
+            observer,
+            times,
+            self.threads,
+            Some(&self.pool),
+        )
+    }
+
+    /// Whether every runtime tensor keeps the batch as its leading dimension
+    /// and no operator mixes samples, so sub-batches can run independently.
+    fn batch_splittable(
+        &self,
+        plan: &Plan,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        batch: usize,
+    ) -> bool {
+        let key: Vec<Vec<usize>> = inputs.iter().map(|(_, a)| a.shape().to_vec()).collect();
+        if let Ok(cache) = self.splittable.lock() {
+            if let Some(&v) = cache.get(&key) {
+                return v;
             }
         }
-        plan.outputs
+        let leading_ok = inputs
             .iter()
-            .map(|(name, src, shape)| {
-                let data = match src {
-                    OutSrc::Slot(s) => arena[s.offset..s.offset + s.len].to_vec(),
-                    OutSrc::Const(c) => c.as_ref().clone(),
-                };
-                ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| {
+            .all(|(_, a)| a.shape().first() == Some(&batch))
+            && plan
+                .steps
+                .iter()
+                .all(|s| s.names.iter().all(|(_, sh)| sh.first() == Some(&batch)))
+            && plan
+                .outputs
+                .iter()
+                .all(|(_, _, sh)| sh.first() == Some(&batch));
+        let ops_ok = self.graph.nodes.iter().all(|n| {
+            let rank = 4i64;
+            let touches0 = |axis: i64| axis == 0 || axis == -rank;
+            match &n.op {
+                qint8_graph::Op::Softmax { axis }
+                | qint8_graph::Op::Concat { axis }
+                | qint8_graph::Op::Gather { axis }
+                | qint8_graph::Op::Flatten { axis } => !touches0(*axis) && *axis != 0,
+                qint8_graph::Op::Transpose { perm } => {
+                    perm.as_ref().is_some_and(|p| p.first() == Some(&0))
+                }
+                qint8_graph::Op::ReduceMean { axes, .. } => {
+                    axes.as_ref().is_some_and(|a| !a.contains(&0))
+                }
+                _ => true,
+            }
+        });
+        let ok = leading_ok && ops_ok;
+        if let Ok(mut cache) = self.splittable.lock() {
+            cache.insert(key, ok);
+        }
+        ok
+    }
+
+    /// Runs sub-batches on separate threads, each executing its whole plan
+    /// sequentially (no per-operator synchronization), and concatenates.
+    fn run_split(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        batch: usize,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let t = self.threads.min(batch);
+        let sizes: Vec<usize> = (0..t)
+            .map(|i| batch / t + usize::from(i < batch % t))
+            .collect();
+        let mut parts = Vec::with_capacity(t);
+        let mut start = 0;
+        for &n in &sizes {
+            let sub: Vec<(&str, ArrayViewD<'_, f32>)> = inputs
+                .iter()
+                .map(|(name, a)| {
+                    (
+                        *name,
+                        a.slice_axis(ndarray::Axis(0), (start..start + n).into()),
+                    )
+                })
+                .collect();
+            let shapes: Vec<(&str, &[usize])> = sub.iter().map(|(n, a)| (*n, a.shape())).collect();
+            let plan = self.plan(&shapes)?;
+            let data: Vec<(&str, Vec<f32>)> = sub
+                .iter()
+                .map(|(n, a)| (*n, a.iter().copied().collect()))
+                .collect();
+            parts.push((plan, data));
+            start += n;
+        }
+        let results: Vec<Result<Vec<ArrayD<f32>>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|(plan, data)| {
+                    scope.spawn(move || {
+                        let flat: Vec<(&str, &[f32])> =
+                            data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+                        crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(RuntimeError::ThreadPool("a worker thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let results = results.into_iter().collect::<Result<Vec<_>>>()?;
+        let n_out = results.first().map(Vec::len).unwrap_or(0);
+        (0..n_out)
+            .map(|k| {
+                let views: Vec<_> = results.iter().map(|r| r[k].view()).collect();
+                ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| {
                     RuntimeError::Graph(qint8_graph::GraphError::Invalid(format!(
-                        "output {name}: {e}"
+                        "joining sub-batches: {e}"
                     )))
                 })
             })
             .collect()
     }
+}
+
+/// Executes a plan on one thread's worth of arena (kernels may still use
+/// the current rayon pool unless the thread is sequential).
+fn run_plan(
+    plan: &Plan,
+    inputs: &[(&str, &[f32])],
+    mut observer: Option<&mut dyn Observer>,
+    mut times: Option<&mut Vec<(String, &'static str, f64)>>,
+    threads: usize,
+    pool: Option<&rayon::ThreadPool>,
+) -> Result<Vec<ArrayD<f32>>> {
+    let mut arena = vec![0.0f32; plan.arena_len];
+    let mut scratch = vec![0.0f32; plan.scratch_len];
+    for (name, slot, shape) in &plan.inputs {
+        let (_, a) = inputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
+        let dst = &mut arena[slot.offset..slot.offset + slot.len];
+        dst.copy_from_slice(&a[..slot.len]);
+        if let Some(obs) = observer.as_deref_mut() {
+            obs.observe(name, shape, dst)
+                .map_err(RuntimeError::Observer)?;
+        }
+    }
+    for step in &plan.steps {
+        // Inputs never overlap the output: the allocator keeps live buffers
+        // disjoint, so split the arena around the output.
+        let out_range = step.out.offset..step.out.offset + step.out.len;
+        let (lo, rest) = arena.split_at_mut(out_range.start);
+        let (out, hi) = rest.split_at_mut(step.out.len);
+        let ins: Vec<&[f32]> = step
+            .ins
+            .iter()
+            .map(|s| match s {
+                Src::Const(c) => c.as_slice(),
+                Src::Slot(sl) => {
+                    if sl.offset + sl.len <= out_range.start {
+                        &lo[sl.offset..sl.offset + sl.len]
+                    } else {
+                        let o = sl.offset - out_range.end;
+                        &hi[o..o + sl.len]
+                    }
+                }
+            })
+            .collect();
+        let t0 = times.is_some().then(std::time::Instant::now);
+        match pool {
+            Some(p) => {
+                p.install(|| plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads))
+            }
+            None => plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads),
+        }
+        if let (Some(t), Some(t0)) = (times.as_deref_mut(), t0) {
+            t.push((step.node.clone(), step.op, t0.elapsed().as_secs_f64()));
+        }
+        if let Some(obs) = observer.as_deref_mut() {
+            for (name, shape) in &step.names {
+                obs.observe(name, shape, out)
+                    .map_err(RuntimeError::Observer)?;
+            }
+        }
+    }
+    plan.outputs
+        .iter()
+        .map(|(name, src, shape)| {
+            let data = match src {
+                OutSrc::Slot(s) => arena[s.offset..s.offset + s.len].to_vec(),
+                OutSrc::Const(c) => c.as_ref().clone(),
+            };
+            ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| {
+                RuntimeError::Graph(qint8_graph::GraphError::Invalid(format!(
+                    "output {name}: {e}"
+                )))
+            })
+        })
+        .collect()
 }

@@ -106,7 +106,7 @@ fn build(c: &ConvCase) -> Conv2d {
         pad: (c.pad.0, c.pad.1),
         oh,
         ow,
-        weight: values(cout * c.cin_g * c.k.0 * c.k.1, c.seed),
+        weight: std::sync::Arc::new(values(cout * c.cin_g * c.k.0 * c.k.1, c.seed)),
         bias: values(cout, c.seed ^ 77),
         act: [
             Activation::None,
@@ -163,4 +163,31 @@ fn gemm_rejects_short_buffers() {
         false,
         1
     ));
+}
+
+/// The 1x1-plane pointwise path (squeeze-excitation and classifier convs).
+#[test]
+fn pointwise_on_single_pixels_matches_reference() {
+    for (n, cin, cout, act) in [(1, 3, 5, 0u8), (7, 16, 4, 1), (32, 40, 10, 2)] {
+        let c = ConvCase {
+            n,
+            cin_g: cin,
+            cout_g: cout,
+            group: 1,
+            hw: (1, 1),
+            k: (1, 1),
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad: (0, 0, 0, 0),
+            act,
+            seed: 42 + n as u64,
+        };
+        let conv = build(&c);
+        let x = values(n * cin, 9);
+        let (mut fast, mut slow) = (vec![0.0; n * cout], vec![0.0; n * cout]);
+        let mut scratch = vec![0.0; conv.scratch_len()];
+        conv.run(&x, &mut fast, &mut scratch, 1);
+        conv.reference(&x, &mut slow);
+        close(&fast, &slow, cin).unwrap();
+    }
 }

@@ -75,3 +75,37 @@ fn fixtures_match_live_onnxruntime() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sub-batches on separate threads give the same logits as one intra-op run,
+/// including uneven splits.
+#[test]
+fn batch_parallel_equals_intra_op() {
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[5, 1, 32, 32]), |ix| {
+        ((ix[0] * 31 + ix[2] * 7 + ix[3]) % 17) as f32 / 8.0 - 1.0
+    });
+    for model_path in qint8_suite::fixture_models() {
+        let model = qint8_graph::onnx::load(&model_path).unwrap();
+        let split = Session::new(
+            &model,
+            SessionOptions {
+                threads: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let whole = Session::new(
+            &model,
+            SessionOptions {
+                threads: 2,
+                batch_parallel: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let a = split.run(&[("input", x.view())]).unwrap();
+        let b = whole.run(&[("input", x.view())]).unwrap();
+        assert_eq!(a[0].shape(), &[5, 10]);
+        let err = relative_max_error(b[0].as_slice().unwrap(), a[0].as_slice().unwrap());
+        assert!(err <= 1e-5, "{}: {err}", model_path.display());
+    }
+}

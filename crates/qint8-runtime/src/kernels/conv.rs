@@ -3,8 +3,6 @@
 //! im2col + GEMM (1x1 stride-1 convolutions skip the im2col). Bias and a
 //! following activation are applied in the same pass over the output.
 
-use rayon::prelude::*;
-
 use super::gemm::{sgemm, Mat};
 use super::{multiversion, Activation};
 
@@ -38,12 +36,15 @@ pub struct Conv2d {
     /// Output width.
     pub ow: usize,
     /// Weights `[cout, cin / group * kh * kw]`.
-    pub weight: Vec<f32>,
+    pub weight: std::sync::Arc<Vec<f32>>,
     /// Bias per output channel (zeros when the node has none).
     pub bias: Vec<f32>,
     /// Activation fused into the epilogue.
     pub act: Activation,
 }
+
+/// Elements per parallel task: below this, splitting costs more than it saves.
+const GRAIN: usize = 1 << 14;
 
 /// Output planes smaller than this are computed for the whole batch in one
 /// GEMM (better shaped products for small feature maps).
@@ -88,6 +89,21 @@ impl Conv2d {
     pub fn run(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
         if self.is_depthwise() {
             self.depthwise(x, y);
+        } else if self.is_pointwise() && self.oh * self.ow == 1 && self.group == 1 {
+            // [N, Cin] x [Cin, Cout]: NCHW with 1x1 planes is already row-major.
+            let k = self.cin;
+            sgemm(
+                self.n,
+                self.cout,
+                k,
+                Mat::row_major(x, k),
+                Mat::transposed(&self.weight, k),
+                y,
+                self.cout,
+                false,
+                threads,
+            );
+            self.epilogue(y, 1);
         } else if self.oh * self.ow < BATCHED_BELOW {
             self.batched(x, y, scratch, threads);
         } else {
@@ -113,7 +129,7 @@ impl Conv2d {
                 let cols: &[f32] = if self.is_pointwise() {
                     xg
                 } else {
-                    im2col(self, xg, &mut scratch[..k * p], p, 0);
+                    im2col(self, xg, &mut scratch[..k * p], p, 1, 0);
                     &scratch[..k * p]
                 };
                 sgemm(
@@ -128,8 +144,8 @@ impl Conv2d {
                     threads,
                 );
             }
-            self.epilogue(yi, p);
         }
+        self.epilogue(y, p);
     }
 
     fn batched(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
@@ -143,11 +159,15 @@ impl Conv2d {
         let in_img = self.cin * self.ih * self.iw;
         let (cols, prod) = scratch.split_at_mut(k * np);
         for g in 0..self.group {
-            for img in 0..self.n {
-                let xg =
-                    &x[img * in_img + g * cin_g * self.ih * self.iw..][..cin_g * self.ih * self.iw];
-                im2col(self, xg, cols, np, img * p);
-            }
+            // All images at once: row r of `cols` holds that row for every image.
+            im2col(
+                self,
+                &x[g * cin_g * self.ih * self.iw..],
+                cols,
+                np,
+                self.n,
+                in_img,
+            );
             let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
             sgemm(
                 cout_g,
@@ -168,30 +188,30 @@ impl Conv2d {
                 }
             }
         }
-        for img in 0..self.n {
-            self.epilogue(&mut y[img * self.cout * p..(img + 1) * self.cout * p], p);
-        }
+        self.epilogue(y, p);
     }
 
-    /// Adds the bias and applies the activation to one image's output.
+    /// Adds the bias and applies the activation to outputs laid out as
+    /// consecutive `[.., cout, p]` planes.
     fn epilogue(&self, y: &mut [f32], p: usize) {
         let act = self.act;
-        y.par_chunks_mut(p)
-            .zip(self.bias.par_iter())
-            .for_each(|(plane, &b)| bias_act(plane, b, act));
+        let planes_per_task = (GRAIN / p.max(1)).max(1);
+        super::for_chunks(y, p * planes_per_task, |t, chunk| {
+            for (i, plane) in chunk.chunks_mut(p).enumerate() {
+                bias_act(plane, self.bias[(t * planes_per_task + i) % self.cout], act);
+            }
+        });
     }
 
     fn depthwise(&self, x: &[f32], y: &mut [f32]) {
         let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
         let kk = self.kh * self.kw;
-        y.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each(|(plane_idx, out)| {
-                let c = plane_idx % self.cout;
-                let src = &x[plane_idx * ih * iw..(plane_idx + 1) * ih * iw];
-                let w = &self.weight[c * kk..(c + 1) * kk];
-                depthwise_plane(self, src, w, self.bias[c], out);
-            });
+        super::for_chunks(y, oh * ow, |plane_idx, out| {
+            let c = plane_idx % self.cout;
+            let src = &x[plane_idx * ih * iw..(plane_idx + 1) * ih * iw];
+            let w = &self.weight[c * kk..(c + 1) * kk];
+            depthwise_plane(self, src, w, self.bias[c], out);
+        });
     }
 
     /// Straightforward reference convolution for tests.
@@ -296,18 +316,33 @@ multiversion! {
 
 /// Writes the im2col matrix of one image's group (`[cin_g, ih, iw]`) into
 /// `cols` (`[cin_g * kh * kw, ld]`), at column offset `col0`.
-fn im2col(c: &Conv2d, x: &[f32], cols: &mut [f32], ld: usize, col0: usize) {
-    let (ih, iw, oh, ow) = (c.ih, c.iw, c.oh, c.ow);
-    let (sh, sw) = c.stride;
-    let (dh, dw) = c.dilation;
-    let (pt, pl) = c.pad;
-    let (kh, kw) = (c.kh, c.kw);
-    cols.par_chunks_mut(ld).enumerate().for_each(|(r, row)| {
+fn im2col(c: &Conv2d, x: &[f32], cols: &mut [f32], ld: usize, images: usize, img_stride: usize) {
+    let rows = cin_rows(c);
+    let per_task = (GRAIN / ld.max(1)).max(1);
+    super::for_chunks(&mut cols[..rows * ld], ld * per_task, |t, chunk| {
+        for (i, row) in chunk.chunks_mut(ld).enumerate() {
+            im2col_row(c, x, row, t * per_task + i, images, img_stride);
+        }
+    });
+}
+
+/// Rows of the im2col matrix of one group.
+fn cin_rows(c: &Conv2d) -> usize {
+    c.cin / c.group * c.kh * c.kw
+}
+
+multiversion! {
+    /// Row `r` of the im2col matrix for `images` consecutive images
+    /// (`img_stride` floats apart in `x`), each writing `oh * ow` columns.
+    fn im2col_row(c: &Conv2d, x: &[f32], row: &mut [f32], r: usize, images: usize, img_stride: usize) {
+        let (ih, iw, oh, ow) = (c.ih, c.iw, c.oh, c.ow);
+        let (sh, sw) = c.stride;
+        let (dh, dw) = c.dilation;
+        let (pt, pl) = c.pad;
+        let (kh, kw) = (c.kh, c.kw);
         let ci = r / (kh * kw);
         let ki = (r / kw) % kh;
         let kj = r % kw;
-        let src = &x[ci * ih * iw..(ci + 1) * ih * iw];
-        let dst = &mut row[col0..col0 + oh * ow];
         let off = kj * dw;
         let ox0 = if pl > off { (pl - off).div_ceil(sw) } else { 0 }.min(ow);
         let ox1 = if iw + pl > off {
@@ -316,6 +351,9 @@ fn im2col(c: &Conv2d, x: &[f32], cols: &mut [f32], ld: usize, col0: usize) {
             0
         }
         .max(ox0);
+        for img in 0..images {
+        let src = &x[img * img_stride + ci * ih * iw..][..ih * iw];
+        let dst = &mut row[img * oh * ow..(img + 1) * oh * ow];
         for oy in 0..oh {
             let d = &mut dst[oy * ow..(oy + 1) * ow];
             let iy = (oy * sh + ki * dh) as isize - pt as isize;
@@ -337,5 +375,6 @@ fn im2col(c: &Conv2d, x: &[f32], cols: &mut [f32], ld: usize, col0: usize) {
                 }
             }
         }
-    });
+    }
+    }
 }

@@ -3,8 +3,6 @@
 //! BatchNormalization (inference), Softmax, ReduceMean, Transpose, Concat,
 //! Gather (opsets 7-22).
 
-use rayon::prelude::*;
-
 use super::{multiversion, sigmoid, Activation};
 
 /// Elements per parallel task for elementwise work.
@@ -122,24 +120,22 @@ pub fn binary(op: BinOp, plan: &Broadcast, a: &[f32], b: &[f32], out: &mut [f32]
     let inner = plan.inner();
     let (sa, sb) = (plan.inner_stride(0), plan.inner_stride(1));
     let rows_per_task = (GRAIN / inner.max(1)).max(1);
-    out.par_chunks_mut(inner * rows_per_task)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (i, row) in chunk.chunks_mut(inner).enumerate() {
-                let r = t * rows_per_task + i;
-                let (oa, ob) = (plan.offset(0, r), plan.offset(1, r));
-                match (sa, sb) {
-                    (1, 1) => row_op(op, row, &a[oa..oa + inner], &b[ob..ob + inner]),
-                    (1, 0) => row_op_scalar(op, row, &a[oa..oa + inner], b[ob], false),
-                    (0, 1) => row_op_scalar(op, row, &b[ob..ob + inner], a[oa], true),
-                    _ => {
-                        for (j, o) in row.iter_mut().enumerate() {
-                            *o = op.apply(a[oa + j * sa], b[ob + j * sb]);
-                        }
+    super::for_chunks(out, inner * rows_per_task, |t, chunk| {
+        for (i, row) in chunk.chunks_mut(inner).enumerate() {
+            let r = t * rows_per_task + i;
+            let (oa, ob) = (plan.offset(0, r), plan.offset(1, r));
+            match (sa, sb) {
+                (1, 1) => row_op(op, row, &a[oa..oa + inner], &b[ob..ob + inner]),
+                (1, 0) => row_op_scalar(op, row, &a[oa..oa + inner], b[ob], false),
+                (0, 1) => row_op_scalar(op, row, &b[ob..ob + inner], a[oa], true),
+                _ => {
+                    for (j, o) in row.iter_mut().enumerate() {
+                        *o = op.apply(a[oa + j * sa], b[ob + j * sb]);
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 multiversion! {
@@ -252,9 +248,10 @@ impl Unary {
 
 /// `out = f(x)` elementwise, in parallel.
 pub fn unary(f: Unary, x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(GRAIN)
-        .zip(x.par_chunks(GRAIN))
-        .for_each(|(o, i)| unary_chunk(f, i, o));
+    super::for_chunks(out, GRAIN, |t, o| {
+        let n = o.len();
+        unary_chunk(f, &x[t * GRAIN..t * GRAIN + n], o)
+    });
 }
 
 multiversion! {
@@ -283,56 +280,52 @@ multiversion! {
 /// Inference BatchNormalization: `y = x * a[c] + b[c]` over `[N, C, inner]`.
 pub fn channel_affine(x: &[f32], out: &mut [f32], a: &[f32], b: &[f32], inner: usize) {
     let c = a.len();
-    out.par_chunks_mut(inner.max(1))
-        .enumerate()
-        .for_each(|(p, o)| {
-            let ch = p % c;
-            for (o, &v) in o.iter_mut().zip(&x[p * inner..(p + 1) * inner]) {
-                *o = v * a[ch] + b[ch];
-            }
-        });
+    super::for_chunks(out, inner.max(1), |p, o| {
+        let ch = p % c;
+        for (o, &v) in o.iter_mut().zip(&x[p * inner..(p + 1) * inner]) {
+            *o = v * a[ch] + b[ch];
+        }
+    });
 }
 
 /// Softmax over the middle axis of `[outer, n, inner]`.
 pub fn softmax(x: &[f32], out: &mut [f32], n: usize, inner: usize) {
     let block = n * inner;
-    out.par_chunks_mut(block.max(1))
-        .zip(x.par_chunks(block.max(1)))
-        .for_each(|(o, xb)| {
-            for j in 0..inner {
-                let mut m = f32::NEG_INFINITY;
-                for i in 0..n {
-                    m = m.max(xb[i * inner + j]);
-                }
-                let mut s = 0.0f32;
-                for i in 0..n {
-                    let e = super::fast_exp(xb[i * inner + j] - m);
-                    o[i * inner + j] = e;
-                    s += e;
-                }
-                for i in 0..n {
-                    o[i * inner + j] /= s;
-                }
+    let block = block.max(1);
+    super::for_chunks(out, block, |t, o| {
+        let xb = &x[t * block..(t + 1) * block];
+        for j in 0..inner {
+            let mut m = f32::NEG_INFINITY;
+            for i in 0..n {
+                m = m.max(xb[i * inner + j]);
             }
-        });
+            let mut s = 0.0f32;
+            for i in 0..n {
+                let e = super::fast_exp(xb[i * inner + j] - m);
+                o[i * inner + j] = e;
+                s += e;
+            }
+            for i in 0..n {
+                o[i * inner + j] /= s;
+            }
+        }
+    });
 }
 
 /// Mean over the middle axis of `[outer, n, inner]` into `[outer, inner]`.
 pub fn mean_axis(x: &[f32], out: &mut [f32], n: usize, inner: usize) {
-    out.par_chunks_mut(inner.max(1))
-        .enumerate()
-        .for_each(|(o, row)| {
-            row.fill(0.0);
-            for i in 0..n {
-                let src = &x[(o * n + i) * inner..(o * n + i + 1) * inner];
-                for (r, &v) in row.iter_mut().zip(src) {
-                    *r += v;
-                }
+    super::for_chunks(out, inner.max(1), |o, row| {
+        row.fill(0.0);
+        for i in 0..n {
+            let src = &x[(o * n + i) * inner..(o * n + i + 1) * inner];
+            for (r, &v) in row.iter_mut().zip(src) {
+                *r += v;
             }
-            for r in row.iter_mut() {
-                *r /= n as f32;
-            }
-        });
+        }
+        for r in row.iter_mut() {
+            *r /= n as f32;
+        }
+    });
 }
 
 /// Permutes axes: `out[j] = x[i]` where `out` has shape `shape[perm[k]]`.

@@ -69,7 +69,7 @@ pub fn sgemm(
         }
         return true;
     }
-    let par = if threads > 1 && m * n * k >= 1 << 15 {
+    let par = if threads > 1 && m * n * k >= 1 << 15 && !super::is_sequential() {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None

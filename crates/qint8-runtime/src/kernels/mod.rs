@@ -6,7 +6,48 @@ pub mod elementwise;
 pub mod gemm;
 pub mod pool;
 
+use std::cell::Cell;
+
 use qint8_math::kernels::SimdLevel;
+use rayon::prelude::*;
+
+thread_local! {
+    /// Set while a thread runs a whole sub-batch on its own: kernels then
+    /// stay on the calling thread instead of splitting work.
+    static SEQUENTIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every kernel on this thread executing sequentially.
+pub fn sequential<R>(f: impl FnOnce() -> R) -> R {
+    let prev = SEQUENTIAL.with(|s| s.replace(true));
+    let r = f();
+    SEQUENTIAL.with(|s| s.set(prev));
+    r
+}
+
+/// Whether kernels on this thread run sequentially.
+pub fn is_sequential() -> bool {
+    SEQUENTIAL.with(Cell::get)
+}
+
+/// Calls `f(index, chunk)` for every `chunk`-sized piece of `data`, on the
+/// rayon pool unless there is only one piece or this thread is sequential.
+pub(crate) fn for_chunks<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let chunk = chunk.max(1);
+    if is_sequential() || data.len() <= chunk {
+        data.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
 
 /// The instruction-set tier the runtime's own loops use (shared with
 /// qint8-math, so `QINT8_SIMD` caps both).

@@ -1,7 +1,10 @@
 //! Pooling (ONNX MaxPool, AveragePool, GlobalAveragePool; opsets 1-22) over
 //! `[N, C, H, W]`.
 
-use rayon::prelude::*;
+use super::multiversion;
+
+/// Elements per parallel task.
+const GRAIN: usize = 1 << 14;
 
 /// A 2-D pooling window resolved for one input shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,40 +34,19 @@ pub struct Pool2d {
 impl Pool2d {
     /// Max pooling of every `[H, W]` plane (`x` holds `planes` planes).
     pub fn max(&self, x: &[f32], y: &mut [f32]) {
-        self.each(x, y, |s, taps| {
-            taps.fold(f32::NEG_INFINITY, |m, (iy, ix)| {
-                let v = s[iy * self.iw + ix];
-                // NaN wins, as in ONNX Runtime.
-                if v > m || v.is_nan() {
-                    v
-                } else {
-                    m
-                }
-            })
+        let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
+        let per_task = (GRAIN / (oh * ow).max(1)).max(1);
+        super::for_chunks(y, oh * ow * per_task, |t, chunk| {
+            for (i, out) in chunk.chunks_mut(oh * ow).enumerate() {
+                let p = t * per_task + i;
+                max_plane(self, &x[p * ih * iw..(p + 1) * ih * iw], out);
+            }
         });
     }
 
     /// Average pooling of every plane.
     pub fn average(&self, x: &[f32], y: &mut [f32]) {
         self.each_avg(x, y);
-    }
-
-    fn each(
-        &self,
-        x: &[f32],
-        y: &mut [f32],
-        f: impl Fn(&[f32], &mut dyn Iterator<Item = (usize, usize)>) -> f32 + Sync,
-    ) {
-        let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
-        y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out)| {
-            let s = &x[p * ih * iw..(p + 1) * ih * iw];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut taps = self.taps(oy, ox);
-                    out[oy * ow + ox] = f(s, &mut taps);
-                }
-            }
-        });
     }
 
     fn taps(&self, oy: usize, ox: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -82,7 +64,7 @@ impl Pool2d {
 
     fn each_avg(&self, x: &[f32], y: &mut [f32]) {
         let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
-        y.par_chunks_mut(oh * ow).enumerate().for_each(|(p, out)| {
+        super::for_chunks(y, oh * ow, |p, out| {
             let s = &x[p * ih * iw..(p + 1) * ih * iw];
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -112,8 +94,44 @@ impl Pool2d {
 
 /// Mean of each plane of `plane` elements (GlobalAveragePool).
 pub fn global_average(x: &[f32], y: &mut [f32], plane: usize) {
-    y.par_iter_mut().enumerate().for_each(|(p, o)| {
-        let s: f32 = x[p * plane..(p + 1) * plane].iter().sum();
-        *o = s / plane as f32;
+    let per_task = (GRAIN / plane.max(1)).max(1);
+    super::for_chunks(y, per_task, |t, out| {
+        for (i, o) in out.iter_mut().enumerate() {
+            let p = t * per_task + i;
+            let s: f32 = x[p * plane..(p + 1) * plane].iter().sum();
+            *o = s / plane as f32;
+        }
     });
+}
+
+multiversion! {
+    /// Max pooling of one plane with direct loops (padding never wins: it is skipped).
+    fn max_plane(p: &Pool2d, src: &[f32], out: &mut [f32]) {
+        let (ih, iw, ow) = (p.ih, p.iw, p.ow);
+        for (oy, orow) in out.chunks_mut(ow).enumerate() {
+            let y0 = (oy * p.stride.0) as isize - p.pad.0 as isize;
+            for (ox, o) in orow.iter_mut().enumerate() {
+                let x0 = (ox * p.stride.1) as isize - p.pad.1 as isize;
+                let mut m = f32::NEG_INFINITY;
+                for ki in 0..p.k.0 {
+                    let iy = y0 + (ki * p.dilation.0) as isize;
+                    if iy < 0 || iy >= ih as isize {
+                        continue;
+                    }
+                    let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
+                    for kj in 0..p.k.1 {
+                        let ix = x0 + (kj * p.dilation.1) as isize;
+                        if ix >= 0 && ix < iw as isize {
+                            let v = row[ix as usize];
+                            // NaN wins, as in ONNX Runtime.
+                            if v > m || v.is_nan() {
+                                m = v;
+                            }
+                        }
+                    }
+                }
+                *o = m;
+            }
+        }
+    }
 }
