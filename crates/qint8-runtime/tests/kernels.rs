@@ -191,3 +191,35 @@ fn pointwise_on_single_pixels_matches_reference() {
         close(&fast, &slow, cin).unwrap();
     }
 }
+
+/// Depthwise convolutions on planes large enough for the channels-first path.
+#[test]
+fn depthwise_large_planes_match_reference() {
+    for (hw, k, stride, pad, act) in [
+        ((40, 36), (3, 3), (1, 1), (1, 1, 1, 1), 1u8),
+        ((70, 66), (5, 5), (2, 2), (2, 2, 2, 2), 2),
+        ((66, 40), (3, 3), (2, 1), (0, 1, 1, 0), 0),
+    ] {
+        let c = ConvCase {
+            n: 2,
+            cin_g: 1,
+            cout_g: 1,
+            group: 6,
+            hw,
+            k,
+            stride,
+            dilation: (1, 1),
+            pad,
+            act,
+            seed: 7,
+        };
+        let conv = build(&c);
+        assert!(conv.oh * conv.ow > 1024);
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 3);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+        conv.run(&x, &mut fast, &mut [], 1);
+        conv.reference(&x, &mut slow);
+        close(&fast, &slow, 25).unwrap();
+    }
+}

@@ -46,6 +46,9 @@ pub struct Conv2d {
 /// Elements per parallel task: below this, splitting costs more than it saves.
 const GRAIN: usize = 1 << 14;
 
+/// Depthwise planes up to this size run channels-last.
+const CHANNELS_LAST_BELOW: usize = 1024;
+
 /// Output planes smaller than this are computed for the whole batch in one
 /// GEMM (better shaped products for small feature maps).
 const BATCHED_BELOW: usize = 256;
@@ -206,12 +209,48 @@ impl Conv2d {
     fn depthwise(&self, x: &[f32], y: &mut [f32]) {
         let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
         let kk = self.kh * self.kw;
+        if oh * ow <= CHANNELS_LAST_BELOW {
+            // Small planes: rows are too short to vectorize, so work
+            // channels-last, where the innermost loop runs over channels.
+            let c = self.cout;
+            let mut w_t = vec![0.0f32; kk * c];
+            for ch in 0..c {
+                for t in 0..kk {
+                    w_t[t * c + ch] = self.weight[ch * kk + t];
+                }
+            }
+            let img_out = c * oh * ow;
+            super::for_chunks(y, img_out, |img, out| {
+                let (ph, pw) = self.padded_extent();
+                let mut padded = vec![0.0f32; ph * pw * c];
+                let mut acc = vec![0.0f32; c];
+                depthwise_image_nhwc(
+                    self,
+                    &x[img * c * ih * iw..(img + 1) * c * ih * iw],
+                    &w_t,
+                    out,
+                    &mut padded,
+                    &mut acc,
+                );
+            });
+            return;
+        }
         super::for_chunks(y, oh * ow, |plane_idx, out| {
             let c = plane_idx % self.cout;
             let src = &x[plane_idx * ih * iw..(plane_idx + 1) * ih * iw];
             let w = &self.weight[c * kk..(c + 1) * kk];
             depthwise_plane(self, src, w, self.bias[c], out);
         });
+    }
+
+    /// Height and width of the input with all the padding any window reads.
+    fn padded_extent(&self) -> (usize, usize) {
+        let need_h = (self.oh.max(1) - 1) * self.stride.0 + self.dilation.0 * (self.kh - 1) + 1;
+        let need_w = (self.ow.max(1) - 1) * self.stride.1 + self.dilation.1 * (self.kw - 1) + 1;
+        (
+            (self.ih + self.pad.0).max(need_h),
+            (self.iw + self.pad.1).max(need_w),
+        )
     }
 
     /// Straightforward reference convolution for tests.
@@ -263,6 +302,49 @@ multiversion! {
             Activation::None => plane.iter_mut().for_each(|v| *v += b),
             Activation::Relu => plane.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v + b)),
             Activation::Clip(lo, hi) => plane.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v + b)),
+        }
+    }
+}
+
+multiversion! {
+    /// One image of a depthwise convolution, channels-last: the input is
+    /// copied into a zero-padded `[ph, pw, c]` buffer, every output pixel
+    /// accumulates `taps` vectors of `c` channels, and the result is written
+    /// back channels-first with the activation applied.
+    fn depthwise_image_nhwc(cv: &Conv2d, x: &[f32], w_t: &[f32], y: &mut [f32], padded: &mut [f32], acc: &mut [f32]) {
+        let c = cv.cout;
+        let (ih, iw, oh, ow) = (cv.ih, cv.iw, cv.oh, cv.ow);
+        let (_, pw) = cv.padded_extent();
+        let (pt, pl) = cv.pad;
+        for ch in 0..c {
+            let plane = &x[ch * ih * iw..(ch + 1) * ih * iw];
+            for iy in 0..ih {
+                let row = &plane[iy * iw..(iy + 1) * iw];
+                let base = ((iy + pt) * pw + pl) * c + ch;
+                for (ix, &v) in row.iter().enumerate() {
+                    padded[base + ix * c] = v;
+                }
+            }
+        }
+        let plane = oh * ow;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                acc.copy_from_slice(&cv.bias[..c]);
+                for ki in 0..cv.kh {
+                    for kj in 0..cv.kw {
+                        let w = &w_t[(ki * cv.kw + kj) * c..(ki * cv.kw + kj + 1) * c];
+                        let pos = ((oy * cv.stride.0 + ki * cv.dilation.0) * pw + ox * cv.stride.1 + kj * cv.dilation.1) * c;
+                        let src = &padded[pos..pos + c];
+                        for ((a, &wv), &xv) in acc.iter_mut().zip(w).zip(src) {
+                            *a += wv * xv;
+                        }
+                    }
+                }
+                let p = oy * ow + ox;
+                for (ch, &a) in acc.iter().enumerate() {
+                    y[ch * plane + p] = cv.act.apply(a);
+                }
+            }
         }
     }
 }
