@@ -17,6 +17,7 @@ pub mod passes;
 pub mod proto;
 pub mod shape;
 pub mod tensor;
+pub mod zoo;
 
 pub use error::{GraphError, Result, UnsupportedOp};
 pub use ir::{Dim, Graph, Model, Node, ValueInfo};
