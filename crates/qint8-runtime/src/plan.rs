@@ -703,24 +703,28 @@ fn build_kernel(
             } else {
                 (1, win.out[0])
             };
-            Kernel::Conv(Box::new(Conv2d {
-                n: xs[0],
-                cin: xs[1],
-                ih,
-                iw,
-                cout,
-                group: attrs.group,
-                kh,
-                kw,
-                stride: pick(&win.strides),
-                dilation: pick(&win.dilations),
-                pad,
-                oh,
-                ow,
-                weight: w.clone(),
-                bias,
-                act: Activation::None,
-            }))
+            Kernel::Conv(Box::new(
+                Conv2d {
+                    n: xs[0],
+                    cin: xs[1],
+                    ih,
+                    iw,
+                    cout,
+                    group: attrs.group,
+                    kh,
+                    kw,
+                    stride: pick(&win.strides),
+                    dilation: pick(&win.dilations),
+                    pad,
+                    oh,
+                    ow,
+                    weight: w.clone(),
+                    bias,
+                    act: Activation::None,
+                    packed: Vec::new(),
+                }
+                .pack(),
+            ))
         }
         Op::Gemm {
             alpha,

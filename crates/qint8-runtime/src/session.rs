@@ -68,6 +68,7 @@ pub struct Session {
     pool: rayon::ThreadPool,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
     splittable: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
+    buffers: BufferPool,
 }
 
 impl std::fmt::Debug for Session {
@@ -110,6 +111,7 @@ impl Session {
             pool,
             plans: Mutex::new(HashMap::new()),
             splittable: Mutex::new(HashMap::new()),
+            buffers: BufferPool::default(),
         })
     }
 
@@ -266,6 +268,7 @@ impl Session {
             times,
             self.threads,
             Some(&self.pool),
+            &self.buffers,
         )
     }
 
@@ -357,7 +360,9 @@ impl Session {
                     scope.spawn(move || {
                         let flat: Vec<(&str, &[f32])> =
                             data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-                        crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None))
+                        crate::kernels::sequential(|| {
+                            run_plan(plan, &flat, None, None, 1, None, &self.buffers)
+                        })
                     })
                 })
                 .collect();
@@ -394,9 +399,67 @@ fn run_plan(
     mut times: Option<&mut Vec<(String, &'static str, f64)>>,
     threads: usize,
     pool: Option<&rayon::ThreadPool>,
+    buffers: &BufferPool,
 ) -> Result<Vec<ArrayD<f32>>> {
-    let mut arena = vec![0.0f32; plan.arena_len];
-    let mut scratch = vec![0.0f32; plan.scratch_len];
+    let mut arena = buffers.take(plan.arena_len);
+    let mut scratch = buffers.take(plan.scratch_len);
+    let result = execute(
+        plan,
+        inputs,
+        &mut observer,
+        &mut times,
+        threads,
+        pool,
+        &mut arena,
+        &mut scratch,
+    );
+    buffers.give(arena);
+    buffers.give(scratch);
+    result
+}
+
+/// Reusable arena buffers: fresh allocations of tens of MB cost page faults
+/// and zeroing on every run. Kernels overwrite what they produce, so a
+/// reused buffer needs no clearing.
+#[derive(Debug, Default)]
+pub(crate) struct BufferPool(Mutex<Vec<Vec<f32>>>);
+
+impl BufferPool {
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut v = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut free| {
+                let best = free.iter().position(|b| b.capacity() >= len)?;
+                Some(free.swap_remove(best))
+            })
+            .unwrap_or_default();
+        v.resize(len, 0.0);
+        v
+    }
+
+    fn give(&self, v: Vec<f32>) {
+        if let Ok(mut free) = self.0.lock() {
+            // Keep a few buffers: one arena and one scratch per worker thread.
+            if free.len() < 16 {
+                free.push(v);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    plan: &Plan,
+    inputs: &[(&str, &[f32])],
+    observer: &mut Option<&mut dyn Observer>,
+    times: &mut Option<&mut Vec<(String, &'static str, f64)>>,
+    threads: usize,
+    pool: Option<&rayon::ThreadPool>,
+    arena: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<Vec<ArrayD<f32>>> {
     for (name, slot, shape) in &plan.inputs {
         let (_, a) = inputs
             .iter()
@@ -432,10 +495,8 @@ fn run_plan(
             .collect();
         let t0 = times.is_some().then(std::time::Instant::now);
         match pool {
-            Some(p) => {
-                p.install(|| plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads))
-            }
-            None => plan::run_kernel(&step.kernel, &ins, out, &mut scratch, threads),
+            Some(p) => p.install(|| plan::run_kernel(&step.kernel, &ins, out, scratch, threads)),
+            None => plan::run_kernel(&step.kernel, &ins, out, scratch, threads),
         }
         if let (Some(t), Some(t0)) = (times.as_deref_mut(), t0) {
             t.push((step.node.clone(), step.op, t0.elapsed().as_secs_f64()));

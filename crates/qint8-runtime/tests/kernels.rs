@@ -113,7 +113,9 @@ fn build(c: &ConvCase) -> Conv2d {
             Activation::Relu,
             Activation::Clip(-0.1, 0.3),
         ][c.act as usize],
+        packed: Vec::new(),
     }
+    .pack()
 }
 
 proptest! {
@@ -221,5 +223,33 @@ fn depthwise_large_planes_match_reference() {
         conv.run(&x, &mut fast, &mut [], 1);
         conv.reference(&x, &mut slow);
         close(&fast, &slow, 25).unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 60, .. ProptestConfig::default() })]
+
+    /// The packed convolution GEMM (any tier) equals the triple loop plus
+    /// bias and activation, across panel and reduction-block edges.
+    #[test]
+    fn packed_gemm_matches_reference(m in 1usize..40, n in 1usize..80, k in prop_oneof![1usize..40, 250usize..600], tb in any::<bool>(), act in 0u8..3, threads in 1usize..3, seed in any::<u64>()) {
+        use qint8_runtime::kernels::packed::{gemm_packed, Epilogue, PackedA};
+        let a = std::sync::Arc::new(values(m * k, seed));
+        let b = values(k * n, seed ^ 3);
+        let bias = values(m, seed ^ 5);
+        let act = [Activation::None, Activation::Relu, Activation::Clip(-0.2, 0.4)][act as usize];
+        let bm = if tb { Mat::transposed(&b, k) } else { Mat::row_major(&b, n) };
+        let packed = PackedA::new(a.clone(), m, k);
+        let mut fast = vec![0.0; m * n];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let epi = Epilogue { bias: &bias, act };
+        let ok = pool.install(|| gemm_packed(&packed, bm, n, &mut fast, n, epi, threads));
+        prop_assert!(ok);
+        let mut slow = vec![0.0; m * n];
+        sgemm_reference(m, n, k, Mat::row_major(&a, k), bm, &mut slow, n, false);
+        for (i, v) in slow.iter_mut().enumerate() {
+            *v = act.apply(*v + bias[i / n]);
+        }
+        close(&fast, &slow, k)?;
     }
 }

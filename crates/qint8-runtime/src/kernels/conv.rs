@@ -3,7 +3,10 @@
 //! im2col + GEMM (1x1 stride-1 convolutions skip the im2col). Bias and a
 //! following activation are applied in the same pass over the output.
 
+use std::sync::Arc;
+
 use super::gemm::{sgemm, Mat};
+use super::packed::{gemm_packed, Epilogue, PackedA};
 use super::{multiversion, Activation};
 
 /// A convolution resolved for one input shape, with its weights packed.
@@ -41,6 +44,8 @@ pub struct Conv2d {
     pub bias: Vec<f32>,
     /// Activation fused into the epilogue.
     pub act: Activation,
+    /// Weights packed for the GEMM, one per group (see [`Conv2d::pack`]).
+    pub packed: Vec<PackedA>,
 }
 
 /// Elements per parallel task: below this, splitting costs more than it saves.
@@ -54,6 +59,30 @@ const CHANNELS_LAST_BELOW: usize = 1024;
 const BATCHED_BELOW: usize = 256;
 
 impl Conv2d {
+    /// Packs the weights of every group for the GEMM paths. Must be called
+    /// (by the plan compiler) after `weight` is set and before [`Conv2d::run`].
+    pub fn pack(mut self) -> Self {
+        let (cout_g, k) = (self.cout / self.group, self.k());
+        if self.is_depthwise() {
+            // The depthwise kernels read `weight` directly.
+            return self;
+        }
+        self.packed = if self.group == 1 {
+            vec![PackedA::new(self.weight.clone(), cout_g, k)]
+        } else {
+            (0..self.group)
+                .map(|g| {
+                    PackedA::new(
+                        Arc::new(self.weight[g * cout_g * k..(g + 1) * cout_g * k].to_vec()),
+                        cout_g,
+                        k,
+                    )
+                })
+                .collect()
+        };
+        self
+    }
+
     fn is_depthwise(&self) -> bool {
         self.group == self.cin && self.group == self.cout && self.group > 1
     }
@@ -127,7 +156,6 @@ impl Conv2d {
             let yi = &mut y[img * self.cout * p..(img + 1) * self.cout * p];
             for g in 0..self.group {
                 let xg = &xi[g * cin_g * self.ih * self.iw..(g + 1) * cin_g * self.ih * self.iw];
-                let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
                 let yg = &mut yi[g * cout_g * p..(g + 1) * cout_g * p];
                 let cols: &[f32] = if self.is_pointwise() {
                     xg
@@ -135,20 +163,21 @@ impl Conv2d {
                     im2col(self, xg, &mut scratch[..k * p], p, 1, 0);
                     &scratch[..k * p]
                 };
-                sgemm(
-                    cout_g,
-                    p,
-                    k,
-                    Mat::row_major(w, k),
+                let epi = Epilogue {
+                    bias: &self.bias[g * cout_g..(g + 1) * cout_g],
+                    act: self.act,
+                };
+                gemm_packed(
+                    &self.packed[g],
                     Mat::row_major(cols, p),
+                    p,
                     yg,
                     p,
-                    false,
+                    epi,
                     threads,
                 );
             }
         }
-        self.epilogue(y, p);
     }
 
     fn batched(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
@@ -171,16 +200,17 @@ impl Conv2d {
                 self.n,
                 in_img,
             );
-            let w = &self.weight[g * cout_g * k..(g + 1) * cout_g * k];
-            sgemm(
-                cout_g,
-                np,
-                k,
-                Mat::row_major(w, k),
+            let epi = Epilogue {
+                bias: &self.bias[g * cout_g..(g + 1) * cout_g],
+                act: self.act,
+            };
+            gemm_packed(
+                &self.packed[g],
                 Mat::row_major(cols, np),
+                np,
                 &mut prod[..cout_g * np],
                 np,
-                false,
+                epi,
                 threads,
             );
             // [cout_g, n, p] -> [n, cout, p]
@@ -191,7 +221,6 @@ impl Conv2d {
                 }
             }
         }
-        self.epilogue(y, p);
     }
 
     /// Adds the bias and applies the activation to outputs laid out as
