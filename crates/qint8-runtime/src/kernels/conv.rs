@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::gemm::{sgemm, Mat};
-use super::packed::{gemm_packed, Epilogue, PackedA};
+use super::packed::{conv_source_available, gemm_packed, gemm_packed_conv, Epilogue, PackedA};
 use super::{multiversion, Activation};
 
 /// A convolution resolved for one input shape, with its weights packed.
@@ -157,15 +157,20 @@ impl Conv2d {
             for g in 0..self.group {
                 let xg = &xi[g * cin_g * self.ih * self.iw..(g + 1) * cin_g * self.ih * self.iw];
                 let yg = &mut yi[g * cout_g * p..(g + 1) * cout_g * p];
+                let epi = Epilogue {
+                    bias: &self.bias[g * cout_g..(g + 1) * cout_g],
+                    act: self.act,
+                };
+                if !self.is_pointwise() && conv_source_available() {
+                    // im2col gathered panel by panel inside the GEMM.
+                    gemm_packed_conv(&self.packed[g], self, xg, 1, in_img, yg, p, epi, threads);
+                    continue;
+                }
                 let cols: &[f32] = if self.is_pointwise() {
                     xg
                 } else {
                     im2col(self, xg, &mut scratch[..k * p], p, 1, 0);
                     &scratch[..k * p]
-                };
-                let epi = Epilogue {
-                    bias: &self.bias[g * cout_g..(g + 1) * cout_g],
-                    act: self.act,
                 };
                 gemm_packed(
                     &self.packed[g],
@@ -191,28 +196,37 @@ impl Conv2d {
         let in_img = self.cin * self.ih * self.iw;
         let (cols, prod) = scratch.split_at_mut(k * np);
         for g in 0..self.group {
-            // All images at once: row r of `cols` holds that row for every image.
-            im2col(
-                self,
-                &x[g * cin_g * self.ih * self.iw..],
-                cols,
-                np,
-                self.n,
-                in_img,
-            );
             let epi = Epilogue {
                 bias: &self.bias[g * cout_g..(g + 1) * cout_g],
                 act: self.act,
             };
-            gemm_packed(
-                &self.packed[g],
-                Mat::row_major(cols, np),
-                np,
-                &mut prod[..cout_g * np],
-                np,
-                epi,
-                threads,
-            );
+            let xg = &x[g * cin_g * self.ih * self.iw..];
+            let prod = &mut prod[..cout_g * np];
+            if conv_source_available() {
+                gemm_packed_conv(
+                    &self.packed[g],
+                    self,
+                    xg,
+                    self.n,
+                    in_img,
+                    prod,
+                    np,
+                    epi,
+                    threads,
+                );
+            } else {
+                // All images at once: row r of `cols` holds that row for every image.
+                im2col(self, xg, cols, np, self.n, in_img);
+                gemm_packed(
+                    &self.packed[g],
+                    Mat::row_major(cols, np),
+                    np,
+                    prod,
+                    np,
+                    epi,
+                    threads,
+                );
+            }
             // [cout_g, n, p] -> [n, cout, p]
             for co in 0..cout_g {
                 for img in 0..self.n {

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use super::conv::Conv2d;
 use super::gemm::{sgemm, Mat};
 use super::Activation;
 use qint8_math::kernels::SimdLevel;
@@ -123,118 +124,196 @@ pub fn gemm_packed(
         }
         return true;
     }
-    let m_panels = m.div_ceil(MR);
-    let n_panels = n.div_ceil(NR);
-    // Enough tasks to balance threads; split M when N has few panels.
-    let want = if threads > 1 && !super::is_sequential() {
-        4 * threads
-    } else {
-        1
-    };
-    let m_split = want.div_ceil(n_panels).clamp(1, m_panels);
-    let m_per = m_panels.div_ceil(m_split);
-    let tasks = n_panels * m_split;
-    let c_ptr = SendPtr(c.as_mut_ptr());
-    let c_len = c.len();
-    let parallel = threads > 1 && !super::is_sequential();
-    PACKED_B.with(|cell| {
-        let mut packed = cell.borrow_mut();
-        let need = n_panels * k * NR;
-        if packed.len() < need {
-            packed.resize(need, 0.0);
-        }
-        pack_b_all(b, k, n, &mut packed[..need], parallel);
-        let packed: &[f32] = &packed[..need];
-        let run = |t: usize| {
-            let (jp, ms) = (t / m_split, t % m_split);
-            let j0 = jp * NR;
-            let nc = NR.min(n - j0);
-            let bp = &packed[jp * k * NR..(jp + 1) * k * NR];
-            let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
-            let mut tiles = vec![[0.0f32; MR * NR]; ips.len()];
-            // Block the reduction so a block of the B panel stays in L1
-            // while every A panel of the task streams past it.
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
-                let b_blk = &bp[k0 * NR..(k0 + kc) * NR];
-                for (t, ip) in ips.clone().enumerate() {
-                    let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
-                    // SAFETY: AVX-512F/VL are available (checked by
-                    // use_avx512); the blocks hold kc * MR and kc * NR floats.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0)
-                    };
-                }
-                k0 += kc;
-            }
-            for (t, ip) in ips.clone().enumerate() {
-                let tile = &tiles[t];
-                let i0 = ip * MR;
-                let mc = MR.min(m - i0);
-                for i in 0..mc {
-                    let row = i0 + i;
-                    let (bias, act) = (epi.bias[row], epi.act);
-                    let off = row * ldc + j0;
-                    debug_assert!(off + nc <= c_len);
-                    // SAFETY: tasks write disjoint tiles (distinct (row, column)
-                    // ranges), all inside `c` by the bounds check above.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(off), nc) };
-                    for (d, &v) in dst.iter_mut().zip(&tile[i * NR..i * NR + nc]) {
-                        *d = act.apply(v + bias);
-                    }
-                }
-            }
-        };
-        if tasks > 1 && parallel {
-            use rayon::prelude::*;
-            (0..tasks).into_par_iter().for_each(run);
-        } else {
-            (0..tasks).for_each(run);
-        }
+    tiled(a, n, c, ldc, epi, threads, |j0, nc, out| {
+        pack_b(b, k, j0, nc, out)
     });
     true
 }
 
-thread_local! {
-    /// Packed B panels, reused across calls on this thread (a fresh
-    /// multi-megabyte buffer per convolution would fault in every page).
-    static PACKED_B: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Whether [`gemm_packed_conv`] can run on this CPU (it needs the AVX-512
+/// microkernel; elsewhere callers materialize im2col and use [`gemm_packed`]).
+pub fn conv_source_available() -> bool {
+    use_avx512()
 }
 
-/// Packs all of the `k x n` view `b` into panels of [`NR`] columns
-/// (`out[panel][p * NR + j]`), reading B row by row so reads stream.
-fn pack_b_all(b: Mat<'_>, k: usize, n: usize, out: &mut [f32], parallel: bool) {
+/// Convolution as GEMM without an im2col buffer: column `j` of B is output
+/// pixel `j` of `images` consecutive images (input image `i` starts at
+/// `x[i * img_stride]`, holding the group's `cin / group` channels), and
+/// each panel of B is gathered straight from the input while it is used.
+/// Returns `false` without computing if [`conv_source_available`] is false
+/// or a buffer is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_packed_conv(
+    a: &PackedA,
+    conv: &Conv2d,
+    x: &[f32],
+    images: usize,
+    img_stride: usize,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+    threads: usize,
+) -> bool {
+    let (m, k) = (a.m, a.k);
+    let p = conv.oh * conv.ow;
+    let n = images * p;
+    let cin_g = conv.cin / conv.group;
+    let needed_x = if images == 0 {
+        0
+    } else {
+        (images - 1) * img_stride + cin_g * conv.ih * conv.iw
+    };
+    if !use_avx512() || k != cin_g * conv.kh * conv.kw || x.len() < needed_x {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if (m - 1) * ldc + n > c.len() || epi.bias.len() < m {
+        return false;
+    }
+    tiled(a, n, c, ldc, epi, threads, |j0, nc, out| {
+        pack_conv(conv, x, img_stride, k, j0, nc, out)
+    });
+    true
+}
+
+/// The tiled product shared by both B sources: tasks over (panel of B
+/// columns, range of A panels); each packs its B panel with `pack` and
+/// writes finished tiles through the epilogue.
+fn tiled(
+    a: &PackedA,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+    threads: usize,
+    pack: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let (m, k) = (a.m, a.k);
+    let m_panels = m.div_ceil(MR);
     let n_panels = n.div_ceil(NR);
-    let row = |p: usize, out: &mut [f32]| {
-        for jp in 0..n_panels {
-            let j0 = jp * NR;
-            let nc = NR.min(n - j0);
-            let dst = &mut out[jp * k * NR + p * NR..jp * k * NR + (p + 1) * NR];
-            if b.cs == 1 {
-                dst[..nc].copy_from_slice(&b.data[p * b.rs + j0..p * b.rs + j0 + nc]);
-            } else {
-                for (j, d) in dst[..nc].iter_mut().enumerate() {
-                    *d = b.data[p * b.rs + (j0 + j) * b.cs];
+    let parallel = threads > 1 && !super::is_sequential();
+    // Enough tasks to balance threads; split M when N has few panels.
+    let want = if parallel { 4 * threads } else { 1 };
+    let m_split = want.div_ceil(n_panels).clamp(1, m_panels);
+    let m_per = m_panels.div_ceil(m_split);
+    let tasks = n_panels * m_split;
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let run = |t: usize| {
+        let (jp, ms) = (t / m_split, t % m_split);
+        let j0 = jp * NR;
+        let nc = NR.min(n - j0);
+        let mut bp = vec![0.0f32; k * NR];
+        pack(j0, nc, &mut bp);
+        let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
+        let mut tiles = vec![[0.0f32; MR * NR]; ips.len()];
+        // Block the reduction so a block of the B panel stays in L1 while
+        // every A panel of the task streams past it.
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            let b_blk = &bp[k0 * NR..(k0 + kc) * NR];
+            for (t, ip) in ips.clone().enumerate() {
+                let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
+                // SAFETY: AVX-512F/VL are available (callers check
+                // use_avx512); the blocks hold kc * MR and kc * NR floats.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0, nc)
+                };
+            }
+            k0 += kc;
+        }
+        for (t, ip) in ips.clone().enumerate() {
+            let tile = &tiles[t];
+            let i0 = ip * MR;
+            for i in 0..MR.min(m - i0) {
+                let row = i0 + i;
+                let (bias, act) = (epi.bias[row], epi.act);
+                let off = row * ldc + j0;
+                // SAFETY: tasks write disjoint tiles (distinct (row, column)
+                // ranges), all inside `c`: callers checked (m-1)*ldc + n <= len.
+                let dst = unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(off), nc) };
+                for (d, &v) in dst.iter_mut().zip(&tile[i * NR..i * NR + nc]) {
+                    *d = act.apply(v + bias);
                 }
             }
-            dst[nc..].fill(0.0);
         }
     };
-    if parallel && k > 1 && n_panels * k * NR > 1 << 16 {
-        // A row touches every panel, so parallel tasks pack whole panels.
+    if tasks > 1 && parallel {
         use rayon::prelude::*;
-        out.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(jp, panel)| {
-                let j0 = jp * NR;
-                let nc = NR.min(n - j0);
-                pack_b(b, k, j0, nc, panel);
-            });
+        (0..tasks).into_par_iter().for_each(run);
     } else {
-        for p in 0..k {
-            row(p, out);
+        (0..tasks).for_each(run);
+    }
+}
+
+/// Gathers columns `j0..j0 + nc` of a convolution's im2col matrix into a
+/// packed panel (`out[r * NR + j]`), zero-padding to [`NR`] columns. Runs
+/// of columns on one output row read contiguous input for stride 1.
+fn pack_conv(
+    cv: &Conv2d,
+    x: &[f32],
+    img_stride: usize,
+    k: usize,
+    j0: usize,
+    nc: usize,
+    out: &mut [f32],
+) {
+    let (ih, iw, ow) = (cv.ih, cv.iw, cv.ow);
+    let p = cv.oh * cv.ow;
+    let (sh, sw) = cv.stride;
+    let (dh, dw) = cv.dilation;
+    let (pt, pl) = (cv.pad.0 as isize, cv.pad.1 as isize);
+    let kk = cv.kh * cv.kw;
+    // Runs of columns sharing an image and output row:
+    // (first column, length, image, oy, ox).
+    let mut runs = [(0usize, 0usize, 0usize, 0usize, 0usize); NR];
+    let mut nruns = 0;
+    let mut j = 0;
+    while j < nc {
+        let q = j0 + j;
+        let (img, rem) = (q / p, q % p);
+        let (oy, ox) = (rem / ow, rem % ow);
+        let len = (nc - j).min(ow - ox);
+        runs[nruns] = (j, len, img, oy, ox);
+        nruns += 1;
+        j += len;
+    }
+    for r in 0..k {
+        let (ci, ki, kj) = (r / kk, (r / cv.kw) % cv.kh, r % cv.kw);
+        let dst = &mut out[r * NR..(r + 1) * NR];
+        dst[nc..].fill(0.0);
+        for &(j, len, img, oy, ox) in &runs[..nruns] {
+            let d = &mut dst[j..j + len];
+            let iy = (oy * sh + ki * dh) as isize - pt;
+            if iy < 0 || iy >= ih as isize {
+                d.fill(0.0);
+                continue;
+            }
+            let row = &x[img * img_stride + (ci * ih + iy as usize) * iw..][..iw];
+            let ix0 = (ox * sw + kj * dw) as isize - pl;
+            if sw == 1 {
+                // Valid t: 0 <= ix0 + t < iw.
+                let lo = (-ix0).clamp(0, len as isize) as usize;
+                let hi = (iw as isize - ix0).clamp(lo as isize, len as isize) as usize;
+                d[..lo].fill(0.0);
+                d[hi..].fill(0.0);
+                if hi > lo {
+                    let s0 = (ix0 + lo as isize) as usize;
+                    d[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                }
+            } else {
+                for (t, v) in d.iter_mut().enumerate() {
+                    let ix = ix0 + (t * sw) as isize;
+                    *v = if ix >= 0 && ix < iw as isize {
+                        row[ix as usize]
+                    } else {
+                        0.0
+                    };
+                }
+            }
         }
     }
 }
@@ -286,18 +365,48 @@ fn pack_b(b: Mat<'_>, k: usize, j0: usize, nc: usize, out: &mut [f32]) {
 /// The CPU must support AVX-512F/VL; `a` holds `k * 8` and `b` `k * 24` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn kernel(k: usize, a: &[f32], b: &[f32], tile: &mut [f32; MR * NR], accumulate: bool) {
+unsafe fn kernel(
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    tile: &mut [f32; MR * NR],
+    accumulate: bool,
+    nc: usize,
+) {
+    // A narrow last panel (a 7x7 feature map has 49 columns: 24 + 24 + 1)
+    // runs only the vectors that hold columns.
+    // SAFETY: forwarded; V vectors of 8 lie inside the NR-wide panel.
+    unsafe {
+        match nc.div_ceil(8) {
+            1 => kernel_v::<1>(k, a, b, tile, accumulate),
+            2 => kernel_v::<2>(k, a, b, tile, accumulate),
+            _ => kernel_v::<3>(k, a, b, tile, accumulate),
+        }
+    }
+}
+
+/// The microkernel with `V` vectors of 8 columns (see [`kernel`]).
+///
+/// # Safety
+/// As [`kernel`]; `V <= NR / 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn kernel_v<const V: usize>(
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    tile: &mut [f32; MR * NR],
+    accumulate: bool,
+) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= k * MR && b.len() >= k * NR);
-    let mut acc = [[_mm256_setzero_ps(); 3]; MR];
+    debug_assert!(a.len() >= k * MR && b.len() >= k * NR && V * 8 <= NR);
+    let mut acc = [[_mm256_setzero_ps(); V]; MR];
     if accumulate {
         let t = tile.as_ptr();
         for (i, c) in acc.iter_mut().enumerate() {
-            // SAFETY: the tile holds MR * NR floats.
-            unsafe {
-                c[0] = _mm256_loadu_ps(t.add(i * NR));
-                c[1] = _mm256_loadu_ps(t.add(i * NR + 8));
-                c[2] = _mm256_loadu_ps(t.add(i * NR + 16));
+            for (v, cv) in c.iter_mut().enumerate() {
+                // SAFETY: the tile holds MR * NR floats.
+                *cv = unsafe { _mm256_loadu_ps(t.add(i * NR + 8 * v)) };
             }
         }
     }
@@ -306,25 +415,24 @@ unsafe fn kernel(k: usize, a: &[f32], b: &[f32], tile: &mut [f32; MR * NR], accu
     for p in 0..k {
         // SAFETY: p < k, so every read is inside the panels (see above).
         unsafe {
-            let b0 = _mm256_loadu_ps(bp.add(p * NR));
-            let b1 = _mm256_loadu_ps(bp.add(p * NR + 8));
-            let b2 = _mm256_loadu_ps(bp.add(p * NR + 16));
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(bp.add(p * NR + 8 * v));
+            }
             let a_row = ap.add(p * MR);
             for (i, c) in acc.iter_mut().enumerate() {
                 let x = _mm256_set1_ps(*a_row.add(i));
-                c[0] = _mm256_fmadd_ps(x, b0, c[0]);
-                c[1] = _mm256_fmadd_ps(x, b1, c[1]);
-                c[2] = _mm256_fmadd_ps(x, b2, c[2]);
+                for v in 0..V {
+                    c[v] = _mm256_fmadd_ps(x, bv[v], c[v]);
+                }
             }
         }
     }
     let t = tile.as_mut_ptr();
     for (i, c) in acc.into_iter().enumerate() {
-        // SAFETY: the tile holds MR * NR floats.
-        unsafe {
-            _mm256_storeu_ps(t.add(i * NR), c[0]);
-            _mm256_storeu_ps(t.add(i * NR + 8), c[1]);
-            _mm256_storeu_ps(t.add(i * NR + 16), c[2]);
+        for (v, cv) in c.into_iter().enumerate() {
+            // SAFETY: the tile holds MR * NR floats.
+            unsafe { _mm256_storeu_ps(t.add(i * NR + 8 * v), cv) };
         }
     }
 }
