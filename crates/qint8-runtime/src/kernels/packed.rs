@@ -191,6 +191,13 @@ fn tiled(
     pack: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     let (m, k) = (a.m, a.k);
+    if k == 0 {
+        // An empty reduction: every output is the epilogue of 0.
+        for (r, row) in c.chunks_mut(ldc).take(m).enumerate() {
+            row[..n].fill(epi.act.apply(epi.bias[r]));
+        }
+        return;
+    }
     let m_panels = m.div_ceil(MR);
     let n_panels = n.div_ceil(NR);
     let parallel = threads > 1 && !super::is_sequential();
@@ -214,31 +221,31 @@ fn tiled(
         while k0 < k {
             let kc = KC.min(k - k0);
             let b_blk = &bp[k0 * NR..(k0 + kc) * NR];
+            let last = k0 + kc == k;
             for (t, ip) in ips.clone().enumerate() {
                 let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
+                let i0 = ip * MR;
+                let rows = MR.min(m - i0);
+                // The last block writes C directly, through the epilogue.
+                let store = last.then(|| Store {
+                    // SAFETY: row i0 + rows - 1 <= m - 1 and column j0 + nc <= n,
+                    // inside `c` (callers checked (m-1)*ldc + n <= len); tasks
+                    // write disjoint (row, column) ranges.
+                    c: unsafe { c_ptr.get().add(i0 * ldc + j0) },
+                    ldc,
+                    rows,
+                    cols: nc,
+                    bias: &epi.bias[i0..i0 + rows],
+                    act: epi.act,
+                });
                 // SAFETY: AVX-512F/VL are available (callers check
                 // use_avx512); the blocks hold kc * MR and kc * NR floats.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0, nc)
+                    kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0, store)
                 };
             }
             k0 += kc;
-        }
-        for (t, ip) in ips.clone().enumerate() {
-            let tile = &tiles[t];
-            let i0 = ip * MR;
-            for i in 0..MR.min(m - i0) {
-                let row = i0 + i;
-                let (bias, act) = (epi.bias[row], epi.act);
-                let off = row * ldc + j0;
-                // SAFETY: tasks write disjoint tiles (distinct (row, column)
-                // ranges), all inside `c`: callers checked (m-1)*ldc + n <= len.
-                let dst = unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(off), nc) };
-                for (d, &v) in dst.iter_mut().zip(&tile[i * NR..i * NR + nc]) {
-                    *d = act.apply(v + bias);
-                }
-            }
         }
     };
     if tasks > 1 && parallel {
@@ -371,18 +378,30 @@ unsafe fn kernel(
     b: &[f32],
     tile: &mut [f32; MR * NR],
     accumulate: bool,
-    nc: usize,
+    store: Option<Store<'_>>,
 ) {
     // A narrow last panel (a 7x7 feature map has 49 columns: 24 + 24 + 1)
     // runs only the vectors that hold columns.
+    let nc = store.as_ref().map_or(NR, |s| s.cols);
     // SAFETY: forwarded; V vectors of 8 lie inside the NR-wide panel.
     unsafe {
         match nc.div_ceil(8) {
-            1 => kernel_v::<1>(k, a, b, tile, accumulate),
-            2 => kernel_v::<2>(k, a, b, tile, accumulate),
-            _ => kernel_v::<3>(k, a, b, tile, accumulate),
+            1 => kernel_v::<1>(k, a, b, tile, accumulate, store),
+            2 => kernel_v::<2>(k, a, b, tile, accumulate, store),
+            _ => kernel_v::<3>(k, a, b, tile, accumulate, store),
         }
     }
+}
+
+/// Where the last reduction block writes its tile: `rows x cols` of C at
+/// `c` (row stride `ldc`), after adding `bias[row]` and the activation.
+struct Store<'a> {
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    bias: &'a [f32],
+    act: Activation,
 }
 
 /// The microkernel with `V` vectors of 8 columns (see [`kernel`]).
@@ -397,6 +416,7 @@ unsafe fn kernel_v<const V: usize>(
     b: &[f32],
     tile: &mut [f32; MR * NR],
     accumulate: bool,
+    store: Option<Store<'_>>,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(a.len() >= k * MR && b.len() >= k * NR && V * 8 <= NR);
@@ -428,11 +448,43 @@ unsafe fn kernel_v<const V: usize>(
             }
         }
     }
-    let t = tile.as_mut_ptr();
-    for (i, c) in acc.into_iter().enumerate() {
+    let Some(st) = store else {
+        let t = tile.as_mut_ptr();
+        for (i, c) in acc.into_iter().enumerate() {
+            for (v, cv) in c.into_iter().enumerate() {
+                // SAFETY: the tile holds MR * NR floats.
+                unsafe { _mm256_storeu_ps(t.add(i * NR + 8 * v), cv) };
+            }
+        }
+        return;
+    };
+    // Epilogue in registers. max/min take the accumulator as the second
+    // operand so NaN propagates, as the scalar activations do.
+    let (lo, hi) = match st.act {
+        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        Activation::Relu => (0.0, f32::INFINITY),
+        Activation::Clip(lo, hi) => (lo, hi),
+    };
+    let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let clamp = !matches!(st.act, Activation::None);
+    for (i, c) in acc.into_iter().enumerate().take(st.rows) {
+        let b = _mm256_set1_ps(st.bias[i]);
         for (v, cv) in c.into_iter().enumerate() {
-            // SAFETY: the tile holds MR * NR floats.
-            unsafe { _mm256_storeu_ps(t.add(i * NR + 8 * v), cv) };
+            let mut y = _mm256_add_ps(cv, b);
+            if clamp {
+                y = _mm256_min_ps(hi, _mm256_max_ps(lo, y));
+            }
+            let valid = st.cols.saturating_sub(8 * v).min(8);
+            // SAFETY: row i < rows and columns 8v..8v+valid < cols lie in C
+            // (see `tiled`); the mask keeps the store inside them.
+            unsafe {
+                let dst = st.c.add(i * st.ldc + 8 * v);
+                if valid == 8 {
+                    _mm256_storeu_ps(dst, y);
+                } else {
+                    _mm256_mask_storeu_ps(dst, ((1u16 << valid) - 1) as u8, y);
+                }
+            }
         }
     }
 }
