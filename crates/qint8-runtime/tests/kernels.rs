@@ -253,3 +253,26 @@ proptest! {
         close(&fast, &slow, k)?;
     }
 }
+
+/// Stride-1 convolutions on large planes (the direct path), with padding,
+/// dilation and every activation.
+#[test]
+fn direct_convolution_matches_reference() {
+    let cases = [
+        ((30, 29), (3, 3), (1, 1), (1, 1, 1, 1), 1u8, 3, 10),
+        ((33, 40), (5, 5), (1, 1), (2, 2, 2, 2), 2, 5, 17),
+        ((24, 50), (3, 3), (2, 2), (2, 2, 2, 2), 0, 4, 8),
+        ((20, 70), (1, 3), (1, 1), (0, 1, 0, 1), 1, 2, 24),
+    ];
+    for (hw, k, dilation, pad, act, cin, cout) in cases {
+        let c = ConvCase { n: 2, cin_g: cin, cout_g: cout, group: 1, hw, k, stride: (1, 1), dilation, pad, act, seed: 11 };
+        let conv = build(&c);
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 5);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+        let mut scratch = vec![0.0; conv.scratch_len()];
+        conv.run(&x, &mut fast, &mut scratch, 2);
+        conv.reference(&x, &mut slow);
+        close(&fast, &slow, cin * 25).unwrap();
+    }
+}

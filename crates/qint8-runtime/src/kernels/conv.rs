@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::gemm::{sgemm, Mat};
-use super::packed::{conv_source_available, gemm_packed, gemm_packed_conv, Epilogue, PackedA};
+use super::packed::{conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, Epilogue, PackedA};
 use super::{multiversion, Activation};
 
 /// A convolution resolved for one input shape, with its weights packed.
@@ -136,6 +136,8 @@ impl Conv2d {
                 threads,
             );
             self.epilogue(y, 1);
+        } else if !self.is_pointwise() && self.oh * self.ow >= BATCHED_BELOW && conv_direct(self, x, y, threads) {
+            // Stride-1 convolution on large planes: direct, no im2col.
         } else if self.oh * self.ow < BATCHED_BELOW {
             self.batched(x, y, scratch, threads);
         } else {

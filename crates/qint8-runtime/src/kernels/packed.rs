@@ -124,7 +124,9 @@ pub fn gemm_packed(
         }
         return true;
     }
-    tiled(a, n, c, ldc, epi, threads, |j0, nc, out| {
+    // A row-major B needs no packing for full tiles: rows are read in place.
+    let direct = (b.cs == 1).then(|| (SendConst(b.data.as_ptr()), b.rs));
+    tiled(a, n, c, ldc, epi, threads, direct, |j0, nc, out| {
         pack_b(b, k, j0, nc, out)
     });
     true
@@ -172,7 +174,7 @@ pub fn gemm_packed_conv(
     if (m - 1) * ldc + n > c.len() || epi.bias.len() < m {
         return false;
     }
-    tiled(a, n, c, ldc, epi, threads, |j0, nc, out| {
+    tiled(a, n, c, ldc, epi, threads, None, |j0, nc, out| {
         pack_conv(conv, x, img_stride, k, j0, nc, out)
     });
     true
@@ -188,6 +190,7 @@ fn tiled(
     ldc: usize,
     epi: Epilogue<'_>,
     threads: usize,
+    direct: Option<(SendConst, usize)>,
     pack: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     let (m, k) = (a.m, a.k);
@@ -207,12 +210,19 @@ fn tiled(
     let m_per = m_panels.div_ceil(m_split);
     let tasks = n_panels * m_split;
     let c_ptr = SendPtr(c.as_mut_ptr());
+    // Offsets of B's rows for in-place reads.
+    let offsets: Vec<usize> = direct.map(|(_, rs)| (0..k).map(|p| p * rs).collect()).unwrap_or_default();
     let run = |t: usize| {
         let (jp, ms) = (t / m_split, t % m_split);
         let j0 = jp * NR;
         let nc = NR.min(n - j0);
-        let mut bp = vec![0.0f32; k * NR];
-        pack(j0, nc, &mut bp);
+        // Full tiles of a row-major B read its rows in place; the rest are packed.
+        let in_place = direct.filter(|_| nc == NR).map(|(ptr, _)| ptr.get().wrapping_add(j0));
+        let mut bp = Vec::new();
+        if in_place.is_none() {
+            bp = vec![0.0f32; k * NR];
+            pack(j0, nc, &mut bp);
+        }
         let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
         let mut tiles = vec![[0.0f32; MR * NR]; ips.len()];
         // Block the reduction so a block of the B panel stays in L1 while
@@ -220,7 +230,6 @@ fn tiled(
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
-            let b_blk = &bp[k0 * NR..(k0 + kc) * NR];
             let last = k0 + kc == k;
             for (t, ip) in ips.clone().enumerate() {
                 let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
@@ -242,7 +251,19 @@ fn tiled(
                 // use_avx512); the blocks hold kc * MR and kc * NR floats.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0, store)
+                    match in_place {
+                        Some(base) => {
+                            let b = Direct {
+                                base,
+                                offsets: offsets[k0..].as_ptr(),
+                            };
+                            kernel_v::<3, _>(kc, a_blk, b, &mut tiles[t], k0 > 0, store)
+                        }
+                        None => {
+                            let b_blk = &bp[k0 * NR..(k0 + kc) * NR];
+                            kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0, store)
+                        }
+                    }
                 };
             }
             k0 += kc;
@@ -385,11 +406,52 @@ unsafe fn kernel(
     let nc = store.as_ref().map_or(NR, |s| s.cols);
     // SAFETY: forwarded; V vectors of 8 lie inside the NR-wide panel.
     unsafe {
+        let b = Packed(b.as_ptr());
         match nc.div_ceil(8) {
-            1 => kernel_v::<1>(k, a, b, tile, accumulate, store),
-            2 => kernel_v::<2>(k, a, b, tile, accumulate, store),
-            _ => kernel_v::<3>(k, a, b, tile, accumulate, store),
+            1 => kernel_v::<1, _>(k, a, b, tile, accumulate, store),
+            2 => kernel_v::<2, _>(k, a, b, tile, accumulate, store),
+            _ => kernel_v::<3, _>(k, a, b, tile, accumulate, store),
         }
+    }
+}
+
+/// Where row `p` of a B tile (`NR` floats) starts.
+///
+/// # Safety
+/// Implementations return pointers to at least `NR` readable floats for
+/// every `p` below the `k` the kernel is called with.
+unsafe trait BRows: Copy {
+    /// Start of row `p`.
+    fn row(self, p: usize) -> *const f32;
+}
+
+/// A packed panel: rows `NR` floats apart.
+#[derive(Clone, Copy)]
+struct Packed(*const f32);
+
+// SAFETY: callers pass panels of k * NR floats.
+unsafe impl BRows for Packed {
+    #[inline(always)]
+    fn row(self, p: usize) -> *const f32 {
+        self.0.wrapping_add(p * NR)
+    }
+}
+
+/// Rows read in place from a padded input image: row `p` (input channel,
+/// kernel row, kernel column) starts at `base + offsets[p]`.
+#[derive(Clone, Copy)]
+struct Direct {
+    base: *const f32,
+    offsets: *const usize,
+}
+
+// SAFETY: `conv_direct` sizes the padded image so every offset plus NR is
+// inside it; `gemm_packed` reads in place only full tiles of a checked B.
+unsafe impl BRows for Direct {
+    #[inline(always)]
+    fn row(self, p: usize) -> *const f32 {
+        // SAFETY: p < k = number of offsets.
+        self.base.wrapping_add(unsafe { *self.offsets.add(p) })
     }
 }
 
@@ -410,16 +472,16 @@ struct Store<'a> {
 /// As [`kernel`]; `V <= NR / 8`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn kernel_v<const V: usize>(
+unsafe fn kernel_v<const V: usize, B: BRows>(
     k: usize,
     a: &[f32],
-    b: &[f32],
+    b: B,
     tile: &mut [f32; MR * NR],
     accumulate: bool,
     store: Option<Store<'_>>,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= k * MR && b.len() >= k * NR && V * 8 <= NR);
+    debug_assert!(a.len() >= k * MR && V * 8 <= NR);
     let mut acc = [[_mm256_setzero_ps(); V]; MR];
     if accumulate {
         let t = tile.as_ptr();
@@ -431,13 +493,14 @@ unsafe fn kernel_v<const V: usize>(
         }
     }
     let ap = a.as_ptr();
-    let bp = b.as_ptr();
     for p in 0..k {
-        // SAFETY: p < k, so every read is inside the panels (see above).
+        // SAFETY: p < k, so every read is inside A's panel; `b.row(p)`
+        // points at V * 8 readable floats (the BRows contract).
         unsafe {
+            let row = b.row(p);
             let mut bv = [_mm256_setzero_ps(); V];
             for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(bp.add(p * NR + 8 * v));
+                *x = _mm256_loadu_ps(row.add(8 * v));
             }
             let a_row = ap.add(p * MR);
             for (i, c) in acc.iter_mut().enumerate() {
@@ -486,5 +549,118 @@ unsafe fn kernel_v<const V: usize>(
                 }
             }
         }
+    }
+}
+
+/// Whether [`conv_direct`] can run `cv`: stride-1, ungrouped convolutions on
+/// a CPU with the AVX-512 microkernel.
+pub fn direct_available(cv: &Conv2d) -> bool {
+    use_avx512() && cv.stride == (1, 1) && cv.group == 1 && cv.packed.len() == 1
+}
+
+/// Direct convolution for stride 1: each tile (8 output channels x up to 24
+/// pixels of one output row) reads its B rows straight from a zero-padded
+/// copy of the input, so no im2col or packing pass touches memory. Callers
+/// check [`direct_available`]; returns `false` without computing otherwise.
+pub fn conv_direct(cv: &Conv2d, x: &[f32], y: &mut [f32], threads: usize) -> bool {
+    if !direct_available(cv) {
+        return false;
+    }
+    let a = &cv.packed[0];
+    let (cin, ih, iw, oh, ow) = (cv.cin, cv.ih, cv.iw, cv.oh, cv.ow);
+    let (dh, dw) = cv.dilation;
+    let (pt, pl) = cv.pad;
+    let ph = (oh + dh * (cv.kh - 1)).max(ih + pt);
+    let pw = (ow + dw * (cv.kw - 1)).max(iw + pl);
+    let k = a.k;
+    if x.len() < cv.n * cin * ih * iw || y.len() < cv.n * cv.cout * oh * ow || k != cin * cv.kh * cv.kw {
+        return false;
+    }
+    let offsets: Vec<usize> = (0..k)
+        .map(|r| {
+            let (ci, ki, kj) = (r / (cv.kh * cv.kw), (r / cv.kw) % cv.kh, r % cv.kw);
+            ci * ph * pw + ki * dh * pw + kj * dw
+        })
+        .collect();
+    let parallel = threads > 1 && !super::is_sequential();
+    let m_panels = a.m.div_ceil(MR);
+    let segs = ow.div_ceil(NR);
+    for img in 0..cv.n {
+        // Zero-padded image, with NR floats of slack so full-width loads of
+        // the last (masked) columns stay inside the buffer.
+        let mut padded = vec![0.0f32; cin * ph * pw + NR];
+        for ci in 0..cin {
+            for iy in 0..ih {
+                let src = &x[((img * cin + ci) * ih + iy) * iw..][..iw];
+                padded[ci * ph * pw + (iy + pt) * pw + pl..][..iw].copy_from_slice(src);
+            }
+        }
+        let yi = &mut y[img * cv.cout * oh * ow..(img + 1) * cv.cout * oh * ow];
+        let c_ptr = SendPtr(yi.as_mut_ptr());
+        let pad_ptr = SendConst(padded.as_ptr());
+        // Tasks: output rows, split over channel panels when rows are few.
+        let want = if parallel { 4 * threads } else { 1 };
+        let m_split = want.div_ceil(oh).clamp(1, m_panels);
+        let m_per = m_panels.div_ceil(m_split);
+        let run = |t: usize| {
+            let (oy, ms) = (t / m_split, t % m_split);
+            let mut tile = [0.0f32; MR * NR];
+            for seg in 0..segs {
+                let ox0 = seg * NR;
+                let cols = NR.min(ow - ox0);
+                let b = Direct {
+                    base: pad_ptr.get().wrapping_add(oy * pw + ox0),
+                    offsets: offsets.as_ptr(),
+                };
+                for ip in ms * m_per..((ms + 1) * m_per).min(m_panels) {
+                    let i0 = ip * MR;
+                    let rows = MR.min(a.m - i0);
+                    let store = Store {
+                        // SAFETY: rows i0..i0+rows < cout and columns
+                        // oy*ow+ox0..+cols < oh*ow lie inside this image's
+                        // output; tasks write disjoint (row, pixel) ranges.
+                        c: unsafe { c_ptr.get().add(i0 * oh * ow + oy * ow + ox0) },
+                        ldc: oh * ow,
+                        rows,
+                        cols,
+                        bias: &cv.bias[i0..i0 + rows],
+                        act: cv.act,
+                    };
+                    // SAFETY: AVX-512F/VL are available (direct_available);
+                    // the largest offset plus the tile start plus NR stays
+                    // inside `padded` (sized above), and A's panel holds k * MR.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        match cols.div_ceil(8) {
+                            1 => kernel_v::<1, _>(k, a.panel(ip), b, &mut tile, false, Some(store)),
+                            2 => kernel_v::<2, _>(k, a.panel(ip), b, &mut tile, false, Some(store)),
+                            _ => kernel_v::<3, _>(k, a.panel(ip), b, &mut tile, false, Some(store)),
+                        }
+                    };
+                }
+            }
+        };
+        let tasks = oh * m_split;
+        if tasks > 1 && parallel {
+            use rayon::prelude::*;
+            (0..tasks).into_par_iter().for_each(run);
+        } else {
+            (0..tasks).for_each(run);
+        }
+    }
+    true
+}
+
+/// A read-only raw pointer that may cross threads.
+#[derive(Clone, Copy)]
+struct SendConst(*const f32);
+// SAFETY: only read, while the owning buffer outlives the parallel region.
+unsafe impl Send for SendConst {}
+// SAFETY: as above.
+unsafe impl Sync for SendConst {}
+
+impl SendConst {
+    fn get(self) -> *const f32 {
+        self.0
     }
 }
