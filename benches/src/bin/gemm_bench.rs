@@ -22,6 +22,7 @@ fn main() {
         let bias = vec![0.0f32; m];
         let epi = Epilogue {
             bias: &bias,
+            res: None,
             act: Activation::None,
         };
         let iters = 20;

@@ -89,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             eprintln!("{op:20} {:8.3} ms", t * 1e3);
         }
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
-        for (node, op, t) in rows.iter().take(15) {
+        for (node, op, t) in rows.iter().take(60) {
             eprintln!("  {node:40} {op:12} {:8.3} ms", t * 1e3);
         }
     }

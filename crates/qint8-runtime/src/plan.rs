@@ -32,7 +32,8 @@ pub(crate) enum Src {
 /// A kernel with everything resolved for the plan's shapes.
 #[derive(Debug, Clone)]
 pub(crate) enum Kernel {
-    Conv(Box<Conv2d>),
+    /// A convolution; `true` when its last input is a fused residual.
+    Conv(Box<Conv2d>, bool),
     /// `out[m, n] = a[m, k] * b + bias`, `b` given as (data, row stride, col stride).
     Gemm {
         m: usize,
@@ -301,7 +302,7 @@ pub(crate) fn compile(
             .get(&out_name)
             .map(|s| s.shape.clone())
             .ok_or_else(|| node_err(node, "output shape unknown"))?;
-        let ins: Vec<Val> = node
+        let mut ins: Vec<Val> = node
             .inputs
             .iter()
             .map(|i| {
@@ -352,12 +353,39 @@ pub(crate) fn compile(
             let next = consumers[out_name.as_str()][0];
             let nn = &g.nodes[next];
             match (&mut kernel, &nn.op) {
-                (Kernel::Conv(c), Op::Relu) if c.act == Activation::None => {
+                (Kernel::Conv(c, residual), Op::Add)
+                    if c.act == Activation::None && !*residual && c.can_fuse_residual() =>
+                {
+                    // Conv + residual Add (+ Relu), as in every ResNet block.
+                    let other = if nn.inputs[0] == out_name {
+                        nn.input(1)
+                    } else {
+                        nn.input(0)
+                    };
+                    let fits = other.and_then(|o| shapes.get(o)).is_some_and(|v| {
+                        v.shape == out_shape && v.dtype == qint8_graph::DataType::Float
+                    });
+                    if let (true, Some(v)) = (fits, other.and_then(|o| vals.get(o))) {
+                        ins.push(v.clone());
+                        *residual = true;
+                        skip.insert(next);
+                        final_name = nn.outputs[0].clone();
+                        if single_use(&final_name) {
+                            let after = consumers[final_name.as_str()][0];
+                            if matches!(g.nodes[after].op, Op::Relu) {
+                                c.act = Activation::Relu;
+                                skip.insert(after);
+                                final_name = g.nodes[after].outputs[0].clone();
+                            }
+                        }
+                    }
+                }
+                (Kernel::Conv(c, _), Op::Relu) if c.act == Activation::None => {
                     c.act = Activation::Relu;
                     skip.insert(next);
                     final_name = nn.outputs[0].clone();
                 }
-                (Kernel::Conv(c), Op::Clip { .. }) if c.act == Activation::None => {
+                (Kernel::Conv(c, _), Op::Clip { .. }) if c.act == Activation::None => {
                     if let Some((lo, hi)) = clip_bounds(nn, &shapes)? {
                         c.act = Activation::Clip(lo, hi);
                         skip.insert(next);
@@ -394,7 +422,7 @@ pub(crate) fn compile(
             }
             final_shape = shapes[&final_name].shape.clone();
         }
-        if let Kernel::Conv(c) = &kernel {
+        if let Kernel::Conv(c, _) = &kernel {
             scratch_len = scratch_len.max(c.scratch_len());
             const_bytes += 4 * (c.weight.len() + c.bias.len());
         }
@@ -464,8 +492,8 @@ pub(crate) fn compile(
             })
             .collect::<Result<Vec<_>>>()?;
         let op = match &kernel {
-            Kernel::Conv(c) if c.group > 1 && c.group == c.cin => "Conv(depthwise)",
-            Kernel::Conv(c) if c.kh * c.kw == 1 => "Conv(1x1)",
+            Kernel::Conv(c, _) if c.group > 1 && c.group == c.cin => "Conv(depthwise)",
+            Kernel::Conv(c, _) if c.kh * c.kw == 1 => "Conv(1x1)",
             Kernel::Unary(Unary::Silu) => "SiLU",
             Kernel::FakeQuant { .. } => "FakeQuant",
             _ => node.op.op_type(),
@@ -703,28 +731,31 @@ fn build_kernel(
             } else {
                 (1, win.out[0])
             };
-            Kernel::Conv(Box::new(
-                Conv2d {
-                    n: xs[0],
-                    cin: xs[1],
-                    ih,
-                    iw,
-                    cout,
-                    group: attrs.group,
-                    kh,
-                    kw,
-                    stride: pick(&win.strides),
-                    dilation: pick(&win.dilations),
-                    pad,
-                    oh,
-                    ow,
-                    weight: w.clone(),
-                    bias,
-                    act: Activation::None,
-                    packed: Vec::new(),
-                }
-                .pack(),
-            ))
+            Kernel::Conv(
+                Box::new(
+                    Conv2d {
+                        n: xs[0],
+                        cin: xs[1],
+                        ih,
+                        iw,
+                        cout,
+                        group: attrs.group,
+                        kh,
+                        kw,
+                        stride: pick(&win.strides),
+                        dilation: pick(&win.dilations),
+                        pad,
+                        oh,
+                        ow,
+                        weight: w.clone(),
+                        bias,
+                        act: Activation::None,
+                        packed: Vec::new(),
+                    }
+                    .pack(),
+                ),
+                false,
+            )
         }
         Op::Gemm {
             alpha,
@@ -1029,7 +1060,10 @@ pub(crate) fn run_kernel(
     threads: usize,
 ) {
     match k {
-        Kernel::Conv(c) => c.run(ins[0], out, scratch, threads),
+        Kernel::Conv(c, residual) => {
+            let res = if *residual { ins.last().copied() } else { None };
+            c.run_with_residual(ins[0], res, out, scratch, threads)
+        }
         Kernel::Gemm {
             m,
             n,

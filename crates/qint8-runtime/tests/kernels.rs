@@ -242,7 +242,7 @@ proptest! {
         let packed = PackedA::new(a.clone(), m, k);
         let mut fast = vec![0.0; m * n];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let epi = Epilogue { bias: &bias, act };
+        let epi = Epilogue { bias: &bias, res: None, act };
         let ok = pool.install(|| gemm_packed(&packed, bm, n, &mut fast, n, epi, threads));
         prop_assert!(ok);
         let mut slow = vec![0.0; m * n];
@@ -265,7 +265,19 @@ fn direct_convolution_matches_reference() {
         ((20, 70), (1, 3), (1, 1), (0, 1, 0, 1), 1, 2, 24),
     ];
     for (hw, k, dilation, pad, act, cin, cout) in cases {
-        let c = ConvCase { n: 2, cin_g: cin, cout_g: cout, group: 1, hw, k, stride: (1, 1), dilation, pad, act, seed: 11 };
+        let c = ConvCase {
+            n: 2,
+            cin_g: cin,
+            cout_g: cout,
+            group: 1,
+            hw,
+            k,
+            stride: (1, 1),
+            dilation,
+            pad,
+            act,
+            seed: 11,
+        };
         let conv = build(&c);
         let x = values(conv.n * conv.cin * conv.ih * conv.iw, 5);
         let len = conv.n * conv.cout * conv.oh * conv.ow;
@@ -274,5 +286,98 @@ fn direct_convolution_matches_reference() {
         conv.run(&x, &mut fast, &mut scratch, 2);
         conv.reference(&x, &mut slow);
         close(&fast, &slow, cin * 25).unwrap();
+    }
+}
+
+/// A fused residual: `act(conv(x) + bias + res)` on every convolution path.
+#[test]
+fn residual_fusion_matches_reference() {
+    let cases = [
+        ((30, 29), (3, 3), (1, 1), (1, 1, 1, 1), 3, 10), // direct
+        ((9, 7), (3, 3), (1, 1), (1, 1, 1, 1), 4, 9),    // batched (small planes)
+        ((40, 33), (3, 3), (2, 2), (1, 1, 1, 1), 2, 8),  // per image, strided
+        ((20, 20), (1, 1), (1, 1), (0, 0, 0, 0), 5, 12), // pointwise
+        ((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 6, 7),    // single pixel
+    ];
+    for (hw, k, stride, pad, cin, cout) in cases {
+        for act in [1u8, 2] {
+            let c = ConvCase {
+                n: 3,
+                cin_g: cin,
+                cout_g: cout,
+                group: 1,
+                hw,
+                k,
+                stride,
+                dilation: (1, 1),
+                pad,
+                act,
+                seed: 21,
+            };
+            let conv = build(&c);
+            let x = values(conv.n * conv.cin * conv.ih * conv.iw, 8);
+            let len = conv.n * conv.cout * conv.oh * conv.ow;
+            let res = values(len, 99);
+            let mut fast = vec![0.0; len];
+            let mut scratch = vec![0.0; conv.scratch_len()];
+            conv.run_with_residual(&x, Some(&res), &mut fast, &mut scratch, 2);
+            let mut plain = conv.clone();
+            plain.act = Activation::None;
+            let mut slow = vec![0.0; len];
+            plain.reference(&x, &mut slow);
+            for (s, r) in slow.iter_mut().zip(&res) {
+                *s = conv.act.apply(*s + r);
+            }
+            close(&fast, &slow, cin * 9).unwrap();
+        }
+    }
+}
+
+/// Large B (packed panel by panel) and small B (packed whole) orders agree
+/// with the reference, with and without threads.
+#[test]
+fn packed_gemm_both_loop_orders() {
+    use qint8_runtime::kernels::packed::{gemm_packed, Epilogue, PackedA};
+    for (m, k, n) in [(20, 600, 300), (37, 1030, 150), (9, 5, 2000)] {
+        let a = std::sync::Arc::new(values(m * k, 1));
+        let b = values(k * n, 2);
+        let bias = values(m, 3);
+        let packed = PackedA::new(a.clone(), m, k);
+        let mut slow = vec![0.0; m * n];
+        sgemm_reference(
+            m,
+            n,
+            k,
+            Mat::row_major(&a, k),
+            Mat::row_major(&b, n),
+            &mut slow,
+            n,
+            false,
+        );
+        for (i, v) in slow.iter_mut().enumerate() {
+            *v = Activation::Relu.apply(*v + bias[i / n]);
+        }
+        for threads in [1, 2] {
+            let mut fast = vec![0.0; m * n];
+            let epi = Epilogue {
+                bias: &bias,
+                res: None,
+                act: Activation::Relu,
+            };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            assert!(pool.install(|| gemm_packed(
+                &packed,
+                Mat::row_major(&b, n),
+                n,
+                &mut fast,
+                n,
+                epi,
+                threads
+            )));
+            close(&fast, &slow, k).unwrap();
+        }
     }
 }

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use super::gemm::{sgemm, Mat};
-use super::packed::{conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, Epilogue, PackedA};
+use super::packed::{
+    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, Epilogue, PackedA, NR,
+};
 use super::{multiversion, Activation};
 
 /// A convolution resolved for one input shape, with its weights packed.
@@ -107,7 +109,10 @@ impl Conv2d {
         }
         let p = self.oh * self.ow;
         let cout_g = self.cout / self.group;
-        if p < BATCHED_BELOW {
+        if self.is_strided_pointwise() && p >= NR {
+            // The subsampled input.
+            self.n * self.cin * p
+        } else if p < BATCHED_BELOW {
             // Column matrix for the whole batch plus the product before scatter.
             self.k() * self.n * p + cout_g * self.n * p
         } else if self.is_pointwise() {
@@ -119,6 +124,25 @@ impl Conv2d {
 
     /// Runs the convolution: `x` is `[n, cin, ih, iw]`, `y` is `[n, cout, oh, ow]`.
     pub fn run(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
+        self.run_with_residual(x, None, y, scratch, threads)
+    }
+
+    /// Whether a residual `Add` can be fused into this convolution.
+    pub fn can_fuse_residual(&self) -> bool {
+        !self.is_depthwise()
+    }
+
+    /// Runs the convolution with a fused residual: `y = act(conv(x) + bias + res)`,
+    /// `res` shaped like `y`. Depthwise convolutions ignore `res`
+    /// (see [`Conv2d::can_fuse_residual`]).
+    pub fn run_with_residual(
+        &self,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
         if self.is_depthwise() {
             self.depthwise(x, y);
         } else if self.is_pointwise() && self.oh * self.ow == 1 && self.group == 1 {
@@ -135,17 +159,78 @@ impl Conv2d {
                 false,
                 threads,
             );
-            self.epilogue(y, 1);
-        } else if !self.is_pointwise() && self.oh * self.ow >= BATCHED_BELOW && conv_direct(self, x, y, threads) {
+            self.epilogue(y, 1, res);
+        } else if self.is_strided_pointwise() && self.oh * self.ow >= NR {
+            // A strided 1x1 convolution is a pointwise one on the subsampled input.
+            let (ci, oh, ow, (sh, sw)) = (self.cin, self.oh, self.ow, self.stride);
+            let sub = &mut scratch[..self.n * ci * oh * ow];
+            for (plane, dst) in sub.chunks_mut(oh * ow).enumerate() {
+                let src = &x[plane * self.ih * self.iw..(plane + 1) * self.ih * self.iw];
+                for (oy, row) in dst.chunks_mut(ow).enumerate() {
+                    let srow = &src[oy * sh * self.iw..];
+                    for (ox, d) in row.iter_mut().enumerate() {
+                        *d = srow[ox * sw];
+                    }
+                }
+            }
+            self.pointwise_per_image(&scratch[..self.n * ci * oh * ow], res, y, threads);
+        } else if self.is_pointwise() && self.group == 1 && self.oh * self.ow >= NR {
+            self.pointwise_per_image(x, res, y, threads);
+        } else if !self.is_pointwise()
+            && self.oh * self.ow >= BATCHED_BELOW
+            && conv_direct(self, x, res, y, threads)
+        {
             // Stride-1 convolution on large planes: direct, no im2col.
         } else if self.oh * self.ow < BATCHED_BELOW {
-            self.batched(x, y, scratch, threads);
+            self.batched(x, res, y, scratch, threads);
         } else {
-            self.per_image(x, y, scratch, threads);
+            self.per_image(x, res, y, scratch, threads);
         }
     }
 
-    fn per_image(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
+    /// A 1x1 convolution with stride > 1 and no padding, ungrouped.
+    fn is_strided_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.stride != (1, 1)
+            && self.pad == (0, 0)
+            && self.group == 1
+            && self.dilation == (1, 1)
+    }
+
+    /// Ungrouped pointwise convolution of `x` laid out `[n, cin, oh * ow]`:
+    /// one GEMM per image straight into the output (B's rows are the input
+    /// channels, read in place).
+    fn pointwise_per_image(&self, x: &[f32], res: Option<&[f32]>, y: &mut [f32], threads: usize) {
+        let p = self.oh * self.ow;
+        for img in 0..self.n {
+            let xi = &x[img * self.cin * p..(img + 1) * self.cin * p];
+            let yi = &mut y[img * self.cout * p..(img + 1) * self.cout * p];
+            let epi = Epilogue {
+                bias: &self.bias,
+                res: res.map(|r| &r[img * self.cout * p..(img + 1) * self.cout * p]),
+                act: self.act,
+            };
+            gemm_packed(
+                &self.packed[0],
+                Mat::row_major(xi, p),
+                p,
+                yi,
+                p,
+                epi,
+                threads,
+            );
+        }
+    }
+
+    fn per_image(
+        &self,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
         let (p, cin_g, cout_g, k) = (
             self.oh * self.ow,
             self.cin / self.group,
@@ -161,6 +246,7 @@ impl Conv2d {
                 let yg = &mut yi[g * cout_g * p..(g + 1) * cout_g * p];
                 let epi = Epilogue {
                     bias: &self.bias[g * cout_g..(g + 1) * cout_g],
+                    res: res.map(|r| &r[img * self.cout * p + g * cout_g * p..][..cout_g * p]),
                     act: self.act,
                 };
                 if !self.is_pointwise() && conv_source_available() {
@@ -187,7 +273,14 @@ impl Conv2d {
         }
     }
 
-    fn batched(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32], threads: usize) {
+    fn batched(
+        &self,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
         let (p, cin_g, cout_g, k) = (
             self.oh * self.ow,
             self.cin / self.group,
@@ -198,9 +291,15 @@ impl Conv2d {
         let in_img = self.cin * self.ih * self.iw;
         let (cols, prod) = scratch.split_at_mut(k * np);
         for g in 0..self.group {
+            // With a residual, the activation waits for the scatter below.
             let epi = Epilogue {
                 bias: &self.bias[g * cout_g..(g + 1) * cout_g],
-                act: self.act,
+                res: None,
+                act: if res.is_some() {
+                    Activation::None
+                } else {
+                    self.act
+                },
             };
             let xg = &x[g * cin_g * self.ih * self.iw..];
             let prod = &mut prod[..cout_g * np];
@@ -232,8 +331,17 @@ impl Conv2d {
             // [cout_g, n, p] -> [n, cout, p]
             for co in 0..cout_g {
                 for img in 0..self.n {
-                    let dst = &mut y[(img * self.cout + g * cout_g + co) * p..][..p];
-                    dst.copy_from_slice(&prod[co * np + img * p..][..p]);
+                    let at = (img * self.cout + g * cout_g + co) * p;
+                    let dst = &mut y[at..at + p];
+                    let src = &prod[co * np + img * p..][..p];
+                    match res {
+                        Some(r) => {
+                            for ((d, &v), &rv) in dst.iter_mut().zip(src).zip(&r[at..at + p]) {
+                                *d = self.act.apply(v + rv);
+                            }
+                        }
+                        None => dst.copy_from_slice(src),
+                    }
                 }
             }
         }
@@ -241,9 +349,15 @@ impl Conv2d {
 
     /// Adds the bias and applies the activation to outputs laid out as
     /// consecutive `[.., cout, p]` planes.
-    fn epilogue(&self, y: &mut [f32], p: usize) {
+    fn epilogue(&self, y: &mut [f32], p: usize, res: Option<&[f32]>) {
         let act = self.act;
         let planes_per_task = (GRAIN / p.max(1)).max(1);
+        if let Some(r) = res {
+            for (i, v) in y.iter_mut().enumerate() {
+                *v = act.apply(*v + self.bias[(i / p) % self.cout] + r[i]);
+            }
+            return;
+        }
         super::for_chunks(y, p * planes_per_task, |t, chunk| {
             for (i, plane) in chunk.chunks_mut(p).enumerate() {
                 bias_act(plane, self.bias[(t * planes_per_task + i) % self.cout], act);

@@ -20,6 +20,8 @@ use qint8_math::kernels::SimdLevel;
 pub const MR: usize = 8;
 /// Reduction block: a `KC x NR` block of B (24 KB) stays in L1.
 const KC: usize = 256;
+/// B matrices up to this many packed floats (512 KB) count as small.
+const SMALL_B: usize = 1 << 17;
 /// Columns of B per panel (and of the C tile): three 8-float vectors.
 pub const NR: usize = 24;
 
@@ -68,8 +70,24 @@ impl PackedA {
 pub struct Epilogue<'a> {
     /// Added per row.
     pub bias: &'a [f32],
-    /// Applied after the bias.
+    /// Added elementwise after the bias (a fused residual `Add`), laid out
+    /// like C (element `(r, j)` at `r * ldc + j`).
+    pub res: Option<&'a [f32]>,
+    /// Applied last.
     pub act: Activation,
+}
+
+impl Epilogue<'_> {
+    /// The epilogue of one value at row `r`, flat index `i` into C.
+    #[inline(always)]
+    pub fn apply(&self, v: f32, r: usize, i: usize) -> f32 {
+        let v = v + self.bias[r];
+        let v = match self.res {
+            Some(res) => v + res[i],
+            None => v,
+        };
+        self.act.apply(v)
+    }
 }
 
 /// Whether the AVX-512 path is available.
@@ -100,7 +118,7 @@ pub fn gemm_packed(
         return true;
     }
     let b_fits = k == 0 || (k - 1) * b.rs + (n - 1) * b.cs < b.data.len();
-    if !b_fits || (m - 1) * ldc + n > c.len() || epi.bias.len() < m {
+    if !b_fits || (m - 1) * ldc + n > c.len() || !epi_fits(&epi, m, n, ldc) {
         return false;
     }
     if !use_avx512() {
@@ -118,18 +136,23 @@ pub fn gemm_packed(
             return false;
         }
         for (r, row) in c.chunks_mut(ldc).take(m).enumerate() {
-            for v in &mut row[..n] {
-                *v = epi.act.apply(*v + epi.bias[r]);
+            for (j, v) in row[..n].iter_mut().enumerate() {
+                *v = epi.apply(*v, r, r * ldc + j);
             }
         }
         return true;
     }
     // A row-major B needs no packing for full tiles: rows are read in place.
-    let direct = (b.cs == 1).then(|| (SendConst(b.data.as_ptr()), b.rs));
+    let direct = (b.cs == 1).then_some((SendConst(b.data.as_ptr()), b.rs));
     tiled(a, n, c, ldc, epi, threads, direct, |j0, nc, out| {
         pack_b(b, k, j0, nc, out)
     });
     true
+}
+
+/// Whether the epilogue's bias and residual cover an `m x n` output.
+fn epi_fits(epi: &Epilogue<'_>, m: usize, n: usize, ldc: usize) -> bool {
+    epi.bias.len() >= m && epi.res.is_none_or(|r| r.len() >= (m - 1) * ldc + n)
 }
 
 /// Whether [`gemm_packed_conv`] can run on this CPU (it needs the AVX-512
@@ -171,7 +194,7 @@ pub fn gemm_packed_conv(
     if m == 0 || n == 0 {
         return true;
     }
-    if (m - 1) * ldc + n > c.len() || epi.bias.len() < m {
+    if (m - 1) * ldc + n > c.len() || !epi_fits(&epi, m, n, ldc) {
         return false;
     }
     tiled(a, n, c, ldc, epi, threads, None, |j0, nc, out| {
@@ -183,6 +206,7 @@ pub fn gemm_packed_conv(
 /// The tiled product shared by both B sources: tasks over (panel of B
 /// columns, range of A panels); each packs its B panel with `pack` and
 /// writes finished tiles through the epilogue.
+#[allow(clippy::too_many_arguments)]
 fn tiled(
     a: &PackedA,
     n: usize,
@@ -197,76 +221,119 @@ fn tiled(
     if k == 0 {
         // An empty reduction: every output is the epilogue of 0.
         for (r, row) in c.chunks_mut(ldc).take(m).enumerate() {
-            row[..n].fill(epi.act.apply(epi.bias[r]));
+            for (j, v) in row[..n].iter_mut().enumerate() {
+                *v = epi.apply(0.0, r, r * ldc + j);
+            }
         }
         return;
     }
     let m_panels = m.div_ceil(MR);
     let n_panels = n.div_ceil(NR);
     let parallel = threads > 1 && !super::is_sequential();
-    // Enough tasks to balance threads; split M when N has few panels.
     let want = if parallel { 4 * threads } else { 1 };
-    let m_split = want.div_ceil(n_panels).clamp(1, m_panels);
+    // A small B (a late layer: few pixels, many weights) is packed whole by
+    // every task and each A panel streams through once; otherwise tasks take
+    // single B panels (splitting A too when B has few panels) and a block of
+    // the B panel stays in L1 while A panels stream past it.
+    let b_small = k * n_panels * NR <= SMALL_B;
+    let (m_split, n_split) = if b_small {
+        (want.clamp(1, m_panels), 1)
+    } else {
+        (want.div_ceil(n_panels).clamp(1, m_panels), n_panels)
+    };
     let m_per = m_panels.div_ceil(m_split);
-    let tasks = n_panels * m_split;
+    let n_per = n_panels.div_ceil(n_split);
+    let tasks = m_split * n_split;
     let c_ptr = SendPtr(c.as_mut_ptr());
     // Offsets of B's rows for in-place reads.
-    let offsets: Vec<usize> = direct.map(|(_, rs)| (0..k).map(|p| p * rs).collect()).unwrap_or_default();
+    let offsets: Vec<usize> = direct
+        .map(|(_, rs)| (0..k).map(|p| p * rs).collect())
+        .unwrap_or_default();
     let run = |t: usize| {
-        let (jp, ms) = (t / m_split, t % m_split);
-        let j0 = jp * NR;
-        let nc = NR.min(n - j0);
-        // Full tiles of a row-major B read its rows in place; the rest are packed.
-        let in_place = direct.filter(|_| nc == NR).map(|(ptr, _)| ptr.get().wrapping_add(j0));
-        let mut bp = Vec::new();
-        if in_place.is_none() {
-            bp = vec![0.0f32; k * NR];
-            pack(j0, nc, &mut bp);
-        }
+        let (ms, ns) = (t % m_split, t / m_split);
         let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
-        let mut tiles = vec![[0.0f32; MR * NR]; ips.len()];
-        // Block the reduction so a block of the B panel stays in L1 while
-        // every A panel of the task streams past it.
-        let mut k0 = 0;
-        while k0 < k {
-            let kc = KC.min(k - k0);
-            let last = k0 + kc == k;
-            for (t, ip) in ips.clone().enumerate() {
+        let jps = ns * n_per..((ns + 1) * n_per).min(n_panels);
+        // Full tiles of a row-major B read its rows in place; the rest are packed.
+        let in_place = |jp: usize| {
+            let (j0, nc) = (jp * NR, NR.min(n - jp * NR));
+            direct
+                .filter(|_| nc == NR)
+                .map(|(ptr, _)| ptr.get().wrapping_add(j0))
+        };
+        let mut bp = vec![0.0f32; jps.len() * k * NR];
+        for (q, jp) in jps.clone().enumerate() {
+            if in_place(jp).is_none() {
+                pack(
+                    jp * NR,
+                    NR.min(n - jp * NR),
+                    &mut bp[q * k * NR..(q + 1) * k * NR],
+                );
+            }
+        }
+        // One reduction block of one tile; the last block stores through the epilogue.
+        let block =
+            |ip: usize, q: usize, jp: usize, k0: usize, kc: usize, tile: &mut [f32; MR * NR]| {
+                let (i0, j0) = (ip * MR, jp * NR);
+                let (rows, nc) = (MR.min(m - i0), NR.min(n - j0));
                 let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
-                let i0 = ip * MR;
-                let rows = MR.min(m - i0);
-                // The last block writes C directly, through the epilogue.
-                let store = last.then(|| Store {
+                let store = (k0 + kc == k).then(|| Store {
                     // SAFETY: row i0 + rows - 1 <= m - 1 and column j0 + nc <= n,
                     // inside `c` (callers checked (m-1)*ldc + n <= len); tasks
                     // write disjoint (row, column) ranges.
                     c: unsafe { c_ptr.get().add(i0 * ldc + j0) },
+                    res: epi
+                        .res
+                        .map_or(std::ptr::null(), |r| r[i0 * ldc + j0..].as_ptr()),
                     ldc,
                     rows,
                     cols: nc,
                     bias: &epi.bias[i0..i0 + rows],
                     act: epi.act,
                 });
-                // SAFETY: AVX-512F/VL are available (callers check
-                // use_avx512); the blocks hold kc * MR and kc * NR floats.
+                // SAFETY: AVX-512F/VL are available (callers check use_avx512);
+                // the blocks hold kc * MR and kc * NR floats (or, in place, B's
+                // rows hold NR floats from each offset).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    match in_place {
+                    match in_place(jp) {
                         Some(base) => {
                             let b = Direct {
                                 base,
                                 offsets: offsets[k0..].as_ptr(),
                             };
-                            kernel_v::<3, _>(kc, a_blk, b, &mut tiles[t], k0 > 0, store)
+                            kernel_v::<3, _>(kc, a_blk, b, tile, k0 > 0, store)
                         }
                         None => {
-                            let b_blk = &bp[k0 * NR..(k0 + kc) * NR];
-                            kernel(kc, a_blk, b_blk, &mut tiles[t], k0 > 0, store)
+                            let b_blk = &bp[q * k * NR + k0 * NR..q * k * NR + (k0 + kc) * NR];
+                            kernel(kc, a_blk, b_blk, tile, k0 > 0, store)
                         }
                     }
                 };
+            };
+        if b_small {
+            let mut tile = [0.0f32; MR * NR];
+            for ip in ips {
+                for (q, jp) in jps.clone().enumerate() {
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = KC.min(k - k0);
+                        block(ip, q, jp, k0, kc, &mut tile);
+                        k0 += kc;
+                    }
+                }
             }
-            k0 += kc;
+        } else {
+            let mut tiles = vec![[0.0f32; MR * NR]; ips.len()];
+            for (q, jp) in jps.enumerate() {
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    for (t, ip) in ips.clone().enumerate() {
+                        block(ip, q, jp, k0, kc, &mut tiles[t]);
+                    }
+                    k0 += kc;
+                }
+            }
         }
     };
     if tasks > 1 && parallel {
@@ -459,6 +526,8 @@ unsafe impl BRows for Direct {
 /// `c` (row stride `ldc`), after adding `bias[row]` and the activation.
 struct Store<'a> {
     c: *mut f32,
+    /// Residual laid out like `c`, or null.
+    res: *const f32,
     ldc: usize,
     rows: usize,
     cols: usize,
@@ -534,10 +603,18 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
         let b = _mm256_set1_ps(st.bias[i]);
         for (v, cv) in c.into_iter().enumerate() {
             let mut y = _mm256_add_ps(cv, b);
+            let valid = st.cols.saturating_sub(8 * v).min(8);
+            let mask = ((1u16 << valid) - 1) as u8;
+            if !st.res.is_null() {
+                // SAFETY: the residual has C's layout; the mask keeps the
+                // load inside the tile's valid columns.
+                y = _mm256_add_ps(y, unsafe {
+                    _mm256_maskz_loadu_ps(mask, st.res.add(i * st.ldc + 8 * v))
+                });
+            }
             if clamp {
                 y = _mm256_min_ps(hi, _mm256_max_ps(lo, y));
             }
-            let valid = st.cols.saturating_sub(8 * v).min(8);
             // SAFETY: row i < rows and columns 8v..8v+valid < cols lie in C
             // (see `tiled`); the mask keeps the store inside them.
             unsafe {
@@ -545,7 +622,7 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
                 if valid == 8 {
                     _mm256_storeu_ps(dst, y);
                 } else {
-                    _mm256_mask_storeu_ps(dst, ((1u16 << valid) - 1) as u8, y);
+                    _mm256_mask_storeu_ps(dst, mask, y);
                 }
             }
         }
@@ -562,8 +639,14 @@ pub fn direct_available(cv: &Conv2d) -> bool {
 /// pixels of one output row) reads its B rows straight from a zero-padded
 /// copy of the input, so no im2col or packing pass touches memory. Callers
 /// check [`direct_available`]; returns `false` without computing otherwise.
-pub fn conv_direct(cv: &Conv2d, x: &[f32], y: &mut [f32], threads: usize) -> bool {
-    if !direct_available(cv) {
+pub fn conv_direct(
+    cv: &Conv2d,
+    x: &[f32],
+    res: Option<&[f32]>,
+    y: &mut [f32],
+    threads: usize,
+) -> bool {
+    if !direct_available(cv) || res.is_some_and(|r| r.len() < y.len()) {
         return false;
     }
     let a = &cv.packed[0];
@@ -573,7 +656,10 @@ pub fn conv_direct(cv: &Conv2d, x: &[f32], y: &mut [f32], threads: usize) -> boo
     let ph = (oh + dh * (cv.kh - 1)).max(ih + pt);
     let pw = (ow + dw * (cv.kw - 1)).max(iw + pl);
     let k = a.k;
-    if x.len() < cv.n * cin * ih * iw || y.len() < cv.n * cv.cout * oh * ow || k != cin * cv.kh * cv.kw {
+    if x.len() < cv.n * cin * ih * iw
+        || y.len() < cv.n * cv.cout * oh * ow
+        || k != cin * cv.kh * cv.kw
+    {
         return false;
     }
     let offsets: Vec<usize> = (0..k)
@@ -597,6 +683,7 @@ pub fn conv_direct(cv: &Conv2d, x: &[f32], y: &mut [f32], threads: usize) -> boo
         }
         let yi = &mut y[img * cv.cout * oh * ow..(img + 1) * cv.cout * oh * ow];
         let c_ptr = SendPtr(yi.as_mut_ptr());
+        let res_img = res.map(|r| SendConst(r[img * cv.cout * oh * ow..].as_ptr()));
         let pad_ptr = SendConst(padded.as_ptr());
         // Tasks: output rows, split over channel panels when rows are few.
         let want = if parallel { 4 * threads } else { 1 };
@@ -620,6 +707,9 @@ pub fn conv_direct(cv: &Conv2d, x: &[f32], y: &mut [f32], threads: usize) -> boo
                         // oy*ow+ox0..+cols < oh*ow lie inside this image's
                         // output; tasks write disjoint (row, pixel) ranges.
                         c: unsafe { c_ptr.get().add(i0 * oh * ow + oy * ow + ox0) },
+                        res: res_img.map_or(std::ptr::null(), |r| {
+                            r.get().wrapping_add(i0 * oh * ow + oy * ow + ox0)
+                        }),
                         ldc: oh * ow,
                         rows,
                         cols,

@@ -105,32 +105,49 @@ pub fn global_average(x: &[f32], y: &mut [f32], plane: usize) {
 }
 
 multiversion! {
-    /// Max pooling of one plane with direct loops (padding never wins: it is skipped).
+    /// Max pooling of one plane: per output row, each window row is folded
+    /// in with bounds checks only at the plane's left and right edges.
     fn max_plane(p: &Pool2d, src: &[f32], out: &mut [f32]) {
         let (ih, iw, ow) = (p.ih, p.iw, p.ow);
+        let (sw, dw, pl) = (p.stride.1, p.dilation.1, p.pad.1);
+        let span = dw * (p.k.1 - 1);
+        // Output columns whose whole window lies inside the row.
+        let lo = pl.div_ceil(sw).min(ow);
+        let hi = if iw + pl > span { ((iw + pl - span - 1) / sw + 1).clamp(lo, ow) } else { lo };
+        #[inline(always)]
+        fn fold(m: f32, v: f32) -> f32 {
+            // NaN wins, as in ONNX Runtime.
+            if v > m || v.is_nan() {
+                v
+            } else {
+                m
+            }
+        }
         for (oy, orow) in out.chunks_mut(ow).enumerate() {
-            let y0 = (oy * p.stride.0) as isize - p.pad.0 as isize;
-            for (ox, o) in orow.iter_mut().enumerate() {
-                let x0 = (ox * p.stride.1) as isize - p.pad.1 as isize;
-                let mut m = f32::NEG_INFINITY;
-                for ki in 0..p.k.0 {
-                    let iy = y0 + (ki * p.dilation.0) as isize;
-                    if iy < 0 || iy >= ih as isize {
-                        continue;
-                    }
-                    let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
+            orow.fill(f32::NEG_INFINITY);
+            for ki in 0..p.k.0 {
+                let iy = (oy * p.stride.0 + ki * p.dilation.0) as isize - p.pad.0 as isize;
+                if iy < 0 || iy >= ih as isize {
+                    continue;
+                }
+                let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
+                for ox in (0..lo).chain(hi..ow) {
+                    let x0 = (ox * sw) as isize - pl as isize;
                     for kj in 0..p.k.1 {
-                        let ix = x0 + (kj * p.dilation.1) as isize;
+                        let ix = x0 + (kj * dw) as isize;
                         if ix >= 0 && ix < iw as isize {
-                            let v = row[ix as usize];
-                            // NaN wins, as in ONNX Runtime.
-                            if v > m || v.is_nan() {
-                                m = v;
-                            }
+                            orow[ox] = fold(orow[ox], row[ix as usize]);
                         }
                     }
                 }
-                *o = m;
+                for (ox, o) in orow.iter_mut().enumerate().take(hi).skip(lo) {
+                    let x0 = ox * sw - pl;
+                    let mut m = *o;
+                    for kj in 0..p.k.1 {
+                        m = fold(m, row[x0 + kj * dw]);
+                    }
+                    *o = m;
+                }
             }
         }
     }
