@@ -143,8 +143,8 @@ fn inspect_vgg16_dynamo_counts_external_data() {
         .as_str()
         .unwrap()
         .ends_with("vgg16_bn_dynamo.onnx.data"));
-    assert_eq!(v["file_bytes"], 62_510);
-    assert_eq!(v["total_file_bytes"], 62_510 + 4_456_448);
+    assert_eq!(v["file_bytes"], 46_449);
+    assert_eq!(v["total_file_bytes"], 46_449 + 4_456_448);
 }
 
 #[test]
