@@ -338,7 +338,13 @@ fn residual_fusion_matches_reference() {
 #[test]
 fn packed_gemm_both_loop_orders() {
     use qint8_runtime::kernels::packed::{gemm_packed, Epilogue, PackedA};
-    for (m, k, n) in [(20, 600, 300), (37, 1030, 150), (9, 5, 2000)] {
+    for (m, k, n) in [
+        (20, 600, 300),
+        (37, 1030, 150),
+        (9, 5, 2000),
+        (300, 700, 40),
+        (64, 300, 49),
+    ] {
         let a = std::sync::Arc::new(values(m * k, 1));
         let b = values(k * n, 2);
         let bias = values(m, 3);

@@ -20,8 +20,8 @@ use qint8_math::kernels::SimdLevel;
 pub const MR: usize = 8;
 /// Reduction block: a `KC x NR` block of B (24 KB) stays in L1.
 const KC: usize = 256;
-/// B matrices up to this many packed floats (512 KB) count as small.
-const SMALL_B: usize = 1 << 17;
+/// Packed B floats per L2-resident chunk (512 KB).
+const L2_FLOATS: usize = 1 << 17;
 /// Columns of B per panel (and of the C tile): three 8-float vectors.
 pub const NR: usize = 24;
 
@@ -144,8 +144,8 @@ pub fn gemm_packed(
     }
     // A row-major B needs no packing for full tiles: rows are read in place.
     let direct = (b.cs == 1).then_some((SendConst(b.data.as_ptr()), b.rs));
-    tiled(a, n, c, ldc, epi, threads, direct, |j0, nc, out| {
-        pack_b(b, k, j0, nc, out)
+    tiled(a, n, c, ldc, epi, threads, direct, |j0, nc, k0, kc, out| {
+        pack_b(b, j0, nc, k0, kc, out)
     });
     true
 }
@@ -197,8 +197,8 @@ pub fn gemm_packed_conv(
     if (m - 1) * ldc + n > c.len() || !epi_fits(&epi, m, n, ldc) {
         return false;
     }
-    tiled(a, n, c, ldc, epi, threads, None, |j0, nc, out| {
-        pack_conv(conv, x, img_stride, k, j0, nc, out)
+    tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+        pack_conv(conv, x, img_stride, j0, nc, k0, kc, out)
     });
     true
 }
@@ -215,7 +215,7 @@ fn tiled(
     epi: Epilogue<'_>,
     threads: usize,
     direct: Option<(SendConst, usize)>,
-    pack: impl Fn(usize, usize, &mut [f32]) + Sync,
+    pack: impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
 ) {
     let (m, k) = (a.m, a.k);
     if k == 0 {
@@ -231,28 +231,52 @@ fn tiled(
     let n_panels = n.div_ceil(NR);
     let parallel = threads > 1 && !super::is_sequential();
     let want = if parallel { 4 * threads } else { 1 };
-    // A small B (a late layer: few pixels, many weights) is packed whole by
-    // every task and each A panel streams through once; otherwise tasks take
-    // single B panels (splitting A too when B has few panels) and a block of
-    // the B panel stays in L1 while A panels stream past it.
-    let b_small = k * n_panels * NR <= SMALL_B;
-    let (m_split, n_split) = if b_small {
-        (want.clamp(1, m_panels), 1)
+    // Blocking as in GotoBLAS: a chunk of B panels whose KC-row block fits
+    // in L2 is packed once per reduction block, then every A panel of the
+    // task (its KC x MR block stays in L1) sweeps across it, so each weight
+    // is read once per chunk. Partial sums live in C between blocks.
+    // Threads split the operand whose duplicated work is cheaper: splitting
+    // A's panels repacks B per task; splitting B's panels re-reads A.
+    let l2_chunk = (L2_FLOATS / (KC * NR)).max(1);
+    let (chunk, m_split) = if m >= n {
+        let n_chunks = n_panels.div_ceil(l2_chunk);
+        (l2_chunk, want.div_ceil(n_chunks).clamp(1, m_panels))
     } else {
-        (want.div_ceil(n_panels).clamp(1, m_panels), n_panels)
+        (l2_chunk.min(n_panels.div_ceil(want)).max(1), 1)
     };
+    let n_chunks = n_panels.div_ceil(chunk);
+    // When tasks split A, pack B once for all of them (in parallel by panel)
+    // instead of once per task.
+    let shared: Option<Vec<f32>> = (m_split > 1).then(|| {
+        let mut all = vec![0.0f32; n_panels * k * NR];
+        let fill = |jp: usize, panel: &mut [f32]| {
+            if direct.is_none() || NR.min(n - jp * NR) < NR {
+                pack(jp * NR, NR.min(n - jp * NR), 0, k, panel);
+            }
+        };
+        if parallel {
+            use rayon::prelude::*;
+            all.par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(jp, p)| fill(jp, p));
+        } else {
+            all.chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(jp, p)| fill(jp, p));
+        }
+        all
+    });
     let m_per = m_panels.div_ceil(m_split);
-    let n_per = n_panels.div_ceil(n_split);
-    let tasks = m_split * n_split;
+    let tasks = n_chunks * m_split;
     let c_ptr = SendPtr(c.as_mut_ptr());
     // Offsets of B's rows for in-place reads.
     let offsets: Vec<usize> = direct
         .map(|(_, rs)| (0..k).map(|p| p * rs).collect())
         .unwrap_or_default();
     let run = |t: usize| {
-        let (ms, ns) = (t % m_split, t / m_split);
+        let (ms, jc) = (t % m_split, t / m_split);
         let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
-        let jps = ns * n_per..((ns + 1) * n_per).min(n_panels);
+        let jps = jc * chunk..((jc + 1) * chunk).min(n_panels);
         // Full tiles of a row-major B read its rows in place; the rest are packed.
         let in_place = |jp: usize| {
             let (j0, nc) = (jp * NR, NR.min(n - jp * NR));
@@ -260,80 +284,74 @@ fn tiled(
                 .filter(|_| nc == NR)
                 .map(|(ptr, _)| ptr.get().wrapping_add(j0))
         };
-        let mut bp = vec![0.0f32; jps.len() * k * NR];
-        for (q, jp) in jps.clone().enumerate() {
-            if in_place(jp).is_none() {
-                pack(
-                    jp * NR,
-                    NR.min(n - jp * NR),
-                    &mut bp[q * k * NR..(q + 1) * k * NR],
-                );
-            }
-        }
-        // One reduction block of one tile; the last block stores through the epilogue.
-        let block =
-            |ip: usize, q: usize, jp: usize, k0: usize, kc: usize, tile: &mut [f32; MR * NR]| {
-                let (i0, j0) = (ip * MR, jp * NR);
-                let (rows, nc) = (MR.min(m - i0), NR.min(n - j0));
-                let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
-                let store = (k0 + kc == k).then(|| Store {
-                    // SAFETY: row i0 + rows - 1 <= m - 1 and column j0 + nc <= n,
-                    // inside `c` (callers checked (m-1)*ldc + n <= len); tasks
-                    // write disjoint (row, column) ranges.
-                    c: unsafe { c_ptr.get().add(i0 * ldc + j0) },
-                    res: epi
-                        .res
-                        .map_or(std::ptr::null(), |r| r[i0 * ldc + j0..].as_ptr()),
-                    ldc,
-                    rows,
-                    cols: nc,
-                    bias: &epi.bias[i0..i0 + rows],
-                    act: epi.act,
-                });
-                // SAFETY: AVX-512F/VL are available (callers check use_avx512);
-                // the blocks hold kc * MR and kc * NR floats (or, in place, B's
-                // rows hold NR floats from each offset).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match in_place(jp) {
-                        Some(base) => {
-                            let b = Direct {
-                                base,
-                                offsets: offsets[k0..].as_ptr(),
-                            };
-                            kernel_v::<3, _>(kc, a_blk, b, tile, k0 > 0, store)
-                        }
-                        None => {
-                            let b_blk = &bp[q * k * NR + k0 * NR..q * k * NR + (k0 + kc) * NR];
-                            kernel(kc, a_blk, b_blk, tile, k0 > 0, store)
-                        }
-                    }
-                };
-            };
-        if b_small {
-            let mut tile = [0.0f32; MR * NR];
-            for ip in ips {
-                for (q, jp) in jps.clone().enumerate() {
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = KC.min(k - k0);
-                        block(ip, q, jp, k0, kc, &mut tile);
-                        k0 += kc;
-                    }
-                }
-            }
+        let mut bp = if shared.is_some() {
+            Vec::new()
         } else {
-            let mut tiles = vec![[0.0f32; MR * NR]; ips.len()];
-            for (q, jp) in jps.enumerate() {
-                let mut k0 = 0;
-                while k0 < k {
-                    let kc = KC.min(k - k0);
-                    for (t, ip) in ips.clone().enumerate() {
-                        block(ip, q, jp, k0, kc, &mut tiles[t]);
+            vec![0.0f32; jps.len() * KC.min(k) * NR]
+        };
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            if shared.is_none() {
+                for (q, jp) in jps.clone().enumerate() {
+                    if in_place(jp).is_none() {
+                        pack(
+                            jp * NR,
+                            NR.min(n - jp * NR),
+                            k0,
+                            kc,
+                            &mut bp[q * kc * NR..(q + 1) * kc * NR],
+                        );
                     }
-                    k0 += kc;
                 }
             }
+            // Block `q`'s packed rows k0..k0+kc: per task, or from the shared packing.
+            let b_block = |q: usize, jp: usize| -> &[f32] {
+                match &shared {
+                    Some(all) => &all[jp * k * NR + k0 * NR..jp * k * NR + (k0 + kc) * NR],
+                    None => &bp[q * kc * NR..(q + 1) * kc * NR],
+                }
+            };
+            let last = k0 + kc == k;
+            for ip in ips.clone() {
+                let i0 = ip * MR;
+                let rows = MR.min(m - i0);
+                let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
+                for (q, jp) in jps.clone().enumerate() {
+                    let j0 = jp * NR;
+                    let dst = Store {
+                        // SAFETY: rows i0..i0+rows <= m and columns j0..j0+nc <= n
+                        // lie inside `c` (callers checked (m-1)*ldc + n <= len);
+                        // tasks write disjoint (row, column) ranges.
+                        c: unsafe { c_ptr.get().add(i0 * ldc + j0) },
+                        res: epi
+                            .res
+                            .map_or(std::ptr::null(), |r| r[i0 * ldc + j0..].as_ptr()),
+                        ldc,
+                        rows,
+                        cols: NR.min(n - j0),
+                        bias: &epi.bias[i0..i0 + rows],
+                        act: epi.act,
+                    };
+                    // SAFETY: AVX-512F/VL are available (callers check
+                    // use_avx512); the blocks hold kc * MR and kc * NR floats
+                    // (or, in place, B's rows hold NR floats from each offset).
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        match in_place(jp) {
+                            Some(base) => {
+                                let b = Direct {
+                                    base,
+                                    offsets: offsets[k0..].as_ptr(),
+                                };
+                                kernel_v::<3, _>(kc, a_blk, b, dst, k0 > 0, last)
+                            }
+                            None => kernel(kc, a_blk, b_block(q, jp), dst, k0 > 0, last),
+                        }
+                    };
+                }
+            }
+            k0 += kc;
         }
     };
     if tasks > 1 && parallel {
@@ -347,13 +365,15 @@ fn tiled(
 /// Gathers columns `j0..j0 + nc` of a convolution's im2col matrix into a
 /// packed panel (`out[r * NR + j]`), zero-padding to [`NR`] columns. Runs
 /// of columns on one output row read contiguous input for stride 1.
+#[allow(clippy::too_many_arguments)]
 fn pack_conv(
     cv: &Conv2d,
     x: &[f32],
     img_stride: usize,
-    k: usize,
     j0: usize,
     nc: usize,
+    k0: usize,
+    kc: usize,
     out: &mut [f32],
 ) {
     let (ih, iw, ow) = (cv.ih, cv.iw, cv.ow);
@@ -376,9 +396,9 @@ fn pack_conv(
         nruns += 1;
         j += len;
     }
-    for r in 0..k {
+    for (row_out, r) in (k0..k0 + kc).enumerate() {
         let (ci, ki, kj) = (r / kk, (r / cv.kw) % cv.kh, r % cv.kw);
-        let dst = &mut out[r * NR..(r + 1) * NR];
+        let dst = &mut out[row_out * NR..(row_out + 1) * NR];
         dst[nc..].fill(0.0);
         for &(j, len, img, oy, ox) in &runs[..nruns] {
             let d = &mut dst[j..j + len];
@@ -427,25 +447,19 @@ impl SendPtr {
     }
 }
 
-/// Packs columns `j0..j0 + nc` of the `k x n` view `b` into `out[p * NR + j]`,
-/// zero-padding to [`NR`] columns.
-fn pack_b(b: Mat<'_>, k: usize, j0: usize, nc: usize, out: &mut [f32]) {
-    if b.cs == 1 && nc == NR {
-        for p in 0..k {
-            let src = &b.data[p * b.rs + j0..p * b.rs + j0 + NR];
-            out[p * NR..(p + 1) * NR].copy_from_slice(src);
-        }
-    } else {
-        for p in 0..k {
-            let dst = &mut out[p * NR..(p + 1) * NR];
-            for (j, d) in dst.iter_mut().enumerate() {
-                *d = if j < nc {
-                    b.data[p * b.rs + (j0 + j) * b.cs]
-                } else {
-                    0.0
-                };
+/// Packs rows `k0..k0 + kc` of columns `j0..j0 + nc` of the view `b` into
+/// `out[p * NR + j]`, zero-padding to [`NR`] columns.
+fn pack_b(b: Mat<'_>, j0: usize, nc: usize, k0: usize, kc: usize, out: &mut [f32]) {
+    for (q, p) in (k0..k0 + kc).enumerate() {
+        let dst = &mut out[q * NR..(q + 1) * NR];
+        if b.cs == 1 {
+            dst[..nc].copy_from_slice(&b.data[p * b.rs + j0..p * b.rs + j0 + nc]);
+        } else {
+            for (j, d) in dst[..nc].iter_mut().enumerate() {
+                *d = b.data[p * b.rs + (j0 + j) * b.cs];
             }
         }
+        dst[nc..].fill(0.0);
     }
 }
 
@@ -460,24 +474,17 @@ fn pack_b(b: Mat<'_>, k: usize, j0: usize, nc: usize, out: &mut [f32]) {
 /// The CPU must support AVX-512F/VL; `a` holds `k * 8` and `b` `k * 24` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn kernel(
-    k: usize,
-    a: &[f32],
-    b: &[f32],
-    tile: &mut [f32; MR * NR],
-    accumulate: bool,
-    store: Option<Store<'_>>,
-) {
+unsafe fn kernel(k: usize, a: &[f32], b: &[f32], dst: Store<'_>, accumulate: bool, last: bool) {
+    debug_assert!(b.len() >= k * NR);
     // A narrow last panel (a 7x7 feature map has 49 columns: 24 + 24 + 1)
     // runs only the vectors that hold columns.
-    let nc = store.as_ref().map_or(NR, |s| s.cols);
+    let b = Packed(b.as_ptr());
     // SAFETY: forwarded; V vectors of 8 lie inside the NR-wide panel.
     unsafe {
-        let b = Packed(b.as_ptr());
-        match nc.div_ceil(8) {
-            1 => kernel_v::<1, _>(k, a, b, tile, accumulate, store),
-            2 => kernel_v::<2, _>(k, a, b, tile, accumulate, store),
-            _ => kernel_v::<3, _>(k, a, b, tile, accumulate, store),
+        match dst.cols.div_ceil(8) {
+            1 => kernel_v::<1, _>(k, a, b, dst, accumulate, last),
+            2 => kernel_v::<2, _>(k, a, b, dst, accumulate, last),
+            _ => kernel_v::<3, _>(k, a, b, dst, accumulate, last),
         }
     }
 }
@@ -522,8 +529,9 @@ unsafe impl BRows for Direct {
     }
 }
 
-/// Where the last reduction block writes its tile: `rows x cols` of C at
-/// `c` (row stride `ldc`), after adding `bias[row]` and the activation.
+/// The `rows x cols` tile of C at `c` (row stride `ldc`) a kernel call
+/// accumulates into; the last reduction block adds `bias[row]` (and the
+/// residual) and applies the activation.
 struct Store<'a> {
     c: *mut f32,
     /// Residual laid out like `c`, or null.
@@ -545,19 +553,20 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
     k: usize,
     a: &[f32],
     b: B,
-    tile: &mut [f32; MR * NR],
+    st: Store<'_>,
     accumulate: bool,
-    store: Option<Store<'_>>,
+    last: bool,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(a.len() >= k * MR && V * 8 <= NR);
+    let mask = |v: usize| ((1u16 << st.cols.saturating_sub(8 * v).min(8)) - 1) as u8;
     let mut acc = [[_mm256_setzero_ps(); V]; MR];
     if accumulate {
-        let t = tile.as_ptr();
-        for (i, c) in acc.iter_mut().enumerate() {
+        // Partial sums of earlier reduction blocks, kept in C.
+        for (i, c) in acc.iter_mut().enumerate().take(st.rows) {
             for (v, cv) in c.iter_mut().enumerate() {
-                // SAFETY: the tile holds MR * NR floats.
-                *cv = unsafe { _mm256_loadu_ps(t.add(i * NR + 8 * v)) };
+                // SAFETY: row i < rows and the masked columns lie in C.
+                *cv = unsafe { _mm256_maskz_loadu_ps(mask(v), st.c.add(i * st.ldc + 8 * v)) };
             }
         }
     }
@@ -580,16 +589,15 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
             }
         }
     }
-    let Some(st) = store else {
-        let t = tile.as_mut_ptr();
-        for (i, c) in acc.into_iter().enumerate() {
+    if !last {
+        for (i, c) in acc.into_iter().enumerate().take(st.rows) {
             for (v, cv) in c.into_iter().enumerate() {
-                // SAFETY: the tile holds MR * NR floats.
-                unsafe { _mm256_storeu_ps(t.add(i * NR + 8 * v), cv) };
+                // SAFETY: row i < rows and the masked columns lie in C.
+                unsafe { _mm256_mask_storeu_ps(st.c.add(i * st.ldc + 8 * v), mask(v), cv) };
             }
         }
         return;
-    };
+    }
     // Epilogue in registers. max/min take the accumulator as the second
     // operand so NaN propagates, as the scalar activations do.
     let (lo, hi) = match st.act {
@@ -604,7 +612,7 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
         for (v, cv) in c.into_iter().enumerate() {
             let mut y = _mm256_add_ps(cv, b);
             let valid = st.cols.saturating_sub(8 * v).min(8);
-            let mask = ((1u16 << valid) - 1) as u8;
+            let mask = mask(v);
             if !st.res.is_null() {
                 // SAFETY: the residual has C's layout; the mask keeps the
                 // load inside the tile's valid columns.
@@ -691,7 +699,6 @@ pub fn conv_direct(
         let m_per = m_panels.div_ceil(m_split);
         let run = |t: usize| {
             let (oy, ms) = (t / m_split, t % m_split);
-            let mut tile = [0.0f32; MR * NR];
             for seg in 0..segs {
                 let ox0 = seg * NR;
                 let cols = NR.min(ow - ox0);
@@ -722,9 +729,9 @@ pub fn conv_direct(
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         match cols.div_ceil(8) {
-                            1 => kernel_v::<1, _>(k, a.panel(ip), b, &mut tile, false, Some(store)),
-                            2 => kernel_v::<2, _>(k, a.panel(ip), b, &mut tile, false, Some(store)),
-                            _ => kernel_v::<3, _>(k, a.panel(ip), b, &mut tile, false, Some(store)),
+                            1 => kernel_v::<1, _>(k, a.panel(ip), b, store, false, true),
+                            2 => kernel_v::<2, _>(k, a.panel(ip), b, store, false, true),
+                            _ => kernel_v::<3, _>(k, a.panel(ip), b, store, false, true),
                         }
                     };
                 }
