@@ -570,21 +570,28 @@ fn infer_node_inner(node: &Node, s: &Shapes) -> Result<Vec<ValueShape>> {
     Ok(vec![out])
 }
 
+/// MatMul operand shapes with numpy's 1-D promotion: a vector A becomes
+/// `[1, k]`, a vector B becomes `[k, 1]`.
+pub fn matmul_operands(a: &[usize], b: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let a2 = if a.len() == 1 {
+        vec![1, a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2 = if b.len() == 1 {
+        vec![b[0], 1]
+    } else {
+        b.to_vec()
+    };
+    (a2, b2)
+}
+
 /// Output shape of a numpy-style matrix product.
 pub fn matmul_shape(node: &Node, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     if a.is_empty() || b.is_empty() {
         return Err(shape_err(node, "MatMul of a scalar"));
     }
-    let a2: Vec<usize> = if a.len() == 1 {
-        vec![1, a[0]]
-    } else {
-        a.to_vec()
-    };
-    let b2: Vec<usize> = if b.len() == 1 {
-        vec![b[0], 1]
-    } else {
-        b.to_vec()
-    };
+    let (a2, b2) = matmul_operands(a, b);
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {

@@ -793,18 +793,7 @@ fn build_kernel(
             }
         }
         Op::MatMul => {
-            let a = x_shape()?;
-            let b = in_shape(node, shapes, 1)?;
-            let a2: Vec<usize> = if a.len() == 1 {
-                vec![1, a[0]]
-            } else {
-                a.to_vec()
-            };
-            let b2: Vec<usize> = if b.len() == 1 {
-                vec![b[0], 1]
-            } else {
-                b.to_vec()
-            };
+            let (a2, b2) = shape::matmul_operands(x_shape()?, in_shape(node, shapes, 1)?);
             let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
             let n = b2[b2.len() - 1];
             let batch = shape::broadcast(node, &a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
@@ -1155,8 +1144,15 @@ pub(crate) fn run_kernel(
     }
 }
 
-/// QuantizeLinear with integer results stored as f32 (exact for 8-bit values).
-fn quantize_as_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
+/// Applies `f(x, channel params)` elementwise, per channel as `p` lays out `shape`.
+fn map_per_channel(
+    x: &[f32],
+    shape: &[usize],
+    p: &QuantParams,
+    out: &mut [f32],
+    f: impl Fn(f32, &ChannelParams) -> f32,
+) {
+    // Shapes and parameters were validated when the kernel was built.
     let Ok((_, c, inner)) = p.layout(shape) else {
         return;
     };
@@ -1167,22 +1163,20 @@ fn quantize_as_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32])
         } else {
             (i / inner.max(1)) % c
         }];
-        *o = qint8_math::reference::quantize_value(v, cp) as f32;
+        *o = f(v, cp);
     }
+}
+
+/// QuantizeLinear with integer results stored as f32 (exact for 8-bit values).
+fn quantize_as_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
+    map_per_channel(x, shape, p, out, |v, cp| {
+        qint8_math::reference::quantize_value(v, cp) as f32
+    });
 }
 
 /// DequantizeLinear of integer-valued f32 input.
 fn dequantize_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
-    let Ok((_, c, inner)) = p.layout(shape) else {
-        return;
-    };
-    let ch = p.channels();
-    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        let cp = &ch[if ch.len() == 1 {
-            0
-        } else {
-            (i / inner.max(1)) % c
-        }];
-        *o = (v as i32 - cp.zero_point) as f32 * cp.scale;
-    }
+    map_per_channel(x, shape, p, out, |v, cp| {
+        (v as i32 - cp.zero_point) as f32 * cp.scale
+    });
 }
