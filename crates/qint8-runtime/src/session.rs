@@ -286,9 +286,16 @@ impl Session {
                 return v;
             }
         }
-        let leading_ok = inputs
-            .iter()
-            .all(|(_, a)| a.shape().first() == Some(&batch))
+        // A fixed batch dimension cannot take sub-batches.
+        let dynamic_batch = self.graph.inputs.iter().all(|v| {
+            v.shape
+                .as_ref()
+                .is_none_or(|s| matches!(s.first(), Some(Dim::Symbolic(_))))
+        });
+        let leading_ok = dynamic_batch
+            && inputs
+                .iter()
+                .all(|(_, a)| a.shape().first() == Some(&batch))
             && plan
                 .steps
                 .iter()
