@@ -387,3 +387,30 @@ fn packed_gemm_both_loop_orders() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, .. ProptestConfig::default() })]
+
+    /// Max pooling (edge-split loops) equals the definition, with padding,
+    /// strides and dilations; planes with NaN keep it.
+    #[test]
+    fn max_pool_matches_reference(h in 1usize..20, w in 1usize..20, k in (1usize..4, 1usize..4), s in (1usize..3, 1usize..3),
+                                  d in (1usize..3, 1usize..3), pad in (0usize..2, 0usize..2), nan in any::<bool>(), seed in any::<u64>()) {
+        use qint8_runtime::kernels::pool::Pool2d;
+        let (pt, pl) = (pad.0.min(k.0 - 1), pad.1.min(k.1 - 1));
+        let ext = (d.0 * (k.0 - 1) + 1, d.1 * (k.1 - 1) + 1);
+        prop_assume!(h + 2 * pt >= ext.0 && w + 2 * pl >= ext.1);
+        let oh = (h + 2 * pt - ext.0) / s.0 + 1;
+        let ow = (w + 2 * pl - ext.1) / s.1 + 1;
+        let pool = Pool2d { ih: h, iw: w, oh, ow, k, stride: s, dilation: d, pad: (pt, pl), pad_end: (pt, pl), count_include_pad: false };
+        let mut x = values(3 * h * w, seed);
+        if nan {
+            let at = (seed as usize) % x.len();
+            x[at] = f32::NAN;
+        }
+        let (mut fast, mut slow) = (vec![0.0; 3 * oh * ow], vec![0.0; 3 * oh * ow]);
+        pool.max(&x, &mut fast);
+        pool.max_reference(&x, &mut slow);
+        prop_assert_eq!(fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), slow.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    }
+}

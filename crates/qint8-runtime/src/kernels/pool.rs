@@ -49,6 +49,27 @@ impl Pool2d {
         self.each_avg(x, y);
     }
 
+    /// Max pooling written straight from the definition, the reference
+    /// [`Pool2d::max`] is tested against.
+    pub fn max_reference(&self, x: &[f32], y: &mut [f32]) {
+        let plane = self.ih * self.iw;
+        for (p, out) in y.chunks_mut(self.oh * self.ow).enumerate() {
+            let src = &x[p * plane..(p + 1) * plane];
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    let mut m = f32::NEG_INFINITY;
+                    for (iy, ix) in self.taps(oy, ox) {
+                        let v = src[iy * self.iw + ix];
+                        if v > m || v.is_nan() {
+                            m = v;
+                        }
+                    }
+                    out[oy * self.ow + ox] = m;
+                }
+            }
+        }
+    }
+
     fn taps(&self, oy: usize, ox: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         let y0 = (oy * self.stride.0) as isize - self.pad.0 as isize;
         let x0 = (ox * self.stride.1) as isize - self.pad.1 as isize;
