@@ -7,7 +7,7 @@ hits both; each round reports a median over timed iterations after warm-up.
 Prints a Markdown table (and --json FILE writes the raw figures).
 
 Usage (from the repository root):
-    cargo build --release -p qint8-benches --bins
+    cargo build --release -p qint8-benches --bins -p qint8-cli
     python3 benches/scripts/fp32_vs_onnxruntime.py [--threads 2] [--rounds 3]
 """
 import argparse
@@ -73,7 +73,7 @@ def main():
     cases = []
     if not args.skip_zoo:
         r50 = os.path.join(tmp, "resnet50_224.onnx")
-        subprocess.run([os.path.join(BIN, "zoo_export"), "resnet50", r50], check=True)
+        subprocess.run([os.path.join(BIN, "qint8"), "zoo", "resnet50", "-o", r50], check=True)
         cases += [("ResNet-50 224x224 (zoo)", r50, 1, 10), ("ResNet-50 224x224 (zoo)", r50, 8, 4)]
     for name in ["resnet50", "vgg16_bn", "efficientnet_b0"]:
         cases.append((f"{name} fixture 32x32", os.path.join(ROOT, "fixtures", "models", f"{name}.onnx"), 32, 30))

@@ -25,6 +25,34 @@ pub(crate) enum Command {
     Run(RunArgs),
     /// Measure top-1/top-5 accuracy and throughput on an IDX image dataset.
     Eval(EvalArgs),
+    /// Write a model-zoo network (torchvision topology, seeded random weights) as ONNX.
+    Zoo(ZooArgs),
+}
+
+/// Arguments of `qint8 zoo`.
+#[derive(Debug, Args)]
+pub(crate) struct ZooArgs {
+    /// resnet50, vgg16, vgg16_bn or efficientnet_b0.
+    #[arg(value_name = "ARCH")]
+    pub(crate) arch: String,
+    /// Where to write the ONNX file (atomically).
+    #[arg(long, short, value_name = "OUT.onnx")]
+    pub(crate) output: PathBuf,
+    /// Channel width multiplier.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) width: f64,
+    /// Input height and width in pixels.
+    #[arg(long, default_value_t = 224)]
+    pub(crate) resolution: usize,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) channels: usize,
+    /// Output classes.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) classes: usize,
+    /// Seed of the random initialization.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
 }
 
 /// Arguments of `qint8 inspect`.

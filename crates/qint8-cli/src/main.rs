@@ -26,6 +26,9 @@
 //!   `--predictions FILE.npy` (listed by `--help`, not by `-h`) writes the
 //!   predicted class of every image as a float32 NPY vector, for
 //!   comparisons with other runtimes (`scripts/eval_vs_onnxruntime.py`).
+//! - `qint8 zoo ARCH -o OUT.onnx [--width W] [--resolution R] [--channels C]
+//!   [--classes K] [--seed S]`: writes ResNet-50, VGG-16(-BN) or
+//!   EfficientNet-B0 with torchvision's topology and seeded random weights.
 //!
 //! The global `--threads N` sets the worker threads (default: the number of
 //! available cores). Errors are printed with their causes to stderr and
@@ -36,6 +39,7 @@ mod eval;
 mod format;
 mod inspect;
 mod run;
+mod zoo;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::main(args, threads),
         Command::Run(args) => run::main(args, threads),
         Command::Eval(args) => eval::main(args, threads),
+        Command::Zoo(args) => zoo::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -560,3 +560,39 @@ fn usage_errors_exit_with_status_2() {
         assert!(help.contains(sub), "{help}");
     }
 }
+
+#[test]
+fn zoo_writes_a_runnable_model() {
+    let dir = std::env::temp_dir().join(format!("qint8-cli-zoo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("effnet.onnx");
+    let status = Command::new(env!("CARGO_BIN_EXE_qint8"))
+        .args([
+            "zoo",
+            "efficientnet_b0",
+            "--width",
+            "0.25",
+            "--resolution",
+            "64",
+            "--channels",
+            "1",
+            "--classes",
+            "7",
+            "-o",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let model = qint8_graph::onnx::load(&out).unwrap();
+    assert_eq!(model.graph.outputs[0].concrete_shape(2), Some(vec![2, 7]));
+    let bad = Command::new(env!("CARGO_BIN_EXE_qint8"))
+        .args(["zoo", "alexnet", "-o"])
+        .arg(dir.join("x.onnx"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("alexnet"));
+    assert!(!dir.join("x.onnx").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -109,3 +109,53 @@ fn batch_parallel_equals_intra_op() {
         assert!(err <= 1e-5, "{}: {err}", model_path.display());
     }
 }
+
+/// The observer sees the input, every produced tensor once, in execution
+/// order, and the graph output with the values `run` returns.
+#[test]
+fn observer_sees_every_tensor() {
+    let model = qint8_graph::onnx::load(fixtures().join("models/resnet50.onnx")).unwrap();
+    let session = Session::new(
+        &model,
+        SessionOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 1, 32, 32]), |ix| {
+        (ix[2] as f32 - ix[3] as f32) / 32.0
+    });
+    let mut seen: Vec<(String, Vec<usize>, f32)> = Vec::new();
+    let mut obs = |name: &str, shape: &[usize], data: &[f32]| -> Result<(), String> {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
+        seen.push((name.to_string(), shape.to_vec(), data.iter().sum()));
+        Ok(())
+    };
+    let out = session
+        .run_observed(&[("input", x.view())], &mut obs)
+        .unwrap();
+    assert_eq!(seen[0].0, "input");
+    let names: std::collections::HashSet<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(names.len(), seen.len(), "each tensor once");
+    // Every Conv/Relu/Add output the plan materializes is observable: at least one per bottleneck.
+    assert!(seen.len() > 30, "{} tensors", seen.len());
+    let last = seen
+        .iter()
+        .find(|s| s.0 == "logits")
+        .expect("graph output observed");
+    assert_eq!(last.1, vec![2, 10]);
+    assert!((last.2 - out[0].sum()).abs() <= 1e-4 * out[0].iter().map(|v| v.abs()).sum::<f32>());
+    // An observer error stops the run.
+    let mut stop = |name: &str, _: &[usize], _: &[f32]| -> Result<(), String> {
+        if name == "logits" {
+            Err("stop here".into())
+        } else {
+            Ok(())
+        }
+    };
+    let err = session
+        .run_observed(&[("input", x.view())], &mut stop)
+        .unwrap_err();
+    assert!(err.to_string().contains("stop here"), "{err}");
+}
