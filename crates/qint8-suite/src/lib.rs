@@ -80,3 +80,33 @@ pub fn relative_max_error(reference: &[f32], got: &[f32]) -> f32 {
     }
     err / scale
 }
+
+/// The first output of `model` run by qint8 (2 threads) on `x` fed to `input`.
+pub fn qint8_output(
+    model: &qint8_graph::Model,
+    input: &str,
+    x: ndarray::ArrayViewD<'_, f32>,
+) -> Result<ndarray::ArrayD<f32>, qint8_runtime::RuntimeError> {
+    let opts = qint8_runtime::SessionOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let session = qint8_runtime::Session::new(model, opts)?;
+    Ok(session.run(&[(input, x)])?.swap_remove(0))
+}
+
+/// The first output of the ONNX file `model` run by onnxruntime (2 threads)
+/// on `x`, exchanged through NPY files named after `tag` in `dir`.
+pub fn onnxruntime_output(
+    model: &Path,
+    x: &ndarray::ArrayD<f32>,
+    dir: &Path,
+    tag: &str,
+) -> Result<ndarray::ArrayD<f32>, String> {
+    use qint8_calibration::dataset::npy::{read_npy_f32, write_npy_f32};
+    let input = dir.join(format!("{tag}.x.npy"));
+    let output = dir.join(format!("{tag}.y.npy"));
+    write_npy_f32(&input, x).map_err(|e| e.to_string())?;
+    onnxruntime_run(model, &input, &output, 2)?;
+    read_npy_f32(&output).map_err(|e| e.to_string())
+}

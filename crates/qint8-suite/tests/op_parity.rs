@@ -3,10 +3,8 @@
 //! by both on the same random input. Skipped, with a note, without onnxruntime.
 
 use ndarray::{ArrayD, IxDyn};
-use qint8_calibration::dataset::npy::{read_npy_f32, write_npy_f32};
 use qint8_graph::ops::{AutoPad, ConvAttrs, PoolAttrs};
 use qint8_graph::{Graph, Model, Node, Op, Tensor, ValueInfo};
-use qint8_runtime::{Session, SessionOptions};
 use qint8_suite::relative_max_error;
 
 fn values(shape: &[usize], seed: u64, scale: f32) -> ArrayD<f32> {
@@ -367,23 +365,14 @@ fn every_operator_matches_onnxruntime() {
         let path = dir.join(format!("{}.onnx", c.name));
         qint8_graph::onnx::save(&model, &path).unwrap();
         let x = values(&c.input, 100 + i as u64, 3.0);
-        let input = dir.join(format!("{}.x.npy", c.name));
-        write_npy_f32(&input, &x).unwrap();
-        let out = dir.join(format!("{}.y.npy", c.name));
-        if let Err(e) = qint8_suite::onnxruntime_run(&path, &input, &out, 2) {
-            failures.push(format!("{}: onnxruntime failed: {e}", c.name));
-            continue;
-        }
-        let expect = read_npy_f32(&out).unwrap();
-        let session = Session::new(
-            &model,
-            SessionOptions {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let got = session.run(&[("x", x.view())]).unwrap();
+        let expect = match qint8_suite::onnxruntime_output(&path, &x, &dir, c.name) {
+            Ok(y) => y,
+            Err(e) => {
+                failures.push(format!("{}: onnxruntime failed: {e}", c.name));
+                continue;
+            }
+        };
+        let got = [qint8_suite::qint8_output(&model, "x", x.view()).unwrap()];
         if got[0].shape() != expect.shape() {
             failures.push(format!(
                 "{}: shape {:?} vs {:?}",

@@ -16,19 +16,11 @@ fn fixtures_match_stored_onnxruntime_outputs() {
     for e in entries {
         let model_path = fixtures().join("models").join(e["model"].as_str().unwrap());
         let model = qint8_graph::onnx::load(&model_path).unwrap();
-        let session = Session::new(
-            &model,
-            SessionOptions {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
         let x = read_npy_f32(dir.join(e["input"].as_str().unwrap())).unwrap();
         let expect = read_npy_f32(dir.join(e["output"].as_str().unwrap())).unwrap();
-        let out = session
-            .run(&[(e["input_name"].as_str().unwrap(), x.view())])
-            .unwrap();
+        let out = [
+            qint8_suite::qint8_output(&model, e["input_name"].as_str().unwrap(), x.view()).unwrap(),
+        ];
         assert_eq!(out[0].shape(), expect.shape());
         let err = relative_max_error(expect.as_slice().unwrap(), out[0].as_slice().unwrap());
         assert!(err <= 1e-4, "{}: relative max error {err}", e["model"]);
@@ -50,22 +42,10 @@ fn fixtures_match_live_onnxruntime() {
         let k = ix[0] * 1024 + ix[2] * 32 + ix[3];
         ((k * 7919) % 1000) as f32 / 250.0 - 2.0
     });
-    let input = dir.join("x.npy");
-    qint8_calibration::dataset::npy::write_npy_f32(&input, &x).unwrap();
     for model_path in qint8_suite::fixture_models() {
-        let out = dir.join("y.npy");
-        qint8_suite::onnxruntime_run(&model_path, &input, &out, 2).unwrap();
-        let expect = read_npy_f32(&out).unwrap();
+        let expect = qint8_suite::onnxruntime_output(&model_path, &x, &dir, "fixture").unwrap();
         let model = qint8_graph::onnx::load(&model_path).unwrap();
-        let session = Session::new(
-            &model,
-            SessionOptions {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let got = session.run(&[("input", x.view())]).unwrap();
+        let got = [qint8_suite::qint8_output(&model, "input", x.view()).unwrap()];
         let err = relative_max_error(expect.as_slice().unwrap(), got[0].as_slice().unwrap());
         assert!(
             err <= 1e-4,

@@ -2,9 +2,7 @@
 //! ONNX, run by onnxruntime and by qint8 on the same random input.
 //! Skipped, with a note, when onnxruntime is not installed; CI installs it.
 
-use qint8_calibration::dataset::npy::{read_npy_f32, write_npy_f32};
 use qint8_graph::zoo::{self, ZooConfig};
-use qint8_runtime::{Session, SessionOptions};
 use qint8_suite::relative_max_error;
 
 fn check(cfg: ZooConfig, batch: usize) {
@@ -19,20 +17,8 @@ fn check(cfg: ZooConfig, batch: usize) {
         let k = ((ix[0] * 131 + ix[1] * 71 + ix[2] * 31 + ix[3] * 7) % 997) as f32;
         k / 498.5 - 1.0
     });
-    let input = dir.join("x.npy");
-    write_npy_f32(&input, &x).unwrap();
-    let out = dir.join("y.npy");
-    qint8_suite::onnxruntime_run(&path, &input, &out, 2).unwrap();
-    let expect = read_npy_f32(&out).unwrap();
-    let session = Session::new(
-        &model,
-        SessionOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let got = session.run(&[("input", x.view())]).unwrap();
+    let expect = qint8_suite::onnxruntime_output(&path, &x, &dir, name).unwrap();
+    let got = [qint8_suite::qint8_output(&model, "input", x.view()).unwrap()];
     assert_eq!(got[0].shape(), expect.shape());
     let err = relative_max_error(expect.as_slice().unwrap(), got[0].as_slice().unwrap());
     let _ = std::fs::remove_dir_all(&dir);
