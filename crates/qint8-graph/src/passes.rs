@@ -88,7 +88,8 @@ pub fn fold_constants(g: &mut Graph) -> Result<usize> {
                 ValueShape {
                     dtype: t.dtype(),
                     shape: t.shape().to_vec(),
-                    value: Some(t.clone()),
+                    // Weights are never folded: no copy of them.
+                    value: (t.len() <= shape::MAX_FOLD_ELEMENTS).then(|| t.clone()),
                 },
             )
         })

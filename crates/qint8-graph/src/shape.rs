@@ -32,7 +32,7 @@ macro_rules! map_each {
 }
 
 /// Constants above this many elements are not materialized by inference.
-const MAX_FOLD_ELEMENTS: usize = 1 << 16;
+pub(crate) const MAX_FOLD_ELEMENTS: usize = 1 << 16;
 
 /// What inference knows about a value.
 #[derive(Debug, Clone, PartialEq)]
