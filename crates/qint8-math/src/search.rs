@@ -248,6 +248,11 @@ pub fn entropy_divergence(b: &[f64], i: usize, levels: usize) -> f64 {
     }
     let ps: f64 = p.iter().sum();
     let qs: f64 = q.iter().sum();
+    if qs == 0.0 {
+        // Every kept bin is empty: all of P's mass (the outliers) sits where
+        // Q has none.
+        return f64::INFINITY;
+    }
     let mut kl = 0.0;
     for j in 0..i {
         let pj = p[j] / ps;

@@ -301,8 +301,12 @@ fn naive_entropy(
             .collect();
         let ps: f64 = p.iter().sum();
         let qs: f64 = q.iter().sum();
-        let mut kl = 0.0;
+        // No mass kept at all: P's outliers sit where Q is empty.
+        let mut kl = if qs == 0.0 { f64::INFINITY } else { 0.0 };
         for j in 0..i {
+            if qs == 0.0 {
+                break;
+            }
             let pj = p[j] / ps;
             if pj > 0.0 {
                 let qj = q[j] / qs;

@@ -188,7 +188,7 @@ impl Conv2d {
         }
     }
 
-    /// A 1x1 convolution with stride > 1 and no padding, ungrouped.
+    /// A 1x1 convolution with stride > 1 that reads no padding, ungrouped.
     fn is_strided_pointwise(&self) -> bool {
         self.kh == 1
             && self.kw == 1
@@ -196,6 +196,9 @@ impl Conv2d {
             && self.pad == (0, 0)
             && self.group == 1
             && self.dilation == (1, 1)
+            // End padding would make outputs read past the input.
+            && (self.oh.max(1) - 1) * self.stride.0 < self.ih
+            && (self.ow.max(1) - 1) * self.stride.1 < self.iw
     }
 
     /// Ungrouped pointwise convolution of `x` laid out `[n, cin, oh * ow]`:
