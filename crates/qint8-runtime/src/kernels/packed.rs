@@ -344,9 +344,13 @@ fn tiled(
                                     base,
                                     offsets: offsets[k0..].as_ptr(),
                                 };
-                                kernel_v::<3, _>(kc, a_blk, b, dst, k0 > 0, last)
+                                kernel(kc, a_blk, b, dst, k0 > 0, last)
                             }
-                            None => kernel(kc, a_blk, b_block(q, jp), dst, k0 > 0, last),
+                            None => {
+                                let b_blk = b_block(q, jp);
+                                debug_assert!(b_blk.len() >= kc * NR);
+                                kernel(kc, a_blk, Packed(b_blk.as_ptr()), dst, k0 > 0, last)
+                            }
                         }
                     };
                 }
@@ -471,14 +475,20 @@ fn pack_b(b: Mat<'_>, j0: usize, nc: usize, k0: usize, kc: usize, out: &mut [f32
 /// per step.
 ///
 /// # Safety
-/// The CPU must support AVX-512F/VL; `a` holds `k * 8` and `b` `k * 24` floats.
+/// The CPU must support AVX-512F/VL; `a` holds `k * 8` floats and `b`
+/// yields `k` rows of `NR` readable floats (the [`BRows`] contract).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn kernel(k: usize, a: &[f32], b: &[f32], dst: Store<'_>, accumulate: bool, last: bool) {
-    debug_assert!(b.len() >= k * NR);
+unsafe fn kernel<B: BRows>(
+    k: usize,
+    a: &[f32],
+    b: B,
+    dst: Store<'_>,
+    accumulate: bool,
+    last: bool,
+) {
     // A narrow last panel (a 7x7 feature map has 49 columns: 24 + 24 + 1)
     // runs only the vectors that hold columns.
-    let b = Packed(b.as_ptr());
     // SAFETY: forwarded; V vectors of 8 lie inside the NR-wide panel.
     unsafe {
         match dst.cols.div_ceil(8) {
@@ -728,11 +738,7 @@ pub fn conv_direct(
                     // inside `padded` (sized above), and A's panel holds k * MR.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        match cols.div_ceil(8) {
-                            1 => kernel_v::<1, _>(k, a.panel(ip), b, store, false, true),
-                            2 => kernel_v::<2, _>(k, a.panel(ip), b, store, false, true),
-                            _ => kernel_v::<3, _>(k, a.panel(ip), b, store, false, true),
-                        }
+                        kernel(k, a.panel(ip), b, store, false, true)
                     };
                 }
             }
