@@ -254,25 +254,42 @@ proptest! {
     }
 }
 
-/// Stride-1 convolutions on large planes (the direct path), with padding,
-/// dilation and every activation.
+/// Convolutions on large planes (the direct path), with padding,
+/// dilation, strides and every activation.
 #[test]
 fn direct_convolution_matches_reference() {
+    // (hw, kernel, stride, dilation, pad, act, cin, cout, group): strided
+    // cases run on phase-split input; groups > 1 take the GEMM paths.
     let cases = [
-        ((30, 29), (3, 3), (1, 1), (1, 1, 1, 1), 1u8, 3, 10),
-        ((33, 40), (5, 5), (1, 1), (2, 2, 2, 2), 2, 5, 17),
-        ((24, 50), (3, 3), (2, 2), (2, 2, 2, 2), 0, 4, 8),
-        ((20, 70), (1, 3), (1, 1), (0, 1, 0, 1), 1, 2, 24),
+        (
+            (30, 29),
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            (1, 1, 1, 1),
+            1u8,
+            3,
+            10,
+            1,
+        ),
+        ((33, 40), (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 2, 5, 17, 1),
+        ((24, 50), (3, 3), (1, 1), (2, 2), (2, 2, 2, 2), 0, 4, 8, 1),
+        ((20, 70), (1, 3), (1, 1), (1, 1), (0, 1, 0, 1), 1, 2, 24, 1),
+        ((64, 71), (7, 7), (2, 2), (1, 1), (3, 3, 3, 3), 1, 3, 9, 1),
+        ((61, 57), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 0, 4, 16, 1),
+        ((40, 101), (3, 3), (1, 3), (1, 2), (0, 2, 1, 0), 2, 3, 8, 1),
+        ((70, 45), (3, 2), (3, 1), (2, 1), (2, 0, 0, 1), 1, 2, 5, 1),
+        ((64, 64), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 1, 2, 3, 2),
     ];
-    for (hw, k, dilation, pad, act, cin, cout) in cases {
+    for (hw, k, stride, dilation, pad, act, cin, cout, group) in cases {
         let c = ConvCase {
             n: 2,
             cin_g: cin,
             cout_g: cout,
-            group: 1,
+            group,
             hw,
             k,
-            stride: (1, 1),
+            stride,
             dilation,
             pad,
             act,

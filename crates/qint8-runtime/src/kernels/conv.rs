@@ -7,9 +7,25 @@ use std::sync::Arc;
 
 use super::gemm::{sgemm, Mat};
 use super::packed::{
-    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, Epilogue, PackedA, NR,
+    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, ConvInput, Epilogue,
+    PackedA, NR,
 };
 use super::{multiversion, Activation};
+
+/// The input a GEMM path reads: the plain `[n, cin, ih, iw]` tensor, or
+/// its phase-split copy (rows of `stride * phase_width` floats).
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    x: &'a [f32],
+    phase_width: Option<usize>,
+}
+
+impl Source<'_> {
+    /// Floats per input row.
+    fn row_len(&self, iw: usize, sw: usize) -> usize {
+        self.phase_width.map_or(iw, |w| w * sw)
+    }
+}
 
 /// A convolution resolved for one input shape, with its weights packed.
 #[derive(Debug, Clone)]
@@ -104,6 +120,46 @@ impl Conv2d {
 
     /// Scratch floats [`Conv2d::run`] needs.
     pub fn scratch_len(&self) -> usize {
+        self.paths_scratch_len() + self.phased_len()
+    }
+
+    /// Width of each stride phase when the GEMM gathers from an input whose
+    /// rows are split by column phase (see [`Conv2d::split_phases`]).
+    fn phase_width(&self) -> Option<usize> {
+        let sw = self.stride.1;
+        (sw > 1
+            && !self.is_depthwise()
+            && !(self.is_strided_pointwise() && self.oh * self.ow >= NR)
+            && conv_source_available())
+        .then(|| self.iw.div_ceil(sw))
+    }
+
+    /// Floats of the phase-split input, or 0.
+    fn phased_len(&self) -> usize {
+        self.phase_width()
+            .map_or(0, |w| self.n * self.cin * self.ih * self.stride.1 * w)
+    }
+
+    /// Writes `x` with every input row reordered by column phase: row
+    /// `[ph * w + t] = x_row[t * sw + ph]` (zero past the row's end), so a
+    /// strided window's taps become contiguous reads for the GEMM's gather.
+    fn split_phases(&self, x: &[f32], out: &mut [f32], w: usize) {
+        let (iw, sw) = (self.iw, self.stride.1);
+        let rows = self.n * self.cin * self.ih;
+        for (src, dst) in x.chunks(iw).zip(out.chunks_mut(sw * w)).take(rows) {
+            for (ph, part) in dst.chunks_mut(w).enumerate() {
+                let mut t = 0;
+                for (d, &v) in part.iter_mut().zip(src.iter().skip(ph).step_by(sw)) {
+                    *d = v;
+                    t += 1;
+                }
+                part[t..].fill(0.0);
+            }
+        }
+    }
+
+    /// Scratch of the convolution paths, without the phase-split input.
+    fn paths_scratch_len(&self) -> usize {
         if self.is_depthwise() {
             return 0;
         }
@@ -180,11 +236,29 @@ impl Conv2d {
             && self.oh * self.ow >= BATCHED_BELOW
             && conv_direct(self, x, res, y, threads)
         {
-            // Stride-1 convolution on large planes: direct, no im2col.
-        } else if self.oh * self.ow < BATCHED_BELOW {
-            self.batched(x, res, y, scratch, threads);
+            // Large planes: direct, no im2col.
         } else {
-            self.per_image(x, res, y, scratch, threads);
+            // Strided windows gather from a phase-split copy of the input.
+            let (scratch, phased) = scratch.split_at_mut(self.paths_scratch_len());
+            let src = match self.phase_width() {
+                Some(w) => {
+                    let phased = &mut phased[..self.phased_len()];
+                    self.split_phases(x, phased, w);
+                    Source {
+                        x: phased,
+                        phase_width: Some(w),
+                    }
+                }
+                None => Source {
+                    x,
+                    phase_width: None,
+                },
+            };
+            if self.oh * self.ow < BATCHED_BELOW {
+                self.batched(src, res, y, scratch, threads);
+            } else {
+                self.per_image(src, res, y, scratch, threads);
+            }
         }
     }
 
@@ -228,7 +302,7 @@ impl Conv2d {
 
     fn per_image(
         &self,
-        x: &[f32],
+        src: Source<'_>,
         res: Option<&[f32]>,
         y: &mut [f32],
         scratch: &mut [f32],
@@ -240,12 +314,13 @@ impl Conv2d {
             self.cout / self.group,
             self.k(),
         );
-        let in_img = self.cin * self.ih * self.iw;
+        let (x, rl) = (src.x, src.row_len(self.iw, self.stride.1));
+        let in_img = self.cin * self.ih * rl;
         for img in 0..self.n {
             let xi = &x[img * in_img..(img + 1) * in_img];
             let yi = &mut y[img * self.cout * p..(img + 1) * self.cout * p];
             for g in 0..self.group {
-                let xg = &xi[g * cin_g * self.ih * self.iw..(g + 1) * cin_g * self.ih * self.iw];
+                let xg = &xi[g * cin_g * self.ih * rl..(g + 1) * cin_g * self.ih * rl];
                 let yg = &mut yi[g * cout_g * p..(g + 1) * cout_g * p];
                 let epi = Epilogue {
                     bias: &self.bias[g * cout_g..(g + 1) * cout_g],
@@ -254,7 +329,20 @@ impl Conv2d {
                 };
                 if !self.is_pointwise() && conv_source_available() {
                     // im2col gathered panel by panel inside the GEMM.
-                    gemm_packed_conv(&self.packed[g], self, xg, 1, in_img, yg, p, epi, threads);
+                    gemm_packed_conv(
+                        &self.packed[g],
+                        self,
+                        ConvInput {
+                            x: xg,
+                            images: 1,
+                            img_stride: in_img,
+                            phase_width: src.phase_width,
+                        },
+                        yg,
+                        p,
+                        epi,
+                        threads,
+                    );
                     continue;
                 }
                 let cols: &[f32] = if self.is_pointwise() {
@@ -278,7 +366,7 @@ impl Conv2d {
 
     fn batched(
         &self,
-        x: &[f32],
+        src: Source<'_>,
         res: Option<&[f32]>,
         y: &mut [f32],
         scratch: &mut [f32],
@@ -291,7 +379,8 @@ impl Conv2d {
             self.k(),
         );
         let np = self.n * p;
-        let in_img = self.cin * self.ih * self.iw;
+        let (x, rl) = (src.x, src.row_len(self.iw, self.stride.1));
+        let in_img = self.cin * self.ih * rl;
         let (cols, prod) = scratch.split_at_mut(k * np);
         for g in 0..self.group {
             // With a residual, the activation waits for the scatter below.
@@ -304,15 +393,18 @@ impl Conv2d {
                     self.act
                 },
             };
-            let xg = &x[g * cin_g * self.ih * self.iw..];
+            let xg = &x[g * cin_g * self.ih * rl..];
             let prod = &mut prod[..cout_g * np];
             if conv_source_available() {
                 gemm_packed_conv(
                     &self.packed[g],
                     self,
-                    xg,
-                    self.n,
-                    in_img,
+                    ConvInput {
+                        x: xg,
+                        images: self.n,
+                        img_stride: in_img,
+                        phase_width: src.phase_width,
+                    },
                     prod,
                     np,
                     epi,

@@ -1,15 +1,17 @@
 //! A packed SGEMM for convolution weights: `C[m x n] = A[m x k] * B[k x n]`
 //! where A (the weights) is packed once at plan time into panels of
 //! [`MR`] rows, and B (im2col columns or a 1x1 convolution's input) is packed
-//! per call into panels of [`NR`] columns. The AVX-512VL microkernel keeps an
-//! 8 x 24 tile of C in 24 registers and runs the whole reduction without
-//! blocking K (a panel of B is at most a few hundred KB, inside L2). Bias and
-//! activation are applied when a tile is written, saving a pass over C.
+//! per call into panels of [`NR`] columns. The AVX-512 microkernel keeps an
+//! 8 x 48 tile of C in 24 registers; the reduction is blocked by [`KC`] so an
+//! A block stays in L1 while B panels stream from L2. Bias and activation
+//! are applied when a tile is written, saving a pass over C.
 //!
 //! On CPUs without AVX-512 the `gemm` crate's kernels are used instead.
 //! [`super::gemm::sgemm_reference`] is the reference both are tested against.
 
+use std::cell::RefCell;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 use super::conv::Conv2d;
 use super::gemm::{sgemm, Mat};
@@ -18,12 +20,13 @@ use qint8_math::kernels::SimdLevel;
 
 /// Rows of A per panel (and of the C tile).
 pub const MR: usize = 8;
-/// Reduction block: a `KC x NR` block of B (24 KB) stays in L1.
+/// Reduction block: a `KC x MR` block of A (8 KB) stays in L1 while the
+/// `KC x NR` blocks of B (48 KB) stream past it from L2.
 const KC: usize = 256;
 /// Packed B floats per L2-resident chunk (512 KB).
 const L2_FLOATS: usize = 1 << 17;
-/// Columns of B per panel (and of the C tile): three 8-float vectors.
-pub const NR: usize = 24;
+/// Columns of B per panel (and of the C tile): three 16-float vectors.
+pub const NR: usize = 48;
 
 /// A matrix packed for [`gemm_packed`]: panels of [`MR`] rows, each stored
 /// `k`-major (`panel[p * MR + i] = A[row0 + i, p]`), zero-padded at the end.
@@ -88,6 +91,34 @@ impl Epilogue<'_> {
         };
         self.act.apply(v)
     }
+}
+
+thread_local! {
+    /// Reused per-thread buffers: packed B panels of one task, B packed for
+    /// all tasks, and a direct convolution's padded input. Reuse keeps large
+    /// per-call allocations (page faults, zeroing) off the hot path.
+    static TASK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SHARED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's buffer `key` (stale
+/// contents: `f` must write before it reads), or on a fresh zeroed buffer
+/// if that one is in use.
+fn with_reused<R>(
+    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Whether the AVX-512 path is available.
@@ -161,19 +192,31 @@ pub fn conv_source_available() -> bool {
     use_avx512()
 }
 
+/// The input [`gemm_packed_conv`] gathers from.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvInput<'a> {
+    /// Image `i` starts at `x[i * img_stride]` and holds the group's
+    /// `cin / group` channels of `ih` rows.
+    pub x: &'a [f32],
+    /// Consecutive images.
+    pub images: usize,
+    /// Floats between images.
+    pub img_stride: usize,
+    /// `None`: rows of `iw` floats. `Some(w)`: rows of `stride_w * w`
+    /// floats, column `ix` at `(ix % stride_w) * w + ix / stride_w`, so a
+    /// strided window's taps are contiguous.
+    pub phase_width: Option<usize>,
+}
+
 /// Convolution as GEMM without an im2col buffer: column `j` of B is output
-/// pixel `j` of `images` consecutive images (input image `i` starts at
-/// `x[i * img_stride]`, holding the group's `cin / group` channels), and
-/// each panel of B is gathered straight from the input while it is used.
+/// pixel `j` of the input's consecutive images, and each panel of B is
+/// gathered straight from the input while it is used.
 /// Returns `false` without computing if [`conv_source_available`] is false
 /// or a buffer is too short.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_packed_conv(
     a: &PackedA,
     conv: &Conv2d,
-    x: &[f32],
-    images: usize,
-    img_stride: usize,
+    input: ConvInput<'_>,
     c: &mut [f32],
     ldc: usize,
     epi: Epilogue<'_>,
@@ -181,14 +224,19 @@ pub fn gemm_packed_conv(
 ) -> bool {
     let (m, k) = (a.m, a.k);
     let p = conv.oh * conv.ow;
-    let n = images * p;
+    let n = input.images * p;
     let cin_g = conv.cin / conv.group;
-    let needed_x = if images == 0 {
+    let sw = conv.stride.1;
+    let row_len = input.phase_width.map_or(conv.iw, |w| w * sw);
+    let needed_x = if input.images == 0 {
         0
     } else {
-        (images - 1) * img_stride + cin_g * conv.ih * conv.iw
+        (input.images - 1) * input.img_stride + cin_g * conv.ih * row_len
     };
-    if !use_avx512() || k != cin_g * conv.kh * conv.kw || x.len() < needed_x {
+    let phases_fit = input
+        .phase_width
+        .is_none_or(|w| sw > 0 && w >= conv.iw.div_ceil(sw));
+    if !use_avx512() || k != cin_g * conv.kh * conv.kw || input.x.len() < needed_x || !phases_fit {
         return false;
     }
     if m == 0 || n == 0 {
@@ -198,7 +246,7 @@ pub fn gemm_packed_conv(
         return false;
     }
     tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
-        pack_conv(conv, x, img_stride, j0, nc, k0, kc, out)
+        pack_conv(conv, input, j0, nc, k0, kc, out)
     });
     true
 }
@@ -244,11 +292,10 @@ fn tiled(
     } else {
         (l2_chunk.min(n_panels.div_ceil(want)).max(1), 1)
     };
-    let n_chunks = n_panels.div_ceil(chunk);
     // When tasks split A, pack B once for all of them (in parallel by panel)
     // instead of once per task.
-    let shared: Option<Vec<f32>> = (m_split > 1).then(|| {
-        let mut all = vec![0.0f32; n_panels * k * NR];
+    let shared_len = if m_split > 1 { n_panels * k * NR } else { 0 };
+    with_reused(&SHARED_B, shared_len, |all| {
         let fill = |jp: usize, panel: &mut [f32]| {
             if direct.is_none() || NR.min(n - jp * NR) < NR {
                 pack(jp * NR, NR.min(n - jp * NR), 0, k, panel);
@@ -264,10 +311,36 @@ fn tiled(
                 .enumerate()
                 .for_each(|(jp, p)| fill(jp, p));
         }
-        all
+        let shared = (m_split > 1).then_some(&*all);
+        tiles(
+            a, n, c, ldc, epi, parallel, direct, &pack, shared, chunk, m_split,
+        );
     });
+}
+
+/// The task loop of [`tiled`]: `shared` holds B packed for every task, or
+/// each task packs its own chunk of B panels.
+#[allow(clippy::too_many_arguments)]
+fn tiles(
+    a: &PackedA,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+    parallel: bool,
+    direct: Option<(SendConst, usize)>,
+    pack: &(impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync),
+    shared: Option<&[f32]>,
+    chunk: usize,
+    m_split: usize,
+) {
+    let (m, k) = (a.m, a.k);
+    let m_panels = m.div_ceil(MR);
+    let n_panels = n.div_ceil(NR);
+    let n_chunks = n_panels.div_ceil(chunk);
     let m_per = m_panels.div_ceil(m_split);
     let tasks = n_chunks * m_split;
+    let b_outer = m < n && m_panels <= 16;
     let c_ptr = SendPtr(c.as_mut_ptr());
     // Offsets of B's rows for in-place reads.
     let offsets: Vec<usize> = direct
@@ -284,40 +357,40 @@ fn tiled(
                 .filter(|_| nc == NR)
                 .map(|(ptr, _)| ptr.get().wrapping_add(j0))
         };
-        let mut bp = if shared.is_some() {
-            Vec::new()
+        let bp_len = if shared.is_some() {
+            0
         } else {
-            vec![0.0f32; jps.len() * KC.min(k) * NR]
+            jps.len() * KC.min(k) * NR
         };
-        let mut k0 = 0;
-        while k0 < k {
-            let kc = KC.min(k - k0);
-            if shared.is_none() {
-                for (q, jp) in jps.clone().enumerate() {
-                    if in_place(jp).is_none() {
-                        pack(
-                            jp * NR,
-                            NR.min(n - jp * NR),
-                            k0,
-                            kc,
-                            &mut bp[q * kc * NR..(q + 1) * kc * NR],
-                        );
+        with_reused(&TASK_B, bp_len, |bp| {
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                if shared.is_none() {
+                    for (q, jp) in jps.clone().enumerate() {
+                        if in_place(jp).is_none() {
+                            pack(
+                                jp * NR,
+                                NR.min(n - jp * NR),
+                                k0,
+                                kc,
+                                &mut bp[q * kc * NR..(q + 1) * kc * NR],
+                            );
+                        }
                     }
                 }
-            }
-            // Block `q`'s packed rows k0..k0+kc: per task, or from the shared packing.
-            let b_block = |q: usize, jp: usize| -> &[f32] {
-                match &shared {
-                    Some(all) => &all[jp * k * NR + k0 * NR..jp * k * NR + (k0 + kc) * NR],
-                    None => &bp[q * kc * NR..(q + 1) * kc * NR],
-                }
-            };
-            let last = k0 + kc == k;
-            for ip in ips.clone() {
-                let i0 = ip * MR;
-                let rows = MR.min(m - i0);
-                let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
-                for (q, jp) in jps.clone().enumerate() {
+                // Block `q`'s packed rows k0..k0+kc: per task, or from the shared packing.
+                let b_block = |q: usize, jp: usize| -> &[f32] {
+                    match &shared {
+                        Some(all) => &all[jp * k * NR + k0 * NR..jp * k * NR + (k0 + kc) * NR],
+                        None => &bp[q * kc * NR..(q + 1) * kc * NR],
+                    }
+                };
+                let last = k0 + kc == k;
+                let tile = |ip: usize, q: usize, jp: usize| {
+                    let i0 = ip * MR;
+                    let rows = MR.min(m - i0);
+                    let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
                     let j0 = jp * NR;
                     let dst = Store {
                         // SAFETY: rows i0..i0+rows <= m and columns j0..j0+nc <= n
@@ -333,7 +406,7 @@ fn tiled(
                         bias: &epi.bias[i0..i0 + rows],
                         act: epi.act,
                     };
-                    // SAFETY: AVX-512F/VL are available (callers check
+                    // SAFETY: AVX-512F is available (callers check
                     // use_avx512); the blocks hold kc * MR and kc * NR floats
                     // (or, in place, B's rows hold NR floats from each offset).
                     #[cfg(target_arch = "x86_64")]
@@ -353,10 +426,27 @@ fn tiled(
                             }
                         }
                     };
+                };
+                if b_outer {
+                    // Few A panels (few rows of C written at once): each B
+                    // panel is fetched once and serves them all from L2 (a
+                    // chunk read in place with a large row stride would not
+                    // stay in L2 across A panels).
+                    for (q, jp) in jps.clone().enumerate() {
+                        for ip in ips.clone() {
+                            tile(ip, q, jp);
+                        }
+                    }
+                } else {
+                    for ip in ips.clone() {
+                        for (q, jp) in jps.clone().enumerate() {
+                            tile(ip, q, jp);
+                        }
+                    }
                 }
+                k0 += kc;
             }
-            k0 += kc;
-        }
+        });
     };
     if tasks > 1 && parallel {
         use rayon::prelude::*;
@@ -368,12 +458,11 @@ fn tiled(
 
 /// Gathers columns `j0..j0 + nc` of a convolution's im2col matrix into a
 /// packed panel (`out[r * NR + j]`), zero-padding to [`NR`] columns. Runs
-/// of columns on one output row read contiguous input for stride 1.
-#[allow(clippy::too_many_arguments)]
+/// of columns on one output row read contiguous input for stride 1 and for
+/// phase-split input.
 fn pack_conv(
     cv: &Conv2d,
-    x: &[f32],
-    img_stride: usize,
+    input: ConvInput<'_>,
     j0: usize,
     nc: usize,
     k0: usize,
@@ -411,8 +500,24 @@ fn pack_conv(
                 d.fill(0.0);
                 continue;
             }
-            let row = &x[img * img_stride + (ci * ih + iy as usize) * iw..][..iw];
             let ix0 = (ox * sw + kj * dw) as isize - pl;
+            if let Some(w) = input.phase_width {
+                let row =
+                    &input.x[input.img_stride * img + (ci * ih + iy as usize) * sw * w..][..sw * w];
+                // Tap t reads column ix0 + t * sw: phase `ph`, index t0 + t.
+                let (ph, t0) = (ix0.rem_euclid(sw as isize), ix0.div_euclid(sw as isize));
+                let in_phase = ((iw as isize - ph).max(0) as usize).div_ceil(sw) as isize;
+                let lo = (-t0).clamp(0, len as isize) as usize;
+                let hi = (in_phase - t0).clamp(lo as isize, len as isize) as usize;
+                d[..lo].fill(0.0);
+                d[hi..].fill(0.0);
+                if hi > lo {
+                    let s0 = ph as usize * w + (t0 + lo as isize) as usize;
+                    d[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                }
+                continue;
+            }
+            let row = &input.x[img * input.img_stride + (ci * ih + iy as usize) * iw..][..iw];
             if sw == 1 {
                 // Valid t: 0 <= ix0 + t < iw.
                 let lo = (-ix0).clamp(0, len as isize) as usize;
@@ -467,18 +572,18 @@ fn pack_b(b: Mat<'_>, j0: usize, nc: usize, k0: usize, kc: usize, out: &mut [f32
     }
 }
 
-/// The 8 x 24 microkernel: `tile = A_panel (8 x k) * B_panel (k x 24)`,
-/// with 256-bit vectors. Zen 4 splits 512-bit operations in two; 256-bit
-/// FMAs issue two per cycle from the 32 registers AVX-512VL provides,
-/// which measured faster here than 16 x 16 or 8 x 32 tiles of 512-bit
-/// vectors: 24 accumulators, three loads of B and eight broadcasts of A
-/// per step.
+/// The 8 x 48 microkernel: `tile = A_panel (8 x k) * B_panel (k x 48)`,
+/// with 512-bit vectors: 24 accumulators, three loads of B and eight
+/// broadcasts of A per step. Zen 4 splits 512-bit FMAs in two, yet they
+/// still run at the full FMA rate with half the loads and instructions of
+/// 256-bit ones; measured in isolation on L1-resident panels, 8 x 48 zmm
+/// reached 97% of the FMA peak and 8 x 24 ymm under 65%.
 ///
 /// # Safety
-/// The CPU must support AVX-512F/VL; `a` holds `k * 8` floats and `b`
+/// The CPU must support AVX-512F; `a` holds `k * 8` floats and `b`
 /// yields `k` rows of `NR` readable floats (the [`BRows`] contract).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn kernel<B: BRows>(
     k: usize,
     a: &[f32],
@@ -487,11 +592,22 @@ unsafe fn kernel<B: BRows>(
     accumulate: bool,
     last: bool,
 ) {
-    // A narrow last panel (a 7x7 feature map has 49 columns: 24 + 24 + 1)
-    // runs only the vectors that hold columns.
-    // SAFETY: forwarded; V vectors of 8 lie inside the NR-wide panel.
+    // A narrow last panel (a 7x7 feature map has 49 columns: 48 + 1)
+    // runs only the vectors that hold columns; a few columns go through
+    // the column kernel instead of a mostly masked vector.
+    // SAFETY: forwarded; V vectors of 16 (or N columns) lie inside the
+    // NR-wide panel.
     unsafe {
-        match dst.cols.div_ceil(8) {
+        match dst.cols {
+            1 => return kernel_cols::<1, _>(k, a, b, dst, accumulate, last),
+            2 => return kernel_cols::<2, _>(k, a, b, dst, accumulate, last),
+            3 => return kernel_cols::<3, _>(k, a, b, dst, accumulate, last),
+            4 => return kernel_cols::<4, _>(k, a, b, dst, accumulate, last),
+            5 => return kernel_cols::<5, _>(k, a, b, dst, accumulate, last),
+            6 => return kernel_cols::<6, _>(k, a, b, dst, accumulate, last),
+            _ => {}
+        }
+        match dst.cols.div_ceil(16) {
             1 => kernel_v::<1, _>(k, a, b, dst, accumulate, last),
             2 => kernel_v::<2, _>(k, a, b, dst, accumulate, last),
             _ => kernel_v::<3, _>(k, a, b, dst, accumulate, last),
@@ -507,6 +623,9 @@ unsafe fn kernel<B: BRows>(
 unsafe trait BRows: Copy {
     /// Start of row `p`.
     fn row(self, p: usize) -> *const f32;
+    /// Whether the kernel should prefetch the next tile's part of each row
+    /// (rows far apart defeat the hardware prefetchers).
+    const PREFETCH_NEXT: bool = false;
 }
 
 /// A packed panel: rows `NR` floats apart.
@@ -532,6 +651,7 @@ struct Direct {
 // SAFETY: `conv_direct` sizes the padded image so every offset plus NR is
 // inside it; `gemm_packed` reads in place only full tiles of a checked B.
 unsafe impl BRows for Direct {
+    const PREFETCH_NEXT: bool = true;
     #[inline(always)]
     fn row(self, p: usize) -> *const f32 {
         // SAFETY: p < k = number of offsets.
@@ -553,12 +673,12 @@ struct Store<'a> {
     act: Activation,
 }
 
-/// The microkernel with `V` vectors of 8 columns (see [`kernel`]).
+/// The microkernel with `V` vectors of 16 columns (see [`kernel`]).
 ///
 /// # Safety
-/// As [`kernel`]; `V <= NR / 8`.
+/// As [`kernel`]; `V <= NR / 16`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn kernel_v<const V: usize, B: BRows>(
     k: usize,
     a: &[f32],
@@ -568,33 +688,39 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
     last: bool,
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= k * MR && V * 8 <= NR);
-    let mask = |v: usize| ((1u16 << st.cols.saturating_sub(8 * v).min(8)) - 1) as u8;
-    let mut acc = [[_mm256_setzero_ps(); V]; MR];
+    debug_assert!(a.len() >= k * MR && V * 16 <= NR);
+    let mask = |v: usize| ((1u32 << st.cols.saturating_sub(16 * v).min(16)) - 1) as u16;
+    let mut acc = [[_mm512_setzero_ps(); V]; MR];
     if accumulate {
         // Partial sums of earlier reduction blocks, kept in C.
         for (i, c) in acc.iter_mut().enumerate().take(st.rows) {
             for (v, cv) in c.iter_mut().enumerate() {
                 // SAFETY: row i < rows and the masked columns lie in C.
-                *cv = unsafe { _mm256_maskz_loadu_ps(mask(v), st.c.add(i * st.ldc + 8 * v)) };
+                *cv = unsafe { _mm512_maskz_loadu_ps(mask(v), st.c.add(i * st.ldc + 16 * v)) };
             }
         }
     }
     let ap = a.as_ptr();
     for p in 0..k {
         // SAFETY: p < k, so every read is inside A's panel; `b.row(p)`
-        // points at V * 8 readable floats (the BRows contract).
+        // points at V * 16 readable floats (the BRows contract).
         unsafe {
             let row = b.row(p);
-            let mut bv = [_mm256_setzero_ps(); V];
+            if B::PREFETCH_NEXT {
+                for v in 0..V {
+                    // A hint only: never faults, even past the buffer.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR + 16 * v) as *const i8);
+                }
+            }
+            let mut bv = [_mm512_setzero_ps(); V];
             for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm256_loadu_ps(row.add(8 * v));
+                *x = _mm512_loadu_ps(row.add(16 * v));
             }
             let a_row = ap.add(p * MR);
             for (i, c) in acc.iter_mut().enumerate() {
-                let x = _mm256_set1_ps(*a_row.add(i));
+                let x = _mm512_set1_ps(*a_row.add(i));
                 for v in 0..V {
-                    c[v] = _mm256_fmadd_ps(x, bv[v], c[v]);
+                    c[v] = _mm512_fmadd_ps(x, bv[v], c[v]);
                 }
             }
         }
@@ -603,7 +729,7 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
         for (i, c) in acc.into_iter().enumerate().take(st.rows) {
             for (v, cv) in c.into_iter().enumerate() {
                 // SAFETY: row i < rows and the masked columns lie in C.
-                unsafe { _mm256_mask_storeu_ps(st.c.add(i * st.ldc + 8 * v), mask(v), cv) };
+                unsafe { _mm512_mask_storeu_ps(st.c.add(i * st.ldc + 16 * v), mask(v), cv) };
             }
         }
         return;
@@ -615,48 +741,117 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
         Activation::Relu => (0.0, f32::INFINITY),
         Activation::Clip(lo, hi) => (lo, hi),
     };
-    let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let clamp = !matches!(st.act, Activation::None);
     for (i, c) in acc.into_iter().enumerate().take(st.rows) {
-        let b = _mm256_set1_ps(st.bias[i]);
+        let b = _mm512_set1_ps(st.bias[i]);
         for (v, cv) in c.into_iter().enumerate() {
-            let mut y = _mm256_add_ps(cv, b);
-            let valid = st.cols.saturating_sub(8 * v).min(8);
+            let mut y = _mm512_add_ps(cv, b);
             let mask = mask(v);
             if !st.res.is_null() {
                 // SAFETY: the residual has C's layout; the mask keeps the
                 // load inside the tile's valid columns.
-                y = _mm256_add_ps(y, unsafe {
-                    _mm256_maskz_loadu_ps(mask, st.res.add(i * st.ldc + 8 * v))
+                y = _mm512_add_ps(y, unsafe {
+                    _mm512_maskz_loadu_ps(mask, st.res.add(i * st.ldc + 16 * v))
                 });
             }
             if clamp {
-                y = _mm256_min_ps(hi, _mm256_max_ps(lo, y));
+                y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
             }
-            // SAFETY: row i < rows and columns 8v..8v+valid < cols lie in C
-            // (see `tiled`); the mask keeps the store inside them.
+            // SAFETY: row i < rows and the columns under the mask (< cols)
+            // lie in C (see `tiled`); the mask keeps the store inside them.
             unsafe {
-                let dst = st.c.add(i * st.ldc + 8 * v);
-                if valid == 8 {
-                    _mm256_storeu_ps(dst, y);
+                let dst = st.c.add(i * st.ldc + 16 * v);
+                if mask == u16::MAX {
+                    _mm512_storeu_ps(dst, y);
                 } else {
-                    _mm256_mask_storeu_ps(dst, mask, y);
+                    _mm512_mask_storeu_ps(dst, mask, y);
                 }
             }
         }
     }
 }
 
-/// Whether [`conv_direct`] can run `cv`: stride-1, ungrouped convolutions on
-/// a CPU with the AVX-512 microkernel.
-pub fn direct_available(cv: &Conv2d) -> bool {
-    use_avx512() && cv.stride == (1, 1) && cv.group == 1 && cv.packed.len() == 1
+/// The microkernel for a tile of `N` (< 8) columns: vectors run down the
+/// panel's 8 rows instead of across columns, so each step is one load of A
+/// and `N` broadcasts of B rather than 8 mostly masked 16-wide FMAs. Each
+/// output still sums its products in order with FMA, as [`kernel_v`] does.
+///
+/// # Safety
+/// As [`kernel`]; `st.cols == N`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn kernel_cols<const N: usize, B: BRows>(
+    k: usize,
+    a: &[f32],
+    b: B,
+    st: Store<'_>,
+    accumulate: bool,
+    last: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= k * MR && st.cols == N && MR == 8);
+    let mut acc = [_mm256_setzero_ps(); N];
+    if accumulate {
+        for (c, v) in acc.iter_mut().enumerate() {
+            let mut col = [0.0f32; MR];
+            for (i, x) in col.iter_mut().enumerate().take(st.rows) {
+                // SAFETY: row i < rows and column c < cols lie in C.
+                *x = unsafe { *st.c.add(i * st.ldc + c) };
+            }
+            // SAFETY: `col` holds 8 floats.
+            *v = unsafe { _mm256_loadu_ps(col.as_ptr()) };
+        }
+    }
+    let ap = a.as_ptr();
+    for p in 0..k {
+        // SAFETY: p < k, so the 8 floats of A's row p are inside the panel;
+        // `b.row(p)` points at NR >= N readable floats.
+        unsafe {
+            let av = _mm256_loadu_ps(ap.add(p * MR));
+            let row = b.row(p);
+            for (c, v) in acc.iter_mut().enumerate() {
+                *v = _mm256_fmadd_ps(av, _mm256_set1_ps(*row.add(c)), *v);
+            }
+        }
+    }
+    for (c, v) in acc.into_iter().enumerate() {
+        let mut col = [0.0f32; MR];
+        // SAFETY: `col` holds 8 floats.
+        unsafe { _mm256_storeu_ps(col.as_mut_ptr(), v) };
+        for (i, &x) in col.iter().enumerate().take(st.rows) {
+            let at = i * st.ldc + c;
+            let y = if last {
+                let y = x + st.bias[i];
+                // SAFETY: the residual has C's layout; (i, c) is in the tile.
+                let y = if st.res.is_null() {
+                    y
+                } else {
+                    y + unsafe { *st.res.add(at) }
+                };
+                st.act.apply(y)
+            } else {
+                x
+            };
+            // SAFETY: row i < rows and column c < cols lie in C.
+            unsafe { *st.c.add(at) = y };
+        }
+    }
 }
 
-/// Direct convolution for stride 1: each tile (8 output channels x up to 24
-/// pixels of one output row) reads its B rows straight from a zero-padded
-/// copy of the input, so no im2col or packing pass touches memory. Callers
-/// check [`direct_available`]; returns `false` without computing otherwise.
+/// Whether [`conv_direct`] can run `cv`: ungrouped convolutions on a CPU
+/// with the AVX-512 microkernel.
+pub fn direct_available(cv: &Conv2d) -> bool {
+    use_avx512() && cv.group == 1 && cv.packed.len() == 1
+}
+
+/// Direct convolution: each tile (8 output channels x up to 48 pixels of
+/// one output row) reads its B rows straight from a zero-padded copy of the
+/// input, so no im2col or packing pass touches memory. For a column stride
+/// `sw > 1` the copy's rows are split by column phase (see
+/// [`ConvInput::phase_width`]), which makes every tap's pixels contiguous.
+/// Callers check [`direct_available`]; returns `false` without computing
+/// otherwise.
 pub fn conv_direct(
     cv: &Conv2d,
     x: &[f32],
@@ -669,10 +864,19 @@ pub fn conv_direct(
     }
     let a = &cv.packed[0];
     let (cin, ih, iw, oh, ow) = (cv.cin, cv.ih, cv.iw, cv.oh, cv.ow);
+    let (sh, sw) = cv.stride;
     let (dh, dw) = cv.dilation;
     let (pt, pl) = cv.pad;
-    let ph = (oh + dh * (cv.kh - 1)).max(ih + pt);
-    let pw = (ow + dw * (cv.kw - 1)).max(iw + pl);
+    if sh == 0 || sw == 0 || oh == 0 || ow == 0 {
+        return false;
+    }
+    // Padded extent every window reads, and the phase-split row layout:
+    // padded column `c` lives at `(c % sw) * pw + c / sw` of a row of `rl`.
+    let ph = ((oh - 1) * sh + dh * (cv.kh - 1) + 1).max(ih + pt);
+    let pw = ((ow - 1) * sw + dw * (cv.kw - 1) + 1)
+        .max(iw + pl)
+        .div_ceil(sw);
+    let rl = sw * pw;
     let k = a.k;
     if x.len() < cv.n * cin * ih * iw
         || y.len() < cv.n * cv.cout * oh * ow
@@ -683,74 +887,110 @@ pub fn conv_direct(
     let offsets: Vec<usize> = (0..k)
         .map(|r| {
             let (ci, ki, kj) = (r / (cv.kh * cv.kw), (r / cv.kw) % cv.kh, r % cv.kw);
-            ci * ph * pw + ki * dh * pw + kj * dw
+            let c = kj * dw;
+            ci * ph * rl + ki * dh * rl + (c % sw) * pw + c / sw
         })
         .collect();
     let parallel = threads > 1 && !super::is_sequential();
     let m_panels = a.m.div_ceil(MR);
     let segs = ow.div_ceil(NR);
-    for img in 0..cv.n {
-        // Zero-padded image, with NR floats of slack so full-width loads of
-        // the last (masked) columns stay inside the buffer.
-        let mut padded = vec![0.0f32; cin * ph * pw + NR];
-        for ci in 0..cin {
-            for iy in 0..ih {
-                let src = &x[((img * cin + ci) * ih + iy) * iw..][..iw];
-                padded[ci * ph * pw + (iy + pt) * pw + pl..][..iw].copy_from_slice(src);
-            }
-        }
-        let yi = &mut y[img * cv.cout * oh * ow..(img + 1) * cv.cout * oh * ow];
-        let c_ptr = SendPtr(yi.as_mut_ptr());
-        let res_img = res.map(|r| SendConst(r[img * cv.cout * oh * ow..].as_ptr()));
-        let pad_ptr = SendConst(padded.as_ptr());
-        // Tasks: output rows, split over channel panels when rows are few.
-        let want = if parallel { 4 * threads } else { 1 };
-        let m_split = want.div_ceil(oh).clamp(1, m_panels);
-        let m_per = m_panels.div_ceil(m_split);
-        let run = |t: usize| {
-            let (oy, ms) = (t / m_split, t % m_split);
-            for seg in 0..segs {
-                let ox0 = seg * NR;
-                let cols = NR.min(ow - ox0);
-                let b = Direct {
-                    base: pad_ptr.get().wrapping_add(oy * pw + ox0),
-                    offsets: offsets.as_ptr(),
-                };
-                for ip in ms * m_per..((ms + 1) * m_per).min(m_panels) {
-                    let i0 = ip * MR;
-                    let rows = MR.min(a.m - i0);
-                    let store = Store {
-                        // SAFETY: rows i0..i0+rows < cout and columns
-                        // oy*ow+ox0..+cols < oh*ow lie inside this image's
-                        // output; tasks write disjoint (row, pixel) ranges.
-                        c: unsafe { c_ptr.get().add(i0 * oh * ow + oy * ow + ox0) },
-                        res: res_img.map_or(std::ptr::null(), |r| {
-                            r.get().wrapping_add(i0 * oh * ow + oy * ow + ox0)
-                        }),
-                        ldc: oh * ow,
-                        rows,
-                        cols,
-                        bias: &cv.bias[i0..i0 + rows],
-                        act: cv.act,
+    // Zero-padded image, with NR floats of slack so full-width loads of
+    // the last (masked) columns stay inside the buffer.
+    with_reused(&PADDED, cin * ph * rl + NR, |padded| {
+        padded[cin * ph * rl..].fill(0.0);
+        for img in 0..cv.n {
+            // One padded channel from input channel `ci`.
+            let fill = |ci: usize, plane: &mut [f32]| {
+                for (py, dst) in plane.chunks_mut(rl).enumerate() {
+                    let Some(iy) = py.checked_sub(pt).filter(|&iy| iy < ih) else {
+                        dst.fill(0.0);
+                        continue;
                     };
-                    // SAFETY: AVX-512F/VL are available (direct_available);
-                    // the largest offset plus the tile start plus NR stays
-                    // inside `padded` (sized above), and A's panel holds k * MR.
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        kernel(k, a.panel(ip), b, store, false, true)
-                    };
+                    let src = &x[((img * cin + ci) * ih + iy) * iw..][..iw];
+                    if sw == 1 {
+                        dst[..pl].fill(0.0);
+                        dst[pl..pl + iw].copy_from_slice(src);
+                        dst[pl + iw..].fill(0.0);
+                        continue;
+                    }
+                    // Phase `c % sw` holds padded columns c = t * sw + phase.
+                    for (phase, part) in dst.chunks_mut(pw).enumerate() {
+                        for (t, d) in part.iter_mut().enumerate() {
+                            let c = t * sw + phase;
+                            *d = match c.checked_sub(pl) {
+                                Some(ix) if ix < iw => src[ix],
+                                _ => 0.0,
+                            };
+                        }
+                    }
                 }
+            };
+            let planes = &mut padded[..cin * ph * rl];
+            if parallel && planes.len() >= 1 << 15 {
+                use rayon::prelude::*;
+                planes
+                    .par_chunks_mut(ph * rl)
+                    .enumerate()
+                    .for_each(|(ci, p)| fill(ci, p));
+            } else {
+                planes
+                    .chunks_mut(ph * rl)
+                    .enumerate()
+                    .for_each(|(ci, p)| fill(ci, p));
             }
-        };
-        let tasks = oh * m_split;
-        if tasks > 1 && parallel {
-            use rayon::prelude::*;
-            (0..tasks).into_par_iter().for_each(run);
-        } else {
-            (0..tasks).for_each(run);
+            let yi = &mut y[img * cv.cout * oh * ow..(img + 1) * cv.cout * oh * ow];
+            let c_ptr = SendPtr(yi.as_mut_ptr());
+            let res_img = res.map(|r| SendConst(r[img * cv.cout * oh * ow..].as_ptr()));
+            let pad_ptr = SendConst(padded.as_ptr());
+            // Tasks: output rows, split over channel panels when rows are few.
+            let want = if parallel { 4 * threads } else { 1 };
+            let m_split = want.div_ceil(oh).clamp(1, m_panels);
+            let m_per = m_panels.div_ceil(m_split);
+            let run = |t: usize| {
+                let (oy, ms) = (t / m_split, t % m_split);
+                for seg in 0..segs {
+                    let ox0 = seg * NR;
+                    let cols = NR.min(ow - ox0);
+                    let b = Direct {
+                        base: pad_ptr.get().wrapping_add(oy * sh * rl + ox0),
+                        offsets: offsets.as_ptr(),
+                    };
+                    for ip in ms * m_per..((ms + 1) * m_per).min(m_panels) {
+                        let i0 = ip * MR;
+                        let rows = MR.min(a.m - i0);
+                        let store = Store {
+                            // SAFETY: rows i0..i0+rows < cout and columns
+                            // oy*ow+ox0..+cols < oh*ow lie inside this image's
+                            // output; tasks write disjoint (row, pixel) ranges.
+                            c: unsafe { c_ptr.get().add(i0 * oh * ow + oy * ow + ox0) },
+                            res: res_img.map_or(std::ptr::null(), |r| {
+                                r.get().wrapping_add(i0 * oh * ow + oy * ow + ox0)
+                            }),
+                            ldc: oh * ow,
+                            rows,
+                            cols,
+                            bias: &cv.bias[i0..i0 + rows],
+                            act: cv.act,
+                        };
+                        // SAFETY: AVX-512F is available (direct_available);
+                        // the largest offset plus the tile start plus NR stays
+                        // inside `padded` (sized above), and A's panel holds k * MR.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            kernel(k, a.panel(ip), b, store, false, true)
+                        };
+                    }
+                }
+            };
+            let tasks = oh * m_split;
+            if tasks > 1 && parallel {
+                use rayon::prelude::*;
+                (0..tasks).into_par_iter().for_each(run);
+            } else {
+                (0..tasks).for_each(run);
+            }
         }
-    }
+    });
     true
 }
 

@@ -126,15 +126,19 @@ pub fn global_average(x: &[f32], y: &mut [f32], plane: usize) {
 }
 
 multiversion! {
-    /// Max pooling of one plane: per output row, each window row is folded
-    /// in with bounds checks only at the plane's left and right edges.
+    /// Max pooling of one plane, separably: per output row, the window's
+    /// input rows are folded into one row placed in a `-inf`-padded buffer,
+    /// then the horizontal window is folded at every column and sampled at
+    /// the stride. Both folds run over contiguous memory and vectorize.
+    /// With NaN propagating and `-inf` as the identity, the result equals
+    /// folding the window's valid taps in any order.
     fn max_plane(p: &Pool2d, src: &[f32], out: &mut [f32]) {
         let (ih, iw, ow) = (p.ih, p.iw, p.ow);
         let (sw, dw, pl) = (p.stride.1, p.dilation.1, p.pad.1);
         let span = dw * (p.k.1 - 1);
-        // Output columns whose whole window lies inside the row.
-        let lo = pl.div_ceil(sw).min(ow);
-        let hi = if iw + pl > span { ((iw + pl - span - 1) / sw + 1).clamp(lo, ow) } else { lo };
+        // Columns of the padded row the windows read, and window starts.
+        let starts = (ow.max(1) - 1) * sw + 1;
+        let width = starts + span;
         #[inline(always)]
         fn fold(m: f32, v: f32) -> f32 {
             // NaN wins, as in ONNX Runtime.
@@ -144,31 +148,30 @@ multiversion! {
                 m
             }
         }
+        let mut vrow = vec![f32::NEG_INFINITY; width.max(pl + iw)];
+        let mut hrow = vec![f32::NEG_INFINITY; starts];
         for (oy, orow) in out.chunks_mut(ow).enumerate() {
-            orow.fill(f32::NEG_INFINITY);
+            let inner = &mut vrow[pl..pl + iw];
+            inner.fill(f32::NEG_INFINITY);
             for ki in 0..p.k.0 {
                 let iy = (oy * p.stride.0 + ki * p.dilation.0) as isize - p.pad.0 as isize;
                 if iy < 0 || iy >= ih as isize {
                     continue;
                 }
                 let row = &src[iy as usize * iw..(iy as usize + 1) * iw];
-                for ox in (0..lo).chain(hi..ow) {
-                    let x0 = (ox * sw) as isize - pl as isize;
-                    for kj in 0..p.k.1 {
-                        let ix = x0 + (kj * dw) as isize;
-                        if ix >= 0 && ix < iw as isize {
-                            orow[ox] = fold(orow[ox], row[ix as usize]);
-                        }
-                    }
+                for (m, &v) in inner.iter_mut().zip(row) {
+                    *m = fold(*m, v);
                 }
-                for (ox, o) in orow.iter_mut().enumerate().take(hi).skip(lo) {
-                    let x0 = ox * sw - pl;
-                    let mut m = *o;
-                    for kj in 0..p.k.1 {
-                        m = fold(m, row[x0 + kj * dw]);
-                    }
-                    *o = m;
+            }
+            hrow.fill(f32::NEG_INFINITY);
+            for kj in 0..p.k.1 {
+                let shifted = &vrow[kj * dw..kj * dw + starts];
+                for (m, &v) in hrow.iter_mut().zip(shifted) {
+                    *m = fold(*m, v);
                 }
+            }
+            for (ox, o) in orow.iter_mut().enumerate() {
+                *o = hrow[ox * sw];
             }
         }
     }
