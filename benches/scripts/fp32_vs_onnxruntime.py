@@ -67,6 +67,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--skip-zoo", action="store_true", help="only the fixtures")
+    ap.add_argument("--skip-fixtures", action="store_true", help="only the full-size zoo model")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="qint8-bench-")
@@ -75,7 +76,7 @@ def main():
         r50 = os.path.join(tmp, "resnet50_224.onnx")
         subprocess.run([os.path.join(BIN, "qint8"), "zoo", "resnet50", "-o", r50], check=True)
         cases += [("ResNet-50 224x224 (zoo)", r50, 1, 10), ("ResNet-50 224x224 (zoo)", r50, 8, 4)]
-    for name in ["resnet50", "vgg16_bn", "efficientnet_b0"]:
+    for name in [] if args.skip_fixtures else ["resnet50", "vgg16_bn", "efficientnet_b0"]:
         cases.append((f"{name} fixture 32x32", os.path.join(ROOT, "fixtures", "models", f"{name}.onnx"), 32, 30))
 
     rows = []
@@ -86,9 +87,12 @@ def main():
             o.append(onnxruntime(model, batch, args.threads, iters, 3))
         qi = statistics.median(r["images_per_s"] for r in q)
         oi = statistics.median(r["images_per_s"] for r in o)
+        # Each round's two runs are neighbours in time: the median of their
+        # ratios cancels the machine's drift better than a ratio of medians.
+        ratio = statistics.median(a["images_per_s"] / b["images_per_s"] for a, b in zip(q, o))
         row = {
             "model": label, "batch": batch, "threads": args.threads,
-            "qint8_images_per_s": qi, "onnxruntime_images_per_s": oi, "ratio": qi / oi,
+            "qint8_images_per_s": qi, "onnxruntime_images_per_s": oi, "ratio": ratio,
             "qint8_peak_rss_mb": max(r["peak_rss_bytes"] for r in q) / 2**20,
             "onnxruntime_peak_rss_mb": max(r["peak_rss_bytes"] for r in o) / 2**20,
             "qint8_peak_activation_mb": q[0]["peak_activation_bytes"] / 2**20,
@@ -97,7 +101,7 @@ def main():
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
-    print(f"| model | batch | qint8 img/s | onnxruntime img/s | ratio | qint8 peak RSS MB | onnxruntime peak RSS MB | qint8 activation arena MB |")
+    print(f"| model | batch | qint8 img/s | onnxruntime img/s | ratio (median of rounds) | qint8 peak RSS MB | onnxruntime peak RSS MB | qint8 activation arena MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['qint8_images_per_s']:.1f} | {r['onnxruntime_images_per_s']:.1f} | "

@@ -405,6 +405,11 @@ fn tiles(
                         cols: NR.min(n - j0),
                         bias: &epi.bias[i0..i0 + rows],
                         act: epi.act,
+                        next_a: if q == 0 && ip + 1 < ips.end {
+                            a.panel(ip + 1)[k0 * MR..].as_ptr()
+                        } else {
+                            std::ptr::null()
+                        },
                     };
                     // SAFETY: AVX-512F is available (callers check
                     // use_avx512); the blocks hold kc * MR and kc * NR floats
@@ -671,6 +676,10 @@ struct Store<'a> {
     cols: usize,
     bias: &'a [f32],
     act: Activation,
+    /// The A block the next calls will read (null: none), prefetched at
+    /// the pace this call consumes its own: weights stream from memory, and
+    /// the hardware prefetchers lose the stream at each new panel.
+    next_a: *const f32,
 }
 
 /// The microkernel with `V` vectors of 16 columns (see [`kernel`]).
@@ -706,6 +715,9 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
         // points at V * 16 readable floats (the BRows contract).
         unsafe {
             let row = b.row(p);
+            if !st.next_a.is_null() {
+                _mm_prefetch::<_MM_HINT_T0>(st.next_a.wrapping_add(p * MR) as *const i8);
+            }
             if B::PREFETCH_NEXT {
                 for v in 0..V {
                     // A hint only: never faults, even past the buffer.
@@ -971,6 +983,11 @@ pub fn conv_direct(
                             cols,
                             bias: &cv.bias[i0..i0 + rows],
                             act: cv.act,
+                            next_a: if ip + 1 < m_panels {
+                                a.panel(ip + 1).as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
                         };
                         // SAFETY: AVX-512F is available (direct_available);
                         // the largest offset plus the tile start plus NR stays
