@@ -312,14 +312,15 @@ fn residual_fusion_matches_reference() {
     let cases = [
         ((30, 29), (3, 3), (1, 1), (1, 1, 1, 1), 3, 10), // direct
         ((9, 7), (3, 3), (1, 1), (1, 1, 1, 1), 4, 9),    // batched (small planes)
-        ((40, 33), (3, 3), (2, 2), (1, 1, 1, 1), 2, 8),  // per image, strided
+        ((40, 33), (3, 3), (2, 2), (1, 1, 1, 1), 2, 8),  // direct, strided
+        ((9, 8), (3, 3), (2, 2), (1, 1, 1, 1), 3, 5),    // batched, strided
         ((20, 20), (1, 1), (1, 1), (0, 0, 0, 0), 5, 12), // pointwise
         ((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 6, 7),    // single pixel
     ];
     for (hw, k, stride, pad, cin, cout) in cases {
-        for act in [1u8, 2] {
+        for (act, n) in [(1u8, 3), (2, 3), (1, 1), (2, 1)] {
             let c = ConvCase {
-                n: 3,
+                n,
                 cin_g: cin,
                 cout_g: cout,
                 group: 1,

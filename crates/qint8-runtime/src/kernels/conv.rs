@@ -382,47 +382,45 @@ impl Conv2d {
         let (x, rl) = (src.x, src.row_len(self.iw, self.stride.1));
         let in_img = self.cin * self.ih * rl;
         let (cols, prod) = scratch.split_at_mut(k * np);
+        // One image: the product's [cout_g, p] layout is the output's, so
+        // it is written in place with the whole epilogue.
+        let single = self.n == 1;
         for g in 0..self.group {
-            // With a residual, the activation waits for the scatter below.
             let epi = Epilogue {
                 bias: &self.bias[g * cout_g..(g + 1) * cout_g],
-                res: None,
-                act: if res.is_some() {
+                res: res
+                    .filter(|_| single)
+                    .map(|r| &r[g * cout_g * p..][..cout_g * p]),
+                // With a residual, the activation waits for the scatter below.
+                act: if res.is_some() && !single {
                     Activation::None
                 } else {
                     self.act
                 },
             };
             let xg = &x[g * cin_g * self.ih * rl..];
-            let prod = &mut prod[..cout_g * np];
-            if conv_source_available() {
-                gemm_packed_conv(
-                    &self.packed[g],
-                    self,
-                    ConvInput {
+            let product = |out: &mut [f32], cols: &mut [f32]| {
+                if conv_source_available() {
+                    let input = ConvInput {
                         x: xg,
                         images: self.n,
                         img_stride: in_img,
                         phase_width: src.phase_width,
-                    },
-                    prod,
-                    np,
-                    epi,
-                    threads,
-                );
-            } else {
-                // All images at once: row r of `cols` holds that row for every image.
-                im2col(self, xg, cols, np, self.n, in_img);
-                gemm_packed(
-                    &self.packed[g],
-                    Mat::row_major(cols, np),
-                    np,
-                    prod,
-                    np,
-                    epi,
-                    threads,
-                );
+                    };
+                    gemm_packed_conv(&self.packed[g], self, input, out, np, epi, threads);
+                } else {
+                    // All images at once: row r of `cols` holds that row for every image.
+                    im2col(self, xg, cols, np, self.n, in_img);
+                    let b = Mat::row_major(cols, np);
+                    gemm_packed(&self.packed[g], b, np, out, np, epi, threads);
+                }
+            };
+            if single {
+                product(&mut y[g * cout_g * p..(g + 1) * cout_g * p], cols);
+                continue;
             }
+            let prod = &mut prod[..cout_g * np];
+            product(prod, cols);
             // [cout_g, n, p] -> [n, cout, p]
             for co in 0..cout_g {
                 for img in 0..self.n {

@@ -296,20 +296,30 @@ fn tiled(
     // instead of once per task.
     let shared_len = if m_split > 1 { n_panels * k * NR } else { 0 };
     with_reused(&SHARED_B, shared_len, |all| {
-        let fill = |jp: usize, panel: &mut [f32]| {
-            if direct.is_none() || NR.min(n - jp * NR) < NR {
-                pack(jp * NR, NR.min(n - jp * NR), 0, k, panel);
+        // Pieces of KC rows of one panel, so both threads share the packing
+        // even when there are only a few panels.
+        let fill = |jp: usize, kb: usize, piece: &mut [f32]| {
+            let nc = NR.min(n - jp * NR);
+            if direct.is_none() || nc < NR {
+                pack(jp * NR, nc, kb * KC, piece.len() / NR, piece);
             }
         };
         if parallel {
             use rayon::prelude::*;
             all.par_chunks_mut(k * NR)
                 .enumerate()
-                .for_each(|(jp, p)| fill(jp, p));
+                .for_each(|(jp, panel)| {
+                    panel
+                        .par_chunks_mut(KC * NR)
+                        .enumerate()
+                        .for_each(|(kb, piece)| fill(jp, kb, piece))
+                });
         } else {
-            all.chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(jp, p)| fill(jp, p));
+            for (jp, panel) in all.chunks_mut(k * NR).enumerate() {
+                for (kb, piece) in panel.chunks_mut(KC * NR).enumerate() {
+                    fill(jp, kb, piece);
+                }
+            }
         }
         let shared = (m_split > 1).then_some(&*all);
         tiles(
@@ -597,26 +607,75 @@ unsafe fn kernel<B: BRows>(
     accumulate: bool,
     last: bool,
 ) {
-    // A narrow last panel (a 7x7 feature map has 49 columns: 48 + 1)
-    // runs only the vectors that hold columns; a few columns go through
-    // the column kernel instead of a mostly masked vector.
-    // SAFETY: forwarded; V vectors of 16 (or N columns) lie inside the
-    // NR-wide panel.
+    // A narrow last panel (a 7x7 feature map has 49 columns: 48 + 1) runs
+    // only the vectors that hold columns, and up to 8 columns, alone or
+    // after whole vectors (a 56-pixel row is 48 + 8), go through the column
+    // kernel instead of a half-empty vector: one load of A and N broadcasts
+    // per step, about N / 2 cycles, against 8 for a 16-wide FMA per row.
+    // (Splitting 28 columns as 16 + 12 measured slower than 2 vectors.)
+    let cols = dst.cols;
+    let (wide, tail) = if cols <= NARROW {
+        (0, cols)
+    } else if cols % 16 <= NARROW {
+        (cols - cols % 16, cols % 16)
+    } else {
+        (cols, 0)
+    };
+    // SAFETY: forwarded; the vectors cover columns 0..wide and the column
+    // kernel columns wide..cols, all inside the NR-wide panel.
     unsafe {
-        match dst.cols {
-            1 => return kernel_cols::<1, _>(k, a, b, dst, accumulate, last),
-            2 => return kernel_cols::<2, _>(k, a, b, dst, accumulate, last),
-            3 => return kernel_cols::<3, _>(k, a, b, dst, accumulate, last),
-            4 => return kernel_cols::<4, _>(k, a, b, dst, accumulate, last),
-            5 => return kernel_cols::<5, _>(k, a, b, dst, accumulate, last),
-            6 => return kernel_cols::<6, _>(k, a, b, dst, accumulate, last),
-            _ => {}
+        if wide > 0 {
+            let part = Store { cols: wide, ..dst };
+            match wide.div_ceil(16) {
+                1 => kernel_v::<1, _>(k, a, b, part, accumulate, last),
+                2 => kernel_v::<2, _>(k, a, b, part, accumulate, last),
+                _ => kernel_v::<3, _>(k, a, b, part, accumulate, last),
+            }
         }
-        match dst.cols.div_ceil(16) {
-            1 => kernel_v::<1, _>(k, a, b, dst, accumulate, last),
-            2 => kernel_v::<2, _>(k, a, b, dst, accumulate, last),
-            _ => kernel_v::<3, _>(k, a, b, dst, accumulate, last),
+        if tail > 0 {
+            let part = Store {
+                c: dst.c.wrapping_add(wide),
+                res: if dst.res.is_null() {
+                    dst.res
+                } else {
+                    dst.res.wrapping_add(wide)
+                },
+                cols: tail,
+                next_a: if wide > 0 {
+                    std::ptr::null()
+                } else {
+                    dst.next_a
+                },
+                ..dst
+            };
+            let b = Shifted(b, wide);
+            match tail {
+                1 => kernel_cols::<1, _>(k, a, b, part, accumulate, last),
+                2 => kernel_cols::<2, _>(k, a, b, part, accumulate, last),
+                3 => kernel_cols::<3, _>(k, a, b, part, accumulate, last),
+                4 => kernel_cols::<4, _>(k, a, b, part, accumulate, last),
+                5 => kernel_cols::<5, _>(k, a, b, part, accumulate, last),
+                6 => kernel_cols::<6, _>(k, a, b, part, accumulate, last),
+                7 => kernel_cols::<7, _>(k, a, b, part, accumulate, last),
+                _ => kernel_cols::<8, _>(k, a, b, part, accumulate, last),
+            }
         }
+    }
+}
+
+/// Most columns the column kernel takes.
+const NARROW: usize = 8;
+
+/// B rows starting `.1` columns into another source's rows.
+#[derive(Clone, Copy)]
+struct Shifted<B>(B, usize);
+
+// SAFETY: only built by `kernel` with a shift that leaves the columns the
+// column kernel reads (shift + N <= cols <= NR) inside the source's rows.
+unsafe impl<B: BRows> BRows for Shifted<B> {
+    #[inline(always)]
+    fn row(self, p: usize) -> *const f32 {
+        self.0.row(p).wrapping_add(self.1)
     }
 }
 
@@ -667,6 +726,7 @@ unsafe impl BRows for Direct {
 /// The `rows x cols` tile of C at `c` (row stride `ldc`) a kernel call
 /// accumulates into; the last reduction block adds `bias[row]` (and the
 /// residual) and applies the activation.
+#[derive(Clone, Copy)]
 struct Store<'a> {
     c: *mut f32,
     /// Residual laid out like `c`, or null.
@@ -784,7 +844,7 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
     }
 }
 
-/// The microkernel for a tile of `N` (< 8) columns: vectors run down the
+/// The microkernel for a tile of `N` (<= [`NARROW`]) columns: vectors run down the
 /// panel's 8 rows instead of across columns, so each step is one load of A
 /// and `N` broadcasts of B rather than 8 mostly masked 16-wide FMAs. Each
 /// output still sums its products in order with FMA, as [`kernel_v`] does.
@@ -925,14 +985,23 @@ pub fn conv_direct(
                         dst[pl + iw..].fill(0.0);
                         continue;
                     }
-                    // Phase `c % sw` holds padded columns c = t * sw + phase.
+                    if sw == 2 {
+                        split_pair(src, dst, pw, pl);
+                        continue;
+                    }
+                    // Phase `c % sw` holds padded columns c = t * sw + phase,
+                    // input column c - pl where that lies inside the row.
                     for (phase, part) in dst.chunks_mut(pw).enumerate() {
-                        for (t, d) in part.iter_mut().enumerate() {
-                            let c = t * sw + phase;
-                            *d = match c.checked_sub(pl) {
-                                Some(ix) if ix < iw => src[ix],
-                                _ => 0.0,
-                            };
+                        let lo = pl.saturating_sub(phase).div_ceil(sw).min(pw);
+                        let hi = (iw + pl).saturating_sub(phase).div_ceil(sw).clamp(lo, pw);
+                        part[..lo].fill(0.0);
+                        part[hi..].fill(0.0);
+                        if hi > lo {
+                            let first = lo * sw + phase - pl;
+                            let taps = src[first..].iter().step_by(sw);
+                            for (d, &v) in part[lo..hi].iter_mut().zip(taps) {
+                                *d = v;
+                            }
                         }
                     }
                 }
@@ -1009,6 +1078,30 @@ pub fn conv_direct(
         }
     });
     true
+}
+
+/// One padded row for column stride 2: `dst` is two phases of `pw` floats,
+/// padded column `c = ix + pl` at `(c % 2) * pw + c / 2`, zero where no
+/// input column lands. Even and odd inputs go to their phases in one pass
+/// over pairs, which vectorizes (the stride-2 gather does not).
+fn split_pair(src: &[f32], dst: &mut [f32], pw: usize, pl: usize) {
+    dst.fill(0.0);
+    let (p0, p1) = dst.split_at_mut(pw);
+    // Input column 0 lands in phase pl % 2 at t = pl / 2; column 1 in the
+    // other phase at (pl + 1) / 2.
+    let (evens, odds) = if pl.is_multiple_of(2) {
+        (&mut p0[pl / 2..], &mut p1[pl / 2..])
+    } else {
+        (&mut p1[pl / 2..], &mut p0[pl.div_ceil(2)..])
+    };
+    let pairs = src.chunks_exact(2);
+    if let (Some(&last), Some(e)) = (pairs.remainder().first(), evens.get_mut(src.len() / 2)) {
+        *e = last;
+    }
+    for ((e, o), pair) in evens.iter_mut().zip(odds.iter_mut()).zip(pairs) {
+        *e = pair[0];
+        *o = pair[1];
+    }
 }
 
 /// A read-only raw pointer that may cross threads.

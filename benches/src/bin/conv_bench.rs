@@ -1,0 +1,90 @@
+//! GFLOP/s of single convolutions with ResNet-50's shapes at batch 1, on
+//! one thread and on two (the thread count of the FP32 comparison).
+//!
+//! Usage: `conv_bench [--iters N] [--only SUBSTRING]`
+use std::time::Instant;
+
+use qint8_runtime::kernels::conv::Conv2d;
+use qint8_runtime::kernels::Activation;
+
+/// (name, cin, h = w, cout, kernel, stride, pad).
+const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 9] = [
+    ("conv1 7x7/2", 3, 224, 64, 7, 2, 3),
+    ("layer1 3x3", 64, 56, 64, 3, 1, 1),
+    ("layer1 1x1 256->64", 256, 56, 64, 1, 1, 0),
+    ("layer1 1x1 64->256", 64, 56, 256, 1, 1, 0),
+    ("layer2.0 3x3/2", 128, 56, 128, 3, 2, 1),
+    ("layer2 3x3", 128, 28, 128, 3, 1, 1),
+    ("layer3 3x3", 256, 14, 256, 3, 1, 1),
+    ("layer3 1x1 1024->256", 1024, 14, 256, 1, 1, 0),
+    ("layer4 3x3", 512, 7, 512, 3, 1, 1),
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let iters: usize = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(20);
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1));
+    for (name, cin, hw, cout, k, s, p) in SHAPES {
+        if only.is_some_and(|o| !name.contains(o.as_str())) {
+            continue;
+        }
+        let o = (hw + 2 * p - k) / s + 1;
+        let weights: Vec<f32> = (0..cout * cin * k * k)
+            .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+            .collect();
+        let conv = Conv2d {
+            n: 1,
+            cin,
+            ih: hw,
+            iw: hw,
+            cout,
+            group: 1,
+            kh: k,
+            kw: k,
+            stride: (s, s),
+            dilation: (1, 1),
+            pad: (p, p),
+            oh: o,
+            ow: o,
+            weight: std::sync::Arc::new(weights),
+            bias: vec![0.1; cout],
+            act: Activation::Relu,
+            packed: Vec::new(),
+        }
+        .pack();
+        let x: Vec<f32> = (0..cin * hw * hw)
+            .map(|i| ((i % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let mut y = vec![0.0f32; cout * o * o];
+        let mut scratch = vec![0.0f32; conv.scratch_len()];
+        let flops = 2.0 * (cout * o * o * cin * k * k) as f64;
+        let mut rates = Vec::new();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let secs = pool.install(|| {
+                conv.run(&x, &mut y, &mut scratch, threads);
+                let t = Instant::now();
+                for _ in 0..iters {
+                    conv.run(&x, &mut y, &mut scratch, threads);
+                }
+                t.elapsed().as_secs_f64() / iters as f64
+            });
+            rates.push(format!(
+                "{threads}t {:.3} ms {:.0} GFLOP/s",
+                secs * 1e3,
+                flops / secs / 1e9
+            ));
+        }
+        println!("{name:22} {}", rates.join("  "));
+    }
+}
