@@ -77,7 +77,7 @@ def main():
         subprocess.run([os.path.join(BIN, "qint8"), "zoo", "resnet50", "-o", r50], check=True)
         cases += [("ResNet-50 224x224 (zoo)", r50, 1, 10), ("ResNet-50 224x224 (zoo)", r50, 8, 4)]
     for name in [] if args.skip_fixtures else ["resnet50", "vgg16_bn", "efficientnet_b0"]:
-        cases.append((f"{name} fixture 32x32", os.path.join(ROOT, "fixtures", "models", f"{name}.onnx"), 32, 30))
+        cases.append((f"{name} fixture 32x32", os.path.join(ROOT, "fixtures", "models", f"{name}.onnx"), 32, 150))
 
     rows = []
     for label, model, batch, iters in cases:

@@ -12,6 +12,7 @@ use crate::error::{Result, RuntimeError};
 use crate::kernels::conv::Conv2d;
 use crate::kernels::elementwise::{self as ew, BinOp, Broadcast, Unary};
 use crate::kernels::gemm::{sgemm, Mat};
+use crate::kernels::packed::{conv_source_available, gemm_packed, Epilogue, PackedA};
 use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::Activation;
 
@@ -46,6 +47,16 @@ pub(crate) enum Kernel {
         /// Bias broadcast to `[m, n]` (already scaled by beta), if any.
         bias: Option<Arc<Vec<f32>>>,
         alpha: f32,
+    },
+    /// `Gemm` with `transB` weights on the packed kernel: `Y^T = W * X^T`
+    /// into scratch, bias per output feature, then transposed into `Y`.
+    GemmPacked {
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        w: PackedA,
+        bias: Vec<f32>,
     },
     /// Batched matrix product of two runtime operands (or a constant B),
     /// batch dims already broadcast: `batch` products of `[m, k] x [k, n]`.
@@ -429,6 +440,10 @@ pub(crate) fn compile(
         if let Kernel::Gemm { b, bias, .. } = &kernel {
             const_bytes += 4 * (b.len() + bias.as_ref().map_or(0, |v| v.len()));
         }
+        if let Kernel::GemmPacked { m, n, k, bias, .. } = &kernel {
+            scratch_len = scratch_len.max(m * n);
+            const_bytes += 4 * (n * k + bias.len());
+        }
 
         // All inputs constant: evaluate now and keep the result.
         if ins.iter().all(|v| matches!(v, Val::Const(_))) {
@@ -780,16 +795,37 @@ fn build_kernel(
                     Some(Arc::new(full))
                 }
             };
-            Kernel::Gemm {
-                m,
-                n,
-                k,
-                trans_a: *trans_a,
-                b,
-                b_rs,
-                b_cs,
-                bias,
-                alpha: *alpha,
+            // The packed kernel takes weights stored [n, k] and a bias that
+            // is the same for every row.
+            let row_bias = match &bias {
+                None => Some(vec![0.0; n]),
+                Some(full) if m > 0 && full.chunks(n).all(|r| r == &full[..n]) => {
+                    Some(full[..n].to_vec())
+                }
+                Some(_) => None,
+            };
+            match row_bias {
+                Some(bias) if *trans_b && *alpha == 1.0 && conv_source_available() => {
+                    Kernel::GemmPacked {
+                        m,
+                        n,
+                        k,
+                        trans_a: *trans_a,
+                        w: PackedA::new(b, n, k),
+                        bias,
+                    }
+                }
+                _ => Kernel::Gemm {
+                    m,
+                    n,
+                    k,
+                    trans_a: *trans_a,
+                    b,
+                    b_rs,
+                    b_cs,
+                    bias,
+                    alpha: *alpha,
+                },
             }
         }
         Op::MatMul => {
@@ -1087,6 +1123,37 @@ pub(crate) fn run_kernel(
                     if let Some(c) = bias {
                         out.iter_mut().zip(c.iter()).for_each(|(v, b)| *v += b);
                     }
+                }
+            }
+        }
+        Kernel::GemmPacked {
+            m,
+            n,
+            k,
+            trans_a,
+            w,
+            bias,
+        } => {
+            // B = X^T: X is [m, k] (or stored [k, m] when transposed).
+            let b = if *trans_a {
+                Mat::row_major(ins[0], *m)
+            } else {
+                Mat {
+                    data: ins[0],
+                    rs: 1,
+                    cs: *k,
+                }
+            };
+            let yt = &mut scratch[..m * n];
+            let epi = Epilogue {
+                bias,
+                res: None,
+                act: Activation::None,
+            };
+            gemm_packed(w, b, *m, yt, *m, epi, threads);
+            for (i, row) in out.chunks_exact_mut(*n).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = yt[j * m + i];
                 }
             }
         }

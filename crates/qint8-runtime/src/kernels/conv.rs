@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::gemm::{sgemm, Mat};
 use super::packed::{
     conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, ConvInput, Epilogue,
-    PackedA, NR,
+    PackedA, GATHER_BELOW, NR,
 };
 use super::{multiversion, Activation};
 
@@ -128,6 +128,7 @@ impl Conv2d {
     fn phase_width(&self) -> Option<usize> {
         let sw = self.stride.1;
         (sw > 1
+            && self.ow >= GATHER_BELOW
             && !self.is_depthwise()
             && !(self.is_strided_pointwise() && self.oh * self.ow >= NR)
             && conv_source_available())
@@ -201,8 +202,13 @@ impl Conv2d {
     ) {
         if self.is_depthwise() {
             self.depthwise(x, y);
-        } else if self.is_pointwise() && self.oh * self.ow == 1 && self.group == 1 {
+        } else if self.is_pointwise()
+            && self.oh * self.ow == 1
+            && self.group == 1
+            && !conv_source_available()
+        {
             // [N, Cin] x [Cin, Cout]: NCHW with 1x1 planes is already row-major.
+            // (With AVX-512, `batched` runs this on the packed kernel.)
             let k = self.cin;
             sgemm(
                 self.n,
@@ -230,7 +236,13 @@ impl Conv2d {
                 }
             }
             self.pointwise_per_image(&scratch[..self.n * ci * oh * ow], res, y, threads);
-        } else if self.is_pointwise() && self.group == 1 && self.oh * self.ow >= NR {
+        } else if self.is_pointwise()
+            && self.group == 1
+            && self.oh * self.ow >= NR
+            && (self.n == 1 || self.oh * self.ow >= BATCHED_BELOW)
+        {
+            // Small planes of several images go to `batched`: one product
+            // over all of them instead of one small one per image.
             self.pointwise_per_image(x, res, y, threads);
         } else if !self.is_pointwise()
             && self.oh * self.ow >= BATCHED_BELOW
@@ -433,7 +445,13 @@ impl Conv2d {
                                 *d = self.act.apply(v + rv);
                             }
                         }
-                        None => dst.copy_from_slice(src),
+                        // An inline loop: planes here are small, and a
+                        // `memcpy` call per plane costs more than the copy.
+                        None => {
+                            for (d, &v) in dst.iter_mut().zip(src) {
+                                *d = v;
+                            }
+                        }
                     }
                 }
             }

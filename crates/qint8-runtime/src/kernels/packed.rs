@@ -245,11 +245,84 @@ pub fn gemm_packed_conv(
     if (m - 1) * ldc + n > c.len() || !epi_fits(&epi, m, n, ldc) {
         return false;
     }
-    tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
-        pack_conv(conv, input, j0, nc, k0, kc, out)
+    let pointwise = (conv.kh, conv.kw, conv.stride, conv.pad) == (1, 1, (1, 1), (0, 0))
+        && (conv.oh, conv.ow) == (conv.ih, conv.iw)
+        && input.phase_width.is_none();
+    if pointwise {
+        // Row r of B is input channel r of every image: runs of whole planes.
+        tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+            for (row, r) in out.chunks_exact_mut(NR).zip(k0..k0 + kc) {
+                let mut j = 0;
+                while j < nc {
+                    let (img, s) = ((j0 + j) / p, (j0 + j) % p);
+                    let len = (nc - j).min(p - s);
+                    let src = &input.x[img * input.img_stride + r * p + s..][..len];
+                    copy(&mut row[j..j + len], src);
+                    j += len;
+                }
+                zero(&mut row[nc..]);
+            }
+        });
+        return true;
+    }
+    if conv.ow >= GATHER_BELOW || input.phase_width.is_some() {
+        tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+            pack_conv(conv, input, j0, nc, k0, kc, out)
+        });
+        return true;
+    }
+    // Short output rows: a row of B is many short runs, each with its own
+    // padding checks. Gather instead from a zero-padded copy, where every
+    // tap is valid: B[r][j] = padded[base(j) + tap(r)].
+    let (sh, sw) = conv.stride;
+    let (dh, dw) = conv.dilation;
+    let (pt, pl) = conv.pad;
+    let ph = ((conv.oh - 1) * sh + dh * (conv.kh - 1) + 1).max(conv.ih + pt);
+    let pw = ((conv.ow - 1) * sw + dw * (conv.kw - 1) + 1).max(conv.iw + pl);
+    let plane = ph * pw;
+    let taps: Vec<usize> = (0..k)
+        .map(|r| {
+            let kk = conv.kh * conv.kw;
+            let (ci, ki, kj) = (r / kk, (r / conv.kw) % conv.kh, r % conv.kw);
+            ci * plane + ki * dh * pw + kj * dw
+        })
+        .collect();
+    with_reused(&PADDED, input.images * cin_g * plane, |padded| {
+        padded.fill(0.0);
+        for img in 0..input.images {
+            for ci in 0..cin_g {
+                let src = &input.x[img * input.img_stride + ci * conv.ih * conv.iw..]
+                    [..conv.ih * conv.iw];
+                let dst = &mut padded[(img * cin_g + ci) * plane..][..plane];
+                for (iy, row) in src.chunks_exact(conv.iw).enumerate() {
+                    dst[(iy + pt) * pw + pl..][..conv.iw].copy_from_slice(row);
+                }
+            }
+        }
+        let padded = &*padded;
+        let base = |j: usize| {
+            let (img, rem) = (j / p, j % p);
+            let (oy, ox) = (rem / conv.ow, rem % conv.ow);
+            img * cin_g * plane + oy * sh * pw + ox * sw
+        };
+        tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+            let mut bases = [0usize; NR];
+            for (j, b) in bases.iter_mut().enumerate().take(nc) {
+                *b = base(j0 + j);
+            }
+            for (row, &tap) in out.chunks_exact_mut(NR).zip(&taps[k0..k0 + kc]) {
+                for (d, &b) in row.iter_mut().zip(&bases[..nc]) {
+                    *d = padded[b + tap];
+                }
+                row[nc..].fill(0.0);
+            }
+        });
     });
     true
 }
+
+/// Output rows shorter than this are packed by gathering from a padded copy.
+pub const GATHER_BELOW: usize = 16;
 
 /// The tiled product shared by both B sources: tasks over (panel of B
 /// columns, range of A panels); each packs its B panel with `pack` and
@@ -507,12 +580,12 @@ fn pack_conv(
     for (row_out, r) in (k0..k0 + kc).enumerate() {
         let (ci, ki, kj) = (r / kk, (r / cv.kw) % cv.kh, r % cv.kw);
         let dst = &mut out[row_out * NR..(row_out + 1) * NR];
-        dst[nc..].fill(0.0);
+        zero(&mut dst[nc..]);
         for &(j, len, img, oy, ox) in &runs[..nruns] {
             let d = &mut dst[j..j + len];
             let iy = (oy * sh + ki * dh) as isize - pt;
             if iy < 0 || iy >= ih as isize {
-                d.fill(0.0);
+                zero(d);
                 continue;
             }
             let ix0 = (ox * sw + kj * dw) as isize - pl;
@@ -524,11 +597,11 @@ fn pack_conv(
                 let in_phase = ((iw as isize - ph).max(0) as usize).div_ceil(sw) as isize;
                 let lo = (-t0).clamp(0, len as isize) as usize;
                 let hi = (in_phase - t0).clamp(lo as isize, len as isize) as usize;
-                d[..lo].fill(0.0);
-                d[hi..].fill(0.0);
+                zero(&mut d[..lo]);
+                zero(&mut d[hi..]);
                 if hi > lo {
                     let s0 = ph as usize * w + (t0 + lo as isize) as usize;
-                    d[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                    copy(&mut d[lo..hi], &row[s0..s0 + (hi - lo)]);
                 }
                 continue;
             }
@@ -537,11 +610,11 @@ fn pack_conv(
                 // Valid t: 0 <= ix0 + t < iw.
                 let lo = (-ix0).clamp(0, len as isize) as usize;
                 let hi = (iw as isize - ix0).clamp(lo as isize, len as isize) as usize;
-                d[..lo].fill(0.0);
-                d[hi..].fill(0.0);
+                zero(&mut d[..lo]);
+                zero(&mut d[hi..]);
                 if hi > lo {
                     let s0 = (ix0 + lo as isize) as usize;
-                    d[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                    copy(&mut d[lo..hi], &row[s0..s0 + (hi - lo)]);
                 }
             } else {
                 for (t, v) in d.iter_mut().enumerate() {
@@ -554,6 +627,31 @@ fn pack_conv(
                 }
             }
         }
+    }
+}
+
+/// `dst = src` for the short runs of small feature maps, where a call to
+/// `memcpy` costs more than the copy.
+#[inline(always)]
+fn copy(dst: &mut [f32], src: &[f32]) {
+    if dst.len() <= 16 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v;
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// Zeroes `dst` without a `memset` call for short runs.
+#[inline(always)]
+fn zero(dst: &mut [f32]) {
+    if dst.len() <= 16 {
+        for d in dst.iter_mut() {
+            *d = 0.0;
+        }
+    } else {
+        dst.fill(0.0);
     }
 }
 
