@@ -331,6 +331,65 @@ fn cases() -> Vec<Case> {
                 ("c", f32_init(&[5], 9, 1.0)),
             ],
         ),
+        // alpha 1 with transB runs on the packed kernel (any batch size,
+        // A plain or transposed); a bias that differs by row does not.
+        case(
+            "gemm_packed",
+            &[11, 37],
+            &[11, 53],
+            vec![Node::new(
+                "gemm",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &["x", "g", "c"],
+                &["y"],
+            )],
+            vec![
+                ("g", f32_init(&[53, 37], 10, 1.0)),
+                ("c", f32_init(&[53], 11, 1.0)),
+            ],
+        ),
+        case(
+            "gemm_packed_trans_a",
+            &[37, 3],
+            &[3, 20],
+            vec![Node::new(
+                "gemm",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: true,
+                    trans_b: true,
+                },
+                &["x", "g"],
+                &["y"],
+            )],
+            vec![("g", f32_init(&[20, 37], 12, 1.0))],
+        ),
+        case(
+            "gemm_row_bias",
+            &[4, 9],
+            &[4, 6],
+            vec![Node::new(
+                "gemm",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &["x", "g", "c"],
+                &["y"],
+            )],
+            vec![
+                ("g", f32_init(&[6, 9], 13, 1.0)),
+                ("c", f32_init(&[4, 6], 14, 1.0)),
+            ],
+        ),
         case(
             "global_average_pool",
             &x4,
