@@ -432,3 +432,36 @@ proptest! {
         prop_assert_eq!(fast.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), slow.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 }
+
+/// The 2x2 stride-2 window (its own fast path), on odd and even sizes, with
+/// and without NaN.
+#[test]
+fn max_pool_2x2_stride_2_matches_reference() {
+    use qint8_runtime::kernels::pool::Pool2d;
+    for (h, w) in [(8, 8), (7, 9), (2, 2), (33, 64)] {
+        for nan_at in [None, Some(5usize)] {
+            let pool = Pool2d {
+                ih: h,
+                iw: w,
+                oh: h / 2,
+                ow: w / 2,
+                k: (2, 2),
+                stride: (2, 2),
+                dilation: (1, 1),
+                pad: (0, 0),
+                pad_end: (0, 0),
+                count_include_pad: false,
+            };
+            let mut x = values(4 * h * w, (h * w) as u64);
+            if let Some(at) = nan_at {
+                x[at] = f32::NAN;
+            }
+            let len = 4 * (h / 2) * (w / 2);
+            let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+            pool.max(&x, &mut fast);
+            pool.max_reference(&x, &mut slow);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "{h}x{w}, NaN at {nan_at:?}");
+        }
+    }
+}

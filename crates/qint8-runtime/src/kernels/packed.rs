@@ -306,19 +306,55 @@ pub fn gemm_packed_conv(
             img * cin_g * plane + oy * sh * pw + ox * sw
         };
         tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
-            let mut bases = [0usize; NR];
-            for (j, b) in bases.iter_mut().enumerate().take(nc) {
-                *b = base(j0 + j);
-            }
-            for (row, &tap) in out.chunks_exact_mut(NR).zip(&taps[k0..k0 + kc]) {
-                for (d, &b) in row.iter_mut().zip(&bases[..nc]) {
-                    *d = padded[b + tap];
+            if sw > 1 || conv.ow < 4 {
+                // Runs too short to pay for themselves: one gather per column.
+                let mut bases = [0usize; NR];
+                for (j, b) in bases.iter_mut().enumerate().take(nc) {
+                    *b = base(j0 + j);
                 }
-                row[nc..].fill(0.0);
+                for (row, &tap) in out.chunks_exact_mut(NR).zip(&taps[k0..k0 + kc]) {
+                    for (d, &b) in row.iter_mut().zip(&bases[..nc]) {
+                        *d = padded[b + tap];
+                    }
+                    zero(&mut row[nc..]);
+                }
+                return;
+            }
+            // Runs of columns on one output row, each reading contiguous
+            // padded input: (first column, length, base).
+            let mut runs = [(0usize, 0usize, 0usize); NR];
+            let mut nruns = 0;
+            let mut j = 0;
+            while j < nc {
+                let ox = (j0 + j) % p % conv.ow;
+                let len = (conv.ow - ox).min(nc - j);
+                runs[nruns] = (j, len, base(j0 + j));
+                nruns += 1;
+                j += len;
+            }
+            let runs = &runs[..nruns];
+            for (row, &tap) in out.chunks_exact_mut(NR).zip(&taps[k0..k0 + kc]) {
+                for &(j, len, b) in runs {
+                    copy_run(&mut row[j..j + len], &padded[b + tap..][..len]);
+                }
+                zero(&mut row[nc..]);
             }
         });
     });
     true
+}
+
+/// `dst = src` for a run of a small feature map's row: fixed-size copies
+/// for the common widths, so each compiles to a few vector moves.
+#[inline(always)]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    match dst.len() {
+        8 => dst.copy_from_slice(&src[..8]),
+        4 => dst.copy_from_slice(&src[..4]),
+        2 => dst.copy_from_slice(&src[..2]),
+        1 => dst[0] = src[0],
+        _ => copy(dst, src),
+    }
 }
 
 /// Output rows shorter than this are packed by gathering from a padded copy.

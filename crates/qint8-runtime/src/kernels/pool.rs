@@ -125,6 +125,16 @@ pub fn global_average(x: &[f32], y: &mut [f32], plane: usize) {
     });
 }
 
+/// The max of `m` and `v` where NaN wins, as in ONNX Runtime.
+#[inline(always)]
+fn fold(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
+}
+
 multiversion! {
     /// Max pooling of one plane, separably: per output row, the window's
     /// input rows are folded into one row placed in a `-inf`-padded buffer,
@@ -134,20 +144,26 @@ multiversion! {
     /// folding the window's valid taps in any order.
     fn max_plane(p: &Pool2d, src: &[f32], out: &mut [f32]) {
         let (ih, iw, ow) = (p.ih, p.iw, p.ow);
+        if (p.k, p.stride, p.dilation, p.pad) == ((2, 2), (2, 2), (1, 1), (0, 0))
+            && 2 * p.oh <= ih
+            && 2 * ow <= iw
+        {
+            // The 2x2/2 window of VGG-style networks: pairs of two rows,
+            // one pass that vectorizes.
+            for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
+                let r0 = &src[2 * oy * iw..][..2 * ow];
+                let r1 = &src[(2 * oy + 1) * iw..][..2 * ow];
+                for ((o, a), b) in orow.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    *o = fold(fold(fold(f32::NEG_INFINITY, a[0]), a[1]), fold(b[0], b[1]));
+                }
+            }
+            return;
+        }
         let (sw, dw, pl) = (p.stride.1, p.dilation.1, p.pad.1);
         let span = dw * (p.k.1 - 1);
         // Columns of the padded row the windows read, and window starts.
         let starts = (ow.max(1) - 1) * sw + 1;
         let width = starts + span;
-        #[inline(always)]
-        fn fold(m: f32, v: f32) -> f32 {
-            // NaN wins, as in ONNX Runtime.
-            if v > m || v.is_nan() {
-                v
-            } else {
-                m
-            }
-        }
         let mut vrow = vec![f32::NEG_INFINITY; width.max(pl + iw)];
         let mut hrow = vec![f32::NEG_INFINITY; starts];
         for (oy, orow) in out.chunks_mut(ow).enumerate() {
