@@ -361,41 +361,34 @@ impl Session {
             parts.push((plan, data));
             start += n;
         }
-        let results: Vec<Result<Vec<ArrayD<f32>>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .iter()
-                .map(|(plan, data)| {
-                    scope.spawn(move || {
-                        let flat: Vec<(&str, &[f32])> =
-                            data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-                        crate::kernels::sequential(|| {
-                            run_plan(plan, &flat, None, None, 1, None, &self.buffers)
-                        })
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(RuntimeError::ThreadPool("a worker thread panicked".into()))
-                    })
-                })
-                .collect()
+        let run_part = |(plan, data): &(Arc<Plan>, Vec<(&str, Vec<f32>)>)| {
+            let flat: Vec<(&str, &[f32])> = data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None, &self.buffers))
+        };
+        // On the pool's persistent workers, whose per-thread buffers stay
+        // allocated between runs (fresh threads would fault them in again;
+        // running the first part on the calling thread measured slower).
+        let results: Vec<Result<Vec<ArrayD<f32>>>> = self.pool.install(|| {
+            use rayon::prelude::*;
+            parts.par_iter().with_max_len(1).map(run_part).collect()
         });
-        let results = results.into_iter().collect::<Result<Vec<_>>>()?;
-        let n_out = results.first().map(Vec::len).unwrap_or(0);
-        (0..n_out)
-            .map(|k| {
-                let views: Vec<_> = results.iter().map(|r| r[k].view()).collect();
-                ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| {
-                    RuntimeError::Graph(qint8_graph::GraphError::Invalid(format!(
-                        "joining sub-batches: {e}"
-                    )))
-                })
-            })
-            .collect()
+        concat_outputs(results.into_iter().collect::<Result<Vec<_>>>()?)
     }
+}
+
+/// Joins the sub-batches' outputs along the batch axis.
+fn concat_outputs(results: Vec<Vec<ArrayD<f32>>>) -> Result<Vec<ArrayD<f32>>> {
+    let n_out = results.first().map(Vec::len).unwrap_or(0);
+    (0..n_out)
+        .map(|k| {
+            let views: Vec<_> = results.iter().map(|r| r[k].view()).collect();
+            ndarray::concatenate(ndarray::Axis(0), &views).map_err(|e| {
+                RuntimeError::Graph(qint8_graph::GraphError::Invalid(format!(
+                    "joining sub-batches: {e}"
+                )))
+            })
+        })
+        .collect()
 }
 
 /// Executes a plan on one thread's worth of arena (kernels may still use
