@@ -470,7 +470,16 @@ impl BufferPool {
             .lock()
             .ok()
             .and_then(|mut free| {
-                let best = free.iter().position(|b| b.capacity() >= len)?;
+                // The smallest buffer that fits: with several threads taking
+                // arenas and scratch buffers of different sizes, first fit
+                // hands a thread a buffer another size was using, which then
+                // grows (reallocating and zeroing megabytes) on every run.
+                let best = free
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.capacity() >= len)
+                    .min_by_key(|(_, b)| b.capacity())
+                    .map(|(i, _)| i)?;
                 Some(free.swap_remove(best))
             })
             .unwrap_or_default();
