@@ -1,5 +1,6 @@
-//! GFLOP/s of single convolutions with ResNet-50's shapes at batch 1, on
-//! one thread and on two (the thread count of the FP32 comparison).
+//! Single-thread GFLOP/s of single convolutions with ResNet-50's shapes at
+//! batch 1 (whole-model and multi-thread figures come from the FP32
+//! comparison script, which runs the session as users do).
 //!
 //! Usage: `conv_bench [--iters N] [--only SUBSTRING]`
 use std::time::Instant;
@@ -65,26 +66,13 @@ fn main() {
         let mut y = vec![0.0f32; cout * o * o];
         let mut scratch = vec![0.0f32; conv.scratch_len()];
         let flops = 2.0 * (cout * o * o * cin * k * k) as f64;
-        let mut rates = Vec::new();
-        for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            let secs = pool.install(|| {
-                conv.run(&x, &mut y, &mut scratch, threads);
-                let t = Instant::now();
-                for _ in 0..iters {
-                    conv.run(&x, &mut y, &mut scratch, threads);
-                }
-                t.elapsed().as_secs_f64() / iters as f64
-            });
-            rates.push(format!(
-                "{threads}t {:.3} ms {:.0} GFLOP/s",
-                secs * 1e3,
-                flops / secs / 1e9
-            ));
+        conv.run(&x, &mut y, &mut scratch, 1);
+        let t = Instant::now();
+        for _ in 0..iters {
+            conv.run(&x, &mut y, &mut scratch, 1);
         }
-        println!("{name:22} {}", rates.join("  "));
+        let secs = t.elapsed().as_secs_f64() / iters as f64;
+        let rate = format!("{:.3} ms {:.0} GFLOP/s", secs * 1e3, flops / secs / 1e9);
+        println!("{name:22} {rate}");
     }
 }
