@@ -2,7 +2,7 @@
 //! where A (the weights) is packed once at plan time into panels of
 //! [`MR`] rows, and B (im2col columns or a 1x1 convolution's input) is packed
 //! per call into panels of [`NR`] columns. The AVX-512 microkernel keeps an
-//! 8 x 48 tile of C in 24 registers; the reduction is blocked by [`KC`] so an
+//! 8 x 48 tile of C in 24 registers; the reduction is blocked by `KC` (256 rows) so an
 //! A block stays in L1 while B panels stream from L2. Bias and activation
 //! are applied when a tile is written, saving a pass over C.
 //!
