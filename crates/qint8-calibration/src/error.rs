@@ -229,6 +229,18 @@ pub enum CalibError {
     /// A batch size of zero was requested.
     #[error("batch size must be at least 1")]
     ZeroBatchSize,
+    /// Calibration cannot proceed (empty set, non-finite data, ...).
+    #[error("calibration: {0}")]
+    Invalid(String),
+    /// The model failed to load, simplify or run.
+    #[error(transparent)]
+    Runtime(#[from] qint8_runtime::RuntimeError),
+    /// The graph or plan is invalid.
+    #[error(transparent)]
+    Graph(#[from] qint8_graph::GraphError),
+    /// Range or parameter computation failed.
+    #[error(transparent)]
+    Math(#[from] qint8_math::MathError),
 }
 
 /// Result alias for this crate.

@@ -1,8 +1,8 @@
 //! Calibration data for qint8.
 //!
-//! This crate will hold the streaming calibrator that turns a graph and
-//! representative data into a `QuantPlan`; today it holds the data layer
-//! that calibration and evaluation share:
+//! The streaming [`calibrate`] turns a graph and representative data into a
+//! [`QuantPlan`](qint8_graph::QuantPlan) (see [`calibrator`]). Below it, the
+//! data layer that calibration and evaluation share:
 //!
 //! - [`dataset::idx`]: IDX files (MNIST, Fashion-MNIST), transparently
 //!   gunzipped, with [`labels_path_for`](dataset::labels_path_for) to find
@@ -51,9 +51,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod calibrator;
 pub mod dataset;
 pub mod error;
 
+pub use calibrator::{calibrate, CalibConfig, Calibrated, Progress};
 pub use dataset::{Batch, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};
 

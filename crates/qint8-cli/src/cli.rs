@@ -27,6 +27,97 @@ pub(crate) enum Command {
     Eval(EvalArgs),
     /// Write a model-zoo network (torchvision topology, seeded random weights) as ONNX.
     Zoo(ZooArgs),
+    /// Calibrate on images and write an explicitly quantized (QDQ) ONNX model.
+    Quantize(QuantizeArgs),
+    /// Check an ONNX file against TensorRT's explicit-quantization rules.
+    CheckTrt(CheckTrtArgs),
+}
+
+/// Arguments of `qint8 check-trt`.
+#[derive(Debug, Args)]
+pub(crate) struct CheckTrtArgs {
+    /// The ONNX model (external data is read from its directory).
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// Also fail on warnings (inputs of Conv/Gemm/MatMul left unquantized).
+    #[arg(long)]
+    pub(crate) strict: bool,
+}
+
+/// Calibration methods of `qint8 quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Method {
+    /// KL-divergence minimization (TensorRT's entropy calibrator, modelopt convention).
+    Entropy,
+    /// Largest absolute value.
+    Minmax,
+    /// A percentile of |x| (see --percentile).
+    Percentile,
+    /// Mean squared error minimization.
+    Mse,
+}
+
+/// Arguments of `qint8 quantize`.
+#[derive(Debug, Args)]
+pub(crate) struct QuantizeArgs {
+    /// The FP32 ONNX model.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// IDX calibration images (uint8; may be gzipped).
+    #[arg(long, value_name = "IMAGES")]
+    pub(crate) calib: PathBuf,
+    /// Calibrate on the first N images.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
+    pub(crate) calib_size: usize,
+    /// How activation ranges are chosen.
+    #[arg(long, value_enum, default_value_t = Method::Entropy)]
+    pub(crate) method: Method,
+    /// Percentile for --method percentile.
+    #[arg(long, default_value_t = 99.99)]
+    pub(crate) percentile: f64,
+    /// One weight scale per output channel (the default).
+    #[arg(long, conflicts_with = "per_tensor")]
+    pub(crate) per_channel: bool,
+    /// One weight scale per weight tensor.
+    #[arg(long)]
+    pub(crate) per_tensor: bool,
+    /// Store weights as float through QuantizeLinear/DequantizeLinear
+    /// (modelopt style) instead of int8 initializers.
+    #[arg(long)]
+    pub(crate) float_weights: bool,
+    /// Mean subtracted after scaling pixels to [0, 1]: one value, or one per channel.
+    #[arg(
+        long,
+        value_name = "M[,M..]",
+        value_delimiter = ',',
+        default_value = "0",
+        allow_hyphen_values = true
+    )]
+    pub(crate) mean: Vec<f32>,
+    /// Divisor applied after subtracting the mean: one value, or one per channel.
+    #[arg(
+        long,
+        value_name = "S[,S..]",
+        value_delimiter = ',',
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
+    pub(crate) std: Vec<f32>,
+    /// Zero pixels added on each side, in pixel space, before normalizing.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub(crate) pad: usize,
+    /// Images per calibration batch.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    pub(crate) batch: usize,
+    /// Where to write the QDQ model (atomically).
+    #[arg(long, short, value_name = "OUT.onnx")]
+    pub(crate) output: PathBuf,
+    /// Also write the quantization plan as JSON.
+    #[arg(long, value_name = "PLAN.json")]
+    pub(crate) plan: Option<PathBuf>,
+    /// Print one JSON summary instead of text (and no progress).
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Arguments of `qint8 zoo`.

@@ -30,14 +30,32 @@
 //!   [--classes K] [--seed S]`: writes ResNet-50, VGG-16(-BN) or
 //!   EfficientNet-B0 with torchvision's topology and seeded random weights.
 //!
+//! - `qint8 quantize MODEL --calib IMAGES [--calib-size N] [--method
+//!   entropy|minmax|percentile|mse] [--percentile P] [--per-channel |
+//!   --per-tensor] [--float-weights] [preprocessing flags as in eval]
+//!   -o OUT.onnx [--plan PLAN.json] [--json]`: calibrates on the first N
+//!   images (two streamed passes: ranges, then histograms over fixed
+//!   ranges), places Q/DQ by TensorRT's rules and writes a QDQ model (opset
+//!   at least 13, int8 symmetric, weights per output channel as int8
+//!   initializers unless `--float-weights`). `qint8 eval` scores the result.
+//!
+//! - `qint8 check-trt MODEL [--strict]`: lists every violation of
+//!   TensorRT's explicit-quantization rules (opset below 13, integer or
+//!   QLinear operators, non-int8 or non-zero zero points, bad scales,
+//!   per-channel weight axes) and warnings (unquantized inputs of
+//!   Conv/Gemm/MatMul); exits with status 1 when there is a violation
+//!   (or, with `--strict`, a warning), 0 otherwise.
+//!
 //! The global `--threads N` sets the worker threads (default: the number of
 //! available cores). Errors are printed with their causes to stderr and
 //! exit with status 1; usage errors exit with status 2.
 
+mod check_trt;
 mod cli;
 mod eval;
 mod format;
 mod inspect;
+mod quantize;
 mod run;
 mod zoo;
 
@@ -56,6 +74,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(args, threads),
         Command::Eval(args) => eval::main(args, threads),
         Command::Zoo(args) => zoo::main(args),
+        Command::Quantize(args) => quantize::main(args, threads),
+        Command::CheckTrt(args) => check_trt::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

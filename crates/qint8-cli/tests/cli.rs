@@ -596,3 +596,69 @@ fn zoo_writes_a_runnable_model() {
     assert!(!dir.join("x.onnx").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn quantize_writes_a_qdq_model_that_eval_scores_and_check_trt_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let plan = dir.path().join("plan.json");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let summary = json(&ok(qint8(&[
+        "quantize",
+        s(&model("resnet50.onnx")),
+        "--calib",
+        s(&calib),
+        "--calib-size",
+        "64",
+        "--method",
+        "minmax",
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "-o",
+        s(&out),
+        "--plan",
+        s(&plan),
+        "--json",
+    ])));
+    assert_eq!(summary["calibration_images"], 64);
+    assert_eq!(summary["method"], "max");
+    // Weights as int8: well under half the FP32 file.
+    let fp32 = std::fs::metadata(model("resnet50.onnx")).unwrap().len();
+    assert!(summary["output_bytes"].as_u64().unwrap() < fp32 / 2);
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(plan["activations"].as_object().unwrap().len(), 54);
+    let report = ok(qint8(&["check-trt", s(&out), "--strict"]));
+    assert!(report.contains("0 violation(s), 0 warning(s)"), "{report}");
+    let scored = json(&ok(qint8(&[
+        "eval",
+        s(&out),
+        "--data",
+        s(&eval_images()),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--limit",
+        "500",
+        "--json",
+    ])));
+    assert!(scored["top1"].as_f64().unwrap() > 0.9, "{scored}");
+}
+
+#[test]
+fn check_trt_fails_on_a_float_model_only_when_strict() {
+    let fp32 = model("resnet50.onnx");
+    let report = ok(qint8(&["check-trt", s(&fp32)]));
+    assert!(report.contains("0 violation(s)"), "{report}");
+    let err = fails(qint8(&["check-trt", s(&fp32), "--strict"]));
+    assert!(err.contains("does not follow TensorRT"), "{err}");
+    let garbage = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(garbage.path(), b"\x08\x01\x12garbage").unwrap();
+    fails(qint8(&["check-trt", s(garbage.path())]));
+}

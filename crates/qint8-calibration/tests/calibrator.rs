@@ -1,0 +1,136 @@
+//! The streaming calibrator on a fixture model and on synthetic graphs.
+
+use std::path::PathBuf;
+
+use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Images, Preprocess, Progress};
+use qint8_graph::{ConvAttrs, Graph, Node, Op, Tensor, ValueInfo};
+use qint8_math::search::RangeMethod;
+
+fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(path)
+}
+
+fn calib_set(n: usize) -> ImageDataset {
+    let pre = Preprocess::normalize(vec![0.2860], vec![0.3530]).with_pad(2);
+    ImageDataset::from_idx(fixture("data/calib-images-idx3-ubyte"), None, pre)
+        .unwrap()
+        .take(n)
+        .unwrap()
+}
+
+fn resnet() -> Graph {
+    qint8_graph::onnx::load(fixture("models/resnet50.onnx"))
+        .unwrap()
+        .graph
+}
+
+#[test]
+fn plans_do_not_depend_on_the_batch_size() {
+    let data = calib_set(48);
+    let g = resnet();
+    let run = |batch| {
+        let cfg = CalibConfig {
+            batch,
+            threads: 2,
+            ..Default::default()
+        };
+        calibrate(&g, &data, &cfg, &mut |_| {}).unwrap().plan
+    };
+    let (a, b) = (run(5), run(48));
+    assert!(!a.activations.is_empty() && !a.weights.is_empty());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn progress_counts_both_passes_and_max_needs_one() {
+    let data = calib_set(20);
+    let g = resnet();
+    for (method, passes) in [(RangeMethod::entropy(), 2u8), (RangeMethod::Max, 1)] {
+        let mut seen: Vec<Progress> = Vec::new();
+        let cfg = CalibConfig {
+            method,
+            batch: 8,
+            ..Default::default()
+        };
+        let c = calibrate(&g, &data, &cfg, &mut |p| seen.push(p)).unwrap();
+        let last = seen.last().copied().unwrap();
+        assert_eq!(
+            (last.pass, last.passes, last.done, last.total),
+            (passes, passes, 20, 20)
+        );
+        // Thresholds never exceed the largest value seen (the max plan).
+        if method == RangeMethod::Max {
+            assert!(c.plan.method.starts_with("max"));
+        }
+    }
+}
+
+#[test]
+fn entropy_thresholds_stay_inside_the_observed_range_and_inputs_are_not_clipped() {
+    let data = calib_set(32);
+    let g = resnet();
+    let cfg = |method| CalibConfig {
+        method,
+        batch: 16,
+        ..Default::default()
+    };
+    let max = calibrate(&g, &data, &cfg(RangeMethod::Max), &mut |_| {})
+        .unwrap()
+        .plan;
+    let ent = calibrate(&g, &data, &cfg(RangeMethod::entropy()), &mut |_| {})
+        .unwrap()
+        .plan;
+    for (name, p) in &ent.activations {
+        let (s, m) = (p.scales()[0], max.activations[name].scales()[0]);
+        assert!(s <= m * (1.0 + 1e-6), "{name}: {s} > {m}");
+    }
+    // The input keeps its full range (largest |x| of the normalized images).
+    let input = &g.inputs[0].name;
+    assert_eq!(ent.activations[input], max.activations[input]);
+    let expected = (1.0f32 - 0.2860) / 0.3530 / 127.0;
+    assert!((max.activations[input].scales()[0] - expected).abs() < 1e-6);
+}
+
+/// x -> Div(x, 0) -> Conv: the conv's input holds infinities.
+#[test]
+fn non_finite_activations_are_errors_naming_the_tensor() {
+    let mut g = Graph {
+        name: "inf".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 1, 4, 4])],
+        outputs: vec![ValueInfo::f32("y", &[1, 1, 2, 2])],
+        nodes: vec![
+            Node::new("div", Op::Div, &["x", "zero"], &["d"]),
+            Node::new(
+                "conv",
+                Op::Conv(ConvAttrs {
+                    group: 1,
+                    ..Default::default()
+                }),
+                &["d", "w"],
+                &["y"],
+            ),
+        ],
+        ..Default::default()
+    };
+    g.initializers
+        .insert("zero".into(), Tensor::scalar_f32(0.0));
+    g.initializers.insert(
+        "w".into(),
+        Tensor::F32(ndarray::ArrayD::from_elem(
+            ndarray::IxDyn(&[1, 1, 3, 3]),
+            0.5,
+        )),
+    );
+    let images = Images::new(3, 4, 4, 1, (0..48).map(|i| (i * 5) as u8).collect()).unwrap();
+    let data = ImageDataset::new(images, None, Preprocess::default()).unwrap();
+    let cfg = CalibConfig {
+        batch: 1,
+        ..Default::default()
+    };
+    let e = calibrate(&g, &data, &cfg, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`d`"), "{e}");
+}
