@@ -85,27 +85,9 @@ pub(crate) struct QuantizeArgs {
     /// (modelopt style) instead of int8 initializers.
     #[arg(long)]
     pub(crate) float_weights: bool,
-    /// Mean subtracted after scaling pixels to [0, 1]: one value, or one per channel.
-    #[arg(
-        long,
-        value_name = "M[,M..]",
-        value_delimiter = ',',
-        default_value = "0",
-        allow_hyphen_values = true
-    )]
-    pub(crate) mean: Vec<f32>,
-    /// Divisor applied after subtracting the mean: one value, or one per channel.
-    #[arg(
-        long,
-        value_name = "S[,S..]",
-        value_delimiter = ',',
-        default_value = "1",
-        allow_hyphen_values = true
-    )]
-    pub(crate) std: Vec<f32>,
-    /// Zero pixels added on each side, in pixel space, before normalizing.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub(crate) pad: usize,
+    /// Image preprocessing.
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
     /// Images per calibration batch.
     #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
     pub(crate) batch: usize,
@@ -171,18 +153,9 @@ pub(crate) struct RunArgs {
     pub(crate) output: PathBuf,
 }
 
-/// Arguments of `qint8 eval`.
+/// Preprocessing of IDX images, shared by every command that reads them.
 #[derive(Debug, Args)]
-pub(crate) struct EvalArgs {
-    /// The ONNX model; its first output must be [batch, classes] logits.
-    #[arg(value_name = "MODEL")]
-    pub(crate) model: PathBuf,
-    /// IDX images file (uint8, N x H x W or N x H x W x C; may be gzipped).
-    #[arg(long, value_name = "IMAGES")]
-    pub(crate) data: PathBuf,
-    /// IDX labels file [default: the `*-labels-idx1-ubyte[.gz]` beside IMAGES].
-    #[arg(long, value_name = "LABELS")]
-    pub(crate) labels: Option<PathBuf>,
+pub(crate) struct PreprocessArgs {
     /// Mean subtracted after scaling pixels to [0, 1]: one value, or one per channel.
     #[arg(
         long,
@@ -204,6 +177,31 @@ pub(crate) struct EvalArgs {
     /// Zero pixels added on each side, in pixel space, before normalizing.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub(crate) pad: usize,
+}
+
+impl PreprocessArgs {
+    /// The preprocessing these flags describe.
+    pub(crate) fn preprocess(&self) -> qint8_calibration::Preprocess {
+        qint8_calibration::Preprocess::normalize(self.mean.clone(), self.std.clone())
+            .with_pad(self.pad)
+    }
+}
+
+/// Arguments of `qint8 eval`.
+#[derive(Debug, Args)]
+pub(crate) struct EvalArgs {
+    /// The ONNX model; its first output must be [batch, classes] logits.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// IDX images file (uint8, N x H x W or N x H x W x C; may be gzipped).
+    #[arg(long, value_name = "IMAGES")]
+    pub(crate) data: PathBuf,
+    /// IDX labels file [default: the `*-labels-idx1-ubyte[.gz]` beside IMAGES].
+    #[arg(long, value_name = "LABELS")]
+    pub(crate) labels: Option<PathBuf>,
+    /// Image preprocessing.
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
     /// Images per inference batch.
     #[arg(long, value_name = "B", default_value_t = 64, value_parser = positive_usize)]
     pub(crate) batch: usize,
@@ -267,8 +265,8 @@ mod tests {
         let Command::Eval(a) = cli.command else {
             panic!("not eval")
         };
-        assert_eq!(a.mean, vec![-0.5, 0.1, 0.2]);
-        assert_eq!(a.std, vec![2.0]);
-        assert_eq!((a.pad, a.batch, a.limit), (0, 64, None));
+        assert_eq!(a.pre.mean, vec![-0.5, 0.1, 0.2]);
+        assert_eq!(a.pre.std, vec![2.0]);
+        assert_eq!((a.pre.pad, a.batch, a.limit), (0, 64, None));
     }
 }

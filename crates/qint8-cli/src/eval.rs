@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use ndarray::Array1;
 use qint8_calibration::dataset::idx::{labels_path_candidates, labels_path_for};
 use qint8_calibration::dataset::npy::write_npy_f32;
-use qint8_calibration::{ImageDataset, Preprocess};
+use qint8_calibration::ImageDataset;
 use qint8_runtime::{Session, SessionOptions};
 use serde_json::json;
 
@@ -78,7 +78,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         Some(p) => p.clone(),
         None => find_labels(&args.data)?,
     };
-    let preprocess = Preprocess::normalize(args.mean.clone(), args.std.clone()).with_pad(args.pad);
+    let preprocess = args.pre.preprocess();
     let mut dataset = ImageDataset::from_idx(&args.data, Some(&labels_path), preprocess)
         .with_context(|| {
             format!(
@@ -109,7 +109,11 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
     check_input_shape(
         input,
         &[first_batch, c, h, w],
-        &format!("the data ({} with --pad {})", args.data.display(), args.pad),
+        &format!(
+            "the data ({} with --pad {})",
+            args.data.display(),
+            args.pre.pad
+        ),
     )?;
     let Some(output) = g.outputs.first() else {
         bail!("{}: the model has no outputs", args.model.display());
@@ -242,9 +246,9 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             "total_seconds": total_seconds,
             "batch": args.batch,
             "threads": session.threads(),
-            "pad": args.pad,
-            "mean": short_f64(&args.mean),
-            "std": short_f64(&args.std),
+            "pad": args.pre.pad,
+            "mean": short_f64(&args.pre.mean),
+            "std": short_f64(&args.pre.std),
             "input_shape": [c, h, w],
         });
         format!("{v}\n")
@@ -258,7 +262,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
                 format!(
                     "{} images of {c}x{h}x{w} (pad {}), {classes} classes",
                     format::group(score.n),
-                    args.pad
+                    args.pre.pad
                 ),
             ),
             (

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Preprocess, Progress};
+use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Progress};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
 use qint8_math::search::RangeMethod;
@@ -31,7 +31,7 @@ pub(crate) fn range_method(method: Method, percentile: f64) -> Result<RangeMetho
 pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
     let model = load_model(&args.model)?;
-    let preprocess = Preprocess::normalize(args.mean.clone(), args.std.clone()).with_pad(args.pad);
+    let preprocess = args.pre.preprocess();
     let data = ImageDataset::from_idx(&args.calib, None, preprocess)
         .with_context(|| format!("reading calibration images {}", args.calib.display()))?
         .take(args.calib_size)?;

@@ -253,11 +253,7 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
         let Some(&first) = consumers.iter().min() else {
             continue;
         };
-        let (scale, zp) = param_tensors(params);
-        let scale_name = g.fresh_name(&format!("{name}_scale"));
-        g.initializers.insert(scale_name.clone(), scale);
-        let zp_name = g.fresh_name(&format!("{name}_zero_point"));
-        g.initializers.insert(zp_name.clone(), zp);
+        let (scale_name, zp_name) = add_param_initializers(&mut g, name, params);
         let axis = params.axis().unwrap_or(0) as i64;
         let dq_out = g.fresh_name(&format!("{name}_dequantized"));
         let mut new_nodes = Vec::new();
@@ -305,11 +301,7 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
         if consumers.is_empty() {
             continue;
         }
-        let (scale, zp) = param_tensors(params);
-        let scale_name = g.fresh_name(&format!("{name}_scale"));
-        g.initializers.insert(scale_name.clone(), scale);
-        let zp_name = g.fresh_name(&format!("{name}_zero_point"));
-        g.initializers.insert(zp_name.clone(), zp);
+        let (scale_name, zp_name) = add_param_initializers(&mut g, name, params);
         let q_out = g.fresh_name(&format!("{name}_quantized"));
         let dq_out = g.fresh_name(&format!("{name}_dequantized"));
         let q_node = Node::new(
@@ -332,6 +324,17 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
     g.remove_unused_initializers();
     g.validate()?;
     Ok(g)
+}
+
+/// Adds the scale and zero point of `params` for tensor `name` as
+/// initializers; returns their names.
+fn add_param_initializers(g: &mut Graph, name: &str, params: &QuantParams) -> (String, String) {
+    let (scale, zp) = param_tensors(params);
+    let scale_name = g.fresh_name(&format!("{name}_scale"));
+    g.initializers.insert(scale_name.clone(), scale);
+    let zp_name = g.fresh_name(&format!("{name}_zero_point"));
+    g.initializers.insert(zp_name.clone(), zp);
+    (scale_name, zp_name)
 }
 
 /// Points input `from` of the nodes at `indices` to `to`.
