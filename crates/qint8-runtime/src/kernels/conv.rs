@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::gemm::{sgemm, Mat};
 use super::packed::{
-    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, ConvInput, Epilogue,
-    PackedA, GATHER_BELOW, NR,
+    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, ConvInput,
+    Epilogue, PackedA, GATHER_BELOW, NR,
 };
 use super::{multiversion, Activation};
 
@@ -148,14 +148,7 @@ impl Conv2d {
         let (iw, sw) = (self.iw, self.stride.1);
         let rows = self.n * self.cin * self.ih;
         for (src, dst) in x.chunks(iw).zip(out.chunks_mut(sw * w)).take(rows) {
-            for (ph, part) in dst.chunks_mut(w).enumerate() {
-                let mut t = 0;
-                for (d, &v) in part.iter_mut().zip(src.iter().skip(ph).step_by(sw)) {
-                    *d = v;
-                    t += 1;
-                }
-                part[t..].fill(0.0);
-            }
+            pad_row(src, dst, sw, w, 0);
         }
     }
 

@@ -288,6 +288,8 @@ pub fn gemm_packed_conv(
         })
         .collect();
     with_reused(&PADDED, input.images * cin_g * plane, |padded| {
+        // One memset and a copy per row: these maps are small, and per-row
+        // padding writes measured about 10% slower on the ResNet-50 fixture.
         padded.fill(0.0);
         for img in 0..input.images {
             for ci in 0..cin_g {
@@ -1107,38 +1109,8 @@ pub fn conv_direct(
         for img in 0..cv.n {
             // One padded channel from input channel `ci`.
             let fill = |ci: usize, plane: &mut [f32]| {
-                for (py, dst) in plane.chunks_mut(rl).enumerate() {
-                    let Some(iy) = py.checked_sub(pt).filter(|&iy| iy < ih) else {
-                        dst.fill(0.0);
-                        continue;
-                    };
-                    let src = &x[((img * cin + ci) * ih + iy) * iw..][..iw];
-                    if sw == 1 {
-                        dst[..pl].fill(0.0);
-                        dst[pl..pl + iw].copy_from_slice(src);
-                        dst[pl + iw..].fill(0.0);
-                        continue;
-                    }
-                    if sw == 2 {
-                        split_pair(src, dst, pw, pl);
-                        continue;
-                    }
-                    // Phase `c % sw` holds padded columns c = t * sw + phase,
-                    // input column c - pl where that lies inside the row.
-                    for (phase, part) in dst.chunks_mut(pw).enumerate() {
-                        let lo = pl.saturating_sub(phase).div_ceil(sw).min(pw);
-                        let hi = (iw + pl).saturating_sub(phase).div_ceil(sw).clamp(lo, pw);
-                        part[..lo].fill(0.0);
-                        part[hi..].fill(0.0);
-                        if hi > lo {
-                            let first = lo * sw + phase - pl;
-                            let taps = src[first..].iter().step_by(sw);
-                            for (d, &v) in part[lo..hi].iter_mut().zip(taps) {
-                                *d = v;
-                            }
-                        }
-                    }
-                }
+                let src = &x[(img * cin + ci) * ih * iw..][..ih * iw];
+                pad_plane(src, plane, iw, pt, pl, sw, pw);
             };
             let planes = &mut padded[..cin * ph * rl];
             if parallel && planes.len() >= 1 << 15 {
@@ -1212,6 +1184,58 @@ pub fn conv_direct(
         }
     });
     true
+}
+
+/// Writes one input plane (rows of `iw`) into `dst`, zero-padded by `pt`
+/// rows on top and `pl` columns on the left and zero to the end: rows of
+/// `sw * pw` floats, each split by column phase (see [`pad_row`]).
+pub(crate) fn pad_plane(
+    src: &[f32],
+    dst: &mut [f32],
+    iw: usize,
+    pt: usize,
+    pl: usize,
+    sw: usize,
+    pw: usize,
+) {
+    let rows = src.len() / iw.max(1);
+    for (py, row) in dst.chunks_mut(sw * pw).enumerate() {
+        match py.checked_sub(pt).filter(|&iy| iy < rows) {
+            Some(iy) => pad_row(&src[iy * iw..(iy + 1) * iw], row, sw, pw, pl),
+            None => zero(row),
+        }
+    }
+}
+
+/// One input row placed in a padded row of `sw` phases of `pw` floats:
+/// padded column `c = ix + pl` at `(c % sw) * pw + c / sw`, zero where no
+/// input column lands. With `sw = 1` that is the row shifted by `pl`.
+pub(crate) fn pad_row(src: &[f32], dst: &mut [f32], sw: usize, pw: usize, pl: usize) {
+    let iw = src.len();
+    if sw == 1 {
+        // Small maps have rows of a few floats: no memcpy/memset calls.
+        zero(&mut dst[..pl]);
+        copy(&mut dst[pl..pl + iw], src);
+        zero(&mut dst[pl + iw..]);
+        return;
+    }
+    if sw == 2 {
+        split_pair(src, dst, pw, pl);
+        return;
+    }
+    for (phase, part) in dst.chunks_mut(pw).enumerate() {
+        let lo = pl.saturating_sub(phase).div_ceil(sw).min(pw);
+        let hi = (iw + pl).saturating_sub(phase).div_ceil(sw).clamp(lo, pw);
+        part[..lo].fill(0.0);
+        part[hi..].fill(0.0);
+        if hi > lo {
+            let first = lo * sw + phase - pl;
+            let taps = src[first..].iter().step_by(sw);
+            for (d, &v) in part[lo..hi].iter_mut().zip(taps) {
+                *d = v;
+            }
+        }
+    }
 }
 
 /// One padded row for column stride 2: `dst` is two phases of `pw` floats,
