@@ -211,8 +211,8 @@ proptest! {
 
     /// The fast entropy search picks exactly what a naive O(bins^2) search picks.
     #[test]
-    fn entropy_search_equals_naive(counts in histogram_counts(), gtc in any::<bool>(), start in prop_oneof![Just(128usize), 8usize..64]) {
-        let variant = if gtc { EntropyVariant::Gtc2017 } else { EntropyVariant::Modelopt };
+    fn entropy_search_equals_naive(counts in histogram_counts(), which in 0u8..3, start in prop_oneof![Just(128usize), 8usize..64]) {
+        let variant = [EntropyVariant::Gtc2017, EntropyVariant::Modelopt, EntropyVariant::SpikeAware][which as usize];
         let levels = if start < 128 { start } else { 128 };
         let fast = entropy_search(&counts, variant, start, levels).unwrap();
         let naive = naive_entropy(&counts, variant, start, levels);
@@ -270,10 +270,28 @@ fn naive_entropy(
     start: usize,
     levels: usize,
 ) -> Option<usize> {
-    let mut b: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
-    if variant == EntropyVariant::Modelopt {
-        b[0] = b[1];
+    let mut full: Vec<f64> = counts.iter().map(|&c| c as f64).collect();
+    if variant != EntropyVariant::Gtc2017 {
+        full[0] = full[1];
     }
+    // Spike-aware: inside the kept range a bin over 8x the median of its
+    // 9-bin window (and over 1) counts as that median; clipped, in full.
+    let b: Vec<f64> = if variant == EntropyVariant::SpikeAware {
+        (0..full.len())
+            .map(|j| {
+                let mut w: Vec<f64> = full[j.saturating_sub(4)..(j + 5).min(full.len())].to_vec();
+                w.sort_by(|x, y| x.partial_cmp(y).unwrap());
+                let med = w[w.len() / 2];
+                if j > 0 && full[j] > 8.0 * med.max(1.0) {
+                    med
+                } else {
+                    full[j]
+                }
+            })
+            .collect()
+    } else {
+        full.clone()
+    };
     if b.iter().sum::<f64>() == 0.0 {
         return None;
     }
@@ -281,7 +299,7 @@ fn naive_entropy(
     let mut best: Option<(usize, f64)> = None;
     for i in start.min(n)..=n {
         let mut p: Vec<f64> = b[..i].to_vec();
-        p[i - 1] += b[i..].iter().sum::<f64>();
+        p[i - 1] += full[i..].iter().sum::<f64>();
         let mut sums = vec![0.0; levels];
         let mut counts = vec![0usize; levels];
         for j in 0..i {
@@ -319,7 +337,7 @@ fn naive_entropy(
         }
         let better = match best {
             None => true,
-            Some((_, e)) => kl < e || (kl == e && variant == EntropyVariant::Modelopt),
+            Some((_, e)) => kl < e || (kl == e && variant != EntropyVariant::Gtc2017),
         };
         if better {
             best = Some((i, kl));
