@@ -4,9 +4,11 @@
 //! the runtime simulates it, exporters write it. It names the activation
 //! tensors and weight initializers to quantize with their parameters, and
 //! the nodes kept in float. [`trt_placement`] chooses the tensors by
-//! TensorRT's Q/DQ placement rules; [`insert_qdq`] rewrites a graph so that
-//! every planned tensor passes through `QuantizeLinear` -> `DequantizeLinear`
-//! (explicit quantization: what TensorRT 10 and onnxruntime consume).
+//! TensorRT's Q/DQ placement rules, [`ort_placement`] as onnxruntime's QDQ
+//! quantizer does ([`placement`] picks by [`PlacementPolicy`]);
+//! [`insert_qdq`] rewrites a graph so that every planned tensor passes
+//! through `QuantizeLinear` -> `DequantizeLinear` (explicit quantization:
+//! what TensorRT 10 and onnxruntime consume).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{GraphError, Result};
 use crate::ir::{Graph, Node};
 use crate::ops::Op;
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor};
 
 /// Version of the plan's JSON layout.
 pub const PLAN_VERSION: u32 = 1;
@@ -159,6 +161,24 @@ pub struct Placement {
     pub activations: BTreeSet<String>,
     /// Weight initializers and their channel axis.
     pub weights: BTreeMap<String, usize>,
+    /// Activations that take the parameters of another tensor instead of
+    /// their own range (the output of a max pool or reshape shares its
+    /// input's scale): tensor -> tensor whose parameters it reuses. Every
+    /// key and value is also in `activations`, and no value is itself a key
+    /// (chains are resolved to the tensor that owns the parameters).
+    pub shared: BTreeMap<String, String>,
+}
+
+/// Which tensors a plan quantizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementPolicy {
+    /// TensorRT's Q/DQ placement rules (see [`trt_placement`]).
+    #[default]
+    TensorRt,
+    /// Every tensor onnxruntime's QDQ quantizer would quantize (see
+    /// [`ort_placement`]).
+    OnnxRuntime,
 }
 
 /// TensorRT's Q/DQ placement ("Q/DQ layer placement" in its developer
@@ -218,6 +238,345 @@ pub fn trt_placement(graph: &Graph, float: &BTreeSet<String>) -> Placement {
         }
     }
     p
+}
+
+/// The tensors onnxruntime's static QDQ quantizer marks for quantization
+/// (`onnxruntime.quantization.quantize_static` with `QuantFormat.QDQ`, the
+/// default operator types, `per_channel=True` and symmetric int8
+/// activations), on the operators of qint8's IR. Nodes in `float` are
+/// skipped, as onnxruntime skips `nodes_to_exclude`.
+///
+/// What onnxruntime does, read from its Python package
+/// (`onnxruntime/quantization/`, version 1.32):
+///
+/// - *Which operators* (`quantize.py`, `registry.py`): with no
+///   `op_types_to_quantize`, every type of `QLinearOpsRegistry` and
+///   `QDQRegistry` is quantized. Of qint8's operators those are Conv, Gemm,
+///   MatMul, Add, Mul, Relu, Clip, Sigmoid, MaxPool, AveragePool,
+///   GlobalAveragePool, Flatten, Reshape, Transpose, Squeeze, Unsqueeze,
+///   Concat, Softmax, Gather, Where and BatchNormalization; Sub, Div,
+///   HardSigmoid, HardSwish, ReduceMean, Cast, Shape, Expand and the rest
+///   stay float.
+/// - *Marking* (`qdq_quantizer.py`, `QDQQuantizer.quantize_model`): nodes are
+///   visited in graph order and each operator's quantizer marks tensors;
+///   only float tensors can be marked (`_is_tensor_quantizable`), a tensor
+///   that is already the output of a `DequantizeLinear` is left alone, and
+///   every marked activation gets one Q/DQ pair shared by all its consumers
+///   (`DedicatedQDQPair` is off), graph outputs included.
+/// - *Inputs and outputs* (`operators/qdq_base_operator.py`): an operator
+///   without a dedicated class (Add, Mul, Sigmoid, GlobalAveragePool,
+///   Concat, Softmax) has every input and every output quantized, each with
+///   its own calibrated range. Conv and Gemm (`operators/conv.py`,
+///   `operators/gemm.py`) quantize input 0, the weight and the output;
+///   MatMul (`operators/matmul.py`) every input and the output;
+///   BatchNormalization (`operators/norm.py`) input 0 and its outputs.
+///   Unlike TensorRT's rules, outputs of Conv/Gemm/MatMul are quantized.
+/// - *Shared scales* (`operators/direct_q8.py` `QDQDirect8BitOp` for Reshape,
+///   Transpose, Squeeze, Unsqueeze, Flatten and AveragePool;
+///   `operators/maxpool.py` for MaxPool, from opset 12 only: a [`Graph`]
+///   carries no opset, so opset >= 12 is assumed, as in the fixtures and
+///   qint8's exports; `operators/gather.py`): the output is quantized with the
+///   scale and zero point of input 0 (`quantize_output_same_as_input`), and
+///   only when input 0 is already marked when the node is visited (by its
+///   producer or an earlier consumer). Such outputs are keys of
+///   [`Placement::shared`]. Where (`operators/where.py`) quantizes its output,
+///   with its own range, when both data inputs are marked.
+/// - *Relu and Clip* (`operators/activation.py`, `QDQRemovableActivation`):
+///   nothing happens unless the input is already marked. With asymmetric
+///   activations (onnxruntime's default) the node is deleted and its
+///   producer writes the activation's output, so no Q/DQ stays between, say,
+///   a Conv and its Relu. With symmetric activations (this policy, and the
+///   only kind qint8 calibrates) the node stays and both its input and output
+///   are quantized; `adjust_tensor_ranges` (`base_quantizer.py`) gives the
+///   input of every quantized Relu/Clip with exactly one consumer the range
+///   of the output, so the Conv (or Add) output shares the Relu output's
+///   parameters. A zero-point-0 quantizer commutes with Relu, so after the
+///   Relu the extra pair on its input changes nothing: the two pairs act
+///   like the single one the asymmetric removal leaves.
+/// - *Weights* (`is_tensor_per_channel`, `_calc_initializer_quant_params` in
+///   `qdq_quantizer.py`): per channel, symmetric, on axis 0 for Conv, axis 0
+///   (`transB = 1`) or 1 for Gemm, axis 1 for every constant MatMul operand
+///   of rank >= 2. A weight input that is not an initializer is quantized as
+///   an activation.
+/// - *Bias* (`quantize_bias_tensor`, `quantize_bias_static` in
+///   `qdq_quantizer.py`, `quantize_bias_static_impl` in `base_quantizer.py`):
+///   constant Conv and Gemm biases (and BatchNormalization's B) are stored
+///   as int32 `round(b / s_b)` with zero point 0 and scale
+///   `s_b = s_input * s_weight[c]` (times Gemm's beta), read through a
+///   `DequantizeLinear`; when `|b|` would overflow int32 with that scale,
+///   the weight's scale is enlarged (`_adjust_weight_scale_for_int32_bias`).
+///
+/// Differences, because a [`Placement`] (and the [`QuantPlan`] made from it)
+/// cannot express them:
+///
+/// - Biases stay float. A plan has no int32 type (`QuantDtype` is int8 or
+///   uint8), a bias scale is derived from two other tensors' parameters
+///   rather than calibrated, and qint8's runtime dequantizes int8/uint8
+///   only. onnxruntime's bias differs from the float one by at most
+///   `s_input * s_weight[c] / 2` per output channel (and in the rare
+///   weight-scale enlargement above).
+/// - Float initializers that onnxruntime quantizes *per tensor* stay float:
+///   constant inputs of Add, Mul, Concat and Where (onnxruntime uses the
+///   activation type for them), a constant Gemm input
+///   A, constant MatMul operands of rank < 2, BatchNormalization's scale and
+///   a constant Gather data input (whose output then is not quantized
+///   either). [`Placement::weights`] holds per-channel axes only.
+/// - Softmax outputs get their calibrated range; onnxruntime fixes it to
+///   `[0, 1]` (`adjust_tensor_ranges`).
+/// - Relu/Clip chains: onnxruntime copies the range an intermediate output
+///   had before its own consumer's adjustment; here every shared tensor maps
+///   to the end of its chain (see [`Placement::shared`]).
+/// - Graph outputs are planned as onnxruntime marks them, but
+///   [`insert_qdq`] only rewrites tensors that have consumers.
+pub fn ort_placement(graph: &Graph, float: &BTreeSet<String>) -> Placement {
+    let mut m = OrtMarks::new(graph);
+    // Relu/Clip (input, output) pairs whose input takes the output's range.
+    let mut adopt_range: Vec<(&str, &str)> = Vec::new();
+    for node in graph.nodes.iter().filter(|n| !float.contains(&n.name)) {
+        let (Some(x), Some(y)) = (node.input(0), node.outputs.first().map(String::as_str)) else {
+            continue;
+        };
+        match &node.op {
+            Op::Conv(_) | Op::Gemm { .. } => {
+                m.activation(x);
+                m.activation(y);
+                let axis = match node.op {
+                    Op::Gemm { trans_b: false, .. } => 1,
+                    _ => 0,
+                };
+                if let Some(w) = node.input(1) {
+                    m.weight(w, axis);
+                }
+            }
+            Op::MatMul => {
+                for input in node.inputs.iter().filter(|s| !s.is_empty()) {
+                    if graph.initializers.contains_key(input) {
+                        m.weight(input, 1);
+                    } else {
+                        m.activation(input);
+                    }
+                }
+                m.activation(y);
+            }
+            Op::Add
+            | Op::Mul
+            | Op::Sigmoid
+            | Op::GlobalAveragePool
+            | Op::Concat { .. }
+            | Op::Softmax { .. } => {
+                for t in node.inputs.iter().chain(&node.outputs) {
+                    m.activation(t);
+                }
+            }
+            Op::BatchNormalization { .. } => {
+                m.activation(x);
+                if let Some(scale) = node.input(1) {
+                    if !graph.initializers.contains_key(scale) {
+                        m.activation(scale);
+                    }
+                }
+                for t in &node.outputs {
+                    m.activation(t);
+                }
+            }
+            Op::Relu | Op::Clip { .. } => {
+                if m.marked(x) {
+                    m.activation(x);
+                    m.activation(y);
+                }
+                if m.uses.get(x) == Some(&1) {
+                    adopt_range.push((x, y));
+                }
+            }
+            Op::MaxPool(_)
+            | Op::AveragePool(_)
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Flatten { .. }
+            | Op::Gather { .. }
+                if m.marked(x) =>
+            {
+                m.share(y, x);
+            }
+            Op::Where
+                if node.input(1).is_some_and(|a| m.marked(a))
+                    && node.input(2).is_some_and(|b| m.marked(b)) =>
+            {
+                for t in &node.outputs {
+                    m.activation(t);
+                }
+            }
+            _ => {}
+        }
+    }
+    // Ranges are adopted in graph order from whatever the output had then.
+    let mut range_of: BTreeMap<&str, &str> = BTreeMap::new();
+    for (x, y) in adopt_range {
+        let source = range_of.get(y).copied().unwrap_or(y);
+        range_of.insert(x, source);
+    }
+    let mut p = m.placement;
+    for (x, source) in range_of {
+        // A tensor already sharing its input's parameters ignores its range.
+        if p.activations.contains(x) && p.activations.contains(source) && !p.shared.contains_key(x)
+        {
+            p.shared.insert(x.to_string(), source.to_string());
+        }
+    }
+    p.shared = resolve_shared(&p.shared);
+    p
+}
+
+/// Follows every chain of `shared` to its end (a tensor with its own
+/// parameters); entries caught in a cycle are dropped.
+fn resolve_shared(shared: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for key in shared.keys() {
+        let mut at = key;
+        let mut steps = 0;
+        while let Some(next) = shared.get(at) {
+            at = next;
+            steps += 1;
+            if steps > shared.len() {
+                break;
+            }
+        }
+        if steps <= shared.len() && at != key {
+            out.insert(key.clone(), at.clone());
+        }
+    }
+    out
+}
+
+/// The marking state of [`ort_placement`].
+struct OrtMarks<'g> {
+    graph: &'g Graph,
+    /// Float-typed values (inputs, initializers, node outputs).
+    floats: BTreeSet<&'g str>,
+    /// Outputs of `DequantizeLinear` nodes already in the graph.
+    dequantized: BTreeSet<&'g str>,
+    /// How many node inputs read each value.
+    uses: HashMap<&'g str, usize>,
+    placement: Placement,
+}
+
+impl<'g> OrtMarks<'g> {
+    fn new(graph: &'g Graph) -> Self {
+        let mut uses = HashMap::new();
+        for input in graph.nodes.iter().flat_map(|n| &n.inputs) {
+            if !input.is_empty() {
+                *uses.entry(input.as_str()).or_insert(0) += 1;
+            }
+        }
+        Self {
+            graph,
+            floats: float_values(graph),
+            dequantized: graph
+                .nodes
+                .iter()
+                .filter(|n| matches!(n.op, Op::DequantizeLinear { .. }))
+                .flat_map(|n| n.outputs.iter().map(String::as_str))
+                .collect(),
+            uses,
+            placement: Placement::default(),
+        }
+    }
+
+    /// Whether `name` is a float activation that may get a Q/DQ pair.
+    fn quantizable(&self, name: &str) -> bool {
+        !name.is_empty()
+            && !self.graph.initializers.contains_key(name)
+            && self.floats.contains(name)
+            && !self.dequantized.contains(name)
+    }
+
+    /// Whether `name` is marked as an activation.
+    fn marked(&self, name: &str) -> bool {
+        self.placement.activations.contains(name)
+    }
+
+    /// Marks an activation with its own range (no-op for initializers:
+    /// onnxruntime's per-tensor initializers are not expressible).
+    fn activation(&mut self, name: &str) {
+        if self.quantizable(name) {
+            self.placement.activations.insert(name.to_string());
+        }
+    }
+
+    /// Marks `output` to reuse the parameters of `input`.
+    fn share(&mut self, output: &str, input: &str) {
+        if self.quantizable(output) {
+            self.placement.activations.insert(output.to_string());
+            self.placement
+                .shared
+                .insert(output.to_string(), input.to_string());
+        }
+    }
+
+    /// A weight input: per channel on `axis` when it is a float initializer
+    /// of rank > `axis`, an activation when it is not constant.
+    fn weight(&mut self, name: &str, axis: usize) {
+        match self.graph.initializers.get(name) {
+            Some(t) if t.as_f32().is_some() && axis < t.shape().len() => {
+                self.placement.weights.insert(name.to_string(), axis);
+            }
+            Some(_) => {}
+            None => self.activation(name),
+        }
+    }
+}
+
+/// Names of the float-typed values of `graph`: float inputs and
+/// initializers, and node outputs whose type follows from the operator
+/// (the type of input 0 for most; Shape, Equal and QuantizeLinear give
+/// integers; Cast, Constant and ConstantOfShape say).
+fn float_values(graph: &Graph) -> BTreeSet<&str> {
+    let mut f: BTreeSet<&str> = graph
+        .inputs
+        .iter()
+        .filter(|v| v.dtype == DataType::Float)
+        .map(|v| v.name.as_str())
+        .collect();
+    f.extend(
+        graph
+            .initializers
+            .iter()
+            .filter(|(_, t)| t.dtype() == DataType::Float)
+            .map(|(n, _)| n.as_str()),
+    );
+    for node in &graph.nodes {
+        let is_float = {
+            let from = |i: usize| node.input(i).is_some_and(|n| f.contains(n));
+            match &node.op {
+                Op::Shape { .. } | Op::Equal | Op::QuantizeLinear { .. } => false,
+                Op::Cast { to } => DataType::from_onnx(*to) == Some(DataType::Float),
+                Op::Constant(t) => t.dtype() == DataType::Float,
+                Op::ConstantOfShape { value } => value.dtype() == DataType::Float,
+                Op::DequantizeLinear { .. } => true,
+                Op::Where => from(1),
+                _ => from(0),
+            }
+        };
+        if is_float {
+            f.extend(
+                node.outputs
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .map(String::as_str),
+            );
+        }
+    }
+    f
+}
+
+/// The placement `policy` chooses for `graph`, skipping nodes in `float`.
+pub fn placement(graph: &Graph, policy: PlacementPolicy, float: &BTreeSet<String>) -> Placement {
+    match policy {
+        PlacementPolicy::TensorRt => trt_placement(graph, float),
+        PlacementPolicy::OnnxRuntime => ort_placement(graph, float),
+    }
 }
 
 /// How quantized weights are stored in an exported model.

@@ -1,12 +1,13 @@
-//! Quantization plans, TensorRT placement and QDQ rewriting.
+//! Quantization plans, TensorRT and onnxruntime placement, QDQ rewriting.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{ArrayD, IxDyn};
 use qint8_graph::quant::{
-    insert_qdq, plan_from_qdq, trt_placement, Precision, QuantPlan, WeightStorage,
+    insert_qdq, ort_placement, placement, plan_from_qdq, trt_placement, Precision, QuantPlan,
+    WeightStorage,
 };
-use qint8_graph::{ConvAttrs, Graph, Node, Op, Tensor, ValueInfo};
+use qint8_graph::{ConvAttrs, Graph, Node, Op, PlacementPolicy, PoolAttrs, Tensor, ValueInfo};
 use qint8_math::{QuantDtype, QuantParams};
 
 fn conv(name: &str, x: &str, w: &str, y: &str) -> Node {
@@ -208,4 +209,245 @@ fn plans_round_trip_through_json_and_reject_what_does_not_fit() {
         "{e}"
     );
     assert!(insert_qdq(&g, &bad, WeightStorage::Int8).is_err());
+}
+
+// ---- onnxruntime's QDQ placement ----
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn shares(list: &[(&str, &str)]) -> BTreeMap<String, String> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+fn f32_tensor(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::F32(
+        ArrayD::from_shape_vec(
+            IxDyn(shape),
+            (0..n).map(|i| (i as f32 * 0.3).cos()).collect(),
+        )
+        .unwrap(),
+    )
+}
+
+fn i64_tensor(values: &[i64]) -> Tensor {
+    Tensor::I64(ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap())
+}
+
+/// x -> conv (bias) -> relu -> max pool -> reshape -> gemm (bias) -> logits.
+fn classifier(trans_b: bool) -> Graph {
+    let pool = PoolAttrs {
+        kernel_shape: vec![2, 2],
+        strides: vec![2, 2],
+        ..Default::default()
+    };
+    let mut g = Graph {
+        name: "classifier".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 2, 8, 8])],
+        outputs: vec![ValueInfo::f32("logits", &[1, 5])],
+        nodes: vec![
+            Node::new(
+                "c1",
+                Op::Conv(ConvAttrs {
+                    group: 1,
+                    ..Default::default()
+                }),
+                &["x", "w1", "b1"],
+                &["y1"],
+            ),
+            Node::new("relu", Op::Relu, &["y1"], &["r1"]),
+            Node::new("pool", Op::MaxPool(pool), &["r1"], &["p"]),
+            Node::new(
+                "flat",
+                Op::Reshape { allowzero: false },
+                &["p", "shape"],
+                &["f"],
+            ),
+            Node::new(
+                "fc",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b,
+                },
+                &["f", "wg", "bg"],
+                &["logits"],
+            ),
+        ],
+        ..Default::default()
+    };
+    g.initializers.insert("w1".into(), weight(4, 2, 0.3));
+    g.initializers.insert("b1".into(), f32_tensor(&[4]));
+    g.initializers.insert("shape".into(), i64_tensor(&[1, 36]));
+    let wg = if trans_b { [5, 36] } else { [36, 5] };
+    g.initializers.insert("wg".into(), f32_tensor(&wg));
+    g.initializers.insert("bg".into(), f32_tensor(&[5]));
+    g
+}
+
+#[test]
+fn ort_placement_quantizes_inputs_and_outputs_and_shares_through_relu_pool_and_reshape() {
+    let g = classifier(true);
+    let p = ort_placement(&g, &BTreeSet::new());
+    // Inputs and outputs of every quantized op, graph output included.
+    assert_eq!(p.activations, names(&["f", "logits", "p", "r1", "x", "y1"]));
+    // The conv output takes the Relu output's range; pool and reshape
+    // outputs reuse their input's parameters, resolved to the owner.
+    assert_eq!(p.shared, shares(&[("f", "r1"), ("p", "r1"), ("y1", "r1")]));
+    // Per-channel weights: conv axis 0, transposed Gemm weight axis 0;
+    // biases (int32 in onnxruntime) and the int64 shape stay as they are.
+    assert_eq!(
+        p.weights,
+        [("w1".to_string(), 0), ("wg".to_string(), 0)]
+            .into_iter()
+            .collect()
+    );
+    // A plain [k, n] Gemm weight is per channel on axis 1.
+    let p = ort_placement(&classifier(false), &BTreeSet::new());
+    assert_eq!(p.weights.get("wg"), Some(&1));
+}
+
+#[test]
+fn ort_placement_of_a_residual_block_quantizes_both_add_inputs() {
+    let g = block();
+    let p = ort_placement(&g, &BTreeSet::new());
+    assert_eq!(p.activations, names(&["out", "ra", "s", "x", "ya", "yb"]));
+    // Relu inputs with one consumer take the Relu output's parameters; the
+    // second conv's output feeds the Add, not a Relu, and keeps its own.
+    assert_eq!(p.shared, shares(&[("s", "out"), ("ya", "ra")]));
+    assert_eq!(p.weights.len(), 2);
+    // Unlike TensorRT's rules, conv outputs are quantized.
+    let trt = trt_placement(&g, &BTreeSet::new());
+    assert!(!trt.activations.contains("ya") && trt.shared.is_empty());
+}
+
+#[test]
+fn ort_placement_gives_sigmoid_mul_pool_and_concat_their_own_ranges() {
+    // conv -> SiLU (sigmoid, mul) -> squeeze-excite (global pool, conv,
+    // sigmoid, mul) -> concat with the input.
+    let mut g = Graph {
+        name: "se".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 4, 8, 8])],
+        outputs: vec![ValueInfo::f32("cat", &[1, 8, 6, 6])],
+        nodes: vec![
+            conv("c1", "x", "w1", "y"),
+            Node::new("sig", Op::Sigmoid, &["y"], &["sg"]),
+            Node::new("silu", Op::Mul, &["y", "sg"], &["m"]),
+            Node::new("gap", Op::GlobalAveragePool, &["m"], &["gp"]),
+            Node::new(
+                "c2",
+                Op::Conv(ConvAttrs {
+                    group: 1,
+                    ..Default::default()
+                }),
+                &["gp", "w2"],
+                &["c2y"],
+            ),
+            Node::new("gate", Op::Sigmoid, &["c2y"], &["s2"]),
+            Node::new("scale", Op::Mul, &["m", "s2"], &["o"]),
+            Node::new("cat", Op::Concat { axis: 1 }, &["o", "x"], &["cat"]),
+        ],
+        ..Default::default()
+    };
+    g.initializers.insert("w1".into(), weight(4, 4, 0.2));
+    g.initializers
+        .insert("w2".into(), f32_tensor(&[4, 4, 1, 1]));
+    let p = ort_placement(&g, &BTreeSet::new());
+    assert_eq!(
+        p.activations,
+        names(&["c2y", "cat", "gp", "m", "o", "s2", "sg", "x", "y"])
+    );
+    assert!(p.shared.is_empty(), "{:?}", p.shared);
+    assert_eq!(p.weights.get("w1"), Some(&0));
+    assert_eq!(p.weights.get("w2"), Some(&0));
+}
+
+#[test]
+fn ort_placement_skips_unlisted_ops_integer_tensors_and_constant_operands() {
+    // x - mean -> reshape -> matmul -> * k -> reshape(shape of itself) ->
+    // hardswish -> softmax.
+    let mut g = Graph {
+        name: "mixed".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 4])],
+        outputs: vec![ValueInfo::f32("sm", &[1, 3])],
+        nodes: vec![
+            Node::new("sub", Op::Sub, &["x", "mean"], &["d"]),
+            Node::new(
+                "r0",
+                Op::Reshape { allowzero: false },
+                &["d", "shape"],
+                &["rd"],
+            ),
+            Node::new("mm", Op::MatMul, &["rd", "wm"], &["mm"]),
+            Node::new("mk", Op::Mul, &["mm", "k"], &["mk"]),
+            Node::new(
+                "shape_of",
+                Op::Shape {
+                    start: 0,
+                    end: None,
+                },
+                &["mk"],
+                &["sh"],
+            ),
+            Node::new("g", Op::Gather { axis: 0 }, &["sh", "idx"], &["g"]),
+            Node::new(
+                "u",
+                Op::Unsqueeze {
+                    axes: Some(vec![0]),
+                },
+                &["g"],
+                &["gu"],
+            ),
+            Node::new("c", Op::Concat { axis: 0 }, &["gu", "minus1"], &["ns"]),
+            Node::new(
+                "r1",
+                Op::Reshape { allowzero: false },
+                &["mk", "ns"],
+                &["rk"],
+            ),
+            Node::new("hs", Op::HardSwish, &["rk"], &["hs"]),
+            Node::new("sm", Op::Softmax { axis: -1 }, &["hs"], &["sm"]),
+        ],
+        ..Default::default()
+    };
+    g.initializers.insert("mean".into(), f32_tensor(&[4]));
+    g.initializers.insert("shape".into(), i64_tensor(&[1, 4]));
+    g.initializers.insert("wm".into(), f32_tensor(&[4, 3]));
+    g.initializers.insert("k".into(), f32_tensor(&[]));
+    g.initializers.insert("idx".into(), i64_tensor(&[0]));
+    g.initializers.insert("minus1".into(), i64_tensor(&[-1]));
+    let p = ort_placement(&g, &BTreeSet::new());
+    // Sub and HardSwish are not quantized, so neither is `d` nor the
+    // reshape of it; the int64 shape chain (Shape, Gather, Concat) has no
+    // float tensor; the reshape of `mk` shares its parameters.
+    assert_eq!(p.activations, names(&["hs", "mk", "mm", "rd", "rk", "sm"]));
+    assert_eq!(p.shared, shares(&[("rk", "mk")]));
+    // A constant MatMul operand is per channel on axis 1; the scalar
+    // multiplier (per tensor in onnxruntime) and `mean` stay float.
+    assert_eq!(p.weights, [("wm".to_string(), 1)].into_iter().collect());
+}
+
+#[test]
+fn ort_placement_skips_float_nodes_and_placement_dispatches() {
+    let g = block();
+    let float = names(&["a"]);
+    let p = ort_placement(&g, &float);
+    // Nothing marks x or ya, so the first Relu is not quantized either.
+    assert_eq!(p.activations, names(&["out", "ra", "s", "yb"]));
+    assert_eq!(p.shared, shares(&[("s", "out")]));
+    assert_eq!(p.weights.keys().collect::<Vec<_>>(), ["wb"]);
+    assert_eq!(
+        placement(&g, PlacementPolicy::OnnxRuntime, &float),
+        ort_placement(&g, &float)
+    );
+    assert_eq!(
+        placement(&g, PlacementPolicy::TensorRt, &float),
+        trt_placement(&g, &float)
+    );
+    assert_eq!(PlacementPolicy::default(), PlacementPolicy::TensorRt);
 }
