@@ -15,11 +15,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use qint8_graph::quant::{trt_placement, QuantPlan};
+use qint8_graph::quant::{placement, QuantPlan};
 use qint8_graph::Graph;
 use qint8_math::histogram::Histogram;
 use qint8_math::params::{QuantDtype, QuantParams};
-use qint8_math::search::{search_amax, RangeMethod};
+use qint8_math::search::{search_amax, EntropyVariant, RangeMethod};
 use qint8_runtime::{Session, SessionOptions};
 
 use crate::dataset::ImageDataset;
@@ -40,6 +40,19 @@ pub struct CalibConfig {
     pub threads: usize,
     /// Nodes to keep in float (their inputs are not quantized for them).
     pub float_nodes: BTreeSet<String>,
+    /// Which tensors are quantized: TensorRT's rules (the default) or
+    /// everything onnxruntime's QDQ quantizer would quantize.
+    pub placement: qint8_graph::PlacementPolicy,
+    /// Moving-average min-max instead of `method`: each tensor's range is
+    /// `r += c * (batch_max - r)` over batches (the first batch sets it),
+    /// with `c` this constant (0.01 in onnxruntime and PyTorch). Unlike the
+    /// other methods its result depends on batch size and order.
+    pub moving_average: Option<f32>,
+    /// Also find a threshold for every other float tensor the graph
+    /// computes (in [`Calibrated::ranges`]): TensorRT's implicit
+    /// quantization reads a range for each tensor from its calibration
+    /// cache and leaves layers without one in float.
+    pub all_ranges: bool,
 }
 
 impl Default for CalibConfig {
@@ -51,6 +64,9 @@ impl Default for CalibConfig {
             batch: 32,
             threads: 0,
             float_nodes: BTreeSet::new(),
+            placement: qint8_graph::PlacementPolicy::TensorRt,
+            moving_average: None,
+            all_ranges: false,
         }
     }
 }
@@ -76,11 +92,14 @@ pub struct Calibrated {
     pub graph: Graph,
     /// Activation and weight parameters.
     pub plan: QuantPlan,
+    /// The chosen threshold (amax) of every planned activation, and with
+    /// [`CalibConfig::all_ranges`] of every float tensor the graph computes.
+    pub ranges: BTreeMap<String, f32>,
 }
 
 /// Calibrates `graph` on every image of `data` (use
 /// [`ImageDataset::take`] for the first N), placing
-/// quantization by TensorRT's rules (see [`trt_placement`]). Activations get
+/// quantization by `cfg.placement` (see [`placement`]). Activations get
 /// symmetric int8 with `scale = amax / 127`; weights the narrow range
 /// `[-127, 127]`. Errors name the tensor when data hold NaN or infinity.
 pub fn calibrate(
@@ -110,12 +129,30 @@ pub fn calibrate(
         .first()
         .map(|v| v.name.clone())
         .ok_or_else(|| CalibError::Invalid("the graph has no input".into()))?;
-    let placement = trt_placement(&g, &cfg.float_nodes);
-    let tracked: BTreeSet<String> = placement.activations.clone();
-    let passes = if cfg.method == RangeMethod::Max { 1 } else { 2 };
+    let placement = placement(&g, cfg.placement, &cfg.float_nodes);
+    let mut tracked: BTreeSet<String> = placement.activations.clone();
+    if cfg.all_ranges {
+        tracked.extend(g.inputs.iter().map(|v| v.name.clone()));
+        tracked.extend(g.nodes.iter().flat_map(|n| n.outputs.iter().cloned()));
+    }
+    if let Some(c) = cfg.moving_average {
+        if !(c > 0.0 && c <= 1.0) {
+            return Err(CalibError::Invalid(format!(
+                "moving-average constant must be in (0, 1], got {c}"
+            )));
+        }
+    }
+    let passes = if cfg.method == RangeMethod::Max || cfg.moving_average.is_some() {
+        1
+    } else {
+        2
+    };
 
-    // Pass 1: largest |x| of every tracked tensor.
+    // Pass 1: largest |x| of every tracked tensor (or its moving average
+    // over batches).
     let mut amax: BTreeMap<String, f32> = tracked.iter().map(|n| (n.clone(), 0.0)).collect();
+    // Tensors the runtime showed (integer tensors never are).
+    let mut seen: BTreeSet<String> = BTreeSet::new();
     for_each_batch(
         &session,
         &input,
@@ -126,7 +163,15 @@ pub fn calibrate(
         progress,
         &mut |name, x| {
             if let Some(m) = amax.get_mut(name) {
-                *m = m.max(abs_max(name, x)?);
+                let batch_max = abs_max(name, x)?;
+                match cfg.moving_average {
+                    Some(c) if seen.contains(name) => *m += c * (batch_max - *m),
+                    Some(_) => *m = batch_max,
+                    None => *m = m.max(batch_max),
+                }
+                if !seen.contains(name) {
+                    seen.insert(name.to_string());
+                }
             }
             Ok(())
         },
@@ -171,11 +216,29 @@ pub fn calibrate(
             })
             .collect::<Result<_>>()?
     };
-    let mut plan = QuantPlan::new(method_name(&cfg.method));
+    let mut plan = QuantPlan::new(match cfg.moving_average {
+        Some(c) => format!("moving_average_max({c})"),
+        None => method_name(&cfg.method),
+    });
+    let ranges: BTreeMap<String, f32> = thresholds
+        .iter()
+        .filter(|(n, _)| seen.contains(*n))
+        .map(|(n, &t)| (n.clone(), t))
+        .collect();
     for (name, t) in thresholds {
+        if !placement.activations.contains(&name) {
+            continue;
+        }
         let p = QuantParams::symmetric(t, QuantDtype::Int8, false)
             .map_err(|e| CalibError::Invalid(format!("tensor `{name}`: {e}")))?;
         plan.activations.insert(name, p);
+    }
+    // Tensors that reuse another's parameters (onnxruntime's max pool or
+    // reshape outputs, Relu inputs) take them over.
+    for (name, source) in &placement.shared {
+        if let Some(p) = plan.activations.get(source).cloned() {
+            plan.activations.insert(name.clone(), p);
+        }
     }
     for (name, &axis) in &placement.weights {
         let Some(w) = g.initializers.get(name).and_then(|t| t.as_f32()) else {
@@ -202,7 +265,11 @@ pub fn calibrate(
             .insert(n.clone(), qint8_graph::quant::Precision::Float);
     }
     plan.validate(&g)?;
-    Ok(Calibrated { graph: g, plan })
+    Ok(Calibrated {
+        graph: g,
+        plan,
+        ranges,
+    })
 }
 
 /// A short name for a method, as plans and reports print it.
@@ -210,7 +277,14 @@ pub fn method_name(m: &RangeMethod) -> String {
     match m {
         RangeMethod::Max => "max".into(),
         RangeMethod::Percentile { percentile } => format!("percentile({percentile})"),
-        RangeMethod::Entropy { variant, .. } => format!("entropy({variant:?})").to_lowercase(),
+        RangeMethod::Entropy { variant, .. } => format!(
+            "entropy({})",
+            match variant {
+                EntropyVariant::SpikeAware => "spike_aware",
+                EntropyVariant::Modelopt => "modelopt",
+                EntropyVariant::Gtc2017 => "gtc2017",
+            }
+        ),
         RangeMethod::Mse { .. } => "mse".into(),
     }
 }
@@ -250,13 +324,23 @@ fn for_each_batch(
         done,
         total,
     });
-    for b in data.batches(batch) {
+    for (index, b) in data.batches(batch).enumerate() {
         let b = b?;
-        let mut observer = |name: &str,
-                            _shape: &[usize],
-                            x: &[f32]|
-         -> std::result::Result<(), String> { see(name, x) };
-        session.run_observed(&[(input, b.inputs.view())], &mut observer)?;
+        let first = index * batch;
+        let mut failure = None;
+        let mut observer =
+            |name: &str, _shape: &[usize], x: &[f32]| -> std::result::Result<(), String> {
+                see(name, x).inspect_err(|e| failure = Some(e.clone()))
+            };
+        let run = session.run_observed(&[(input, b.inputs.view())], &mut observer);
+        // Data errors name the batch and its images (pass 1 sees them all).
+        if let Some(e) = failure {
+            return Err(CalibError::Invalid(format!(
+                "calibration batch {index} (images {first}..{}): {e}",
+                first + b.len()
+            )));
+        }
+        run?;
         done += b.len();
         progress(Progress {
             pass,

@@ -216,6 +216,31 @@ pub enum CalibError {
         /// What is wrong.
         reason: String,
     },
+    /// An image file could not be decoded (corrupt, truncated, not a
+    /// supported format, or without pixels).
+    #[error("{}: cannot decode image: {reason}", path.display())]
+    Decode {
+        /// The image file.
+        path: PathBuf,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// An image of a folder has a size other than the dataset's (only
+    /// possible without a crop, where every image must come out of the
+    /// resize with the size of the first).
+    #[error(
+        "{}: image is {}x{} after resizing, but the dataset's images are {}x{} \
+         (the first image's size); set a crop size to batch images of different sizes",
+        path.display(), got[0], got[1], expected[0], expected[1]
+    )]
+    ImageSizeMismatch {
+        /// The image file.
+        path: PathBuf,
+        /// Expected height and width.
+        expected: [usize; 2],
+        /// Height and width of this image.
+        got: [usize; 2],
+    },
     /// A batch was requested outside the dataset.
     #[error("batch of {count} items at {start} is out of range for a dataset of {len} items")]
     BatchOutOfRange {

@@ -7,15 +7,26 @@
 //! - [`dataset::idx`]: IDX files (MNIST, Fashion-MNIST), transparently
 //!   gunzipped, with [`labels_path_for`](dataset::labels_path_for) to find
 //!   the labels beside an images file.
+//! - [`dataset::folder`]: image folders in torchvision's `ImageFolder`
+//!   layout (`root/<class>/<image>`, JPEG and PNG), labels from the sorted
+//!   class folders, images decoded (RGB or grayscale) batch by batch.
 //! - [`dataset::npy`]: `.npy` arrays (versions 1.0–3.0) read as `f32` or
-//!   `i64`, written as `<f4` atomically.
-//! - [`dataset::preprocess`]: zero padding and per-channel normalization
-//!   from `u8` pixels to NCHW `f32`.
-//! - [`ImageDataset`]: images + optional labels + preprocessing, in batches.
+//!   `i64`, written as `<f4` atomically; a float `[N, C, H, W]` file is a
+//!   dataset of already preprocessed inputs, with labels from an integer
+//!   `[N]` file.
+//! - [`dataset::preprocess`]: torchvision's `Resize` (Pillow's antialiased
+//!   bilinear, bit for bit, see [`dataset::transform`]) and `CenterCrop`,
+//!   zero padding and per-channel normalization from `u8` pixels to NCHW
+//!   `f32`; [`Preprocess::imagenet`] is the usual ImageNet evaluation
+//!   transform.
+//! - [`ImageDataset`]: items from any of these sources + optional labels +
+//!   preprocessing, in batches; [`ImageDataset::take`] keeps the first N
+//!   items and [`ImageDataset::sample`] a seeded random N
+//!   ([`dataset::sample`]).
 //!
 //! Malformed files (truncated, wrong magic, absurd dimensions, corrupt gzip,
-//! unsupported element types) give a [`CalibError`] naming the file, never a
-//! panic.
+//! unsupported element types, corrupt images) give a [`CalibError`] naming
+//! the file, never a panic.
 //!
 //! ```
 //! use qint8_calibration::dataset::idx::{encode_idx, IdxArray, IdxData};
@@ -56,14 +67,15 @@ pub mod dataset;
 pub mod error;
 
 pub use calibrator::{calibrate, CalibConfig, Calibrated, Progress};
-pub use dataset::{Batch, ImageDataset, Images, Preprocess};
+pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};
 
 /// The commonly used items in one import.
 pub mod prelude {
     pub use crate::dataset::{
         labels_path_for, read_idx, read_idx_images, read_idx_labels, read_npy_f32, read_npy_i64,
-        write_npy_f32, Batch, ImageDataset, Images, Preprocess,
+        sample_indices, write_npy_f32, Batch, ColorMode, ImageDataset, ImageFolder, Images,
+        Preprocess,
     };
     pub use crate::error::{CalibError, Result};
 }

@@ -93,15 +93,15 @@ fn entropy_thresholds_stay_inside_the_observed_range_and_inputs_are_not_clipped(
     assert!((max.activations[input].scales()[0] - expected).abs() < 1e-6);
 }
 
-/// x -> Div(x, 0) -> Conv: the conv's input holds infinities.
+/// x -> Div(x, x) -> Conv: a zero pixel in the third image makes 0/0.
 #[test]
-fn non_finite_activations_are_errors_naming_the_tensor() {
+fn non_finite_activations_are_errors_naming_the_tensor_and_batch() {
     let mut g = Graph {
         name: "inf".into(),
         inputs: vec![ValueInfo::f32("x", &[1, 1, 4, 4])],
         outputs: vec![ValueInfo::f32("y", &[1, 1, 2, 2])],
         nodes: vec![
-            Node::new("div", Op::Div, &["x", "zero"], &["d"]),
+            Node::new("div", Op::Div, &["x", "x"], &["d"]),
             Node::new(
                 "conv",
                 Op::Conv(ConvAttrs {
@@ -114,8 +114,6 @@ fn non_finite_activations_are_errors_naming_the_tensor() {
         ],
         ..Default::default()
     };
-    g.initializers
-        .insert("zero".into(), Tensor::scalar_f32(0.0));
     g.initializers.insert(
         "w".into(),
         Tensor::F32(ndarray::ArrayD::from_elem(
@@ -123,7 +121,9 @@ fn non_finite_activations_are_errors_naming_the_tensor() {
             0.5,
         )),
     );
-    let images = Images::new(3, 4, 4, 1, (0..48).map(|i| (i * 5) as u8).collect()).unwrap();
+    let mut pixels: Vec<u8> = (0..48).map(|i| (i * 5 + 5) as u8).collect();
+    pixels[2 * 16 + 7] = 0;
+    let images = Images::new(3, 4, 4, 1, pixels).unwrap();
     let data = ImageDataset::new(images, None, Preprocess::default()).unwrap();
     let cfg = CalibConfig {
         batch: 1,
@@ -133,4 +133,63 @@ fn non_finite_activations_are_errors_naming_the_tensor() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("`d`"), "{e}");
+    assert!(e.contains("batch 2 (images 2..3)"), "{e}");
+}
+
+/// Moving-average min-max: the first batch sets the range, later batches
+/// move it by c * (batch max - range).
+#[test]
+fn moving_average_max_follows_batches() {
+    let g = Graph {
+        name: "relu".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 1, 2, 2])],
+        outputs: vec![ValueInfo::f32("y", &[1, 1, 1, 1])],
+        nodes: vec![
+            Node::new("relu", Op::Relu, &["x"], &["r"]),
+            Node::new(
+                "conv",
+                Op::Conv(ConvAttrs {
+                    group: 1,
+                    ..Default::default()
+                }),
+                &["r", "w"],
+                &["y"],
+            ),
+        ],
+        initializers: [(
+            "w".to_string(),
+            Tensor::F32(ndarray::ArrayD::from_elem(
+                ndarray::IxDyn(&[1, 1, 2, 2]),
+                1.0,
+            )),
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    // Image maxima 51/255 = 0.2, then 255/255 = 1.0, then 102/255 = 0.4.
+    let pixels = [[51u8, 0, 0, 0], [255, 0, 0, 0], [102, 0, 0, 0]].concat();
+    let data = ImageDataset::new(
+        Images::new(3, 2, 2, 1, pixels).unwrap(),
+        None,
+        Preprocess::default(),
+    )
+    .unwrap();
+    let cfg = CalibConfig {
+        batch: 1,
+        moving_average: Some(0.5),
+        ..Default::default()
+    };
+    let mut passes = 0;
+    let c = calibrate(&g, &data, &cfg, &mut |p| passes = passes.max(p.passes)).unwrap();
+    assert_eq!(passes, 1);
+    // 0.2 -> 0.2 + 0.5 * (1.0 - 0.2) = 0.6 -> 0.6 + 0.5 * (0.4 - 0.6) = 0.5.
+    let scale = c.plan.activations["r"].channels()[0].scale;
+    assert!((scale * 127.0 - 0.5).abs() < 1e-6, "{scale}");
+    assert!(c.plan.method.starts_with("moving_average_max"));
+    let bad = CalibConfig {
+        moving_average: Some(1.5),
+        ..cfg
+    };
+    assert!(calibrate(&g, &data, &bad, &mut |_| {}).is_err());
 }

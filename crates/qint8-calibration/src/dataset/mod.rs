@@ -1,27 +1,44 @@
 //! Calibration and evaluation data: file formats, preprocessing, batching.
 //!
 //! - [`idx`]: IDX files (MNIST, Fashion-MNIST), gzip-compressed or not.
-//! - [`npy`]: NumPy `.npy` arrays, read as `f32`/`i64`, written as `<f4`.
-//! - [`preprocess`]: padding and per-channel normalization of `u8` images.
+//! - [`folder`]: image folders in torchvision's `ImageFolder` layout
+//!   (`root/<class>/<image>`, JPEG and PNG), and image decoding.
+//! - [`npy`]: NumPy `.npy` arrays, read as `f32`/`i64`, written as `<f4`;
+//!   a float `[N, C, H, W]` file is a dataset of preprocessed inputs.
+//! - [`preprocess`]: resize, center crop, padding and per-channel
+//!   normalization of `u8` images; [`transform`] holds the resize (Pillow's
+//!   antialiased bilinear, bit for bit) and crop.
+//! - [`sample`]: seeded choice of random subsets.
 //! - [`Images`] holds `u8` images channels-last; [`ImageDataset`] adds
-//!   optional labels and a [`Preprocess`], and yields NCHW `f32` [`Batch`]es.
+//!   optional labels and a [`Preprocess`] to in-memory images, image
+//!   folders (decoded lazily, batch by batch) or preprocessed tensors, and
+//!   yields NCHW `f32` [`Batch`]es.
 
+pub mod folder;
 pub mod idx;
 pub mod npy;
 pub mod preprocess;
+pub mod sample;
+pub mod transform;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::{Array4, ArrayD};
 
+pub use folder::{ColorMode, ImageFolder};
 pub use idx::{
     labels_path_candidates, labels_path_for, read_idx, read_idx_images, read_idx_labels, IdxArray,
     IdxData, IdxType,
 };
 pub use npy::{read_npy_f32, read_npy_i64, write_npy_f32};
 pub use preprocess::Preprocess;
+pub use sample::sample_indices;
 
+use rayon::prelude::*;
+
+use crate::dataset::folder::{decode_image, image_dimensions};
 use crate::dataset::preprocess::convert_nhwc_u8;
+use crate::dataset::transform::{center_crop, resize_bilinear, resized_hw};
 use crate::error::{CalibError, Result};
 
 /// A stack of `u8` images of one size, stored `N x H x W x C` (channels
@@ -175,10 +192,47 @@ impl Batch {
     }
 }
 
-/// Images with optional labels and the preprocessing that turns them into
-/// model inputs.
+/// Where the items of an [`ImageDataset`] come from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// `u8` images in memory (IDX files, [`Images`]).
+    Memory(Images),
+    /// Image files, decoded when a batch asks for them.
+    Files {
+        /// The files, in dataset order.
+        files: Vec<PathBuf>,
+        /// What they are decoded to.
+        color: ColorMode,
+    },
+    /// Model inputs already preprocessed (NPY), `count x C x H x W`.
+    Tensor {
+        /// The values, row-major.
+        data: Vec<f32>,
+        /// Number of items.
+        count: usize,
+    },
+}
+
+/// Items (images, or already preprocessed tensors) with optional labels and
+/// the preprocessing that turns them into model inputs, in NCHW `f32`
+/// batches.
 ///
-/// Never empty; images and labels always agree in count.
+/// Sources:
+///
+/// - `u8` images in memory: [`new`](Self::new), or IDX files with
+///   [`from_idx`](Self::from_idx) / [`from_idx_auto`](Self::from_idx_auto);
+/// - image folders (torchvision `ImageFolder` layout, JPEG and PNG):
+///   [`from_folder`](Self::from_folder). Files are decoded when a batch
+///   asks for them (in parallel), so memory does not grow with the number
+///   of images;
+/// - already preprocessed `f32` tensors `[N, C, H, W]`:
+///   [`from_npy`](Self::from_npy) and [`from_array`](Self::from_array).
+///
+/// Every source supports [`take`](Self::take) (the first N items),
+/// [`sample`](Self::sample) (N items chosen at random with a seed) and
+/// [`select`](Self::select).
+///
+/// Never empty; items and labels always agree in count.
 ///
 /// ```
 /// use qint8_calibration::dataset::{ImageDataset, Images, Preprocess};
@@ -189,54 +243,99 @@ impl Batch {
 /// assert_eq!(ds.input_shape(), [1, 4, 4]);
 /// let sizes: Vec<usize> = ds.batches(2).map(|b| b.map(|b| b.len())).collect::<Result<_, _>>()?;
 /// assert_eq!(sizes, vec![2, 1]);
+///
+/// // Two of the three, chosen with seed 7 (the same two every time).
+/// let subset = ds.clone().sample(2, 7)?;
+/// assert_eq!(subset.len(), 2);
+/// assert_eq!(subset.labels(), ds.sample(2, 7)?.labels());
 /// # Ok::<(), qint8_calibration::CalibError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct ImageDataset {
-    images: Images,
+    source: Source,
     labels: Option<Vec<usize>>,
+    classes: Option<Vec<String>>,
     preprocess: Preprocess,
     tables: Vec<[f32; 256]>,
-    /// (C, H + 2 pad, W + 2 pad).
+    /// Height and width of `u8` images after resize and crop, before padding.
+    pixel_hw: [usize; 2],
+    /// (C, H, W) of one model input.
     shape: [usize; 3],
 }
 
+/// Checks that `labels`, when given, number `len`.
+fn check_labels(len: usize, labels: Option<&[usize]>) -> Result<()> {
+    match labels {
+        Some(l) if l.len() != len => Err(CalibError::LabelCountMismatch {
+            images: len,
+            labels: l.len(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Pixel size after resize and crop, and the input shape `[C, H, W]` after
+/// padding, for `u8` images of `height x width x channels`; errors when a
+/// size is zero where resizing needs it, or overflows.
+fn u8_input_shape(
+    preprocess: &Preprocess,
+    height: usize,
+    width: usize,
+    channels: usize,
+) -> Result<([usize; 2], [usize; 3])> {
+    let (h, w) = preprocess
+        .resized_cropped_hw(height, width)
+        .ok_or_else(|| CalibError::BadPreprocess {
+            field: "resize",
+            reason: format!("cannot resize images of {height}x{width}"),
+        })?;
+    let overflow = || CalibError::BadPreprocess {
+        field: "pad",
+        reason: format!(
+            "padded image size {h}x{w} with pad {} overflows",
+            preprocess.pad
+        ),
+    };
+    let extra = preprocess.pad.checked_mul(2).ok_or_else(overflow)?;
+    let hp = h.checked_add(extra).ok_or_else(overflow)?;
+    let wp = w.checked_add(extra).ok_or_else(overflow)?;
+    // Reject sizes whose batch-of-one would overflow.
+    hp.checked_mul(wp)
+        .and_then(|x| x.checked_mul(channels))
+        .ok_or_else(overflow)?;
+    Ok(([h, w], [channels, hp, wp]))
+}
+
 impl ImageDataset {
-    /// Builds a dataset, validating it.
+    /// Builds a dataset of `u8` images in memory, validating it.
     ///
     /// Errors: [`CalibError::EmptyDataset`] with no images,
     /// [`CalibError::LabelCountMismatch`] when labels are given for a
     /// different number of items, [`CalibError::BadPreprocess`] when the
-    /// preprocessing does not fit the images' channels.
+    /// preprocessing does not fit the images' channels or sizes.
     pub fn new(images: Images, labels: Option<Vec<usize>>, preprocess: Preprocess) -> Result<Self> {
         if images.is_empty() {
             return Err(CalibError::EmptyDataset {
                 what: "no images".into(),
             });
         }
-        if let Some(l) = &labels {
-            if l.len() != images.len() {
-                return Err(CalibError::LabelCountMismatch {
-                    images: images.len(),
-                    labels: l.len(),
-                });
-            }
-        }
+        check_labels(images.len(), labels.as_deref())?;
+        preprocess.check_geometry()?;
         let tables = preprocess.lookup_tables(images.channels())?;
-        let (h, w) = preprocess.output_hw(images.height(), images.width());
-        // Reject sizes whose batch-of-one would overflow.
-        h.checked_mul(w)
-            .and_then(|x| x.checked_mul(images.channels()))
-            .ok_or_else(|| CalibError::BadPreprocess {
-                field: "pad",
-                reason: format!("padded image size {h}x{w} overflows"),
-            })?;
+        let (pixel_hw, shape) = u8_input_shape(
+            &preprocess,
+            images.height(),
+            images.width(),
+            images.channels(),
+        )?;
         Ok(Self {
-            shape: [images.channels(), h, w],
-            images,
+            source: Source::Memory(images),
             labels,
+            classes: None,
             preprocess,
             tables,
+            pixel_hw,
+            shape,
         })
     }
 
@@ -271,24 +370,223 @@ impl ImageDataset {
         Self::from_idx(images_path, labels.as_deref(), preprocess)
     }
 
+    /// An image folder in torchvision's `ImageFolder` layout
+    /// (`root/<class>/<image>`, see [`folder`] for the rules): labels are
+    /// the indices of the class folders sorted by name (a folder of images
+    /// without class folders gives an unlabeled dataset), images are
+    /// decoded to `color` when a batch asks for them.
+    ///
+    /// Every image must come out of `resize` and `crop` with one size: set
+    /// `crop` (as [`Preprocess::imagenet`] does) unless all images have the
+    /// same shape. Without `crop`, the size is the first image's and an
+    /// image of another size fails its batch with
+    /// [`CalibError::ImageSizeMismatch`].
+    ///
+    /// Errors: those of [`ImageFolder::scan`] (missing folder, no images,
+    /// empty class folders), [`CalibError::BadPreprocess`] for invalid
+    /// preprocessing, and, without `crop`, those of reading the first
+    /// image's header. Corrupt images are found when their batch is read
+    /// ([`CalibError::Decode`] naming the file).
+    pub fn from_folder(
+        root: impl AsRef<Path>,
+        color: ColorMode,
+        preprocess: Preprocess,
+    ) -> Result<Self> {
+        let root = root.as_ref();
+        preprocess.check_geometry()?;
+        let channels = color.channels();
+        let tables = preprocess.lookup_tables(channels)?;
+        let (files, labels, classes) = ImageFolder::scan(root)?.into_parts();
+        let Some(first) = files.first() else {
+            return Err(CalibError::EmptyDataset {
+                what: format!("{} holds no images", root.display()),
+            });
+        };
+        let (h, w) = match preprocess.crop {
+            // Any size gives the crop.
+            Some(c) => (c, c),
+            None => {
+                let (h, w) = image_dimensions(first)?;
+                if h == 0 || w == 0 {
+                    return Err(CalibError::Decode {
+                        path: first.clone(),
+                        reason: format!("the image has no pixels ({w}x{h})"),
+                    });
+                }
+                (h, w)
+            }
+        };
+        let (pixel_hw, shape) = u8_input_shape(&preprocess, h, w, channels)?;
+        Ok(Self {
+            source: Source::Files { files, color },
+            labels,
+            classes: (!classes.is_empty()).then_some(classes),
+            preprocess,
+            tables,
+            pixel_hw,
+            shape,
+        })
+    }
+
+    /// Model inputs from a float `.npy` file of shape `[N, C, H, W]`, used
+    /// as they are (already preprocessed: `mean`, `std` and `scale` of
+    /// `preprocess` are not applied), with labels from an integer `.npy`
+    /// of shape `[N]` when `labels_path` is given.
+    ///
+    /// Errors: those of [`read_npy_f32`] / [`read_npy_i64`];
+    /// [`CalibError::BadPreprocess`] when `preprocess` pads, resizes or
+    /// crops (those apply to images); [`CalibError::BadShape`] naming the
+    /// file and its shape when the inputs are not 4-D with nonzero `C`, `H`,
+    /// `W`, or the labels are not 1-D with `N` entries;
+    /// [`CalibError::EmptyDataset`] for `N = 0`;
+    /// [`CalibError::ValueOutOfRange`] for a non-finite input or a negative
+    /// label.
+    pub fn from_npy(
+        path: impl AsRef<Path>,
+        labels_path: Option<&Path>,
+        preprocess: Preprocess,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let reject = |field: &'static str, what: &str| CalibError::BadPreprocess {
+            field,
+            reason: format!(
+                "{}: NPY inputs are used as they are; {what} applies to images only",
+                path.display()
+            ),
+        };
+        if preprocess.pad != 0 {
+            return Err(reject("pad", &format!("padding ({})", preprocess.pad)));
+        }
+        if preprocess.resize.is_some() {
+            return Err(reject("resize", "resizing"));
+        }
+        if preprocess.crop.is_some() {
+            return Err(reject("crop", "cropping"));
+        }
+        let inputs = read_npy_f32(path)?;
+        // The inputs' shape first, so that its error is not reported as
+        // one of the labels.
+        let [n, ..] = tensor_dims(path, inputs.shape())?;
+        let labels = match labels_path {
+            Some(lp) => Some(read_npy_labels(lp, n)?),
+            None => None,
+        };
+        Self::from_tensor(path, inputs, labels, preprocess)
+    }
+
+    /// Model inputs already preprocessed, `[N, C, H, W]`, with optional
+    /// labels; used as they are ([`preprocess`](Self::preprocess) reports
+    /// the identity: scale 1, mean 0, std 1).
+    ///
+    /// Errors as [`from_npy`](Self::from_npy), with the path `<memory>`.
+    ///
+    /// ```
+    /// use ndarray::Array4;
+    /// use qint8_calibration::ImageDataset;
+    ///
+    /// let x = Array4::from_shape_fn((5, 1, 2, 2), |(n, _, h, w)| (n * 4 + h * 2 + w) as f32);
+    /// let ds = ImageDataset::from_array(x, Some(vec![0, 1, 0, 1, 0]))?;
+    /// assert_eq!((ds.len(), ds.input_shape()), (5, [1, 2, 2]));
+    /// assert_eq!(ds.batch(1, 1)?.inputs.as_slice().unwrap(), &[4.0, 5.0, 6.0, 7.0]);
+    /// # Ok::<(), qint8_calibration::CalibError>(())
+    /// ```
+    pub fn from_array(inputs: Array4<f32>, labels: Option<Vec<usize>>) -> Result<Self> {
+        let identity = Preprocess {
+            scale: 1.0,
+            ..Preprocess::default()
+        };
+        Self::from_tensor(Path::new("<memory>"), inputs.into_dyn(), labels, identity)
+    }
+
+    /// Shared by [`from_npy`](Self::from_npy) and
+    /// [`from_array`](Self::from_array).
+    fn from_tensor(
+        path: &Path,
+        inputs: ArrayD<f32>,
+        labels: Option<Vec<usize>>,
+        preprocess: Preprocess,
+    ) -> Result<Self> {
+        let [n, c, h, w] = tensor_dims(path, inputs.shape())?;
+        if let Some(l) = &labels {
+            if l.len() != n {
+                return Err(CalibError::LabelCountMismatch {
+                    images: n,
+                    labels: l.len(),
+                });
+            }
+        }
+        if let Some((i, x)) = inputs.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(CalibError::ValueOutOfRange {
+                path: path.to_path_buf(),
+                index: i,
+                value: x.to_string(),
+                target: "a finite model input",
+            });
+        }
+        let data = if inputs.is_standard_layout() {
+            let (mut v, offset) = inputs.into_raw_vec_and_offset();
+            let offset = offset.unwrap_or(0);
+            if offset > 0 {
+                v.drain(..offset);
+            }
+            v.truncate(n * c * h * w);
+            v
+        } else {
+            inputs.iter().copied().collect()
+        };
+        Ok(Self {
+            source: Source::Tensor { data, count: n },
+            labels,
+            classes: None,
+            preprocess,
+            tables: Vec::new(),
+            pixel_hw: [h, w],
+            shape: [c, h, w],
+        })
+    }
+
     /// Number of items (at least 1).
     pub fn len(&self) -> usize {
-        self.images.len()
+        match &self.source {
+            Source::Memory(images) => images.len(),
+            Source::Files { files, .. } => files.len(),
+            Source::Tensor { count, .. } => *count,
+        }
     }
 
     /// Always `false`: datasets are never empty.
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
+        self.len() == 0
     }
 
-    /// Shape of one model input: `[C, H + 2 pad, W + 2 pad]`.
+    /// Shape of one model input: `[C, H, W]` after resize, crop and
+    /// padding (`[C, H + 2 pad, W + 2 pad]` without resize and crop).
     pub fn input_shape(&self) -> [usize; 3] {
         self.shape
     }
 
-    /// The raw images.
-    pub fn images(&self) -> &Images {
-        &self.images
+    /// The raw `u8` images of an in-memory dataset ([`new`](Self::new),
+    /// IDX); `None` for folders and tensors.
+    pub fn images(&self) -> Option<&Images> {
+        match &self.source {
+            Source::Memory(images) => Some(images),
+            _ => None,
+        }
+    }
+
+    /// The image files of a folder dataset, in dataset order; `None` for
+    /// other sources.
+    pub fn files(&self) -> Option<&[PathBuf]> {
+        match &self.source {
+            Source::Files { files, .. } => Some(files),
+            _ => None,
+        }
+    }
+
+    /// Class names of a folder dataset (label `i` is `class_names()[i]`);
+    /// `None` for other sources and folders without class folders.
+    pub fn class_names(&self) -> Option<&[String]> {
+        self.classes.as_deref()
     }
 
     /// The labels, if any.
@@ -296,9 +594,17 @@ impl ImageDataset {
         self.labels.as_deref()
     }
 
-    /// The preprocessing applied to every batch.
+    /// The preprocessing applied to every batch (for tensors, what was
+    /// given; it is not applied).
     pub fn preprocess(&self) -> &Preprocess {
         &self.preprocess
+    }
+
+    /// Floats in one model input (`C * H * W`; the constructors checked
+    /// that it does not overflow).
+    fn item_floats(&self) -> usize {
+        let [c, h, w] = self.shape;
+        c * h * w
     }
 
     /// Keeps only the first `limit` items (all of them if there are fewer).
@@ -310,21 +616,107 @@ impl ImageDataset {
                 what: "limit of 0 items".into(),
             });
         }
-        self.images.truncate(limit);
+        let per = self.item_floats();
+        match &mut self.source {
+            Source::Memory(images) => images.truncate(limit),
+            Source::Files { files, .. } => files.truncate(limit),
+            Source::Tensor { data, count } => {
+                if limit < *count {
+                    *count = limit;
+                    data.truncate(limit * per);
+                }
+            }
+        }
         if let Some(l) = &mut self.labels {
             l.truncate(limit);
         }
         Ok(self)
     }
 
+    /// Keeps `n` items chosen uniformly at random without replacement
+    /// (all of them if there are fewer), in dataset order. The choice
+    /// depends only on `seed`, `n` and the number of items (see
+    /// [`sample_indices`]), so a seed names a calibration set.
+    ///
+    /// Errors with [`CalibError::EmptyDataset`] when `n` is zero.
+    pub fn sample(self, n: usize, seed: u64) -> Result<Self> {
+        if n == 0 {
+            return Err(CalibError::EmptyDataset {
+                what: "sample of 0 items".into(),
+            });
+        }
+        if n >= self.len() {
+            return Ok(self);
+        }
+        let indices = sample_indices(self.len(), n, seed);
+        self.select(&indices)
+    }
+
+    /// Keeps the items at `indices`, in that order (an index may repeat).
+    ///
+    /// Errors: [`CalibError::EmptyDataset`] when `indices` is empty,
+    /// [`CalibError::BatchOutOfRange`] (with `count` 1) for the first index
+    /// past the end.
+    pub fn select(self, indices: &[usize]) -> Result<Self> {
+        if indices.is_empty() {
+            return Err(CalibError::EmptyDataset {
+                what: "no items selected".into(),
+            });
+        }
+        let len = self.len();
+        if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
+            return Err(CalibError::BatchOutOfRange {
+                start: bad,
+                count: 1,
+                len,
+            });
+        }
+        let per = self.item_floats();
+        let source = match self.source {
+            Source::Memory(images) => {
+                let mut data = Vec::with_capacity(indices.len() * images.image_len());
+                for &i in indices {
+                    data.extend_from_slice(images.image(i).unwrap_or_default());
+                }
+                Source::Memory(Images::new(
+                    indices.len(),
+                    images.height(),
+                    images.width(),
+                    images.channels(),
+                    data,
+                )?)
+            }
+            Source::Files { files, color } => Source::Files {
+                files: indices.iter().map(|&i| files[i].clone()).collect(),
+                color,
+            },
+            Source::Tensor { data, .. } => {
+                let mut out = Vec::with_capacity(indices.len() * per);
+                for &i in indices {
+                    out.extend_from_slice(&data[i * per..(i + 1) * per]);
+                }
+                Source::Tensor {
+                    data: out,
+                    count: indices.len(),
+                }
+            }
+        };
+        let labels = self.labels.map(|l| indices.iter().map(|&i| l[i]).collect());
+        Ok(Self {
+            source,
+            labels,
+            ..self
+        })
+    }
+
     /// Number of floats in a batch of `n` items.
     fn batch_floats(&self, n: usize) -> Result<usize> {
-        let [c, h, w] = self.shape;
-        n.checked_mul(c * h * w).ok_or(CalibError::BatchOutOfRange {
-            start: 0,
-            count: n,
-            len: self.len(),
-        })
+        n.checked_mul(self.item_floats())
+            .ok_or(CalibError::BatchOutOfRange {
+                start: 0,
+                count: n,
+                len: self.len(),
+            })
     }
 
     fn check_range(&self, start: usize, n: usize) -> Result<()> {
@@ -342,30 +734,115 @@ impl ImageDataset {
         }
     }
 
+    /// Resizes and crops one `u8` image (`H x W x C`) and writes it
+    /// normalized and padded into `out` (one input, `C * H * W` floats).
+    /// `path` names the image in errors.
+    fn finish_image(
+        &self,
+        pixels: &[u8],
+        height: usize,
+        width: usize,
+        path: &Path,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = self.shape[0];
+        let (mut h, mut w) = (height, width);
+        let mut buf = std::borrow::Cow::Borrowed(pixels);
+        if let Some(r) = self.preprocess.resize {
+            let (nh, nw) = resized_hw(h, w, r).ok_or_else(|| CalibError::BadPreprocess {
+                field: "resize",
+                reason: format!("{}: cannot resize {h}x{w} to {r}", path.display()),
+            })?;
+            if (nh, nw) != (h, w) {
+                buf = resize_bilinear(&buf, h, w, c, nh, nw).into();
+                (h, w) = (nh, nw);
+            }
+        }
+        if let Some(k) = self.preprocess.crop {
+            buf = center_crop(&buf, h, w, c, k, k).into();
+            (h, w) = (k, k);
+        }
+        if [h, w] != self.pixel_hw {
+            return Err(CalibError::ImageSizeMismatch {
+                path: path.to_path_buf(),
+                expected: self.pixel_hw,
+                got: [h, w],
+            });
+        }
+        convert_nhwc_u8(&buf, 1, h, w, c, self.preprocess.pad, &self.tables, out)
+    }
+
     /// Preprocesses items `start .. start + n` into `out`, NCHW, which must
     /// hold `n * C * H * W` floats (see [`input_shape`](Self::input_shape)).
     ///
-    /// Lets a caller reuse one buffer across batches.
+    /// Lets a caller reuse one buffer across batches. Images that need
+    /// decoding, resizing or cropping are processed in parallel (rayon);
+    /// the first failing item, in order, gives the error (for image files,
+    /// [`CalibError::Decode`], [`CalibError::NotFound`], [`CalibError::Io`]
+    /// or [`CalibError::ImageSizeMismatch`] naming the file).
     pub fn batch_into(&self, start: usize, n: usize, out: &mut [f32]) -> Result<()> {
         self.check_range(start, n)?;
-        let il = self.images.image_len();
-        let src = &self.images.as_bytes()[start * il..(start + n) * il];
-        convert_nhwc_u8(
-            src,
-            n,
-            self.images.height(),
-            self.images.width(),
-            self.images.channels(),
-            self.preprocess.pad,
-            &self.tables,
-            out,
-        )
+        let per = self.item_floats();
+        let expected = self.batch_floats(n)?;
+        if out.len() != expected {
+            return Err(CalibError::LengthMismatch {
+                what: "output buffer (n*c*h*w)",
+                expected,
+                got: out.len(),
+            });
+        }
+        if per == 0 {
+            return Ok(());
+        }
+        match &self.source {
+            Source::Memory(images) if !self.preprocess.changes_size() => {
+                let il = images.image_len();
+                let src = &images.as_bytes()[start * il..(start + n) * il];
+                convert_nhwc_u8(
+                    src,
+                    n,
+                    images.height(),
+                    images.width(),
+                    images.channels(),
+                    self.preprocess.pad,
+                    &self.tables,
+                    out,
+                )
+            }
+            Source::Memory(images) => {
+                let memory = Path::new("<memory>");
+                out.par_chunks_mut(per)
+                    .enumerate()
+                    .map(|(i, dst)| {
+                        let px = images.image(start + i).unwrap_or_default();
+                        self.finish_image(px, images.height(), images.width(), memory, dst)
+                    })
+                    .collect::<Vec<Result<()>>>()
+                    .into_iter()
+                    .collect()
+            }
+            Source::Files { files, color } => out
+                .par_chunks_mut(per)
+                .zip(&files[start..start + n])
+                .map(|(dst, path)| {
+                    let (px, h, w) = decode_image(path, *color)?;
+                    self.finish_image(&px, h, w, path, dst)
+                })
+                .collect::<Vec<Result<()>>>()
+                .into_iter()
+                .collect(),
+            Source::Tensor { data, .. } => {
+                out.copy_from_slice(&data[start * per..(start + n) * per]);
+                Ok(())
+            }
+        }
     }
 
     /// Preprocesses items `start .. start + n` into a new batch.
     ///
     /// Errors with [`CalibError::ZeroBatchSize`] for `n == 0` and
-    /// [`CalibError::BatchOutOfRange`] when the range passes the end.
+    /// [`CalibError::BatchOutOfRange`] when the range passes the end, and
+    /// those of [`batch_into`](Self::batch_into).
     pub fn batch(&self, start: usize, n: usize) -> Result<Batch> {
         self.check_range(start, n)?;
         let mut data = vec![0f32; self.batch_floats(n)?];
@@ -398,6 +875,55 @@ impl ImageDataset {
             failed: false,
         }
     }
+}
+
+/// `[N, C, H, W]` of preprocessed inputs from `path`: 4 dims, `N`, `C`,
+/// `H` and `W` at least 1.
+fn tensor_dims(path: &Path, shape: &[usize]) -> Result<[usize; 4]> {
+    let &[n, c, h, w] = shape else {
+        return Err(CalibError::BadShape {
+            path: path.to_path_buf(),
+            expected: "4 dims (N, C, H, W)",
+            got: shape.to_vec(),
+        });
+    };
+    if n == 0 {
+        return Err(CalibError::EmptyDataset {
+            what: format!("{} holds no items (shape {shape:?})", path.display()),
+        });
+    }
+    if c == 0 || h == 0 || w == 0 {
+        return Err(CalibError::BadShape {
+            path: path.to_path_buf(),
+            expected: "4 dims (N, C, H, W) with C, H and W at least 1",
+            got: shape.to_vec(),
+        });
+    }
+    Ok([n, c, h, w])
+}
+
+/// Labels from the integer NPY file `path`: shape `[n]`, non-negative.
+fn read_npy_labels(path: &Path, n: usize) -> Result<Vec<usize>> {
+    let labels = read_npy_i64(path)?;
+    if labels.ndim() != 1 || labels.len() != n {
+        return Err(CalibError::BadShape {
+            path: path.to_path_buf(),
+            expected: "1 dim (N) with N the number of inputs (first dim of the inputs)",
+            got: labels.shape().to_vec(),
+        });
+    }
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            usize::try_from(v).map_err(|_| CalibError::ValueOutOfRange {
+                path: path.to_path_buf(),
+                index: i,
+                value: v.to_string(),
+                target: "a class index (non-negative)",
+            })
+        })
+        .collect()
 }
 
 /// Iterator over the batches of an [`ImageDataset`]; see

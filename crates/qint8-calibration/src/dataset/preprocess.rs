@@ -1,14 +1,23 @@
 //! Turning `u8` images into normalized `f32` NCHW tensors.
 //!
-//! For each pixel value `x` of channel `c`:
-//! `y = (x * scale - mean[c]) / std[c]`. Zero padding of `pad` pixels on
-//! every side happens in pixel space *before* normalizing, so padded pixels
-//! become `(0 * scale - mean[c]) / std[c]` — what a model trained on
-//! `transforms.Pad(p)` followed by `transforms.Normalize` saw.
+//! The steps, in order, as torchvision's `Resize`, `CenterCrop`, `Pad`,
+//! `ToTensor` and `Normalize` apply them:
+//!
+//! 1. `resize`: the shorter side becomes `resize` pixels, the aspect ratio
+//!    kept, with Pillow's antialiased bilinear filter (bit-identical to
+//!    Pillow for 8-bit images; see [`transform`](super::transform)).
+//! 2. `crop`: the centred `crop x crop` window.
+//! 3. `pad`: zero pixels added on every side, in pixel space *before*
+//!    normalizing, so padded pixels become `(0 * scale - mean[c]) / std[c]`
+//!    — what a model trained on `transforms.Pad(p)` followed by
+//!    `transforms.Normalize` saw.
+//! 4. For each pixel value `x` of channel `c`:
+//!    `y = (x * scale - mean[c]) / std[c]`.
 //!
 //! Conversion goes through a 256-entry lookup table per channel (built once
 //! per dataset), so a batch costs one table read per output pixel and no
-//! allocation beyond the output buffer.
+//! allocation beyond the output buffer (plus, with `resize` or `crop`, one
+//! image-sized buffer per image).
 
 use serde::{Deserialize, Serialize};
 
@@ -40,17 +49,28 @@ pub struct Preprocess {
     pub std: Vec<f32>,
     /// Factor applied to the raw pixel value first (default `1/255`).
     pub scale: f32,
+    /// Size the shorter side is resized to, keeping the aspect ratio
+    /// (torchvision `Resize(resize)`); `None` keeps the size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
+    /// Side of the centred square kept after resizing (torchvision
+    /// `CenterCrop(crop)`); `None` keeps the whole image. At most
+    /// `resize` when both are set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crop: Option<usize>,
 }
 
 impl Default for Preprocess {
-    /// No padding, pixels scaled to `[0, 1]`: `pad 0, mean [0], std [1],
-    /// scale 1/255`.
+    /// No resizing, cropping or padding, pixels scaled to `[0, 1]`: `pad 0,
+    /// mean [0], std [1], scale 1/255, resize None, crop None`.
     fn default() -> Self {
         Self {
             pad: 0,
             mean: vec![0.0],
             std: vec![1.0],
             scale: 1.0 / 255.0,
+            resize: None,
+            crop: None,
         }
     }
 }
@@ -65,28 +85,121 @@ impl Preprocess {
         }
     }
 
+    /// torchvision's ImageNet evaluation transform: `Resize(256)`,
+    /// `CenterCrop(224)`, `ToTensor()`, `Normalize(mean=[0.485, 0.456,
+    /// 0.406], std=[0.229, 0.224, 0.225])`.
+    ///
+    /// ```
+    /// use qint8_calibration::dataset::Preprocess;
+    ///
+    /// let p = Preprocess::imagenet();
+    /// assert_eq!((p.resize, p.crop, p.pad), (Some(256), Some(224), 0));
+    /// assert_eq!(p.output_hw(375, 500), (224, 224));
+    /// ```
+    pub fn imagenet() -> Self {
+        Self {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            resize: Some(256),
+            crop: Some(224),
+            ..Self::default()
+        }
+    }
+
     /// This preprocessing with `pad` pixels of zero padding on each side.
     pub fn with_pad(mut self, pad: usize) -> Self {
         self.pad = pad;
         self
     }
 
+    /// This preprocessing with the shorter side resized to `resize` pixels.
+    pub fn with_resize(mut self, resize: usize) -> Self {
+        self.resize = Some(resize);
+        self
+    }
+
+    /// This preprocessing with a centred `crop x crop` crop.
+    pub fn with_crop(mut self, crop: usize) -> Self {
+        self.crop = Some(crop);
+        self
+    }
+
+    /// Whether images are resized or cropped (their size changes before
+    /// padding).
+    pub fn changes_size(&self) -> bool {
+        self.resize.is_some() || self.crop.is_some()
+    }
+
+    /// Checks `resize` and `crop`: neither may be zero, and `crop` may not
+    /// exceed `resize` (the crop would reach outside every resized image).
+    ///
+    /// Errors with [`CalibError::BadPreprocess`] naming the field.
+    pub fn check_geometry(&self) -> Result<()> {
+        if self.resize == Some(0) {
+            return Err(CalibError::BadPreprocess {
+                field: "resize",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.crop == Some(0) {
+            return Err(CalibError::BadPreprocess {
+                field: "crop",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if let (Some(r), Some(c)) = (self.resize, self.crop) {
+            if c > r {
+                return Err(CalibError::BadPreprocess {
+                    field: "crop",
+                    reason: format!(
+                        "crop {c} is larger than resize {r}: the shorter side of a resized \
+                         image is {r} pixels"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the parameters against images with `channels` channels.
     ///
     /// Errors with [`CalibError::BadPreprocess`] when `mean`/`std` have a
     /// length other than 1 or `channels`, a `std` is zero or non-finite, a
-    /// `mean` or `scale` is non-finite, or a normalized value would not be
-    /// finite.
+    /// `mean` or `scale` is non-finite, a normalized value would not be
+    /// finite, or `resize`/`crop` fail [`check_geometry`](Self::check_geometry).
     pub fn validate(&self, channels: usize) -> Result<()> {
+        self.check_geometry()?;
         self.lookup_tables(channels).map(|_| ())
     }
 
-    /// Output height and width for input `height` x `width`.
+    /// Height and width after `resize` and `crop` (before padding) of an
+    /// image of `height x width`; `None` when a side is zero or a size
+    /// overflows.
+    pub fn resized_cropped_hw(&self, height: usize, width: usize) -> Option<(usize, usize)> {
+        let (h, w) = match self.resize {
+            Some(r) => super::transform::resized_hw(height, width, r)?,
+            None => (height, width),
+        };
+        Some(match self.crop {
+            Some(c) => (c, c),
+            None => (h, w),
+        })
+    }
+
+    /// Output height and width for input `height` x `width`: after
+    /// `resize`, `crop` and `pad`.
     ///
-    /// Saturates instead of overflowing (such sizes fail later anyway).
+    /// Saturates instead of overflowing (such sizes fail later anyway); a
+    /// zero side stays zero.
     pub fn output_hw(&self, height: usize, width: usize) -> (usize, usize) {
+        let (h, w) = if height == 0 || width == 0 {
+            (height, width)
+        } else {
+            self.resized_cropped_hw(height, width)
+                .unwrap_or((usize::MAX, usize::MAX))
+        };
         let extra = self.pad.saturating_mul(2);
-        (height.saturating_add(extra), width.saturating_add(extra))
+        (h.saturating_add(extra), w.saturating_add(extra))
     }
 
     /// One 256-entry table per channel: `table[c][x]` is the normalized
@@ -290,6 +403,36 @@ mod tests {
         };
         assert!(p.validate(1).is_err());
         assert!(Preprocess::default().validate(0).is_err());
+        assert!(Preprocess::default().with_resize(0).validate(1).is_err());
+        assert!(Preprocess::default().with_crop(0).validate(1).is_err());
+        let p = Preprocess::default().with_resize(32).with_crop(33);
+        assert!(matches!(
+            p.validate(1),
+            Err(CalibError::BadPreprocess { field: "crop", .. })
+        ));
+        assert!(Preprocess::imagenet().validate(3).is_ok());
+        assert!(Preprocess::imagenet().validate(2).is_err());
+    }
+
+    #[test]
+    fn output_sizes_follow_resize_crop_pad() {
+        let p = Preprocess::default().with_resize(8).with_pad(1);
+        assert_eq!(p.output_hw(20, 40), (10, 18));
+        assert_eq!(p.clone().with_crop(6).output_hw(20, 40), (8, 8));
+        assert_eq!(Preprocess::default().with_crop(5).output_hw(3, 9), (5, 5));
+        assert_eq!(Preprocess::default().with_pad(2).output_hw(0, 3), (4, 7));
+    }
+
+    #[test]
+    fn serde_defaults_and_unknown_fields() {
+        let p: Preprocess = serde_json::from_str(r#"{"pad": 2}"#).unwrap();
+        assert_eq!((p.pad, p.resize, p.crop), (2, None, None));
+        let p: Preprocess = serde_json::from_str(r#"{"resize": 256, "crop": 224}"#).unwrap();
+        assert_eq!((p.resize, p.crop), (Some(256), Some(224)));
+        assert!(serde_json::from_str::<Preprocess>(r#"{"resise": 256}"#).is_err());
+        // Unset sizes are not written, so older readers still accept the JSON.
+        let json = serde_json::to_string(&Preprocess::default()).unwrap();
+        assert!(!json.contains("resize") && !json.contains("crop"), "{json}");
     }
 
     #[test]
@@ -308,7 +451,7 @@ mod tests {
             scale: 1.0,
             mean: vec![0.0, 1.0, 2.0],
             std: vec![1.0, 1.0, 2.0],
-            pad: 0,
+            ..Preprocess::default()
         };
         let t = p.lookup_tables(3).unwrap();
         let mut out = vec![0.0; 6];
