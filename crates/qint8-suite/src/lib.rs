@@ -33,18 +33,33 @@ pub fn onnxruntime_available() -> bool {
         .unwrap_or(false)
 }
 
-/// Runs `model` in onnxruntime (CPU, `threads` threads) on the NPY file
-/// `input` (fed to the first input) and writes the first output to `output`.
+/// Runs `model` in onnxruntime (CPU, `threads` threads, default graph
+/// optimizations) on the NPY file `input` (fed to the first input) and
+/// writes the first output to `output`.
 pub fn onnxruntime_run(
     model: &Path,
     input: &Path,
     output: &Path,
     threads: usize,
 ) -> Result<(), String> {
+    onnxruntime_run_with(model, input, output, threads, true)
+}
+
+/// [`onnxruntime_run`] with the graph optimizations on (`optimize`) or set
+/// to `ORT_DISABLE_ALL`.
+pub fn onnxruntime_run_with(
+    model: &Path,
+    input: &Path,
+    output: &Path,
+    threads: usize,
+    optimize: bool,
+) -> Result<(), String> {
     let script = r#"
 import sys, numpy as np, onnxruntime as ort
 so = ort.SessionOptions()
 so.intra_op_num_threads = int(sys.argv[4]); so.inter_op_num_threads = 1
+if sys.argv[5] == "0":
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 x = np.load(sys.argv[2])
 y = s.run(None, {s.get_inputs()[0].name: x})[0]
@@ -57,6 +72,7 @@ np.save(sys.argv[3], y.astype(np.float32))
         .arg(input)
         .arg(output)
         .arg(threads.to_string())
+        .arg(if optimize { "1" } else { "0" })
         .output()
         .map_err(|e| format!("python3: {e}"))?;
     if !out.status.success() {
@@ -109,4 +125,99 @@ pub fn onnxruntime_output(
     write_npy_f32(&input, x).map_err(|e| e.to_string())?;
     onnxruntime_run(model, &input, &output, 2)?;
     read_npy_f32(&output).map_err(|e| e.to_string())
+}
+
+/// The first `n` images of a fixture IDX file (`fixtures/data/FILE`) with
+/// their labels, preprocessed as the fixture models expect (pad 2, Fashion-MNIST
+/// mean and std).
+pub fn fixture_dataset(file: &str, n: usize) -> qint8_calibration::ImageDataset {
+    let pre = qint8_calibration::Preprocess::normalize(vec![0.2860], vec![0.3530]).with_pad(2);
+    let labels = fixtures()
+        .join("data")
+        .join(file.replace("images-idx3", "labels-idx1"));
+    qint8_calibration::ImageDataset::from_idx(
+        fixtures().join("data").join(file),
+        Some(&labels),
+        pre,
+    )
+    .and_then(|d| d.take(n))
+    .unwrap_or_else(|e| panic!("fixture {file}: {e}"))
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// How qint8 and onnxruntime classify the same images with the same file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreement {
+    /// Images compared.
+    pub images: usize,
+    /// Same top-1 as onnxruntime with its default graph optimizations.
+    pub optimized: usize,
+    /// Same top-1 as onnxruntime with `ORT_DISABLE_ALL`.
+    pub unoptimized: usize,
+    /// qint8's correct top-1 predictions.
+    pub ours_right: usize,
+    /// onnxruntime's (optimized) correct top-1 predictions.
+    pub theirs_right: usize,
+}
+
+/// Runs `model` (saved at `file`) in qint8 and in onnxruntime (optimized and
+/// not) on `batch` and counts agreeing top-1 predictions; NPY files go to
+/// `dir`.
+pub fn top1_agreement(
+    model: &qint8_graph::Model,
+    file: &Path,
+    batch: &qint8_calibration::Batch,
+    dir: &Path,
+) -> Result<Agreement, String> {
+    use qint8_calibration::dataset::npy::{read_npy_f32, write_npy_f32};
+    let input = &model.graph.inputs[0].name;
+    let ours = qint8_output(model, input, batch.inputs.view()).map_err(|e| e.to_string())?;
+    let classes = ours.shape()[1];
+    let ours: Vec<usize> = ours
+        .as_slice()
+        .ok_or("non-contiguous output")?
+        .chunks(classes)
+        .map(argmax)
+        .collect();
+    let x = dir.join("agreement.x.npy");
+    write_npy_f32(&x, &batch.inputs).map_err(|e| e.to_string())?;
+    let mut same = [0usize; 2];
+    let mut theirs_right = 0;
+    let labels = batch.labels.clone().unwrap_or_default();
+    for (k, optimize) in [true, false].into_iter().enumerate() {
+        let y = dir.join("agreement.y.npy");
+        onnxruntime_run_with(file, &x, &y, 2, optimize)?;
+        let theirs: Vec<usize> = read_npy_f32(&y)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .copied()
+            .collect::<Vec<f32>>()
+            .chunks(classes)
+            .map(argmax)
+            .collect();
+        same[k] = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+        if optimize {
+            theirs_right = theirs.iter().zip(&labels).filter(|(a, b)| a == b).count();
+        }
+    }
+    Ok(Agreement {
+        images: ours.len(),
+        optimized: same[0],
+        unoptimized: same[1],
+        ours_right: ours.iter().zip(&labels).filter(|(a, b)| a == b).count(),
+        theirs_right,
+    })
 }

@@ -1,91 +1,81 @@
-//! Post-training quantization end to end on the fixtures: calibrate, write
-//! the QDQ model, check it against TensorRT's rules, and compare qint8's
-//! simulated INT8 with onnxruntime running the same file.
+//! Post-training quantization end to end on the fixtures: calibrate (the
+//! default method), write the QDQ model, check it against TensorRT's rules,
+//! and compare qint8's simulated INT8 with onnxruntime running the same file
+//! on the 2000 eval images.
+//!
+//! Agreement is required against onnxruntime with its graph optimizations
+//! off: with them on, onnxruntime's own predictions for these files change
+//! on up to 2% of the images (measured on the EfficientNet-B0 fixture: 193
+//! of 10,000 between `ORT_DISABLE_ALL` and `ORT_ENABLE_ALL`), because its
+//! prepacked kernels sum in another order and a constant background puts
+//! whole planes on the same side of a rounding boundary. That rate is
+//! bounded loosely.
 
-use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Preprocess};
+use qint8_calibration::{calibrate, CalibConfig};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
-use qint8_suite::{fixtures, onnxruntime_available, onnxruntime_output, qint8_output};
+use qint8_suite::{fixture_dataset, fixtures, onnxruntime_available, top1_agreement};
 
-fn dataset(file: &str, n: usize) -> ImageDataset {
-    let pre = Preprocess::normalize(vec![0.2860], vec![0.3530]).with_pad(2);
-    let labels = fixtures()
-        .join("data")
-        .join(file.replace("images-idx3", "labels-idx1"));
-    ImageDataset::from_idx(fixtures().join("data").join(file), Some(&labels), pre)
-        .unwrap()
-        .take(n)
-        .unwrap()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
-
-#[test]
-fn exported_resnet50_passes_the_checker_and_matches_onnxruntime() {
+/// Calibrates fixture `name` on 1000 images, exports it with each of
+/// `storages`, and checks the file against the rules and onnxruntime.
+/// `min_top1` is qint8's required top-1 on the eval slice (of 2000).
+fn export_and_compare(name: &str, storages: &[WeightStorage], min_top1: usize) {
     if !onnxruntime_available() {
         eprintln!("skipped: python3 with onnxruntime and numpy is not available");
         return;
     }
-    let path = fixtures().join("models/resnet50.onnx");
+    let path = fixtures().join(format!("models/{name}.onnx"));
     let model = qint8_graph::onnx::load(&path).unwrap();
-    let calib = dataset("calib-images-idx3-ubyte", 300);
+    let calib = fixture_dataset("calib-images-idx3-ubyte", 1000);
     let cfg = CalibConfig {
         threads: 2,
         ..Default::default()
     };
     let c = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for storage in [WeightStorage::Int8, WeightStorage::FloatQdq] {
+    let eval = fixture_dataset("eval-images-idx3-ubyte", 2000);
+    let batch = eval.batch(0, eval.len()).unwrap();
+    for &storage in storages {
         let q = Model {
             graph: insert_qdq(&c.graph, &c.plan, storage).unwrap(),
             opset: model.opset.max(13),
             ..model.clone()
         };
-        let file = dir.path().join(format!("{storage:?}.onnx"));
+        let file = dir.path().join(format!("{name}_{storage:?}.onnx"));
         qint8_graph::onnx::save(&q, &file).unwrap();
         let violations = qint8_trt::check_file(&file).unwrap();
-        assert!(violations.is_empty(), "{storage:?}: {violations:?}");
+        assert!(violations.is_empty(), "{name} {storage:?}: {violations:?}");
 
-        let eval = dataset("eval-images-idx3-ubyte", 1000);
-        let batch = eval.batch(0, eval.len()).unwrap();
-        let input = &q.graph.inputs[0].name;
-        let ours = qint8_output(&q, input, batch.inputs.view()).unwrap();
-        let theirs = onnxruntime_output(&file, &batch.inputs, dir.path(), "qdq").unwrap();
-        let classes = ours.shape()[1];
-        let ours: Vec<f32> = ours.iter().copied().collect();
-        let theirs: Vec<f32> = theirs.iter().copied().collect();
-        let (mut same, mut ours_right, mut theirs_right) = (0, 0, 0);
-        let labels = batch.labels.unwrap();
-        for (i, (a, b)) in ours.chunks(classes).zip(theirs.chunks(classes)).enumerate() {
-            same += usize::from(argmax(a) == argmax(b));
-            ours_right += usize::from(argmax(a) == labels[i]);
-            theirs_right += usize::from(argmax(b) == labels[i]);
-        }
-        // Measured: 99.4-99.5% agreement on the full test set; the small
-        // differences come from onnxruntime's integer kernels.
+        let a = top1_agreement(&q, &file, &batch, dir.path()).unwrap();
+        eprintln!("{name} {storage:?}: {a:?}");
+        // >= 99.5% of the images against unoptimized onnxruntime.
         assert!(
-            same >= 990,
-            "{storage:?}: predictions agree on {same} of 1000"
+            a.unoptimized * 1000 >= a.images * 995,
+            "{name} {storage:?}: {a:?}"
         );
         assert!(
-            ours_right.abs_diff(theirs_right) <= 5,
-            "{ours_right} vs {theirs_right}"
+            a.optimized * 100 >= a.images * 97,
+            "{name} {storage:?}: {a:?}"
         );
-        // FP32 top-1 on this slice is 92.5%; int8 stays within a point.
-        assert!(
-            ours_right >= 915,
-            "{storage:?}: int8 top-1 {ours_right}/1000"
-        );
+        assert!(a.ours_right >= min_top1, "{name} {storage:?}: {a:?}");
     }
+}
+
+#[test]
+fn exported_resnet50_passes_the_checker_and_matches_onnxruntime() {
+    export_and_compare(
+        "resnet50",
+        &[WeightStorage::Int8, WeightStorage::FloatQdq],
+        1830,
+    );
+}
+
+#[test]
+fn exported_vgg16_bn_passes_the_checker_and_matches_onnxruntime() {
+    export_and_compare("vgg16_bn", &[WeightStorage::Int8], 1840);
+}
+
+#[test]
+fn exported_efficientnet_b0_passes_the_checker_and_matches_onnxruntime() {
+    export_and_compare("efficientnet_b0", &[WeightStorage::Int8], 1780);
 }
