@@ -654,13 +654,22 @@ fn qdq_params(
     };
     let scales = scale.to_f32_vec();
     let zp = tensor(2);
+    let input_type = node.input(0).and_then(|n| shapes.get(n)).map(|s| s.dtype);
+    // int32 only as DequantizeLinear input: the int32 biases onnxruntime's
+    // QDQ quantizer writes (scale = input scale * weight scale).
+    let int32 = matches!(node.op, Op::DequantizeLinear { .. })
+        && (zp.map(Tensor::dtype) == Some(DataType::Int32)
+            || (zp.is_none() && input_type == Some(DataType::Int32)));
     let dtype = match zp.map(Tensor::dtype) {
+        _ if int32 => QuantDtype::Int8,
         None | Some(DataType::Uint8) => QuantDtype::Uint8,
         Some(DataType::Int8) => QuantDtype::Int8,
         Some(other) => {
             return Err(node_err(
                 node,
-                format!("zero point type {other:?} is not supported (int8/uint8 only)"),
+                format!(
+                    "zero point type {other:?} is not supported (int8/uint8, int32 for DequantizeLinear)"
+                ),
             ))
         }
     };
@@ -677,7 +686,20 @@ fn qdq_params(
     let channels = scales
         .iter()
         .zip(&zps)
-        .map(|(&s, &z)| ChannelParams::new(s, z, dtype, false))
+        .map(|(&s, &z)| {
+            if int32 {
+                // Only scale and zero point matter to DequantizeLinear;
+                // the range is int32's.
+                ChannelParams::new(s, 0, dtype, false).map(|c| ChannelParams {
+                    zero_point: z,
+                    qmin: i32::MIN,
+                    qmax: i32::MAX,
+                    ..c
+                })
+            } else {
+                ChannelParams::new(s, z, dtype, false)
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // A scalar or one-element scale is per-tensor (same result as per-axis
     // over a dimension of size 1).
@@ -1244,6 +1266,7 @@ fn quantize_as_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32])
 /// DequantizeLinear of integer-valued f32 input.
 fn dequantize_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
     map_per_channel(x, shape, p, out, |v, cp| {
-        (v as i32 - cp.zero_point) as f32 * cp.scale
+        // i64: int32 inputs minus an int32 zero point may overflow i32.
+        (v as i64 - i64::from(cp.zero_point)) as f32 * cp.scale
     });
 }

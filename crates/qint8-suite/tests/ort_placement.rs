@@ -132,6 +132,33 @@ fn same_tensors_as_quantize_static(file: &str, dir: &Path) {
         p.shared.len(),
         p.weights.len()
     );
+
+    // The file onnxruntime wrote (int32 biases included) runs in qint8 as
+    // simulated INT8, agreeing with onnxruntime, and imports as a plan with
+    // onnxruntime's activation scales.
+    let ort_file = dir.join("ort_qdq.onnx");
+    let ort_model = qint8_graph::onnx::load(&ort_file).unwrap();
+    let eval = fixture_dataset("eval-images-idx3-ubyte", 500);
+    let batch = eval.batch(0, eval.len()).unwrap();
+    let a = top1_agreement(&ort_model, &ort_file, &batch, dir).unwrap();
+    eprintln!("{file}: onnxruntime's own QDQ file in qint8: {a:?}");
+    assert!(a.unoptimized * 1000 >= a.images * 995, "{a:?}");
+    let imported = qint8_graph::quant::plan_from_qdq(&ort_model.graph).unwrap();
+    // (A graph output onnxruntime quantizes keeps its name on the
+    // DequantizeLinear; the QuantizeLinear reads a renamed tensor.)
+    let outputs: BTreeSet<&str> = ort_model
+        .graph
+        .outputs
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    for (name, &scale) in acts.iter().filter(|(n, _)| !outputs.contains(n.as_str())) {
+        let got = imported
+            .activations
+            .get(name)
+            .map(|q| q.channels()[0].scale as f64);
+        assert_eq!(got, Some(scale as f32 as f64), "{name}");
+    }
 }
 
 /// Agreement of top-1 predictions between qint8's simulation and
