@@ -23,7 +23,7 @@ pub(crate) enum Command {
     Inspect(InspectArgs),
     /// Run a model on one NPY tensor and write its first output as NPY.
     Run(RunArgs),
-    /// Measure top-1/top-5 accuracy and throughput on an IDX image dataset.
+    /// Measure top-1/top-5 accuracy and throughput on labeled images (IDX, image folder or NPY).
     Eval(EvalArgs),
     /// Write a model-zoo network (torchvision topology, seeded random weights) as ONNX.
     Zoo(ZooArgs),
@@ -31,6 +31,57 @@ pub(crate) enum Command {
     Quantize(QuantizeArgs),
     /// Check an ONNX file against TensorRT's explicit-quantization rules.
     CheckTrt(CheckTrtArgs),
+    /// Calibrate with every method at both weight granularities and compare
+    /// the QDQ models' top-1/top-5, calibration time and file size with FP32.
+    Compare(CompareArgs),
+}
+
+/// Arguments of `qint8 compare`.
+#[derive(Debug, Args)]
+pub(crate) struct CompareArgs {
+    /// The FP32 ONNX model; its first output must be [batch, classes] logits.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// Calibration images, as `qint8 quantize --calib` reads them (IDX file,
+    /// image folder or float32 NPY; labels are not needed).
+    #[arg(long, value_name = "DATA")]
+    pub(crate) calib: PathBuf,
+    /// Calibrate on N images: the first N, or N chosen at random with --calib-seed.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
+    pub(crate) calib_size: usize,
+    /// Calibrate on --calib-size images chosen uniformly at random with this
+    /// seed instead of the first N.
+    #[arg(long, value_name = "S")]
+    pub(crate) calib_seed: Option<u64>,
+    /// Labeled evaluation images, as `qint8 eval --data` reads them.
+    #[arg(long, value_name = "DATA")]
+    pub(crate) data: PathBuf,
+    /// Labels of --data, as in `qint8 eval`.
+    #[arg(long, value_name = "LABELS")]
+    pub(crate) labels: Option<PathBuf>,
+    /// Evaluate only the first N images of --data.
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) limit: Option<usize>,
+    /// Calibration methods to compare, in this order [default: entropy
+    /// (spike-aware), minmax, percentile, mse, moving-average (constant 0.01)].
+    #[arg(long, value_name = "M[,M..]", value_enum, value_delimiter = ',')]
+    pub(crate) methods: Option<Vec<Method>>,
+    /// Percentile for the percentile method.
+    #[arg(long, default_value_t = 99.99)]
+    pub(crate) percentile: f64,
+    /// Which tensors get Q/DQ, as in `qint8 quantize`.
+    #[arg(long, value_enum, default_value_t = Placement::Trt)]
+    pub(crate) placement: Placement,
+    /// Image preprocessing (calibration and evaluation images alike).
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
+    /// Images per batch, in calibration (moving-average depends on it) and
+    /// evaluation.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    pub(crate) batch: usize,
+    /// Print exactly one JSON object (and no progress) instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Arguments of `qint8 check-trt`.
@@ -55,6 +106,29 @@ pub(crate) enum Method {
     Percentile,
     /// Mean squared error minimization.
     Mse,
+    /// Moving average of each batch's largest absolute value (see
+    /// --averaging-constant); depends on batch size and order.
+    MovingAverage,
+}
+
+/// Forms of the entropy search (`--entropy-variant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum EntropyVariantArg {
+    /// modelopt's form with point masses (constant backgrounds) kept out of the comparison.
+    SpikeAware,
+    /// pytorch-quantization / TensorRT Model Optimizer convention.
+    Modelopt,
+    /// Literally as on the GTC 2017 slides.
+    Gtc2017,
+}
+
+/// Q/DQ placement policies of `qint8 quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Placement {
+    /// TensorRT's rules: inputs of Conv/Gemm/MatMul and residual Add inputs.
+    Trt,
+    /// onnxruntime's QDQ quantizer: inputs and outputs of every supported op.
+    Ort,
 }
 
 /// Arguments of `qint8 quantize`.
@@ -63,18 +137,30 @@ pub(crate) struct QuantizeArgs {
     /// The FP32 ONNX model.
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
-    /// IDX calibration images (uint8; may be gzipped).
-    #[arg(long, value_name = "IMAGES")]
+    /// Calibration images: an IDX file (uint8; may be gzipped), an image
+    /// folder (ROOT/<class>/*.jpg|*.png, or images directly in ROOT), or a
+    /// float32 NPY [N, C, H, W] of inputs already preprocessed.
+    #[arg(long, value_name = "DATA")]
     pub(crate) calib: PathBuf,
-    /// Calibrate on the first N images.
+    /// Calibrate on N images: the first N, or N chosen at random with --calib-seed.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
     pub(crate) calib_size: usize,
+    /// Calibrate on --calib-size images chosen uniformly at random with this
+    /// seed (the same seed picks the same images) instead of the first N.
+    #[arg(long, value_name = "S")]
+    pub(crate) calib_seed: Option<u64>,
     /// How activation ranges are chosen.
     #[arg(long, value_enum, default_value_t = Method::Entropy)]
     pub(crate) method: Method,
     /// Percentile for --method percentile.
     #[arg(long, default_value_t = 99.99)]
     pub(crate) percentile: f64,
+    /// Form of the entropy search for --method entropy.
+    #[arg(long, value_enum, default_value_t = EntropyVariantArg::SpikeAware)]
+    pub(crate) entropy_variant: EntropyVariantArg,
+    /// Constant c of --method moving-average: range += c * (batch max - range).
+    #[arg(long, value_name = "C", default_value_t = 0.01)]
+    pub(crate) averaging_constant: f32,
     /// One weight scale per output channel (the default).
     #[arg(long, conflicts_with = "per_tensor")]
     pub(crate) per_channel: bool,
@@ -85,6 +171,10 @@ pub(crate) struct QuantizeArgs {
     /// (modelopt style) instead of int8 initializers.
     #[arg(long)]
     pub(crate) float_weights: bool,
+    /// Which tensors get Q/DQ: TensorRT's placement rules, or everything
+    /// onnxruntime's QDQ quantizer would quantize.
+    #[arg(long, value_enum, default_value_t = Placement::Trt)]
+    pub(crate) placement: Placement,
     /// Image preprocessing.
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,
@@ -97,6 +187,15 @@ pub(crate) struct QuantizeArgs {
     /// Also write the quantization plan as JSON.
     #[arg(long, value_name = "PLAN.json")]
     pub(crate) plan: Option<PathBuf>,
+    /// Also write a TensorRT calibration cache (legacy implicit
+    /// quantization) with a range for every float tensor of the model.
+    #[arg(long, value_name = "CACHE")]
+    pub(crate) trt_cache: Option<PathBuf>,
+    /// TensorRT version written in the cache header (TensorRT's
+    /// major*1000+minor*100+patch form up to 8.x, e.g. 8601 for 8.6.1; the
+    /// cache is only read by the version it names).
+    #[arg(long, value_name = "V", default_value = "8601")]
+    pub(crate) trt_version: String,
     /// Print one JSON summary instead of text (and no progress).
     #[arg(long)]
     pub(crate) json: bool,
@@ -153,37 +252,66 @@ pub(crate) struct RunArgs {
     pub(crate) output: PathBuf,
 }
 
-/// Preprocessing of IDX images, shared by every command that reads them.
+/// Preprocessing of images (IDX files and image folders), shared by every
+/// command that reads them, applied in the order resize, crop, pad,
+/// normalize. NPY inputs are used as stored and take none of these flags.
 #[derive(Debug, Args)]
 pub(crate) struct PreprocessArgs {
-    /// Mean subtracted after scaling pixels to [0, 1]: one value, or one per channel.
+    /// Mean subtracted after scaling pixels to [0, 1]: one value, or one per
+    /// channel [default: 0, or ImageNet's with --imagenet].
     #[arg(
         long,
         value_name = "M[,M..]",
         value_delimiter = ',',
-        default_value = "0",
         allow_hyphen_values = true
     )]
-    pub(crate) mean: Vec<f32>,
-    /// Divisor applied after subtracting the mean: one value, or one per channel.
+    pub(crate) mean: Option<Vec<f32>>,
+    /// Divisor applied after subtracting the mean: one value, or one per
+    /// channel [default: 1, or ImageNet's with --imagenet].
     #[arg(
         long,
         value_name = "S[,S..]",
         value_delimiter = ',',
-        default_value = "1",
         allow_hyphen_values = true
     )]
-    pub(crate) std: Vec<f32>,
+    pub(crate) std: Option<Vec<f32>>,
     /// Zero pixels added on each side, in pixel space, before normalizing.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub(crate) pad: usize,
+    /// Resize the shorter side to N pixels, keeping the aspect ratio
+    /// (torchvision Resize(N) on PIL images: antialiased bilinear).
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) resize: Option<usize>,
+    /// Keep the centred N x N pixels after resizing (torchvision CenterCrop(N)).
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) crop: Option<usize>,
+    /// ImageNet evaluation preprocessing: --resize 256 --crop 224 --mean
+    /// 0.485,0.456,0.406 --std 0.229,0.224,0.225, each unless given explicitly.
+    #[arg(long)]
+    pub(crate) imagenet: bool,
+    /// Decode image-folder images to one grayscale channel (PIL's "L")
+    /// instead of RGB, for 1-channel models.
+    #[arg(long)]
+    pub(crate) grayscale: bool,
 }
 
 impl PreprocessArgs {
-    /// The preprocessing these flags describe.
+    /// The preprocessing these flags describe: explicit flags first, then
+    /// ImageNet's values with --imagenet, then the plain defaults.
     pub(crate) fn preprocess(&self) -> qint8_calibration::Preprocess {
-        qint8_calibration::Preprocess::normalize(self.mean.clone(), self.std.clone())
-            .with_pad(self.pad)
+        let base = if self.imagenet {
+            qint8_calibration::Preprocess::imagenet()
+        } else {
+            qint8_calibration::Preprocess::default()
+        };
+        qint8_calibration::Preprocess {
+            mean: self.mean.clone().unwrap_or(base.mean),
+            std: self.std.clone().unwrap_or(base.std),
+            pad: self.pad,
+            resize: self.resize.or(base.resize),
+            crop: self.crop.or(base.crop),
+            ..base
+        }
     }
 }
 
@@ -193,10 +321,15 @@ pub(crate) struct EvalArgs {
     /// The ONNX model; its first output must be [batch, classes] logits.
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
-    /// IDX images file (uint8, N x H x W or N x H x W x C; may be gzipped).
-    #[arg(long, value_name = "IMAGES")]
+    /// Images: an IDX file (uint8, N x H x W or N x H x W x C; may be
+    /// gzipped), an image folder (ROOT/<class>/*.jpg|*.png; labels from the
+    /// class folders, sorted), or a float32 NPY [N, C, H, W] of inputs
+    /// already preprocessed.
+    #[arg(long, value_name = "DATA")]
     pub(crate) data: PathBuf,
-    /// IDX labels file [default: the `*-labels-idx1-ubyte[.gz]` beside IMAGES].
+    /// Labels: for IDX data an IDX labels file [default: the
+    /// `*-labels-idx1-ubyte[.gz]` beside DATA]; for NPY data an int64 NPY [N]
+    /// (required). Not for image folders.
     #[arg(long, value_name = "LABELS")]
     pub(crate) labels: Option<PathBuf>,
     /// Image preprocessing.
@@ -265,8 +398,52 @@ mod tests {
         let Command::Eval(a) = cli.command else {
             panic!("not eval")
         };
-        assert_eq!(a.pre.mean, vec![-0.5, 0.1, 0.2]);
-        assert_eq!(a.pre.std, vec![2.0]);
+        assert_eq!(a.pre.mean, Some(vec![-0.5, 0.1, 0.2]));
+        assert_eq!(a.pre.std, Some(vec![2.0]));
         assert_eq!((a.pre.pad, a.batch, a.limit), (0, 64, None));
+        let p = a.pre.preprocess();
+        assert_eq!((p.mean, p.std), (vec![-0.5, 0.1, 0.2], vec![2.0]));
+        assert_eq!((p.resize, p.crop), (None, None));
+    }
+
+    #[test]
+    fn imagenet_defaults_yield_to_explicit_flags() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["qint8", "eval", "m.onnx", "--data", "d"];
+            args.extend_from_slice(extra);
+            let Command::Eval(a) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("not eval")
+            };
+            a.pre.preprocess()
+        };
+        let plain = parse(&[]);
+        assert_eq!(plain, qint8_calibration::Preprocess::default());
+        assert_eq!(
+            parse(&["--imagenet"]),
+            qint8_calibration::Preprocess::imagenet()
+        );
+        let p = parse(&["--imagenet", "--crop", "200", "--mean", "0.5", "--pad", "1"]);
+        assert_eq!((p.resize, p.crop, p.pad), (Some(256), Some(200), 1));
+        assert_eq!((p.mean, p.std), (vec![0.5], vec![0.229, 0.224, 0.225]));
+        let p = parse(&["--resize", "40", "--crop", "32", "--grayscale"]);
+        assert_eq!((p.resize, p.crop, p.mean), (Some(40), Some(32), vec![0.0]));
+        assert!(Cli::try_parse_from(["qint8", "eval", "m", "--data", "d", "--crop", "0"]).is_err());
+        let Command::Quantize(q) = Cli::try_parse_from([
+            "qint8",
+            "quantize",
+            "m.onnx",
+            "--calib",
+            "d",
+            "-o",
+            "q.onnx",
+            "--calib-seed",
+            "7",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not quantize")
+        };
+        assert_eq!((q.calib_seed, q.calib_size), (Some(7), 1000));
     }
 }

@@ -1,18 +1,20 @@
-//! `qint8 eval`: top-1/top-5 accuracy and throughput on an IDX dataset.
+//! `qint8 eval`: top-1/top-5 accuracy and throughput on labeled images: an
+//! IDX file, an image folder or preprocessed NPY inputs (see [`crate::data`]).
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ndarray::Array1;
-use qint8_calibration::dataset::idx::{labels_path_candidates, labels_path_for};
 use qint8_calibration::dataset::npy::write_npy_f32;
 use qint8_calibration::ImageDataset;
+use qint8_graph::Model;
 use qint8_runtime::{Session, SessionOptions};
 use serde_json::json;
 
 use crate::cli::EvalArgs;
+use crate::data::{open_labeled, DataKind};
 use crate::format;
 use crate::inspect::load_model;
 use crate::run::check_input_shape;
@@ -67,156 +69,219 @@ pub(crate) struct Score {
     pub(crate) top5: usize,
 }
 
+/// A model prepared to score labeled images: its runtime session (QDQ
+/// models run as simulated INT8) with plans compiled for the batch sizes a
+/// dataset needs, and the names of its image input and logits output.
+pub(crate) struct Scorer {
+    /// The session that runs the model.
+    pub(crate) session: Session,
+    /// The model's only input.
+    input: String,
+    /// The model's first output: `[batch, classes]` logits.
+    output: String,
+    /// The model as messages name it.
+    name: String,
+    /// The command as messages name it (`qint8 eval`).
+    command: &'static str,
+}
+
+impl Scorer {
+    /// Checks that `model` takes `dataset`'s images (one input that fits a
+    /// batch; `data` names the data in that message) and yields `[batch,
+    /// classes]` logits, then creates its session and compiles the plans of
+    /// a full batch of `batch` images and of the remainder before any timing,
+    /// as other runtimes do when they create a session. `name` and
+    /// `command` name the model and the command in messages.
+    pub(crate) fn new(
+        model: &Model,
+        name: &str,
+        command: &'static str,
+        dataset: &ImageDataset,
+        batch: usize,
+        threads: usize,
+        data: &str,
+    ) -> Result<Self> {
+        let n = dataset.len();
+        let [c, h, w] = dataset.input_shape();
+        let g = &model.graph;
+        let Some(input) = g.inputs.first() else {
+            bail!("{name}: the model has no inputs");
+        };
+        if g.inputs.len() > 1 {
+            bail!(
+                "{name}: the model has {} inputs; {command} feeds exactly one (images)",
+                g.inputs.len()
+            );
+        }
+        let first_batch = batch.min(n);
+        check_input_shape(input, &[first_batch, c, h, w], data)?;
+        let Some(output) = g.outputs.first() else {
+            bail!("{name}: the model has no outputs");
+        };
+        if let Some(dims) = &output.shape {
+            if dims.len() != 2 {
+                bail!(
+                    "{name}: output {} has shape {}; {command} needs [batch, classes] logits",
+                    output.name,
+                    format::dims_text(dims)
+                );
+            }
+        }
+        let session = Session::new(
+            model,
+            SessionOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("preparing {name}"))?;
+        let mut sizes = vec![first_batch];
+        if !n.is_multiple_of(batch) && n > batch {
+            sizes.push(n % batch);
+        }
+        for b in sizes {
+            session
+                .plan(&[(input.name.as_str(), &[b, c, h, w])])
+                .with_context(|| {
+                    format!(
+                        "compiling {name} for input shape {}",
+                        format::usize_dims(&[b, c, h, w])
+                    )
+                })?;
+        }
+        Ok(Self {
+            session,
+            input: input.name.clone(),
+            output: output.name.clone(),
+            name: name.to_string(),
+            command,
+        })
+    }
+
+    /// Scores every image of `dataset` in batches of `batch`: returns the
+    /// hits and the number of classes. `data` and `labels` name the images
+    /// and their labels in messages; the predicted class of each image is
+    /// pushed to `predictions` when given, and `progress` is told the
+    /// number of images done after each batch.
+    pub(crate) fn score(
+        &self,
+        dataset: &ImageDataset,
+        batch: usize,
+        data: &Path,
+        labels: &str,
+        mut predictions: Option<&mut Vec<usize>>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(Score, usize)> {
+        let (name, command) = (&self.name, self.command);
+        let mut score = Score::default();
+        let mut classes = 0;
+        for batch in dataset.batches(batch) {
+            let batch = batch.with_context(|| format!("reading {}", data.display()))?;
+            let outputs = self
+                .session
+                .run(&[(self.input.as_str(), batch.inputs.view())])
+                .with_context(|| {
+                    format!(
+                        "running {name} on images {}..{}",
+                        batch.start,
+                        batch.start + batch.len()
+                    )
+                })?;
+            let Some(logits) = outputs.first() else {
+                bail!("{name}: the model produced no outputs");
+            };
+            let shape = logits.shape();
+            if shape.len() != 2 || shape[0] != batch.len() || shape[1] == 0 {
+                bail!(
+                    "{name}: output {} has shape {} for a batch of {}; {command} needs [batch, classes] logits",
+                    self.output,
+                    format::usize_dims(shape),
+                    batch.len()
+                );
+            }
+            classes = shape[1];
+            let batch_labels = batch
+                .labels
+                .as_deref()
+                .context("the dataset has no labels")?;
+            let logits = logits
+                .as_standard_layout()
+                .into_dimensionality::<ndarray::Ix2>()
+                .context("logits are not two-dimensional")?;
+            for (i, (row, &label)) in logits.outer_iter().zip(batch_labels).enumerate() {
+                let row = row.as_slice().context("logits row is not contiguous")?;
+                if label >= classes {
+                    bail!(
+                        "{labels}: image {} has label {label}, but the model has only {classes} classes",
+                        batch.start + i
+                    );
+                }
+                let rank = rank_of(row, label);
+                score.n += 1;
+                score.top1 += usize::from(rank < 1);
+                score.top5 += usize::from(rank < 5);
+                if let Some(p) = predictions.as_deref_mut() {
+                    p.push(argmax(row));
+                }
+            }
+            progress(score.n);
+        }
+        Ok((score, classes))
+    }
+}
+
 /// Runs `qint8 eval`.
 pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
     let total_start = Instant::now();
     let model = load_model(&args.model)?;
-    if !args.data.exists() {
-        bail!("images file {} not found", args.data.display());
-    }
-    let labels_path = match &args.labels {
-        Some(p) => p.clone(),
-        None => find_labels(&args.data)?,
-    };
-    let preprocess = args.pre.preprocess();
-    let mut dataset = ImageDataset::from_idx(&args.data, Some(&labels_path), preprocess)
-        .with_context(|| {
-            format!(
-                "reading images {} with labels {}",
-                args.data.display(),
-                labels_path.display()
-            )
-        })?;
+    let opened = open_labeled(&args.data, args.labels.as_deref(), &args.pre)?;
+    let kind = opened.kind;
+    let prep_text = opened.preprocessing_text();
+    let labels_source = opened.labels.clone().unwrap_or_default();
+    let mut dataset = opened.dataset;
     if let Some(limit) = args.limit {
         dataset = dataset.take(limit)?;
     }
+    let preprocess = dataset.preprocess().clone();
     let n = dataset.len();
     let [c, h, w] = dataset.input_shape();
 
-    let g = &model.graph;
-    let Some(input) = g.inputs.first() else {
-        bail!("{}: the model has no inputs", args.model.display());
-    };
-    if g.inputs.len() > 1 {
-        bail!(
-            "{}: the model has {} inputs; qint8 eval feeds exactly one (images)",
-            args.model.display(),
-            g.inputs.len()
-        );
-    }
-    let input_name = input.name.clone();
-    let first_batch = args.batch.min(n);
-    check_input_shape(
-        input,
-        &[first_batch, c, h, w],
+    let scorer = Scorer::new(
+        &model,
+        &args.model.display().to_string(),
+        "qint8 eval",
+        &dataset,
+        args.batch,
+        threads,
         &format!(
-            "the data ({} with --pad {})",
+            "the data ({}, {}{})",
             args.data.display(),
-            args.pre.pad
+            prep_text,
+            if kind == DataKind::Folder && c == 3 {
+                "; --grayscale makes 1-channel inputs"
+            } else {
+                ""
+            }
         ),
     )?;
-    let Some(output) = g.outputs.first() else {
-        bail!("{}: the model has no outputs", args.model.display());
-    };
-    if let Some(dims) = &output.shape {
-        if dims.len() != 2 {
-            bail!(
-                "{}: output {} has shape {}; qint8 eval needs [batch, classes] logits",
-                args.model.display(),
-                output.name,
-                format::dims_text(dims)
-            );
-        }
-    }
-    let output_name = output.name.clone();
-
-    let session = Session::new(
-        &model,
-        SessionOptions {
-            threads,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("preparing {}", args.model.display()))?;
-    // Compile the plans (full batch and remainder) before timing, as other
-    // runtimes do when they create a session.
-    let mut sizes = vec![first_batch];
-    if !n.is_multiple_of(args.batch) && n > args.batch {
-        sizes.push(n % args.batch);
-    }
-    for b in sizes {
-        session
-            .plan(&[(input_name.as_str(), &[b, c, h, w])])
-            .with_context(|| {
-                format!(
-                    "compiling {} for input shape {}",
-                    args.model.display(),
-                    format::usize_dims(&[b, c, h, w])
-                )
-            })?;
-    }
+    let session = &scorer.session;
 
     let progress = !args.json && std::io::stderr().is_terminal();
-    let mut score = Score::default();
     let mut predictions = Vec::with_capacity(if args.predictions.is_some() { n } else { 0 });
-    let mut classes = 0;
     let loop_start = Instant::now();
-    for batch in dataset.batches(args.batch) {
-        let batch = batch.with_context(|| format!("reading {}", args.data.display()))?;
-        let outputs = session
-            .run(&[(input_name.as_str(), batch.inputs.view())])
-            .with_context(|| {
-                format!(
-                    "running {} on images {}..{}",
-                    args.model.display(),
-                    batch.start,
-                    batch.start + batch.len()
-                )
-            })?;
-        let Some(logits) = outputs.first() else {
-            bail!("{}: the model produced no outputs", args.model.display());
-        };
-        let shape = logits.shape();
-        if shape.len() != 2 || shape[0] != batch.len() || shape[1] == 0 {
-            bail!(
-                "{}: output {} has shape {} for a batch of {}; qint8 eval needs [batch, classes] logits",
-                args.model.display(),
-                output_name,
-                format::usize_dims(shape),
-                batch.len()
-            );
-        }
-        classes = shape[1];
-        let labels = batch
-            .labels
-            .as_deref()
-            .context("the dataset has no labels")?;
-        let logits = logits
-            .as_standard_layout()
-            .into_dimensionality::<ndarray::Ix2>()
-            .context("logits are not two-dimensional")?;
-        for (i, (row, &label)) in logits.outer_iter().zip(labels).enumerate() {
-            let row = row.as_slice().context("logits row is not contiguous")?;
-            if label >= classes {
-                bail!(
-                    "{}: image {} has label {label}, but the model has only {classes} classes",
-                    labels_path.display(),
-                    batch.start + i
-                );
+    let (score, classes) = scorer.score(
+        &dataset,
+        args.batch,
+        &args.data,
+        &labels_source,
+        args.predictions.is_some().then_some(&mut predictions),
+        &mut |done| {
+            if progress {
+                eprint!("\reval {done}/{n} images");
+                let _ = std::io::stderr().flush();
             }
-            let rank = rank_of(row, label);
-            score.n += 1;
-            score.top1 += usize::from(rank < 1);
-            score.top5 += usize::from(rank < 5);
-            if args.predictions.is_some() {
-                predictions.push(argmax(row));
-            }
-        }
-        if progress {
-            eprint!("\reval {}/{} images", score.n, n);
-            let _ = std::io::stderr().flush();
-        }
-    }
+        },
+    )?;
     let seconds = loop_start.elapsed().as_secs_f64();
     if progress {
         eprint!("\r{}\r", " ".repeat(40));
@@ -234,7 +299,8 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         let v = json!({
             "model": args.model.display().to_string(),
             "data": args.data.display().to_string(),
-            "labels": labels_path.display().to_string(),
+            "format": kind.name(),
+            "labels": labels_source,
             "n": score.n,
             "classes": classes,
             "top1": top1,
@@ -246,9 +312,11 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             "total_seconds": total_seconds,
             "batch": args.batch,
             "threads": session.threads(),
-            "pad": args.pre.pad,
-            "mean": short_f64(&args.pre.mean),
-            "std": short_f64(&args.pre.std),
+            "pad": preprocess.pad,
+            "mean": (kind != DataKind::Npy).then(|| short_f64(&preprocess.mean)),
+            "std": (kind != DataKind::Npy).then(|| short_f64(&preprocess.std)),
+            "resize": preprocess.resize,
+            "crop": preprocess.crop,
             "input_shape": [c, h, w],
         });
         format!("{v}\n")
@@ -256,13 +324,12 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         format::key_values(&[
             ("model", args.model.display().to_string()),
             ("images", args.data.display().to_string()),
-            ("labels", labels_path.display().to_string()),
+            ("labels", labels_source.clone()),
             (
                 "n",
                 format!(
-                    "{} images of {c}x{h}x{w} (pad {}), {classes} classes",
+                    "{} images of {c}x{h}x{w} ({prep_text}), {classes} classes",
                     format::group(score.n),
-                    args.pre.pad
                 ),
             ),
             (
@@ -301,28 +368,6 @@ fn short_f64(v: &[f32]) -> Vec<f64> {
         .collect()
 }
 
-/// The labels file beside `images`, or an error listing where it was sought.
-fn find_labels(images: &std::path::Path) -> Result<PathBuf> {
-    if let Some(p) = labels_path_for(images) {
-        return Ok(p);
-    }
-    let tried: Vec<String> = labels_path_candidates(images)
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    if tried.is_empty() {
-        bail!(
-            "no labels file for {}: its name does not end in -images-idx3-ubyte[.gz], so pass --labels",
-            images.display()
-        );
-    }
-    bail!(
-        "no labels file for {}: none of {} exists; pass --labels",
-        images.display(),
-        tried.join(", ")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,15 +397,5 @@ mod tests {
     fn few_classes_make_every_label_a_top5_hit() {
         let row = [0.1, 0.9, -3.0];
         assert!((0..3).all(|l| rank_of(&row, l) < 5));
-    }
-
-    #[test]
-    fn missing_labels_are_explained() {
-        let dir = std::env::temp_dir();
-        let e = find_labels(&dir.join("nowhere-images-idx3-ubyte")).unwrap_err();
-        let msg = format!("{e:#}");
-        assert!(msg.contains("nowhere-labels-idx1-ubyte"), "{msg}");
-        let e = find_labels(&dir.join("data.bin")).unwrap_err();
-        assert!(format!("{e:#}").contains("--labels"));
     }
 }

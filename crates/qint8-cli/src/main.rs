@@ -10,12 +10,22 @@
 //! - `qint8 run MODEL --input X.npy --output Y.npy`: feeds one float32 NPY
 //!   tensor to the model's first input and writes its first output as
 //!   float32 NPY (atomically).
-//! - `qint8 eval MODEL --data IMAGES [--labels LABELS] [--mean M[,M..]]
-//!   [--std S[,S..]] [--pad N] [--batch B] [--limit N] [--json]`: top-1 and
-//!   top-5 accuracy and throughput on an IDX image file (optionally
-//!   gzipped). Labels default to the `*-labels-idx1-ubyte[.gz]` file beside
-//!   the images. Preprocessing: zero padding of `--pad` pixels on each side
-//!   in pixel space, then `(pixel / 255 - mean) / std` per channel.
+//! - `qint8 eval MODEL --data DATA [--labels LABELS] [--mean M[,M..]]
+//!   [--std S[,S..]] [--pad N] [--resize N] [--crop N] [--imagenet]
+//!   [--grayscale] [--batch B] [--limit N] [--json]`: top-1 and top-5
+//!   accuracy and throughput. DATA is told apart by its path: a folder is
+//!   an image folder in torchvision's ImageFolder layout
+//!   (`ROOT/<class>/*.jpg|*.jpeg|*.png`, labels from the sorted class
+//!   folders, RGB or with `--grayscale` one channel, decoded batch by
+//!   batch); a `.npy` file holds float32 inputs `[N, C, H, W]` already
+//!   preprocessed, with labels from `--labels LABELS.npy` (int64 `[N]`);
+//!   anything else is an IDX image file (optionally gzipped) whose labels
+//!   default to the `*-labels-idx1-ubyte[.gz]` file beside it.
+//!   Preprocessing of images: `--resize N` (shorter side, aspect kept,
+//!   Pillow's antialiased bilinear as torchvision uses it), `--crop N`
+//!   (centre), zero padding of `--pad` pixels on each side in pixel space,
+//!   then `(pixel / 255 - mean) / std` per channel; `--imagenet` sets
+//!   resize 256, crop 224 and ImageNet's mean/std, each unless given.
 //!   Predictions are the lowest index among equal maximal logits (as
 //!   `numpy.argmax`); a label's rank counts the logits above it plus the
 //!   equal ones at lower indices, and it is a top-k hit when that rank is
@@ -30,11 +40,13 @@
 //!   [--classes K] [--seed S]`: writes ResNet-50, VGG-16(-BN) or
 //!   EfficientNet-B0 with torchvision's topology and seeded random weights.
 //!
-//! - `qint8 quantize MODEL --calib IMAGES [--calib-size N] [--method
-//!   entropy|minmax|percentile|mse] [--percentile P] [--per-channel |
-//!   --per-tensor] [--float-weights] [preprocessing flags as in eval]
-//!   -o OUT.onnx [--plan PLAN.json] [--json]`: calibrates on the first N
-//!   images (two streamed passes: ranges, then histograms over fixed
+//! - `qint8 quantize MODEL --calib DATA [--calib-size N] [--calib-seed S]
+//!   [--method entropy|minmax|percentile|mse] [--percentile P]
+//!   [--per-channel | --per-tensor] [--float-weights] [preprocessing flags
+//!   as in eval] -o OUT.onnx [--plan PLAN.json] [--json]`: calibrates on
+//!   the first N images of DATA (IDX, image folder or NPY, as in eval;
+//!   labels are not needed), or on N chosen at random with `--calib-seed`
+//!   (two streamed passes: ranges, then histograms over fixed
 //!   ranges), places Q/DQ by TensorRT's rules and writes a QDQ model (opset
 //!   at least 13, int8 symmetric, weights per output channel as int8
 //!   initializers unless `--float-weights`). `qint8 eval` scores the result.
@@ -46,12 +58,26 @@
 //!   Conv/Gemm/MatMul); exits with status 1 when there is a violation
 //!   (or, with `--strict`, a warning), 0 otherwise.
 //!
+//! - `qint8 compare MODEL --calib DATA --data DATA [--labels LABELS]
+//!   [--calib-size N] [--calib-seed S] [--limit N] [--methods M[,M..]]
+//!   [--percentile P] [--placement trt|ort] [preprocessing flags as in
+//!   eval] [--batch B] [--json]`: for each calibration method (entropy,
+//!   minmax, percentile, mse, moving-average) and weight granularity
+//!   (per-channel, per-tensor), calibrates, builds the QDQ model (int8
+//!   weights) and scores it as eval does; prints top-1, top-5, the top-1
+//!   drop from FP32 in percentage points, the calibration time and the
+//!   size of the ONNX file it would write. Activation ranges do not depend
+//!   on the weight granularity, so each method calibrates once and both of
+//!   its rows report that calibration's time.
+//!
 //! The global `--threads N` sets the worker threads (default: the number of
 //! available cores). Errors are printed with their causes to stderr and
 //! exit with status 1; usage errors exit with status 2.
 
 mod check_trt;
 mod cli;
+mod compare;
+mod data;
 mod eval;
 mod format;
 mod inspect;
@@ -76,6 +102,7 @@ fn main() -> ExitCode {
         Command::Zoo(args) => zoo::main(args),
         Command::Quantize(args) => quantize::main(args, threads),
         Command::CheckTrt(args) => check_trt::main(args),
+        Command::Compare(args) => compare::main(args, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

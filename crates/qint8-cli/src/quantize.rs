@@ -4,20 +4,34 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Progress};
+use qint8_calibration::{calibrate, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
-use qint8_math::search::RangeMethod;
+use qint8_math::search::{EntropyVariant, RangeMethod};
+use qint8_trt::CalibrationCache;
 use serde_json::json;
 
-use crate::cli::{Method, QuantizeArgs};
+use crate::cli::{EntropyVariantArg, Method, Placement, QuantizeArgs};
 use crate::inspect::load_model;
 
-/// The range method a command line asks for.
-pub(crate) fn range_method(method: Method, percentile: f64) -> Result<RangeMethod> {
+/// The range method a command line asks for (moving-average min-max is
+/// max calibration with [`CalibConfig::moving_average`] set).
+pub(crate) fn range_method(
+    method: Method,
+    percentile: f64,
+    variant: EntropyVariantArg,
+) -> Result<RangeMethod> {
     Ok(match method {
-        Method::Entropy => RangeMethod::entropy(),
-        Method::Minmax => RangeMethod::Max,
+        Method::Entropy => RangeMethod::Entropy {
+            variant: match variant {
+                EntropyVariantArg::SpikeAware => EntropyVariant::SpikeAware,
+                EntropyVariantArg::Modelopt => EntropyVariant::Modelopt,
+                EntropyVariantArg::Gtc2017 => EntropyVariant::Gtc2017,
+            },
+            start_bin: 128,
+            levels: 128,
+        },
+        Method::Minmax | Method::MovingAverage => RangeMethod::Max,
         Method::Mse => RangeMethod::mse(),
         Method::Percentile => {
             if !(percentile > 0.0 && percentile <= 100.0) {
@@ -31,13 +45,22 @@ pub(crate) fn range_method(method: Method, percentile: f64) -> Result<RangeMetho
 pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
     let model = load_model(&args.model)?;
-    let preprocess = args.pre.preprocess();
-    let data = ImageDataset::from_idx(&args.calib, None, preprocess)
-        .with_context(|| format!("reading calibration images {}", args.calib.display()))?
-        .take(args.calib_size)?;
+    let opened = crate::data::open_unlabeled(&args.calib, &args.pre)?;
+    let data_format = opened.kind.name();
+    // The first N images, or N chosen at random with the given seed.
+    let data = match args.calib_seed {
+        Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
+        None => opened.dataset.take(args.calib_size)?,
+    };
     let cfg = CalibConfig {
-        method: range_method(args.method, args.percentile)?,
+        method: range_method(args.method, args.percentile, args.entropy_variant)?,
+        moving_average: (args.method == Method::MovingAverage).then_some(args.averaging_constant),
+        all_ranges: args.trt_cache.is_some(),
         per_channel: !args.per_tensor,
+        placement: match args.placement {
+            Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
+            Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
+        },
         batch: args.batch,
         threads,
         ..Default::default()
@@ -81,13 +104,47 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         opset: model.opset.max(13),
         ..model.clone()
     };
-    qint8_graph::onnx::save(&out, &args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    if let Some(p) = &args.plan {
-        calibrated
-            .plan
-            .save(p)
-            .with_context(|| format!("writing {}", p.display()))?;
+    let cache = match &args.trt_cache {
+        Some(_) => Some(
+            CalibrationCache::from_amax(
+                &args.trt_version,
+                if args.method == Method::Minmax {
+                    "MinMaxCalibration"
+                } else {
+                    "EntropyCalibration2"
+                },
+                calibrated.ranges.iter().map(|(n, &a)| (n.clone(), a)),
+            )
+            .context("building the TensorRT calibration cache")?,
+        ),
+        None => None,
+    };
+    // Each file is written atomically; when a later one fails the earlier
+    // ones are removed, so a failed run leaves no output behind.
+    let mut written: Vec<&std::path::Path> = Vec::new();
+    let result = (|| -> Result<()> {
+        qint8_graph::onnx::save(&out, &args.output)
+            .with_context(|| format!("writing {}", args.output.display()))?;
+        written.push(&args.output);
+        if let Some(p) = &args.plan {
+            calibrated
+                .plan
+                .save(p)
+                .with_context(|| format!("writing {}", p.display()))?;
+            written.push(p);
+        }
+        if let (Some(p), Some(cache)) = (&args.trt_cache, &cache) {
+            cache
+                .write(p)
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for p in written {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
     }
     let size = std::fs::metadata(&args.output)
         .map(|m| m.len())
@@ -98,11 +155,15 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         "method": calibrated.plan.method,
         "per_channel": cfg.per_channel,
         "calibration_images": data.len(),
+        "calibration_data_format": data_format,
+        "calibration_seed": args.calib_seed,
         "activations": calibrated.plan.activations.len(),
         "weights": calibrated.plan.weights.len(),
         "calibration_seconds": calib_seconds,
         "total_seconds": start.elapsed().as_secs_f64(),
         "output_bytes": size,
+        "trt_cache": args.trt_cache.as_ref().map(|p| p.display().to_string()),
+        "trt_cache_tensors": cache.as_ref().map(|c| c.entries.len()),
     });
     if args.json {
         println!("{summary}");

@@ -662,3 +662,593 @@ fn check_trt_fails_on_a_float_model_only_when_strict() {
     std::fs::write(garbage.path(), b"\x08\x01\x12garbage").unwrap();
     fails(qint8(&["check-trt", s(garbage.path())]));
 }
+
+/// The first `n` eval images as an image folder `root/<digit>/<i>.png`,
+/// alternately saved as grayscale and as RGB PNGs (equal channels, so
+/// `--grayscale` gets the IDX pixels back exactly). Returns the labels.
+fn eval_images_as_folder(root: &Path, n: usize) -> Vec<u8> {
+    use qint8_calibration::dataset::{read_idx_images, read_idx_labels};
+    let images = read_idx_images(eval_images()).unwrap();
+    let labels = read_idx_labels(fixtures().join("data/eval-labels-idx1-ubyte")).unwrap();
+    let (h, w) = (images.height() as u32, images.width() as u32);
+    for (i, label) in labels.iter().enumerate().take(n) {
+        let px = images.image(i).unwrap().to_vec();
+        let dir = root.join(label.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        // Zero-padded names keep the folder's path order equal to the IDX order.
+        let path = dir.join(format!("{i:05}.png"));
+        if i % 2 == 0 {
+            image::GrayImage::from_raw(w, h, px)
+                .unwrap()
+                .save(&path)
+                .unwrap();
+        } else {
+            let rgb: Vec<u8> = px.iter().flat_map(|&v| [v, v, v]).collect();
+            image::RgbImage::from_raw(w, h, rgb)
+                .unwrap()
+                .save(&path)
+                .unwrap();
+        }
+    }
+    labels[..n].to_vec()
+}
+
+/// Writes `values` as a little-endian int64 NPY vector.
+fn write_npy_i64(path: &Path, values: &[i64]) {
+    let mut header = format!(
+        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
+        values.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn eval_on_an_image_folder_matches_the_idx_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("folder");
+    let labels = eval_images_as_folder(&root, 120);
+    // All ten classes are present, so folder order gives the digits as labels.
+    let mut seen = labels.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen, (0..10).collect::<Vec<u8>>());
+
+    let m = model("resnet50.onnx");
+    let reference = eval_json("resnet50.onnx", &["--limit", "120", "--threads", "1"]);
+    // Same pixels, same padding: the same predictions, image for image.
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            s(&m),
+            "--data",
+            s(&root),
+            "--mean",
+            "0.2860",
+            "--std",
+            "0.3530",
+            "--threads",
+            "1",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        json(&ok(qint8(&args)))
+    };
+    let v = run(&["--grayscale", "--pad", "2"]);
+    assert_eq!(v["n"], 120);
+    assert_eq!(v["format"], "folder");
+    assert_eq!(
+        v["correct_top1"], reference["correct_top1"],
+        "{v}\n{reference}"
+    );
+    assert_eq!(v["correct_top5"], reference["correct_top5"]);
+    assert!(v["labels"].as_str().unwrap().contains("10 classes"), "{v}");
+    assert_eq!(v["input_shape"], serde_json::json!([1, 32, 32]));
+
+    // Resized and cropped to the model's 32x32 instead of padded.
+    let v = run(&[
+        "--grayscale",
+        "--resize",
+        "32",
+        "--crop",
+        "32",
+        "--limit",
+        "50",
+    ]);
+    assert_eq!(v["n"], 50);
+    assert_eq!(
+        (v["resize"].as_u64(), v["crop"].as_u64()),
+        (Some(32), Some(32))
+    );
+    assert_eq!(v["pad"], 0);
+    let top1 = v["top1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1), "{v}");
+
+    // RGB decoding gives 3 channels, which the model rejects with a hint.
+    let err = fails(qint8(&["eval", s(&m), "--data", s(&root), "--pad", "2"]));
+    assert!(err.contains("[batch, 1, 32, 32]"), "{err}");
+    assert!(err.contains("--grayscale"), "{err}");
+    // Folder labels come from the class folders only.
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&root),
+        "--grayscale",
+        "--labels",
+        s(&fixtures().join("data/eval-labels-idx1-ubyte")),
+    ]));
+    assert!(err.contains("class folders"), "{err}");
+    // A corrupt image is named.
+    std::fs::write(root.join("0/zz-broken.png"), b"not a png").unwrap();
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&root),
+        "--grayscale",
+        "--pad",
+        "2",
+    ]));
+    assert!(err.contains("zz-broken.png"), "{err}");
+    // An empty folder is explained.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = fails(qint8(&["eval", s(&m), "--data", s(&empty)]));
+    assert!(err.contains("no class folders"), "{err}");
+}
+
+#[test]
+fn eval_on_npy_inputs_matches_the_idx_file() {
+    use qint8_calibration::{ImageDataset, Preprocess};
+    let dir = tempfile::tempdir().unwrap();
+    let pre = Preprocess::normalize(vec![0.2860], vec![0.3530]).with_pad(2);
+    let labels_idx = fixtures().join("data/eval-labels-idx1-ubyte");
+    let ds = ImageDataset::from_idx(eval_images(), Some(&labels_idx), pre)
+        .unwrap()
+        .take(100)
+        .unwrap();
+    let batch = ds.batch(0, 100).unwrap();
+    let x = dir.path().join("x.npy");
+    write_npy_f32(&x, &batch.inputs).unwrap();
+    let y = dir.path().join("y.npy");
+    let labels: Vec<i64> = batch.labels.unwrap().iter().map(|&l| l as i64).collect();
+    write_npy_i64(&y, &labels);
+
+    let m = model("resnet50.onnx");
+    let reference = eval_json("resnet50.onnx", &["--limit", "100", "--threads", "1"]);
+    let v = json(&ok(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&x),
+        "--labels",
+        s(&y),
+        "--batch",
+        "32",
+        "--threads",
+        "1",
+        "--json",
+    ])));
+    assert_eq!(v["n"], 100);
+    assert_eq!(v["format"], "npy");
+    assert_eq!(
+        v["correct_top1"], reference["correct_top1"],
+        "{v}\n{reference}"
+    );
+    assert_eq!(v["correct_top5"], reference["correct_top5"]);
+    assert!(v["mean"].is_null(), "{v}");
+
+    // Labels are required; preprocessing flags are refused; shapes are checked.
+    let err = fails(qint8(&["eval", s(&m), "--data", s(&x)]));
+    assert!(err.contains("--labels"), "{err}");
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&x),
+        "--labels",
+        s(&y),
+        "--pad",
+        "2",
+    ]));
+    assert!(err.contains("--pad") && err.contains("x.npy"), "{err}");
+    let short = dir.path().join("short.npy");
+    write_npy_i64(&short, &labels[..10]);
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&x),
+        "--labels",
+        s(&short),
+    ]));
+    assert!(err.contains("short.npy") && err.contains("[10]"), "{err}");
+    let flat = dir.path().join("flat.npy");
+    write_npy_f32(&flat, &ndarray::Array2::<f32>::zeros((4, 1024))).unwrap();
+    let err = fails(qint8(&[
+        "eval",
+        s(&m),
+        "--data",
+        s(&flat),
+        "--labels",
+        s(&y),
+    ]));
+    assert!(
+        err.contains("flat.npy") && err.contains("[4, 1024]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn quantize_with_a_calibration_seed_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let m = model("resnet50.onnx");
+    let quantize = |data: &Path, seed: Option<&str>, name: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{name}.onnx"));
+        let plan = dir.path().join(format!("{name}.json"));
+        let mut args = vec![
+            "quantize",
+            s(&m),
+            "--calib",
+            s(data),
+            "--calib-size",
+            "24",
+            "--method",
+            "minmax",
+            "--mean",
+            "0.2860",
+            "--std",
+            "0.3530",
+            "-o",
+            s(&out),
+            "--plan",
+            s(&plan),
+            "--json",
+        ];
+        if let Some(seed) = seed {
+            args.extend_from_slice(&["--calib-seed", seed]);
+        }
+        args.extend_from_slice(extra);
+        let summary = json(&ok(qint8(&args)));
+        let plan: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+        (summary, plan["activations"].clone())
+    };
+    let (a, plan_a) = quantize(&calib, Some("3"), "a", &["--pad", "2"]);
+    assert_eq!(a["calibration_images"], 24);
+    assert_eq!(a["calibration_seed"], 3);
+    assert_eq!(a["calibration_data_format"], "idx");
+    let (_, plan_b) = quantize(&calib, Some("3"), "b", &["--pad", "2"]);
+    assert_eq!(plan_a, plan_b, "the same seed must pick the same images");
+    let (_, plan_c) = quantize(&calib, Some("4"), "c", &["--pad", "2"]);
+    assert_ne!(plan_a, plan_c, "another seed picks other images");
+    let (first, plan_first) = quantize(&calib, None, "first", &["--pad", "2"]);
+    assert!(first["calibration_seed"].is_null());
+    assert_ne!(plan_a, plan_first);
+
+    // An image folder calibrates too (labels are not needed).
+    let root = dir.path().join("folder");
+    eval_images_as_folder(&root, 40);
+    let (f, _) = quantize(&root, Some("1"), "f", &["--grayscale", "--pad", "2"]);
+    assert_eq!(f["calibration_images"], 24);
+    assert_eq!(f["calibration_data_format"], "folder");
+}
+
+/// `--trt-cache` writes a TensorRT cache with a range for every float
+/// tensor (more than the planned ones); moving-average min-max calibrates
+/// in one pass and records its constant.
+#[test]
+fn quantize_writes_a_trt_cache_and_supports_moving_average() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let cache = dir.path().join("calib.cache");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let m = model("resnet50.onnx");
+    let common = [
+        "--calib-size",
+        "32",
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--json",
+    ];
+    let mut args = vec![
+        "quantize",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "--method",
+        "moving-average",
+        "--averaging-constant",
+        "0.1",
+        "--batch",
+        "8",
+        "-o",
+        s(&out),
+        "--trt-cache",
+        s(&cache),
+    ];
+    args.extend_from_slice(&common);
+    let summary = json(&ok(qint8(&args)));
+    assert_eq!(summary["method"], "moving_average_max(0.1)");
+    let planned = summary["activations"].as_u64().unwrap();
+    let text = std::fs::read_to_string(&cache).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("TRT-8601-EntropyCalibration2"));
+    let entries: Vec<&str> = lines.collect();
+    assert_eq!(
+        entries.len() as u64,
+        summary["trt_cache_tensors"].as_u64().unwrap()
+    );
+    assert!(
+        entries.len() as u64 > planned,
+        "{} vs {planned}",
+        entries.len()
+    );
+    // The model input is in the cache with a positive scale.
+    let input = entries
+        .iter()
+        .find(|l| l.starts_with("input: "))
+        .expect("input range");
+    let bits = u32::from_str_radix(input.trim_start_matches("input: "), 16).unwrap();
+    assert!(f32::from_bits(bits) > 0.0);
+
+    // The cache goes last: when it cannot be written the model already
+    // written is removed again.
+    let bad_out = dir.path().join("bad.onnx");
+    let bad_cache = dir.path().join("no-such-dir/bad.cache");
+    let mut args = vec![
+        "quantize",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "--method",
+        "minmax",
+        "-o",
+        s(&bad_out),
+        "--trt-cache",
+        s(&bad_cache),
+    ];
+    args.extend_from_slice(&common);
+    let err = fails(qint8(&args));
+    assert!(err.contains("cache"), "{err}");
+    assert!(!bad_out.exists() && !bad_cache.exists());
+}
+
+/// Calibration images of the wrong size (28x28 without --pad 2 for a
+/// 32x32 model) are an error naming both shapes, and nothing is written.
+#[test]
+fn quantize_rejects_images_of_the_wrong_shape_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let err = fails(qint8(&[
+        "quantize",
+        s(&model("resnet50.onnx")),
+        "--calib",
+        s(&calib),
+        "--calib-size",
+        "8",
+        "-o",
+        s(&out),
+    ]));
+    assert!(
+        err.contains("[8, 1, 28, 28]") && err.contains("32, 32]"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+fn calib_images() -> PathBuf {
+    fixtures().join("data/calib-images-idx3-ubyte")
+}
+
+/// `qint8 compare` on resnet50 with the fixtures' preprocessing.
+fn compare(extra: &[&str]) -> Output {
+    let m = model("resnet50.onnx");
+    let calib = calib_images();
+    let images = eval_images();
+    let mut args = vec![
+        "compare",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "--data",
+        s(&images),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+    ];
+    args.extend_from_slice(extra);
+    qint8(&args)
+}
+
+#[test]
+fn compare_reports_every_method_and_granularity() {
+    let v = json(&ok(compare(&[
+        "--calib-size",
+        "64",
+        "--limit",
+        "200",
+        "--methods",
+        "minmax,entropy,minmax",
+        "--json",
+    ])));
+    assert_eq!(v["n"], 200);
+    assert_eq!(v["calibration_images"], 64);
+    let fp32 = v["fp32_top1"].as_f64().unwrap();
+    assert!(fp32 > 0.85, "{v}");
+    let fp32_bytes = v["fp32_file_bytes"].as_u64().unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let keys: Vec<(&str, bool)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap(),
+                r["per_channel"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("minmax", true),
+            ("minmax", false),
+            ("entropy", true),
+            ("entropy", false)
+        ]
+    );
+    for r in rows {
+        let top1 = r["top1"].as_f64().unwrap();
+        let top5 = r["top5"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&top1) && top5 >= top1, "{r}");
+        let drop = r["drop_pp"].as_f64().unwrap();
+        assert!((drop - (fp32 - top1) * 100.0).abs() < 1e-9, "{r}");
+        if r["per_channel"] == true {
+            assert!(drop.abs() <= 3.0, "per-channel INT8 far from FP32: {r}");
+        }
+        let bytes = r["file_bytes"].as_u64().unwrap();
+        // int8 weights: well under half the FP32 file.
+        assert!(bytes > 0 && bytes < fp32_bytes / 2, "{r}");
+        assert!(r["calibration_seconds"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+    // A method's two rows share one calibration, and per-tensor weights
+    // take fewer scales.
+    assert_eq!(
+        rows[2]["calibration_seconds"],
+        rows[3]["calibration_seconds"]
+    );
+    assert!(rows[3]["file_bytes"].as_u64() < rows[2]["file_bytes"].as_u64());
+
+    // The per-tensor entropy row is what `qint8 quantize --per-tensor` writes
+    // and `qint8 eval` scores.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let calib = calib_images();
+    let q = json(&ok(qint8(&[
+        "quantize",
+        s(&model("resnet50.onnx")),
+        "--calib",
+        s(&calib),
+        "--calib-size",
+        "64",
+        "--method",
+        "entropy",
+        "--per-tensor",
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "-o",
+        s(&out),
+        "--json",
+    ])));
+    assert_eq!(q["output_bytes"], rows[3]["file_bytes"]);
+    assert_eq!(q["method"], rows[3]["calibration_method"]);
+    let e = json(&ok(qint8(&[
+        "eval",
+        s(&out),
+        "--data",
+        s(&eval_images()),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--limit",
+        "200",
+        "--json",
+    ])));
+    assert_eq!(e["top1"], rows[3]["top1"]);
+    assert_eq!(e["top5"], rows[3]["top5"]);
+}
+
+#[test]
+fn compare_prints_a_table_with_the_fp32_row() {
+    let out = ok(compare(&[
+        "--calib-size",
+        "16",
+        "--limit",
+        "50",
+        "--methods",
+        "percentile",
+        "--percentile",
+        "99.9",
+    ]));
+    let lines: Vec<&str> = out.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("method"))
+        .unwrap_or_else(|| panic!("no table header:\n{out}"));
+    assert!(lines[header].contains("drop (pp)"), "{out}");
+    assert!(lines[header + 2].starts_with("fp32"), "{out}");
+    assert!(
+        lines[header + 3].starts_with("percentile  per-channel"),
+        "{out}"
+    );
+    assert!(
+        lines[header + 4].starts_with("percentile  per-tensor"),
+        "{out}"
+    );
+}
+
+#[test]
+fn compare_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let absent = dir.path().join("absent-images-idx3-ubyte");
+    let m = model("resnet50.onnx");
+    let calib = calib_images();
+    let err = fails(qint8(&[
+        "compare",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "--data",
+        s(&absent),
+        "--json",
+    ]));
+    assert!(
+        err.contains("absent-images-idx3-ubyte") && err.contains("not found"),
+        "{err}"
+    );
+    let err = fails(qint8(&[
+        "compare",
+        s(&m),
+        "--calib",
+        s(&absent),
+        "--data",
+        s(&eval_images()),
+    ]));
+    assert!(err.contains("not found"), "{err}");
+
+    let o = compare(&["--methods", "minmax,kl"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("'kl'") && err.contains("moving-average"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+
+    let err = fails(compare(&["--methods", "percentile", "--percentile", "0"]));
+    assert!(err.contains("--percentile"), "{err}");
+}

@@ -1,0 +1,455 @@
+//! `qint8 compare`: every calibration method at both weight granularities
+//! in one table — top-1/top-5 of each QDQ model (run as simulated INT8),
+//! its drop from FP32, the calibration time and the exported file size.
+//!
+//! Activation thresholds are found on the float graph, so they do not
+//! depend on the weight granularity: each method calibrates once (per
+//! channel, exactly as `qint8 quantize --per-channel` does) and its
+//! per-tensor row swaps in per-tensor weight parameters. Those come from
+//! the calibrator itself (a one-image min-max run with `per_channel` off;
+//! weight parameters depend only on the weights), so both rows hold what
+//! `qint8 quantize` would write for them.
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use prost::Message;
+use qint8_calibration::{calibrate, CalibConfig, Progress};
+use qint8_graph::quant::{insert_qdq, QuantPlan, WeightStorage};
+use qint8_graph::Model;
+use qint8_math::search::RangeMethod;
+use serde_json::json;
+
+use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
+use crate::data::{open_labeled, open_unlabeled, DataKind};
+use crate::eval::{Score, Scorer};
+use crate::format::{self, Align, Table};
+use crate::inspect::load_model;
+use crate::quantize::range_method;
+
+/// Every method, in the order `compare` runs them by default.
+const ALL_METHODS: [Method; 5] = [
+    Method::Entropy,
+    Method::Minmax,
+    Method::Percentile,
+    Method::Mse,
+    Method::MovingAverage,
+];
+
+/// Constant of the moving-average method (`qint8 quantize`'s default).
+const AVERAGING_CONSTANT: f32 = 0.01;
+
+/// The command-line name of a method (`moving-average`).
+fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Entropy => "entropy",
+        Method::Minmax => "minmax",
+        Method::Percentile => "percentile",
+        Method::Mse => "mse",
+        Method::MovingAverage => "moving-average",
+    }
+}
+
+/// `methods` without repeats, in first-seen order; every method when `None`.
+fn methods_to_run(methods: Option<&[Method]>) -> Vec<Method> {
+    let mut out = Vec::new();
+    for &m in methods.unwrap_or(&ALL_METHODS) {
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// `plan` with its weight parameters replaced by those of `weights`, which
+/// must quantize the same weight tensors.
+fn with_weights(plan: &QuantPlan, weights: &QuantPlan) -> Result<QuantPlan> {
+    if !plan.weights.keys().eq(weights.weights.keys()) {
+        bail!(
+            "internal error: the per-tensor weight plan quantizes other weights ({}) than \
+             the calibration ({})",
+            weights.weights.len(),
+            plan.weights.len()
+        );
+    }
+    Ok(QuantPlan {
+        weights: weights.weights.clone(),
+        ..plan.clone()
+    })
+}
+
+/// Top-1 and top-5 as fractions of the images scored.
+fn fractions(score: Score) -> (f64, f64) {
+    let n = score.n.max(1) as f64;
+    (score.top1 as f64 / n, score.top5 as f64 / n)
+}
+
+/// One QDQ model's results.
+struct Row {
+    /// The method's command-line name.
+    method: &'static str,
+    /// The method as the plan names it (`entropy(spike_aware)`, ...).
+    plan_method: String,
+    /// Weights per output channel (else per tensor).
+    per_channel: bool,
+    /// Hits.
+    score: Score,
+    /// Seconds of the (shared) activation calibration.
+    calibration_seconds: f64,
+    /// Bytes of the ONNX file `qint8 quantize` would write.
+    file_bytes: usize,
+}
+
+/// A one-line progress display on stderr (when `show`), overwritten in place.
+fn status(show: bool, text: &str) {
+    if show {
+        eprint!("\r{text:<78}");
+        let _ = std::io::stderr().flush();
+    }
+}
+
+/// Runs `qint8 compare`.
+pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
+    let total_start = Instant::now();
+    let methods = methods_to_run(args.methods.as_deref());
+    // Bad options fail before any work.
+    let range_methods: Vec<(Method, RangeMethod)> = methods
+        .iter()
+        .map(|&m| {
+            Ok((
+                m,
+                range_method(m, args.percentile, EntropyVariantArg::SpikeAware)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let placement = match args.placement {
+        Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
+        Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
+    };
+    let model_name = args.model.display().to_string();
+    let model = load_model(&args.model)?;
+
+    let opened = open_unlabeled(&args.calib, &args.pre)?;
+    let calib_kind = opened.kind;
+    let calib_prep = opened.preprocessing_text();
+    let calib = match args.calib_seed {
+        Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
+        None => opened.dataset.take(args.calib_size)?,
+    };
+    if calib.is_empty() {
+        bail!("{}: no calibration images", args.calib.display());
+    }
+
+    let opened = open_labeled(&args.data, args.labels.as_deref(), &args.pre)?;
+    let kind = opened.kind;
+    let prep_text = opened.preprocessing_text();
+    let labels_source = opened.labels.clone().unwrap_or_default();
+    let mut dataset = opened.dataset;
+    if let Some(limit) = args.limit {
+        dataset = dataset.take(limit)?;
+    }
+    let n = dataset.len();
+    if n == 0 {
+        bail!("{}: no images to evaluate", args.data.display());
+    }
+    let [c, _, _] = dataset.input_shape();
+    let data_text = format!(
+        "the data ({}, {}{})",
+        args.data.display(),
+        prep_text,
+        if kind == DataKind::Folder && c == 3 {
+            "; --grayscale makes 1-channel inputs"
+        } else {
+            ""
+        }
+    );
+
+    let show = !args.json && std::io::stderr().is_terminal();
+    let steps = 1 + 2 * range_methods.len();
+    // Scores `m` on the evaluation images, with progress (`what` prefixes it).
+    let evaluate = |m: &Model, name: &str, what: &str| -> Result<(Score, usize, usize)> {
+        let scorer = Scorer::new(
+            m,
+            name,
+            "qint8 compare",
+            &dataset,
+            args.batch,
+            threads,
+            &data_text,
+        )?;
+        let (score, classes) = scorer.score(
+            &dataset,
+            args.batch,
+            &args.data,
+            &labels_source,
+            None,
+            &mut |done| status(show, &format!("{what}: eval {done}/{n} images")),
+        )?;
+        Ok((score, classes, scorer.session.threads()))
+    };
+
+    let (fp32, classes, session_threads) =
+        evaluate(&model, &model_name, &format!("[1/{steps}] fp32"))?;
+    let (fp32_top1, fp32_top5) = fractions(fp32);
+    let fp32_bytes = qint8_graph::onnx::model_to_proto(&model).encoded_len();
+
+    let base_cfg = CalibConfig {
+        placement,
+        batch: args.batch,
+        threads,
+        ..Default::default()
+    };
+    // Per-tensor weight parameters: they depend on the weights only, so a
+    // one-image min-max run yields them (its activation ranges are unused).
+    let per_tensor = calibrate(
+        &model.graph,
+        &calib.clone().take(1)?,
+        &CalibConfig {
+            method: RangeMethod::Max,
+            per_channel: false,
+            batch: 1,
+            ..base_cfg.clone()
+        },
+        &mut |_| {},
+    )
+    .with_context(|| format!("computing per-tensor weight scales of {model_name}"))?
+    .plan;
+
+    let opset = model.opset.max(13);
+    let mut rows = Vec::new();
+    for (i, &(method, range)) in range_methods.iter().enumerate() {
+        let name = method_name(method);
+        let cfg = CalibConfig {
+            method: range,
+            moving_average: (method == Method::MovingAverage).then_some(AVERAGING_CONSTANT),
+            per_channel: true,
+            ..base_cfg.clone()
+        };
+        let calib_start = Instant::now();
+        let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p: Progress| {
+            status(
+                show,
+                &format!(
+                    "[{}/{steps}] {name}: calibrating, pass {}/{}: {}/{} images",
+                    2 + 2 * i,
+                    p.pass,
+                    p.passes,
+                    p.done,
+                    p.total
+                ),
+            )
+        })
+        .with_context(|| format!("calibrating {model_name} with {name}"))?;
+        let calibration_seconds = calib_start.elapsed().as_secs_f64();
+        for per_channel in [true, false] {
+            let granularity = if per_channel {
+                "per-channel"
+            } else {
+                "per-tensor"
+            };
+            let plan = if per_channel {
+                calibrated.plan.clone()
+            } else {
+                with_weights(&calibrated.plan, &per_tensor)?
+            };
+            let graph = insert_qdq(&calibrated.graph, &plan, WeightStorage::Int8)
+                .with_context(|| format!("building the {name} {granularity} QDQ model"))?;
+            // Per-channel QuantizeLinear/DequantizeLinear need opset 13.
+            let qdq = Model {
+                graph,
+                opset,
+                ..model.clone()
+            };
+            let file_bytes = qint8_graph::onnx::model_to_proto(&qdq).encoded_len();
+            let qdq_name = format!("{model_name} ({name}, {granularity} QDQ)");
+            let k = 2 + 2 * i + usize::from(!per_channel);
+            let (score, _, _) = evaluate(
+                &qdq,
+                &qdq_name,
+                &format!("[{k}/{steps}] {name} {granularity}"),
+            )?;
+            rows.push(Row {
+                method: name,
+                plan_method: plan.method.clone(),
+                per_channel,
+                score,
+                calibration_seconds,
+                file_bytes,
+            });
+        }
+    }
+    if show {
+        eprint!("\r{}\r", " ".repeat(78));
+    }
+    let drop_pp = |s: Score| (fp32_top1 - fractions(s).0) * 100.0;
+
+    let text = if args.json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let (top1, top5) = fractions(r.score);
+                json!({
+                    "method": r.method,
+                    "calibration_method": r.plan_method,
+                    "per_channel": r.per_channel,
+                    "top1": top1,
+                    "top5": top5,
+                    "correct_top1": r.score.top1,
+                    "correct_top5": r.score.top5,
+                    "drop_pp": drop_pp(r.score),
+                    "calibration_seconds": r.calibration_seconds,
+                    "file_bytes": r.file_bytes,
+                })
+            })
+            .collect();
+        let v = json!({
+            "model": model_name,
+            "calib": args.calib.display().to_string(),
+            "calibration_data_format": calib_kind.name(),
+            "calibration_images": calib.len(),
+            "calibration_seed": args.calib_seed,
+            "data": args.data.display().to_string(),
+            "format": kind.name(),
+            "labels": labels_source,
+            "n": n,
+            "classes": classes,
+            "placement": match args.placement {
+                Placement::Trt => "trt",
+                Placement::Ort => "ort",
+            },
+            "percentile": args.percentile,
+            "batch": args.batch,
+            "threads": session_threads,
+            "fp32_top1": fp32_top1,
+            "fp32_top5": fp32_top5,
+            "fp32_file_bytes": fp32_bytes,
+            "rows": rows,
+            "total_seconds": total_start.elapsed().as_secs_f64(),
+        });
+        format!("{v}\n")
+    } else {
+        let mut table = Table::new(&[
+            ("method", Align::Left),
+            ("weights", Align::Left),
+            ("top-1 %", Align::Right),
+            ("top-5 %", Align::Right),
+            ("drop (pp)", Align::Right),
+            ("calib (s)", Align::Right),
+            ("file size", Align::Left),
+        ]);
+        table.row(vec![
+            "fp32".into(),
+            "float".into(),
+            format!("{:.2}", fp32_top1 * 100.0),
+            format!("{:.2}", fp32_top5 * 100.0),
+            "-".into(),
+            "-".into(),
+            format::bytes(fp32_bytes),
+        ]);
+        for r in &rows {
+            let (top1, top5) = fractions(r.score);
+            table.row(vec![
+                r.method.into(),
+                if r.per_channel {
+                    "per-channel"
+                } else {
+                    "per-tensor"
+                }
+                .into(),
+                format!("{:.2}", top1 * 100.0),
+                format!("{:.2}", top5 * 100.0),
+                format!("{:.2}", drop_pp(r.score)),
+                format!("{:.2}", r.calibration_seconds),
+                format::bytes(r.file_bytes),
+            ]);
+        }
+        let calib_choice = match args.calib_seed {
+            Some(seed) => format!("chosen with seed {seed}"),
+            None => "the first ones".into(),
+        };
+        let mut out = format::key_values(&[
+            ("model", model_name.clone()),
+            (
+                "calibration",
+                format!(
+                    "{} images of {} ({calib_prep}), {calib_choice}",
+                    format::group(calib.len()),
+                    args.calib.display()
+                ),
+            ),
+            (
+                "evaluation",
+                format!(
+                    "{} images of {} ({prep_text}), {classes} classes, labels {labels_source}",
+                    format::group(n),
+                    args.data.display()
+                ),
+            ),
+            (
+                "quantization",
+                format!(
+                    "int8 QDQ, int8 weights, {} placement; each method calibrates once for both \
+                     weight granularities",
+                    match args.placement {
+                        Placement::Trt => "TensorRT",
+                        Placement::Ort => "onnxruntime",
+                    }
+                ),
+            ),
+        ]);
+        out.push('\n');
+        out.push_str(&table.render(0));
+        out.push_str(&format!(
+            "\ntotal time {:.1} s, {session_threads} threads\n",
+            total_start.elapsed().as_secs_f64()
+        ));
+        out
+    };
+    crate::print_stdout(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_keep_order_without_repeats() {
+        assert_eq!(methods_to_run(None), ALL_METHODS.to_vec());
+        assert_eq!(
+            methods_to_run(Some(&[Method::Mse, Method::Minmax, Method::Mse])),
+            vec![Method::Mse, Method::Minmax]
+        );
+        let names: Vec<&str> = ALL_METHODS.iter().map(|&m| method_name(m)).collect();
+        assert_eq!(
+            names,
+            ["entropy", "minmax", "percentile", "mse", "moving-average"]
+        );
+    }
+
+    #[test]
+    fn method_names_are_the_command_line_names() {
+        use clap::ValueEnum;
+        for m in ALL_METHODS {
+            let v = m.to_possible_value().expect("not skipped");
+            assert_eq!(v.get_name(), method_name(m));
+        }
+    }
+
+    #[test]
+    fn with_weights_needs_the_same_weight_tensors() {
+        let a = QuantPlan::new("max");
+        let mut b = QuantPlan::new("other");
+        assert_eq!(with_weights(&a, &b).unwrap().method, "max");
+        b.weights.insert(
+            "w".into(),
+            qint8_math::params::QuantParams::symmetric(
+                1.0,
+                qint8_math::params::QuantDtype::Int8,
+                true,
+            )
+            .unwrap(),
+        );
+        assert!(with_weights(&a, &b).is_err());
+    }
+}
