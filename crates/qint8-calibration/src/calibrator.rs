@@ -20,7 +20,7 @@ use qint8_graph::Graph;
 use qint8_math::histogram::Histogram;
 use qint8_math::params::{QuantDtype, QuantParams};
 use qint8_math::search::{search_amax, EntropyVariant, RangeMethod};
-use qint8_runtime::{Session, SessionOptions};
+use qint8_runtime::{Observer, RuntimeError, Session, SessionOptions};
 
 use crate::dataset::ImageDataset;
 use crate::error::{CalibError, Result};
@@ -149,10 +149,19 @@ pub fn calibrate(
     };
 
     // Pass 1: largest |x| of every tracked tensor (or its moving average
-    // over batches).
-    let mut amax: BTreeMap<String, f32> = tracked.iter().map(|n| (n.clone(), 0.0)).collect();
-    // Tensors the runtime showed (integer tensors never are).
-    let mut seen: BTreeSet<String> = BTreeSet::new();
+    // over batches). Sub-batches run on separate workers, each into its own
+    // state, merged afterwards (a maximum does not depend on the split). The
+    // moving average needs each whole batch's maximum: one state.
+    let workers = if cfg.moving_average.is_some() {
+        1
+    } else {
+        session.threads().max(1)
+    };
+    let empty = MaxState {
+        amax: tracked.iter().map(|n| (n.clone(), 0.0)).collect(),
+        seen: BTreeSet::new(),
+    };
+    let mut states = vec![empty; workers];
     for_each_batch(
         &session,
         &input,
@@ -161,21 +170,37 @@ pub fn calibrate(
         1,
         passes,
         progress,
-        &mut |name, x| {
-            if let Some(m) = amax.get_mut(name) {
+        &mut states,
+        &|st: &mut MaxState, name, x| {
+            if let Some(m) = st.amax.get_mut(name) {
                 let batch_max = abs_max(name, x)?;
                 match cfg.moving_average {
-                    Some(c) if seen.contains(name) => *m += c * (batch_max - *m),
+                    Some(c) if st.seen.contains(name) => *m += c * (batch_max - *m),
                     Some(_) => *m = batch_max,
                     None => *m = m.max(batch_max),
                 }
-                if !seen.contains(name) {
-                    seen.insert(name.to_string());
+                if !st.seen.contains(name) {
+                    st.seen.insert(name.to_string());
                 }
             }
             Ok(())
         },
     )?;
+    let MaxState { mut amax, mut seen } = states.swap_remove(0);
+    for st in states {
+        for (n, m) in st.amax {
+            if let Some(a) = amax.get_mut(&n) {
+                *a = a.max(m);
+            }
+        }
+        seen.extend(st.seen);
+    }
+    // A planned tensor the runtime never showed would get an arbitrary scale.
+    if let Some(n) = placement.activations.iter().find(|n| !seen.contains(*n)) {
+        return Err(CalibError::Invalid(format!(
+            "planned tensor `{n}` was never produced as float data during calibration"
+        )));
+    }
     // Pass 2: histograms over the fixed ranges.
     let thresholds: BTreeMap<String, f32> = if passes == 1 {
         amax.clone()
@@ -190,6 +215,7 @@ pub fn calibrate(
             .filter(|(n, &m)| m > 0.0 && !inputs.contains(n.as_str()))
             .map(|(n, &m)| Ok((n.clone(), Histogram::fixed_abs(cfg.bins, m)?)))
             .collect::<std::result::Result<_, qint8_math::MathError>>()?;
+        let mut states = vec![hists.clone(); session.threads().max(1)];
         for_each_batch(
             &session,
             &input,
@@ -198,13 +224,22 @@ pub fn calibrate(
             2,
             passes,
             progress,
-            &mut |name, x| {
-                if let Some(h) = hists.get_mut(name) {
+            &mut states,
+            &|st: &mut BTreeMap<String, Histogram>, name, x| {
+                if let Some(h) = st.get_mut(name) {
                     h.add(x).map_err(|e| format!("tensor `{name}`: {e}"))?;
                 }
                 Ok(())
             },
         )?;
+        // Counts add up exactly, whatever the split.
+        for st in states {
+            for (n, h) in st {
+                if let Some(total) = hists.get_mut(&n) {
+                    total.merge(&h)?;
+                }
+            }
+        }
         amax.iter()
             .map(|(n, &m)| {
                 let t = match hists.get(n) {
@@ -303,12 +338,24 @@ fn abs_max(name: &str, x: &[f32]) -> std::result::Result<f32, String> {
     Ok(f32::from_bits(bits))
 }
 
-/// Sees each produced tensor by name; an error stops the run.
-type TensorSink<'a> = dyn FnMut(&str, &[f32]) -> std::result::Result<(), String> + Send + 'a;
+/// What pass 1 accumulates (per worker).
+#[derive(Clone)]
+struct MaxState {
+    /// Largest `|x|` (or its moving average) per tracked tensor.
+    amax: BTreeMap<String, f32>,
+    /// Tensors the runtime showed (integer tensors never are).
+    seen: BTreeSet<String>,
+}
 
-/// Runs every batch of `data`, showing each produced tensor to `see`.
+/// Folds one produced tensor (by name) into a worker's state; an error
+/// stops the run.
+type StateSink<'a, S> = dyn Fn(&mut S, &str, &[f32]) -> std::result::Result<(), String> + Sync + 'a;
+
+/// Runs every batch of `data`, each cut into one sub-batch per state that
+/// run at the same time ([`Session::observe_split`]), showing each produced
+/// tensor to `see` with that sub-batch's state.
 #[allow(clippy::too_many_arguments)]
-fn for_each_batch(
+fn for_each_batch<S: Send>(
     session: &Session,
     input: &str,
     data: &ImageDataset,
@@ -316,7 +363,8 @@ fn for_each_batch(
     pass: u8,
     passes: u8,
     progress: &mut dyn FnMut(Progress),
-    see: &mut TensorSink<'_>,
+    states: &mut [S],
+    see: &StateSink<'_, S>,
 ) -> Result<()> {
     let total = data.len();
     let mut done = 0;
@@ -329,20 +377,24 @@ fn for_each_batch(
     for (index, b) in data.batches(batch).enumerate() {
         let b = b?;
         let first = index * batch;
-        let mut failure = None;
-        let mut observer =
-            |name: &str, _shape: &[usize], x: &[f32]| -> std::result::Result<(), String> {
-                see(name, x).inspect_err(|e| failure = Some(e.clone()))
-            };
-        let run = session.run_observed(&[(input, b.inputs.view())], &mut observer);
-        // Data errors name the batch and its images (pass 1 sees them all).
-        if let Some(e) = failure {
-            return Err(CalibError::Invalid(format!(
-                "calibration batch {index} (images {first}..{}): {e}",
-                first + b.len()
-            )));
-        }
-        run?;
+        let mut observers: Vec<_> = states
+            .iter_mut()
+            .map(|st| move |name: &str, _shape: &[usize], x: &[f32]| see(st, name, x))
+            .collect();
+        let mut dyns: Vec<&mut dyn Observer> = observers
+            .iter_mut()
+            .map(|o| o as &mut dyn Observer)
+            .collect();
+        session
+            .observe_split(&[(input, b.inputs.view())], &mut dyns)
+            .map_err(|e| match e {
+                // Data errors name the batch and its images (pass 1 sees them all).
+                RuntimeError::Observer(msg) => CalibError::Invalid(format!(
+                    "calibration batch {index} (images {first}..{}): {msg}",
+                    first + b.len()
+                )),
+                other => other.into(),
+            })?;
         done += b.len();
         progress(Progress {
             pass,

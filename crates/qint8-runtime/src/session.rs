@@ -336,7 +336,31 @@ impl Session {
         inputs: &[(&str, ArrayViewD<'_, f32>)],
         batch: usize,
     ) -> Result<Vec<ArrayD<f32>>> {
-        let t = self.threads.min(batch);
+        let parts = self.split_parts(inputs, self.threads.min(batch))?;
+        let run_part = |(plan, data): &Part<'_>| {
+            let flat: Vec<(&str, &[f32])> = data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None, &self.buffers))
+        };
+        // On the pool's persistent workers, whose per-thread buffers stay
+        // allocated between runs (fresh threads would fault them in again;
+        // running the first part on the calling thread measured slower).
+        let results: Vec<Result<Vec<ArrayD<f32>>>> = self.pool.install(|| {
+            use rayon::prelude::*;
+            parts.par_iter().with_max_len(1).map(run_part).collect()
+        });
+        concat_outputs(results.into_iter().collect::<Result<Vec<_>>>()?)
+    }
+
+    /// `inputs` cut into `t` sub-batches along axis 0, each with its plan.
+    fn split_parts<'a>(
+        &self,
+        inputs: &[(&'a str, ArrayViewD<'_, f32>)],
+        t: usize,
+    ) -> Result<Vec<Part<'a>>> {
+        let batch = inputs
+            .first()
+            .and_then(|(_, a)| a.shape().first().copied())
+            .unwrap_or(0);
         let sizes: Vec<usize> = (0..t)
             .map(|i| batch / t + usize::from(i < batch % t))
             .collect();
@@ -354,27 +378,78 @@ impl Session {
                 .collect();
             let shapes: Vec<(&str, &[usize])> = sub.iter().map(|(n, a)| (*n, a.shape())).collect();
             let plan = self.plan(&shapes)?;
-            let data: Vec<(&str, Vec<f32>)> = sub
+            let data: Vec<(&'a str, Vec<f32>)> = sub
                 .iter()
                 .map(|(n, a)| (*n, a.iter().copied().collect()))
                 .collect();
             parts.push((plan, data));
             start += n;
         }
-        let run_part = |(plan, data): &(Arc<Plan>, Vec<(&str, Vec<f32>)>)| {
-            let flat: Vec<(&str, &[f32])> = data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-            crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None, &self.buffers))
+        Ok(parts)
+    }
+
+    /// Runs the graph for its observers only: the batch is cut into
+    /// `observers.len()` sub-batches along axis 0 that run at the same time
+    /// on the pool's workers, sub-batch `i` showing its tensors to
+    /// `observers[i]`. So each observer sees part of every tensor, and
+    /// whatever it accumulates must be merged by the caller. When the graph
+    /// cannot take sub-batches (or there is one observer or one sample) the
+    /// whole batch goes to `observers[0]` through
+    /// [`run_observed`](Self::run_observed). Calibration uses this: on small
+    /// images, whole-plan threads are several times faster than
+    /// intra-operator threads.
+    pub fn observe_split(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        observers: &mut [&mut dyn Observer],
+    ) -> Result<()> {
+        let batch = inputs
+            .first()
+            .and_then(|(_, a)| a.shape().first().copied())
+            .unwrap_or(0);
+        let t = observers.len().min(batch);
+        let split = t > 1 && {
+            let shapes: Vec<(&str, &[usize])> =
+                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+            let plan = self.plan(&shapes)?;
+            self.batch_splittable(&plan, inputs, batch)
         };
-        // On the pool's persistent workers, whose per-thread buffers stay
-        // allocated between runs (fresh threads would fault them in again;
-        // running the first part on the calling thread measured slower).
+        if !split {
+            let Some(first) = observers.first_mut() else {
+                return Err(RuntimeError::Observer("no observer given".into()));
+            };
+            return self.run_observed(inputs, &mut **first).map(drop);
+        }
+        let parts = self.split_parts(inputs, t)?;
         let results: Vec<Result<Vec<ArrayD<f32>>>> = self.pool.install(|| {
             use rayon::prelude::*;
-            parts.par_iter().with_max_len(1).map(run_part).collect()
+            parts
+                .par_iter()
+                .zip(observers[..t].par_iter_mut())
+                .with_max_len(1)
+                .map(|((plan, data), observer)| {
+                    let flat: Vec<(&str, &[f32])> =
+                        data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+                    crate::kernels::sequential(|| {
+                        run_plan(
+                            plan,
+                            &flat,
+                            Some(&mut **observer),
+                            None,
+                            1,
+                            None,
+                            &self.buffers,
+                        )
+                    })
+                })
+                .collect()
         });
-        concat_outputs(results.into_iter().collect::<Result<Vec<_>>>()?)
+        results.into_iter().try_for_each(|r| r.map(drop))
     }
 }
+
+/// One sub-batch: its plan and its inputs by name.
+type Part<'a> = (Arc<Plan>, Vec<(&'a str, Vec<f32>)>);
 
 /// Joins the sub-batches' outputs along the batch axis.
 fn concat_outputs(results: Vec<Vec<ArrayD<f32>>>) -> Result<Vec<ArrayD<f32>>> {

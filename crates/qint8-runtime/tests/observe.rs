@@ -1,0 +1,90 @@
+//! `Session::observe_split`: sub-batches on separate workers, each with its
+//! own observer, together see exactly what one observed run of the whole
+//! batch sees.
+
+use std::collections::BTreeMap;
+
+use qint8_graph::zoo::{build, ZooConfig};
+use qint8_runtime::{Observer, Session, SessionOptions};
+
+/// Per tensor: element count and largest |x|.
+type Seen = BTreeMap<String, (usize, f32)>;
+
+fn recorder(
+    seen: &mut Seen,
+) -> impl FnMut(&str, &[usize], &[f32]) -> Result<(), String> + Send + '_ {
+    move |name, _shape, x| {
+        let e = seen.entry(name.to_string()).or_insert((0, 0.0));
+        e.0 += x.len();
+        e.1 = x.iter().fold(e.1, |m, v| m.max(v.abs()));
+        Ok(())
+    }
+}
+
+#[test]
+fn split_observers_together_see_the_whole_batch() {
+    let model = build(
+        &ZooConfig::resnet50()
+            .with_width_mult(0.125)
+            .with_resolution(32, 32)
+            .with_in_channels(1)
+            .with_classes(10),
+    )
+    .unwrap();
+    let session = Session::new(
+        &model,
+        SessionOptions {
+            threads: 2,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[7, 1, 32, 32]), |i| {
+        ((i[0] * 131 + i[2] * 17 + i[3] * 7) % 23) as f32 / 11.0 - 1.0
+    });
+    let input = model.graph.inputs[0].name.clone();
+
+    let mut whole = Seen::new();
+    session
+        .run_observed(&[(&input, x.view())], &mut recorder(&mut whole))
+        .unwrap();
+    let (mut a, mut b) = (Seen::new(), Seen::new());
+    {
+        let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
+        let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
+        session
+            .observe_split(&[(&input, x.view())], &mut observers)
+            .unwrap();
+    }
+    assert!(!a.is_empty() && !b.is_empty(), "both workers observed");
+    assert_eq!(
+        whole.keys().collect::<Vec<_>>(),
+        a.keys().collect::<Vec<_>>()
+    );
+    for (name, &(n, m)) in &whole {
+        let (na, ma) = a[name];
+        let (nb, mb) = b[name];
+        assert_eq!(na + nb, n, "{name}: element counts");
+        let got = ma.max(mb);
+        assert!((got - m).abs() <= 1e-4 * m.max(1.0), "{name}: {got} vs {m}");
+    }
+
+    // One observer: the whole batch goes to it.
+    let mut single = Seen::new();
+    {
+        let mut r = recorder(&mut single);
+        let mut observers: Vec<&mut dyn Observer> = vec![&mut r];
+        session
+            .observe_split(&[(&input, x.view())], &mut observers)
+            .unwrap();
+    }
+    assert_eq!(
+        single.values().map(|v| v.0).collect::<Vec<_>>(),
+        whole.values().map(|v| v.0).collect::<Vec<_>>()
+    );
+    // No observer is an error, not a panic.
+    assert!(session
+        .observe_split(&[(&input, x.view())], &mut [])
+        .is_err());
+}
