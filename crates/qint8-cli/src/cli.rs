@@ -42,17 +42,9 @@ pub(crate) struct CompareArgs {
     /// The FP32 ONNX model; its first output must be [batch, classes] logits.
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
-    /// Calibration images, as `qint8 quantize --calib` reads them (IDX file,
-    /// image folder or float32 NPY; labels are not needed).
-    #[arg(long, value_name = "DATA")]
-    pub(crate) calib: PathBuf,
-    /// Calibrate on N images: the first N, or N chosen at random with --calib-seed.
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
-    pub(crate) calib_size: usize,
-    /// Calibrate on --calib-size images chosen uniformly at random with this
-    /// seed instead of the first N.
-    #[arg(long, value_name = "S")]
-    pub(crate) calib_seed: Option<u64>,
+    /// Calibration images and how many of them.
+    #[command(flatten)]
+    pub(crate) calib: CalibDataArgs,
     /// Labeled evaluation images, as `qint8 eval --data` reads them.
     #[arg(long, value_name = "DATA")]
     pub(crate) data: PathBuf,
@@ -131,12 +123,9 @@ pub(crate) enum Placement {
     Ort,
 }
 
-/// Arguments of `qint8 quantize`.
+/// Which calibration images, shared by `quantize` and `compare`.
 #[derive(Debug, Args)]
-pub(crate) struct QuantizeArgs {
-    /// The FP32 ONNX model.
-    #[arg(value_name = "MODEL")]
-    pub(crate) model: PathBuf,
+pub(crate) struct CalibDataArgs {
     /// Calibration images: an IDX file (uint8; may be gzipped), an image
     /// folder (ROOT/<class>/*.jpg|*.png, or images directly in ROOT), or a
     /// float32 NPY [N, C, H, W] of inputs already preprocessed.
@@ -149,6 +138,17 @@ pub(crate) struct QuantizeArgs {
     /// seed (the same seed picks the same images) instead of the first N.
     #[arg(long, value_name = "S")]
     pub(crate) calib_seed: Option<u64>,
+}
+
+/// Arguments of `qint8 quantize`.
+#[derive(Debug, Args)]
+pub(crate) struct QuantizeArgs {
+    /// The FP32 ONNX model.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// Calibration images and how many of them.
+    #[command(flatten)]
+    pub(crate) calib: CalibDataArgs,
     /// How activation ranges are chosen.
     #[arg(long, value_enum, default_value_t = Method::Entropy)]
     pub(crate) method: Method,
@@ -444,6 +444,6 @@ mod tests {
         else {
             panic!("not quantize")
         };
-        assert_eq!((q.calib_seed, q.calib_size), (Some(7), 1000));
+        assert_eq!((q.calib.calib_seed, q.calib.calib_size), (Some(7), 1000));
     }
 }

@@ -22,7 +22,7 @@ use qint8_math::search::RangeMethod;
 use serde_json::json;
 
 use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
-use crate::data::{open_labeled, open_unlabeled, DataKind};
+use crate::data::{input_description, open_calibration, open_evaluation};
 use crate::eval::{Score, Scorer};
 use crate::format::{self, Align, Table};
 use crate::inspect::load_model;
@@ -130,40 +130,22 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let model_name = args.model.display().to_string();
     let model = load_model(&args.model)?;
 
-    let opened = open_unlabeled(&args.calib, &args.pre)?;
+    let opened = open_calibration(&args.calib, &args.pre)?;
     let calib_kind = opened.kind;
     let calib_prep = opened.preprocessing_text();
-    let calib = match args.calib_seed {
-        Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
-        None => opened.dataset.take(args.calib_size)?,
-    };
-    if calib.is_empty() {
-        bail!("{}: no calibration images", args.calib.display());
-    }
+    let calib = opened.dataset;
 
-    let opened = open_labeled(&args.data, args.labels.as_deref(), &args.pre)?;
+    let opened = open_evaluation(&args.data, args.labels.as_deref(), &args.pre, args.limit)?;
     let kind = opened.kind;
     let prep_text = opened.preprocessing_text();
     let labels_source = opened.labels.clone().unwrap_or_default();
-    let mut dataset = opened.dataset;
-    if let Some(limit) = args.limit {
-        dataset = dataset.take(limit)?;
-    }
+    let dataset = opened.dataset;
     let n = dataset.len();
     if n == 0 {
         bail!("{}: no images to evaluate", args.data.display());
     }
     let [c, _, _] = dataset.input_shape();
-    let data_text = format!(
-        "the data ({}, {}{})",
-        args.data.display(),
-        prep_text,
-        if kind == DataKind::Folder && c == 3 {
-            "; --grayscale makes 1-channel inputs"
-        } else {
-            ""
-        }
-    );
+    let data_text = input_description(&args.data, &prep_text, kind, c);
 
     let show = !args.json && std::io::stderr().is_terminal();
     let steps = 1 + 2 * range_methods.len();
@@ -305,10 +287,10 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             .collect();
         let v = json!({
             "model": model_name,
-            "calib": args.calib.display().to_string(),
+            "calib": args.calib.calib.display().to_string(),
             "calibration_data_format": calib_kind.name(),
             "calibration_images": calib.len(),
-            "calibration_seed": args.calib_seed,
+            "calibration_seed": args.calib.calib_seed,
             "data": args.data.display().to_string(),
             "format": kind.name(),
             "labels": labels_source,
@@ -364,7 +346,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format::bytes(r.file_bytes),
             ]);
         }
-        let calib_choice = match args.calib_seed {
+        let calib_choice = match args.calib.calib_seed {
             Some(seed) => format!("chosen with seed {seed}"),
             None => "the first ones".into(),
         };
@@ -375,7 +357,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format!(
                     "{} images of {} ({calib_prep}), {calib_choice}",
                     format::group(calib.len()),
-                    args.calib.display()
+                    args.calib.calib.display()
                 ),
             ),
             (

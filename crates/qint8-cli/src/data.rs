@@ -265,6 +265,58 @@ pub(crate) fn find_labels(images: &Path) -> Result<PathBuf> {
     )
 }
 
+/// The calibration set `args` name, preprocessed by `pre`: the first
+/// `--calib-size` images, or that many chosen with `--calib-seed`.
+pub(crate) fn open_calibration(
+    args: &crate::cli::CalibDataArgs,
+    pre: &PreprocessArgs,
+) -> Result<Opened> {
+    let mut opened = open_unlabeled(&args.calib, pre)?;
+    opened.dataset = match args.calib_seed {
+        Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
+        None => opened.dataset.take(args.calib_size)?,
+    };
+    if opened.dataset.is_empty() {
+        anyhow::bail!("{}: no calibration images", args.calib.display());
+    }
+    Ok(opened)
+}
+
+/// The labeled evaluation set (`--data`, `--labels`), its first `limit`
+/// images when given.
+pub(crate) fn open_evaluation(
+    data: &Path,
+    labels: Option<&Path>,
+    pre: &PreprocessArgs,
+    limit: Option<usize>,
+) -> Result<Opened> {
+    let mut opened = open_labeled(data, labels, pre)?;
+    if let Some(limit) = limit {
+        opened.dataset = opened.dataset.take(limit)?;
+    }
+    Ok(opened)
+}
+
+/// How errors about the model input name the data: the path, its
+/// preprocessing, and for RGB folders the hint that `--grayscale` exists.
+pub(crate) fn input_description(
+    data: &Path,
+    prep_text: &str,
+    kind: DataKind,
+    channels: usize,
+) -> String {
+    format!(
+        "the data ({}, {}{})",
+        data.display(),
+        prep_text,
+        if kind == DataKind::Folder && channels == 3 {
+            "; --grayscale makes 1-channel inputs"
+        } else {
+            ""
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

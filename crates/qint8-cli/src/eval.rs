@@ -14,7 +14,7 @@ use qint8_runtime::{Session, SessionOptions};
 use serde_json::json;
 
 use crate::cli::EvalArgs;
-use crate::data::{open_labeled, DataKind};
+use crate::data::{input_description, open_evaluation, DataKind};
 use crate::format;
 use crate::inspect::load_model;
 use crate::run::check_input_shape;
@@ -234,14 +234,11 @@ impl Scorer {
 pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
     let total_start = Instant::now();
     let model = load_model(&args.model)?;
-    let opened = open_labeled(&args.data, args.labels.as_deref(), &args.pre)?;
+    let opened = open_evaluation(&args.data, args.labels.as_deref(), &args.pre, args.limit)?;
     let kind = opened.kind;
     let prep_text = opened.preprocessing_text();
     let labels_source = opened.labels.clone().unwrap_or_default();
-    let mut dataset = opened.dataset;
-    if let Some(limit) = args.limit {
-        dataset = dataset.take(limit)?;
-    }
+    let dataset = opened.dataset;
     let preprocess = dataset.preprocess().clone();
     let n = dataset.len();
     let [c, h, w] = dataset.input_shape();
@@ -253,16 +250,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         &dataset,
         args.batch,
         threads,
-        &format!(
-            "the data ({}, {}{})",
-            args.data.display(),
-            prep_text,
-            if kind == DataKind::Folder && c == 3 {
-                "; --grayscale makes 1-channel inputs"
-            } else {
-                ""
-            }
-        ),
+        &input_description(&args.data, &prep_text, kind, c),
     )?;
     let session = &scorer.session;
 

@@ -45,13 +45,9 @@ pub(crate) fn range_method(
 pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
     let model = load_model(&args.model)?;
-    let opened = crate::data::open_unlabeled(&args.calib, &args.pre)?;
+    let opened = crate::data::open_calibration(&args.calib, &args.pre)?;
     let data_format = opened.kind.name();
-    // The first N images, or N chosen at random with the given seed.
-    let data = match args.calib_seed {
-        Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
-        None => opened.dataset.take(args.calib_size)?,
-    };
+    let data = opened.dataset;
     let cfg = CalibConfig {
         method: range_method(args.method, args.percentile, args.entropy_variant)?,
         moving_average: (args.method == Method::MovingAverage).then_some(args.averaging_constant),
@@ -156,7 +152,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         "per_channel": cfg.per_channel,
         "calibration_images": data.len(),
         "calibration_data_format": data_format,
-        "calibration_seed": args.calib_seed,
+        "calibration_seed": args.calib.calib_seed,
         "activations": calibrated.plan.activations.len(),
         "weights": calibrated.plan.weights.len(),
         "calibration_seconds": calib_seconds,
