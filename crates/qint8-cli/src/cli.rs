@@ -127,8 +127,8 @@ pub(crate) enum Placement {
 #[derive(Debug, Args)]
 pub(crate) struct CalibDataArgs {
     /// Calibration images: an IDX file (uint8; may be gzipped), an image
-    /// folder (ROOT/<class>/*.jpg|*.png, or images directly in ROOT), or a
-    /// float32 NPY [N, C, H, W] of inputs already preprocessed.
+    /// folder (ROOT/CLASS/*.jpg|*.png, or images directly in ROOT), or a
+    /// float32 NPY of shape N x C x H x W, inputs already preprocessed.
     #[arg(long, value_name = "DATA")]
     pub(crate) calib: PathBuf,
     /// Calibrate on N images: the first N, or N chosen at random with --calib-seed.
@@ -322,13 +322,13 @@ pub(crate) struct EvalArgs {
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
     /// Images: an IDX file (uint8, N x H x W or N x H x W x C; may be
-    /// gzipped), an image folder (ROOT/<class>/*.jpg|*.png; labels from the
-    /// class folders, sorted), or a float32 NPY [N, C, H, W] of inputs
+    /// gzipped), an image folder (ROOT/CLASS/*.jpg|*.png; labels from the
+    /// class folders, sorted), or a float32 NPY of shape N x C x H x W, inputs
     /// already preprocessed.
     #[arg(long, value_name = "DATA")]
     pub(crate) data: PathBuf,
     /// Labels: for IDX data an IDX labels file [default: the
-    /// `*-labels-idx1-ubyte[.gz]` beside DATA]; for NPY data an int64 NPY [N]
+    /// `*-labels-idx1-ubyte[.gz]` beside DATA]; for NPY data an int64 NPY of length N
     /// (required). Not for image folders.
     #[arg(long, value_name = "LABELS")]
     pub(crate) labels: Option<PathBuf>,
