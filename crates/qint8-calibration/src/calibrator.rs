@@ -53,6 +53,10 @@ pub struct CalibConfig {
     /// quantization reads a range for each tensor from its calibration
     /// cache and leaves layers without one in float.
     pub all_ranges: bool,
+    /// After the histogram method, choose each activation's threshold among
+    /// candidates by the output error on this many calibration images (see
+    /// [`refine`](crate::refine)); `None` keeps the method's thresholds.
+    pub refine: Option<usize>,
 }
 
 impl Default for CalibConfig {
@@ -67,6 +71,7 @@ impl Default for CalibConfig {
             placement: qint8_graph::PlacementPolicy::TensorRt,
             moving_average: None,
             all_ranges: false,
+            refine: None,
         }
     }
 }
@@ -74,13 +79,14 @@ impl Default for CalibConfig {
 /// Where a calibration run is, for progress bars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
-    /// 1: ranges, 2: histograms.
+    /// 1: ranges, 2: histograms, 3: choosing thresholds by output error
+    /// ([`CalibConfig::refine`]).
     pub pass: u8,
-    /// Passes this run makes (1 for max calibration, else 2).
+    /// Passes this run makes (1 for max calibration, 3 with `refine`, else 2).
     pub passes: u8,
-    /// Images done in this pass.
+    /// Images done in this pass (pass 3: candidate evaluations done).
     pub done: usize,
-    /// Images in the calibration set.
+    /// Images in the calibration set (pass 3: candidate evaluations).
     pub total: usize,
 }
 
@@ -148,6 +154,11 @@ pub fn calibrate(
         2
     };
 
+    let shown = if passes == 2 && cfg.refine.is_some() {
+        3
+    } else {
+        passes
+    };
     // Pass 1: largest |x| of every tracked tensor (or its moving average
     // over batches). Sub-batches run on separate workers, each into its own
     // state, merged afterwards (a maximum does not depend on the split). The
@@ -168,7 +179,7 @@ pub fn calibrate(
         data,
         cfg.batch,
         1,
-        passes,
+        shown,
         progress,
         &mut states,
         &|st: &mut MaxState, name, x| {
@@ -202,6 +213,8 @@ pub fn calibrate(
         )));
     }
     // Pass 2: histograms over the fixed ranges.
+    // Alternative thresholds per activation, for `refine`.
+    let mut candidates: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let thresholds: BTreeMap<String, f32> = if passes == 1 {
         amax.clone()
     } else {
@@ -222,7 +235,7 @@ pub fn calibrate(
             data,
             cfg.batch,
             2,
-            passes,
+            shown,
             progress,
             &mut states,
             &|st: &mut BTreeMap<String, Histogram>, name, x| {
@@ -240,20 +253,48 @@ pub fn calibrate(
                 }
             }
         }
-        amax.iter()
+        let search = |n: &str, h: &Histogram, m: &RangeMethod| {
+            search_amax(h, m).map_err(|e| CalibError::Invalid(format!("tensor `{n}`: {e}")))
+        };
+        let thresholds = amax
+            .iter()
             .map(|(n, &m)| {
                 let t = match hists.get(n) {
-                    Some(h) => search_amax(h, &cfg.method)
-                        .map_err(|e| CalibError::Invalid(format!("tensor `{n}`: {e}")))?,
+                    Some(h) => search(n, h, &cfg.method)?,
                     None => m,
                 };
                 Ok((n.clone(), t))
             })
-            .collect::<Result<_>>()?
+            .collect::<Result<BTreeMap<String, f32>>>()?;
+        if cfg.refine.is_some() {
+            for n in &placement.activations {
+                let (Some(h), Some(&t)) = (hists.get(n), thresholds.get(n)) else {
+                    continue;
+                };
+                let m = amax[n];
+                let mut c = vec![
+                    search(n, h, &RangeMethod::entropy())?,
+                    search(n, h, &RangeMethod::percentile(99.99))?,
+                    search(n, h, &RangeMethod::mse())?,
+                    m,
+                ];
+                c.extend(
+                    crate::refine::SCALE_CANDIDATES
+                        .iter()
+                        .map(|f| (t * f).min(m)),
+                );
+                c.retain(|&a| a > 0.0 && a != t);
+                c.sort_by(f32::total_cmp);
+                c.dedup();
+                candidates.insert(n.clone(), c);
+            }
+        }
+        thresholds
     };
-    let mut plan = QuantPlan::new(match cfg.moving_average {
-        Some(c) => format!("moving_average_max({c})"),
-        None => method_name(&cfg.method),
+    let mut plan = QuantPlan::new(match (cfg.moving_average, cfg.refine) {
+        (Some(c), _) => format!("moving_average_max({c})"),
+        (None, Some(_)) if passes == 2 => format!("auto({})", method_name(&cfg.method)),
+        (None, _) => method_name(&cfg.method),
     });
     let ranges: BTreeMap<String, f32> = thresholds
         .iter()
@@ -299,6 +340,27 @@ pub fn calibrate(
         plan.precision
             .insert(n.clone(), qint8_graph::quant::Precision::Float);
     }
+    if let (Some(images), false) = (cfg.refine, candidates.is_empty()) {
+        let subset = data.clone().take(images.max(1))?;
+        let batches = subset.batches(cfg.batch).collect::<Result<Vec<_>>>()?;
+        crate::refine::choose_thresholds(
+            &g,
+            &mut plan,
+            &candidates,
+            &placement.shared,
+            &batches,
+            cfg.threads,
+            &mut |done, total| {
+                progress(Progress {
+                    pass: 3,
+                    passes: 3,
+                    done,
+                    total,
+                })
+            },
+        )?;
+    }
+
     plan.validate(&g)?;
     Ok(Calibrated {
         graph: g,

@@ -65,6 +65,7 @@
 pub mod calibrator;
 pub mod dataset;
 pub mod error;
+pub mod refine;
 
 pub use calibrator::{calibrate, CalibConfig, Calibrated, Progress};
 pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};

@@ -193,3 +193,80 @@ fn moving_average_max_follows_batches() {
     };
     assert!(calibrate(&g, &data, &bad, &mut |_| {}).is_err());
 }
+
+/// `refine` (the `auto` method) only keeps changes that lower the output
+/// error on its images, picks every threshold from the candidates or the
+/// start, and reports a third pass.
+#[test]
+fn refined_thresholds_never_raise_the_output_error() {
+    use qint8_calibration::refine::choose_thresholds;
+    use std::collections::BTreeMap;
+
+    let model = qint8_graph::zoo::build(
+        &qint8_graph::zoo::ZooConfig::resnet50()
+            .with_width_mult(0.0625)
+            .with_resolution(32, 32)
+            .with_in_channels(1)
+            .with_classes(10),
+    )
+    .unwrap();
+    let data = calib_set(48);
+    let base_cfg = CalibConfig {
+        batch: 16,
+        threads: 2,
+        ..Default::default()
+    };
+    let base = calibrate(&model.graph, &data, &base_cfg, &mut |_| {}).unwrap();
+
+    // Candidates: each threshold halved and doubled.
+    let candidates: BTreeMap<String, Vec<f32>> = base
+        .plan
+        .activations
+        .iter()
+        .map(|(n, p)| {
+            let a = p.channels()[0].scale * 127.0;
+            (n.clone(), vec![a * 0.5, a * 2.0])
+        })
+        .collect();
+    let batches: Vec<_> = data.batches(16).take(2).map(Result::unwrap).collect();
+    let mut plan = base.plan.clone();
+    let mut trials = 0;
+    let (best, start) = choose_thresholds(
+        &base.graph,
+        &mut plan,
+        &candidates,
+        &BTreeMap::new(),
+        &batches,
+        2,
+        &mut |done, total| {
+            assert!(done <= total);
+            trials = total;
+        },
+    )
+    .unwrap();
+    assert!(best <= start && start > 0.0, "{best} vs {start}");
+    assert_eq!(trials, 2 * candidates.len());
+    for (n, p) in &plan.activations {
+        let a = p.channels()[0].scale * 127.0;
+        let a0 = base.plan.activations[n].channels()[0].scale * 127.0;
+        let ok = [a0, a0 * 0.5, a0 * 2.0]
+            .iter()
+            .any(|c| (c - a).abs() <= 1e-6 * c.abs());
+        assert!(ok, "{n}: {a} not among {a0} x 0.5/1/2");
+    }
+
+    // Through calibrate: a third pass and the method recorded.
+    let cfg = CalibConfig {
+        refine: Some(16),
+        ..base_cfg
+    };
+    let mut last = None;
+    let refined = calibrate(&model.graph, &data, &cfg, &mut |p| last = Some(p)).unwrap();
+    let last = last.unwrap();
+    assert_eq!((last.pass, last.passes, last.done), (3, 3, last.total));
+    assert!(
+        refined.plan.method.starts_with("auto(entropy"),
+        "{}",
+        refined.plan.method
+    );
+}

@@ -101,6 +101,10 @@ pub(crate) enum Method {
     /// Moving average of each batch's largest absolute value (see
     /// --averaging-constant); depends on batch size and order.
     MovingAverage,
+    /// Per activation, whichever of the other methods' thresholds (and
+    /// 0.7x/1.4x entropy's) gives the smallest output error against FP32 on
+    /// --refine-images calibration images; slower (one run per candidate).
+    Auto,
 }
 
 /// Forms of the entropy search (`--entropy-variant`).
@@ -158,6 +162,9 @@ pub(crate) struct QuantizeArgs {
     /// Form of the entropy search for --method entropy.
     #[arg(long, value_enum, default_value_t = EntropyVariantArg::SpikeAware)]
     pub(crate) entropy_variant: EntropyVariantArg,
+    /// Calibration images --method auto scores its candidates on.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = positive_usize)]
+    pub(crate) refine_images: usize,
     /// Constant c of --method moving-average: range += c * (batch max - range).
     #[arg(long, value_name = "C", default_value_t = 0.01)]
     pub(crate) averaging_constant: f32,

@@ -37,6 +37,10 @@ const ALL_METHODS: [Method; 5] = [
     Method::MovingAverage,
 ];
 
+/// Images `--method auto` scores on (`qint8 quantize`'s default); auto is
+/// run only when `--methods` names it.
+const REFINE_IMAGES: usize = 256;
+
 /// Constant of the moving-average method (`qint8 quantize`'s default).
 const AVERAGING_CONSTANT: f32 = 0.01;
 
@@ -48,6 +52,7 @@ fn method_name(m: Method) -> &'static str {
         Method::Percentile => "percentile",
         Method::Mse => "mse",
         Method::MovingAverage => "moving-average",
+        Method::Auto => "auto",
     }
 }
 
@@ -205,6 +210,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         let cfg = CalibConfig {
             method: range,
             moving_average: (method == Method::MovingAverage).then_some(AVERAGING_CONSTANT),
+            refine: (method == Method::Auto).then_some(REFINE_IMAGES),
             per_channel: true,
             ..base_cfg.clone()
         };
@@ -213,12 +219,13 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             status(
                 show,
                 &format!(
-                    "[{}/{steps}] {name}: calibrating, pass {}/{}: {}/{} images",
+                    "[{}/{steps}] {name}: calibrating, pass {}/{}: {}/{} {}",
                     2 + 2 * i,
                     p.pass,
                     p.passes,
                     p.done,
-                    p.total
+                    p.total,
+                    if p.pass == 3 { "trials" } else { "images" }
                 ),
             )
         })

@@ -22,7 +22,7 @@ pub(crate) fn range_method(
     variant: EntropyVariantArg,
 ) -> Result<RangeMethod> {
     Ok(match method {
-        Method::Entropy => RangeMethod::Entropy {
+        Method::Entropy | Method::Auto => RangeMethod::Entropy {
             variant: match variant {
                 EntropyVariantArg::SpikeAware => EntropyVariant::SpikeAware,
                 EntropyVariantArg::Modelopt => EntropyVariant::Modelopt,
@@ -52,6 +52,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         method: range_method(args.method, args.percentile, args.entropy_variant)?,
         moving_average: (args.method == Method::MovingAverage).then_some(args.averaging_constant),
         all_ranges: args.trt_cache.is_some(),
+        refine: (args.method == Method::Auto).then_some(args.refine_images),
         per_channel: !args.per_tensor,
         placement: match args.placement {
             Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
@@ -70,13 +71,14 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
                 .unwrap_or(width)
                 .min(width);
             eprint!(
-                "\rcalibrating: pass {}/{} [{}{}] {}/{} images",
+                "\rcalibrating: pass {}/{} [{}{}] {}/{} {}",
                 p.pass,
                 p.passes,
                 "#".repeat(filled),
                 "-".repeat(width - filled),
                 p.done,
-                p.total
+                p.total,
+                if p.pass == 3 { "trials" } else { "images" }
             );
             if p.done == p.total && p.pass == p.passes {
                 eprintln!();
