@@ -296,7 +296,7 @@ pub fn calibrate(
         (None, Some(_)) if passes == 2 => format!("auto({})", method_name(&cfg.method)),
         (None, _) => method_name(&cfg.method),
     });
-    let ranges: BTreeMap<String, f32> = thresholds
+    let mut ranges: BTreeMap<String, f32> = thresholds
         .iter()
         .filter(|(n, _)| seen.contains(*n))
         .map(|(n, &t)| (n.clone(), t))
@@ -359,6 +359,15 @@ pub fn calibrate(
                 })
             },
         )?;
+        // A cache written from this run carries the chosen thresholds.
+        for (name, p) in &plan.activations {
+            if let Some(r) = ranges.get_mut(name) {
+                let before = QuantParams::symmetric(*r, QuantDtype::Int8, false).ok();
+                if before.as_ref() != Some(p) {
+                    *r = p.channels()[0].scale * 127.0;
+                }
+            }
+        }
     }
 
     plan.validate(&g)?;

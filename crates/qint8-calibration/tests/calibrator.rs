@@ -269,4 +269,13 @@ fn refined_thresholds_never_raise_the_output_error() {
         "{}",
         refined.plan.method
     );
+    // The ranges (what a TensorRT cache is written from) follow the choice.
+    for (n, p) in &refined.plan.activations {
+        let from_range = refined.ranges[n] / 127.0;
+        let scale = p.channels()[0].scale;
+        assert!(
+            (from_range - scale).abs() <= 1e-6 * scale,
+            "{n}: {from_range} vs {scale}"
+        );
+    }
 }
