@@ -212,9 +212,9 @@ pub fn calibrate(
             "planned tensor `{n}` was never produced as float data during calibration"
         )));
     }
-    // Pass 2: histograms over the fixed ranges.
     // Alternative thresholds per activation, for `refine`.
     let mut candidates: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    // Pass 2: histograms over the fixed ranges.
     let thresholds: BTreeMap<String, f32> = if passes == 1 {
         amax.clone()
     } else {
@@ -316,26 +316,7 @@ pub fn calibrate(
             plan.activations.insert(name.clone(), p);
         }
     }
-    for (name, &axis) in &placement.weights {
-        let Some(w) = g.initializers.get(name).and_then(|t| t.as_f32()) else {
-            continue;
-        };
-        let shape = w.shape().to_vec();
-        let values: Vec<f32> = w.iter().copied().collect();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(CalibError::Invalid(format!(
-                "weight `{name}` holds a non-finite value at index {i}"
-            )));
-        }
-        let p = if cfg.per_channel {
-            let a = qint8_math::stats::amax_per_channel(&values, &shape, axis)?;
-            QuantParams::symmetric_per_channel(&a, axis, QuantDtype::Int8, true)?
-        } else {
-            let a = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            QuantParams::symmetric(a, QuantDtype::Int8, true)?
-        };
-        plan.weights.insert(name.clone(), p);
-    }
+    plan.weights = weight_params(&g, &placement.weights, cfg.per_channel)?;
     for n in &cfg.float_nodes {
         plan.precision
             .insert(n.clone(), qint8_graph::quant::Precision::Float);
@@ -376,6 +357,39 @@ pub fn calibrate(
         plan,
         ranges,
     })
+}
+
+/// Parameters of the float weight initializers named in `weights` (name ->
+/// output-channel axis): symmetric narrow-range int8, one scale per channel
+/// on that axis, or one per tensor. Errors name a weight holding NaN or
+/// infinity.
+pub fn weight_params(
+    graph: &Graph,
+    weights: &BTreeMap<String, usize>,
+    per_channel: bool,
+) -> Result<BTreeMap<String, QuantParams>> {
+    let mut out = BTreeMap::new();
+    for (name, &axis) in weights {
+        let Some(w) = graph.initializers.get(name).and_then(|t| t.as_f32()) else {
+            continue;
+        };
+        let shape = w.shape().to_vec();
+        let values: Vec<f32> = w.iter().copied().collect();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(CalibError::Invalid(format!(
+                "weight `{name}` holds a non-finite value at index {i}"
+            )));
+        }
+        let p = if per_channel {
+            let a = qint8_math::stats::amax_per_channel(&values, &shape, axis)?;
+            QuantParams::symmetric_per_channel(&a, axis, QuantDtype::Int8, true)?
+        } else {
+            let a = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            QuantParams::symmetric(a, QuantDtype::Int8, true)?
+        };
+        out.insert(name.clone(), p);
+    }
+    Ok(out)
 }
 
 /// A short name for a method, as plans and reports print it.

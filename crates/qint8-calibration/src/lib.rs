@@ -67,7 +67,7 @@ pub mod dataset;
 pub mod error;
 pub mod refine;
 
-pub use calibrator::{calibrate, CalibConfig, Calibrated, Progress};
+pub use calibrator::{calibrate, weight_params, CalibConfig, Calibrated, Progress};
 pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};
 

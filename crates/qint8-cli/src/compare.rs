@@ -5,17 +5,16 @@
 //! Activation thresholds are found on the float graph, so they do not
 //! depend on the weight granularity: each method calibrates once (per
 //! channel, exactly as `qint8 quantize --per-channel` does) and its
-//! per-tensor row swaps in per-tensor weight parameters. Those come from
-//! the calibrator itself (a one-image min-max run with `per_channel` off;
-//! weight parameters depend only on the weights), so both rows hold what
-//! `qint8 quantize` would write for them.
+//! per-tensor row swaps in per-tensor weight parameters from the
+//! calibrator's [`weight_params`] (they depend only on the weights), so
+//! both rows hold what `qint8 quantize` would write for them.
 
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use prost::Message;
-use qint8_calibration::{calibrate, CalibConfig, Progress};
+use qint8_calibration::{calibrate, weight_params, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, QuantPlan, WeightStorage};
 use qint8_graph::Model;
 use qint8_math::search::RangeMethod;
@@ -65,23 +64,6 @@ fn methods_to_run(methods: Option<&[Method]>) -> Vec<Method> {
         }
     }
     out
-}
-
-/// `plan` with its weight parameters replaced by those of `weights`, which
-/// must quantize the same weight tensors.
-fn with_weights(plan: &QuantPlan, weights: &QuantPlan) -> Result<QuantPlan> {
-    if !plan.weights.keys().eq(weights.weights.keys()) {
-        bail!(
-            "internal error: the per-tensor weight plan quantizes other weights ({}) than \
-             the calibration ({})",
-            weights.weights.len(),
-            plan.weights.len()
-        );
-    }
-    Ok(QuantPlan {
-        weights: weights.weights.clone(),
-        ..plan.clone()
-    })
 }
 
 /// Top-1 and top-5 as fractions of the images scored.
@@ -187,21 +169,6 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         threads,
         ..Default::default()
     };
-    // Per-tensor weight parameters: they depend on the weights only, so a
-    // one-image min-max run yields them (its activation ranges are unused).
-    let per_tensor = calibrate(
-        &model.graph,
-        &calib.clone().take(1)?,
-        &CalibConfig {
-            method: RangeMethod::Max,
-            per_channel: false,
-            batch: 1,
-            ..base_cfg.clone()
-        },
-        &mut |_| {},
-    )
-    .with_context(|| format!("computing per-tensor weight scales of {model_name}"))?
-    .plan;
 
     let opset = model.opset.max(13);
     let mut rows = Vec::new();
@@ -240,7 +207,17 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             let plan = if per_channel {
                 calibrated.plan.clone()
             } else {
-                with_weights(&calibrated.plan, &per_tensor)?
+                // Same tensors and thresholds, one scale per weight tensor.
+                let axes = calibrated
+                    .plan
+                    .weights
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.axis().unwrap_or(0)))
+                    .collect();
+                QuantPlan {
+                    weights: weight_params(&calibrated.graph, &axes, false)?,
+                    ..calibrated.plan.clone()
+                }
             };
             let graph = insert_qdq(&calibrated.graph, &plan, WeightStorage::Int8)
                 .with_context(|| format!("building the {name} {granularity} QDQ model"))?;
@@ -423,22 +400,5 @@ mod tests {
             let v = m.to_possible_value().expect("not skipped");
             assert_eq!(v.get_name(), method_name(m));
         }
-    }
-
-    #[test]
-    fn with_weights_needs_the_same_weight_tensors() {
-        let a = QuantPlan::new("max");
-        let mut b = QuantPlan::new("other");
-        assert_eq!(with_weights(&a, &b).unwrap().method, "max");
-        b.weights.insert(
-            "w".into(),
-            qint8_math::params::QuantParams::symmetric(
-                1.0,
-                qint8_math::params::QuantDtype::Int8,
-                true,
-            )
-            .unwrap(),
-        );
-        assert!(with_weights(&a, &b).is_err());
     }
 }

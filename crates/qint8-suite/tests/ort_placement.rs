@@ -230,18 +230,3 @@ fn planned_tensors_are_those_quantize_static_quantizes() {
         same_tensors_as_quantize_static(file, dir.path());
     }
 }
-
-#[test]
-#[ignore = "measurement: cargo test -p qint8-suite --test ort_placement -- --ignored --nocapture"]
-fn measure_both_policies() {
-    if !onnxruntime_available() {
-        eprintln!("skipped: python3 with onnxruntime and numpy is not available");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    for file in ["resnet50.onnx", "efficientnet_b0.onnx"] {
-        for policy in [PlacementPolicy::TensorRt, PlacementPolicy::OnnxRuntime] {
-            agreement(file, policy, dir.path());
-        }
-    }
-}
