@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use qint8_graph::quant::{placement, QuantPlan};
+use qint8_graph::quant::{placement as placement_of, QuantPlan};
 use qint8_graph::Graph;
 use qint8_math::histogram::Histogram;
 use qint8_math::params::{QuantDtype, QuantParams};
@@ -24,6 +24,7 @@ use qint8_runtime::{Observer, RuntimeError, Session, SessionOptions};
 
 use crate::dataset::ImageDataset;
 use crate::error::{CalibError, Result};
+use crate::smooth::Smoothing;
 
 /// How to calibrate.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +58,12 @@ pub struct CalibConfig {
     /// candidates by the output error on this many calibration images (see
     /// [`refine`](crate::refine)); `None` keeps the method's thresholds.
     pub refine: Option<usize>,
+    /// Smooth per-channel gated activations (squeeze-and-excitation
+    /// outputs feeding a convolution): their channels' range differences
+    /// move into the weights (see [`smooth`](crate::smooth)); `None` leaves
+    /// the graph as it is. Not applied with `moving_average` or
+    /// `all_ranges` (a TensorRT cache describes the unmodified model).
+    pub smooth: Option<Smoothing>,
 }
 
 impl Default for CalibConfig {
@@ -72,6 +79,7 @@ impl Default for CalibConfig {
             moving_average: None,
             all_ranges: false,
             refine: None,
+            smooth: Some(Smoothing::Auto),
         }
     }
 }
@@ -91,7 +99,8 @@ pub struct Progress {
 }
 
 /// The result: the graph the plan refers to (simplified: BatchNorm folded,
-/// Identity and Dropout removed) and the plan.
+/// Identity and Dropout removed; with [`CalibConfig::smooth`], gated
+/// activations rescaled) and the plan.
 #[derive(Debug, Clone)]
 pub struct Calibrated {
     /// The simplified graph whose tensor names the plan uses.
@@ -101,6 +110,8 @@ pub struct Calibrated {
     /// The chosen threshold (amax) of every planned activation, and with
     /// [`CalibConfig::all_ranges`] of every float tensor the graph computes.
     pub ranges: BTreeMap<String, f32>,
+    /// Activations that [`CalibConfig::smooth`] rescaled, in graph order.
+    pub smoothed: Vec<String>,
 }
 
 /// Calibrates `graph` on every image of `data` (use
@@ -121,21 +132,19 @@ pub fn calibrate(
         return Err(CalibError::Invalid("calibration batch size is 0".into()));
     }
     // Fusion off: every planned tensor must be materialized to be observed.
-    let session = Session::from_graph(
-        graph.clone(),
-        SessionOptions {
-            threads: cfg.threads,
-            fuse: false,
-            ..Default::default()
-        },
-    )?;
-    let g = session.graph().clone();
+    let options = SessionOptions {
+        threads: cfg.threads,
+        fuse: false,
+        ..Default::default()
+    };
+    let session = Session::from_graph(graph.clone(), options)?;
+    let mut g = session.graph().clone();
     let input = g
         .inputs
         .first()
         .map(|v| v.name.clone())
         .ok_or_else(|| CalibError::Invalid("the graph has no input".into()))?;
-    let placement = placement(&g, cfg.placement, &cfg.float_nodes);
+    let placement = placement_of(&g, cfg.placement, &cfg.float_nodes);
     let mut tracked: BTreeSet<String> = placement.activations.clone();
     if cfg.all_ranges {
         tracked.extend(g.inputs.iter().map(|v| v.name.clone()));
@@ -148,6 +157,18 @@ pub fn calibrate(
             )));
         }
     }
+    let sites = match cfg.smooth {
+        Some(Smoothing::Alpha(a)) if !(0.0..=1.0).contains(&a) => {
+            return Err(CalibError::Invalid(format!(
+                "smoothing strength must be in [0, 1], got {a}"
+            )))
+        }
+        Some(_) if cfg.moving_average.is_none() && !cfg.all_ranges => {
+            let [c, h, w] = data.input_shape();
+            crate::smooth::find_sites(&g, &[1, c, h, w], &placement.activations)?
+        }
+        _ => Vec::new(),
+    };
     let passes = if cfg.method == RangeMethod::Max || cfg.moving_average.is_some() {
         1
     } else {
@@ -171,6 +192,15 @@ pub fn calibrate(
     let empty = MaxState {
         amax: tracked.iter().map(|n| (n.clone(), 0.0)).collect(),
         seen: BTreeSet::new(),
+        channels: sites
+            .iter()
+            .map(|s| {
+                (
+                    s.tensor.clone(),
+                    crate::smooth::ChannelStats::new(s.channels),
+                )
+            })
+            .collect(),
     };
     let mut states = vec![empty; workers];
     for_each_batch(
@@ -182,7 +212,10 @@ pub fn calibrate(
         shown,
         progress,
         &mut states,
-        &|st: &mut MaxState, name, x| {
+        &|st: &mut MaxState, name, shape, x| {
+            if let Some(m) = st.channels.get_mut(name) {
+                m.observe(shape, x);
+            }
             if let Some(m) = st.amax.get_mut(name) {
                 let batch_max = abs_max(name, x)?;
                 match cfg.moving_average {
@@ -197,7 +230,11 @@ pub fn calibrate(
             Ok(())
         },
     )?;
-    let MaxState { mut amax, mut seen } = states.swap_remove(0);
+    let MaxState {
+        mut amax,
+        mut seen,
+        mut channels,
+    } = states.swap_remove(0);
     for st in states {
         for (n, m) in st.amax {
             if let Some(a) = amax.get_mut(&n) {
@@ -205,12 +242,58 @@ pub fn calibrate(
             }
         }
         seen.extend(st.seen);
+        for (n, m) in st.channels {
+            if let Some(a) = channels.get_mut(&n) {
+                a.merge(&m);
+            }
+        }
     }
     // A planned tensor the runtime never showed would get an arbitrary scale.
     if let Some(n) = placement.activations.iter().find(|n| !seen.contains(*n)) {
         return Err(CalibError::Invalid(format!(
             "planned tensor `{n}` was never produced as float data during calibration"
         )));
+    }
+    // Smoothing: rewrite the graph, and derive each smoothed tensor's range
+    // from its channels'. The histogram pass runs the graph as it was and
+    // divides the smoothed tensors by their factors as it sees them (the
+    // same values up to rounding), so no second session is built.
+    let mut smoothed = Vec::new();
+    let mut divisors: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    if let (Some(how), false) = (cfg.smooth, sites.is_empty()) {
+        // Sites read distinct weights: their factors can be found at once.
+        let factors: Vec<Option<Vec<f32>>> = {
+            use rayon::prelude::*;
+            sites
+                .par_iter()
+                .map(|site| how.factors(&g, site, &channels[&site.tensor]))
+                .collect()
+        };
+        let mut g2 = g.clone();
+        for (site, k) in sites.iter().zip(factors) {
+            let Some(k) = k else {
+                continue;
+            };
+            crate::smooth::apply(&mut g2, site, &k)?;
+            let ch = &channels[&site.tensor];
+            let m = ch
+                .amax
+                .iter()
+                .zip(&k)
+                .fold(0.0f32, |m, (a, f)| m.max(a / f));
+            amax.insert(site.tensor.clone(), m);
+            smoothed.push(site.tensor.clone());
+            divisors.insert(site.tensor.clone(), k);
+        }
+        if !smoothed.is_empty() {
+            let after = placement_of(&g2, cfg.placement, &cfg.float_nodes);
+            if after.activations != placement.activations {
+                return Err(CalibError::Invalid(
+                    "smoothing changed which tensors are quantized; calibrate without it".into(),
+                ));
+            }
+            g = g2;
+        }
     }
     // Alternative thresholds per activation, for `refine`.
     let mut candidates: BTreeMap<String, Vec<f32>> = BTreeMap::new();
@@ -238,9 +321,13 @@ pub fn calibrate(
             shown,
             progress,
             &mut states,
-            &|st: &mut BTreeMap<String, Histogram>, name, x| {
+            &|st: &mut BTreeMap<String, Histogram>, name, shape, x| {
                 if let Some(h) = st.get_mut(name) {
-                    h.add(x).map_err(|e| format!("tensor `{name}`: {e}"))?;
+                    let r = match divisors.get(name) {
+                        Some(k) => h.add(&crate::smooth::divide_channels(shape, x, k)),
+                        None => h.add(x),
+                    };
+                    r.map_err(|e| format!("tensor `{name}`: {e}"))?;
                 }
                 Ok(())
             },
@@ -356,6 +443,7 @@ pub fn calibrate(
         graph: g,
         plan,
         ranges,
+        smoothed,
     })
 }
 
@@ -430,11 +518,14 @@ struct MaxState {
     amax: BTreeMap<String, f32>,
     /// Tensors the runtime showed (integer tensors never are).
     seen: BTreeSet<String>,
+    /// Per-channel statistics of the tensors to smooth.
+    channels: BTreeMap<String, crate::smooth::ChannelStats>,
 }
 
 /// Folds one produced tensor (by name) into a worker's state; an error
 /// stops the run.
-type StateSink<'a, S> = dyn Fn(&mut S, &str, &[f32]) -> std::result::Result<(), String> + Sync + 'a;
+type StateSink<'a, S> =
+    dyn Fn(&mut S, &str, &[usize], &[f32]) -> std::result::Result<(), String> + Sync + 'a;
 
 /// Runs every batch of `data`, each cut into one sub-batch per state that
 /// run at the same time ([`Session::observe_split`]), showing each produced
@@ -464,7 +555,7 @@ fn for_each_batch<S: Send>(
         let first = index * batch;
         let mut observers: Vec<_> = states
             .iter_mut()
-            .map(|st| move |name: &str, _shape: &[usize], x: &[f32]| see(st, name, x))
+            .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
             .collect();
         let mut dyns: Vec<&mut dyn Observer> = observers
             .iter_mut()

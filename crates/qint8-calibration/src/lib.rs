@@ -66,10 +66,12 @@ pub mod calibrator;
 pub mod dataset;
 pub mod error;
 pub mod refine;
+pub mod smooth;
 
 pub use calibrator::{calibrate, weight_params, CalibConfig, Calibrated, Progress};
 pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};
+pub use smooth::Smoothing;
 
 /// The commonly used items in one import.
 pub mod prelude {

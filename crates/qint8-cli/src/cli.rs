@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use qint8_calibration::Smoothing;
 
 /// Quantize, run and evaluate neural networks in INT8 on the CPU.
 #[derive(Debug, Parser)]
@@ -45,6 +46,9 @@ pub(crate) struct CompareArgs {
     /// Calibration images and how many of them.
     #[command(flatten)]
     pub(crate) calib: CalibDataArgs,
+    /// Smoothing of gated activations.
+    #[command(flatten)]
+    pub(crate) smooth: SmoothArgs,
     /// Labeled evaluation images, as `qint8 eval --data` reads them.
     #[arg(long, value_name = "DATA")]
     pub(crate) data: PathBuf,
@@ -127,6 +131,40 @@ pub(crate) enum Placement {
     Ort,
 }
 
+/// Smoothing of gated activations, shared by `quantize` and `compare`.
+#[derive(Debug, Args)]
+pub(crate) struct SmoothArgs {
+    /// Smoothing of per-channel gated activations (squeeze-and-excitation
+    /// outputs feeding a convolution): their channels' range differences
+    /// move into the convolution's weights by factors amax^alpha /
+    /// wmax^(1-alpha), an exact rewrite that adds one Mul on each gate.
+    /// "auto" picks alpha per site by estimated output error; a number
+    /// (0 to 1) uses that alpha everywhere. Off with --trt-cache and
+    /// --method moving-average.
+    #[arg(long, value_name = "auto|ALPHA", default_value = "auto", value_parser = parse_smoothing)]
+    pub(crate) smooth: Smoothing,
+    /// Keep the graph as it is (no smoothing).
+    #[arg(long)]
+    pub(crate) no_smooth: bool,
+}
+
+impl SmoothArgs {
+    /// The smoothing to calibrate with, `None` when off.
+    pub(crate) fn smoothing(&self) -> Option<Smoothing> {
+        (!self.no_smooth).then_some(self.smooth)
+    }
+}
+
+fn parse_smoothing(s: &str) -> Result<Smoothing, String> {
+    if s == "auto" {
+        return Ok(Smoothing::Auto);
+    }
+    match s.parse::<f32>() {
+        Ok(a) if (0.0..=1.0).contains(&a) => Ok(Smoothing::Alpha(a)),
+        _ => Err(format!("expected auto or a number in [0, 1], got {s}")),
+    }
+}
+
 /// Which calibration images, shared by `quantize` and `compare`.
 #[derive(Debug, Args)]
 pub(crate) struct CalibDataArgs {
@@ -153,6 +191,9 @@ pub(crate) struct QuantizeArgs {
     /// Calibration images and how many of them.
     #[command(flatten)]
     pub(crate) calib: CalibDataArgs,
+    /// Smoothing of gated activations.
+    #[command(flatten)]
+    pub(crate) smooth: SmoothArgs,
     /// How activation ranges are chosen.
     #[arg(long, value_enum, default_value_t = Method::Entropy)]
     pub(crate) method: Method,
@@ -196,6 +237,7 @@ pub(crate) struct QuantizeArgs {
     pub(crate) plan: Option<PathBuf>,
     /// Also write a TensorRT calibration cache (legacy implicit
     /// quantization) with a range for every float tensor of the model.
+    /// The cache goes with the unmodified model, so this turns --smooth off.
     #[arg(long, value_name = "CACHE")]
     pub(crate) trt_cache: Option<PathBuf>,
     /// TensorRT version written in the cache header (TensorRT's

@@ -165,6 +165,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
 
     let base_cfg = CalibConfig {
         placement,
+        smooth: args.smooth.smoothing(),
         batch: args.batch,
         threads,
         ..Default::default()

@@ -53,6 +53,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         moving_average: (args.method == Method::MovingAverage).then_some(args.averaging_constant),
         all_ranges: args.trt_cache.is_some(),
         refine: (args.method == Method::Auto).then_some(args.refine_images),
+        smooth: args.smooth.smoothing(),
         per_channel: !args.per_tensor,
         placement: match args.placement {
             Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
@@ -156,6 +157,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         "calibration_data_format": data_format,
         "calibration_seed": args.calib.calib_seed,
         "activations": calibrated.plan.activations.len(),
+        "smoothed": calibrated.smoothed.len(),
         "weights": calibrated.plan.weights.len(),
         "calibration_seconds": calib_seconds,
         "total_seconds": start.elapsed().as_secs_f64(),
@@ -167,10 +169,11 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         println!("{summary}");
     } else {
         println!(
-            "{} -> {}: {} activations and {} weights quantized ({}), calibrated on {} images in {:.2} s; {} bytes",
+            "{} -> {}: {} activations ({} smoothed) and {} weights quantized ({}), calibrated on {} images in {:.2} s; {} bytes",
             args.model.display(),
             args.output.display(),
             calibrated.plan.activations.len(),
+            calibrated.smoothed.len(),
             calibrated.plan.weights.len(),
             calibrated.plan.method,
             data.len(),

@@ -1252,3 +1252,44 @@ fn compare_rejects_bad_input() {
     let err = fails(compare(&["--methods", "percentile", "--percentile", "0"]));
     assert!(err.contains("--percentile"), "{err}");
 }
+
+/// EfficientNet-B0's squeeze-and-excitation outputs are smoothed by
+/// default, not with --no-smooth or --trt-cache; a strength outside [0, 1]
+/// is a usage error.
+#[test]
+fn quantize_smooths_gated_activations_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let cache = dir.path().join("c.cache");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let m = model("efficientnet_b0.onnx");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "quantize",
+            s(&m),
+            "--calib",
+            s(&calib),
+            "--calib-size",
+            "16",
+            "--pad",
+            "2",
+            "--json",
+            "-o",
+            s(&out),
+        ];
+        args.extend_from_slice(extra);
+        qint8(&args)
+    };
+    for (extra, smoothed) in [
+        (&[][..], 16),
+        (&["--smooth", "0.5"][..], 16),
+        (&["--no-smooth"][..], 0),
+        (&["--trt-cache", s(&cache)][..], 0),
+    ] {
+        let summary = json(&ok(run(extra)));
+        assert_eq!(summary["smoothed"], smoothed, "{extra:?}");
+    }
+    let o = run(&["--smooth", "1.5"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[0, 1]"), "{}", stderr(&o));
+}
