@@ -112,6 +112,11 @@ pub struct Calibrated {
     pub ranges: BTreeMap<String, f32>,
     /// Activations that [`CalibConfig::smooth`] rescaled, in graph order.
     pub smoothed: Vec<String>,
+    /// The `|x|` histogram over `[0, max]` of every tracked tensor with a
+    /// nonzero range (empty for one-pass calibration: max and moving
+    /// average), from which any histogram method's threshold can be found
+    /// again ([`search_amax`]).
+    pub histograms: BTreeMap<String, Histogram>,
 }
 
 /// Calibrates `graph` on every image of `data` (use
@@ -298,6 +303,7 @@ pub fn calibrate(
     // Alternative thresholds per activation, for `refine`.
     let mut candidates: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     // Pass 2: histograms over the fixed ranges.
+    let mut histograms = BTreeMap::new();
     let thresholds: BTreeMap<String, f32> = if passes == 1 {
         amax.clone()
     } else {
@@ -376,6 +382,7 @@ pub fn calibrate(
                 candidates.insert(n.clone(), c);
             }
         }
+        histograms = hists;
         thresholds
     };
     let mut plan = QuantPlan::new(match (cfg.moving_average, cfg.refine) {
@@ -444,6 +451,7 @@ pub fn calibrate(
         plan,
         ranges,
         smoothed,
+        histograms,
     })
 }
 

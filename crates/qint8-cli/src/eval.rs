@@ -19,55 +19,7 @@ use crate::format;
 use crate::inspect::load_model;
 use crate::run::check_input_shape;
 
-/// Whether `a` ranks above `b`: larger, with NaN above every number (as
-/// `numpy.argmax` treats NaN).
-fn above(a: f32, b: f32) -> bool {
-    if a.is_nan() {
-        !b.is_nan()
-    } else {
-        !b.is_nan() && a > b
-    }
-}
-
-/// Whether `a` and `b` rank equal (both NaN, or numerically equal).
-fn level(a: f32, b: f32) -> bool {
-    (a.is_nan() && b.is_nan()) || a == b
-}
-
-/// Index of the largest logit; the lowest index wins ties (as `numpy.argmax`).
-pub(crate) fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate().skip(1) {
-        if above(x, row[best]) {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Rank of class `label` in `row` sorted best first with ties broken by
-/// lower index: logits above it plus equal logits at lower indices. The
-/// label is a top-k hit when its rank is below k, so a top-1 hit is exactly
-/// `argmax(row) == label`, and every label is a top-k hit when there are at
-/// most k classes.
-pub(crate) fn rank_of(row: &[f32], label: usize) -> usize {
-    let x = row[label];
-    row.iter()
-        .enumerate()
-        .filter(|&(j, &y)| above(y, x) || (j < label && level(y, x)))
-        .count()
-}
-
-/// Counts of correct predictions.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Score {
-    /// Images seen.
-    pub(crate) n: usize,
-    /// Top-1 hits.
-    pub(crate) top1: usize,
-    /// Top-5 hits.
-    pub(crate) top5: usize,
-}
+pub(crate) use qint8_eval::accuracy::{argmax, Score};
 
 /// A model prepared to score labeled images: its runtime session (QDQ
 /// models run as simulated INT8) with plans compiled for the batch sizes a
@@ -216,10 +168,7 @@ impl Scorer {
                         batch.start + i
                     );
                 }
-                let rank = rank_of(row, label);
-                score.n += 1;
-                score.top1 += usize::from(rank < 1);
-                score.top5 += usize::from(rank < 5);
+                score.add(row, label);
                 if let Some(p) = predictions.as_deref_mut() {
                     p.push(argmax(row));
                 }
@@ -354,36 +303,4 @@ fn short_f64(v: &[f32]) -> Vec<f64> {
     v.iter()
         .map(|x| x.to_string().parse().unwrap_or(f64::from(*x)))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn argmax_takes_the_lowest_index_on_ties() {
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
-        assert_eq!(argmax(&[5.0]), 0);
-        assert_eq!(argmax(&[0.0, f32::NAN, 9.0, f32::NAN]), 1);
-    }
-
-    #[test]
-    fn ranks_break_ties_by_index() {
-        let row = [1.0, 3.0, 3.0, 2.0, 0.5];
-        assert_eq!(rank_of(&row, 1), 0);
-        assert_eq!(rank_of(&row, 2), 1);
-        assert_eq!(rank_of(&row, 3), 2);
-        assert_eq!(rank_of(&row, 0), 3);
-        assert_eq!(rank_of(&row, 4), 4);
-        // A top-1 hit is exactly argmax == label.
-        for l in 0..row.len() {
-            assert_eq!(rank_of(&row, l) == 0, argmax(&row) == l);
-        }
-    }
-
-    #[test]
-    fn few_classes_make_every_label_a_top5_hit() {
-        let row = [0.1, 0.9, -3.0];
-        assert!((0..3).all(|l| rank_of(&row, l) < 5));
-    }
 }

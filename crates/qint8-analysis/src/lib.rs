@@ -1,0 +1,52 @@
+//! Analysis for qint8: reports on how a model quantizes.
+//!
+//! - [`svg`]: small dependency-free SVG charts (bars, lines, labelled
+//!   markers, linear or logarithmic axes).
+//! - [`report`]: a report directory, `report.md` plus one SVG per plot: per
+//!   model, a table of every calibration method (top-1, drop, calibration
+//!   time, file size), activation histograms of representative layers with
+//!   each method's threshold marked, top-1 per method, and per-layer SQNR
+//!   of the INT8 activations against FP32.
+//!
+//! ```
+//! use qint8_analysis::svg::{Bar, Chart};
+//!
+//! let chart = Chart {
+//!     title: "top-1".into(),
+//!     y_label: "%".into(),
+//!     bars: vec![
+//!         Bar { label: "fp32".into(), value: 92.4, color: "#888".into() },
+//!         Bar { label: "entropy".into(), value: 92.5, color: "#1f77b4".into() },
+//!     ],
+//!     ..Default::default()
+//! };
+//! let svg = chart.to_svg();
+//! assert!(svg.starts_with("<svg") && svg.matches("class=\"bar\"").count() == 2);
+//! ```
+
+pub mod report;
+pub mod svg;
+
+pub use report::{write_report, HistogramPlot, MethodRow, ModelReport};
+
+use thiserror::Error;
+
+/// Errors of analysis.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AnalysisError {
+    /// Writing a report file failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Inputs that cannot make a report.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, AnalysisError>;

@@ -1,0 +1,323 @@
+//! Quantization reports: `report.md` and its SVG plots in one directory.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use qint8_eval::LayerError;
+
+use crate::svg::{Bar, Chart, Marker, Series, PALETTE};
+use crate::{AnalysisError, Result};
+
+/// One calibration method's quantized model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodRow {
+    /// Method name (`entropy`, `minmax`, ...).
+    pub method: String,
+    /// Top-1 of the quantized model, as a fraction.
+    pub top1: f64,
+    /// Top-5, as a fraction.
+    pub top5: f64,
+    /// Calibration seconds.
+    pub calibration_seconds: f64,
+    /// Bytes of the exported QDQ file.
+    pub file_bytes: usize,
+}
+
+/// The `|x|` histogram of one activation and the threshold each method
+/// picks from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramPlot {
+    /// The activation.
+    pub tensor: String,
+    /// Bin counts over `[0, max]`.
+    pub counts: Vec<u64>,
+    /// Upper end of the histogram's range (the largest `|x|`).
+    pub max: f32,
+    /// `(method, threshold)` pairs.
+    pub thresholds: Vec<(String, f32)>,
+}
+
+/// Everything a report says about one model.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelReport {
+    /// Model name (file stem); names its plot files.
+    pub name: String,
+    /// Where the model came from (path), for the text.
+    pub source: String,
+    /// Evaluation images.
+    pub eval_images: usize,
+    /// Calibration images.
+    pub calib_images: usize,
+    /// FP32 top-1, as a fraction.
+    pub fp32_top1: f64,
+    /// Bytes of the FP32 file.
+    pub fp32_bytes: usize,
+    /// One row per calibration method.
+    pub methods: Vec<MethodRow>,
+    /// Histograms of representative activations.
+    pub histograms: Vec<HistogramPlot>,
+    /// Per-layer error of `layers_of`'s INT8 activations against FP32, in
+    /// graph order.
+    pub layers: Vec<LayerError>,
+    /// The method whose model `layers` measures.
+    pub layers_of: String,
+    /// Extra Markdown placed after the model's heading (measurements the
+    /// caller adds, such as latency).
+    pub notes: String,
+}
+
+/// Characters safe in a file name (others become `_`).
+fn file_stem(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes `text` to `path` through a temporary sibling and a rename, so a
+/// failure never leaves a half-written file.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let io = |e| AnalysisError::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Markdown-safe table cell text.
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+/// Human-readable bytes.
+pub fn bytes_text(b: usize) -> String {
+    if b >= 1_000_000 {
+        format!("{:.2} MB", b as f64 / 1e6)
+    } else if b >= 1_000 {
+        format!("{:.1} kB", b as f64 / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}
+
+impl ModelReport {
+    /// The plots of this model as `(file name, SVG)`.
+    pub fn plots(&self) -> Vec<(String, String)> {
+        let stem = file_stem(&self.name);
+        let mut out = Vec::new();
+        if !self.methods.is_empty() {
+            let mut bars = vec![Bar {
+                label: "fp32".into(),
+                value: self.fp32_top1 * 100.0,
+                color: "#888888".into(),
+            }];
+            for (i, m) in self.methods.iter().enumerate() {
+                bars.push(Bar {
+                    label: m.method.clone(),
+                    value: m.top1 * 100.0,
+                    color: PALETTE[i % PALETTE.len()].into(),
+                });
+            }
+            // Zoom in on the interesting part: from a little below the worst.
+            let lo = bars.iter().map(|b| b.value).fold(f64::INFINITY, f64::min);
+            let chart = Chart {
+                title: format!(
+                    "{}: top-1 per calibration method ({} images)",
+                    self.name, self.eval_images
+                ),
+                x_label: "calibration method".into(),
+                y_label: "top-1 %".into(),
+                bars,
+                reference: Some(("fp32".into(), self.fp32_top1 * 100.0)),
+                y_min: Some((lo - 2.0).floor().max(0.0)),
+                ..Default::default()
+            };
+            out.push((format!("{stem}-top1.svg"), chart.to_svg()));
+        }
+        for (i, h) in self.histograms.iter().enumerate() {
+            if h.counts.is_empty() || !(h.max > 0.0) {
+                continue;
+            }
+            // At most 256 columns: sum groups of bins.
+            let group = h.counts.len().div_ceil(256);
+            let width = h.max as f64 / h.counts.len() as f64;
+            let points: Vec<(f64, f64)> = h
+                .counts
+                .chunks(group)
+                .enumerate()
+                .map(|(j, c)| ((j * group) as f64 * width, c.iter().sum::<u64>() as f64))
+                .collect();
+            let markers = h
+                .thresholds
+                .iter()
+                .enumerate()
+                .map(|(k, (m, t))| Marker {
+                    label: format!("{m} {}", crate::svg::tick_text(*t as f64)),
+                    x: *t as f64,
+                    color: PALETTE[k % PALETTE.len()].into(),
+                })
+                .collect();
+            let chart = Chart {
+                title: format!("{}: |x| of {}", self.name, short(&h.tensor, 60)),
+                x_label: "|x|".into(),
+                y_label: format!("count per {} bins (log)", group),
+                log_y: true,
+                series: vec![Series {
+                    name: h.tensor.clone(),
+                    points,
+                    color: "#444444".into(),
+                    filled: true,
+                }],
+                markers,
+                ..Default::default()
+            };
+            out.push((format!("{stem}-hist-{i}.svg"), chart.to_svg()));
+        }
+        if !self.layers.is_empty() {
+            let bars = self
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Bar {
+                    label: format!("{i}"),
+                    value: if l.sqnr_db.is_finite() {
+                        l.sqnr_db
+                    } else {
+                        0.0
+                    },
+                    color: PALETTE[0].into(),
+                })
+                .collect();
+            let chart = Chart {
+                title: format!(
+                    "{}: SQNR of INT8 ({}) vs FP32 activations",
+                    self.name, self.layers_of
+                ),
+                x_label: "quantized activation, in graph order (index into the table)".into(),
+                y_label: "SQNR dB".into(),
+                bars,
+                ..Default::default()
+            };
+            out.push((format!("{stem}-sqnr.svg"), chart.to_svg()));
+        }
+        out
+    }
+
+    /// This model's section of `report.md` (plots referenced by file name).
+    pub fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "## {}\n", self.name);
+        if !self.source.is_empty() {
+            let _ = writeln!(
+                o,
+                "Model `{}`; {} calibration images, {} evaluation images.\n",
+                self.source, self.calib_images, self.eval_images
+            );
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(o, "{}\n", self.notes.trim_end());
+        }
+        let _ = writeln!(
+            o,
+            "| method | top-1 % | top-5 % | drop (pp) | calibration s | file |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|");
+        let _ = writeln!(
+            o,
+            "| fp32 | {:.2} | | | | {} |",
+            self.fp32_top1 * 100.0,
+            bytes_text(self.fp32_bytes)
+        );
+        for m in &self.methods {
+            let _ = writeln!(
+                o,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                cell(&m.method),
+                m.top1 * 100.0,
+                m.top5 * 100.0,
+                (self.fp32_top1 - m.top1) * 100.0,
+                m.calibration_seconds,
+                bytes_text(m.file_bytes)
+            );
+        }
+        o.push('\n');
+        for (file, _) in self.plots() {
+            let _ = writeln!(o, "![{file}]({file})\n");
+        }
+        if !self.layers.is_empty() {
+            let _ = writeln!(o, "Per-layer error of the {} model's dequantized activations against FP32 (lowest SQNR first, at most 15):\n", self.layers_of);
+            let _ = writeln!(o, "| # | activation | SQNR dB | cosine |");
+            let _ = writeln!(o, "|---|---|---|---|");
+            let mut order: Vec<usize> = (0..self.layers.len()).collect();
+            order.sort_by(|&a, &b| self.layers[a].sqnr_db.total_cmp(&self.layers[b].sqnr_db));
+            for &i in order.iter().take(15) {
+                let l = &self.layers[i];
+                let _ = writeln!(
+                    o,
+                    "| {i} | `{}` | {:.1} | {:.5} |",
+                    cell(&l.tensor),
+                    l.sqnr_db,
+                    l.cosine
+                );
+            }
+            o.push('\n');
+        }
+        o
+    }
+}
+
+/// `s` cut to at most `n` characters, keeping its end (tensor names differ
+/// at the end).
+fn short(s: &str, n: usize) -> String {
+    let count = s.chars().count();
+    if count <= n {
+        s.to_string()
+    } else {
+        format!("…{}", s.chars().skip(count - n + 1).collect::<String>())
+    }
+}
+
+/// Writes `dir/report.md` (`title`, `intro` Markdown, then each model's
+/// section) and every plot, creating `dir` if needed. Returns the files
+/// written, `report.md` first. Each file is written atomically.
+pub fn write_report(
+    dir: &Path,
+    title: &str,
+    intro: &str,
+    models: &[ModelReport],
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| AnalysisError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    let mut md = format!("# {title}\n\n");
+    if !intro.is_empty() {
+        md.push_str(intro.trim_end());
+        md.push_str("\n\n");
+    }
+    let mut files = vec![dir.join("report.md")];
+    for m in models {
+        for (file, svg) in m.plots() {
+            let p = dir.join(&file);
+            write_atomic(&p, &svg)?;
+            files.push(p);
+        }
+        md.push_str(&m.markdown());
+    }
+    write_atomic(&files[0], &md)?;
+    Ok(files)
+}
