@@ -21,6 +21,9 @@ pub struct MethodRow {
     pub calibration_seconds: f64,
     /// Bytes of the exported QDQ file.
     pub file_bytes: usize,
+    /// Half-width (points) of the 95% confidence interval of the drop, when
+    /// known ([`qint8_eval::Accuracy::top1_difference_ci95`]).
+    pub drop_ci95: Option<f64>,
 }
 
 /// The `|x|` histogram of one activation and the threshold each method
@@ -149,7 +152,7 @@ impl ModelReport {
             out.push((format!("{stem}-top1.svg"), chart.to_svg()));
         }
         for (i, h) in self.histograms.iter().enumerate() {
-            if h.counts.is_empty() || !(h.max > 0.0) {
+            if h.counts.is_empty() || h.max.is_nan() || h.max <= 0.0 {
                 continue;
             }
             // At most 256 columns: sum groups of bins.
@@ -233,7 +236,7 @@ impl ModelReport {
         }
         let _ = writeln!(
             o,
-            "| method | top-1 % | top-5 % | drop (pp) | calibration s | file |"
+            "| method | top-1 % | top-5 % | drop (pp, 95% CI) | calibration s | file |"
         );
         let _ = writeln!(o, "|---|---|---|---|---|---|");
         let _ = writeln!(
@@ -243,9 +246,13 @@ impl ModelReport {
             bytes_text(self.fp32_bytes)
         );
         for m in &self.methods {
+            let ci = m
+                .drop_ci95
+                .map(|c| format!(" ± {c:.2}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 o,
-                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                "| {} | {:.2} | {:.2} | {:.2}{ci} | {:.2} | {} |",
                 cell(&m.method),
                 m.top1 * 100.0,
                 m.top5 * 100.0,

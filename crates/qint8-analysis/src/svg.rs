@@ -122,7 +122,7 @@ pub fn tick_text(v: f64) -> String {
 
 /// Up to about `n` round tick positions covering `[lo, hi]`.
 fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
-    if !(hi > lo) || !lo.is_finite() || !hi.is_finite() {
+    if !lo.is_finite() || !hi.is_finite() || hi <= lo {
         return vec![lo];
     }
     let raw = (hi - lo) / n.max(1) as f64;
@@ -173,7 +173,7 @@ impl Chart {
         } else {
             fold(&xs)
         };
-        if !(x1 > x0) {
+        if x1.is_nan() || x0.is_nan() || x1 <= x0 {
             x0 = if x0.is_finite() { x0 - 1.0 } else { 0.0 };
             x1 = x0 + 2.0;
         }
@@ -198,7 +198,7 @@ impl Chart {
             if !y0.is_finite() {
                 y0 = 0.0;
             }
-            if !(y1 > y0) {
+            if y1.is_nan() || y1 <= y0 {
                 y1 = y0 + 1.0;
             }
             y1 += (y1 - y0) * 0.05;
@@ -280,6 +280,9 @@ impl Chart {
         }
         // Bars.
         let slot = pw / self.bars.len().max(1) as f64;
+        // Many bars: no value labels, and every k-th category label only.
+        let crowded = self.bars.len() > 24;
+        let label_every = self.bars.len().div_ceil(24).max(1);
         for (i, b) in self.bars.iter().enumerate() {
             let (top, base) = (sy(b.value), sy(y0.max(0.0).min(y1)));
             let (y, h) = if top < base {
@@ -301,6 +304,9 @@ impl Chart {
             );
             let cx = LEFT + (i as f64 + 0.5) * slot;
             let ly = TOP + ph + 14.0;
+            if crowded && i % label_every != 0 {
+                continue;
+            }
             let _ = write!(
                 o,
                 r#"<text class="label" x="{x}" y="{y}" text-anchor="end" transform="rotate(-35 {x} {y})">{t}</text>"#,
@@ -308,6 +314,9 @@ impl Chart {
                 y = num(ly),
                 t = escape(&b.label)
             );
+            if crowded {
+                continue;
+            }
             let _ = write!(
                 o,
                 r#"<text class="value" x="{x}" y="{y}" text-anchor="middle" font-size="10">{v}</text>"#,

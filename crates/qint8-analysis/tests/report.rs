@@ -14,6 +14,7 @@ fn sample() -> ModelReport {
             top5: 0.99,
             calibration_seconds: 0.5,
             file_bytes: 1_000_000,
+            drop_ci95: (i == 0).then_some(0.25),
         })
         .collect();
     // A decaying histogram with a spike, 2048 bins over [0, 8].
@@ -104,7 +105,8 @@ fn plots_parse_and_show_the_data() {
     assert!(md.starts_with("# Quantization report\n\nIntro text."));
     // The table: fp32 and three methods, drops in points; escaped names.
     assert!(
-        md.contains("| entropy | 90.00 | 99.00 | 1.00 | 0.50 | 1.00 MB |"),
+        md.contains("| entropy | 90.00 | 99.00 | 1.00 ± 0.25 | 0.50 | 1.00 MB |")
+            && md.contains("| minmax | 89.00 | 99.00 | 2.00 | 0.50 | 1.00 MB |"),
         "{md}"
     );
     assert!(md.contains("`conv0<in>`"));

@@ -121,7 +121,8 @@ pub struct Calibrated {
 
 /// Calibrates `graph` on every image of `data` (use
 /// [`ImageDataset::take`] for the first N), placing
-/// quantization by `cfg.placement` (see [`placement`]). Activations get
+/// quantization by `cfg.placement` (see
+/// [`placement`](qint8_graph::quant::placement)). Activations get
 /// symmetric int8 with `scale = amax / 127`; weights the narrow range
 /// `[-127, 127]`. Errors name the tensor when data hold NaN or infinity.
 pub fn calibrate(

@@ -35,6 +35,79 @@ pub(crate) enum Command {
     /// Calibrate with every method at both weight granularities and compare
     /// the QDQ models' top-1/top-5, calibration time and file size with FP32.
     Compare(CompareArgs),
+    /// Calibrate with every method and write a report directory: report.md
+    /// with accuracy per method, activation histograms with each method's
+    /// threshold, per-layer SQNR of INT8 vs FP32, latency and memory (SVG plots).
+    Report(ReportArgs),
+    /// The whole job on the shipped fixture models: calibrate with every
+    /// method, evaluate FP32 and INT8, measure size, speed and memory, print
+    /// the target table and write a report directory.
+    Demo(DemoArgs),
+}
+
+/// Arguments of `qint8 report`.
+#[derive(Debug, Args)]
+pub(crate) struct ReportArgs {
+    /// The FP32 ONNX model; its first output must be [batch, classes] logits.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// Calibration images and how many of them.
+    #[command(flatten)]
+    pub(crate) calib: CalibDataArgs,
+    /// Smoothing of gated activations.
+    #[command(flatten)]
+    pub(crate) smooth: SmoothArgs,
+    /// Labeled evaluation images, as `qint8 eval --data` reads them.
+    #[arg(long, value_name = "DATA")]
+    pub(crate) data: PathBuf,
+    /// Labels of --data, as in `qint8 eval`.
+    #[arg(long, value_name = "LABELS")]
+    pub(crate) labels: Option<PathBuf>,
+    /// Evaluate only the first N images of --data.
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) limit: Option<usize>,
+    /// Methods to run, comma-separated [default: entropy, minmax,
+    /// percentile, mse, moving-average].
+    #[arg(long, value_name = "M[,M..]", value_enum, value_delimiter = ',')]
+    pub(crate) methods: Option<Vec<Method>>,
+    /// Percentile for the percentile method.
+    #[arg(long, default_value_t = 99.99)]
+    pub(crate) percentile: f64,
+    /// Which tensors get Q/DQ.
+    #[arg(long, value_enum, default_value_t = Placement::Trt)]
+    pub(crate) placement: Placement,
+    /// Image preprocessing.
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
+    /// Images per batch.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    pub(crate) batch: usize,
+    /// The report directory (created if needed; report.md and SVG plots).
+    #[arg(long, short, value_name = "DIR")]
+    pub(crate) output: PathBuf,
+}
+
+/// Arguments of `qint8 demo`.
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// The fixtures folder [default: fixtures/ of the current directory or
+    /// of the repository the binary was built in].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) fixtures: Option<PathBuf>,
+    /// The report directory.
+    #[arg(long, short, value_name = "DIR", default_value = "qint8-demo-report")]
+    pub(crate) output: PathBuf,
+    /// Calibration images per model (the first N of the fixture's 1000).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
+    pub(crate) calib_size: usize,
+    /// Evaluate on the first N of the fixture's 2000 evaluation images
+    /// [default: all].
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) limit: Option<usize>,
+    /// Methods to run, comma-separated [default: entropy, minmax,
+    /// percentile, mse, moving-average, auto].
+    #[arg(long, value_name = "M[,M..]", value_enum, value_delimiter = ',')]
+    pub(crate) methods: Option<Vec<Method>>,
 }
 
 /// Arguments of `qint8 compare`.

@@ -38,13 +38,13 @@ const ALL_METHODS: [Method; 5] = [
 
 /// Images `--method auto` scores on (`qint8 quantize`'s default); auto is
 /// run only when `--methods` names it.
-const REFINE_IMAGES: usize = 256;
+pub(crate) const REFINE_IMAGES: usize = 256;
 
 /// Constant of the moving-average method (`qint8 quantize`'s default).
-const AVERAGING_CONSTANT: f32 = 0.01;
+pub(crate) const AVERAGING_CONSTANT: f32 = 0.01;
 
 /// The command-line name of a method (`moving-average`).
-fn method_name(m: Method) -> &'static str {
+pub(crate) fn method_name(m: Method) -> &'static str {
     match m {
         Method::Entropy => "entropy",
         Method::Minmax => "minmax",
@@ -56,7 +56,7 @@ fn method_name(m: Method) -> &'static str {
 }
 
 /// `methods` without repeats, in first-seen order; every method when `None`.
-fn methods_to_run(methods: Option<&[Method]>) -> Vec<Method> {
+pub(crate) fn methods_to_run(methods: Option<&[Method]>) -> Vec<Method> {
     let mut out = Vec::new();
     for &m in methods.unwrap_or(&ALL_METHODS) {
         if !out.contains(&m) {
@@ -89,7 +89,7 @@ struct Row {
 }
 
 /// A one-line progress display on stderr (when `show`), overwritten in place.
-fn status(show: bool, text: &str) {
+pub(crate) fn status(show: bool, text: &str) {
     if show {
         eprint!("\r{text:<78}");
         let _ = std::io::stderr().flush();

@@ -82,6 +82,7 @@ mod eval;
 mod format;
 mod inspect;
 mod quantize;
+mod report;
 mod run;
 mod zoo;
 
@@ -103,6 +104,8 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize::main(args, threads),
         Command::CheckTrt(args) => check_trt::main(args),
         Command::Compare(args) => compare::main(args, threads),
+        Command::Report(args) => report::report_main(args, threads),
+        Command::Demo(args) => report::demo_main(args, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

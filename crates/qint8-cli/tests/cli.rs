@@ -1293,3 +1293,111 @@ fn quantize_smooths_gated_activations_unless_told_not_to() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("[0, 1]"), "{}", stderr(&o));
 }
+
+/// `qint8 demo` (reduced: 64 calibration and 200 evaluation images, two
+/// methods) prints the target table for the three fixtures and writes the
+/// report directory.
+#[test]
+fn demo_prints_the_target_table_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = qint8(&[
+        "demo",
+        "-o",
+        s(&out),
+        "--calib-size",
+        "64",
+        "--limit",
+        "200",
+        "--methods",
+        "entropy,minmax",
+        "--threads",
+        "2",
+    ]);
+    let text = ok(o);
+    assert!(text.starts_with("Target performance"), "{text}");
+    for model in ["resnet50", "vgg16_bn", "efficientnet_b0"] {
+        for metric in [
+            "top-1 drop, entropy (default)",
+            "top-1 drop, best method",
+            "file size reduction",
+            "CPU speedup, batch 1",
+            "CPU speedup, batch 32",
+            "runtime memory reduction, batch 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(model) && l.contains(metric)),
+                "{model} {metric}:\n{text}"
+            );
+        }
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Target performance"));
+    let svgs: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".svg"))
+        .collect();
+    // Per model: top-1, three histograms, per-layer SQNR.
+    assert_eq!(svgs.len(), 15, "{svgs:?}");
+    for n in &svgs {
+        assert!(md.contains(&format!("]({n})")), "{n}");
+        let svg = std::fs::read_to_string(out.join(n)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{n}");
+    }
+}
+
+/// `qint8 report` on one model: the chosen methods' rows, their thresholds
+/// on the histogram plots, the per-layer table.
+#[test]
+fn report_writes_one_models_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let m = model("vgg16_bn.onnx");
+    let text = ok(qint8(&[
+        "report",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "--calib-size",
+        "64",
+        "--data",
+        s(&eval_images()),
+        "--limit",
+        "128",
+        "--methods",
+        "entropy,percentile",
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "-o",
+        s(&out),
+    ]));
+    assert!(text.contains("report.md (5 plots)"), "{text}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| entropy |") && md.contains("| percentile |"), "{md}");
+    assert!(!md.contains("| minmax |"));
+    assert!(md.contains("Per-layer error of the entropy model"));
+    let hist = std::fs::read_to_string(out.join("vgg16_bn-hist-1.svg")).unwrap();
+    assert_eq!(hist.matches("class=\"marker\"").count(), 2, "{hist}");
+    assert!(hist.contains(">entropy ") && hist.contains(">percentile "));
+    // Bad input: a model file that does not exist, no directory left.
+    let bad = dir.path().join("bad");
+    let err = fails(qint8(&[
+        "report",
+        "missing.onnx",
+        "--calib",
+        s(&calib),
+        "--data",
+        s(&eval_images()),
+        "-o",
+        s(&bad),
+    ]));
+    assert!(err.contains("missing.onnx"), "{err}");
+    assert!(!bad.exists());
+}

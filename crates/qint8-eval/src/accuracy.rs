@@ -87,6 +87,8 @@ pub struct Accuracy {
     pub classes: usize,
     /// The predicted class of every image, in dataset order.
     pub predictions: Vec<usize>,
+    /// The true class of every image, in dataset order.
+    pub labels: Vec<usize>,
 }
 
 impl Accuracy {
@@ -97,6 +99,39 @@ impl Accuracy {
             .zip(&other.predictions)
             .filter(|(a, b)| a == b)
             .count()
+    }
+
+    /// Half-width, in percentage points, of the 95% confidence interval of
+    /// the top-1 difference between `self` and `other` on the same images
+    /// (paired: only images one gets right and the other wrong vary; normal
+    /// approximation of the McNemar difference, `1.96 sqrt(b + c - (b -
+    /// c)^2 / n) / n`). `None` when the two were not scored on the same
+    /// labels.
+    pub fn top1_difference_ci95(&self, other: &Accuracy) -> Option<f64> {
+        let n = self.labels.len();
+        if n == 0
+            || other.labels != self.labels
+            || self.predictions.len() != n
+            || other.predictions.len() != n
+        {
+            return None;
+        }
+        let (mut b, mut c) = (0f64, 0f64);
+        for ((&l, &p), &q) in self
+            .labels
+            .iter()
+            .zip(&self.predictions)
+            .zip(&other.predictions)
+        {
+            match (p == l, q == l) {
+                (true, false) => b += 1.0,
+                (false, true) => c += 1.0,
+                _ => {}
+            }
+        }
+        let n = n as f64;
+        let var = (b + c - (b - c) * (b - c) / n).max(0.0);
+        Some(1.96 * var.sqrt() / n * 100.0)
     }
 }
 
@@ -197,6 +232,7 @@ impl Evaluator {
         }
         let mut score = Score::default();
         let mut predictions = Vec::with_capacity(data.len());
+        let mut all_labels = Vec::with_capacity(data.len());
         let mut classes = 0;
         for b in data.batches(batch) {
             let b = b?;
@@ -219,12 +255,14 @@ impl Evaluator {
             }
             let flat: Vec<f32> = logits.iter().copied().collect();
             classes = score_logits(&flat, labels, &mut score, &mut predictions, &self.name)?;
+            all_labels.extend_from_slice(labels);
             progress(score.n);
         }
         Ok(Accuracy {
             score,
             classes,
             predictions,
+            labels: all_labels,
         })
     }
 }
@@ -274,16 +312,23 @@ mod tests {
         assert!(e.to_string().contains("label 3"), "{e}");
         let e = score_logits(&logits[..5], &[0, 0], &mut s, &mut p, "m").unwrap_err();
         assert!(e.to_string().contains("[batch, classes]"), "{e}");
+        let labels = vec![1, 2, 0];
         let a = Accuracy {
             score: s,
             classes: 3,
-            predictions: vec![1, 2, 3],
+            predictions: vec![1, 2, 2],
+            labels: labels.clone(),
         };
         let b = Accuracy {
             score: s,
             classes: 3,
-            predictions: vec![1, 0, 3],
+            predictions: vec![1, 0, 0],
+            labels,
         };
-        assert_eq!(a.agreement(&b), 2);
+        assert_eq!(a.agreement(&b), 1);
+        // One image each way: b = c = 1, n = 3: 1.96 sqrt(2) / 3.
+        let ci = a.top1_difference_ci95(&b).unwrap();
+        assert!((ci - 1.96 * 2f64.sqrt() / 3.0 * 100.0).abs() < 1e-9, "{ci}");
+        assert_eq!(a.top1_difference_ci95(&a).unwrap(), 0.0);
     }
 }

@@ -47,7 +47,8 @@ fn main() -> qint8::Result<()> {
     let root = match std::env::args().nth(1) {
         Some(r) => PathBuf::from(r),
         None => {
-            let tmp = std::env::temp_dir().join(format!("qint8-folder-example-{}", std::process::id()));
+            let tmp =
+                std::env::temp_dir().join(format!("qint8-folder-example-{}", std::process::id()));
             write_folder(&tmp, 200)?;
             written = Some(tmp.clone());
             tmp

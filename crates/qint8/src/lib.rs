@@ -107,7 +107,7 @@ pub enum Error {
     Analysis(#[from] qint8_analysis::AnalysisError),
 }
 
-/// Result with [`Error`].
+/// Result with [`Error`](enum@Error).
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The commonly used items in one import.
