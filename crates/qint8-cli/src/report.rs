@@ -343,8 +343,9 @@ pub(crate) fn demo_main(args: &DemoArgs, threads: usize) -> Result<()> {
     )
     .with_context(|| format!("reading the calibration images in {}", fixtures.display()))?
     .take(args.calib_size)?;
-    let mut eval = ImageDataset::from_idx_auto(fixtures.join("data/eval-images-idx3-ubyte"), pre)
-        .with_context(|| format!("reading the evaluation images in {}", fixtures.display()))?;
+    let mut eval =
+        ImageDataset::from_idx_auto(fixtures.join("data/eval-images-idx3-ubyte"), pre)
+            .with_context(|| format!("reading the evaluation images in {}", fixtures.display()))?;
     if let Some(n) = args.limit {
         eval = eval.take(n)?;
     }

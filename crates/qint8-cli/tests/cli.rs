@@ -1326,7 +1326,8 @@ fn demo_prints_the_target_table_and_writes_the_report() {
             "runtime memory reduction, batch 1",
         ] {
             assert!(
-                text.lines().any(|l| l.starts_with(model) && l.contains(metric)),
+                text.lines()
+                    .any(|l| l.starts_with(model) && l.contains(metric)),
                 "{model} {metric}:\n{text}"
             );
         }
@@ -1344,7 +1345,10 @@ fn demo_prints_the_target_table_and_writes_the_report() {
     for n in &svgs {
         assert!(md.contains(&format!("]({n})")), "{n}");
         let svg = std::fs::read_to_string(out.join(n)).unwrap();
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{n}");
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{n}"
+        );
     }
 }
 
@@ -1380,7 +1384,10 @@ fn report_writes_one_models_plots() {
     ]));
     assert!(text.contains("report.md (5 plots)"), "{text}");
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("| entropy |") && md.contains("| percentile |"), "{md}");
+    assert!(
+        md.contains("| entropy |") && md.contains("| percentile |"),
+        "{md}"
+    );
     assert!(!md.contains("| minmax |"));
     assert!(md.contains("Per-layer error of the entropy model"));
     let hist = std::fs::read_to_string(out.join("vgg16_bn-hist-1.svg")).unwrap();
