@@ -48,40 +48,9 @@ pub(crate) enum Command {
 /// Arguments of `qint8 report`.
 #[derive(Debug, Args)]
 pub(crate) struct ReportArgs {
-    /// The FP32 ONNX model; its first output must be [batch, classes] logits.
-    #[arg(value_name = "MODEL")]
-    pub(crate) model: PathBuf,
-    /// Calibration images and how many of them.
+    /// Model, data, methods and preprocessing, as in `qint8 compare`.
     #[command(flatten)]
-    pub(crate) calib: CalibDataArgs,
-    /// Smoothing of gated activations.
-    #[command(flatten)]
-    pub(crate) smooth: SmoothArgs,
-    /// Labeled evaluation images, as `qint8 eval --data` reads them.
-    #[arg(long, value_name = "DATA")]
-    pub(crate) data: PathBuf,
-    /// Labels of --data, as in `qint8 eval`.
-    #[arg(long, value_name = "LABELS")]
-    pub(crate) labels: Option<PathBuf>,
-    /// Evaluate only the first N images of --data.
-    #[arg(long, value_name = "N", value_parser = positive_usize)]
-    pub(crate) limit: Option<usize>,
-    /// Methods to run, comma-separated [default: entropy, minmax,
-    /// percentile, mse, moving-average].
-    #[arg(long, value_name = "M[,M..]", value_enum, value_delimiter = ',')]
-    pub(crate) methods: Option<Vec<Method>>,
-    /// Percentile for the percentile method.
-    #[arg(long, default_value_t = 99.99)]
-    pub(crate) percentile: f64,
-    /// Which tensors get Q/DQ.
-    #[arg(long, value_enum, default_value_t = Placement::Trt)]
-    pub(crate) placement: Placement,
-    /// Image preprocessing.
-    #[command(flatten)]
-    pub(crate) pre: PreprocessArgs,
-    /// Images per batch.
-    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
-    pub(crate) batch: usize,
+    pub(crate) study: StudyArgs,
     /// The report directory (created if needed; report.md and SVG plots).
     #[arg(long, short, value_name = "DIR")]
     pub(crate) output: PathBuf,
@@ -113,6 +82,17 @@ pub(crate) struct DemoArgs {
 /// Arguments of `qint8 compare`.
 #[derive(Debug, Args)]
 pub(crate) struct CompareArgs {
+    /// Model, data, methods and preprocessing.
+    #[command(flatten)]
+    pub(crate) study: StudyArgs,
+    /// Print exactly one JSON object (and no progress) instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// What `compare` and `report` calibrate and evaluate.
+#[derive(Debug, Args)]
+pub(crate) struct StudyArgs {
     /// The FP32 ONNX model; its first output must be [batch, classes] logits.
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
@@ -131,8 +111,8 @@ pub(crate) struct CompareArgs {
     /// Evaluate only the first N images of --data.
     #[arg(long, value_name = "N", value_parser = positive_usize)]
     pub(crate) limit: Option<usize>,
-    /// Calibration methods to compare, in this order [default: entropy
-    /// (spike-aware), minmax, percentile, mse, moving-average (constant 0.01)].
+    /// Calibration methods, in this order [default: entropy (spike-aware),
+    /// minmax, percentile, mse, moving-average (constant 0.01)].
     #[arg(long, value_name = "M[,M..]", value_enum, value_delimiter = ',')]
     pub(crate) methods: Option<Vec<Method>>,
     /// Percentile for the percentile method.
@@ -148,9 +128,6 @@ pub(crate) struct CompareArgs {
     /// evaluation.
     #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
     pub(crate) batch: usize,
-    /// Print exactly one JSON object (and no progress) instead of a table.
-    #[arg(long)]
-    pub(crate) json: bool,
 }
 
 /// Arguments of `qint8 check-trt`.

@@ -99,40 +99,45 @@ pub(crate) fn status(show: bool, text: &str) {
 /// Runs `qint8 compare`.
 pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let total_start = Instant::now();
-    let methods = methods_to_run(args.methods.as_deref());
+    let methods = methods_to_run(args.study.methods.as_deref());
     // Bad options fail before any work.
     let range_methods: Vec<(Method, RangeMethod)> = methods
         .iter()
         .map(|&m| {
             Ok((
                 m,
-                range_method(m, args.percentile, EntropyVariantArg::SpikeAware)?,
+                range_method(m, args.study.percentile, EntropyVariantArg::SpikeAware)?,
             ))
         })
         .collect::<Result<_>>()?;
-    let placement = match args.placement {
+    let placement = match args.study.placement {
         Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
         Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
     };
-    let model_name = args.model.display().to_string();
-    let model = load_model(&args.model)?;
+    let model_name = args.study.model.display().to_string();
+    let model = load_model(&args.study.model)?;
 
-    let opened = open_calibration(&args.calib, &args.pre)?;
+    let opened = open_calibration(&args.study.calib, &args.study.pre)?;
     let calib_kind = opened.kind;
     let calib_prep = opened.preprocessing_text();
     let calib = opened.dataset;
 
-    let opened = open_evaluation(&args.data, args.labels.as_deref(), &args.pre, args.limit)?;
+    let opened = open_evaluation(
+        &args.study.data,
+        args.study.labels.as_deref(),
+        &args.study.pre,
+        args.study.limit,
+    )?;
     let kind = opened.kind;
     let prep_text = opened.preprocessing_text();
     let labels_source = opened.labels.clone().unwrap_or_default();
     let dataset = opened.dataset;
     let n = dataset.len();
     if n == 0 {
-        bail!("{}: no images to evaluate", args.data.display());
+        bail!("{}: no images to evaluate", args.study.data.display());
     }
     let [c, _, _] = dataset.input_shape();
-    let data_text = input_description(&args.data, &prep_text, kind, c);
+    let data_text = input_description(&args.study.data, &prep_text, kind, c);
 
     let show = !args.json && std::io::stderr().is_terminal();
     let steps = 1 + 2 * range_methods.len();
@@ -143,14 +148,14 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             name,
             "qint8 compare",
             &dataset,
-            args.batch,
+            args.study.batch,
             threads,
             &data_text,
         )?;
         let (score, classes) = scorer.score(
             &dataset,
-            args.batch,
-            &args.data,
+            args.study.batch,
+            &args.study.data,
             &labels_source,
             None,
             &mut |done| status(show, &format!("{what}: eval {done}/{n} images")),
@@ -165,8 +170,8 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
 
     let base_cfg = CalibConfig {
         placement,
-        smooth: args.smooth.smoothing(),
-        batch: args.batch,
+        smooth: args.study.smooth.smoothing(),
+        batch: args.study.batch,
         threads,
         ..Default::default()
     };
@@ -272,21 +277,21 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             .collect();
         let v = json!({
             "model": model_name,
-            "calib": args.calib.calib.display().to_string(),
+            "calib": args.study.calib.calib.display().to_string(),
             "calibration_data_format": calib_kind.name(),
             "calibration_images": calib.len(),
-            "calibration_seed": args.calib.calib_seed,
-            "data": args.data.display().to_string(),
+            "calibration_seed": args.study.calib.calib_seed,
+            "data": args.study.data.display().to_string(),
             "format": kind.name(),
             "labels": labels_source,
             "n": n,
             "classes": classes,
-            "placement": match args.placement {
+            "placement": match args.study.placement {
                 Placement::Trt => "trt",
                 Placement::Ort => "ort",
             },
-            "percentile": args.percentile,
-            "batch": args.batch,
+            "percentile": args.study.percentile,
+            "batch": args.study.batch,
             "threads": session_threads,
             "fp32_top1": fp32_top1,
             "fp32_top5": fp32_top5,
@@ -331,7 +336,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format::bytes(r.file_bytes),
             ]);
         }
-        let calib_choice = match args.calib.calib_seed {
+        let calib_choice = match args.study.calib.calib_seed {
             Some(seed) => format!("chosen with seed {seed}"),
             None => "the first ones".into(),
         };
@@ -342,7 +347,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format!(
                     "{} images of {} ({calib_prep}), {calib_choice}",
                     format::group(calib.len()),
-                    args.calib.calib.display()
+                    args.study.calib.calib.display()
                 ),
             ),
             (
@@ -350,7 +355,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format!(
                     "{} images of {} ({prep_text}), {classes} classes, labels {labels_source}",
                     format::group(n),
-                    args.data.display()
+                    args.study.data.display()
                 ),
             ),
             (
@@ -358,7 +363,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format!(
                     "int8 QDQ, int8 weights, {} placement; each method calibrates once for both \
                      weight granularities",
-                    match args.placement {
+                    match args.study.placement {
                         Placement::Trt => "TensorRT",
                         Placement::Ort => "onnxruntime",
                     }

@@ -252,27 +252,34 @@ fn analyze(
 /// Runs `qint8 report`.
 pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
-    let methods = methods_to_run(args.methods.as_deref());
-    let model = load_model(&args.model)?;
-    let calib = open_calibration(&args.calib, &args.pre)?.dataset;
-    let eval = open_evaluation(&args.data, args.labels.as_deref(), &args.pre, args.limit)?.dataset;
+    let methods = methods_to_run(args.study.methods.as_deref());
+    let model = load_model(&args.study.model)?;
+    let calib = open_calibration(&args.study.calib, &args.study.pre)?.dataset;
+    let eval = open_evaluation(
+        &args.study.data,
+        args.study.labels.as_deref(),
+        &args.study.pre,
+        args.study.limit,
+    )?
+    .dataset;
     if eval.is_empty() {
-        bail!("{}: no images to evaluate", args.data.display());
+        bail!("{}: no images to evaluate", args.study.data.display());
     }
     let name = args
+        .study
         .model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let settings = Settings {
         methods,
-        percentile: args.percentile,
-        smooth: args.smooth.smoothing(),
-        placement: match args.placement {
+        percentile: args.study.percentile,
+        smooth: args.study.smooth.smoothing(),
+        placement: match args.study.placement {
             Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
             Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
         },
-        batch: args.batch,
+        batch: args.study.batch,
         threads,
         show: std::io::stderr().is_terminal(),
         prefix: name.clone(),
@@ -280,7 +287,7 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
     let a = analyze(
         &model,
         &name,
-        &args.model.display().to_string(),
+        &args.study.model.display().to_string(),
         &calib,
         &eval,
         &settings,
