@@ -30,6 +30,12 @@ use crate::quantize::range_method;
 /// evaluation set).
 const LAYER_IMAGES: usize = 256;
 
+/// A 20-character progress bar, `[#####---------------]`.
+fn bar(done: usize, total: usize) -> String {
+    let filled = (done * 20).checked_div(total).unwrap_or(20).min(20);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
 /// What one model's analysis measured, beyond its report.
 struct Analysis {
     report: ModelReport,
@@ -75,7 +81,7 @@ fn analyze(
     let evaluate = |m: &Model, what: &str| -> Result<(Accuracy, Evaluator)> {
         let e = Evaluator::new(m, what, s.threads)?;
         let a = e.evaluate(eval, s.batch, &mut |done| {
-            say(&format!("{what}: eval {done}/{n} images"))
+            say(&format!("{what}: eval {} {done}/{n}", bar(done, n)))
         })?;
         Ok((a, e))
     };
@@ -99,8 +105,12 @@ fn analyze(
         let t = Instant::now();
         let calibrated = calibrate(&model.graph, calib, &cfg, &mut |p| {
             say(&format!(
-                "{mname}: calibrating, pass {}/{}: {}/{}",
-                p.pass, p.passes, p.done, p.total
+                "{mname}: calibration pass {}/{} {} {}/{}",
+                p.pass,
+                p.passes,
+                bar(p.done, p.total),
+                p.done,
+                p.total
             ))
         })
         .with_context(|| format!("calibrating {name} with {mname}"))?;
@@ -523,4 +533,20 @@ pub(crate) fn demo_main(args: &DemoArgs, threads: usize) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     crate::print_stdout(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bar;
+
+    #[test]
+    fn bars_fill_in_proportion() {
+        assert_eq!(bar(0, 10), format!("[{}]", "-".repeat(20)));
+        assert_eq!(
+            bar(5, 10),
+            format!("[{}{}]", "#".repeat(10), "-".repeat(10))
+        );
+        assert_eq!(bar(3, 0), format!("[{}]", "#".repeat(20)));
+        assert_eq!(bar(12, 10), format!("[{}]", "#".repeat(20)));
+    }
 }
