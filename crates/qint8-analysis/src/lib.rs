@@ -1,5 +1,8 @@
 //! Analysis for qint8: reports on how a model quantizes.
 //!
+//! - [`sensitivity`]: which layer hurts: every quantizable node measured
+//!   alone quantized and alone in float, and mixed precision (the fewest
+//!   nodes in float for an accuracy budget, verified by evaluation).
 //! - [`svg`]: small dependency-free SVG charts (bars, lines, labelled
 //!   markers, linear or logarithmic axes).
 //! - [`report`]: a report directory, `report.md` plus one SVG per plot: per
@@ -25,6 +28,7 @@
 //! ```
 
 pub mod report;
+pub mod sensitivity;
 pub mod svg;
 
 pub use report::{write_report, HistogramPlot, MethodRow, ModelReport};

@@ -289,7 +289,7 @@ impl ModelReport {
 
 /// `s` cut to at most `n` characters, keeping its end (tensor names differ
 /// at the end).
-fn short(s: &str, n: usize) -> String {
+pub fn short(s: &str, n: usize) -> String {
     let count = s.chars().count();
     if count <= n {
         s.to_string()

@@ -39,6 +39,12 @@ pub(crate) enum Command {
     /// with accuracy per method, activation histograms with each method's
     /// threshold, per-layer SQNR of INT8 vs FP32, latency and memory (SVG plots).
     Report(ReportArgs),
+    /// Measure every Conv/Gemm/MatMul node: top-1 and logit error with it
+    /// alone quantized and with it alone in float; ranked table and SVG chart.
+    Sensitivity(SensitivityArgs),
+    /// Keep the fewest nodes in float that bring the top-1 drop within
+    /// --max-drop (verified by evaluation) and write that QDQ model.
+    MixedPrecision(MixedPrecisionArgs),
     /// The whole job on the shipped fixture models: calibrate with every
     /// method, evaluate FP32 and INT8, measure size, speed and memory, print
     /// the target table and write a report directory.
@@ -54,6 +60,96 @@ pub(crate) struct ReportArgs {
     /// The report directory (created if needed; report.md and SVG plots).
     #[arg(long, short, value_name = "DIR")]
     pub(crate) output: PathBuf,
+}
+
+/// How `sensitivity` and `mixed-precision` calibrate and evaluate.
+#[derive(Debug, Args)]
+pub(crate) struct AnalysisArgs {
+    /// The FP32 ONNX model; its first output must be [batch, classes] logits.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// Calibration images and how many of them.
+    #[command(flatten)]
+    pub(crate) calib: CalibDataArgs,
+    /// Smoothing of gated activations.
+    #[command(flatten)]
+    pub(crate) smooth: SmoothArgs,
+    /// How activation ranges are chosen.
+    #[arg(long, value_enum, default_value_t = Method::Entropy)]
+    pub(crate) method: Method,
+    /// Percentile for --method percentile.
+    #[arg(long, default_value_t = 99.99)]
+    pub(crate) percentile: f64,
+    /// One weight scale per output channel (the default).
+    #[arg(long, conflicts_with = "per_tensor")]
+    pub(crate) per_channel: bool,
+    /// One weight scale per weight tensor.
+    #[arg(long)]
+    pub(crate) per_tensor: bool,
+    /// Which tensors get Q/DQ.
+    #[arg(long, value_enum, default_value_t = Placement::Trt)]
+    pub(crate) placement: Placement,
+    /// Labeled evaluation images, as `qint8 eval --data` reads them.
+    #[arg(long, value_name = "DATA")]
+    pub(crate) data: PathBuf,
+    /// Labels of --data, as in `qint8 eval`.
+    #[arg(long, value_name = "LABELS")]
+    pub(crate) labels: Option<PathBuf>,
+    /// Labeled images to measure sensitivity (and choose float nodes) on,
+    /// read like --data [default: --data itself]; keeps the choice off the
+    /// images the result is verified on.
+    #[arg(long, value_name = "DATA")]
+    pub(crate) sensitivity_data: Option<PathBuf>,
+    /// Measure sensitivity on N images of --sensitivity-data: the first N,
+    /// or N chosen at random with --sensitivity-seed.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
+    pub(crate) sensitivity_images: usize,
+    /// Choose the sensitivity images at random with this seed.
+    #[arg(long, value_name = "S")]
+    pub(crate) sensitivity_seed: Option<u64>,
+    /// Image preprocessing.
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
+    /// Images per batch.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    pub(crate) batch: usize,
+    /// Print exactly one JSON object (and no progress) instead of tables.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Arguments of `qint8 sensitivity`.
+#[derive(Debug, Args)]
+pub(crate) struct SensitivityArgs {
+    /// Model, calibration, data.
+    #[command(flatten)]
+    pub(crate) common: AnalysisArgs,
+    /// Where to write the SVG bar chart of the most sensitive nodes
+    /// [default: MODEL-STEM-sensitivity.svg in the current directory].
+    #[arg(long, value_name = "FILE.svg")]
+    pub(crate) chart: Option<PathBuf>,
+}
+
+/// Arguments of `qint8 mixed-precision`.
+#[derive(Debug, Args)]
+pub(crate) struct MixedPrecisionArgs {
+    /// Model, calibration, data (the budget is verified on all of --data).
+    #[command(flatten)]
+    pub(crate) common: AnalysisArgs,
+    /// Largest top-1 drop allowed, in percentage points (0.1: at most 0.1%
+    /// lost). Without it: the best top-1 reachable with --max-float nodes.
+    #[arg(long, value_name = "D", allow_negative_numbers = true)]
+    pub(crate) max_drop: Option<f64>,
+    /// Keep at most K nodes in float [default: all quantizable nodes].
+    #[arg(long, value_name = "K")]
+    pub(crate) max_float: Option<usize>,
+    /// Where to write the QDQ model (atomically).
+    #[arg(long, short, value_name = "OUT.onnx")]
+    pub(crate) output: PathBuf,
+    /// Where to write the SVG curve of top-1 against nodes in float
+    /// [default: OUT with .svg for .onnx].
+    #[arg(long, value_name = "FILE.svg")]
+    pub(crate) chart: Option<PathBuf>,
 }
 
 /// Arguments of `qint8 demo`.

@@ -84,6 +84,7 @@ mod inspect;
 mod quantize;
 mod report;
 mod run;
+mod sensitivity;
 mod zoo;
 
 use std::io::Write;
@@ -106,6 +107,8 @@ fn main() -> ExitCode {
         Command::Compare(args) => compare::main(args, threads),
         Command::Report(args) => report::report_main(args, threads),
         Command::Demo(args) => report::demo_main(args, threads),
+        Command::Sensitivity(args) => sensitivity::sensitivity_main(args, threads),
+        Command::MixedPrecision(args) => sensitivity::mixed_precision_main(args, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1408,3 +1408,99 @@ fn report_writes_one_models_plots() {
     assert!(err.contains("missing.onnx"), "{err}");
     assert!(!bad.exists());
 }
+
+/// `qint8 sensitivity` ranks every Conv/Gemm node of the ResNet-50 fixture
+/// and writes its chart; `qint8 mixed-precision` meets a budget it can meet,
+/// writes a model that passes check-trt, evaluates to the top-1 it reports,
+/// and rejects a negative budget.
+#[test]
+fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let m = model("resnet50.onnx");
+    let chart = dir.path().join("s.svg");
+    let common = |extra: &[&str]| {
+        let mut v: Vec<String> = vec![
+            s(&m).into(),
+            "--calib".into(),
+            s(&calib).into(),
+            "--calib-size".into(),
+            "64".into(),
+            "--data".into(),
+            s(&eval_images()).into(),
+            "--sensitivity-images".into(),
+            "64".into(),
+            "--pad".into(),
+            "2".into(),
+            "--mean".into(),
+            "0.2860".into(),
+            "--std".into(),
+            "0.3530".into(),
+            "--method".into(),
+            "minmax".into(),
+            "--per-tensor".into(),
+            "--json".into(),
+        ];
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let mut args = vec!["sensitivity".to_string()];
+    args.extend(common(&["--chart", s(&chart)]));
+    let v = json(&ok(qint8(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
+    let nodes = v["nodes"].as_array().unwrap();
+    // ResNet-50: 53 convolutions and the classifier Gemm.
+    assert_eq!(nodes.len(), 54);
+    assert_eq!(nodes[0]["rank"], 1);
+    let rec = |i: usize| nodes[i]["float_alone"]["top1"].as_f64().unwrap();
+    assert!(rec(0) >= rec(1) && rec(1) >= rec(53));
+    assert!(nodes
+        .iter()
+        .all(|n| n["quantized_alone"]["kl"].as_f64().unwrap() >= 0.0));
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert_eq!(svg.matches("class=\"bar\"").count(), 25);
+
+    let out = dir.path().join("mp.onnx");
+    let mut args = vec!["mixed-precision".to_string()];
+    args.extend(common(&[]));
+    args.extend(["--max-drop", "5", "-o", s(&out)].map(String::from));
+    let v = json(&ok(qint8(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
+    assert_eq!(v["met"], true, "{v}");
+    let drop = v["drop_pp"].as_f64().unwrap();
+    assert!(drop <= 5.0, "{v}");
+    let curve = v["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), v["float_nodes"].as_array().unwrap().len() + 1);
+    assert!(out.with_extension("svg").exists());
+    ok(qint8(&["check-trt", s(&out)]));
+    let e = eval_json_path(&out);
+    assert!(
+        (e["top1"].as_f64().unwrap() - v["top1"].as_f64().unwrap()).abs() < 1e-9,
+        "{e} {v}"
+    );
+    let mut args = vec!["mixed-precision".to_string()];
+    args.extend(common(&[]));
+    args.extend(["--max-drop", "-1", "-o", s(&dir.path().join("bad.onnx"))].map(String::from));
+    let err = fails(qint8(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(err.contains("--max-drop"), "{err}");
+    assert!(!dir.path().join("bad.onnx").exists());
+}
+
+/// `qint8 eval --json` of a model file on the fixture eval slice.
+fn eval_json_path(model: &Path) -> Value {
+    json(&ok(qint8(&[
+        "eval",
+        s(model),
+        "--data",
+        s(&eval_images()),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--json",
+    ])))
+}

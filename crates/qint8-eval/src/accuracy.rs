@@ -221,6 +221,29 @@ impl Evaluator {
         batch: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Accuracy> {
+        self.run(data, batch, None, progress)
+    }
+
+    /// [`evaluate`](Self::evaluate), also returning every image's logits
+    /// (row-major `[images, classes]`).
+    pub fn evaluate_logits(
+        &self,
+        data: &ImageDataset,
+        batch: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(Accuracy, Vec<f32>)> {
+        let mut logits = Vec::new();
+        let a = self.run(data, batch, Some(&mut logits), progress)?;
+        Ok((a, logits))
+    }
+
+    fn run(
+        &self,
+        data: &ImageDataset,
+        batch: usize,
+        mut keep: Option<&mut Vec<f32>>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Accuracy> {
         if batch == 0 {
             return Err(EvalError::Invalid("batch size is 0".into()));
         }
@@ -255,6 +278,9 @@ impl Evaluator {
             }
             let flat: Vec<f32> = logits.iter().copied().collect();
             classes = score_logits(&flat, labels, &mut score, &mut predictions, &self.name)?;
+            if let Some(k) = keep.as_deref_mut() {
+                k.extend_from_slice(&flat);
+            }
             all_labels.extend_from_slice(labels);
             progress(score.n);
         }

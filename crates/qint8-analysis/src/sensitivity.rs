@@ -1,0 +1,442 @@
+//! Which layer hurts: per-node sensitivity to quantization, and mixed
+//! precision (the fewest nodes kept in float for an accuracy budget).
+//!
+//! For every quantizable node (a Conv, Gemm or MatMul with a quantized
+//! input) [`analyze`] measures two configurations on an evaluation subset,
+//! each with a real run of the whole network: the node alone quantized
+//! (everything else float), and the node alone in float (everything else
+//! quantized). Each gives top-1, and the SQNR and mean KL divergence of its
+//! logits against FP32's. [`mixed_precision`] then keeps nodes in float,
+//! greedily by the top-1 each recovers, verifying every choice with a real
+//! evaluation, until the budget holds; after the first node it measures the remaining ones again
+//! together with those already chosen.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use qint8_calibration::ImageDataset;
+use qint8_eval::{Accuracy, Evaluator};
+use qint8_graph::quant::{insert_qdq, Precision, QuantPlan, WeightStorage};
+use qint8_graph::{Graph, Model, Op};
+
+use crate::{AnalysisError, Result};
+
+/// Top-1 and logit error of one configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outcome {
+    /// Top-1, as a fraction.
+    pub top1: f64,
+    /// SQNR of the logits against FP32's, dB.
+    pub sqnr_db: f64,
+    /// Mean over images of `KL(softmax(fp32) || softmax(this))`, nats.
+    pub kl: f64,
+}
+
+/// One node's sensitivity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSensitivity {
+    /// Node name.
+    pub node: String,
+    /// Operator (`Conv`, `Gemm`, `MatMul`).
+    pub op: &'static str,
+    /// Only this node quantized.
+    pub alone: Outcome,
+    /// Only this node in float, everything else quantized.
+    pub float: Outcome,
+}
+
+/// A full sensitivity analysis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sensitivity {
+    /// Images evaluated.
+    pub images: usize,
+    /// FP32 top-1.
+    pub fp32_top1: f64,
+    /// Every quantizable node quantized (the plan as given).
+    pub int8: Outcome,
+    /// One entry per quantizable node, in graph order.
+    pub nodes: Vec<NodeSensitivity>,
+    /// Seconds of the FP32 evaluation of the subset.
+    pub fp32_seconds: f64,
+    /// Seconds of the whole analysis (FP32 and every configuration).
+    pub seconds: f64,
+}
+
+impl Sensitivity {
+    /// Node indices, most sensitive first: by the top-1 that leaving the
+    /// node alone in float recovers, then by how much that lowers the
+    /// logits' KL divergence.
+    pub fn ranking(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (x, y) = (&self.nodes[a].float, &self.nodes[b].float);
+            y.top1.total_cmp(&x.top1).then(x.kl.total_cmp(&y.kl))
+        });
+        order
+    }
+}
+
+/// One point of the accuracy / float-node curve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurvePoint {
+    /// Nodes kept in float.
+    pub float_nodes: usize,
+    /// Verified top-1 (a real evaluation), as a fraction.
+    pub top1: f64,
+}
+
+/// The result of [`mixed_precision`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixedPrecision {
+    /// The nodes kept in float, in the order they were added.
+    pub float_nodes: Vec<String>,
+    /// The plan with those nodes in float.
+    pub plan: QuantPlan,
+    /// Verified top-1 of that plan on the evaluation set.
+    pub top1: f64,
+    /// FP32 top-1 on the same set.
+    pub fp32_top1: f64,
+    /// Whether the budget holds (`fp32_top1 - top1 <= max_drop`).
+    pub met: bool,
+    /// Top-1 after each prefix of the ranking, from 0 float nodes on.
+    pub curve: Vec<CurvePoint>,
+}
+
+/// The nodes whose inputs `plan` quantizes and whose kind counts for
+/// mixed precision (Conv, Gemm, MatMul), in graph order.
+pub fn quantizable_nodes(graph: &Graph, plan: &QuantPlan) -> Vec<usize> {
+    graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.op, Op::Conv(_) | Op::Gemm { .. } | Op::MatMul))
+        .filter(|(_, n)| {
+            n.inputs
+                .iter()
+                .any(|i| plan.activations.contains_key(i) || plan.weights.contains_key(i))
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// `plan` with `float` nodes kept in float (their inputs not quantized for
+/// them).
+pub fn with_float_nodes<'a>(
+    plan: &QuantPlan,
+    float: impl IntoIterator<Item = &'a str>,
+) -> QuantPlan {
+    let mut p = plan.clone();
+    for n in float {
+        p.precision.insert(n.to_string(), Precision::Float);
+    }
+    p
+}
+
+/// Softmax of one row, in f64.
+fn softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = row.iter().map(|&v| (v as f64 - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// Logit SQNR (dB) and mean KL of `got` against `reference`, both
+/// `[images, classes]`.
+pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> (f64, f64) {
+    let (mut sig, mut noise) = (0.0f64, 0.0f64);
+    for (&a, &b) in reference.iter().zip(got) {
+        sig += (a as f64) * (a as f64);
+        noise += (a as f64 - b as f64) * (a as f64 - b as f64);
+    }
+    let sqnr = if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (sig / noise).log10()
+    };
+    let mut kl = 0.0;
+    let mut n = 0usize;
+    if classes > 0 {
+        for (r, g) in reference
+            .chunks_exact(classes)
+            .zip(got.chunks_exact(classes))
+        {
+            let (p, q) = (softmax(r), softmax(g));
+            kl += p
+                .iter()
+                .zip(&q)
+                .filter(|(pi, _)| **pi > 0.0)
+                .map(|(pi, qi)| pi * (pi / qi.max(1e-300)).ln())
+                .sum::<f64>();
+            n += 1;
+        }
+    }
+    (sqnr, kl / n.max(1) as f64)
+}
+
+/// Scores `graph` quantized by `plan` (QDQ, int8 weights; `model` gives
+/// the opset and metadata) on `data`, returning accuracy and logits.
+fn run(
+    model: &Model,
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    batch: usize,
+    threads: usize,
+) -> Result<(Accuracy, Vec<f32>)> {
+    let q = Model {
+        graph: insert_qdq(graph, plan, WeightStorage::Int8).map_err(invalid)?,
+        opset: model.opset.max(13),
+        ..model.clone()
+    };
+    let e = Evaluator::new(&q, &graph.name, threads).map_err(invalid)?;
+    e.evaluate_logits(data, batch, &mut |_| {}).map_err(invalid)
+}
+
+fn invalid(e: impl std::fmt::Display) -> AnalysisError {
+    AnalysisError::Invalid(e.to_string())
+}
+
+/// Measures every quantizable node of `graph` under `plan` on `data` (see
+/// the module docs). `progress` is told `(configurations done, total)`.
+pub fn analyze(
+    model: &Model,
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    batch: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Sensitivity> {
+    let start = Instant::now();
+    let fp32_model = Model {
+        graph: graph.clone(),
+        ..model.clone()
+    };
+    let t = Instant::now();
+    let e = Evaluator::new(&fp32_model, &graph.name, threads).map_err(invalid)?;
+    let (fp32, reference) = e
+        .evaluate_logits(data, batch, &mut |_| {})
+        .map_err(invalid)?;
+    let fp32_seconds = t.elapsed().as_secs_f64();
+    let classes = fp32.classes;
+    let outcome = |a: &Accuracy, logits: &[f32]| {
+        let (sqnr_db, kl) = logit_error(&reference, logits, classes);
+        Outcome {
+            top1: a.score.top1_fraction(),
+            sqnr_db,
+            kl,
+        }
+    };
+    let nodes = quantizable_nodes(graph, plan);
+    if nodes.is_empty() {
+        return Err(AnalysisError::Invalid(
+            "the plan quantizes no Conv, Gemm or MatMul input".into(),
+        ));
+    }
+    let total = 1 + 2 * nodes.len();
+    let (a, l) = run(model, graph, plan, data, batch, threads)?;
+    let int8 = outcome(&a, &l);
+    progress(1, total);
+    let all: Vec<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
+    let mut out = Vec::with_capacity(nodes.len());
+    for (k, &i) in nodes.iter().enumerate() {
+        let node = &graph.nodes[i];
+        let others = all.iter().copied().filter(|n| *n != node.name);
+        let (a, l) = run(
+            model,
+            graph,
+            &with_float_nodes(plan, others),
+            data,
+            batch,
+            threads,
+        )?;
+        let alone = outcome(&a, &l);
+        progress(2 + 2 * k, total);
+        let (a, l) = run(
+            model,
+            graph,
+            &with_float_nodes(plan, [node.name.as_str()]),
+            data,
+            batch,
+            threads,
+        )?;
+        let float = outcome(&a, &l);
+        progress(3 + 2 * k, total);
+        out.push(NodeSensitivity {
+            node: node.name.clone(),
+            op: node.op.op_type(),
+            alone,
+            float,
+        });
+    }
+    Ok(Sensitivity {
+        images: data.len(),
+        fp32_top1: fp32.score.top1_fraction(),
+        int8,
+        nodes: out,
+        fp32_seconds,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Greedy mixed precision. Round 1 keeps in float the first node of
+/// `sens`'s [`ranking`](Sensitivity::ranking); every later round measures,
+/// on `subset`, each remaining node kept in float together with those
+/// already chosen (one node's error can hide the others', so the first
+/// ranking says little beyond its top) and adds the best. Each choice is
+/// verified by a real evaluation on `data`, until the top-1 drop against
+/// FP32 is at most `max_drop` (a fraction: 0.001 is 0.1 points) or
+/// `max_float` nodes are in float. With `max_drop = None` every round up to
+/// `max_float` runs and the best verified prefix is kept (the best accuracy
+/// reachable with at most that many float nodes). `progress` is told each
+/// verified curve point.
+#[allow(clippy::too_many_arguments)]
+pub fn mixed_precision(
+    model: &Model,
+    graph: &Graph,
+    plan: &QuantPlan,
+    sens: &Sensitivity,
+    subset: &ImageDataset,
+    data: &ImageDataset,
+    max_drop: Option<f64>,
+    max_float: usize,
+    batch: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(&CurvePoint),
+) -> Result<MixedPrecision> {
+    let fp32_model = Model {
+        graph: graph.clone(),
+        ..model.clone()
+    };
+    let e = Evaluator::new(&fp32_model, &graph.name, threads).map_err(invalid)?;
+    let fp32 = e.evaluate(data, batch, &mut |_| {}).map_err(invalid)?;
+    let fp32_top1 = fp32.score.top1_fraction();
+    let known: BTreeSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
+    if let Some(missing) = sens.nodes.iter().find(|n| !known.contains(n.node.as_str())) {
+        return Err(AnalysisError::Invalid(format!(
+            "the sensitivity analysis names node `{}`, which the graph lacks",
+            missing.node
+        )));
+    }
+    let verify = |float: &[String]| -> Result<f64> {
+        let p = with_float_nodes(plan, float.iter().map(String::as_str));
+        Ok(run(model, graph, &p, data, batch, threads)?
+            .0
+            .score
+            .top1_fraction())
+    };
+    let meets = |top1: f64| max_drop.is_some_and(|d| fp32_top1 - top1 <= d);
+    let mut float: Vec<String> = Vec::new();
+    let first = CurvePoint {
+        float_nodes: 0,
+        top1: verify(&float)?,
+    };
+    progress(&first);
+    let mut curve = vec![first.clone()];
+    let mut best = (first.top1, 0usize);
+    let limit = max_float.min(sens.nodes.len());
+    while float.len() < limit && !meets(curve[curve.len() - 1].top1) {
+        let next = if float.is_empty() {
+            sens.ranking().first().map(|&i| sens.nodes[i].node.clone())
+        } else {
+            // Each remaining node, in float with those already chosen.
+            let mut scored: Vec<(f64, String)> = Vec::new();
+            for n in &sens.nodes {
+                if float.contains(&n.node) {
+                    continue;
+                }
+                let with: Vec<&str> = float
+                    .iter()
+                    .map(String::as_str)
+                    .chain([n.node.as_str()])
+                    .collect();
+                let (a, _) = run(
+                    model,
+                    graph,
+                    &with_float_nodes(plan, with),
+                    subset,
+                    batch,
+                    threads,
+                )?;
+                scored.push((a.score.top1_fraction(), n.node.clone()));
+            }
+            scored
+                .into_iter()
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, n)| n)
+        };
+        let Some(next) = next else { break };
+        float.push(next);
+        let point = CurvePoint {
+            float_nodes: float.len(),
+            top1: verify(&float)?,
+        };
+        progress(&point);
+        if point.top1 > best.0 || meets(point.top1) {
+            best = (point.top1, float.len());
+        }
+        curve.push(point);
+    }
+    let (top1, k) = if max_drop.is_some() {
+        // The budget asks for the fewest nodes: the last prefix (met or not).
+        (curve[curve.len() - 1].top1, float.len())
+    } else {
+        best
+    };
+    let float_nodes: Vec<String> = float[..k].to_vec();
+    Ok(MixedPrecision {
+        plan: with_float_nodes(plan, float_nodes.iter().map(String::as_str)),
+        float_nodes,
+        top1,
+        fp32_top1,
+        met: max_drop.is_none_or(|d| fp32_top1 - top1 <= d),
+        curve,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logit_error_is_exact_for_equal_logits_and_grows_with_noise() {
+        let r = [1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0];
+        let (s, k) = logit_error(&r, &r, 3);
+        assert_eq!((s, k), (f64::INFINITY, 0.0));
+        let g: Vec<f32> = r.iter().map(|v| v + 0.1).collect();
+        // A constant shift changes no softmax.
+        let (s1, k1) = logit_error(&r, &g, 3);
+        assert!(s1.is_finite() && k1.abs() < 1e-12, "{s1} {k1}");
+        let h = [1.0f32, 2.5, 0.5, -1.0, 0.0, 2.0];
+        let (_, k2) = logit_error(&r, &h, 3);
+        assert!(k2 > 0.0);
+    }
+
+    #[test]
+    fn ranking_puts_the_largest_recovery_first() {
+        let o = |top1, kl| Outcome {
+            top1,
+            sqnr_db: 0.0,
+            kl,
+        };
+        let node = |n: &str, t, kl| NodeSensitivity {
+            node: n.into(),
+            op: "Conv",
+            alone: o(0.9, 0.0),
+            float: o(t, kl),
+        };
+        let s = Sensitivity {
+            images: 10,
+            fp32_top1: 0.9,
+            int8: o(0.8, 0.1),
+            nodes: vec![
+                node("a", 0.81, 0.05),
+                node("b", 0.88, 0.02),
+                node("c", 0.81, 0.01),
+            ],
+            fp32_seconds: 1.0,
+            seconds: 2.0,
+        };
+        assert_eq!(s.ranking(), vec![1, 2, 0]);
+    }
+}

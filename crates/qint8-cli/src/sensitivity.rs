@@ -1,0 +1,362 @@
+//! `qint8 sensitivity` and `qint8 mixed-precision`: which layer hurts, and
+//! the fewest float layers for an accuracy budget.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use qint8_analysis::report::short;
+use qint8_analysis::sensitivity::{analyze, mixed_precision, Sensitivity};
+use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
+use qint8_calibration::{calibrate, CalibConfig, Calibrated, ImageDataset};
+use qint8_graph::quant::{insert_qdq, WeightStorage};
+use qint8_graph::Model;
+use serde_json::json;
+
+use crate::cli::{
+    AnalysisArgs, EntropyVariantArg, Method, MixedPrecisionArgs, Placement, SensitivityArgs,
+};
+use crate::compare::{status, AVERAGING_CONSTANT, REFINE_IMAGES};
+use crate::data::{open_calibration, open_evaluation};
+use crate::format::{Align, Table};
+use crate::inspect::load_model;
+use crate::quantize::range_method;
+
+/// Everything both commands start from.
+struct Prepared {
+    model: Model,
+    calibrated: Calibrated,
+    /// All evaluation images.
+    eval: ImageDataset,
+    /// The sensitivity subset.
+    subset: ImageDataset,
+    show: bool,
+}
+
+fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
+    let model = load_model(&a.model)?;
+    let calib = open_calibration(&a.calib, &a.pre)?.dataset;
+    let eval = open_evaluation(&a.data, a.labels.as_deref(), &a.pre, None)?.dataset;
+    if eval.is_empty() {
+        bail!("{}: no images to evaluate", a.data.display());
+    }
+    let pool = match &a.sensitivity_data {
+        Some(d) => open_evaluation(d, None, &a.pre, None)?.dataset,
+        None => eval.clone(),
+    };
+    let n = a.sensitivity_images.min(pool.len());
+    let subset = match a.sensitivity_seed {
+        Some(seed) => pool.sample(n, seed)?,
+        None => pool.take(n)?,
+    };
+    let cfg = CalibConfig {
+        method: range_method(a.method, a.percentile, EntropyVariantArg::SpikeAware)?,
+        moving_average: (a.method == Method::MovingAverage).then_some(AVERAGING_CONSTANT),
+        refine: (a.method == Method::Auto).then_some(REFINE_IMAGES),
+        per_channel: !a.per_tensor,
+        smooth: a.smooth.smoothing(),
+        placement: match a.placement {
+            Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
+            Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
+        },
+        batch: a.batch,
+        threads,
+        ..Default::default()
+    };
+    let show = !a.json && std::io::stderr().is_terminal();
+    let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p| {
+        status(
+            show,
+            &format!(
+                "calibrating: pass {}/{} {}/{}",
+                p.pass, p.passes, p.done, p.total
+            ),
+        )
+    })
+    .with_context(|| format!("calibrating {}", a.model.display()))?;
+    Ok(Prepared {
+        model,
+        calibrated,
+        eval,
+        subset,
+        show,
+    })
+}
+
+fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity> {
+    let show = p.show;
+    Ok(analyze(
+        &p.model,
+        &p.calibrated.graph,
+        &p.calibrated.plan,
+        &p.subset,
+        a.batch,
+        threads,
+        &mut |done, total| status(show, &format!("sensitivity: {done}/{total} configurations")),
+    )?)
+}
+
+/// The last two components of a node name (`block.1/Conv`), for charts.
+fn label(node: &str) -> String {
+    let parts: Vec<&str> = node.trim_start_matches('/').split('/').collect();
+    let k = parts.len().saturating_sub(2);
+    short(&parts[k..].join("/"), 28)
+}
+
+/// Writes `text` to `path` through a temporary sibling and a rename.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("writing {}", path.display()))
+    })
+}
+
+/// Runs `qint8 sensitivity`.
+pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result<()> {
+    let a = &args.common;
+    let p = prepare(a, threads)?;
+    let s = measure(&p, a, threads)?;
+    if p.show {
+        eprint!("\r{}\r", " ".repeat(78));
+    }
+    let order = s.ranking();
+    let stem = a
+        .model
+        .file_stem()
+        .map(|x| x.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let chart_path = args
+        .chart
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}-sensitivity.svg")));
+    let bars: Vec<Bar> = order
+        .iter()
+        .take(25)
+        .map(|&i| Bar {
+            label: label(&s.nodes[i].node),
+            value: (s.nodes[i].float.top1 - s.int8.top1) * 100.0,
+            color: PALETTE[0].into(),
+        })
+        .collect();
+    let chart = Chart {
+        title: format!(
+            "{stem}: top-1 recovered by keeping one node in float ({} images)",
+            s.images
+        ),
+        x_label: "node (most sensitive first)".into(),
+        y_label: "top-1 recovered, points".into(),
+        bars,
+        ..Default::default()
+    };
+    write_atomic(&chart_path, &chart.to_svg())?;
+    let ratio = s.seconds / s.fp32_seconds.max(1e-9);
+    if a.json {
+        let nodes: Vec<serde_json::Value> = order
+            .iter()
+            .enumerate()
+            .map(|(rank, &i)| {
+                let n = &s.nodes[i];
+                json!({
+                    "rank": rank + 1,
+                    "node": n.node,
+                    "op": n.op,
+                    "float_alone": {"top1": n.float.top1, "sqnr_db": n.float.sqnr_db, "kl": n.float.kl},
+                    "quantized_alone": {"top1": n.alone.top1, "sqnr_db": n.alone.sqnr_db, "kl": n.alone.kl},
+                })
+            })
+            .collect();
+        let v = json!({
+            "model": a.model.display().to_string(),
+            "method": p.calibrated.plan.method,
+            "images": s.images,
+            "fp32_top1": s.fp32_top1,
+            "int8": {"top1": s.int8.top1, "sqnr_db": s.int8.sqnr_db, "kl": s.int8.kl},
+            "seconds": s.seconds,
+            "fp32_eval_seconds": s.fp32_seconds,
+            "chart": chart_path.display().to_string(),
+            "nodes": nodes,
+        });
+        return crate::print_stdout(&format!("{v}\n"));
+    }
+    let mut t = Table::new(&[
+        ("rank", Align::Right),
+        ("node", Align::Left),
+        ("op", Align::Left),
+        ("float alone: top-1 %", Align::Right),
+        ("recovered pp", Align::Right),
+        ("KL", Align::Right),
+        ("quantized alone: top-1 %", Align::Right),
+        ("drop pp", Align::Right),
+        ("logit SQNR dB", Align::Right),
+    ]);
+    for (rank, &i) in order.iter().enumerate() {
+        let n = &s.nodes[i];
+        t.row(vec![
+            (rank + 1).to_string(),
+            n.node.clone(),
+            n.op.to_string(),
+            format!("{:.2}", n.float.top1 * 100.0),
+            format!("{:+.2}", (n.float.top1 - s.int8.top1) * 100.0),
+            format!("{:.5}", n.float.kl),
+            format!("{:.2}", n.alone.top1 * 100.0),
+            format!("{:.2}", (s.fp32_top1 - n.alone.top1) * 100.0),
+            format!("{:.1}", n.alone.sqnr_db),
+        ]);
+    }
+    let text = format!(
+        "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% (logit SQNR {:.1} dB, KL {:.5})\n\
+         {} nodes, {} configurations in {:.1} s = {:.1}x one FP32 evaluation of these images ({:.2} s)\n\n{}\nchart: {}\n",
+        a.model.display(),
+        p.calibrated.plan.method,
+        s.images,
+        s.fp32_top1 * 100.0,
+        s.int8.top1 * 100.0,
+        s.int8.sqnr_db,
+        s.int8.kl,
+        s.nodes.len(),
+        1 + 2 * s.nodes.len(),
+        s.seconds,
+        ratio,
+        s.fp32_seconds,
+        t.render(0),
+        chart_path.display()
+    );
+    crate::print_stdout(&text)
+}
+
+/// Runs `qint8 mixed-precision`.
+pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) -> Result<()> {
+    let start = Instant::now();
+    let a = &args.common;
+    if let Some(d) = args.max_drop {
+        if !(d.is_finite() && d >= 0.0) {
+            bail!("--max-drop must be a number of points >= 0, got {d}");
+        }
+    }
+    let p = prepare(a, threads)?;
+    let s = measure(&p, a, threads)?;
+    let show = p.show;
+    let n = p.eval.len();
+    let m = mixed_precision(
+        &p.model,
+        &p.calibrated.graph,
+        &p.calibrated.plan,
+        &s,
+        &p.subset,
+        &p.eval,
+        args.max_drop.map(|d| d / 100.0),
+        args.max_float.unwrap_or(s.nodes.len()),
+        a.batch,
+        threads,
+        &mut |c| {
+            status(
+                show,
+                &format!(
+                    "verifying: {} nodes in float: top-1 {:.2}% on {n} images",
+                    c.float_nodes,
+                    c.top1 * 100.0
+                ),
+            )
+        },
+    )?;
+    if show {
+        eprint!("\r{}\r", " ".repeat(78));
+    }
+    let graph = insert_qdq(&p.calibrated.graph, &m.plan, WeightStorage::Int8)?;
+    let out = Model {
+        graph,
+        opset: p.model.opset.max(13),
+        ..p.model.clone()
+    };
+    let chart_path = args
+        .chart
+        .clone()
+        .unwrap_or_else(|| args.output.with_extension("svg"));
+    let chart = Chart {
+        title: format!("top-1 against nodes kept in float ({n} images)"),
+        x_label: "nodes in float (most sensitive first)".into(),
+        y_label: "top-1 %".into(),
+        series: vec![Series {
+            name: "int8 with k nodes in float".into(),
+            points: m
+                .curve
+                .iter()
+                .map(|c| (c.float_nodes as f64, c.top1 * 100.0))
+                .collect(),
+            color: PALETTE[0].into(),
+            filled: false,
+        }],
+        reference: Some(("fp32".into(), m.fp32_top1 * 100.0)),
+        ..Default::default()
+    };
+    // Both files or neither.
+    qint8_graph::onnx::save(&out, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    if let Err(e) = write_atomic(&chart_path, &chart.to_svg()) {
+        let _ = std::fs::remove_file(&args.output);
+        return Err(e);
+    }
+    let quantizable = s.nodes.len();
+    if a.json {
+        let v = json!({
+            "model": a.model.display().to_string(),
+            "output": args.output.display().to_string(),
+            "chart": chart_path.display().to_string(),
+            "method": p.calibrated.plan.method,
+            "images": n,
+            "sensitivity_images": s.images,
+            "fp32_top1": m.fp32_top1,
+            "top1": m.top1,
+            "drop_pp": (m.fp32_top1 - m.top1) * 100.0,
+            "max_drop_pp": args.max_drop,
+            "met": m.met,
+            "float_nodes": m.float_nodes,
+            "quantizable_nodes": quantizable,
+            "curve": m.curve.iter().map(|c| json!({"float_nodes": c.float_nodes, "top1": c.top1})).collect::<Vec<_>>(),
+            "seconds": start.elapsed().as_secs_f64(),
+        });
+        return crate::print_stdout(&format!("{v}\n"));
+    }
+    let mut t = Table::new(&[
+        ("nodes in float", Align::Right),
+        ("top-1 %", Align::Right),
+        ("drop pp", Align::Right),
+    ]);
+    for c in &m.curve {
+        t.row(vec![
+            c.float_nodes.to_string(),
+            format!("{:.2}", c.top1 * 100.0),
+            format!("{:.2}", (m.fp32_top1 - c.top1) * 100.0),
+        ]);
+    }
+    let budget = match args.max_drop {
+        Some(d) => format!("budget {d} pp: {}", if m.met { "met" } else { "NOT met" }),
+        None => "best reachable".into(),
+    };
+    let mut text = format!(
+        "{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
+        a.model.display(),
+        args.output.display(),
+        m.float_nodes.len(),
+        quantizable,
+        m.top1 * 100.0,
+        m.fp32_top1 * 100.0,
+        (m.fp32_top1 - m.top1) * 100.0,
+    );
+    for f in &m.float_nodes {
+        text.push_str(&format!("  float: {f}\n"));
+    }
+    text.push_str(&format!(
+        "\n{}\nchart: {}\n",
+        t.render(0),
+        chart_path.display()
+    ));
+    crate::print_stdout(&text)
+}
