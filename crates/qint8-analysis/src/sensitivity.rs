@@ -6,8 +6,9 @@
 //! each with a real run of the whole network: the node alone quantized
 //! (everything else float), and the node alone in float (everything else
 //! quantized). Each gives top-1, and the SQNR and mean KL divergence of its
-//! logits against FP32's. [`mixed_precision`] then keeps nodes in float,
-//! greedily by the top-1 each recovers, verifying every choice with a real
+//! logits against FP32's; nodes rank by the KL their quantization alone
+//! causes. [`mixed_precision`] then keeps nodes in float, greedily by the
+//! top-1 each recovers, verifying every choice with a real
 //! evaluation, until the budget holds; after the first node it measures the remaining ones again
 //! together with those already chosen.
 
@@ -63,14 +64,21 @@ pub struct Sensitivity {
 }
 
 impl Sensitivity {
-    /// Node indices, most sensitive first: by the top-1 that leaving the
-    /// node alone in float recovers, then by how much that lowers the
-    /// logits' KL divergence.
+    /// Node indices, most sensitive first: by the KL divergence of the
+    /// logits when the node alone is quantized (the damage it does on its
+    /// own, unmasked by the other nodes' errors and continuous, so it ranks
+    /// more stably across image subsets than a top-1 count: on the
+    /// EfficientNet-B0 fixture two subsets of 1000 images shared 4 of the
+    /// top 5 by this measure, 2 of 5 by recovered top-1), then by the top-1
+    /// that keeping the node alone in float recovers.
     pub fn ranking(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.nodes.len()).collect();
         order.sort_by(|&a, &b| {
-            let (x, y) = (&self.nodes[a].float, &self.nodes[b].float);
-            y.top1.total_cmp(&x.top1).then(x.kl.total_cmp(&y.kl))
+            let (x, y) = (&self.nodes[a], &self.nodes[b]);
+            y.alone
+                .kl
+                .total_cmp(&x.alone.kl)
+                .then(y.float.top1.total_cmp(&x.float.top1))
         });
         order
     }
@@ -413,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn ranking_puts_the_largest_recovery_first() {
+    fn ranking_puts_the_largest_damage_first() {
         let o = |top1, kl| Outcome {
             top1,
             sqnr_db: 0.0,
@@ -422,21 +430,23 @@ mod tests {
         let node = |n: &str, t, kl| NodeSensitivity {
             node: n.into(),
             op: "Conv",
-            alone: o(0.9, 0.0),
-            float: o(t, kl),
+            alone: o(0.9, kl),
+            float: o(t, 0.0),
         };
         let s = Sensitivity {
             images: 10,
             fp32_top1: 0.9,
             int8: o(0.8, 0.1),
             nodes: vec![
-                node("a", 0.81, 0.05),
-                node("b", 0.88, 0.02),
-                node("c", 0.81, 0.01),
+                node("a", 0.81, 0.01),
+                node("b", 0.88, 0.05),
+                node("c", 0.83, 0.01),
+                node("d", 0.85, 0.02),
             ],
             fp32_seconds: 1.0,
             seconds: 2.0,
         };
-        assert_eq!(s.ranking(), vec![1, 2, 0]);
+        // KL 0.05 > 0.02 > 0.01 (= 0.01, broken by recovered top-1).
+        assert_eq!(s.ranking(), vec![1, 3, 2, 0]);
     }
 }

@@ -141,17 +141,17 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         .take(25)
         .map(|&i| Bar {
             label: label(&s.nodes[i].node),
-            value: (s.nodes[i].float.top1 - s.int8.top1) * 100.0,
+            value: s.nodes[i].alone.kl * 1000.0,
             color: PALETTE[0].into(),
         })
         .collect();
     let chart = Chart {
         title: format!(
-            "{stem}: top-1 recovered by keeping one node in float ({} images)",
+            "{stem}: logit KL with one node quantized alone ({} images)",
             s.images
         ),
         x_label: "node (most sensitive first)".into(),
-        y_label: "top-1 recovered, points".into(),
+        y_label: "KL(fp32 || one node int8), 1e-3 nats".into(),
         bars,
         ..Default::default()
     };
@@ -189,12 +189,11 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ("rank", Align::Right),
         ("node", Align::Left),
         ("op", Align::Left),
-        ("float alone: top-1 %", Align::Right),
-        ("recovered pp", Align::Right),
-        ("KL", Align::Right),
-        ("quantized alone: top-1 %", Align::Right),
-        ("drop pp", Align::Right),
+        ("alone int8: KL", Align::Right),
         ("logit SQNR dB", Align::Right),
+        ("drop pp", Align::Right),
+        ("alone float: top-1 %", Align::Right),
+        ("recovered pp", Align::Right),
     ]);
     for (rank, &i) in order.iter().enumerate() {
         let n = &s.nodes[i];
@@ -202,12 +201,11 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             (rank + 1).to_string(),
             n.node.clone(),
             n.op.to_string(),
+            format!("{:.5}", n.alone.kl),
+            format!("{:.1}", n.alone.sqnr_db),
+            format!("{:.2}", (s.fp32_top1 - n.alone.top1) * 100.0),
             format!("{:.2}", n.float.top1 * 100.0),
             format!("{:+.2}", (n.float.top1 - s.int8.top1) * 100.0),
-            format!("{:.5}", n.float.kl),
-            format!("{:.2}", n.alone.top1 * 100.0),
-            format!("{:.2}", (s.fp32_top1 - n.alone.top1) * 100.0),
-            format!("{:.1}", n.alone.sqnr_db),
         ]);
     }
     let text = format!(
