@@ -68,27 +68,9 @@ pub(crate) struct AnalysisArgs {
     /// The FP32 ONNX model; its first output must be [batch, classes] logits.
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
-    /// Calibration images and how many of them.
+    /// Calibration data and method, as in `qint8 quantize`.
     #[command(flatten)]
-    pub(crate) calib: CalibDataArgs,
-    /// Smoothing of gated activations.
-    #[command(flatten)]
-    pub(crate) smooth: SmoothArgs,
-    /// How activation ranges are chosen.
-    #[arg(long, value_enum, default_value_t = Method::Entropy)]
-    pub(crate) method: Method,
-    /// Percentile for --method percentile.
-    #[arg(long, default_value_t = 99.99)]
-    pub(crate) percentile: f64,
-    /// One weight scale per output channel (the default).
-    #[arg(long, conflicts_with = "per_tensor")]
-    pub(crate) per_channel: bool,
-    /// One weight scale per weight tensor.
-    #[arg(long)]
-    pub(crate) per_tensor: bool,
-    /// Which tensors get Q/DQ.
-    #[arg(long, value_enum, default_value_t = Placement::Trt)]
-    pub(crate) placement: Placement,
+    pub(crate) cal: CalibrationArgs,
     /// Labeled evaluation images, as `qint8 eval --data` reads them.
     #[arg(long, value_name = "DATA")]
     pub(crate) data: PathBuf,
@@ -334,6 +316,45 @@ pub(crate) struct QuantizeArgs {
     /// The FP32 ONNX model.
     #[arg(value_name = "MODEL")]
     pub(crate) model: PathBuf,
+    /// Calibration data and method.
+    #[command(flatten)]
+    pub(crate) cal: CalibrationArgs,
+    /// Store weights as float through QuantizeLinear/DequantizeLinear
+    /// (modelopt style) instead of int8 initializers.
+    #[arg(long)]
+    pub(crate) float_weights: bool,
+    /// Image preprocessing.
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
+    /// Images per calibration batch.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    pub(crate) batch: usize,
+    /// Where to write the QDQ model (atomically).
+    #[arg(long, short, value_name = "OUT.onnx")]
+    pub(crate) output: PathBuf,
+    /// Also write the quantization plan as JSON.
+    #[arg(long, value_name = "PLAN.json")]
+    pub(crate) plan: Option<PathBuf>,
+    /// Also write a TensorRT calibration cache (legacy implicit
+    /// quantization) with a range for every float tensor of the model.
+    /// The cache goes with the unmodified model, so this turns --smooth off.
+    #[arg(long, value_name = "CACHE")]
+    pub(crate) trt_cache: Option<PathBuf>,
+    /// TensorRT version written in the cache header (TensorRT's
+    /// major*1000+minor*100+patch form up to 8.x, e.g. 8601 for 8.6.1; the
+    /// cache is only read by the version it names).
+    #[arg(long, value_name = "V", default_value = "8601")]
+    pub(crate) trt_version: String,
+    /// Print one JSON summary instead of text (and no progress).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// How to calibrate: the images, the method and its settings, weight
+/// granularity, placement, smoothing (shared by `quantize`,
+/// `sensitivity` and `mixed-precision`).
+#[derive(Debug, Args)]
+pub(crate) struct CalibrationArgs {
     /// Calibration images and how many of them.
     #[command(flatten)]
     pub(crate) calib: CalibDataArgs,
@@ -361,39 +382,10 @@ pub(crate) struct QuantizeArgs {
     /// One weight scale per weight tensor.
     #[arg(long)]
     pub(crate) per_tensor: bool,
-    /// Store weights as float through QuantizeLinear/DequantizeLinear
-    /// (modelopt style) instead of int8 initializers.
-    #[arg(long)]
-    pub(crate) float_weights: bool,
     /// Which tensors get Q/DQ: TensorRT's placement rules, or everything
     /// onnxruntime's QDQ quantizer would quantize.
     #[arg(long, value_enum, default_value_t = Placement::Trt)]
     pub(crate) placement: Placement,
-    /// Image preprocessing.
-    #[command(flatten)]
-    pub(crate) pre: PreprocessArgs,
-    /// Images per calibration batch.
-    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
-    pub(crate) batch: usize,
-    /// Where to write the QDQ model (atomically).
-    #[arg(long, short, value_name = "OUT.onnx")]
-    pub(crate) output: PathBuf,
-    /// Also write the quantization plan as JSON.
-    #[arg(long, value_name = "PLAN.json")]
-    pub(crate) plan: Option<PathBuf>,
-    /// Also write a TensorRT calibration cache (legacy implicit
-    /// quantization) with a range for every float tensor of the model.
-    /// The cache goes with the unmodified model, so this turns --smooth off.
-    #[arg(long, value_name = "CACHE")]
-    pub(crate) trt_cache: Option<PathBuf>,
-    /// TensorRT version written in the cache header (TensorRT's
-    /// major*1000+minor*100+patch form up to 8.x, e.g. 8601 for 8.6.1; the
-    /// cache is only read by the version it names).
-    #[arg(long, value_name = "V", default_value = "8601")]
-    pub(crate) trt_version: String,
-    /// Print one JSON summary instead of text (and no progress).
-    #[arg(long)]
-    pub(crate) json: bool,
 }
 
 /// Arguments of `qint8 zoo`.
@@ -639,6 +631,6 @@ mod tests {
         else {
             panic!("not quantize")
         };
-        assert_eq!((q.calib.calib_seed, q.calib.calib_size), (Some(7), 1000));
+        assert_eq!((q.cal.calib.calib_seed, q.cal.calib.calib_size), (Some(7), 1000));
     }
 }

@@ -11,7 +11,7 @@ use qint8_math::search::{EntropyVariant, RangeMethod};
 use qint8_trt::CalibrationCache;
 use serde_json::json;
 
-use crate::cli::{EntropyVariantArg, Method, Placement, QuantizeArgs};
+use crate::cli::{CalibrationArgs, EntropyVariantArg, Method, Placement, QuantizeArgs};
 use crate::inspect::load_model;
 
 /// The range method a command line asks for (moving-average min-max is
@@ -45,23 +45,12 @@ pub(crate) fn range_method(
 pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
     let model = load_model(&args.model)?;
-    let opened = crate::data::open_calibration(&args.calib, &args.pre)?;
+    let opened = crate::data::open_calibration(&args.cal.calib, &args.pre)?;
     let data_format = opened.kind.name();
     let data = opened.dataset;
     let cfg = CalibConfig {
-        method: range_method(args.method, args.percentile, args.entropy_variant)?,
-        moving_average: (args.method == Method::MovingAverage).then_some(args.averaging_constant),
         all_ranges: args.trt_cache.is_some(),
-        refine: (args.method == Method::Auto).then_some(args.refine_images),
-        smooth: args.smooth.smoothing(),
-        per_channel: !args.per_tensor,
-        placement: match args.placement {
-            Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
-            Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
-        },
-        batch: args.batch,
-        threads,
-        ..Default::default()
+        ..args.cal.config(args.batch, threads)?
     };
     let show = !args.json && std::io::stderr().is_terminal();
     let mut progress = |p: Progress| {
@@ -107,7 +96,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         Some(_) => Some(
             CalibrationCache::from_amax(
                 &args.trt_version,
-                if args.method == Method::Minmax {
+                if args.cal.method == Method::Minmax {
                     "MinMaxCalibration"
                 } else {
                     "EntropyCalibration2"
@@ -155,7 +144,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         "per_channel": cfg.per_channel,
         "calibration_images": data.len(),
         "calibration_data_format": data_format,
-        "calibration_seed": args.calib.calib_seed,
+        "calibration_seed": args.cal.calib.calib_seed,
         "activations": calibrated.plan.activations.len(),
         "smoothed": calibrated.smoothed.len(),
         "weights": calibrated.plan.weights.len(),
@@ -182,4 +171,25 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+impl CalibrationArgs {
+    /// The calibrator's configuration these flags describe.
+    pub(crate) fn config(&self, batch: usize, threads: usize) -> Result<CalibConfig> {
+        Ok(CalibConfig {
+            method: range_method(self.method, self.percentile, self.entropy_variant)?,
+            moving_average: (self.method == Method::MovingAverage)
+                .then_some(self.averaging_constant),
+            refine: (self.method == Method::Auto).then_some(self.refine_images),
+            smooth: self.smooth.smoothing(),
+            per_channel: !self.per_tensor,
+            placement: match self.placement {
+                Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
+                Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
+            },
+            batch,
+            threads,
+            ..Default::default()
+        })
+    }
 }

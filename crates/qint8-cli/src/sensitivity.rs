@@ -9,19 +9,16 @@ use anyhow::{bail, Context, Result};
 use qint8_analysis::report::short;
 use qint8_analysis::sensitivity::{analyze, mixed_precision, Sensitivity};
 use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
-use qint8_calibration::{calibrate, CalibConfig, Calibrated, ImageDataset};
+use qint8_calibration::{calibrate, Calibrated, ImageDataset};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
 use serde_json::json;
 
-use crate::cli::{
-    AnalysisArgs, EntropyVariantArg, Method, MixedPrecisionArgs, Placement, SensitivityArgs,
-};
-use crate::compare::{status, AVERAGING_CONSTANT, REFINE_IMAGES};
+use crate::cli::{AnalysisArgs, MixedPrecisionArgs, SensitivityArgs};
+use crate::compare::status;
 use crate::data::{open_calibration, open_evaluation};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
-use crate::quantize::range_method;
 
 /// Everything both commands start from.
 struct Prepared {
@@ -36,7 +33,7 @@ struct Prepared {
 
 fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     let model = load_model(&a.model)?;
-    let calib = open_calibration(&a.calib, &a.pre)?.dataset;
+    let calib = open_calibration(&a.cal.calib, &a.pre)?.dataset;
     let eval = open_evaluation(&a.data, a.labels.as_deref(), &a.pre, None)?.dataset;
     if eval.is_empty() {
         bail!("{}: no images to evaluate", a.data.display());
@@ -50,20 +47,7 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         Some(seed) => pool.sample(n, seed)?,
         None => pool.take(n)?,
     };
-    let cfg = CalibConfig {
-        method: range_method(a.method, a.percentile, EntropyVariantArg::SpikeAware)?,
-        moving_average: (a.method == Method::MovingAverage).then_some(AVERAGING_CONSTANT),
-        refine: (a.method == Method::Auto).then_some(REFINE_IMAGES),
-        per_channel: !a.per_tensor,
-        smooth: a.smooth.smoothing(),
-        placement: match a.placement {
-            Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
-            Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
-        },
-        batch: a.batch,
-        threads,
-        ..Default::default()
-    };
+    let cfg = a.cal.config(a.batch, threads)?;
     let show = !a.json && std::io::stderr().is_terminal();
     let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p| {
         status(
