@@ -181,19 +181,27 @@ pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> (f64, f64)
     (sqnr, kl / n.max(1) as f64)
 }
 
-/// Scores `graph` quantized by `plan` (QDQ, int8 weights; `model` gives
-/// the opset and metadata) on `data`, returning accuracy and logits.
+/// Scores `graph` on `data`, returning accuracy and logits: quantized by
+/// `plan` (QDQ, int8 weights), or in float with `None`. `model` gives the
+/// opset and metadata.
 fn run(
     model: &Model,
     graph: &Graph,
-    plan: &QuantPlan,
+    plan: Option<&QuantPlan>,
     data: &ImageDataset,
     batch: usize,
     threads: usize,
 ) -> Result<(Accuracy, Vec<f32>)> {
+    let (graph_to_run, opset) = match plan {
+        Some(p) => (
+            insert_qdq(graph, p, WeightStorage::Int8).map_err(invalid)?,
+            model.opset.max(13),
+        ),
+        None => (graph.clone(), model.opset),
+    };
     let q = Model {
-        graph: insert_qdq(graph, plan, WeightStorage::Int8).map_err(invalid)?,
-        opset: model.opset.max(13),
+        graph: graph_to_run,
+        opset,
         ..model.clone()
     };
     let e = Evaluator::new(&q, &graph.name, threads).map_err(invalid)?;
@@ -216,15 +224,8 @@ pub fn analyze(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Sensitivity> {
     let start = Instant::now();
-    let fp32_model = Model {
-        graph: graph.clone(),
-        ..model.clone()
-    };
     let t = Instant::now();
-    let e = Evaluator::new(&fp32_model, &graph.name, threads).map_err(invalid)?;
-    let (fp32, reference) = e
-        .evaluate_logits(data, batch, &mut |_| {})
-        .map_err(invalid)?;
+    let (fp32, reference) = run(model, graph, None, data, batch, threads)?;
     let fp32_seconds = t.elapsed().as_secs_f64();
     let classes = fp32.classes;
     let outcome = |a: &Accuracy, logits: &[f32]| {
@@ -242,7 +243,7 @@ pub fn analyze(
         ));
     }
     let total = 1 + 2 * nodes.len();
-    let (a, l) = run(model, graph, plan, data, batch, threads)?;
+    let (a, l) = run(model, graph, Some(plan), data, batch, threads)?;
     let int8 = outcome(&a, &l);
     progress(1, total);
     let all: Vec<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -253,7 +254,7 @@ pub fn analyze(
         let (a, l) = run(
             model,
             graph,
-            &with_float_nodes(plan, others),
+            Some(&with_float_nodes(plan, others)),
             data,
             batch,
             threads,
@@ -263,7 +264,7 @@ pub fn analyze(
         let (a, l) = run(
             model,
             graph,
-            &with_float_nodes(plan, [node.name.as_str()]),
+            Some(&with_float_nodes(plan, [node.name.as_str()])),
             data,
             batch,
             threads,
@@ -312,12 +313,7 @@ pub fn mixed_precision(
     threads: usize,
     progress: &mut dyn FnMut(&CurvePoint),
 ) -> Result<MixedPrecision> {
-    let fp32_model = Model {
-        graph: graph.clone(),
-        ..model.clone()
-    };
-    let e = Evaluator::new(&fp32_model, &graph.name, threads).map_err(invalid)?;
-    let fp32 = e.evaluate(data, batch, &mut |_| {}).map_err(invalid)?;
+    let (fp32, _) = run(model, graph, None, data, batch, threads)?;
     let fp32_top1 = fp32.score.top1_fraction();
     let known: BTreeSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
     if let Some(missing) = sens.nodes.iter().find(|n| !known.contains(n.node.as_str())) {
@@ -328,7 +324,7 @@ pub fn mixed_precision(
     }
     let verify = |float: &[String]| -> Result<f64> {
         let p = with_float_nodes(plan, float.iter().map(String::as_str));
-        Ok(run(model, graph, &p, data, batch, threads)?
+        Ok(run(model, graph, Some(&p), data, batch, threads)?
             .0
             .score
             .top1_fraction())
@@ -361,7 +357,7 @@ pub fn mixed_precision(
                 let (a, _) = run(
                     model,
                     graph,
-                    &with_float_nodes(plan, with),
+                    Some(&with_float_nodes(plan, with)),
                     subset,
                     batch,
                     threads,

@@ -631,6 +631,9 @@ mod tests {
         else {
             panic!("not quantize")
         };
-        assert_eq!((q.cal.calib.calib_seed, q.cal.calib.calib_size), (Some(7), 1000));
+        assert_eq!(
+            (q.cal.calib.calib_seed, q.cal.calib.calib_size),
+            (Some(7), 1000)
+        );
     }
 }
