@@ -19,7 +19,7 @@
 //! | [`calibration`] | `qint8-calibration` | datasets (IDX, image folders, NPY), preprocessing, the calibrator |
 //! | [`trt`] | `qint8-trt` | TensorRT calibration caches, checker of TensorRT's Q/DQ rules |
 //! | [`eval`] | `qint8-eval` | accuracy, per-layer error, size, latency |
-//! | [`analysis`] | `qint8-analysis` | reports with SVG plots |
+//! | [`analysis`] | `qint8-analysis` | per-node sensitivity, mixed precision, reports with SVG plots |
 //!
 //! # Quick start
 //!
