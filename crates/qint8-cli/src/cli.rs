@@ -122,7 +122,9 @@ pub(crate) struct MixedPrecisionArgs {
     /// lost). Without it: the best top-1 reachable with --max-float nodes.
     #[arg(long, value_name = "D", allow_negative_numbers = true)]
     pub(crate) max_drop: Option<f64>,
-    /// Keep at most K nodes in float [default: all quantizable nodes].
+    /// Keep at most K nodes in float [default: a tenth of the
+    /// Conv/Gemm/MatMul nodes, at least 1]. After the first, each node
+    /// costs one evaluation of the sensitivity images per remaining node.
     #[arg(long, value_name = "K")]
     pub(crate) max_float: Option<usize>,
     /// Where to write the QDQ model (atomically).

@@ -234,7 +234,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         &p.subset,
         &p.eval,
         args.max_drop.map(|d| d / 100.0),
-        args.max_float.unwrap_or(s.nodes.len()),
+        args.max_float.unwrap_or((s.nodes.len() / 10).max(1)),
         a.batch,
         threads,
         &mut |c| {
