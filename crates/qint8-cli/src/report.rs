@@ -13,7 +13,7 @@ use qint8_analysis::report::bytes_text;
 use qint8_analysis::{write_report, HistogramPlot, MethodRow, ModelReport};
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Preprocess, Smoothing};
 use qint8_eval::layers::qdq_outputs;
-use qint8_eval::perf::{latency, Latency};
+use qint8_eval::perf::{latencies, latency, Latency};
 use qint8_eval::{activation_errors, model_bytes, Accuracy, Evaluator};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
@@ -149,6 +149,7 @@ fn analyze(
     let mut histograms = Vec::new();
     let mut layers = Vec::new();
     let (mut int8_b1, mut int8_b32, mut int8_bytes) = (None, None, None);
+    let mut fp32_lat = None;
     if let Some((calibrated, qdq, int8)) = &entropy {
         let order: Vec<&String> = calibrated
             .graph
@@ -196,14 +197,26 @@ fn analyze(
             .collect();
         let subset = eval.clone().take(LAYER_IMAGES.min(n))?;
         layers = activation_errors(&reference, int8.session(), &pairs, &subset, s.batch)?;
+        // FP32 and INT8 runs interleaved, so drift affects both alike.
         say("latency");
-        int8_b1 = Some(latency(int8.session(), &[1, c, h, w], 5, 50)?);
-        int8_b32 = Some(latency(int8.session(), &[32, c, h, w], 2, 10)?);
+        let pair = [fp32_eval.session(), int8.session()];
+        let b1 = latencies(&pair, &[1, c, h, w], 5, 100)?;
+        let b32 = latencies(&pair, &[32, c, h, w], 2, 30)?;
+        fp32_lat = Some((b1[0], b32[0]));
+        int8_b1 = Some(b1[1]);
+        int8_b32 = Some(b32[1]);
         int8_bytes = Some(model_bytes(qdq));
     }
-    say("latency");
-    let fp32_b1 = latency(fp32_eval.session(), &[1, c, h, w], 5, 50)?;
-    let fp32_b32 = latency(fp32_eval.session(), &[32, c, h, w], 2, 10)?;
+    let (fp32_b1, fp32_b32) = match fp32_lat {
+        Some(l) => l,
+        None => {
+            say("latency");
+            (
+                latency(fp32_eval.session(), &[1, c, h, w], 5, 100)?,
+                latency(fp32_eval.session(), &[32, c, h, w], 2, 30)?,
+            )
+        }
+    };
 
     let drop = |r: &MethodRow| (fp32_top1 - r.top1) * 100.0;
     let default_drop = rows

@@ -35,18 +35,24 @@ pub struct Latency {
 /// Times `runs` runs of `session` on a constant input of `shape` (batch
 /// first) after `warmup` untimed runs.
 pub fn latency(session: &Session, shape: &[usize], warmup: usize, runs: usize) -> Result<Latency> {
+    let mut out = latencies(&[session], shape, warmup, runs)?;
+    Ok(out.remove(0))
+}
+
+/// [`latency`] of several sessions with their runs interleaved (A B A B
+/// ...), so that drift in the machine's speed affects each alike; for
+/// comparing two models, as FP32 against INT8.
+pub fn latencies(
+    sessions: &[&Session],
+    shape: &[usize],
+    warmup: usize,
+    runs: usize,
+) -> Result<Vec<Latency>> {
     if runs == 0 || shape.is_empty() || shape[0] == 0 {
         return Err(EvalError::Invalid(
             "latency needs at least one run of at least one image".into(),
         ));
     }
-    let input = session
-        .input_names()
-        .first()
-        .map(|n| n.to_string())
-        .ok_or_else(|| EvalError::Invalid("the model has no inputs".into()))?;
-    let plan = session.plan(&[(input.as_str(), shape)])?;
-    let stats = plan.stats();
     // A fixed, non-trivial input: zeros would make some kernels' work
     // (ReLU, max pooling) unrepresentative.
     let n: usize = shape.iter().product();
@@ -55,23 +61,43 @@ pub fn latency(session: &Session, shape: &[usize], warmup: usize, runs: usize) -
         (0..n).map(|i| ((i % 97) as f32 - 48.0) / 48.0).collect(),
     )
     .map_err(|e| EvalError::Invalid(format!("input shape {shape:?}: {e}")))?;
+    let mut prepared = Vec::with_capacity(sessions.len());
+    for s in sessions {
+        let input = s
+            .input_names()
+            .first()
+            .map(|n| n.to_string())
+            .ok_or_else(|| EvalError::Invalid("the model has no inputs".into()))?;
+        let stats = s.plan(&[(input.as_str(), shape)])?.stats();
+        prepared.push((input, stats));
+    }
     for _ in 0..warmup {
-        session.run(&[(input.as_str(), x.view())])?;
+        for (s, (input, _)) in sessions.iter().zip(&prepared) {
+            s.run(&[(input.as_str(), x.view())])?;
+        }
     }
-    let mut times = Vec::with_capacity(runs);
+    let mut times = vec![Vec::with_capacity(runs); sessions.len()];
     for _ in 0..runs {
-        let t = Instant::now();
-        session.run(&[(input.as_str(), x.view())])?;
-        times.push(t.elapsed().as_secs_f64());
+        for ((s, (input, _)), t) in sessions.iter().zip(&prepared).zip(times.iter_mut()) {
+            let start = Instant::now();
+            s.run(&[(input.as_str(), x.view())])?;
+            t.push(start.elapsed().as_secs_f64());
+        }
     }
-    times.sort_by(f64::total_cmp);
-    let median_s = times[times.len() / 2];
-    Ok(Latency {
-        batch: shape[0],
-        runs,
-        median_s,
-        min_s: times[0],
-        images_per_s: shape[0] as f64 / median_s.max(1e-12),
-        runtime_bytes: stats.constant_bytes + stats.peak_activation_bytes(),
-    })
+    Ok(times
+        .into_iter()
+        .zip(&prepared)
+        .map(|(mut t, (_, stats))| {
+            t.sort_by(f64::total_cmp);
+            let median_s = t[t.len() / 2];
+            Latency {
+                batch: shape[0],
+                runs,
+                median_s,
+                min_s: t[0],
+                images_per_s: shape[0] as f64 / median_s.max(1e-12),
+                runtime_bytes: stats.constant_bytes + stats.peak_activation_bytes(),
+            }
+        })
+        .collect())
 }

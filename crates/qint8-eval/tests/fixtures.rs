@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Preprocess};
 use qint8_eval::layers::qdq_outputs;
-use qint8_eval::perf::latency;
+use qint8_eval::perf::{latencies, latency};
 use qint8_eval::{activation_errors, model_bytes, Evaluator};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
@@ -89,4 +89,9 @@ fn resnet50_accuracy_errors_size_and_latency() {
     assert_eq!((l.batch, l.runs), (1, 5));
     assert!(l.min_s <= l.median_s && l.images_per_s > 0.0 && l.runtime_bytes > 0);
     assert!(latency(fp32.session(), &[0, 1, 32, 32], 0, 1).is_err());
+    let both = latencies(&[fp32.session(), int8.session()], &[4, 1, 32, 32], 1, 3).unwrap();
+    assert_eq!(both.len(), 2);
+    assert!(both
+        .iter()
+        .all(|l| l.batch == 4 && l.runs == 3 && l.median_s > 0.0));
 }
