@@ -350,6 +350,11 @@ fn fixtures_dir(arg: Option<&Path>) -> Result<PathBuf> {
         .context("no fixtures folder found: run from the repository root or pass --fixtures DIR")
 }
 
+/// Speedup counted as "faster": the lower end of published INT8 gains on
+/// CPUs with 8-bit dot products (1.8x for ResNet-50 in onnxruntime at batch
+/// 1, up to 3.9x in throughput modes).
+const MIN_SPEEDUP: f64 = 2.0;
+
 /// Targets of the product: "faster, 4x smaller, with almost no accuracy
 /// lost"; the accuracy targets are the PTQ issue's per model.
 fn accuracy_target(model: &str) -> f64 {
@@ -472,22 +477,22 @@ pub(crate) fn demo_main(args: &DemoArgs, threads: usize) -> Result<()> {
             let s32 = b32.images_per_s / a.fp32_b32.images_per_s;
             lines.push([
                 "CPU speedup, batch 1".into(),
-                "> 1x".into(),
+                ">= 2x".into(),
                 format!(
                     "{s1:.2}x ({:.2} -> {:.2} ms)",
                     a.fp32_b1.median_s * 1e3,
                     b1.median_s * 1e3
                 ),
-                yes(s1 > 1.0),
+                yes(s1 >= MIN_SPEEDUP),
             ]);
             lines.push([
                 "CPU speedup, batch 32".into(),
-                "> 1x".into(),
+                ">= 2x".into(),
                 format!(
                     "{s32:.2}x ({:.0} -> {:.0} img/s)",
                     a.fp32_b32.images_per_s, b32.images_per_s
                 ),
-                yes(s32 > 1.0),
+                yes(s32 >= MIN_SPEEDUP),
             ]);
             let m = a.fp32_b1.runtime_bytes as f64 / b1.runtime_bytes.max(1) as f64;
             lines.push([
@@ -526,7 +531,9 @@ pub(crate) fn demo_main(args: &DemoArgs, threads: usize) -> Result<()> {
          which runs INT8 models as simulated INT8 (float kernels between QuantizeLinear and \
          DequantizeLinear), so INT8 is not faster or smaller in memory there; the exported QDQ files \
          are what TensorRT and onnxruntime run with integer kernels.\n\n\
-         Targets: \"faster, 4x smaller, with almost no accuracy lost\"; the accuracy targets are \
+         Targets: \"faster, 4x smaller, with almost no accuracy lost\", read as at least 2x the \
+         FP32 speed (published INT8 gains on CPUs with 8-bit dot products: 1.8x to 3.9x for \
+         ResNet-50), 4x smaller files and memory; the accuracy targets are \
          the post-training quantization issue's (0.2 points for ResNet-50 and VGG-16, 0.5 for \
          EfficientNet-B0).\n\n## Target performance\n\n{md}",
         calib.len(),
