@@ -84,7 +84,7 @@ fn file_stem(s: &str) -> String {
 
 /// Writes `text` to `path` through a temporary sibling and a rename, so a
 /// failure never leaves a half-written file.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let io = |e| AnalysisError::Io {
         path: path.display().to_string(),
         source: e,
@@ -94,11 +94,12 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
 }
 
 /// Markdown-safe table cell text.
@@ -222,6 +223,12 @@ impl ModelReport {
 
     /// This model's section of `report.md` (plots referenced by file name).
     pub fn markdown(&self) -> String {
+        let files: Vec<String> = self.plots().into_iter().map(|(f, _)| f).collect();
+        self.markdown_with(&files)
+    }
+
+    /// The section, referencing the plot files `files`.
+    fn markdown_with(&self, files: &[String]) -> String {
         let mut o = String::new();
         let _ = writeln!(o, "## {}\n", self.name);
         if !self.source.is_empty() {
@@ -262,7 +269,7 @@ impl ModelReport {
             );
         }
         o.push('\n');
-        for (file, _) in self.plots() {
+        for file in files {
             let _ = writeln!(o, "![{file}]({file})\n");
         }
         if !self.layers.is_empty() {
@@ -318,12 +325,14 @@ pub fn write_report(
     }
     let mut files = vec![dir.join("report.md")];
     for m in models {
+        let mut names = Vec::new();
         for (file, svg) in m.plots() {
             let p = dir.join(&file);
             write_atomic(&p, &svg)?;
             files.push(p);
+            names.push(file);
         }
-        md.push_str(&m.markdown());
+        md.push_str(&m.markdown_with(&names));
     }
     write_atomic(&files[0], &md)?;
     Ok(files)

@@ -17,7 +17,6 @@ use prost::Message;
 use qint8_calibration::{calibrate, weight_params, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, QuantPlan, WeightStorage};
 use qint8_graph::Model;
-use qint8_math::search::RangeMethod;
 use serde_json::json;
 
 use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
@@ -25,7 +24,7 @@ use crate::data::{input_description, open_calibration, open_evaluation};
 use crate::eval::{Score, Scorer};
 use crate::format::{self, Align, Table};
 use crate::inspect::load_model;
-use crate::quantize::range_method;
+use crate::quantize::method_config;
 
 /// Every method, in the order `compare` runs them by default.
 const ALL_METHODS: [Method; 5] = [
@@ -101,13 +100,17 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let total_start = Instant::now();
     let methods = methods_to_run(args.study.methods.as_deref());
     // Bad options fail before any work.
-    let range_methods: Vec<(Method, RangeMethod)> = methods
+    let range_methods: Vec<(Method, CalibConfig)> = methods
         .iter()
         .map(|&m| {
-            Ok((
+            let cfg = method_config(
                 m,
-                range_method(m, args.study.percentile, EntropyVariantArg::SpikeAware)?,
-            ))
+                args.study.percentile,
+                EntropyVariantArg::SpikeAware,
+                AVERAGING_CONSTANT,
+                REFINE_IMAGES,
+            )?;
+            Ok((m, cfg))
         })
         .collect::<Result<_>>()?;
     let placement = match args.study.placement {
@@ -168,24 +171,17 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let (fp32_top1, fp32_top5) = fractions(fp32);
     let fp32_bytes = qint8_graph::onnx::model_to_proto(&model).encoded_len();
 
-    let base_cfg = CalibConfig {
-        placement,
-        smooth: args.study.smooth.smoothing(),
-        batch: args.study.batch,
-        threads,
-        ..Default::default()
-    };
-
     let opset = model.opset.max(13);
     let mut rows = Vec::new();
-    for (i, &(method, range)) in range_methods.iter().enumerate() {
-        let name = method_name(method);
+    for (i, (method, method_cfg)) in range_methods.iter().enumerate() {
+        let name = method_name(*method);
         let cfg = CalibConfig {
-            method: range,
-            moving_average: (method == Method::MovingAverage).then_some(AVERAGING_CONSTANT),
-            refine: (method == Method::Auto).then_some(REFINE_IMAGES),
+            placement,
+            smooth: args.study.smooth.smoothing(),
+            batch: args.study.batch,
+            threads,
             per_channel: true,
-            ..base_cfg.clone()
+            ..method_cfg.clone()
         };
         let calib_start = Instant::now();
         let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p: Progress| {

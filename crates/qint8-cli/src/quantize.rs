@@ -173,14 +173,28 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     Ok(())
 }
 
+/// The calibrator's settings for `method`: its range search, and the
+/// moving-average constant or the refinement images where `method` uses
+/// them; everything else at its default.
+pub(crate) fn method_config(
+    method: Method,
+    percentile: f64,
+    variant: EntropyVariantArg,
+    averaging_constant: f32,
+    refine_images: usize,
+) -> Result<CalibConfig> {
+    Ok(CalibConfig {
+        method: range_method(method, percentile, variant)?,
+        moving_average: (method == Method::MovingAverage).then_some(averaging_constant),
+        refine: (method == Method::Auto).then_some(refine_images),
+        ..Default::default()
+    })
+}
+
 impl CalibrationArgs {
     /// The calibrator's configuration these flags describe.
     pub(crate) fn config(&self, batch: usize, threads: usize) -> Result<CalibConfig> {
         Ok(CalibConfig {
-            method: range_method(self.method, self.percentile, self.entropy_variant)?,
-            moving_average: (self.method == Method::MovingAverage)
-                .then_some(self.averaging_constant),
-            refine: (self.method == Method::Auto).then_some(self.refine_images),
             smooth: self.smooth.smoothing(),
             per_channel: !self.per_tensor,
             placement: match self.placement {
@@ -189,7 +203,13 @@ impl CalibrationArgs {
             },
             batch,
             threads,
-            ..Default::default()
+            ..method_config(
+                self.method,
+                self.percentile,
+                self.entropy_variant,
+                self.averaging_constant,
+                self.refine_images,
+            )?
         })
     }
 }

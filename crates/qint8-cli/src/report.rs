@@ -24,7 +24,7 @@ use crate::compare::{method_name, methods_to_run, status, AVERAGING_CONSTANT, RE
 use crate::data::{open_calibration, open_evaluation};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
-use crate::quantize::range_method;
+use crate::quantize::method_config;
 
 /// Images the per-layer error is measured on (the first ones of the
 /// evaluation set).
@@ -93,14 +93,17 @@ fn analyze(
     for &method in &s.methods {
         let mname = method_name(method);
         let cfg = CalibConfig {
-            method: range_method(method, s.percentile, EntropyVariantArg::SpikeAware)?,
-            moving_average: (method == Method::MovingAverage).then_some(AVERAGING_CONSTANT),
-            refine: (method == Method::Auto).then_some(REFINE_IMAGES),
             smooth: s.smooth,
             placement: s.placement,
             batch: s.batch,
             threads: s.threads,
-            ..Default::default()
+            ..method_config(
+                method,
+                s.percentile,
+                EntropyVariantArg::SpikeAware,
+                AVERAGING_CONSTANT,
+                REFINE_IMAGES,
+            )?
         };
         let t = Instant::now();
         let calibrated = calibrate(&model.graph, calib, &cfg, &mut |p| {

@@ -2,11 +2,11 @@
 //! the fewest float layers for an accuracy budget.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_analysis::report::short;
+use qint8_analysis::report::{short, write_atomic};
 use qint8_analysis::sensitivity::{analyze, mixed_precision, Sensitivity};
 use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
@@ -86,20 +86,6 @@ fn label(node: &str) -> String {
     let parts: Vec<&str> = node.trim_start_matches('/').split('/').collect();
     let k = parts.len().saturating_sub(2);
     short(&parts[k..].join("/"), 28)
-}
-
-/// Writes `text` to `path` through a temporary sibling and a rename.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::Error::new(e).context(format!("writing {}", path.display()))
-    })
 }
 
 /// Runs `qint8 sensitivity`.
@@ -283,7 +269,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         .with_context(|| format!("writing {}", args.output.display()))?;
     if let Err(e) = write_atomic(&chart_path, &chart.to_svg()) {
         let _ = std::fs::remove_file(&args.output);
-        return Err(e);
+        return Err(e.into());
     }
     let quantizable = s.nodes.len();
     if a.json {

@@ -144,19 +144,10 @@ pub fn fixture_dataset(file: &str, n: usize) -> qint8_calibration::ImageDataset 
     .unwrap_or_else(|e| panic!("fixture {file}: {e}"))
 }
 
-/// Index of the largest value (the first on ties).
-pub fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
+/// Index of the largest value, as `numpy.argmax` picks it (the first on
+/// ties, NaN above every number), which is what the onnxruntime side of the
+/// comparisons uses.
+pub use qint8_eval::accuracy::argmax;
 
 /// How qint8 and onnxruntime classify the same images with the same file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
