@@ -46,6 +46,12 @@ pub enum RuntimeError {
     /// A quantization computation failed.
     #[error(transparent)]
     Math(#[from] qint8_math::MathError),
+    /// No backward rule exists for these operators (each named once).
+    #[error("no gradient rule for operator(s) {}", .0.join(", "))]
+    NoGradient(Vec<String>),
+    /// A backward pass got inconsistent inputs.
+    #[error("gradient: {0}")]
+    Gradient(String),
     /// The thread pool could not be built.
     #[error("thread pool: {0}")]
     ThreadPool(String),

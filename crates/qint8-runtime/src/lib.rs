@@ -21,6 +21,7 @@
 //! ```
 
 pub mod error;
+pub mod grad;
 pub mod kernels;
 pub mod plan;
 mod session;

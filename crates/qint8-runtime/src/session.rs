@@ -251,16 +251,7 @@ impl Session {
         {
             return self.run_split(inputs, batch);
         }
-        let owned: Vec<(&str, std::borrow::Cow<'_, [f32]>)> = inputs
-            .iter()
-            .map(|(n, a)| {
-                let data = match a.as_slice() {
-                    Some(s) => std::borrow::Cow::Borrowed(s),
-                    None => std::borrow::Cow::Owned(a.iter().copied().collect()),
-                };
-                (*n, data)
-            })
-            .collect();
+        let owned = contiguous(inputs);
         let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
         run_plan(
             &plan,
@@ -271,6 +262,18 @@ impl Session {
             Some(&self.pool),
             &self.buffers,
         )
+    }
+
+    /// Runs the graph on the calling thread with every kernel sequential,
+    /// outside the session's pool: for callers that spread their own work
+    /// (sub-batches, many small graphs) over threads, which the pool would
+    /// otherwise take one at a time.
+    pub fn run_here(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Vec<ArrayD<f32>>> {
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        let plan = self.plan(&shapes)?;
+        let owned = contiguous(inputs);
+        let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
+        crate::kernels::sequential(|| run_plan(&plan, &flat, None, None, 1, None, &self.buffers))
     }
 
     /// Whether every runtime tensor keeps the batch as its leading dimension
@@ -462,6 +465,22 @@ fn concat_outputs(results: Vec<Vec<ArrayD<f32>>>) -> Result<Vec<ArrayD<f32>>> {
                     "joining sub-batches: {e}"
                 )))
             })
+        })
+        .collect()
+}
+
+/// Every input's data as one contiguous slice (copied only when strided).
+fn contiguous<'a>(
+    inputs: &'a [(&'a str, ArrayViewD<'_, f32>)],
+) -> Vec<(&'a str, std::borrow::Cow<'a, [f32]>)> {
+    inputs
+        .iter()
+        .map(|(n, a)| {
+            let data = match a.as_slice() {
+                Some(s) => std::borrow::Cow::Borrowed(s),
+                None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+            };
+            (*n, data)
         })
         .collect()
 }

@@ -1,0 +1,1189 @@
+//! Reverse-mode gradients through a float graph, from the values one
+//! forward run recorded (an [`Observer`](crate::Observer) on a session
+//! compiled without fusion sees all of them).
+//!
+//! [`backward`] seeds the gradient of one output and walks the nodes between
+//! the requested values and that output in reverse order, handing each
+//! requested value's gradient to a callback once it is complete. Gradients
+//! flow into activations only, never into weights. Per-layer sensitivity
+//! uses this: one backward pass gives, for every layer at once, how the
+//! output moves when that layer's result is perturbed.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use qint8_graph::{shape, Graph, Node, Op};
+
+use crate::error::{Result, RuntimeError};
+use crate::kernels::gemm::{sgemm, Mat};
+
+/// A forward value: its shape and row-major data.
+#[derive(Debug, Clone, Copy)]
+pub struct Value<'a> {
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Row-major data.
+    pub data: &'a [f32],
+}
+
+/// Recorded forward values by name (graph inputs and node outputs;
+/// initializers are read from the graph).
+pub type Values<'a> = HashMap<String, Value<'a>>;
+
+/// The nodes on a path from any of `from` to `output`, in graph order.
+fn path(graph: &Graph, from: &[&str], output: &str) -> (Vec<usize>, HashSet<String>) {
+    let mut fwd: HashSet<&str> = from.iter().copied().collect();
+    for n in &graph.nodes {
+        if n.inputs.iter().any(|i| fwd.contains(i.as_str())) {
+            fwd.extend(n.outputs.iter().map(String::as_str));
+        }
+    }
+    let mut back: HashSet<&str> = HashSet::from([output]);
+    for n in graph.nodes.iter().rev() {
+        if n.outputs.iter().any(|o| back.contains(o.as_str())) {
+            back.extend(n.inputs.iter().map(String::as_str));
+        }
+    }
+    let live: HashSet<String> = fwd.intersection(&back).map(|s| s.to_string()).collect();
+    let nodes = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.outputs.iter().any(|o| live.contains(o)))
+        .map(|(i, _)| i)
+        .collect();
+    (nodes, live)
+}
+
+/// Whether [`backward`] has a rule for `op`.
+pub fn has_rule(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Conv(_)
+            | Op::Gemm { .. }
+            | Op::MatMul
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Relu
+            | Op::Clip { .. }
+            | Op::Sigmoid
+            | Op::HardSigmoid { .. }
+            | Op::HardSwish
+            | Op::MaxPool(_)
+            | Op::AveragePool(_)
+            | Op::GlobalAveragePool
+            | Op::Flatten { .. }
+            | Op::Reshape { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Identity
+            | Op::Dropout
+            | Op::Expand
+            | Op::Concat { .. }
+            | Op::BatchNormalization { .. }
+    )
+}
+
+/// The operators between `from` and `output` that [`backward`] has no rule
+/// for, each once, sorted (empty when the pass can run).
+pub fn unsupported(graph: &Graph, from: &[&str], output: &str) -> Vec<String> {
+    let (nodes, _) = path(graph, from, output);
+    nodes
+        .iter()
+        .map(|&i| &graph.nodes[i])
+        .filter(|n| !has_rule(&n.op))
+        .map(|n| n.op.op_type().to_string())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Back-propagates `seed` (the gradient of `output`, shaped like it) to
+/// every value in `wanted`, calling `visit(name, gradient)` once per wanted
+/// value as soon as its gradient is complete (in reverse graph order; a
+/// value that does not reach `output` gets zeros). `values` must hold every
+/// graph input and node output on the way.
+pub fn backward(
+    graph: &Graph,
+    values: &Values<'_>,
+    output: &str,
+    seed: &[f32],
+    wanted: &[&str],
+    visit: &mut dyn FnMut(&str, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let missing = unsupported(graph, wanted, output);
+    if !missing.is_empty() {
+        return Err(RuntimeError::NoGradient(missing));
+    }
+    let (nodes, live) = path(graph, wanted, output);
+    let out_len = lookup(graph, values, output)
+        .ok_or_else(|| RuntimeError::MissingInput(output.to_string()))?
+        .data
+        .len();
+    if seed.len() != out_len {
+        return Err(RuntimeError::Gradient(format!(
+            "gradient seed has {} values, output {output} has {out_len}",
+            seed.len()
+        )));
+    }
+    let want: HashSet<&str> = wanted.iter().copied().collect();
+    let mut done: HashSet<&str> = HashSet::new();
+    let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
+    grads.insert(output.to_string(), seed.to_vec());
+    for &i in nodes.iter().rev() {
+        let node = &graph.nodes[i];
+        let out = node.outputs[0].as_str();
+        let y = value(graph, values, node, out)?;
+        let g = grads.remove(out).unwrap_or_else(|| vec![0.0; y.data.len()]);
+        if want.contains(out) {
+            visit(out, &g)?;
+            done.insert(out);
+        }
+        let need: Vec<bool> = node.inputs.iter().map(|n| live.contains(n)).collect();
+        if !need.iter().any(|&b| b) {
+            continue;
+        }
+        let gin = rule(graph, values, node, g, &need)?;
+        for (name, gi) in node.inputs.iter().zip(gin) {
+            let Some(gi) = gi else { continue };
+            match grads.get_mut(name) {
+                Some(acc) => acc.iter_mut().zip(&gi).for_each(|(a, b)| *a += b),
+                None => {
+                    grads.insert(name.clone(), gi);
+                }
+            }
+        }
+    }
+    for &w in wanted {
+        if done.contains(w) {
+            continue;
+        }
+        let len = lookup(graph, values, w)
+            .ok_or_else(|| RuntimeError::MissingInput(w.to_string()))?
+            .data
+            .len();
+        let g = grads.remove(w).unwrap_or_else(|| vec![0.0; len]);
+        visit(w, &g)?;
+    }
+    Ok(())
+}
+
+fn lookup<'a>(graph: &'a Graph, values: &'a Values<'_>, name: &str) -> Option<Value<'a>> {
+    if let Some(v) = values.get(name) {
+        return Some(*v);
+    }
+    let t = graph.initializers.get(name)?;
+    let a = t.as_f32()?;
+    Some(Value {
+        shape: t.shape(),
+        data: a.as_slice()?,
+    })
+}
+
+fn node_err(node: &Node, detail: impl Into<String>) -> RuntimeError {
+    RuntimeError::Node {
+        node: node.name.clone(),
+        op: node.op.op_type().to_string(),
+        detail: detail.into(),
+    }
+}
+
+fn value<'a>(
+    graph: &'a Graph,
+    values: &'a Values<'_>,
+    node: &Node,
+    name: &str,
+) -> Result<Value<'a>> {
+    lookup(graph, values, name)
+        .ok_or_else(|| node_err(node, format!("the forward value {name} was not recorded")))
+}
+
+fn input<'a>(graph: &'a Graph, values: &'a Values<'_>, node: &Node, i: usize) -> Result<Value<'a>> {
+    let name = node
+        .input(i)
+        .ok_or_else(|| node_err(node, format!("input {i} is missing")))?;
+    value(graph, values, node, name)
+}
+
+/// Gradients of `node`'s inputs (those marked in `need`) from its output's.
+fn rule(
+    graph: &Graph,
+    values: &Values<'_>,
+    node: &Node,
+    g: Vec<f32>,
+    need: &[bool],
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; node.inputs.len()];
+    let x = input(graph, values, node, 0)?;
+    let y = value(graph, values, node, &node.outputs[0])?;
+    if g.len() != y.data.len() {
+        return Err(node_err(node, "gradient and output sizes differ"));
+    }
+    // Operators that pass the gradient through unchanged take it as is.
+    if matches!(
+        node.op,
+        Op::Identity
+            | Op::Dropout
+            | Op::Flatten { .. }
+            | Op::Reshape { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+    ) {
+        out[0] = Some(g);
+        return Ok(out);
+    }
+    if matches!(node.op, Op::Add) && need[0] && need[1] && x.data.len() == g.len() {
+        let b = input(graph, values, node, 1)?;
+        if b.data.len() == g.len() {
+            out[0] = Some(g.clone());
+            out[1] = Some(g);
+            return Ok(out);
+        }
+    }
+    // Unary operators scale the gradient in place.
+    if matches!(
+        node.op,
+        Op::Relu | Op::Sigmoid | Op::Clip { .. } | Op::HardSigmoid { .. } | Op::HardSwish
+    ) {
+        let gx = match &node.op {
+            Op::Relu => in_place(g, x.data, y.data, |g, _, y| if y > 0.0 { g } else { 0.0 }),
+            Op::Sigmoid => in_place(g, x.data, y.data, |g, _, y| g * y * (1.0 - y)),
+            Op::Clip { min, max } => {
+                let bound = |i: usize, attr: Option<f32>, default: f32| -> Result<f32> {
+                    match node.input(i) {
+                        Some(n) => Ok(value(graph, values, node, n)?
+                            .data
+                            .first()
+                            .copied()
+                            .unwrap_or(default)),
+                        None => Ok(attr.unwrap_or(default)),
+                    }
+                };
+                let lo = bound(1, *min, f32::NEG_INFINITY)?;
+                let hi = bound(2, *max, f32::INFINITY)?;
+                in_place(
+                    g,
+                    x.data,
+                    y.data,
+                    |g, x, _| {
+                        if x > lo && x < hi {
+                            g
+                        } else {
+                            0.0
+                        }
+                    },
+                )
+            }
+            Op::HardSigmoid { alpha, beta } => {
+                let (a, b) = (*alpha, *beta);
+                in_place(g, x.data, y.data, |g, x, _| {
+                    let t = a * x + b;
+                    if t > 0.0 && t < 1.0 {
+                        g * a
+                    } else {
+                        0.0
+                    }
+                })
+            }
+            Op::HardSwish => in_place(g, x.data, y.data, |g, x, _| {
+                let t = x / 6.0 + 0.5;
+                if t <= 0.0 {
+                    0.0
+                } else if t >= 1.0 {
+                    g
+                } else {
+                    g * (t + x / 6.0)
+                }
+            }),
+            _ => g,
+        };
+        out[0] = Some(gx);
+        return Ok(out);
+    }
+    let g = &g[..];
+    match &node.op {
+        Op::Add | Op::Sub | Op::Mul | Op::Div => {
+            let b = input(graph, values, node, 1)?;
+            let (ga, gb) = binary_grad(&node.op, x, b, y.shape, g, need[0], need[1]);
+            out[0] = ga;
+            out[1] = gb;
+        }
+        Op::Expand => out[0] = Some(unbroadcast(g, y.shape, x.shape)),
+        Op::GlobalAveragePool => {
+            let plane: usize = x.shape.iter().skip(2).product();
+            let mut gx = vec![0.0; x.data.len()];
+            if plane > 0 {
+                let inv = 1.0 / plane as f32;
+                for (dst, &gv) in gx.chunks_exact_mut(plane).zip(g) {
+                    dst.fill(gv * inv);
+                }
+            }
+            out[0] = Some(gx);
+        }
+        Op::BatchNormalization { epsilon } => {
+            let scale = input(graph, values, node, 1)?;
+            let var = input(graph, values, node, 4)?;
+            let c = x.shape.get(1).copied().unwrap_or(1);
+            if scale.data.len() != c || var.data.len() != c {
+                return Err(node_err(
+                    node,
+                    "scale and variance need one value per channel",
+                ));
+            }
+            let plane: usize = x.shape.iter().skip(2).product();
+            let mut gx = g.to_vec();
+            for (k, chunk) in gx.chunks_exact_mut(plane.max(1)).enumerate() {
+                let ch = k % c;
+                let f = scale.data[ch] / (var.data[ch] + epsilon).sqrt();
+                chunk.iter_mut().for_each(|v| *v *= f);
+            }
+            out[0] = Some(gx);
+        }
+        Op::Concat { axis } => {
+            let rank = y.shape.len();
+            let ax = shape::norm_axis(node, *axis, rank)?;
+            let outer: usize = y.shape[..ax].iter().product();
+            let inner: usize = y.shape[ax + 1..].iter().product();
+            let total = y.shape[ax] * inner;
+            let mut off = 0;
+            for (k, name) in node.inputs.iter().enumerate() {
+                let v = value(graph, values, node, name)?;
+                let len = v.shape.get(ax).copied().unwrap_or(0) * inner;
+                if need[k] {
+                    let mut gi = Vec::with_capacity(outer * len);
+                    for o in 0..outer {
+                        gi.extend_from_slice(&g[o * total + off..o * total + off + len]);
+                    }
+                    out[k] = Some(gi);
+                }
+                off += len;
+            }
+        }
+        Op::MaxPool(p) | Op::AveragePool(p) => {
+            let geom = pool_geom(node, p, x.shape)?;
+            let mut gx = vec![0.0; x.data.len()];
+            if matches!(node.op, Op::MaxPool(_)) {
+                maxpool_grad(&geom, x.data, g, &mut gx);
+            } else {
+                avgpool_grad(&geom, p.count_include_pad, g, &mut gx);
+            }
+            out[0] = Some(gx);
+        }
+        Op::Conv(c) => {
+            if need.get(1).copied().unwrap_or(false) || need.get(2).copied().unwrap_or(false) {
+                return Err(node_err(
+                    node,
+                    "gradients flow into activations only, not weights",
+                ));
+            }
+            let w = input(graph, values, node, 1)?;
+            let win = shape::conv_window(node, c, x.shape, w.shape)?;
+            let two_d = x.shape.len() == 4;
+            if !(two_d || x.shape.len() == 3) {
+                return Err(node_err(
+                    node,
+                    "only 1-D and 2-D convolutions have a gradient",
+                ));
+            }
+            let pick = |v: &[usize]| if two_d { (v[0], v[1]) } else { (1, v[0]) };
+            let (kh, kw) = pick(&win.kernel);
+            let (sh, sw) = pick(&win.strides);
+            let (dh, dw) = pick(&win.dilations);
+            let (ph, pw) = if two_d {
+                (win.pad_begin[0], win.pad_begin[1])
+            } else {
+                (0, win.pad_begin[0])
+            };
+            let (oh, ow) = pick(&win.out);
+            let (ih, iw) = if two_d {
+                (x.shape[2], x.shape[3])
+            } else {
+                (1, x.shape[2])
+            };
+            let geom = ConvGeom {
+                n: x.shape[0],
+                cin: x.shape[1],
+                ih,
+                iw,
+                cout: w.shape[0],
+                group: c.group.max(1),
+                kh,
+                kw,
+                stride: (sh, sw),
+                dilation: (dh, dw),
+                pad: (ph, pw),
+                oh,
+                ow,
+            };
+            let mut gx = vec![0.0; x.data.len()];
+            conv_input_grad(&geom, w.data, g, &mut gx);
+            out[0] = Some(gx);
+        }
+        Op::Gemm {
+            alpha,
+            trans_a,
+            trans_b,
+            ..
+        } => {
+            let b = input(graph, values, node, 1)?;
+            if x.shape.len() != 2 || b.shape.len() != 2 {
+                return Err(node_err(node, "Gemm operands must be matrices"));
+            }
+            let (m, k) = if *trans_a {
+                (x.shape[1], x.shape[0])
+            } else {
+                (x.shape[0], x.shape[1])
+            };
+            let n = if *trans_b { b.shape[0] } else { b.shape[1] };
+            // A' = op(A) is [m, k], B' = op(B) is [k, n].
+            let a_view = if *trans_a {
+                Mat::transposed(x.data, m)
+            } else {
+                Mat::row_major(x.data, k)
+            };
+            let b_view = if *trans_b {
+                Mat::transposed(b.data, k)
+            } else {
+                Mat::row_major(b.data, n)
+            };
+            let gv = Mat::row_major(g, n);
+            if need[0] {
+                // dA' = alpha * g * B'^T.
+                let mut ga = vec![0.0; m * k];
+                let bt = Mat {
+                    data: b_view.data,
+                    rs: b_view.cs,
+                    cs: b_view.rs,
+                };
+                matmul(m, k, n, gv, bt, &mut ga, node)?;
+                ga.iter_mut().for_each(|v| *v *= alpha);
+                out[0] = Some(if *trans_a { transpose(&ga, m, k) } else { ga });
+            }
+            if need.get(1).copied().unwrap_or(false) {
+                // dB' = alpha * A'^T * g.
+                let mut gb = vec![0.0; k * n];
+                let at = Mat {
+                    data: a_view.data,
+                    rs: a_view.cs,
+                    cs: a_view.rs,
+                };
+                matmul(k, n, m, at, gv, &mut gb, node)?;
+                gb.iter_mut().for_each(|v| *v *= alpha);
+                out[1] = Some(if *trans_b { transpose(&gb, k, n) } else { gb });
+            }
+            if need.get(2).copied().unwrap_or(false) {
+                return Err(node_err(node, "gradients do not flow into a Gemm's C"));
+            }
+        }
+        Op::MatMul => {
+            let b = input(graph, values, node, 1)?;
+            if x.shape.len() < 2 || b.shape.len() != 2 {
+                return Err(node_err(
+                    node,
+                    "gradients need A of rank >= 2 and a matrix B",
+                ));
+            }
+            let k = b.shape[0];
+            let n = b.shape[1];
+            let rows = x.data.len() / k.max(1);
+            let gv = Mat::row_major(g, n);
+            if need[0] {
+                let mut ga = vec![0.0; rows * k];
+                matmul(rows, k, n, gv, Mat::transposed(b.data, n), &mut ga, node)?;
+                out[0] = Some(ga);
+            }
+            if need[1] {
+                let mut gb = vec![0.0; k * n];
+                matmul(k, n, rows, Mat::transposed(x.data, k), gv, &mut gb, node)?;
+                out[1] = Some(gb);
+            }
+        }
+        other => {
+            return Err(RuntimeError::NoGradient(vec![other.op_type().to_string()]));
+        }
+    }
+    Ok(out)
+}
+
+/// `sum(a * b)` in sixteen f32 lanes (they vectorize).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `g = f(g, x, y)` over three equally long slices, reusing `g`.
+#[inline]
+fn in_place(mut g: Vec<f32>, x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
+    for (g, (&x, &y)) in g.iter_mut().zip(x.iter().zip(y)) {
+        *g = f(*g, x, y);
+    }
+    g
+}
+
+/// `f(g, x, y)` over three equally long slices.
+#[inline]
+fn elementwise(g: &[f32], x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
+    g.iter()
+        .zip(x.iter().zip(y))
+        .map(|(&g, (&x, &y))| f(g, x, y))
+        .collect()
+}
+
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    c: &mut [f32],
+    node: &Node,
+) -> Result<()> {
+    if sgemm(m, n, k, a, b, c, n, false, 1) {
+        Ok(())
+    } else {
+        Err(node_err(node, "operand sizes do not fit"))
+    }
+}
+
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Row-major strides of `inp` read at the positions of `out` (0 along
+/// broadcast axes), right-aligned as ONNX broadcasting aligns shapes.
+fn bstrides(out: &[usize], inp: &[usize]) -> Vec<usize> {
+    let r = out.len();
+    let mut s = vec![0; r];
+    let mut stride = 1;
+    for (k, &d) in inp.iter().enumerate().rev() {
+        let pos = r - (inp.len() - k);
+        s[pos] = if d == 1 { 0 } else { stride };
+        stride *= d;
+    }
+    s
+}
+
+/// Calls `f(out_index, a_offset, b_offset)` for every element of `out`.
+fn for_each_bcast(
+    out: &[usize],
+    sa: &[usize],
+    sb: &[usize],
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let total: usize = out.iter().product();
+    if total == 0 {
+        return;
+    }
+    let r = out.len();
+    if r == 0 {
+        f(0, 0, 0);
+        return;
+    }
+    let last = out[r - 1];
+    let (la, lb) = (sa[r - 1], sb[r - 1]);
+    let mut idx = vec![0usize; r];
+    let (mut oa, mut ob) = (0usize, 0usize);
+    let mut o = 0;
+    while o < total {
+        for j in 0..last {
+            f(o + j, oa + j * la, ob + j * lb);
+        }
+        o += last;
+        // Odometer over the leading axes.
+        let mut d = r - 1;
+        while d > 0 {
+            d -= 1;
+            idx[d] += 1;
+            oa += sa[d];
+            ob += sb[d];
+            if idx[d] < out[d] {
+                break;
+            }
+            oa -= sa[d] * out[d];
+            ob -= sb[d] * out[d];
+            idx[d] = 0;
+        }
+    }
+}
+
+/// With `small` right-aligned against `out`: the block size when `small`
+/// equals `out`'s leading axes followed by ones (each of its values covers
+/// one contiguous block of `out`).
+fn trailing_broadcast(out: &[usize], small: &[usize]) -> Option<usize> {
+    if small.len() > out.len() {
+        return None;
+    }
+    let lead = out.len() - small.len();
+    let padded: Vec<usize> = std::iter::repeat_n(1, lead)
+        .chain(small.iter().copied())
+        .collect();
+    let k = padded.iter().rposition(|&d| d != 1).map_or(0, |p| p + 1);
+    let (inner, outer): (usize, usize) = (out[k..].iter().product(), out[..k].iter().product());
+    (padded[..k] == out[..k] && inner > 1 && outer == small.iter().product::<usize>())
+        .then_some(inner)
+}
+
+/// Sums `g` (shaped `out`) down to the broadcast input shape `inp`.
+fn unbroadcast(g: &[f32], out: &[usize], inp: &[usize]) -> Vec<f32> {
+    let n: usize = inp.iter().product();
+    if n == g.len() {
+        return g.to_vec();
+    }
+    let mut r = vec![0.0; n];
+    let s = bstrides(out, inp);
+    for_each_bcast(out, &s, &s, |o, a, _| r[a] += g[o]);
+    r
+}
+
+/// Gradients of both operands of an elementwise Add/Sub/Mul/Div.
+fn binary_grad(
+    op: &Op,
+    a: Value<'_>,
+    b: Value<'_>,
+    out: &[usize],
+    g: &[f32],
+    need_a: bool,
+    need_b: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let same = a.data.len() == g.len() && b.data.len() == g.len();
+    match op {
+        Op::Add | Op::Sub => {
+            let ga = need_a.then(|| unbroadcast(g, out, a.shape));
+            let gb = need_b.then(|| {
+                let mut v = unbroadcast(g, out, b.shape);
+                if matches!(op, Op::Sub) {
+                    v.iter_mut().for_each(|x| *x = -*x);
+                }
+                v
+            });
+            (ga, gb)
+        }
+        _ => {
+            let div = matches!(op, Op::Div);
+            // d(a*b) = (g*b, g*a); d(a/b) = (g/b, -g*a/b^2).
+            let da = |g: f32, _a: f32, b: f32| if div { g / b } else { g * b };
+            let db = |g: f32, a: f32, b: f32| if div { -g * a / (b * b) } else { g * a };
+            if same {
+                // Separate loops per operator, so each vectorizes.
+                let ga = need_a.then(|| {
+                    if div {
+                        elementwise(g, a.data, b.data, |g, _, y| g / y)
+                    } else {
+                        elementwise(g, a.data, b.data, |g, _, y| g * y)
+                    }
+                });
+                let gb = need_b.then(|| {
+                    if div {
+                        elementwise(g, a.data, b.data, |g, x, y| -g * x / (y * y))
+                    } else {
+                        elementwise(g, a.data, b.data, |g, x, _| g * x)
+                    }
+                });
+                return (ga, gb);
+            }
+            // One operand constant over trailing axes (a gate [N, C, 1, 1]
+            // on [N, C, H, W]): per block, a scaled copy and a dot product.
+            if a.data.len() == g.len() {
+                if let Some(inner) = trailing_broadcast(out, b.shape) {
+                    let mut ga = need_a.then(|| vec![0.0f32; g.len()]);
+                    let mut gb = need_b.then(|| vec![0.0f32; b.data.len()]);
+                    for (j, &bv) in b.data.iter().enumerate() {
+                        let (gs, xs) = (&g[j * inner..][..inner], &a.data[j * inner..][..inner]);
+                        if let Some(ga) = ga.as_mut() {
+                            for (d, &gv) in ga[j * inner..][..inner].iter_mut().zip(gs) {
+                                *d = da(gv, 0.0, bv);
+                            }
+                        }
+                        if let Some(gb) = gb.as_mut() {
+                            // d(a*b)/db and d(a/b)/db are both multiples of sum(g*a).
+                            let ga_dot = dot(gs, xs);
+                            gb[j] = db(ga_dot, 1.0, bv);
+                        }
+                    }
+                    return (ga, gb);
+                }
+            }
+            let (sa, sb) = (bstrides(out, a.shape), bstrides(out, b.shape));
+            let mut ga = need_a.then(|| vec![0.0f32; a.data.len()]);
+            let mut gb = need_b.then(|| vec![0.0f32; b.data.len()]);
+            for_each_bcast(out, &sa, &sb, |o, ia, ib| {
+                let (x, y) = (a.data[ia], b.data[ib]);
+                if let Some(ga) = ga.as_mut() {
+                    ga[ia] += da(g[o], x, y);
+                }
+                if let Some(gb) = gb.as_mut() {
+                    gb[ib] += db(g[o], x, y);
+                }
+            });
+            (ga, gb)
+        }
+    }
+}
+
+/// A 2-D pooling window resolved for one input (1-D pools have `h = 1`).
+#[derive(Debug, Clone, Copy)]
+struct PoolGeom {
+    planes: usize,
+    ih: usize,
+    iw: usize,
+    kh: usize,
+    kw: usize,
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    pad: (usize, usize),
+    pad_end: (usize, usize),
+    oh: usize,
+    ow: usize,
+}
+
+fn pool_geom(node: &Node, p: &qint8_graph::PoolAttrs, x: &[usize]) -> Result<PoolGeom> {
+    let win = shape::pool_window(node, p, x)?;
+    let two_d = x.len() == 4;
+    if !(two_d || x.len() == 3) {
+        return Err(node_err(node, "only 1-D and 2-D pools have a gradient"));
+    }
+    let pick = |v: &[usize]| if two_d { (v[0], v[1]) } else { (1, v[0]) };
+    let pick0 = |v: &[usize]| if two_d { (v[0], v[1]) } else { (0, v[0]) };
+    let (ih, iw) = if two_d { (x[2], x[3]) } else { (1, x[2]) };
+    let (kh, kw) = pick(&win.kernel);
+    let (oh, ow) = pick(&win.out);
+    Ok(PoolGeom {
+        planes: x[0] * x[1],
+        ih,
+        iw,
+        kh,
+        kw,
+        stride: pick(&win.strides),
+        dilation: pick(&win.dilations),
+        pad: pick0(&win.pad_begin),
+        pad_end: pick0(&win.pad_end),
+        oh,
+        ow,
+    })
+}
+
+/// Input positions of output `(oy, ox)`'s window, `None` for padding.
+fn window(p: &PoolGeom, oy: usize, ox: usize) -> impl Iterator<Item = Option<usize>> + '_ {
+    (0..p.kh).flat_map(move |ky| {
+        (0..p.kw).map(move |kx| {
+            let iy = (oy * p.stride.0 + ky * p.dilation.0) as isize - p.pad.0 as isize;
+            let ix = (ox * p.stride.1 + kx * p.dilation.1) as isize - p.pad.1 as isize;
+            (iy >= 0 && ix >= 0 && (iy as usize) < p.ih && (ix as usize) < p.iw)
+                .then(|| iy as usize * p.iw + ix as usize)
+        })
+    })
+}
+
+/// MaxPool: each output's gradient goes to its window's (first) maximum.
+fn maxpool_grad(p: &PoolGeom, x: &[f32], g: &[f32], gx: &mut [f32]) {
+    let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
+    for c in 0..p.planes {
+        let (xs, gs) = (&x[c * ip..(c + 1) * ip], &g[c * op..(c + 1) * op]);
+        let gxs = &mut gx[c * ip..(c + 1) * ip];
+        for oy in 0..p.oh {
+            for ox in 0..p.ow {
+                let mut best: Option<usize> = None;
+                for pos in window(p, oy, ox).flatten() {
+                    if best.is_none_or(|b| xs[pos] > xs[b]) {
+                        best = Some(pos);
+                    }
+                }
+                if let Some(b) = best {
+                    gxs[b] += gs[oy * p.ow + ox];
+                }
+            }
+        }
+    }
+}
+
+/// AveragePool: each output's gradient spread evenly over what it averaged.
+fn avgpool_grad(p: &PoolGeom, include_pad: bool, g: &[f32], gx: &mut [f32]) {
+    let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
+    for c in 0..p.planes {
+        let gs = &g[c * op..(c + 1) * op];
+        let gxs = &mut gx[c * ip..(c + 1) * ip];
+        for oy in 0..p.oh {
+            for ox in 0..p.ow {
+                let count = if include_pad {
+                    // Window positions inside the padded input.
+                    (0..p.kh)
+                        .flat_map(|ky| (0..p.kw).map(move |kx| (ky, kx)))
+                        .filter(|&(ky, kx)| {
+                            let iy = oy * p.stride.0 + ky * p.dilation.0;
+                            let ix = ox * p.stride.1 + kx * p.dilation.1;
+                            iy < p.ih + p.pad.0 + p.pad_end.0 && ix < p.iw + p.pad.1 + p.pad_end.1
+                        })
+                        .count()
+                } else {
+                    window(p, oy, ox).flatten().count()
+                };
+                if count == 0 {
+                    continue;
+                }
+                let v = gs[oy * p.ow + ox] / count as f32;
+                for pos in window(p, oy, ox).flatten() {
+                    gxs[pos] += v;
+                }
+            }
+        }
+    }
+}
+
+/// A 2-D convolution's geometry (1-D convolutions have `ih = kh = oh = 1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch.
+    pub n: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height.
+    pub ih: usize,
+    /// Input width.
+    pub iw: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Groups.
+    pub group: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Strides (h, w).
+    pub stride: (usize, usize),
+    /// Dilations (h, w).
+    pub dilation: (usize, usize),
+    /// Padding at the top and left.
+    pub pad: (usize, usize),
+    /// Output height.
+    pub oh: usize,
+    /// Output width.
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    fn fits(&self, w: &[f32], g: &[f32], gx: &[f32]) -> bool {
+        self.group > 0
+            && self.cin.is_multiple_of(self.group)
+            && self.cout.is_multiple_of(self.group)
+            && w.len() == self.cout * self.cin / self.group * self.kh * self.kw
+            && g.len() == self.n * self.cout * self.oh * self.ow
+            && gx.len() == self.n * self.cin * self.ih * self.iw
+    }
+
+    /// Output columns `[lo, hi)` whose tap `kx` lands inside the input row.
+    fn ox_range(&self, kx: usize) -> (usize, usize) {
+        range(
+            self.iw,
+            self.ow,
+            self.stride.1,
+            kx * self.dilation.1,
+            self.pad.1,
+        )
+    }
+
+    /// Output rows whose tap `ky` lands inside the input.
+    fn oy_range(&self, ky: usize) -> (usize, usize) {
+        range(
+            self.ih,
+            self.oh,
+            self.stride.0,
+            ky * self.dilation.0,
+            self.pad.0,
+        )
+    }
+}
+
+/// Outputs `o` in `[lo, hi)` with `0 <= o * stride + off - pad < input`.
+fn range(input: usize, out: usize, stride: usize, off: usize, pad: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(off).div_ceil(stride);
+    let hi = if input + pad > off {
+        ((input + pad - off - 1) / stride + 1).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// The gradient of a convolution's input: `gx = conv_transpose(g, w)`,
+/// overwriting `gx`. Depthwise convolutions run a direct kernel, others a
+/// GEMM with the transposed weights and a col2im scatter. Does nothing when
+/// the buffer sizes do not fit `geom`.
+pub fn conv_input_grad(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
+    if !geom.fits(w, g, gx) {
+        return;
+    }
+    gx.fill(0.0);
+    let c = geom;
+    let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
+    let (ip, op) = (c.ih * c.iw, c.oh * c.ow);
+    if cin_g == 1 && cout_g == 1 && (c.ow < 16 || c.stride.1 != 1) {
+        depthwise_nhwc(c, w, g, gx);
+        return;
+    }
+    if cin_g == 1 && cout_g == 1 {
+        // Depthwise: every tap is a shifted axpy over output rows.
+        for img in 0..c.n {
+            for ch in 0..c.cin {
+                let gp = &g[(img * c.cout + ch) * op..][..op];
+                let xp = &mut gx[(img * c.cin + ch) * ip..][..ip];
+                let wk = &w[ch * c.kh * c.kw..][..c.kh * c.kw];
+                for ky in 0..c.kh {
+                    let (ylo, yhi) = c.oy_range(ky);
+                    for kx in 0..c.kw {
+                        let wv = wk[ky * c.kw + kx];
+                        let (xlo, xhi) = c.ox_range(kx);
+                        if xlo >= xhi {
+                            continue;
+                        }
+                        for oy in ylo..yhi {
+                            let iy = oy * c.stride.0 + ky * c.dilation.0 - c.pad.0;
+                            let grow = &gp[oy * c.ow..][..c.ow];
+                            let xrow = &mut xp[iy * c.iw..][..c.iw];
+                            let ix0 = kx * c.dilation.1;
+                            if c.stride.1 == 1 {
+                                let s = xlo + ix0 - c.pad.1;
+                                for (d, &gv) in
+                                    xrow[s..s + (xhi - xlo)].iter_mut().zip(&grow[xlo..xhi])
+                                {
+                                    *d += wv * gv;
+                                }
+                            } else {
+                                for ox in xlo..xhi {
+                                    xrow[ox * c.stride.1 + ix0 - c.pad.1] += wv * grow[ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
+    let k = cin_g * c.kh * c.kw;
+    let pointwise = c.kh == 1
+        && c.kw == 1
+        && c.stride == (1, 1)
+        && c.pad == (0, 0)
+        && (c.oh, c.ow) == (c.ih, c.iw);
+    // Small planes: one GEMM over the whole batch (better shaped).
+    let batched = op < 256 && c.n > 1;
+    let cols_len = if batched { k * c.n * op } else { k * op };
+    let mut cols = if pointwise && !batched {
+        Vec::new()
+    } else {
+        vec![0.0f32; cols_len]
+    };
+    let mut gt = if batched {
+        vec![0.0f32; cout_g * c.n * op]
+    } else {
+        Vec::new()
+    };
+    for grp in 0..c.group {
+        let wg = &w[grp * cout_g * k..][..cout_g * k];
+        // W_g^T viewed as [k, cout_g].
+        let wt = Mat {
+            data: wg,
+            rs: 1,
+            cs: k,
+        };
+        if batched {
+            let np = c.n * op;
+            for img in 0..c.n {
+                for co in 0..cout_g {
+                    let src = &g[(img * c.cout + grp * cout_g + co) * op..][..op];
+                    gt[co * np + img * op..][..op].copy_from_slice(src);
+                }
+            }
+            sgemm(
+                k,
+                np,
+                cout_g,
+                wt,
+                Mat::row_major(&gt, np),
+                &mut cols,
+                np,
+                false,
+                1,
+            );
+            for img in 0..c.n {
+                let xg = &mut gx[(img * c.cin + grp * cin_g) * ip..][..cin_g * ip];
+                col2im(c, &cols, np, img * op, xg);
+            }
+        } else {
+            for img in 0..c.n {
+                let gg = &g[(img * c.cout + grp * cout_g) * op..][..cout_g * op];
+                let xg = &mut gx[(img * c.cin + grp * cin_g) * ip..][..cin_g * ip];
+                if pointwise {
+                    sgemm(k, op, cout_g, wt, Mat::row_major(gg, op), xg, op, false, 1);
+                } else {
+                    sgemm(
+                        k,
+                        op,
+                        cout_g,
+                        wt,
+                        Mat::row_major(gg, op),
+                        &mut cols,
+                        op,
+                        false,
+                        1,
+                    );
+                    col2im(c, &cols, op, 0, xg);
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise input gradient channels-last, for narrow or strided rows:
+/// each tap is an axpy across channels (vectorizes where rows would not).
+fn depthwise_nhwc(c: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
+    let ch = c.cin;
+    let (ip, op, taps) = (c.ih * c.iw, c.oh * c.ow, c.kh * c.kw);
+    let mut wt = vec![0.0f32; taps * ch];
+    for k in 0..ch {
+        for t in 0..taps {
+            wt[t * ch + k] = w[k * taps + t];
+        }
+    }
+    let (mut gt, mut xt) = (vec![0.0f32; op * ch], vec![0.0f32; ip * ch]);
+    for img in 0..c.n {
+        let gi = &g[img * ch * op..][..ch * op];
+        for k in 0..ch {
+            for p in 0..op {
+                gt[p * ch + k] = gi[k * op + p];
+            }
+        }
+        xt.fill(0.0);
+        for ky in 0..c.kh {
+            let (ylo, yhi) = c.oy_range(ky);
+            for kx in 0..c.kw {
+                let (xlo, xhi) = c.ox_range(kx);
+                let wr = &wt[(ky * c.kw + kx) * ch..][..ch];
+                for oy in ylo..yhi {
+                    let iy = oy * c.stride.0 + ky * c.dilation.0 - c.pad.0;
+                    for ox in xlo..xhi {
+                        let ix = ox * c.stride.1 + kx * c.dilation.1 - c.pad.1;
+                        let gr = &gt[(oy * c.ow + ox) * ch..][..ch];
+                        let xr = &mut xt[(iy * c.iw + ix) * ch..][..ch];
+                        for ((x, &wv), &gv) in xr.iter_mut().zip(wr).zip(gr) {
+                            *x += wv * gv;
+                        }
+                    }
+                }
+            }
+        }
+        let xi = &mut gx[img * ch * ip..][..ch * ip];
+        for k in 0..ch {
+            for p in 0..ip {
+                xi[k * ip + p] = xt[p * ch + k];
+            }
+        }
+    }
+}
+
+/// Adds `cols[(ci, ky, kx), off + (oy, ox)]` (row stride `ld`) into the
+/// input-gradient planes `xg` of one image and group.
+fn col2im(c: &ConvGeom, cols: &[f32], ld: usize, off: usize, xg: &mut [f32]) {
+    let cin_g = c.cin / c.group;
+    let ip = c.ih * c.iw;
+    if c.kh == 1
+        && c.kw == 1
+        && c.stride == (1, 1)
+        && c.pad == (0, 0)
+        && (c.oh, c.ow) == (c.ih, c.iw)
+    {
+        // Pointwise: each row is one whole input plane.
+        for ci in 0..cin_g {
+            xg[ci * ip..][..ip].copy_from_slice(&cols[ci * ld + off..][..ip]);
+        }
+        return;
+    }
+    for ci in 0..cin_g {
+        let xp = &mut xg[ci * ip..][..ip];
+        for ky in 0..c.kh {
+            let (ylo, yhi) = c.oy_range(ky);
+            for kx in 0..c.kw {
+                let row = &cols[((ci * c.kh + ky) * c.kw + kx) * ld + off..];
+                let (xlo, xhi) = c.ox_range(kx);
+                if xlo >= xhi {
+                    continue;
+                }
+                let ix0 = kx * c.dilation.1;
+                for oy in ylo..yhi {
+                    let iy = oy * c.stride.0 + ky * c.dilation.0 - c.pad.0;
+                    let xrow = &mut xp[iy * c.iw..][..c.iw];
+                    let crow = &row[oy * c.ow..][..c.ow];
+                    if c.stride.1 == 1 {
+                        let s = xlo + ix0 - c.pad.1;
+                        for (d, &v) in xrow[s..s + (xhi - xlo)].iter_mut().zip(&crow[xlo..xhi]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ox in xlo..xhi {
+                            xrow[ox * c.stride.1 + ix0 - c.pad.1] += crow[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`conv_input_grad`] as the plain seven-deep loop, for tests.
+pub fn conv_input_grad_reference(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
+    if !geom.fits(w, g, gx) {
+        return;
+    }
+    gx.fill(0.0);
+    let c = geom;
+    let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
+    for img in 0..c.n {
+        for co in 0..c.cout {
+            let grp = co / cout_g;
+            for oy in 0..c.oh {
+                for ox in 0..c.ow {
+                    let gv = g[((img * c.cout + co) * c.oh + oy) * c.ow + ox];
+                    for ci in 0..cin_g {
+                        for ky in 0..c.kh {
+                            for kx in 0..c.kw {
+                                let iy = (oy * c.stride.0 + ky * c.dilation.0) as isize
+                                    - c.pad.0 as isize;
+                                let ix = (ox * c.stride.1 + kx * c.dilation.1) as isize
+                                    - c.pad.1 as isize;
+                                if iy < 0 || ix < 0 || iy as usize >= c.ih || ix as usize >= c.iw {
+                                    continue;
+                                }
+                                let ch = grp * cin_g + ci;
+                                let wv = w[((co * cin_g + ci) * c.kh + ky) * c.kw + kx];
+                                gx[((img * c.cin + ch) * c.ih + iy as usize) * c.iw
+                                    + ix as usize] += wv * gv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+use std::collections::{BTreeMap, HashMap};
+
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+use qint8_graph::zoo::{build, ZooConfig};
+use qint8_graph::{ConvAttrs, Graph, Node, Op, PoolAttrs, Tensor, ValueInfo};
+
+use super::*;
+use crate::{Session, SessionOptions};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn conv_case() -> impl Strategy<Value = ConvGeom> {
+    (
+        1usize..4,
+        prop_oneof![Just(1usize), Just(2), Just(3)],
+        1usize..4,
+        1usize..4,
+        1usize..12,
+        1usize..24,
+        (1usize..4, 1usize..4),
+        (1usize..3, 1usize..3),
+        (1usize..3, 1usize..3),
+        (0usize..3, 0usize..3),
+        any::<bool>(),
+    )
+        .prop_filter_map(
+            "the window must fit",
+            |(n, group, cin_g, cout_g, ih, iw, (kh, kw), stride, dilation, pad, dw)| {
+                let (cin_g, cout_g) = if dw { (1, 1) } else { (cin_g, cout_g) };
+                let eh = (kh - 1) * dilation.0 + 1;
+                let ew = (kw - 1) * dilation.1 + 1;
+                if ih + 2 * pad.0 < eh || iw + 2 * pad.1 < ew {
+                    return None;
+                }
+                Some(ConvGeom {
+                    n,
+                    cin: cin_g * group,
+                    ih,
+                    iw,
+                    cout: cout_g * group,
+                    group,
+                    kh,
+                    kw,
+                    stride,
+                    dilation,
+                    pad,
+                    oh: (ih + 2 * pad.0 - eh) / stride.0 + 1,
+                    ow: (iw + 2 * pad.1 - ew) / stride.1 + 1,
+                })
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+    /// Depthwise, pointwise, per-image and batched GEMM paths all equal
+    /// the seven-deep loop.
+    #[test]
+    fn conv_input_grad_matches_reference(c in conv_case(), seed in any::<u64>()) {
+        let w = values(c.cout * c.cin / c.group * c.kh * c.kw, seed);
+        let g = values(c.n * c.cout * c.oh * c.ow, seed ^ 9);
+        let len = c.n * c.cin * c.ih * c.iw;
+        let (mut fast, mut slow) = (vec![f32::NAN; len], vec![0.0; len]);
+        conv_input_grad(&c, &w, &g, &mut fast);
+        conv_input_grad_reference(&c, &w, &g, &mut slow);
+        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+            prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{c:?} at {i}: {a} vs {b}");
+        }
+    }
+}
+
+/// The gradient of `sum(r * f(x))` with respect to `x`, by central
+/// differences along `dir`, against `<grad, dir>` from [`backward`].
+fn check_directional(graph: &Graph, x: &ArrayD<f32>, wanted_extra: &[&str]) {
+    let session = Session::from_graph(
+        graph.clone(),
+        SessionOptions {
+            threads: 1,
+            simplify: false,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let input = graph.inputs[0].name.clone();
+    let output = graph.outputs[0].name.clone();
+    let mut rec: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
+    session
+        .run_observed(
+            &[(&input, x.view())],
+            &mut |name: &str, shape: &[usize], d: &[f32]| {
+                rec.insert(name.to_string(), (shape.to_vec(), d.to_vec()));
+                Ok(())
+            },
+        )
+        .unwrap();
+    let xs = x.shape().to_vec();
+    let xd = x.as_slice().unwrap().to_vec();
+    let mut vals: Values<'_> = rec
+        .iter()
+        .map(|(k, (s, d))| (k.clone(), Value { shape: s, data: d }))
+        .collect();
+    vals.insert(
+        input.clone(),
+        Value {
+            shape: &xs,
+            data: &xd,
+        },
+    );
+    let out_len = rec[&output].1.len();
+    let r = values(out_len, 77);
+    let mut wanted = vec![input.as_str()];
+    wanted.extend_from_slice(wanted_extra);
+    let mut got: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    backward(graph, &vals, &output, &r, &wanted, &mut |name, g| {
+        got.insert(name.to_string(), g.to_vec());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        got.len(),
+        wanted.len(),
+        "every wanted value is visited once"
+    );
+    for (name, g) in &got {
+        let len = vals[name.as_str()].data.len();
+        assert_eq!(g.len(), len, "{name}: gradient size");
+    }
+    let dir = values(xd.len(), 5);
+    let f = |eps: f32| -> f64 {
+        let xp: Vec<f32> = xd.iter().zip(&dir).map(|(a, d)| a + eps * d).collect();
+        let xp = ArrayD::from_shape_vec(IxDyn(&xs), xp).unwrap();
+        let y = session.run(&[(&input, xp.view())]).unwrap().remove(0);
+        y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+    };
+    // Small: random-weight networks have many ReLU kinks near any input.
+    let eps = 1e-3;
+    let numeric = (f(eps) - f(-eps)) / (2.0 * eps as f64);
+    let analytic: f64 = got[&input]
+        .iter()
+        .zip(&dir)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    assert!(
+        (numeric - analytic).abs() <= 0.03 * numeric.abs().max(analytic.abs()) + 1e-3,
+        "directional derivative: numeric {numeric}, backward {analytic}"
+    );
+}
+
+fn zoo_graph(cfg: ZooConfig, simplify: bool) -> Graph {
+    let model = build(&cfg.with_in_channels(2).with_classes(7)).unwrap();
+    let mut g = model.graph;
+    if simplify {
+        qint8_graph::passes::simplify(&mut g).unwrap();
+    }
+    g
+}
+
+fn input_for(graph: &Graph, n: usize, seed: u64) -> ArrayD<f32> {
+    let mut s = graph.inputs[0].concrete_shape(n).unwrap();
+    s[0] = n;
+    let len = s.iter().product();
+    ArrayD::from_shape_vec(IxDyn(&s), values(len, seed)).unwrap()
+}
+
+#[test]
+fn backward_matches_finite_differences_on_resnet50() {
+    // Conv, Relu, MaxPool, Add, GlobalAveragePool, Flatten, Gemm; with
+    // BatchNormalization left in the graph.
+    let cfg = ZooConfig::resnet50()
+        .with_width_mult(0.125)
+        .with_resolution(32, 32);
+    let g = zoo_graph(cfg.clone(), true);
+    check_directional(&g, &input_for(&g, 2, 3), &[]);
+    let g = zoo_graph(cfg, false);
+    assert!(g
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, Op::BatchNormalization { .. })));
+    check_directional(&g, &input_for(&g, 2, 4), &[]);
+}
+
+#[test]
+fn backward_matches_finite_differences_on_efficientnet_b0() {
+    // Depthwise and strided convolutions, SiLU as Sigmoid * Mul, the
+    // squeeze-and-excitation gate broadcast over the plane.
+    let g = zoo_graph(
+        ZooConfig::efficientnet_b0()
+            .with_width_mult(0.25)
+            .with_resolution(32, 32),
+        true,
+    );
+    let mid: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_)))
+        .map(|n| n.outputs[0].as_str())
+        .take(6)
+        .collect();
+    check_directional(&g, &input_for(&g, 2, 6), &mid);
+}
+
+fn f32_tensor(shape: &[usize], seed: u64) -> Tensor {
+    let len = shape.iter().product();
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(len, seed)).unwrap())
+}
+
+#[test]
+fn backward_matches_finite_differences_on_the_other_rules() {
+    // The remaining rules on one small graph: strided padded AveragePool
+    // (with and without the padding counted), Clip, HardSwish, HardSigmoid,
+    // Sub, broadcast Div and Add, Concat, Expand, Reshape, MatMul and a Gemm
+    // with transposed B.
+    let pool = |k: usize, s: usize, p: usize, inc: bool| PoolAttrs {
+        kernel_shape: vec![k, k],
+        strides: vec![s, s],
+        pads: vec![p, p, p, p],
+        dilations: vec![1, 1],
+        ceil_mode: false,
+        count_include_pad: inc,
+        auto_pad: Default::default(),
+    };
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), f32_tensor(&[4, 3, 3, 3], 1));
+    init.insert(
+        "d".to_string(),
+        Tensor::F32(ArrayD::from_elem(IxDyn(&[1, 4, 1, 1]), 1.7)),
+    );
+    init.insert("e".to_string(), f32_tensor(&[4, 1, 1], 2));
+    init.insert("shape".to_string(), Tensor::vec_i64(&[2, 8, 3, 3]));
+    init.insert("flat".to_string(), Tensor::vec_i64(&[2, 72]));
+    init.insert("m".to_string(), f32_tensor(&[72, 6], 3));
+    init.insert("b".to_string(), f32_tensor(&[5, 6], 4));
+    let conv = ConvAttrs {
+        kernel_shape: None,
+        strides: vec![1, 1],
+        pads: vec![1, 1, 1, 1],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: Default::default(),
+    };
+    let nodes = vec![
+        Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
+        Node::new("ap", Op::AveragePool(pool(3, 2, 1, true)), &["c"], &["ap"]),
+        Node::new(
+            "ap2",
+            Op::AveragePool(pool(3, 2, 1, false)),
+            &["c"],
+            &["ap2"],
+        ),
+        Node::new(
+            "cl",
+            Op::Clip {
+                min: Some(-0.3),
+                max: Some(0.4),
+            },
+            &["ap"],
+            &["cl"],
+        ),
+        Node::new("hs", Op::HardSwish, &["ap"], &["hs"]),
+        Node::new(
+            "hg",
+            Op::HardSigmoid {
+                alpha: 0.3,
+                beta: 0.5,
+            },
+            &["ap2"],
+            &["hg"],
+        ),
+        Node::new("sub", Op::Sub, &["hs", "cl"], &["sub"]),
+        Node::new("div", Op::Div, &["sub", "d"], &["div"]),
+        Node::new("mul", Op::Mul, &["div", "hg"], &["mul"]),
+        Node::new("add", Op::Add, &["mul", "e"], &["add"]),
+        Node::new("cat", Op::Concat { axis: 1 }, &["add", "hg"], &["cat"]),
+        Node::new("gp", Op::GlobalAveragePool, &["cat"], &["gp"]),
+        Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
+        Node::new("s2", Op::Add, &["ex", "cat"], &["s2"]),
+        Node::new(
+            "r",
+            Op::Reshape { allowzero: false },
+            &["s2", "flat"],
+            &["r"],
+        ),
+        Node::new("mm", Op::MatMul, &["r", "m"], &["mm"]),
+        Node::new(
+            "gemm",
+            Op::Gemm {
+                alpha: 0.7,
+                beta: 1.0,
+                trans_a: false,
+                trans_b: true,
+            },
+            &["mm", "b"],
+            &["y"],
+        ),
+    ];
+    let graph = Graph {
+        name: "rules".into(),
+        inputs: vec![ValueInfo::f32("x", &[2, 3, 5, 5])],
+        outputs: vec![ValueInfo::f32("y", &[2, 5])],
+        nodes,
+        initializers: init,
+        value_info: vec![],
+    };
+    check_directional(&graph, &input_for(&graph, 2, 8), &["ap2"]);
+}
+
+#[test]
+fn trailing_broadcast_finds_gate_blocks() {
+    assert_eq!(trailing_broadcast(&[2, 3, 4, 5], &[2, 3, 1, 1]), Some(20));
+    assert_eq!(trailing_broadcast(&[2, 3, 4, 5], &[3, 1, 1]), None);
+    assert_eq!(trailing_broadcast(&[2, 3, 4, 5], &[2, 3, 4, 1]), Some(5));
+    assert_eq!(trailing_broadcast(&[2, 3, 4, 5], &[1, 1, 1, 1]), Some(120));
+    assert_eq!(trailing_broadcast(&[1, 3, 4, 5], &[3, 1, 1]), Some(20));
+    assert_eq!(trailing_broadcast(&[2, 3], &[2, 3]), None);
+}
+
+#[test]
+fn broadcast_product_gradients_match_the_general_path() {
+    // The gate fast path against the generic odometer.
+    let (out, small) = ([2usize, 3, 4, 5], [2usize, 3, 1, 1]);
+    let a = values(120, 1);
+    let b = values(6, 2);
+    let g = values(120, 3);
+    let (va, vb) = (
+        Value {
+            shape: &out,
+            data: &a,
+        },
+        Value {
+            shape: &small,
+            data: &b,
+        },
+    );
+    let (ga, gb) = binary_grad(&Op::Mul, va, vb, &out, &g, true, true);
+    let (sa, sb) = (bstrides(&out, &out), bstrides(&out, &small));
+    let (mut ra, mut rb) = (vec![0.0f32; 120], vec![0.0f32; 6]);
+    for_each_bcast(&out, &sa, &sb, |o, ia, ib| {
+        ra[ia] += g[o] * b[ib];
+        rb[ib] += g[o] * a[ia];
+    });
+    let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
+    assert!(close(&ga.unwrap(), &ra) && close(&gb.unwrap(), &rb));
+    // Division takes the same path.
+    let (ga, gb) = binary_grad(&Op::Div, va, vb, &out, &g, true, true);
+    for_each_bcast(&out, &sa, &sb, |o, ia, ib| {
+        ra[ia] = g[o] / b[ib];
+    });
+    let mut rb = vec![0.0f32; 6];
+    for_each_bcast(&out, &sa, &sb, |o, ia, ib| {
+        rb[ib] += -g[o] * a[ia] / (b[ib] * b[ib])
+    });
+    assert!(close(&ga.unwrap(), &ra) && close(&gb.unwrap(), &rb));
+}
+
+#[test]
+fn unbroadcast_sums_over_broadcast_axes() {
+    let g: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    // [2, 3, 2] -> [3, 1]
+    let r = unbroadcast(&g, &[2, 3, 2], &[3, 1]);
+    assert_eq!(
+        r,
+        vec![0. + 1. + 6. + 7., 2. + 3. + 8. + 9., 4. + 5. + 10. + 11.]
+    );
+    // -> scalar
+    assert_eq!(unbroadcast(&g, &[2, 3, 2], &[]), vec![66.0]);
+}
+
+#[test]
+fn unsupported_operators_are_all_named() {
+    let graph = Graph {
+        name: "g".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 4])],
+        outputs: vec![ValueInfo::f32("y", &[1, 4])],
+        nodes: vec![
+            Node::new("a", Op::Softmax { axis: -1 }, &["x"], &["a"]),
+            Node::new("b", Op::Relu, &["a"], &["b"]),
+            Node::new("c", Op::Transpose { perm: None }, &["b"], &["y"]),
+        ],
+        initializers: BTreeMap::new(),
+        value_info: vec![],
+    };
+    assert_eq!(
+        unsupported(&graph, &["x"], "y"),
+        vec!["Softmax", "Transpose"]
+    );
+    // Operators before the wanted values do not count.
+    assert_eq!(unsupported(&graph, &["b"], "y"), vec!["Transpose"]);
+    let x = [0.0f32; 4];
+    let vals: Values<'_> = [(
+        "x".to_string(),
+        Value {
+            shape: &[1, 4],
+            data: &x,
+        },
+    )]
+    .into();
+    let err = backward(&graph, &vals, "y", &x, &["x"], &mut |_, _| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("Softmax, Transpose"), "{err}");
+}
