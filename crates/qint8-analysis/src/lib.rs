@@ -27,6 +27,7 @@
 //! assert!(svg.starts_with("<svg") && svg.matches("class=\"bar\"").count() == 2);
 //! ```
 
+mod linearized;
 pub mod report;
 pub mod sensitivity;
 pub mod svg;

@@ -92,9 +92,15 @@ pub(crate) struct AnalysisArgs {
     /// Image preprocessing.
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,
-    /// Images per batch.
-    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    /// Images per batch (the linearized analysis holds every activation
+    /// of one batch in memory).
+    #[arg(long, value_name = "B", default_value_t = 64, value_parser = positive_usize)]
     pub(crate) batch: usize,
+    /// Measure every node with real evaluations of the whole network (2N + 1
+    /// evaluations) instead of the default first-order estimate from one
+    /// recorded FP32 pass and one backward pass (a few evaluations in all).
+    #[arg(long)]
+    pub(crate) exact: bool,
     /// Print exactly one JSON object (and no progress) instead of tables.
     #[arg(long)]
     pub(crate) json: bool,

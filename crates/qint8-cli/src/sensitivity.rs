@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qint8_analysis::report::{short, write_atomic};
-use qint8_analysis::sensitivity::{analyze, mixed_precision, Sensitivity};
+use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Sensitivity};
 use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
@@ -70,15 +70,29 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
 
 fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity> {
     let show = p.show;
+    let (method, unit) = if a.exact {
+        (Method::Exact, "configurations")
+    } else {
+        (Method::Linearized, "images")
+    };
     Ok(analyze(
         &p.model,
         &p.calibrated.graph,
         &p.calibrated.plan,
         &p.subset,
+        method,
         a.batch,
         threads,
-        &mut |done, total| status(show, &format!("sensitivity: {done}/{total} configurations")),
+        &mut |done, total| status(show, &format!("sensitivity: {done}/{total} {unit}")),
     )?)
+}
+
+/// What the SQNR and KL columns measure.
+fn measured_on(s: &Sensitivity) -> &'static str {
+    match s.method {
+        Method::Linearized => "margin",
+        Method::Exact => "logit",
+    }
 }
 
 /// The last two components of a node name (`block.1/Conv`), for charts.
@@ -111,22 +125,23 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         .take(25)
         .map(|&i| Bar {
             label: label(&s.nodes[i].node),
-            value: s.nodes[i].alone.kl * 1000.0,
+            value: s.nodes[i].alone.js * 1000.0,
             color: PALETTE[0].into(),
         })
         .collect();
+    let on = measured_on(&s);
     let chart = Chart {
         title: format!(
-            "{stem}: logit KL with one node quantized alone ({} images)",
+            "{stem}: {on} JS divergence with one node quantized alone ({} images)",
             s.images
         ),
         x_label: "node (most sensitive first)".into(),
-        y_label: "KL(fp32 || one node int8), 1e-3 nats".into(),
+        y_label: "JS(fp32, one node int8), 1e-3 nats".into(),
         bars,
         ..Default::default()
     };
     write_atomic(&chart_path, &chart.to_svg())?;
-    let ratio = s.seconds / s.fp32_seconds.max(1e-9);
+    let ratio = s.seconds / s.eval_seconds.max(1e-9);
     if a.json {
         let nodes: Vec<serde_json::Value> = order
             .iter()
@@ -137,19 +152,22 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
                     "rank": rank + 1,
                     "node": n.node,
                     "op": n.op,
-                    "float_alone": {"top1": n.float.top1, "sqnr_db": n.float.sqnr_db, "kl": n.float.kl},
-                    "quantized_alone": {"top1": n.alone.top1, "sqnr_db": n.alone.sqnr_db, "kl": n.alone.kl},
+                    "float_alone": {"top1": n.float.top1, "sqnr_db": n.float.sqnr_db, "kl": n.float.kl, "js": n.float.js},
+                    "quantized_alone": {"top1": n.alone.top1, "sqnr_db": n.alone.sqnr_db, "kl": n.alone.kl, "js": n.alone.js},
+                    "output_sqnr_db": n.output_sqnr_db,
                 })
             })
             .collect();
         let v = json!({
             "model": a.model.display().to_string(),
             "method": p.calibrated.plan.method,
+            "analysis": if a.exact { "exact" } else { "linearized" },
+            "measured_on": on,
             "images": s.images,
             "fp32_top1": s.fp32_top1,
-            "int8": {"top1": s.int8.top1, "sqnr_db": s.int8.sqnr_db, "kl": s.int8.kl},
+            "int8": {"top1": s.int8.top1, "sqnr_db": s.int8.sqnr_db, "kl": s.int8.kl, "js": s.int8.js},
             "seconds": s.seconds,
-            "fp32_eval_seconds": s.fp32_seconds,
+            "eval_seconds": s.eval_seconds,
             "chart": chart_path.display().to_string(),
             "nodes": nodes,
         });
@@ -159,11 +177,13 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ("rank", Align::Right),
         ("node", Align::Left),
         ("op", Align::Left),
-        ("alone int8: KL", Align::Right),
-        ("logit SQNR dB", Align::Right),
+        ("alone int8: JS", Align::Right),
+        ("KL", Align::Right),
+        ("SQNR dB", Align::Right),
         ("drop pp", Align::Right),
         ("alone float: top-1 %", Align::Right),
         ("recovered pp", Align::Right),
+        ("node output SQNR dB", Align::Right),
     ]);
     for (rank, &i) in order.iter().enumerate() {
         let n = &s.nodes[i];
@@ -171,16 +191,24 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             (rank + 1).to_string(),
             n.node.clone(),
             n.op.to_string(),
+            format!("{:.5}", n.alone.js),
             format!("{:.5}", n.alone.kl),
             format!("{:.1}", n.alone.sqnr_db),
             format!("{:.2}", (s.fp32_top1 - n.alone.top1) * 100.0),
             format!("{:.2}", n.float.top1 * 100.0),
             format!("{:+.2}", (n.float.top1 - s.int8.top1) * 100.0),
+            n.output_sqnr_db
+                .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
         ]);
     }
+    let how = match s.method {
+        Method::Linearized => "first-order estimates (one recorded FP32 pass, one backward pass of the top-2 margin); SQNR and KL of that margin".to_string(),
+        Method::Exact => format!("{} real evaluations; SQNR and KL of the logits", 1 + 2 * s.nodes.len()),
+    };
     let text = format!(
-        "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% (logit SQNR {:.1} dB, KL {:.5})\n\
-         {} nodes, {} configurations in {:.1} s = {:.1}x one FP32 evaluation of these images ({:.2} s)\n\n{}\nchart: {}\n",
+        "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.5}, JS {:.5})\n\
+         {} nodes, {how}\n\
+         analysis {:.1} s = {:.1}x one evaluation of the quantized model on these images ({:.2} s)\n\n{}\nchart: {}\n",
         a.model.display(),
         p.calibrated.plan.method,
         s.images,
@@ -188,11 +216,11 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         s.int8.top1 * 100.0,
         s.int8.sqnr_db,
         s.int8.kl,
+        s.int8.js,
         s.nodes.len(),
-        1 + 2 * s.nodes.len(),
         s.seconds,
         ratio,
-        s.fp32_seconds,
+        s.eval_seconds,
         t.render(0),
         chart_path.display()
     );

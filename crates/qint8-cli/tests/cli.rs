@@ -1452,14 +1452,28 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     let nodes = v["nodes"].as_array().unwrap();
     // ResNet-50: 53 convolutions and the classifier Gemm.
     assert_eq!(nodes.len(), 54);
+    assert_eq!(v["analysis"], "linearized");
     assert_eq!(nodes[0]["rank"], 1);
-    let kl = |i: usize| nodes[i]["quantized_alone"]["kl"].as_f64().unwrap();
-    assert!(kl(0) >= kl(1) && kl(1) >= kl(53));
-    assert!(nodes
-        .iter()
-        .all(|n| n["quantized_alone"]["kl"].as_f64().unwrap() >= 0.0));
+    let js = |i: usize| nodes[i]["quantized_alone"]["js"].as_f64().unwrap();
+    assert!(js(0) >= js(1) && js(1) >= js(53));
+    assert!(nodes.iter().all(|n| {
+        let a = &n["quantized_alone"];
+        a["kl"].as_f64().unwrap() >= 0.0
+            && (0.0..=std::f64::consts::LN_2).contains(&a["js"].as_f64().unwrap())
+            && n["output_sqnr_db"].as_f64().is_some()
+    }));
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert_eq!(svg.matches("class=\"bar\"").count(), 25);
+    // The exact analysis (a real evaluation per configuration) puts the
+    // same node first.
+    let mut args = vec!["sensitivity".to_string()];
+    args.extend(common(&["--exact", "--chart", s(&chart)]));
+    let e = json(&ok(qint8(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
+    assert_eq!(e["analysis"], "exact");
+    assert_eq!(e["nodes"][0]["node"], nodes[0]["node"], "{e}");
+    assert!(e["nodes"][0]["output_sqnr_db"].is_null());
 
     let out = dir.path().join("mp.onnx");
     let mut args = vec!["mixed-precision".to_string()];

@@ -1,0 +1,637 @@
+//! The linearized sensitivity analysis: one FP32 pass that records every
+//! activation, each node's quantization error computed once from the
+//! recorded inputs, and one backward pass of the decision margin.
+//!
+//! For image `s` let `ŷ` and `r` be FP32's top two classes and
+//! `m = z_ŷ - z_r` the margin between them. Quantizing node `i`'s inputs
+//! changes its output by `δ_i` (computed exactly, by running the node on
+//! its fake-quantized inputs and weights), which moves the margin by
+//! `d_i ≈ <∂m/∂y_i, δ_i>` (first order from there to the logits). One
+//! backward pass of `m` gives `∂m/∂y_i` for every node at once.
+//!
+//! - Where the first-order changes of all nodes together exceed the margin
+//!   (`|Σ_j d_j| > |m|`: an error as large as the decision itself, where the
+//!   network no longer responds linearly and the estimate overshoots), they
+//!   are scaled by `ρ = clamp((m_q - m) / Σ_j d_j, 0, 1)`, the share the
+//!   fully quantized network's real margin change `m_q - m` (from a real
+//!   evaluation) bears out; elsewhere `ρ = 1`.
+//! - Node alone quantized: the margin becomes `m + ρ d_i`; the prediction is
+//!   `ŷ` while it stays positive, `r` otherwise.
+//! - Node alone in float: the quantized network's margin loses that node's
+//!   share of its error, `m_q - ρ d_i`; the prediction changes between `ŷ`
+//!   and `r` only.
+//! - KL and Jensen-Shannon divergence: between the two-class distributions
+//!   `softmax(z_ŷ, z_r)` of FP32 and of the estimated margin. SQNR: of the
+//!   margin.
+//!
+//! Cost: that real evaluation, the recorded FP32 pass, one more run of each
+//! quantizable node, and the backward pass.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use ndarray::{ArrayD, IxDyn};
+use qint8_calibration::ImageDataset;
+use qint8_eval::accuracy::argmax;
+use qint8_graph::quant::{Precision, QuantPlan};
+use qint8_graph::{DataType, Graph, Model, Node, Tensor, ValueInfo};
+use qint8_math::params::QuantParams;
+use qint8_math::quant::fake_quant;
+use qint8_runtime::grad::{backward, unsupported, Value, Values};
+use qint8_runtime::{Observer, Session, SessionOptions};
+
+use crate::sensitivity::{
+    invalid, js_divergence, quantizable_nodes, run, Method, NodeSensitivity, Outcome, Sensitivity,
+};
+use crate::{AnalysisError, Result};
+
+/// One quantizable node, ready to compute its quantization error.
+struct Probe {
+    node: usize,
+    /// The node alone, its weights fake-quantized; `None` when the plan
+    /// leaves it in float.
+    session: Option<Session>,
+    /// Activation inputs and their parameters (those the plan quantizes).
+    inputs: Vec<(String, Option<QuantParams>)>,
+    output: String,
+}
+
+fn one_node_session(
+    graph: &Graph,
+    node: &Node,
+    plan: &QuantPlan,
+    threads: usize,
+) -> Result<Session> {
+    let mut initializers = std::collections::BTreeMap::new();
+    let mut inputs = Vec::new();
+    for name in node.inputs.iter().filter(|n| !n.is_empty()) {
+        match graph.initializers.get(name) {
+            Some(t) => {
+                let t = match (plan.weights.get(name), t.as_f32()) {
+                    (Some(p), Some(a)) => {
+                        let data: Vec<f32> = a.iter().copied().collect();
+                        let q = fake_quant(&data, a.shape(), p).map_err(invalid)?;
+                        Tensor::F32(ArrayD::from_shape_vec(IxDyn(a.shape()), q).map_err(invalid)?)
+                    }
+                    _ => t.clone(),
+                };
+                initializers.insert(name.clone(), t);
+            }
+            None => inputs.push(ValueInfo {
+                name: name.clone(),
+                dtype: DataType::Float,
+                shape: None,
+            }),
+        }
+    }
+    let g = Graph {
+        name: node.name.clone(),
+        inputs,
+        outputs: vec![ValueInfo {
+            name: node.outputs[0].clone(),
+            dtype: DataType::Float,
+            shape: None,
+        }],
+        nodes: vec![node.clone()],
+        initializers,
+        value_info: vec![],
+    };
+    Session::from_graph(
+        g,
+        SessionOptions {
+            threads,
+            simplify: false,
+            ..Default::default()
+        },
+    )
+    .map_err(invalid)
+}
+
+/// Recorded tensors of one sub-batch.
+type Record = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Records every tensor of one sub-batch, reusing its buffers from batch
+/// to batch (fresh allocations of this size would fault in new pages
+/// every time).
+#[derive(Default)]
+struct Recorder {
+    record: Record,
+    /// Whether this batch's run reached this recorder.
+    filled: bool,
+}
+
+impl Observer for Recorder {
+    fn observe(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data: &[f32],
+    ) -> std::result::Result<(), String> {
+        self.filled = true;
+        match self.record.get_mut(name) {
+            Some((s, v)) => {
+                s.clear();
+                s.extend_from_slice(shape);
+                v.clear();
+                v.extend_from_slice(data);
+            }
+            None => {
+                self.record
+                    .insert(name.to_string(), (shape.to_vec(), data.to_vec()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per image: FP32's top two classes, their margin, and the label.
+#[derive(Clone, Copy)]
+struct Margin {
+    top: usize,
+    second: usize,
+    m: f32,
+    label: usize,
+}
+
+fn margin(row: &[f32], label: usize) -> Margin {
+    let top = argmax(row);
+    let mut second = usize::from(top == 0);
+    for (c, &v) in row.iter().enumerate() {
+        if c != top && v > row[second] {
+            second = c;
+        }
+    }
+    Margin {
+        top,
+        second,
+        m: row[top] - row[second],
+        label,
+    }
+}
+
+/// `sum(a * b)`, in f64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    qint8_runtime::grad::dot(a, b) as f64
+}
+
+/// `ln(sigmoid(t))`, stable for large `|t|`.
+fn log_sigmoid(t: f64) -> f64 {
+    if t >= 0.0 {
+        -(-t).exp().ln_1p()
+    } else {
+        t - t.exp().ln_1p()
+    }
+}
+
+fn sigmoid(t: f64) -> f64 {
+    1.0 / (1.0 + (-t).exp())
+}
+
+/// KL between the two-class distributions with margins `a` (reference)
+/// and `b`.
+fn kl2(a: f64, b: f64) -> f64 {
+    let p = sigmoid(a);
+    (p * (log_sigmoid(a) - log_sigmoid(b)) + (1.0 - p) * (log_sigmoid(-a) - log_sigmoid(-b)))
+        .max(0.0)
+}
+
+/// Top-1, and SQNR, mean two-class KL and JS divergence of estimated
+/// margins `est` against FP32's; `pred(image, margin)` is the predicted class.
+fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) -> Outcome {
+    let (mut sig, mut noise, mut kl, mut js, mut correct) =
+        (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
+    for (s, (mg, &e)) in margins.iter().zip(est).enumerate() {
+        let m = mg.m as f64;
+        sig += m * m;
+        noise += (e - m) * (e - m);
+        kl += kl2(m, e);
+        let (p, q) = (sigmoid(m), sigmoid(e));
+        js += js_divergence(&[p, 1.0 - p], &[q, 1.0 - q]);
+        correct += usize::from(pred(s, e) == mg.label);
+    }
+    let n = margins.len().max(1) as f64;
+    Outcome {
+        top1: correct as f64 / n,
+        sqnr_db: if noise == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (sig / noise).log10()
+        },
+        kl: kl / n,
+        js: js / n,
+    }
+}
+
+/// One sub-batch: its recorded tensors, inputs and labels.
+struct Part<'a> {
+    rec: &'a Record,
+    x: &'a [f32],
+    shape: Vec<usize>,
+    labels: &'a [usize],
+}
+
+/// What one sub-batch contributes.
+struct PartResult {
+    margins: Vec<Margin>,
+    /// Per node, per image: the first-order margin change.
+    d: Vec<Vec<f32>>,
+    /// Per node: sums of `y^2` and `δ^2` over the node's output.
+    signal: Vec<f64>,
+    noise: Vec<f64>,
+}
+
+/// Everything the sub-batch workers share.
+struct Context<'a> {
+    graph: &'a Graph,
+    probes: &'a [Probe],
+    input: &'a str,
+    output: &'a str,
+    outs: &'a [&'a str],
+    by_output: HashMap<&'a str, usize>,
+    classes: usize,
+}
+
+impl Context<'_> {
+    fn value<'p>(&self, part: &'p Part<'_>, name: &str) -> Result<(&'p [usize], &'p [f32])> {
+        if name == self.input {
+            return Ok((&part.shape, part.x));
+        }
+        part.rec
+            .get(name)
+            .map(|(s, v)| (&s[..], &v[..]))
+            .ok_or_else(|| invalid(format!("{name} was not recorded")))
+    }
+
+    /// Node `k`'s output error with its inputs (and weights) quantized.
+    fn delta(&self, part: &Part<'_>, k: usize) -> Result<Vec<f32>> {
+        let probe = &self.probes[k];
+        let (_, y) = self.value(part, &probe.output)?;
+        let Some(session) = &probe.session else {
+            return Ok(vec![0.0; y.len()]);
+        };
+        let mut quantized: Vec<Option<Vec<f32>>> = Vec::with_capacity(probe.inputs.len());
+        for (name, params) in &probe.inputs {
+            let (shape, xs) = self.value(part, name)?;
+            quantized.push(match params {
+                Some(q) => Some(fake_quant(xs, shape, q).map_err(invalid)?),
+                None => None,
+            });
+        }
+        let mut views: Vec<(&str, ndarray::ArrayViewD<'_, f32>)> =
+            Vec::with_capacity(quantized.len());
+        for ((name, _), q) in probe.inputs.iter().zip(&quantized) {
+            let (shape, xs) = self.value(part, name)?;
+            let data = q.as_deref().unwrap_or(xs);
+            views.push((
+                name,
+                ndarray::ArrayViewD::from_shape(IxDyn(shape), data).map_err(invalid)?,
+            ));
+        }
+        let yq = session.run_here(&views).map_err(invalid)?.remove(0);
+        let mut delta = yq.into_raw_vec_and_offset().0;
+        if delta.len() != y.len() {
+            return Err(invalid(format!(
+                "{}: quantized output size differs",
+                probe.output
+            )));
+        }
+        delta.iter_mut().zip(y).for_each(|(a, b)| *a -= b);
+        Ok(delta)
+    }
+
+    fn run(&self, part: &Part<'_>) -> Result<PartResult> {
+        let n = part.labels.len();
+        let mut r = PartResult {
+            margins: Vec::with_capacity(n),
+            d: vec![vec![0.0; n]; self.probes.len()],
+            signal: vec![0.0; self.probes.len()],
+            noise: vec![0.0; self.probes.len()],
+        };
+        let logits = self.value(part, self.output)?.1;
+        let classes = self.classes;
+        if logits.len() != n * classes {
+            return Err(invalid(format!(
+                "output {} is not [batch, {classes}]",
+                self.output
+            )));
+        }
+        r.margins = logits
+            .chunks_exact(classes)
+            .zip(part.labels)
+            .map(|(row, &l)| margin(row, l))
+            .collect();
+        // The gradient of every image's margin z_top - z_second.
+        let mut seed = vec![0.0f32; n * classes];
+        for (s, mg) in r.margins.iter().enumerate() {
+            seed[s * classes + mg.top] = 1.0;
+            seed[s * classes + mg.second] = -1.0;
+        }
+        let mut vals: Values<'_> = part
+            .rec
+            .iter()
+            .map(|(k, (s, v))| (k.clone(), Value { shape: s, data: v }))
+            .collect();
+        vals.insert(
+            self.input.to_string(),
+            Value {
+                shape: &part.shape,
+                data: part.x,
+            },
+        );
+        // Each node's error is computed when its gradient is complete and
+        // dropped after the dot product (one at a time in memory).
+        let mut failed: Option<AnalysisError> = None;
+        let done = backward(
+            self.graph,
+            &vals,
+            self.output,
+            &seed,
+            self.outs,
+            &mut |name, g| {
+                let k = self.by_output[name];
+                let delta = match self
+                    .delta(part, k)
+                    .and_then(|dl| Ok((self.value(part, name)?.1, dl)))
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        failed = Some(e);
+                        return Err(qint8_runtime::RuntimeError::Gradient(msg));
+                    }
+                };
+                let (y, delta) = delta;
+                r.signal[k] = dot(y, y);
+                r.noise[k] = dot(&delta, &delta);
+                let per = g.len() / n.max(1);
+                for (s, (gs, ds)) in g.chunks_exact(per).zip(delta.chunks_exact(per)).enumerate() {
+                    r.d[k][s] = dot(gs, ds) as f32;
+                }
+                Ok(())
+            },
+        );
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        done.map_err(invalid)?;
+        Ok(r)
+    }
+}
+
+/// See the module docs.
+pub(crate) fn analyze(
+    model: &Model,
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    batch: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Sensitivity> {
+    let start = Instant::now();
+    let nodes = quantizable_nodes(graph, plan);
+    if nodes.is_empty() {
+        return Err(AnalysisError::Invalid(
+            "the plan quantizes no Conv, Gemm or MatMul input".into(),
+        ));
+    }
+    if graph.inputs.len() != 1 || graph.outputs.is_empty() {
+        return Err(AnalysisError::Invalid(
+            "sensitivity needs one image input and [batch, classes] logits as the first output"
+                .into(),
+        ));
+    }
+    let input = graph.inputs[0].name.clone();
+    let output = graph.outputs[0].name.clone();
+    let outs: Vec<&str> = nodes
+        .iter()
+        .map(|&i| graph.nodes[i].outputs[0].as_str())
+        .collect();
+    let missing = unsupported(graph, &outs, &output);
+    if !missing.is_empty() {
+        return Err(AnalysisError::Invalid(format!(
+            "the linearized analysis has no gradient for {} (between the quantized nodes and the output); the exact analysis runs any model",
+            missing.join(", ")
+        )));
+    }
+    let total = data.len();
+    // The plan as given: one real evaluation, the unit of the cost.
+    let t = Instant::now();
+    let (int8_acc, int8_logits) = run(model, graph, Some(plan), data, batch, threads)?;
+    let eval_seconds = t.elapsed().as_secs_f64();
+    let classes = int8_acc.classes;
+    if classes < 2 {
+        return Err(AnalysisError::Invalid(format!(
+            "the output has {classes} class(es); sensitivity needs at least 2"
+        )));
+    }
+    let fp32 = Session::from_graph(
+        graph.clone(),
+        SessionOptions {
+            threads,
+            simplify: false,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .map_err(invalid)?;
+    let mut probes: Vec<Probe> = Vec::with_capacity(nodes.len());
+    for &i in &nodes {
+        let node = &graph.nodes[i];
+        let float = plan.precision_of(&node.name) == Precision::Float;
+        probes.push(Probe {
+            node: i,
+            session: if float {
+                None
+            } else {
+                Some(one_node_session(graph, node, plan, threads)?)
+            },
+            inputs: node
+                .inputs
+                .iter()
+                .filter(|n| !n.is_empty() && !graph.initializers.contains_key(*n))
+                .map(|n| (n.clone(), plan.activations.get(n).cloned()))
+                .collect(),
+            output: node.outputs[0].clone(),
+        });
+    }
+    let ctx = Context {
+        graph,
+        probes: &probes,
+        input: &input,
+        output: &output,
+        outs: &outs,
+        by_output: outs.iter().enumerate().map(|(k, o)| (*o, k)).collect(),
+        classes,
+    };
+    let mut margins: Vec<Margin> = Vec::with_capacity(total);
+    // d[k][s]: node k's first-order margin change on image s.
+    let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity(total); nodes.len()];
+    let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
+    let workers = threads.max(1);
+    let mut recorders: Vec<Recorder> = (0..workers).map(|_| Recorder::default()).collect();
+    for b in data.batches(batch) {
+        let b = b.map_err(invalid)?;
+        let labels = b.labels.clone().ok_or_else(|| {
+            AnalysisError::Invalid("the sensitivity images have no labels".into())
+        })?;
+        // FP32, every tensor recorded, sub-batches on separate workers.
+        recorders.iter_mut().for_each(|r| r.filled = false);
+        {
+            let mut obs: Vec<&mut dyn Observer> = recorders
+                .iter_mut()
+                .map(|r| r as &mut dyn Observer)
+                .collect();
+            fp32.observe_split(&[(input.as_str(), b.inputs.view())], &mut obs)
+                .map_err(invalid)?;
+        }
+        let recs: Vec<&Record> = recorders
+            .iter()
+            .filter(|r| r.filled)
+            .map(|r| &r.record)
+            .collect();
+        let x_all = b
+            .inputs
+            .as_slice()
+            .ok_or_else(|| invalid("input batch is not contiguous"))?;
+        let per_image = x_all.len() / b.len().max(1);
+        let mut parts = Vec::with_capacity(recs.len());
+        let mut first = 0;
+        for rec in &recs {
+            let n = rec
+                .get(&output)
+                .and_then(|(s, _)| s.first().copied())
+                .ok_or_else(|| invalid(format!("output {output} was not produced")))?;
+            let mut shape = b.inputs.shape().to_vec();
+            shape[0] = n;
+            parts.push(Part {
+                rec,
+                x: &x_all[first * per_image..(first + n) * per_image],
+                shape,
+                labels: &labels[first..first + n],
+            });
+            first += n;
+        }
+        if first != b.len() {
+            return Err(invalid("the recorded sub-batches do not cover the batch"));
+        }
+        // Quantization errors and the backward pass, sub-batches in parallel.
+        let results: Vec<Result<PartResult>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|part| {
+                    let ctx = &ctx;
+                    scope.spawn(move || ctx.run(part))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(invalid("a sensitivity worker panicked")))
+                })
+                .collect()
+        });
+        for r in results {
+            let r = r?;
+            margins.extend(r.margins);
+            for (k, v) in r.d.into_iter().enumerate() {
+                d[k].extend(v);
+                signal[k] += r.signal[k];
+                noise[k] += r.noise[k];
+            }
+        }
+        progress(margins.len(), total);
+    }
+    if int8_logits.len() != margins.len() * classes {
+        return Err(invalid(
+            "the quantized evaluation saw a different number of images",
+        ));
+    }
+    let fp32_top1 =
+        margins.iter().filter(|m| m.top == m.label).count() as f64 / margins.len().max(1) as f64;
+    // The quantized network's margin between FP32's two classes, and its prediction.
+    let mq: Vec<(f64, usize)> = int8_logits
+        .chunks_exact(classes)
+        .zip(&margins)
+        .map(|(row, mg)| ((row[mg.top] - row[mg.second]) as f64, argmax(row)))
+        .collect();
+    // The real quantized run, measured on the same margin as the nodes.
+    let two = |s: usize, e: f64| {
+        if e >= 0.0 {
+            margins[s].top
+        } else {
+            margins[s].second
+        }
+    };
+    let int8_margin: Vec<f64> = mq.iter().map(|&(m, _)| m).collect();
+    let int8 = Outcome {
+        top1: int8_acc.score.top1_fraction(),
+        ..outcome(&margins, &int8_margin, two)
+    };
+    // Per image, how far the first-order changes can be trusted. Where
+    // their sum stays within the margin they are used as they are; where it
+    // exceeds it (one node's error as large as the decision itself: the
+    // network no longer responds linearly), they are scaled down by the
+    // ratio of the real quantized network's margin change to that sum, at
+    // most 1.
+    let share: Vec<f64> = margins
+        .iter()
+        .zip(&mq)
+        .enumerate()
+        .map(|(s, (mg, &(m, _)))| {
+            let sum: f64 = d.iter().map(|v| v[s] as f64).sum();
+            if sum.abs() <= (mg.m as f64).abs() || sum.abs() <= f64::EPSILON {
+                1.0
+            } else {
+                ((m - mg.m as f64) / sum).clamp(0.0, 1.0)
+            }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(nodes.len());
+    for (k, probe) in probes.iter().enumerate() {
+        let node = &graph.nodes[probe.node];
+        let alone_est: Vec<f64> = margins
+            .iter()
+            .zip(&d[k])
+            .zip(&share)
+            .map(|((mg, &dv), &rho)| mg.m as f64 + rho * dv as f64)
+            .collect();
+        let alone = outcome(&margins, &alone_est, two);
+        // The real quantized margin loses this node's share of its error.
+        let float_est: Vec<f64> = mq
+            .iter()
+            .zip(&d[k])
+            .zip(&share)
+            .map(|((&(m, _), &dv), &rho)| m - rho * dv as f64)
+            .collect();
+        let float = outcome(&margins, &float_est, |s, e| {
+            let (mg, q) = (margins[s], mq[s].1);
+            if q == mg.top || q == mg.second {
+                two(s, e)
+            } else {
+                q
+            }
+        });
+        out.push(NodeSensitivity {
+            node: node.name.clone(),
+            op: node.op.op_type(),
+            alone,
+            float,
+            output_sqnr_db: Some(if noise[k] == 0.0 {
+                f64::INFINITY
+            } else {
+                10.0 * (signal[k] / noise[k]).log10()
+            }),
+        });
+    }
+    Ok(Sensitivity {
+        method: Method::Linearized,
+        images: margins.len(),
+        fp32_top1,
+        int8,
+        nodes: out,
+        eval_seconds,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

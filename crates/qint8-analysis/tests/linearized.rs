@@ -1,0 +1,201 @@
+//! The linearized sensitivity analysis against the exact one.
+//!
+//! On a network that is linear from every quantized node to its two logits
+//! (convolutions, average pooling, a Gemm), the first-order margin change
+//! is the real one, so both methods must agree on every node's
+//! quantized-alone top-1 and divergences.
+
+use std::collections::BTreeMap;
+
+use ndarray::{Array4, ArrayD, IxDyn};
+use qint8_analysis::sensitivity::{analyze, Method};
+use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
+use qint8_graph::{ConvAttrs, Graph, Model, Node, Op, Tensor, ValueInfo};
+use qint8_math::search::RangeMethod;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    let len = shape.iter().product();
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(len, seed)).unwrap())
+}
+
+fn conv(pad: usize) -> Op {
+    Op::Conv(ConvAttrs {
+        kernel_shape: None,
+        strides: vec![1, 1],
+        pads: vec![pad; 4],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: Default::default(),
+    })
+}
+
+fn linear_model() -> Model {
+    let mut init = BTreeMap::new();
+    init.insert("w1".to_string(), tensor(&[6, 1, 3, 3], 1));
+    init.insert("w2".to_string(), tensor(&[5, 6, 1, 1], 2));
+    init.insert("w3".to_string(), tensor(&[2, 5], 3));
+    init.insert("b3".to_string(), tensor(&[2], 4));
+    let graph = Graph {
+        name: "linear".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 1, 8, 8])],
+        outputs: vec![ValueInfo::f32("y", &[1, 2])],
+        nodes: vec![
+            Node::new("c1", conv(1), &["x", "w1"], &["a"]),
+            Node::new("c2", conv(0), &["a", "w2"], &["b"]),
+            Node::new("gap", Op::GlobalAveragePool, &["b"], &["p"]),
+            Node::new("flat", Op::Flatten { axis: 1 }, &["p"], &["f"]),
+            Node::new(
+                "fc",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &["f", "w3", "b3"],
+                &["y"],
+            ),
+        ],
+        initializers: init,
+        value_info: vec![],
+    };
+    let mut graph = graph;
+    graph.inputs[0].shape = Some(vec![
+        qint8_graph::Dim::Symbolic("batch".into()),
+        qint8_graph::Dim::Fixed(1),
+        qint8_graph::Dim::Fixed(8),
+        qint8_graph::Dim::Fixed(8),
+    ]);
+    Model::new(graph, 17)
+}
+
+fn images(n: usize, seed: u64) -> ImageDataset {
+    let x = Array4::from_shape_vec((n, 1, 8, 8), values(n * 64, seed)).unwrap();
+    let model = linear_model();
+    // Labels: the FP32 prediction flipped for every third image, so top-1
+    // is neither 0 nor 1.
+    let s = qint8_runtime::Session::new(&model, Default::default()).unwrap();
+    let y = s.run(&[("x", x.view().into_dyn())]).unwrap().remove(0);
+    let labels = y
+        .as_slice()
+        .unwrap()
+        .chunks_exact(2)
+        .enumerate()
+        .map(|(i, r)| usize::from(r[1] > r[0]) ^ usize::from(i % 3 == 0))
+        .collect();
+    ImageDataset::from_array(x, Some(labels)).unwrap()
+}
+
+#[test]
+fn linearized_equals_exact_where_the_network_is_linear() {
+    let model = linear_model();
+    let cfg = CalibConfig {
+        method: RangeMethod::Max,
+        per_channel: false,
+        smooth: None,
+        threads: 1,
+        ..Default::default()
+    };
+    // Calibration images with a few large pixels: min-max ranges wider than
+    // the evaluation images need, so every node's rounding shows (while the
+    // nodes' summed margin changes stay below the margins, where the
+    // estimate is used unscaled).
+    let mut calib = Array4::from_shape_vec((64, 1, 8, 8), values(64 * 64, 9)).unwrap();
+    for i in 0..8 {
+        calib[[i * 8, 0, i, i]] = 40.0;
+    }
+    let calib = ImageDataset::from_array(calib, None).unwrap();
+    let cal = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    let data = images(300, 11);
+    let run = |m| {
+        analyze(
+            &model,
+            &cal.graph,
+            &cal.plan,
+            &data,
+            m,
+            32,
+            2,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    let (lin, exact) = (run(Method::Linearized), run(Method::Exact));
+    assert_eq!(lin.method, Method::Linearized);
+    assert_eq!(lin.nodes.len(), 3, "two convolutions and the Gemm");
+    assert_eq!(lin.fp32_top1, exact.fp32_top1);
+    assert_eq!(lin.int8.top1, exact.int8.top1);
+    for (l, e) in lin.nodes.iter().zip(&exact.nodes) {
+        assert_eq!(l.node, e.node);
+        assert!(
+            (l.alone.top1 - e.alone.top1).abs() <= 1.0 / 300.0,
+            "{}: top-1 {} vs {}",
+            l.node,
+            l.alone.top1,
+            e.alone.top1
+        );
+        for (a, b, what) in [
+            (l.alone.js, e.alone.js, "JS"),
+            (l.alone.kl, e.alone.kl, "KL"),
+        ] {
+            assert!(
+                (a - b).abs() <= 0.02 * b.abs() + 1e-12,
+                "{}: {what} {a} vs {b}",
+                l.node
+            );
+        }
+        let sqnr = l
+            .output_sqnr_db
+            .expect("linearized reports the node's output SQNR");
+        assert!(sqnr.is_finite() && sqnr > 0.0, "{sqnr}");
+        assert!(e.output_sqnr_db.is_none());
+    }
+    // Every node's error is far above the tolerance, and the ranking is the same.
+    assert!(exact
+        .nodes
+        .iter()
+        .all(|e| e.alone.js > 1e-7 && e.alone.kl > 4e-7));
+    assert_eq!(lin.ranking(), exact.ranking());
+}
+
+#[test]
+fn linearized_names_operators_without_a_gradient() {
+    let mut model = linear_model();
+    // A Softmax between the quantized nodes and the output.
+    model.graph.nodes.last_mut().unwrap().outputs[0] = "z".into();
+    model
+        .graph
+        .nodes
+        .push(Node::new("sm", Op::Softmax { axis: -1 }, &["z"], &["y"]));
+    let cfg = CalibConfig {
+        method: RangeMethod::Max,
+        smooth: None,
+        threads: 1,
+        ..Default::default()
+    };
+    let cal = calibrate(&model.graph, &images(32, 9), &cfg, &mut |_| {}).unwrap();
+    let err = analyze(
+        &model,
+        &cal.graph,
+        &cal.plan,
+        &images(32, 3),
+        Method::Linearized,
+        16,
+        1,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("Softmax"), "{err}");
+}
