@@ -39,8 +39,10 @@ pub(crate) enum Command {
     /// with accuracy per method, activation histograms with each method's
     /// threshold, per-layer SQNR of INT8 vs FP32, latency and memory (SVG plots).
     Report(ReportArgs),
-    /// Measure every Conv/Gemm/MatMul node: top-1 and logit error with it
-    /// alone quantized and with it alone in float; ranked table and SVG chart.
+    /// Measure every Conv/Gemm/MatMul node: top-1 and output error with it
+    /// alone quantized and with it alone in float (first order, a few
+    /// evaluations in all; --exact for real evaluations); ranked table and
+    /// SVG chart.
     Sensitivity(SensitivityArgs),
     /// Keep the fewest nodes in float that bring the top-1 drop within
     /// --max-drop (verified by evaluation) and write that QDQ model.

@@ -202,8 +202,8 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ]);
     }
     let how = match s.method {
-        Method::Linearized => "first-order estimates (one recorded FP32 pass, one backward pass of the top-2 margin); SQNR and KL of that margin".to_string(),
-        Method::Exact => format!("{} real evaluations; SQNR and KL of the logits", 1 + 2 * s.nodes.len()),
+        Method::Linearized => "first-order estimates (one recorded FP32 pass, one backward pass of the top-2 margin); SQNR and divergences of that margin".to_string(),
+        Method::Exact => format!("{} real evaluations; SQNR and divergences of the logits", 1 + 2 * s.nodes.len()),
     };
     let text = format!(
         "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.5}, JS {:.5})\n\
