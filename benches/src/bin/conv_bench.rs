@@ -5,7 +5,7 @@
 //! Usage: `conv_bench [--iters N] [--only SUBSTRING]`
 use std::time::Instant;
 
-use qint8_runtime::kernels::conv::Conv2d;
+use qint8_runtime::kernels::conv::{Conv2d, ConvGeom};
 use qint8_runtime::kernels::Activation;
 
 /// (name, cin, h = w, cout, kernel, stride, pad).
@@ -41,19 +41,21 @@ fn main() {
             .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
             .collect();
         let conv = Conv2d {
-            n: 1,
-            cin,
-            ih: hw,
-            iw: hw,
-            cout,
-            group: 1,
-            kh: k,
-            kw: k,
-            stride: (s, s),
-            dilation: (1, 1),
-            pad: (p, p),
-            oh: o,
-            ow: o,
+            geom: ConvGeom {
+                n: 1,
+                cin,
+                ih: hw,
+                iw: hw,
+                cout,
+                group: 1,
+                kh: k,
+                kw: k,
+                stride: (s, s),
+                dilation: (1, 1),
+                pad: (p, p),
+                oh: o,
+                ow: o,
+            },
             weight: std::sync::Arc::new(weights),
             bias: vec![0.1; cout],
             act: Activation::Relu,

@@ -41,7 +41,7 @@ use qint8_runtime::grad::{backward, unsupported, Value, Values};
 use qint8_runtime::{Observer, Session, SessionOptions};
 
 use crate::sensitivity::{
-    invalid, js_divergence, quantizable_nodes, run, Method, NodeSensitivity, Outcome, Sensitivity,
+    analyzed_nodes, invalid, js_divergence, run, Method, NodeSensitivity, Outcome, Sensitivity,
 };
 use crate::{AnalysisError, Result};
 
@@ -389,12 +389,7 @@ pub(crate) fn analyze(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Sensitivity> {
     let start = Instant::now();
-    let nodes = quantizable_nodes(graph, plan);
-    if nodes.is_empty() {
-        return Err(AnalysisError::Invalid(
-            "the plan quantizes no Conv, Gemm or MatMul input".into(),
-        ));
-    }
+    let nodes = analyzed_nodes(graph, plan)?;
     if graph.inputs.len() != 1 || graph.outputs.is_empty() {
         return Err(AnalysisError::Invalid(
             "sensitivity needs one image input and [batch, classes] logits as the first output"

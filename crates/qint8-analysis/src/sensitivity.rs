@@ -160,6 +160,17 @@ pub fn quantizable_nodes(graph: &Graph, plan: &QuantPlan) -> Vec<usize> {
         .collect()
 }
 
+/// [`quantizable_nodes`], or an error when there are none.
+pub(crate) fn analyzed_nodes(graph: &Graph, plan: &QuantPlan) -> Result<Vec<usize>> {
+    let nodes = quantizable_nodes(graph, plan);
+    if nodes.is_empty() {
+        return Err(AnalysisError::Invalid(
+            "the plan quantizes no Conv, Gemm or MatMul input".into(),
+        ));
+    }
+    Ok(nodes)
+}
+
 /// `plan` with `float` nodes kept in float (their inputs not quantized for
 /// them).
 pub fn with_float_nodes<'a>(
@@ -301,12 +312,7 @@ fn analyze_exact(
             js,
         }
     };
-    let nodes = quantizable_nodes(graph, plan);
-    if nodes.is_empty() {
-        return Err(AnalysisError::Invalid(
-            "the plan quantizes no Conv, Gemm or MatMul input".into(),
-        ));
-    }
+    let nodes = analyzed_nodes(graph, plan)?;
     let total = 1 + 2 * nodes.len();
     let t = Instant::now();
     let (a, l) = run(model, graph, Some(plan), data, batch, threads)?;

@@ -14,7 +14,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use qint8_graph::{shape, Graph, Node, Op};
 
 use crate::error::{Result, RuntimeError};
+pub use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{sgemm, Mat};
+use crate::kernels::pool::Pool2d;
 
 /// A forward value: its shape and row-major data.
 #[derive(Debug, Clone, Copy)]
@@ -361,12 +363,12 @@ fn rule(
             }
         }
         Op::MaxPool(p) | Op::AveragePool(p) => {
-            let geom = pool_geom(node, p, x.shape)?;
+            let pool = Pool2d::resolve(node, p, x.shape)?;
             let mut gx = vec![0.0; x.data.len()];
             if matches!(node.op, Op::MaxPool(_)) {
-                maxpool_grad(&geom, x.data, g, &mut gx);
+                maxpool_grad(&pool, x.data, g, &mut gx);
             } else {
-                avgpool_grad(&geom, p.count_include_pad, g, &mut gx);
+                avgpool_grad(&pool, g, &mut gx);
             }
             out[0] = Some(gx);
         }
@@ -378,44 +380,7 @@ fn rule(
                 ));
             }
             let w = input(graph, values, node, 1)?;
-            let win = shape::conv_window(node, c, x.shape, w.shape)?;
-            let two_d = x.shape.len() == 4;
-            if !(two_d || x.shape.len() == 3) {
-                return Err(node_err(
-                    node,
-                    "only 1-D and 2-D convolutions have a gradient",
-                ));
-            }
-            let pick = |v: &[usize]| if two_d { (v[0], v[1]) } else { (1, v[0]) };
-            let (kh, kw) = pick(&win.kernel);
-            let (sh, sw) = pick(&win.strides);
-            let (dh, dw) = pick(&win.dilations);
-            let (ph, pw) = if two_d {
-                (win.pad_begin[0], win.pad_begin[1])
-            } else {
-                (0, win.pad_begin[0])
-            };
-            let (oh, ow) = pick(&win.out);
-            let (ih, iw) = if two_d {
-                (x.shape[2], x.shape[3])
-            } else {
-                (1, x.shape[2])
-            };
-            let geom = ConvGeom {
-                n: x.shape[0],
-                cin: x.shape[1],
-                ih,
-                iw,
-                cout: w.shape[0],
-                group: c.group.max(1),
-                kh,
-                kw,
-                stride: (sh, sw),
-                dilation: (dh, dw),
-                pad: (ph, pw),
-                oh,
-                ow,
-            };
+            let geom = ConvGeom::resolve(node, c, x.shape, w.shape)?;
             let mut gx = vec![0.0; x.data.len()];
             conv_input_grad(&geom, w.data, g, &mut gx);
             out[0] = Some(gx);
@@ -739,71 +704,20 @@ fn binary_grad(
     }
 }
 
-/// A 2-D pooling window resolved for one input (1-D pools have `h = 1`).
-#[derive(Debug, Clone, Copy)]
-struct PoolGeom {
-    planes: usize,
-    ih: usize,
-    iw: usize,
-    kh: usize,
-    kw: usize,
-    stride: (usize, usize),
-    dilation: (usize, usize),
-    pad: (usize, usize),
-    pad_end: (usize, usize),
-    oh: usize,
-    ow: usize,
-}
-
-fn pool_geom(node: &Node, p: &qint8_graph::PoolAttrs, x: &[usize]) -> Result<PoolGeom> {
-    let win = shape::pool_window(node, p, x)?;
-    let two_d = x.len() == 4;
-    if !(two_d || x.len() == 3) {
-        return Err(node_err(node, "only 1-D and 2-D pools have a gradient"));
-    }
-    let pick = |v: &[usize]| if two_d { (v[0], v[1]) } else { (1, v[0]) };
-    let pick0 = |v: &[usize]| if two_d { (v[0], v[1]) } else { (0, v[0]) };
-    let (ih, iw) = if two_d { (x[2], x[3]) } else { (1, x[2]) };
-    let (kh, kw) = pick(&win.kernel);
-    let (oh, ow) = pick(&win.out);
-    Ok(PoolGeom {
-        planes: x[0] * x[1],
-        ih,
-        iw,
-        kh,
-        kw,
-        stride: pick(&win.strides),
-        dilation: pick(&win.dilations),
-        pad: pick0(&win.pad_begin),
-        pad_end: pick0(&win.pad_end),
-        oh,
-        ow,
-    })
-}
-
-/// Input positions of output `(oy, ox)`'s window, `None` for padding.
-fn window(p: &PoolGeom, oy: usize, ox: usize) -> impl Iterator<Item = Option<usize>> + '_ {
-    (0..p.kh).flat_map(move |ky| {
-        (0..p.kw).map(move |kx| {
-            let iy = (oy * p.stride.0 + ky * p.dilation.0) as isize - p.pad.0 as isize;
-            let ix = (ox * p.stride.1 + kx * p.dilation.1) as isize - p.pad.1 as isize;
-            (iy >= 0 && ix >= 0 && (iy as usize) < p.ih && (ix as usize) < p.iw)
-                .then(|| iy as usize * p.iw + ix as usize)
-        })
-    })
-}
-
-/// MaxPool: each output's gradient goes to its window's (first) maximum.
-fn maxpool_grad(p: &PoolGeom, x: &[f32], g: &[f32], gx: &mut [f32]) {
+/// MaxPool: each output's gradient goes to its window's (first) maximum,
+/// the one the forward kernel picks.
+fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
-    for c in 0..p.planes {
-        let (xs, gs) = (&x[c * ip..(c + 1) * ip], &g[c * op..(c + 1) * op]);
-        let gxs = &mut gx[c * ip..(c + 1) * ip];
+    for ((xs, gs), gxs) in x
+        .chunks_exact(ip)
+        .zip(g.chunks_exact(op))
+        .zip(gx.chunks_exact_mut(ip))
+    {
         for oy in 0..p.oh {
             for ox in 0..p.ow {
                 let mut best: Option<usize> = None;
-                for pos in window(p, oy, ox).flatten() {
-                    if best.is_none_or(|b| xs[pos] > xs[b]) {
+                for pos in p.taps(oy, ox).map(|(iy, ix)| iy * p.iw + ix) {
+                    if best.is_none_or(|b| xs[pos] > xs[b] || xs[pos].is_nan()) {
                         best = Some(pos);
                     }
                 }
@@ -815,68 +729,21 @@ fn maxpool_grad(p: &PoolGeom, x: &[f32], g: &[f32], gx: &mut [f32]) {
     }
 }
 
-/// AveragePool: each output's gradient spread evenly over what it averaged.
-fn avgpool_grad(p: &PoolGeom, include_pad: bool, g: &[f32], gx: &mut [f32]) {
+/// AveragePool: each output's gradient spread evenly over what it averaged,
+/// with the forward kernel's divisor.
+fn avgpool_grad(p: &Pool2d, g: &[f32], gx: &mut [f32]) {
     let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
-    for c in 0..p.planes {
-        let gs = &g[c * op..(c + 1) * op];
-        let gxs = &mut gx[c * ip..(c + 1) * ip];
+    for (gs, gxs) in g.chunks_exact(op).zip(gx.chunks_exact_mut(ip)) {
         for oy in 0..p.oh {
             for ox in 0..p.ow {
-                let count = if include_pad {
-                    // Window positions inside the padded input.
-                    (0..p.kh)
-                        .flat_map(|ky| (0..p.kw).map(move |kx| (ky, kx)))
-                        .filter(|&(ky, kx)| {
-                            let iy = oy * p.stride.0 + ky * p.dilation.0;
-                            let ix = ox * p.stride.1 + kx * p.dilation.1;
-                            iy < p.ih + p.pad.0 + p.pad_end.0 && ix < p.iw + p.pad.1 + p.pad_end.1
-                        })
-                        .count()
-                } else {
-                    window(p, oy, ox).flatten().count()
-                };
-                if count == 0 {
-                    continue;
-                }
-                let v = gs[oy * p.ow + ox] / count as f32;
-                for pos in window(p, oy, ox).flatten() {
-                    gxs[pos] += v;
+                let inside = p.taps(oy, ox).count();
+                let v = gs[oy * p.ow + ox] / p.divisor(oy, ox, inside) as f32;
+                for (iy, ix) in p.taps(oy, ox) {
+                    gxs[iy * p.iw + ix] += v;
                 }
             }
         }
     }
-}
-
-/// A 2-D convolution's geometry (1-D convolutions have `ih = kh = oh = 1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvGeom {
-    /// Batch.
-    pub n: usize,
-    /// Input channels.
-    pub cin: usize,
-    /// Input height.
-    pub ih: usize,
-    /// Input width.
-    pub iw: usize,
-    /// Output channels.
-    pub cout: usize,
-    /// Groups.
-    pub group: usize,
-    /// Kernel height.
-    pub kh: usize,
-    /// Kernel width.
-    pub kw: usize,
-    /// Strides (h, w).
-    pub stride: (usize, usize),
-    /// Dilations (h, w).
-    pub dilation: (usize, usize),
-    /// Padding at the top and left.
-    pub pad: (usize, usize),
-    /// Output height.
-    pub oh: usize,
-    /// Output width.
-    pub ow: usize,
 }
 
 impl ConvGeom {

@@ -9,7 +9,7 @@ use qint8_graph::{DataType, Graph, Node, Op, Tensor};
 use qint8_math::params::{ChannelParams, QuantDtype, QuantParams};
 
 use crate::error::{Result, RuntimeError};
-use crate::kernels::conv::Conv2d;
+use crate::kernels::conv::{Conv2d, ConvGeom};
 use crate::kernels::elementwise::{self as ew, BinOp, Broadcast, Unary};
 use crate::kernels::gemm::{sgemm, Mat};
 use crate::kernels::packed::{conv_source_available, gemm_packed, Epilogue, PackedA};
@@ -737,53 +737,16 @@ fn build_kernel(
         Op::Conv(attrs) => {
             let xs = x_shape()?;
             let ws = in_shape(node, shapes, 1)?;
-            let win = shape::conv_window(node, attrs, xs, ws)?;
-            if xs.len() != 4 && xs.len() != 3 {
-                return Err(node_err(
-                    node,
-                    format!("only 1-D and 2-D convolutions are supported, input is {xs:?}"),
-                ));
-            }
+            let geom = ConvGeom::resolve(node, attrs, xs, ws)?;
             let w = const_of(node, ins, 1, "weight")?;
-            let cout = ws[0];
             let bias = match node.input(2) {
                 Some(_) => const_of(node, ins, 2, "bias")?.as_ref().clone(),
-                None => vec![0.0; cout],
-            };
-            let two_d = xs.len() == 4;
-            let (ih, iw) = if two_d { (xs[2], xs[3]) } else { (1, xs[2]) };
-            let (kh, kw) = if two_d {
-                (win.kernel[0], win.kernel[1])
-            } else {
-                (1, win.kernel[0])
-            };
-            let pick = |v: &[usize]| if two_d { (v[0], v[1]) } else { (1, v[0]) };
-            let pad = if two_d {
-                (win.pad_begin[0], win.pad_begin[1])
-            } else {
-                (0, win.pad_begin[0])
-            };
-            let (oh, ow) = if two_d {
-                (win.out[0], win.out[1])
-            } else {
-                (1, win.out[0])
+                None => vec![0.0; geom.cout],
             };
             Kernel::Conv(
                 Box::new(
                     Conv2d {
-                        n: xs[0],
-                        cin: xs[1],
-                        ih,
-                        iw,
-                        cout,
-                        group: attrs.group,
-                        kh,
-                        kw,
-                        stride: pick(&win.strides),
-                        dilation: pick(&win.dilations),
-                        pad,
-                        oh,
-                        ow,
+                        geom,
                         weight: w.clone(),
                         bias,
                         act: Activation::None,
@@ -917,26 +880,7 @@ fn build_kernel(
         Op::HardSigmoid { alpha, beta } => Kernel::Unary(Unary::HardSigmoid(*alpha, *beta)),
         Op::HardSwish => Kernel::Unary(Unary::HardSwish),
         Op::MaxPool(p) | Op::AveragePool(p) => {
-            let xs = x_shape()?;
-            if xs.len() != 4 {
-                return Err(node_err(
-                    node,
-                    format!("only 2-D pooling is supported, input is {xs:?}"),
-                ));
-            }
-            let win = shape::pool_window(node, p, xs)?;
-            let pool = Pool2d {
-                ih: xs[2],
-                iw: xs[3],
-                oh: win.out[0],
-                ow: win.out[1],
-                k: (win.kernel[0], win.kernel[1]),
-                stride: (win.strides[0], win.strides[1]),
-                dilation: (win.dilations[0], win.dilations[1]),
-                pad: (win.pad_begin[0], win.pad_begin[1]),
-                pad_end: (win.pad_end[0], win.pad_end[1]),
-                count_include_pad: p.count_include_pad,
-            };
+            let pool = Pool2d::resolve(node, p, x_shape()?)?;
             if matches!(node.op, Op::MaxPool(_)) {
                 if node.outputs.get(1).is_some_and(|o| !o.is_empty()) {
                     return Err(node_err(node, "MaxPool's Indices output is not supported"));

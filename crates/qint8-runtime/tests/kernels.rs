@@ -1,7 +1,7 @@
 //! Fast kernels against their straightforward references.
 
 use proptest::prelude::*;
-use qint8_runtime::kernels::conv::Conv2d;
+use qint8_runtime::kernels::conv::{Conv2d, ConvGeom};
 use qint8_runtime::kernels::gemm::{sgemm, sgemm_reference, Mat};
 use qint8_runtime::kernels::Activation;
 
@@ -93,19 +93,21 @@ fn build(c: &ConvCase) -> Conv2d {
     let oh = (c.hw.0 + c.pad.0 + c.pad.2 - c.dilation.0 * (c.k.0 - 1) - 1) / c.stride.0 + 1;
     let ow = (c.hw.1 + c.pad.1 + c.pad.3 - c.dilation.1 * (c.k.1 - 1) - 1) / c.stride.1 + 1;
     Conv2d {
-        n: c.n,
-        cin,
-        ih: c.hw.0,
-        iw: c.hw.1,
-        cout,
-        group: c.group,
-        kh: c.k.0,
-        kw: c.k.1,
-        stride: c.stride,
-        dilation: c.dilation,
-        pad: (c.pad.0, c.pad.1),
-        oh,
-        ow,
+        geom: ConvGeom {
+            n: c.n,
+            cin,
+            ih: c.hw.0,
+            iw: c.hw.1,
+            cout,
+            group: c.group,
+            kh: c.k.0,
+            kw: c.k.1,
+            stride: c.stride,
+            dilation: c.dilation,
+            pad: (c.pad.0, c.pad.1),
+            oh,
+            ow,
+        },
         weight: std::sync::Arc::new(values(cout * c.cin_g * c.k.0 * c.k.1, c.seed)),
         bias: values(cout, c.seed ^ 77),
         act: [

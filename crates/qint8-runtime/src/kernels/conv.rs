@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use qint8_graph::{shape, ConvAttrs, GraphError, Node};
+
 use super::gemm::{sgemm, Mat};
 use super::packed::{
     conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, ConvInput,
@@ -27,14 +29,15 @@ impl Source<'_> {
     }
 }
 
-/// A convolution resolved for one input shape, with its weights packed.
-#[derive(Debug, Clone)]
-pub struct Conv2d {
+/// A 2-D convolution's geometry for one input shape (1-D convolutions
+/// have `ih = kh = oh = 1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
     /// Batch.
     pub n: usize,
     /// Input channels.
     pub cin: usize,
-    /// Input height and width.
+    /// Input height.
     pub ih: usize,
     /// Input width.
     pub iw: usize,
@@ -56,6 +59,54 @@ pub struct Conv2d {
     pub oh: usize,
     /// Output width.
     pub ow: usize,
+}
+
+impl ConvGeom {
+    /// The geometry of Conv `node` (attributes `attrs`) for input shape
+    /// `x` (`[N, C, H, W]` or `[N, C, W]`) and weight shape `w`.
+    pub fn resolve(
+        node: &Node,
+        attrs: &ConvAttrs,
+        x: &[usize],
+        w: &[usize],
+    ) -> Result<Self, GraphError> {
+        let win = shape::conv_window(node, attrs, x, w)?;
+        if x.len() != 4 && x.len() != 3 {
+            return Err(GraphError::Shape {
+                node: node.name.clone(),
+                op: node.op.op_type().to_string(),
+                detail: format!("only 1-D and 2-D convolutions are supported, input is {x:?}"),
+            });
+        }
+        let two_d = x.len() == 4;
+        let pick = |v: &[usize], one: usize| if two_d { (v[0], v[1]) } else { (one, v[0]) };
+        let (ih, iw) = pick(&x[2..], 1);
+        let (kh, kw) = pick(&win.kernel, 1);
+        let (oh, ow) = pick(&win.out, 1);
+        Ok(Self {
+            n: x[0],
+            cin: x[1],
+            ih,
+            iw,
+            cout: w[0],
+            group: attrs.group.max(1),
+            kh,
+            kw,
+            stride: pick(&win.strides, 1),
+            dilation: pick(&win.dilations, 1),
+            pad: pick(&win.pad_begin, 0),
+            oh,
+            ow,
+        })
+    }
+}
+
+/// A convolution resolved for one input shape, with its weights packed.
+/// Its geometry's fields read through it (`conv.n`, `conv.kh`, ...).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Shapes, strides, dilations and padding.
+    pub geom: ConvGeom,
     /// Weights `[cout, cin / group * kh * kw]`.
     pub weight: std::sync::Arc<Vec<f32>>,
     /// Bias per output channel (zeros when the node has none).
@@ -75,6 +126,14 @@ const CHANNELS_LAST_BELOW: usize = 1024;
 /// Output planes smaller than this are computed for the whole batch in one
 /// GEMM (better shaped products for small feature maps).
 const BATCHED_BELOW: usize = 256;
+
+impl std::ops::Deref for Conv2d {
+    type Target = ConvGeom;
+
+    fn deref(&self) -> &ConvGeom {
+        &self.geom
+    }
+}
 
 impl Conv2d {
     /// Packs the weights of every group for the GEMM paths. Must be called

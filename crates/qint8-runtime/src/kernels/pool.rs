@@ -1,6 +1,8 @@
 //! Pooling (ONNX MaxPool, AveragePool, GlobalAveragePool; opsets 1-22) over
 //! `[N, C, H, W]`.
 
+use qint8_graph::{shape, GraphError, Node, PoolAttrs};
+
 use super::multiversion;
 
 /// Elements per parallel task.
@@ -32,6 +34,31 @@ pub struct Pool2d {
 }
 
 impl Pool2d {
+    /// The window of pooling `node` (attributes `attrs`) over input shape
+    /// `x`, which must be `[N, C, H, W]`.
+    pub fn resolve(node: &Node, attrs: &PoolAttrs, x: &[usize]) -> Result<Self, GraphError> {
+        if x.len() != 4 {
+            return Err(GraphError::Shape {
+                node: node.name.clone(),
+                op: node.op.op_type().to_string(),
+                detail: format!("only 2-D pooling is supported, input is {x:?}"),
+            });
+        }
+        let win = shape::pool_window(node, attrs, x)?;
+        Ok(Self {
+            ih: x[2],
+            iw: x[3],
+            oh: win.out[0],
+            ow: win.out[1],
+            k: (win.kernel[0], win.kernel[1]),
+            stride: (win.strides[0], win.strides[1]),
+            dilation: (win.dilations[0], win.dilations[1]),
+            pad: (win.pad_begin[0], win.pad_begin[1]),
+            pad_end: (win.pad_end[0], win.pad_end[1]),
+            count_include_pad: attrs.count_include_pad,
+        })
+    }
+
     /// Max pooling of every `[H, W]` plane (`x` holds `planes` planes).
     pub fn max(&self, x: &[f32], y: &mut [f32]) {
         let (ih, iw, oh, ow) = (self.ih, self.iw, self.oh, self.ow);
@@ -70,7 +97,9 @@ impl Pool2d {
         }
     }
 
-    fn taps(&self, oy: usize, ox: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    /// The input positions `(iy, ix)` output `(oy, ox)` reads (padding
+    /// left out).
+    pub(crate) fn taps(&self, oy: usize, ox: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         let y0 = (oy * self.stride.0) as isize - self.pad.0 as isize;
         let x0 = (ox * self.stride.1) as isize - self.pad.1 as isize;
         (0..self.k.0).flat_map(move |ki| {
@@ -94,22 +123,29 @@ impl Pool2d {
                         sum += s[iy * iw + ix];
                         n += 1;
                     }
-                    let div = if self.count_include_pad {
-                        // Window clipped to the padded extent (ONNX semantics).
-                        let y0 = (oy * self.stride.0) as isize - self.pad.0 as isize;
-                        let x0 = (ox * self.stride.1) as isize - self.pad.1 as isize;
-                        let hy = (y0 + self.k.0 as isize).min((ih + self.pad_end.0) as isize)
-                            - y0.max(-(self.pad.0 as isize));
-                        let hx = (x0 + self.k.1 as isize).min((iw + self.pad_end.1) as isize)
-                            - x0.max(-(self.pad.1 as isize));
-                        (hy.max(1) * hx.max(1)) as usize
-                    } else {
-                        n.max(1)
-                    };
-                    out[oy * ow + ox] = sum / div as f32;
+                    out[oy * ow + ox] = sum / self.divisor(oy, ox, n) as f32;
                 }
             }
         });
+    }
+}
+
+impl Pool2d {
+    /// Average pooling's divisor for output `(oy, ox)`, whose window holds
+    /// `inside` input positions.
+    pub(crate) fn divisor(&self, oy: usize, ox: usize, inside: usize) -> usize {
+        if self.count_include_pad {
+            // Window clipped to the padded extent (ONNX semantics).
+            let y0 = (oy * self.stride.0) as isize - self.pad.0 as isize;
+            let x0 = (ox * self.stride.1) as isize - self.pad.1 as isize;
+            let hy = (y0 + self.k.0 as isize).min((self.ih + self.pad_end.0) as isize)
+                - y0.max(-(self.pad.0 as isize));
+            let hx = (x0 + self.k.1 as isize).min((self.iw + self.pad_end.1) as isize)
+                - x0.max(-(self.pad.1 as isize));
+            (hy.max(1) * hx.max(1)) as usize
+        } else {
+            inside.max(1)
+        }
     }
 }
 
