@@ -378,6 +378,26 @@ impl Context<'_> {
     }
 }
 
+/// Bytes the recorded FP32 pass may hold at once.
+const RECORD_BUDGET: usize = 1 << 30;
+
+/// `batch`, made smaller where recording every activation of that many
+/// images would pass [`RECORD_BUDGET`] (large inputs: a 224x224 ResNet-50
+/// records about 0.1 GB per image).
+fn recording_batch(graph: &Graph, input: &str, image: [usize; 3], batch: usize) -> Result<usize> {
+    let one = HashMap::from([(input.to_string(), vec![1, image[0], image[1], image[2]])]);
+    let shapes = qint8_graph::shape::infer(graph, &one).map_err(invalid)?;
+    let floats: usize = graph
+        .nodes
+        .iter()
+        .flat_map(|n| &n.outputs)
+        .filter_map(|o| shapes.get(o))
+        .filter(|v| v.dtype == DataType::Float && v.value.is_none())
+        .map(|v| v.shape.iter().product::<usize>())
+        .sum();
+    Ok(batch.clamp(1, (RECORD_BUDGET / (4 * floats.max(1))).max(1)))
+}
+
 /// See the module docs.
 pub(crate) fn analyze(
     model: &Model,
@@ -439,7 +459,7 @@ pub(crate) fn analyze(
             session: if float {
                 None
             } else {
-                Some(one_node_session(graph, node, plan, threads)?)
+                Some(one_node_session(graph, node, plan, threads)?.sharing_buffers_with(&fp32))
             },
             inputs: node
                 .inputs
@@ -465,6 +485,7 @@ pub(crate) fn analyze(
     let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
     let workers = threads.max(1);
     let mut recorders: Vec<Recorder> = (0..workers).map(|_| Recorder::default()).collect();
+    let batch = recording_batch(graph, &input, data.input_shape(), batch)?;
     for b in data.batches(batch) {
         let b = b.map_err(invalid)?;
         let labels = b.labels.clone().ok_or_else(|| {
@@ -629,4 +650,38 @@ pub(crate) fn analyze(
         eval_seconds,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qint8_graph::{Node, Op};
+
+    #[test]
+    fn recording_batch_keeps_the_recorded_pass_within_its_budget() {
+        let graph = Graph {
+            name: "g".into(),
+            inputs: vec![ValueInfo::f32("x", &[1, 2, 8, 8])],
+            outputs: vec![ValueInfo::f32("y", &[1, 2, 8, 8])],
+            nodes: vec![
+                Node::new("a", Op::Relu, &["x"], &["r"]),
+                Node::new("b", Op::Sigmoid, &["r"], &["y"]),
+            ],
+            initializers: Default::default(),
+            value_info: vec![],
+        };
+        // Two recorded tensors of 128 floats per image.
+        let per_image = 2 * 128 * 4;
+        assert_eq!(recording_batch(&graph, "x", [2, 8, 8], 64).unwrap(), 64);
+        assert_eq!(
+            recording_batch(&graph, "x", [2, 8, 8], usize::MAX).unwrap(),
+            RECORD_BUDGET / per_image
+        );
+        // Larger images, proportionally fewer of them.
+        assert_eq!(
+            recording_batch(&graph, "x", [2, 64, 64], usize::MAX).unwrap(),
+            RECORD_BUDGET / (per_image * 64)
+        );
+        assert_eq!(recording_batch(&graph, "x", [2, 8, 8], 0).unwrap(), 1);
+    }
 }

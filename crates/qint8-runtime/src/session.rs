@@ -69,7 +69,7 @@ pub struct Session {
     pool: rayon::ThreadPool,
     plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
     splittable: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
-    buffers: BufferPool,
+    buffers: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for Session {
@@ -112,8 +112,17 @@ impl Session {
             pool,
             plans: Mutex::new(HashMap::new()),
             splittable: Mutex::new(HashMap::new()),
-            buffers: BufferPool::default(),
+            buffers: Arc::default(),
         })
+    }
+
+    /// This session, taking its run buffers (arenas and scratch) from the
+    /// same small pool as `other`: many sessions run one after another (one
+    /// per layer, say) then hold a few buffers between them instead of a
+    /// few each.
+    pub fn sharing_buffers_with(mut self, other: &Session) -> Self {
+        self.buffers = other.buffers.clone();
+        self
     }
 
     /// The (simplified) graph this session runs.

@@ -88,3 +88,58 @@ fn split_observers_together_see_the_whole_batch() {
         .observe_split(&[(&input, x.view())], &mut [])
         .is_err());
 }
+
+/// Sessions that share run buffers, run in turns on the calling thread and
+/// through their pools with different batch sizes, compute what each
+/// computes with buffers of its own.
+#[test]
+fn sessions_sharing_buffers_compute_what_each_computes_alone() {
+    let build_model = |arch: ZooConfig| {
+        build(
+            &arch
+                .with_width_mult(0.125)
+                .with_resolution(32, 32)
+                .with_in_channels(1)
+                .with_classes(10),
+        )
+        .unwrap()
+    };
+    let models = [
+        build_model(ZooConfig::resnet50()),
+        build_model(ZooConfig::efficientnet_b0()),
+    ];
+    let opts = SessionOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let alone: Vec<Session> = models
+        .iter()
+        .map(|m| Session::new(m, opts).unwrap())
+        .collect();
+    let first = Session::new(&models[0], opts).unwrap();
+    let second = Session::new(&models[1], opts)
+        .unwrap()
+        .sharing_buffers_with(&first);
+    let shared = [first, second];
+    for (round, n) in [3usize, 8, 1, 5].into_iter().enumerate() {
+        for (k, m) in models.iter().enumerate() {
+            let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[n, 1, 32, 32]), |i| {
+                ((i[0] * 7 + i[2] * 3 + i[3] + round) % 19) as f32 / 9.0 - 1.0
+            });
+            let input = m.graph.inputs[0].name.clone();
+            let want = alone[k].run(&[(&input, x.view())]).unwrap();
+            let got = if round % 2 == 0 {
+                shared[k].run_here(&[(&input, x.view())]).unwrap()
+            } else {
+                shared[k].run(&[(&input, x.view())]).unwrap()
+            };
+            assert_eq!(want[0].shape(), got[0].shape());
+            for (a, b) in want[0].iter().zip(got[0].iter()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                    "round {round}, model {k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
