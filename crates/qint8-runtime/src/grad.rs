@@ -130,14 +130,22 @@ pub fn backward(
         )));
     }
     let want: HashSet<&str> = wanted.iter().copied().collect();
+    let silu = silu_pairs(graph, &nodes, &want, output);
     let mut done: HashSet<&str> = HashSet::new();
     let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
     grads.insert(output.to_string(), seed.to_vec());
     for &i in nodes.iter().rev() {
         let node = &graph.nodes[i];
         let out = node.outputs[0].as_str();
-        let y = value(graph, values, node, out)?;
-        let g = grads.remove(out).unwrap_or_else(|| vec![0.0; y.data.len()]);
+        // No gradient reached this value: it contributes nothing upstream.
+        let Some(g) = grads.remove(out) else {
+            if want.contains(out) {
+                let len = value(graph, values, node, out)?.data.len();
+                visit(out, &vec![0.0; len])?;
+                done.insert(out);
+            }
+            continue;
+        };
         if want.contains(out) {
             visit(out, &g)?;
             done.insert(out);
@@ -146,7 +154,18 @@ pub fn backward(
         if !need.iter().any(|&b| b) {
             continue;
         }
-        let gin = rule(graph, values, node, g, &need)?;
+        let gin = match silu.get(&i) {
+            // x * sigmoid(x) in one pass, straight to x.
+            Some(&x_at) => {
+                let x = input(graph, values, node, x_at)?;
+                let sg = input(graph, values, node, 1 - x_at)?;
+                let gx = in_place(g, x.data, sg.data, |g, x, s| g * (s + x * s * (1.0 - s)));
+                let mut gin = vec![None, None];
+                gin[x_at] = Some(gx);
+                gin
+            }
+            None => rule(graph, values, node, g, &need)?,
+        };
         for (name, gi) in node.inputs.iter().zip(gin) {
             let Some(gi) = gi else { continue };
             match grads.get_mut(name) {
@@ -169,6 +188,48 @@ pub fn backward(
         visit(w, &g)?;
     }
     Ok(())
+}
+
+/// The Mul nodes on the path that compute SiLU, `x * sigmoid(x)`, whose
+/// Sigmoid output feeds nothing else (and is not wanted): node index to the
+/// position of `x` among the Mul's inputs. Their backward runs as one pass.
+fn silu_pairs(
+    graph: &Graph,
+    nodes: &[usize],
+    want: &HashSet<&str>,
+    output: &str,
+) -> HashMap<usize, usize> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.nodes {
+        for i in &n.inputs {
+            *uses.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let mut pairs = HashMap::new();
+    for &i in nodes {
+        let n = &graph.nodes[i];
+        if !matches!(n.op, Op::Mul) || n.inputs.len() != 2 {
+            continue;
+        }
+        for x_at in 0..2 {
+            let (x, s) = (&n.inputs[x_at], &n.inputs[1 - x_at]);
+            let sigmoid_of_x = graph.producer(s).is_some_and(|p| {
+                let p = &graph.nodes[p];
+                matches!(p.op, Op::Sigmoid) && p.inputs.first() == Some(x)
+            });
+            if sigmoid_of_x
+                && x != s
+                && uses.get(s.as_str()) == Some(&1)
+                && !want.contains(s.as_str())
+                && s != output
+                && !graph.is_output(s)
+            {
+                pairs.insert(i, x_at);
+                break;
+            }
+        }
+    }
+    pairs
 }
 
 fn lookup<'a>(graph: &'a Graph, values: &'a Values<'_>, name: &str) -> Option<Value<'a>> {
@@ -674,8 +735,10 @@ fn binary_grad(
                     for (j, &bv) in b.data.iter().enumerate() {
                         let (gs, xs) = (&g[j * inner..][..inner], &a.data[j * inner..][..inner]);
                         if let Some(ga) = ga.as_mut() {
+                            // g * b and g / b as g times one factor per block.
+                            let f = da(1.0, 0.0, bv);
                             for (d, &gv) in ga[j * inner..][..inner].iter_mut().zip(gs) {
-                                *d = da(gv, 0.0, bv);
+                                *d = gv * f;
                             }
                         }
                         if let Some(gb) = gb.as_mut() {
