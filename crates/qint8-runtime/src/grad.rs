@@ -118,6 +118,16 @@ pub fn backward(
     if !missing.is_empty() {
         return Err(RuntimeError::NoGradient(missing));
     }
+    if let Some((name, v)) = values
+        .iter()
+        .find(|(_, v)| v.shape.iter().product::<usize>() != v.data.len())
+    {
+        return Err(RuntimeError::Gradient(format!(
+            "value {name} has {} elements for shape {:?}",
+            v.data.len(),
+            v.shape
+        )));
+    }
     let (nodes, live) = path(graph, wanted, output);
     let out_len = lookup(graph, values, output)
         .ok_or_else(|| RuntimeError::MissingInput(output.to_string()))?
@@ -368,11 +378,25 @@ fn rule(
     match &node.op {
         Op::Add | Op::Sub | Op::Mul | Op::Div => {
             let b = input(graph, values, node, 1)?;
+            if x.shape.len() > y.shape.len() || b.shape.len() > y.shape.len() {
+                return Err(node_err(
+                    node,
+                    "an operand has a higher rank than the result",
+                ));
+            }
             let (ga, gb) = binary_grad(&node.op, x, b, y.shape, g, need[0], need[1]);
             out[0] = ga;
             out[1] = gb;
         }
-        Op::Expand => out[0] = Some(unbroadcast(g, y.shape, x.shape)),
+        Op::Expand => {
+            if x.shape.len() > y.shape.len() {
+                return Err(node_err(
+                    node,
+                    "the input has a higher rank than the result",
+                ));
+            }
+            out[0] = Some(unbroadcast(g, y.shape, x.shape))
+        }
         Op::GlobalAveragePool => {
             let plane: usize = x.shape.iter().skip(2).product();
             let mut gx = vec![0.0; x.data.len()];

@@ -410,3 +410,64 @@ fn unsupported_operators_are_all_named() {
     let err = backward(&graph, &vals, "y", &x, &["x"], &mut |_, _| Ok(())).unwrap_err();
     assert!(err.to_string().contains("Softmax, Transpose"), "{err}");
 }
+
+#[test]
+fn inconsistent_values_are_errors() {
+    let graph = Graph {
+        name: "g".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 4])],
+        outputs: vec![ValueInfo::f32("y", &[1, 4])],
+        nodes: vec![Node::new("a", Op::Relu, &["x"], &["y"])],
+        initializers: BTreeMap::new(),
+        value_info: vec![],
+    };
+    let x = [1.0f32, -1.0, 2.0, 0.5];
+    let short = [1.0f32, 0.0, 2.0];
+    let vals: Values<'_> = [
+        (
+            "x".to_string(),
+            Value {
+                shape: &[1, 4],
+                data: &x,
+            },
+        ),
+        (
+            "y".to_string(),
+            Value {
+                shape: &[1, 4],
+                data: &short,
+            },
+        ),
+    ]
+    .into();
+    let err = backward(&graph, &vals, "y", &x, &["x"], &mut |_, _| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("value y has 3 elements"), "{err}");
+    // A seed of the wrong size.
+    let vals: Values<'_> = [
+        (
+            "x".to_string(),
+            Value {
+                shape: &[1, 4],
+                data: &x,
+            },
+        ),
+        (
+            "y".to_string(),
+            Value {
+                shape: &[1, 4],
+                data: &x,
+            },
+        ),
+    ]
+    .into();
+    let err = backward(&graph, &vals, "y", &short, &["x"], &mut |_, _| Ok(())).unwrap_err();
+    assert!(err.to_string().contains("seed has 3 values"), "{err}");
+    // And the right one: ReLU passes the positive entries.
+    let mut got = Vec::new();
+    backward(&graph, &vals, "y", &[1.0; 4], &["x"], &mut |_, g| {
+        got = g.to_vec();
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got, vec![1.0, 0.0, 1.0, 1.0]);
+}
