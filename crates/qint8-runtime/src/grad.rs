@@ -75,6 +75,7 @@ pub fn has_rule(op: &Op) -> bool {
             | Op::MaxPool(_)
             | Op::AveragePool(_)
             | Op::GlobalAveragePool
+            | Op::ReduceMean { .. }
             | Op::Flatten { .. }
             | Op::Reshape { .. }
             | Op::Squeeze { .. }
@@ -404,6 +405,44 @@ fn rule(
                 let inv = 1.0 / plane as f32;
                 for (dst, &gv) in gx.chunks_exact_mut(plane).zip(g) {
                     dst.fill(gv * inv);
+                }
+            }
+            out[0] = Some(gx);
+        }
+        Op::ReduceMean { .. } => {
+            // Constant axes come from the attribute or an initializer input.
+            let mut known = shape::Shapes::new();
+            if let Some(t) = node.input(1).and_then(|n| graph.initializers.get(n)) {
+                known.insert(
+                    node.inputs[1].clone(),
+                    shape::ValueShape {
+                        dtype: t.dtype(),
+                        shape: t.shape().to_vec(),
+                        value: Some(t.clone()),
+                    },
+                );
+            }
+            let axes = shape::reduce_axes(node, &known, x.shape.len())?;
+            let kept: Vec<usize> = x
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+                .collect();
+            if kept.iter().product::<usize>() != g.len() {
+                return Err(node_err(node, "gradient and reduced sizes differ"));
+            }
+            let inv = 1.0 / axes.iter().map(|&a| x.shape[a]).product::<usize>().max(1) as f32;
+            let mut gx = vec![0.0; x.data.len()];
+            match trailing_broadcast(x.shape, &kept) {
+                Some(inner) => {
+                    for (dst, &gv) in gx.chunks_exact_mut(inner).zip(g) {
+                        dst.fill(gv * inv);
+                    }
+                }
+                None => {
+                    let (sa, sb) = (bstrides(x.shape, x.shape), bstrides(x.shape, &kept));
+                    for_each_bcast(x.shape, &sa, &sb, |o, _, ib| gx[o] = g[ib] * inv);
                 }
             }
             out[0] = Some(gx);

@@ -329,7 +329,13 @@ impl Session {
                     perm.as_ref().is_some_and(|p| p.first() == Some(&0))
                 }
                 qint8_graph::Op::ReduceMean { axes, .. } => {
-                    axes.as_ref().is_some_and(|a| !a.contains(&0))
+                    // Axes from the attribute, or (opset 18) a constant input.
+                    let axes = axes.clone().or_else(|| {
+                        n.input(1)
+                            .and_then(|a| self.graph.initializers.get(a))
+                            .and_then(qint8_graph::Tensor::to_i64_vec)
+                    });
+                    axes.is_some_and(|a| !a.is_empty() && !a.iter().any(|&x| touches0(x)))
                 }
                 _ => true,
             }

@@ -143,3 +143,61 @@ fn sessions_sharing_buffers_compute_what_each_computes_alone() {
         }
     }
 }
+
+/// A ReduceMean whose axes come as an input (opset 18, as PyTorch's dynamo
+/// exporter writes global pooling) does not keep sub-batches from running
+/// on separate workers.
+#[test]
+fn reduce_mean_with_axes_as_input_still_splits_the_batch() {
+    use qint8_graph::{Dim, Graph, Model, Node, Op, Tensor, ValueInfo};
+    let mut init = std::collections::BTreeMap::new();
+    init.insert("axes".to_string(), Tensor::vec_i64(&[2, 3]));
+    let mut input = ValueInfo::f32("x", &[1, 3, 4, 4]);
+    input.shape = Some(vec![
+        Dim::Symbolic("batch".into()),
+        Dim::Fixed(3),
+        Dim::Fixed(4),
+        Dim::Fixed(4),
+    ]);
+    let graph = Graph {
+        name: "pool".into(),
+        inputs: vec![input],
+        outputs: vec![ValueInfo::f32("y", &[1, 3, 1, 1])],
+        nodes: vec![
+            Node::new("r", Op::Relu, &["x"], &["r"]),
+            Node::new(
+                "m",
+                Op::ReduceMean {
+                    axes: None,
+                    keepdims: true,
+                    noop_with_empty_axes: false,
+                },
+                &["r", "axes"],
+                &["y"],
+            ),
+        ],
+        initializers: init,
+        value_info: vec![],
+    };
+    let session = Session::new(
+        &Model::new(graph, 18),
+        SessionOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[6, 3, 4, 4]), |i| {
+        (i[0] + i[1] * 2 + i[2] * i[3]) as f32 / 7.0 - 1.0
+    });
+    let (mut a, mut b) = (Seen::new(), Seen::new());
+    {
+        let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
+        let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
+        session
+            .observe_split(&[("x", x.view())], &mut observers)
+            .unwrap();
+    }
+    assert!(!a.is_empty() && !b.is_empty(), "both workers observed");
+    assert_eq!(a["y"].0 + b["y"].0, 6 * 3);
+}

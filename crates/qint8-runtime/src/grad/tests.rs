@@ -221,8 +221,9 @@ fn f32_tensor(shape: &[usize], seed: u64) -> Tensor {
 fn backward_matches_finite_differences_on_the_other_rules() {
     // The remaining rules on one small graph: strided padded AveragePool
     // (with and without the padding counted), Clip, HardSwish, HardSigmoid,
-    // Sub, broadcast Div and Add, Concat, Expand, Reshape, MatMul and a Gemm
-    // with transposed B.
+    // Sub, broadcast Div and Add, Concat, Expand, ReduceMean (axes as an
+    // attribute and as an input), Reshape, MatMul and a Gemm with
+    // transposed B.
     let pool = |k: usize, s: usize, p: usize, inc: bool| PoolAttrs {
         kernel_shape: vec![k, k],
         strides: vec![s, s],
@@ -241,6 +242,7 @@ fn backward_matches_finite_differences_on_the_other_rules() {
     init.insert("e".to_string(), f32_tensor(&[4, 1, 1], 2));
     init.insert("shape".to_string(), Tensor::vec_i64(&[2, 8, 3, 3]));
     init.insert("flat".to_string(), Tensor::vec_i64(&[2, 72]));
+    init.insert("axes".to_string(), Tensor::vec_i64(&[-1, 2]));
     init.insert("m".to_string(), f32_tensor(&[72, 6], 3));
     init.insert("b".to_string(), f32_tensor(&[5, 6], 4));
     let conv = ConvAttrs {
@@ -288,9 +290,31 @@ fn backward_matches_finite_differences_on_the_other_rules() {
         Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
         Node::new("s2", Op::Add, &["ex", "cat"], &["s2"]),
         Node::new(
+            "rm",
+            Op::ReduceMean {
+                axes: Some(vec![1]),
+                keepdims: true,
+                noop_with_empty_axes: false,
+            },
+            &["s2"],
+            &["rm"],
+        ),
+        Node::new(
+            "rm2",
+            Op::ReduceMean {
+                axes: None,
+                keepdims: true,
+                noop_with_empty_axes: false,
+            },
+            &["s2", "axes"],
+            &["rm2"],
+        ),
+        Node::new("s3", Op::Add, &["s2", "rm"], &["s3"]),
+        Node::new("s4", Op::Sub, &["s3", "rm2"], &["s4"]),
+        Node::new(
             "r",
             Op::Reshape { allowzero: false },
-            &["s2", "flat"],
+            &["s4", "flat"],
             &["r"],
         ),
         Node::new("mm", Op::MatMul, &["r", "m"], &["mm"]),
@@ -470,4 +494,42 @@ fn inconsistent_values_are_errors() {
     })
     .unwrap();
     assert_eq!(got, vec![1.0, 0.0, 1.0, 1.0]);
+}
+
+#[test]
+fn reduce_mean_without_kept_axes_matches_finite_differences() {
+    // ReduceMean over the middle axis without keepdims, then a Gemm.
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), f32_tensor(&[4, 5], 3));
+    let graph = Graph {
+        name: "rm".into(),
+        inputs: vec![ValueInfo::f32("x", &[2, 3, 4])],
+        outputs: vec![ValueInfo::f32("y", &[2, 5])],
+        nodes: vec![
+            Node::new(
+                "rm",
+                Op::ReduceMean {
+                    axes: Some(vec![1]),
+                    keepdims: false,
+                    noop_with_empty_axes: false,
+                },
+                &["x"],
+                &["m"],
+            ),
+            Node::new(
+                "g",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: false,
+                },
+                &["m", "w"],
+                &["y"],
+            ),
+        ],
+        initializers: init,
+        value_info: vec![],
+    };
+    check_directional(&graph, &input_for(&graph, 2, 4), &[]);
 }
