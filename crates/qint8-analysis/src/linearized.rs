@@ -37,7 +37,7 @@ use qint8_graph::quant::{Precision, QuantPlan};
 use qint8_graph::{DataType, Graph, Model, Node, Tensor, ValueInfo};
 use qint8_math::params::QuantParams;
 use qint8_math::quant::fake_quant;
-use qint8_runtime::grad::{backward, unsupported, Value, Values};
+use qint8_runtime::grad::{unsupported, Backward, Value, Values};
 use qint8_runtime::{Observer, Session, SessionOptions};
 
 use crate::sensitivity::{
@@ -242,11 +242,11 @@ struct PartResult {
 
 /// Everything the sub-batch workers share.
 struct Context<'a> {
-    graph: &'a Graph,
+    /// The backward pass from the logits to every probe's output.
+    pass: Backward<'a>,
     probes: &'a [Probe],
     input: &'a str,
     output: &'a str,
-    outs: &'a [&'a str],
     by_output: HashMap<&'a str, usize>,
     classes: usize,
 }
@@ -341,35 +341,28 @@ impl Context<'_> {
         // Each node's error is computed when its gradient is complete and
         // dropped after the dot product (one at a time in memory).
         let mut failed: Option<AnalysisError> = None;
-        let done = backward(
-            self.graph,
-            &vals,
-            self.output,
-            &seed,
-            self.outs,
-            &mut |name, g| {
-                let k = self.by_output[name];
-                let delta = match self
-                    .delta(part, k)
-                    .and_then(|dl| Ok((self.value(part, name)?.1, dl)))
-                {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let msg = e.to_string();
-                        failed = Some(e);
-                        return Err(qint8_runtime::RuntimeError::Gradient(msg));
-                    }
-                };
-                let (y, delta) = delta;
-                r.signal[k] = dot(y, y);
-                r.noise[k] = dot(&delta, &delta);
-                let per = g.len() / n.max(1);
-                for (s, (gs, ds)) in g.chunks_exact(per).zip(delta.chunks_exact(per)).enumerate() {
-                    r.d[k][s] = dot(gs, ds) as f32;
+        let done = self.pass.run(&vals, &seed, &mut |name, g| {
+            let k = self.by_output[name];
+            let delta = match self
+                .delta(part, k)
+                .and_then(|dl| Ok((self.value(part, name)?.1, dl)))
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    let msg = e.to_string();
+                    failed = Some(e);
+                    return Err(qint8_runtime::RuntimeError::Gradient(msg));
                 }
-                Ok(())
-            },
-        );
+            };
+            let (y, delta) = delta;
+            r.signal[k] = dot(y, y);
+            r.noise[k] = dot(&delta, &delta);
+            let per = g.len() / n.max(1);
+            for (s, (gs, ds)) in g.chunks_exact(per).zip(delta.chunks_exact(per)).enumerate() {
+                r.d[k][s] = dot(gs, ds) as f32;
+            }
+            Ok(())
+        });
         if let Some(e) = failed {
             return Err(e);
         }
@@ -471,11 +464,10 @@ pub(crate) fn analyze(
         });
     }
     let ctx = Context {
-        graph,
+        pass: Backward::new(graph, &outs, &output).map_err(invalid)?,
         probes: &probes,
         input: &input,
         output: &output,
-        outs: &outs,
         by_output: outs.iter().enumerate().map(|(k, o)| (*o, k)).collect(),
         classes,
     };

@@ -106,7 +106,8 @@ pub fn unsupported(graph: &Graph, from: &[&str], output: &str) -> Vec<String> {
 /// every value in `wanted`, calling `visit(name, gradient)` once per wanted
 /// value as soon as its gradient is complete (in reverse graph order; a
 /// value that does not reach `output` gets zeros). `values` must hold every
-/// graph input and node output on the way.
+/// graph input and node output on the way. [`Backward`] prepares the same
+/// pass once for many runs.
 pub fn backward(
     graph: &Graph,
     values: &Values<'_>,
@@ -115,90 +116,131 @@ pub fn backward(
     wanted: &[&str],
     visit: &mut dyn FnMut(&str, &[f32]) -> Result<()>,
 ) -> Result<()> {
-    let missing = unsupported(graph, wanted, output);
-    if !missing.is_empty() {
-        return Err(RuntimeError::NoGradient(missing));
+    Backward::new(graph, wanted, output)?.run(values, seed, visit)
+}
+
+/// A backward pass from one output to a set of values, prepared once (the
+/// nodes on the way, which inputs take gradients, fused SiLU pairs) and run
+/// on the values of any number of forward runs.
+#[derive(Debug)]
+pub struct Backward<'g> {
+    graph: &'g Graph,
+    output: String,
+    wanted: Vec<String>,
+    nodes: Vec<usize>,
+    live: HashSet<String>,
+    silu: HashMap<usize, usize>,
+}
+
+impl<'g> Backward<'g> {
+    /// Prepares the pass from `output` back to `wanted`; an error names
+    /// every operator on the way that has no gradient rule.
+    pub fn new(graph: &'g Graph, wanted: &[&str], output: &str) -> Result<Self> {
+        let missing = unsupported(graph, wanted, output);
+        if !missing.is_empty() {
+            return Err(RuntimeError::NoGradient(missing));
+        }
+        let (nodes, live) = path(graph, wanted, output);
+        let want: HashSet<&str> = wanted.iter().copied().collect();
+        let silu = silu_pairs(graph, &nodes, &want, output);
+        Ok(Self {
+            graph,
+            output: output.to_string(),
+            wanted: wanted.iter().map(|w| w.to_string()).collect(),
+            nodes,
+            live,
+            silu,
+        })
     }
-    if let Some((name, v)) = values
-        .iter()
-        .find(|(_, v)| v.shape.iter().product::<usize>() != v.data.len())
-    {
-        return Err(RuntimeError::Gradient(format!(
-            "value {name} has {} elements for shape {:?}",
-            v.data.len(),
-            v.shape
-        )));
-    }
-    let (nodes, live) = path(graph, wanted, output);
-    let out_len = lookup(graph, values, output)
-        .ok_or_else(|| RuntimeError::MissingInput(output.to_string()))?
-        .data
-        .len();
-    if seed.len() != out_len {
-        return Err(RuntimeError::Gradient(format!(
-            "gradient seed has {} values, output {output} has {out_len}",
-            seed.len()
-        )));
-    }
-    let want: HashSet<&str> = wanted.iter().copied().collect();
-    let silu = silu_pairs(graph, &nodes, &want, output);
-    let mut done: HashSet<&str> = HashSet::new();
-    let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
-    grads.insert(output.to_string(), seed.to_vec());
-    for &i in nodes.iter().rev() {
-        let node = &graph.nodes[i];
-        let out = node.outputs[0].as_str();
-        // No gradient reached this value: it contributes nothing upstream.
-        let Some(g) = grads.remove(out) else {
+
+    /// Runs the pass (see [`backward`]).
+    pub fn run(
+        &self,
+        values: &Values<'_>,
+        seed: &[f32],
+        visit: &mut dyn FnMut(&str, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let (graph, output) = (self.graph, self.output.as_str());
+        let (nodes, live, silu) = (&self.nodes, &self.live, &self.silu);
+        if let Some((name, v)) = values
+            .iter()
+            .find(|(_, v)| v.shape.iter().product::<usize>() != v.data.len())
+        {
+            return Err(RuntimeError::Gradient(format!(
+                "value {name} has {} elements for shape {:?}",
+                v.data.len(),
+                v.shape
+            )));
+        }
+        let out_len = lookup(graph, values, output)
+            .ok_or_else(|| RuntimeError::MissingInput(output.to_string()))?
+            .data
+            .len();
+        if seed.len() != out_len {
+            return Err(RuntimeError::Gradient(format!(
+                "gradient seed has {} values, output {output} has {out_len}",
+                seed.len()
+            )));
+        }
+        let want: HashSet<&str> = self.wanted.iter().map(String::as_str).collect();
+        let mut done: HashSet<&str> = HashSet::new();
+        let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
+        grads.insert(output.to_string(), seed.to_vec());
+        for &i in nodes.iter().rev() {
+            let node = &graph.nodes[i];
+            let out = node.outputs[0].as_str();
+            // No gradient reached this value: it contributes nothing upstream.
+            let Some(g) = grads.remove(out) else {
+                if want.contains(out) {
+                    let len = value(graph, values, node, out)?.data.len();
+                    visit(out, &vec![0.0; len])?;
+                    done.insert(out);
+                }
+                continue;
+            };
             if want.contains(out) {
-                let len = value(graph, values, node, out)?.data.len();
-                visit(out, &vec![0.0; len])?;
+                visit(out, &g)?;
                 done.insert(out);
             }
-            continue;
-        };
-        if want.contains(out) {
-            visit(out, &g)?;
-            done.insert(out);
-        }
-        let need: Vec<bool> = node.inputs.iter().map(|n| live.contains(n)).collect();
-        if !need.iter().any(|&b| b) {
-            continue;
-        }
-        let gin = match silu.get(&i) {
-            // x * sigmoid(x) in one pass, straight to x.
-            Some(&x_at) => {
-                let x = input(graph, values, node, x_at)?;
-                let sg = input(graph, values, node, 1 - x_at)?;
-                let gx = in_place(g, x.data, sg.data, |g, x, s| g * (s + x * s * (1.0 - s)));
-                let mut gin = vec![None, None];
-                gin[x_at] = Some(gx);
-                gin
+            let need: Vec<bool> = node.inputs.iter().map(|n| live.contains(n)).collect();
+            if !need.iter().any(|&b| b) {
+                continue;
             }
-            None => rule(graph, values, node, g, &need)?,
-        };
-        for (name, gi) in node.inputs.iter().zip(gin) {
-            let Some(gi) = gi else { continue };
-            match grads.get_mut(name) {
-                Some(acc) => acc.iter_mut().zip(&gi).for_each(|(a, b)| *a += b),
-                None => {
-                    grads.insert(name.clone(), gi);
+            let gin = match silu.get(&i) {
+                // x * sigmoid(x) in one pass, straight to x.
+                Some(&x_at) => {
+                    let x = input(graph, values, node, x_at)?;
+                    let sg = input(graph, values, node, 1 - x_at)?;
+                    let gx = in_place(g, x.data, sg.data, |g, x, s| g * (s + x * s * (1.0 - s)));
+                    let mut gin = vec![None, None];
+                    gin[x_at] = Some(gx);
+                    gin
+                }
+                None => rule(graph, values, node, g, &need)?,
+            };
+            for (name, gi) in node.inputs.iter().zip(gin) {
+                let Some(gi) = gi else { continue };
+                match grads.get_mut(name) {
+                    Some(acc) => acc.iter_mut().zip(&gi).for_each(|(a, b)| *a += b),
+                    None => {
+                        grads.insert(name.clone(), gi);
+                    }
                 }
             }
         }
-    }
-    for &w in wanted {
-        if done.contains(w) {
-            continue;
+        for w in self.wanted.iter().map(String::as_str) {
+            if done.contains(w) {
+                continue;
+            }
+            let len = lookup(graph, values, w)
+                .ok_or_else(|| RuntimeError::MissingInput(w.to_string()))?
+                .data
+                .len();
+            let g = grads.remove(w).unwrap_or_else(|| vec![0.0; len]);
+            visit(w, &g)?;
         }
-        let len = lookup(graph, values, w)
-            .ok_or_else(|| RuntimeError::MissingInput(w.to_string()))?
-            .data
-            .len();
-        let g = grads.remove(w).unwrap_or_else(|| vec![0.0; len]);
-        visit(w, &g)?;
+        Ok(())
     }
-    Ok(())
 }
 
 /// The Mul nodes on the path that compute SiLU, `x * sigmoid(x)`, whose
