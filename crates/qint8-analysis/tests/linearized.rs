@@ -173,12 +173,19 @@ fn linearized_equals_exact_where_the_network_is_linear() {
 #[test]
 fn linearized_names_operators_without_a_gradient() {
     let mut model = linear_model();
-    // A Softmax between the quantized nodes and the output.
+    // A Gather (of both classes, in reverse) between the quantized nodes
+    // and the output.
     model.graph.nodes.last_mut().unwrap().outputs[0] = "z".into();
+    model.graph.nodes.push(Node::new(
+        "ga",
+        Op::Gather { axis: 1 },
+        &["z", "order"],
+        &["y"],
+    ));
     model
         .graph
-        .nodes
-        .push(Node::new("sm", Op::Softmax { axis: -1 }, &["z"], &["y"]));
+        .initializers
+        .insert("order".into(), Tensor::vec_i64(&[1, 0]));
     let cfg = CalibConfig {
         method: RangeMethod::Max,
         smooth: None,
@@ -197,5 +204,5 @@ fn linearized_names_operators_without_a_gradient() {
         &mut |_, _| {},
     )
     .unwrap_err();
-    assert!(err.to_string().contains("Softmax"), "{err}");
+    assert!(err.to_string().contains("Gather"), "{err}");
 }

@@ -85,6 +85,8 @@ pub fn has_rule(op: &Op) -> bool {
             | Op::Expand
             | Op::Concat { .. }
             | Op::BatchNormalization { .. }
+            | Op::Softmax { .. }
+            | Op::Transpose { .. }
     )
 }
 
@@ -487,6 +489,38 @@ fn rule(
                     for_each_bcast(x.shape, &sa, &sb, |o, _, ib| gx[o] = g[ib] * inv);
                 }
             }
+            out[0] = Some(gx);
+        }
+        Op::Softmax { axis } => {
+            // dx_i = y_i (g_i - sum_j g_j y_j) along the axis.
+            let ax = shape::norm_axis(node, *axis, y.shape.len())?;
+            let n = y.shape[ax];
+            let inner: usize = y.shape[ax + 1..].iter().product();
+            let mut gx = vec![0.0; g.len()];
+            let block = (n * inner).max(1);
+            for ((gb, yb), xb) in g
+                .chunks_exact(block)
+                .zip(y.data.chunks_exact(block))
+                .zip(gx.chunks_exact_mut(block))
+            {
+                for j in 0..inner {
+                    let dot: f32 = (0..n).map(|i| gb[i * inner + j] * yb[i * inner + j]).sum();
+                    for i in 0..n {
+                        let k = i * inner + j;
+                        xb[k] = yb[k] * (gb[k] - dot);
+                    }
+                }
+            }
+            out[0] = Some(gx);
+        }
+        Op::Transpose { perm } => {
+            let perm = shape::transpose_perm(node, perm.as_deref(), x.shape.len())?;
+            let mut inverse = vec![0; perm.len()];
+            for (k, &p) in perm.iter().enumerate() {
+                inverse[p] = k;
+            }
+            let mut gx = vec![0.0; g.len()];
+            crate::kernels::elementwise::transpose(g, y.shape, &inverse, &mut gx);
             out[0] = Some(gx);
         }
         Op::BatchNormalization { epsilon } => {

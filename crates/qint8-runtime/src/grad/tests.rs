@@ -222,8 +222,8 @@ fn backward_matches_finite_differences_on_the_other_rules() {
     // The remaining rules on one small graph: strided padded AveragePool
     // (with and without the padding counted), Clip, HardSwish, HardSigmoid,
     // Sub, broadcast Div and Add, Concat, Expand, ReduceMean (axes as an
-    // attribute and as an input), Reshape, MatMul and a Gemm with
-    // transposed B.
+    // attribute and as an input), Reshape, MatMul, a Gemm with transposed B,
+    // Transpose and Softmax.
     let pool = |k: usize, s: usize, p: usize, inc: bool| PoolAttrs {
         kernel_shape: vec![k, k],
         strides: vec![s, s],
@@ -327,8 +327,19 @@ fn backward_matches_finite_differences_on_the_other_rules() {
                 trans_b: true,
             },
             &["mm", "b"],
-            &["y"],
+            &["z"],
         ),
+        // Softmax over the batch axis, between two transposes.
+        Node::new(
+            "t",
+            Op::Transpose {
+                perm: Some(vec![1, 0]),
+            },
+            &["z"],
+            &["t"],
+        ),
+        Node::new("sm", Op::Softmax { axis: 0 }, &["t"], &["st"]),
+        Node::new("t2", Op::Transpose { perm: None }, &["st"], &["y"]),
     ];
     let graph = Graph {
         name: "rules".into(),
@@ -409,19 +420,16 @@ fn unsupported_operators_are_all_named() {
         inputs: vec![ValueInfo::f32("x", &[1, 4])],
         outputs: vec![ValueInfo::f32("y", &[1, 4])],
         nodes: vec![
-            Node::new("a", Op::Softmax { axis: -1 }, &["x"], &["a"]),
+            Node::new("a", Op::Cast { to: 1 }, &["x"], &["a"]),
             Node::new("b", Op::Relu, &["a"], &["b"]),
-            Node::new("c", Op::Transpose { perm: None }, &["b"], &["y"]),
+            Node::new("c", Op::Gather { axis: 1 }, &["b", "i"], &["y"]),
         ],
         initializers: BTreeMap::new(),
         value_info: vec![],
     };
-    assert_eq!(
-        unsupported(&graph, &["x"], "y"),
-        vec!["Softmax", "Transpose"]
-    );
+    assert_eq!(unsupported(&graph, &["x"], "y"), vec!["Cast", "Gather"]);
     // Operators before the wanted values do not count.
-    assert_eq!(unsupported(&graph, &["b"], "y"), vec!["Transpose"]);
+    assert_eq!(unsupported(&graph, &["b"], "y"), vec!["Gather"]);
     let x = [0.0f32; 4];
     let vals: Values<'_> = [(
         "x".to_string(),
@@ -432,7 +440,7 @@ fn unsupported_operators_are_all_named() {
     )]
     .into();
     let err = backward(&graph, &vals, "y", &x, &["x"], &mut |_, _| Ok(())).unwrap_err();
-    assert!(err.to_string().contains("Softmax, Transpose"), "{err}");
+    assert!(err.to_string().contains("Cast, Gather"), "{err}");
 }
 
 #[test]
