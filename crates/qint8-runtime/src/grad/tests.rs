@@ -455,43 +455,26 @@ fn inconsistent_values_are_errors() {
     };
     let x = [1.0f32, -1.0, 2.0, 0.5];
     let short = [1.0f32, 0.0, 2.0];
-    let vals: Values<'_> = [
-        (
-            "x".to_string(),
-            Value {
-                shape: &[1, 4],
-                data: &x,
-            },
-        ),
-        (
-            "y".to_string(),
-            Value {
-                shape: &[1, 4],
-                data: &short,
-            },
-        ),
-    ]
-    .into();
+    // Both values declared [1, 4].
+    let recorded = |xd: &'static [f32], yd: &'static [f32]| -> Values<'static> {
+        [("x", xd), ("y", yd)]
+            .into_iter()
+            .map(|(n, data)| {
+                (
+                    n.to_string(),
+                    Value {
+                        shape: &[1, 4],
+                        data,
+                    },
+                )
+            })
+            .collect()
+    };
+    let vals = recorded(&[1.0, -1.0, 2.0, 0.5], &[1.0, 0.0, 2.0]);
     let err = backward(&graph, &vals, "y", &x, &["x"], &mut |_, _| Ok(())).unwrap_err();
     assert!(err.to_string().contains("value y has 3 elements"), "{err}");
     // A seed of the wrong size.
-    let vals: Values<'_> = [
-        (
-            "x".to_string(),
-            Value {
-                shape: &[1, 4],
-                data: &x,
-            },
-        ),
-        (
-            "y".to_string(),
-            Value {
-                shape: &[1, 4],
-                data: &x,
-            },
-        ),
-    ]
-    .into();
+    let vals = recorded(&[1.0, -1.0, 2.0, 0.5], &[1.0, -1.0, 2.0, 0.5]);
     let err = backward(&graph, &vals, "y", &short, &["x"], &mut |_, _| Ok(())).unwrap_err();
     assert!(err.to_string().contains("seed has 3 values"), "{err}");
     // And the right one: ReLU passes the positive entries.
