@@ -27,6 +27,7 @@
 //! Cost: that real evaluation, the recorded FP32 pass, one more run of each
 //! quantizable node, and the backward pass.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -37,11 +38,12 @@ use qint8_graph::quant::{Precision, QuantPlan};
 use qint8_graph::{DataType, Graph, Model, Node, Tensor, ValueInfo};
 use qint8_math::params::QuantParams;
 use qint8_math::quant::fake_quant;
-use qint8_runtime::grad::{unsupported, Backward, Value, Values};
-use qint8_runtime::{Observer, Session, SessionOptions};
+use qint8_runtime::grad::{Backward, Value, Values};
+use qint8_runtime::{Observer, RuntimeError, Session, SessionOptions};
 
 use crate::sensitivity::{
-    analyzed_nodes, invalid, js_divergence, run, Method, NodeSensitivity, Outcome, Sensitivity,
+    analyzed_nodes, invalid, js_divergence, run, sqnr_db, Method, NodeSensitivity, Outcome,
+    Sensitivity,
 };
 use crate::{AnalysisError, Result};
 
@@ -212,11 +214,7 @@ fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) 
     let n = margins.len().max(1) as f64;
     Outcome {
         top1: correct as f64 / n,
-        sqnr_db: if noise == 0.0 {
-            f64::INFINITY
-        } else {
-            10.0 * (sig / noise).log10()
-        },
+        sqnr_db: sqnr_db(sig, noise),
         kl: kl / n,
         js: js / n,
     }
@@ -262,31 +260,32 @@ impl Context<'_> {
             .ok_or_else(|| invalid(format!("{name} was not recorded")))
     }
 
-    /// Node `k`'s output error with its inputs (and weights) quantized.
-    fn delta(&self, part: &Part<'_>, k: usize) -> Result<Vec<f32>> {
+    /// Node `k`'s recorded FP32 output and its error with the node's inputs
+    /// (and weights) quantized.
+    fn delta<'p>(&self, part: &'p Part<'_>, k: usize) -> Result<(&'p [f32], Vec<f32>)> {
         let probe = &self.probes[k];
         let (_, y) = self.value(part, &probe.output)?;
         let Some(session) = &probe.session else {
-            return Ok(vec![0.0; y.len()]);
+            return Ok((y, vec![0.0; y.len()]));
         };
-        let mut quantized: Vec<Option<Vec<f32>>> = Vec::with_capacity(probe.inputs.len());
+        // The node's inputs as it sees them: fake-quantized where planned.
+        let mut inputs = Vec::with_capacity(probe.inputs.len());
         for (name, params) in &probe.inputs {
             let (shape, xs) = self.value(part, name)?;
-            quantized.push(match params {
-                Some(q) => Some(fake_quant(xs, shape, q).map_err(invalid)?),
-                None => None,
-            });
+            let data = match params {
+                Some(q) => Cow::Owned(fake_quant(xs, shape, q).map_err(invalid)?),
+                None => Cow::Borrowed(xs),
+            };
+            inputs.push((name.as_str(), shape, data));
         }
-        let mut views: Vec<(&str, ndarray::ArrayViewD<'_, f32>)> =
-            Vec::with_capacity(quantized.len());
-        for ((name, _), q) in probe.inputs.iter().zip(&quantized) {
-            let (shape, xs) = self.value(part, name)?;
-            let data = q.as_deref().unwrap_or(xs);
-            views.push((
-                name,
-                ndarray::ArrayViewD::from_shape(IxDyn(shape), data).map_err(invalid)?,
-            ));
-        }
+        let views = inputs
+            .iter()
+            .map(|(name, shape, data)| {
+                ndarray::ArrayViewD::from_shape(IxDyn(shape), data)
+                    .map(|v| (*name, v))
+                    .map_err(invalid)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let yq = session.run_here(&views).map_err(invalid)?.remove(0);
         let mut delta = yq.into_raw_vec_and_offset().0;
         if delta.len() != y.len() {
@@ -296,7 +295,7 @@ impl Context<'_> {
             )));
         }
         delta.iter_mut().zip(y).for_each(|(a, b)| *a -= b);
-        Ok(delta)
+        Ok((y, delta))
     }
 
     fn run(&self, part: &Part<'_>) -> Result<PartResult> {
@@ -343,18 +342,15 @@ impl Context<'_> {
         let mut failed: Option<AnalysisError> = None;
         let done = self.pass.run(&vals, &seed, &mut |name, g| {
             let k = self.by_output[name];
-            let delta = match self
-                .delta(part, k)
-                .and_then(|dl| Ok((self.value(part, name)?.1, dl)))
-            {
-                Ok(v) => v,
+            let (y, delta) = match self.delta(part, k) {
+                Ok(d) => d,
                 Err(e) => {
+                    // Stop the pass; the analysis error is returned below.
                     let msg = e.to_string();
                     failed = Some(e);
-                    return Err(qint8_runtime::RuntimeError::Gradient(msg));
+                    return Err(RuntimeError::Gradient(msg));
                 }
             };
-            let (y, delta) = delta;
             r.signal[k] = dot(y, y);
             r.noise[k] = dot(&delta, &delta);
             let per = g.len() / n.max(1);
@@ -415,13 +411,15 @@ pub(crate) fn analyze(
         .iter()
         .map(|&i| graph.nodes[i].outputs[0].as_str())
         .collect();
-    let missing = unsupported(graph, &outs, &output);
-    if !missing.is_empty() {
-        return Err(AnalysisError::Invalid(format!(
+    // Prepared before anything runs, so a model it cannot differentiate
+    // fails at once.
+    let pass = Backward::new(graph, &outs, &output).map_err(|e| match e {
+        RuntimeError::NoGradient(ops) => AnalysisError::Invalid(format!(
             "the linearized analysis has no gradient for {} (between the quantized nodes and the output); the exact analysis runs any model",
-            missing.join(", ")
-        )));
-    }
+            ops.join(", ")
+        )),
+        other => invalid(other),
+    })?;
     let total = data.len();
     // The plan as given: one real evaluation, the unit of the cost.
     let t = Instant::now();
@@ -464,7 +462,7 @@ pub(crate) fn analyze(
         });
     }
     let ctx = Context {
-        pass: Backward::new(graph, &outs, &output).map_err(invalid)?,
+        pass,
         probes: &probes,
         input: &input,
         output: &output,
@@ -626,11 +624,7 @@ pub(crate) fn analyze(
             op: node.op.op_type(),
             alone,
             float,
-            output_sqnr_db: Some(if noise[k] == 0.0 {
-                f64::INFINITY
-            } else {
-                10.0 * (signal[k] / noise[k]).log10()
-            }),
+            output_sqnr_db: Some(sqnr_db(signal[k], noise[k])),
         });
     }
     Ok(Sensitivity {

@@ -192,6 +192,16 @@ fn softmax(row: &[f32]) -> Vec<f64> {
     e.into_iter().map(|v| v / s).collect()
 }
 
+/// `10 log10(signal / noise)` from sums of squares (infinite without
+/// noise, as `qint8_math::metrics::sqnr_db`).
+pub(crate) fn sqnr_db(signal: f64, noise: f64) -> f64 {
+    if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (signal / noise).log10()
+    }
+}
+
 /// Jensen-Shannon divergence of two distributions, nats.
 pub(crate) fn js_divergence(p: &[f64], q: &[f64]) -> f64 {
     let kl_to_mid = |a: &[f64], b: &[f64]| -> f64 {
@@ -212,11 +222,7 @@ pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> (f64, f64,
         sig += (a as f64) * (a as f64);
         noise += (a as f64 - b as f64) * (a as f64 - b as f64);
     }
-    let sqnr = if noise == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (sig / noise).log10()
-    };
+    let sqnr = sqnr_db(sig, noise);
     let (mut kl, mut js) = (0.0, 0.0);
     let mut n = 0usize;
     if classes > 0 {

@@ -93,7 +93,11 @@ pub fn has_rule(op: &Op) -> bool {
 /// The operators between `from` and `output` that [`backward`] has no rule
 /// for, each once, sorted (empty when the pass can run).
 pub fn unsupported(graph: &Graph, from: &[&str], output: &str) -> Vec<String> {
-    let (nodes, _) = path(graph, from, output);
+    without_rule(graph, &path(graph, from, output).0)
+}
+
+/// The operators among `nodes` without a gradient rule, each once, sorted.
+fn without_rule(graph: &Graph, nodes: &[usize]) -> Vec<String> {
     nodes
         .iter()
         .map(|&i| &graph.nodes[i])
@@ -138,11 +142,11 @@ impl<'g> Backward<'g> {
     /// Prepares the pass from `output` back to `wanted`; an error names
     /// every operator on the way that has no gradient rule.
     pub fn new(graph: &'g Graph, wanted: &[&str], output: &str) -> Result<Self> {
-        let missing = unsupported(graph, wanted, output);
+        let (nodes, live) = path(graph, wanted, output);
+        let missing = without_rule(graph, &nodes);
         if !missing.is_empty() {
             return Err(RuntimeError::NoGradient(missing));
         }
-        let (nodes, live) = path(graph, wanted, output);
         let want: HashSet<&str> = wanted.iter().copied().collect();
         let silu = silu_pairs(graph, &nodes, &want, output);
         Ok(Self {
@@ -602,11 +606,6 @@ fn rule(
             };
             let n = if *trans_b { b.shape[0] } else { b.shape[1] };
             // A' = op(A) is [m, k], B' = op(B) is [k, n].
-            let a_view = if *trans_a {
-                Mat::transposed(x.data, m)
-            } else {
-                Mat::row_major(x.data, k)
-            };
             let b_view = if *trans_b {
                 Mat::transposed(b.data, k)
             } else {
@@ -614,31 +613,20 @@ fn rule(
             };
             let gv = Mat::row_major(g, n);
             if need[0] {
-                // dA' = alpha * g * B'^T.
+                // dA' = alpha * g * B'^T, or its transpose (B' g^T) when A
+                // is stored transposed.
                 let mut ga = vec![0.0; m * k];
-                let bt = Mat {
-                    data: b_view.data,
-                    rs: b_view.cs,
-                    cs: b_view.rs,
-                };
-                matmul(m, k, n, gv, bt, &mut ga, node)?;
+                if *trans_a {
+                    matmul(k, m, n, b_view, gv.t(), &mut ga, node)?;
+                } else {
+                    matmul(m, k, n, gv, b_view.t(), &mut ga, node)?;
+                }
                 ga.iter_mut().for_each(|v| *v *= alpha);
-                out[0] = Some(if *trans_a { transpose(&ga, m, k) } else { ga });
+                out[0] = Some(ga);
             }
-            if need.get(1).copied().unwrap_or(false) {
-                // dB' = alpha * A'^T * g.
-                let mut gb = vec![0.0; k * n];
-                let at = Mat {
-                    data: a_view.data,
-                    rs: a_view.cs,
-                    cs: a_view.rs,
-                };
-                matmul(k, n, m, at, gv, &mut gb, node)?;
-                gb.iter_mut().for_each(|v| *v *= alpha);
-                out[1] = Some(if *trans_b { transpose(&gb, k, n) } else { gb });
-            }
-            if need.get(2).copied().unwrap_or(false) {
-                return Err(node_err(node, "gradients do not flow into a Gemm's C"));
+            // The runtime takes B (and C) as constants: nothing flows there.
+            if need.iter().skip(1).any(|&b| b) {
+                return Err(node_err(node, "gradients flow into a Gemm's A only"));
             }
         }
         Op::MatMul => {
@@ -721,16 +709,6 @@ fn matmul(
     } else {
         Err(node_err(node, "operand sizes do not fit"))
     }
-}
-
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; a.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = a[r * cols + c];
-        }
-    }
-    t
 }
 
 /// Row-major strides of `inp` read at the positions of `out` (0 along
@@ -1069,11 +1047,7 @@ pub fn conv_input_grad(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
     for grp in 0..c.group {
         let wg = &w[grp * cout_g * k..][..cout_g * k];
         // W_g^T viewed as [k, cout_g].
-        let wt = Mat {
-            data: wg,
-            rs: 1,
-            cs: k,
-        };
+        let wt = Mat::transposed(wg, k);
         if batched {
             let np = c.n * op;
             for img in 0..c.n {

@@ -903,15 +903,9 @@ fn build_kernel(
                 Kernel::Copy
             } else if axes.windows(2).all(|w| w[1] == w[0] + 1) {
                 let (a0, a1) = (axes[0], axes[axes.len() - 1]);
-                let n = xs[a0..=a1].iter().product();
-                let inner: usize = xs[a1 + 1..].iter().product();
-                if inner == 1 {
-                    // Trailing axes (the exporters' global pooling): one
-                    // mean per contiguous block, batched into tasks of
-                    // useful size, not one task per output.
-                    Kernel::GlobalAvg { plane: n }
-                } else {
-                    Kernel::Mean { n, inner }
+                Kernel::Mean {
+                    n: xs[a0..=a1].iter().product(),
+                    inner: xs[a1 + 1..].iter().product(),
                 }
             } else {
                 return Err(node_err(

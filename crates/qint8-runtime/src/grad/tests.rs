@@ -524,3 +524,39 @@ fn reduce_mean_without_kept_axes_matches_finite_differences() {
     };
     check_directional(&graph, &input_for(&graph, 2, 4), &[]);
 }
+
+#[test]
+fn gemm_with_transposed_operands_matches_finite_differences() {
+    // y = 0.8 * op(x) op(w) + c with x stored [K, M] under trans_a.
+    for (ta, tb) in [(true, true), (true, false), (false, true), (false, false)] {
+        let mut init = BTreeMap::new();
+        init.insert(
+            "w".to_string(),
+            f32_tensor(if tb { &[5, 4] } else { &[4, 5] }, 7),
+        );
+        init.insert("c".to_string(), f32_tensor(&[5], 5));
+        let x: &[usize] = if ta { &[4, 3] } else { &[3, 4] };
+        let graph = Graph {
+            name: "gemm".into(),
+            inputs: vec![ValueInfo::f32("x", x)],
+            outputs: vec![ValueInfo::f32("y", &[3, 5])],
+            nodes: vec![
+                Node::new("r", Op::Relu, &["x"], &["r"]),
+                Node::new(
+                    "g",
+                    Op::Gemm {
+                        alpha: 0.8,
+                        beta: 1.0,
+                        trans_a: ta,
+                        trans_b: tb,
+                    },
+                    &["r", "w", "c"],
+                    &["y"],
+                ),
+            ],
+            initializers: init,
+            value_info: vec![],
+        };
+        check_directional(&graph, &input_for(&graph, x[0], 6), &["r"]);
+    }
+}

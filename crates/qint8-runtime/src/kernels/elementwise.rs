@@ -314,16 +314,28 @@ pub fn softmax(x: &[f32], out: &mut [f32], n: usize, inner: usize) {
 
 /// Mean over the middle axis of `[outer, n, inner]` into `[outer, inner]`.
 pub fn mean_axis(x: &[f32], out: &mut [f32], n: usize, inner: usize) {
-    super::for_chunks(out, inner.max(1), |o, row| {
-        row.fill(0.0);
-        for i in 0..n {
-            let src = &x[(o * n + i) * inner..(o * n + i + 1) * inner];
-            for (r, &v) in row.iter_mut().zip(src) {
-                *r += v;
+    let inner = inner.max(1);
+    // Whole output rows per task, enough of them to be worth a task (with
+    // `inner = 1`, one row per task would be one task per output value).
+    let rows_per_task = (GRAIN / (n * inner).max(1)).max(1);
+    super::for_chunks(out, rows_per_task * inner, |t, rows| {
+        for (k, row) in rows.chunks_mut(inner).enumerate() {
+            let o = t * rows_per_task + k;
+            if inner == 1 {
+                // A contiguous block (global pooling): one sum.
+                row[0] = x[o * n..(o + 1) * n].iter().sum::<f32>() / n as f32;
+                continue;
             }
-        }
-        for r in row.iter_mut() {
-            *r /= n as f32;
+            row.fill(0.0);
+            for i in 0..n {
+                let src = &x[(o * n + i) * inner..(o * n + i + 1) * inner];
+                for (r, &v) in row.iter_mut().zip(src) {
+                    *r += v;
+                }
+            }
+            for r in row.iter_mut() {
+                *r /= n as f32;
+            }
         }
     });
 }

@@ -33,6 +33,15 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// This matrix's transpose, as a view of the same data.
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
     }
