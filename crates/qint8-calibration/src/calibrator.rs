@@ -272,7 +272,7 @@ pub fn calibrate(
             use rayon::prelude::*;
             sites
                 .par_iter()
-                .map(|site| how.factors(&g, site, &channels[&site.tensor]))
+                .map(|site| how.factors(&g, site, &channels[&site.tensor], cfg.per_channel))
                 .collect()
         };
         let mut g2 = g.clone();

@@ -47,9 +47,17 @@ pub enum Smoothing {
 
 impl Smoothing {
     /// The factors for `site`: `None` leaves it alone.
-    pub fn factors(&self, graph: &Graph, site: &Site, stats: &ChannelStats) -> Option<Vec<f32>> {
+    /// `per_channel` tells how the weights will be quantized, which
+    /// decides what scaling their input channels costs them.
+    pub fn factors(
+        &self,
+        graph: &Graph,
+        site: &Site,
+        stats: &ChannelStats,
+        per_channel: bool,
+    ) -> Option<Vec<f32>> {
         match *self {
-            Smoothing::Auto => choose_factors(graph, site, stats).map(|(_, k)| k),
+            Smoothing::Auto => choose_factors(graph, site, stats, per_channel).map(|(_, k)| k),
             Smoothing::Alpha(a) => factors(&stats.amax, &weight_amax(graph, site), a),
         }
     }
@@ -352,26 +360,35 @@ impl ChannelStats {
 /// output channels, when the activation is divided by `k` per channel and
 /// the weights multiplied by it: rounding noise of the activation (one
 /// step over the largest `|x / k|`) through the weights, plus each output
-/// channel's weight rounding noise (one step per output channel) on the
-/// activation's power. Both take uniform rounding noise (the common 1/12
+/// channel's weight rounding noise (one step per output channel, or one per
+/// weight tensor when `per_channel` is false) on the activation's power. Both take uniform rounding noise (the common 1/12
 /// is left out).
-pub fn output_error(graph: &Graph, site: &Site, stats: &ChannelStats, k: &[f32]) -> f64 {
-    Moments::new(graph, site).error(stats, &stats.mean_square(), k)
+pub fn output_error(
+    graph: &Graph,
+    site: &Site,
+    stats: &ChannelStats,
+    k: &[f32],
+    per_channel: bool,
+) -> f64 {
+    Moments::new(graph, site, per_channel).error(stats, &stats.mean_square(), k)
 }
 
 /// Per output channel and input channel of a site's weights: the largest
 /// `|w|` and the sum of `w^2` over the kernel taps.
 struct Moments {
     channels: usize,
-    /// Per output row: (taps, largest |w| per input channel, sum of w^2 per
-    /// input channel); f32 keeps this at twice the weights' size.
-    rows: Vec<(f64, Vec<f32>, Vec<f32>)>,
+    /// Per output row: (index of its weight tensor, taps, largest |w| per
+    /// input channel, sum of w^2 per input channel); f32 keeps this at
+    /// twice the weights' size.
+    rows: Vec<(usize, f64, Vec<f32>, Vec<f32>)>,
+    /// Whether each output row gets its own weight scale.
+    per_channel: bool,
 }
 
 impl Moments {
-    fn new(graph: &Graph, site: &Site) -> Self {
+    fn new(graph: &Graph, site: &Site, per_channel: bool) -> Self {
         let mut rows = Vec::new();
-        for w in &site.weights {
+        for (wi, w) in site.weights.iter().enumerate() {
             let Some(t) = graph.initializers.get(w).and_then(Tensor::as_f32) else {
                 continue;
             };
@@ -386,12 +403,13 @@ impl Moments {
                         sq[ci] += v * v;
                     }
                 }
-                rows.push((taps as f64, mx, sq));
+                rows.push((wi, taps as f64, mx, sq));
             }
         }
         Self {
             channels: site.channels,
             rows,
+            per_channel,
         }
     }
 
@@ -412,18 +430,32 @@ impl Moments {
             .zip(&k)
             .map(|(m, f)| m / (f * f))
             .collect();
-        let mut err = 0.0;
-        for (taps, mx, sq) in &self.rows {
-            let (mut wmax, mut through, mut pow) = (0.0f64, 0.0f64, 0.0f64);
-            for c in 0..self.channels {
-                wmax = wmax.max(mx[c] as f64 * k[c]);
-                through += sq[c] as f64 * k[c] * k[c];
-                pow += taps * power[c];
-            }
-            let w_step = wmax / 127.0;
-            err += act_step * act_step * through + w_step * w_step * pow;
+        // Per row: its largest scaled weight, the power its weights pass
+        // and the activation power it reads.
+        let rows: Vec<(usize, f64, f64, f64)> = self
+            .rows
+            .iter()
+            .map(|(wi, taps, mx, sq)| {
+                let (mut wmax, mut through, mut pow) = (0.0f64, 0.0f64, 0.0f64);
+                for c in 0..self.channels {
+                    wmax = wmax.max(mx[c] as f64 * k[c]);
+                    through += sq[c] as f64 * k[c] * k[c];
+                    pow += taps * power[c];
+                }
+                (*wi, wmax, through, pow)
+            })
+            .collect();
+        // Per-tensor weights share one step: the tensor's largest weight.
+        let mut tensor_max = vec![0.0f64; rows.iter().map(|r| r.0 + 1).max().unwrap_or(0)];
+        for &(wi, wmax, ..) in &rows {
+            tensor_max[wi] = tensor_max[wi].max(wmax);
         }
-        err
+        rows.iter()
+            .map(|&(wi, wmax, through, pow)| {
+                let w_step = if self.per_channel { wmax } else { tensor_max[wi] } / 127.0;
+                act_step * act_step * through + w_step * w_step * pow
+            })
+            .sum()
     }
 }
 
@@ -432,9 +464,14 @@ pub const AUTO_ALPHAS: usize = 21;
 
 /// The factors of the strength in `0, 0.05, ..., 1` whose [`output_error`]
 /// is smallest, or `None` when none beats leaving the site alone.
-pub fn choose_factors(graph: &Graph, site: &Site, stats: &ChannelStats) -> Option<(f32, Vec<f32>)> {
+pub fn choose_factors(
+    graph: &Graph,
+    site: &Site,
+    stats: &ChannelStats,
+    per_channel: bool,
+) -> Option<(f32, Vec<f32>)> {
     let wmax = weight_amax(graph, site);
-    let moments = Moments::new(graph, site);
+    let moments = Moments::new(graph, site, per_channel);
     let ms = stats.mean_square();
     let ones = vec![1.0; site.channels];
     let mut best: (f64, Option<(f32, Vec<f32>)>) = (moments.error(stats, &ms, &ones), None);

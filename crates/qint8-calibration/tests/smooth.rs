@@ -226,16 +226,30 @@ fn chosen_factors_never_raise_the_estimated_error() {
         &[1, 4, 2],
         &[1.0, -0.5, 10.0, 3.0, 100.0, -20.0, 1000.0, 7.0],
     );
-    let (alpha, k) = choose_factors(&g, site, &stats).expect("smoothing pays here");
-    assert!((0.0..=1.0).contains(&alpha));
     let ones = vec![1.0; 4];
-    assert!(output_error(&g, site, &stats, &k) < output_error(&g, site, &stats, &ones));
-    // Equal channels: nothing beats leaving them alone by much; whatever is
-    // chosen is no worse.
-    let mut even = ChannelStats::new(4);
-    even.observe(&[1, 4, 1], &[1.0, 1.0, 1.0, 1.0]);
-    if let Some((_, k)) = choose_factors(&g, site, &even) {
-        assert!(output_error(&g, site, &even, &k) <= output_error(&g, site, &even, &ones));
+    for per_channel in [true, false] {
+        let (alpha, k) = choose_factors(&g, site, &stats, per_channel).expect("smoothing pays here");
+        assert!((0.0..=1.0).contains(&alpha));
+        assert!(
+            output_error(&g, site, &stats, &k, per_channel)
+                < output_error(&g, site, &stats, &ones, per_channel)
+        );
+        // One weight step per tensor is never finer than one per row, and
+        // strictly coarser where the rows' ranges differ (unscaled, 0.5 and
+        // 0.2 here).
+        let err = |k: &[f32], pc| output_error(&g, site, &stats, k, pc);
+        assert!(err(&k, false) >= err(&k, true));
+        assert!(err(&ones, false) > err(&ones, true));
+        // Equal channels: nothing beats leaving them alone by much; whatever
+        // is chosen is no worse.
+        let mut even = ChannelStats::new(4);
+        even.observe(&[1, 4, 1], &[1.0, 1.0, 1.0, 1.0]);
+        if let Some((_, k)) = choose_factors(&g, site, &even, per_channel) {
+            assert!(
+                output_error(&g, site, &even, &k, per_channel)
+                    <= output_error(&g, site, &even, &ones, per_channel)
+            );
+        }
     }
 }
 
