@@ -12,10 +12,11 @@
 //! SmoothQuant, Xiao et al. 2023, "SmoothQuant: Accurate and Efficient
 //! Post-Training Quantization for Large Language Models", eq. 4). `amax_c` is
 //! channel `c`'s largest `|T|` over the calibration set and `wmax_c` the
-//! largest weight reading channel `c`. Weights are quantized per output
-//! channel, so scaling their input channels costs them little, but not
-//! nothing: [`Smoothing::Auto`] picks α per site by an estimate of the
-//! convolution's output error from both roundings ([`output_error`]).
+//! largest weight reading channel `c`. Weights quantized per output channel
+//! lose little when their input channels are scaled, per-tensor weights
+//! (one step for the whole tensor) can lose much: [`Smoothing::Auto`] picks
+//! α per site by an estimate of the convolution's output error from both
+//! roundings under the weights' granularity ([`output_error`]).
 //!
 //! The gate division is one `Mul` by a `[1, C, 1, 1]` constant on the small
 //! gate tensor; TensorRT and onnxruntime run it in float. A site is smoothed
