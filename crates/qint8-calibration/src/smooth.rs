@@ -453,7 +453,11 @@ impl Moments {
         }
         rows.iter()
             .map(|&(wi, wmax, through, pow)| {
-                let w_step = if self.per_channel { wmax } else { tensor_max[wi] } / 127.0;
+                let w_step = if self.per_channel {
+                    wmax
+                } else {
+                    tensor_max[wi]
+                } / 127.0;
                 act_step * act_step * through + w_step * w_step * pow
             })
             .sum()

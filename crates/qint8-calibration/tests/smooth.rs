@@ -98,6 +98,11 @@ fn outputs(g: &Graph, d: &ImageDataset) -> Vec<f32> {
 
 /// Largest |t| per channel over the data.
 fn t_ranges(g: &Graph, d: &ImageDataset) -> Vec<f32> {
+    t_stats(g, d).amax
+}
+
+/// Per-channel statistics of t over the data.
+fn t_stats(g: &Graph, d: &ImageDataset) -> ChannelStats {
     let mut stats = ChannelStats::new(4);
     let s = Session::from_graph(g.clone(), SessionOptions::default()).unwrap();
     let b = d.batch(0, d.len()).unwrap();
@@ -109,7 +114,7 @@ fn t_ranges(g: &Graph, d: &ImageDataset) -> Vec<f32> {
     };
     s.run_observed(&[("x", b.inputs.view().into_dyn())], &mut see)
         .unwrap();
-    stats.amax
+    stats
 }
 
 fn quantized(g: &Graph) -> BTreeSet<String> {
@@ -228,7 +233,8 @@ fn chosen_factors_never_raise_the_estimated_error() {
     );
     let ones = vec![1.0; 4];
     for per_channel in [true, false] {
-        let (alpha, k) = choose_factors(&g, site, &stats, per_channel).expect("smoothing pays here");
+        let (alpha, k) =
+            choose_factors(&g, site, &stats, per_channel).expect("smoothing pays here");
         assert!((0.0..=1.0).contains(&alpha));
         assert!(
             output_error(&g, site, &stats, &k, per_channel)
@@ -251,6 +257,55 @@ fn chosen_factors_never_raise_the_estimated_error() {
             );
         }
     }
+}
+
+#[test]
+fn the_calibrator_smooths_for_the_weights_granularity() {
+    let mut g = se_graph(false);
+    // Output rows of very different ranges: one step for the whole tensor
+    // leaves the small row few levels, so per-tensor weights want less
+    // range moved into them.
+    g.initializers.insert(
+        "wp".into(),
+        tensor(&[2, 4, 1, 1], |i| {
+            if i < 4 {
+                0.5 - 0.1 * i as f32
+            } else {
+                0.005 * i as f32
+            }
+        }),
+    );
+    let d = data();
+    let site = &find_sites(&g, &[1, 3, 4, 4], &quantized(&g)).unwrap()[0];
+    let stats = t_stats(&g, &d);
+    let mut ranges = Vec::new();
+    for per_channel in [true, false] {
+        let cfg = CalibConfig {
+            method: qint8_math::search::RangeMethod::Max,
+            per_channel,
+            smooth: Some(Smoothing::Auto),
+            ..Default::default()
+        };
+        let c = calibrate(&g, &d, &cfg, &mut |_| {}).unwrap();
+        // The plan's range for t is the largest |t / k| for the factors
+        // chosen under this granularity.
+        let k = choose_factors(&g, site, &stats, per_channel).map(|(_, k)| k);
+        let want = stats.amax.iter().enumerate().fold(0.0f32, |m, (i, a)| {
+            m.max(a / k.as_ref().map_or(1.0, |k| k[i]))
+        });
+        let got = c.plan.activations["t"].channels()[0].scale * 127.0;
+        assert!(
+            (got - want).abs() <= 1e-5 * want,
+            "{per_channel}: {got} vs {want}"
+        );
+        ranges.push(got);
+    }
+    // Per-tensor weights make a different choice here, so the test would
+    // notice the calibrator ignoring the granularity.
+    assert!(
+        (ranges[0] - ranges[1]).abs() > 1e-3 * ranges[0],
+        "{ranges:?}"
+    );
 }
 
 #[test]
