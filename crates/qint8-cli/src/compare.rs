@@ -2,12 +2,15 @@
 //! in one table — top-1/top-5 of each QDQ model (run as simulated INT8),
 //! its drop from FP32, the calibration time and the exported file size.
 //!
-//! Activation thresholds are found on the float graph, so they do not
-//! depend on the weight granularity: each method calibrates once (per
+//! Activation thresholds are found on the float graph, so they mostly do
+//! not depend on the weight granularity: each method calibrates once (per
 //! channel, exactly as `qint8 quantize --per-channel` does) and its
 //! per-tensor row swaps in per-tensor weight parameters from the
-//! calibrator's [`weight_params`] (they depend only on the weights), so
-//! both rows hold what `qint8 quantize` would write for them.
+//! calibrator's [`weight_params`] (they depend only on the weights). Two
+//! steps do weigh the weights' rounding: smoothing's choice of factors and
+//! `auto`'s choice of thresholds. Where either changed the calibration, the
+//! per-tensor row calibrates again with per-tensor weights. Either way both
+//! rows hold what `qint8 quantize` would write for them.
 
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
@@ -81,7 +84,8 @@ struct Row {
     per_channel: bool,
     /// Hits.
     score: Score,
-    /// Seconds of the (shared) activation calibration.
+    /// Seconds of the activation calibration (shared by both rows unless
+    /// the per-tensor row calibrated on its own).
     calibration_seconds: f64,
     /// Bytes of the ONNX file `qint8 quantize` would write.
     file_bytes: usize,
@@ -175,38 +179,52 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let mut rows = Vec::new();
     for (i, (method, method_cfg)) in range_methods.iter().enumerate() {
         let name = method_name(*method);
-        let cfg = CalibConfig {
-            placement,
-            smooth: args.study.smooth.smoothing(),
-            batch: args.study.batch,
-            threads,
-            per_channel: true,
-            ..method_cfg.clone()
+        let run_calibration = |per_channel: bool, step: usize| {
+            let cfg = CalibConfig {
+                placement,
+                smooth: args.study.smooth.smoothing(),
+                batch: args.study.batch,
+                threads,
+                per_channel,
+                ..method_cfg.clone()
+            };
+            let calib_start = Instant::now();
+            let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p: Progress| {
+                status(
+                    show,
+                    &format!(
+                        "[{step}/{steps}] {name}: calibrating, pass {}/{}: {}/{} {}",
+                        p.pass,
+                        p.passes,
+                        p.done,
+                        p.total,
+                        if p.pass == 3 { "trials" } else { "images" }
+                    ),
+                )
+            })
+            .with_context(|| format!("calibrating {model_name} with {name}"))?;
+            anyhow::Ok((calibrated, calib_start.elapsed().as_secs_f64()))
         };
-        let calib_start = Instant::now();
-        let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p: Progress| {
-            status(
-                show,
-                &format!(
-                    "[{}/{steps}] {name}: calibrating, pass {}/{}: {}/{} {}",
-                    2 + 2 * i,
-                    p.pass,
-                    p.passes,
-                    p.done,
-                    p.total,
-                    if p.pass == 3 { "trials" } else { "images" }
-                ),
-            )
-        })
-        .with_context(|| format!("calibrating {model_name} with {name}"))?;
-        let calibration_seconds = calib_start.elapsed().as_secs_f64();
+        let (shared, shared_seconds) = run_calibration(true, 2 + 2 * i)?;
+        // Smoothing and auto's refinement weigh the weights' rounding.
+        let own_per_tensor = !shared.smoothed.is_empty() || method_cfg.refine.is_some();
         for per_channel in [true, false] {
             let granularity = if per_channel {
                 "per-channel"
             } else {
                 "per-tensor"
             };
-            let plan = if per_channel {
+            let k = 2 + 2 * i + usize::from(!per_channel);
+            let own = if !per_channel && own_per_tensor {
+                Some(run_calibration(false, k)?)
+            } else {
+                None
+            };
+            let (calibrated, calibration_seconds) = match &own {
+                Some((c, t)) => (c, *t),
+                None => (&shared, shared_seconds),
+            };
+            let plan = if per_channel || own.is_some() {
                 calibrated.plan.clone()
             } else {
                 // Same tensors and thresholds, one scale per weight tensor.
@@ -231,7 +249,6 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             };
             let file_bytes = qint8_graph::onnx::model_to_proto(&qdq).encoded_len();
             let qdq_name = format!("{model_name} ({name}, {granularity} QDQ)");
-            let k = 2 + 2 * i + usize::from(!per_channel);
             let (score, _, _) = evaluate(
                 &qdq,
                 &qdq_name,
@@ -358,7 +375,8 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 "quantization",
                 format!(
                     "int8 QDQ, int8 weights, {} placement; each method calibrates once for both \
-                     weight granularities",
+                     weight granularities, again for per-tensor where smoothing or auto weighs \
+                     the weights' rounding",
                     match args.study.placement {
                         Placement::Trt => "TensorRT",
                         Placement::Ort => "onnxruntime",

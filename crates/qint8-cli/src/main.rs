@@ -66,9 +66,11 @@
 //!   (per-channel, per-tensor), calibrates, builds the QDQ model (int8
 //!   weights) and scores it as eval does; prints top-1, top-5, the top-1
 //!   drop from FP32 in percentage points, the calibration time and the
-//!   size of the ONNX file it would write. Activation ranges do not depend
-//!   on the weight granularity, so each method calibrates once and both of
-//!   its rows report that calibration's time.
+//!   size of the ONNX file it would write. Activation ranges mostly do not
+//!   depend on the weight granularity, so each method calibrates once and
+//!   both of its rows report that calibration's time; where smoothing
+//!   changed the graph or the method is auto, the per-tensor row calibrates
+//!   again with per-tensor weights, as `qint8 quantize --per-tensor` does.
 //!
 //! The global `--threads N` sets the worker threads (default: the number of
 //! available cores). Errors are printed with their causes to stderr and

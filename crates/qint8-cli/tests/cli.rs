@@ -1058,7 +1058,12 @@ fn calib_images() -> PathBuf {
 
 /// `qint8 compare` on resnet50 with the fixtures' preprocessing.
 fn compare(extra: &[&str]) -> Output {
-    let m = model("resnet50.onnx");
+    compare_on("resnet50.onnx", extra)
+}
+
+/// `qint8 compare` on a fixture model with the fixtures' preprocessing.
+fn compare_on(fixture: &str, extra: &[&str]) -> Output {
+    let m = model(fixture);
     let calib = calib_images();
     let images = eval_images();
     let mut args = vec![
@@ -1180,6 +1185,77 @@ fn compare_reports_every_method_and_granularity() {
     ])));
     assert_eq!(e["top1"], rows[3]["top1"]);
     assert_eq!(e["top5"], rows[3]["top5"]);
+}
+
+/// `qint8 quantize` of a fixture with the fixtures' preprocessing, then
+/// `qint8 eval` of the result on `limit` evaluation images: (quantize's
+/// JSON, eval's JSON).
+fn quantize_and_eval(
+    fixture: &str,
+    extra: &[&str],
+    limit: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let (m, calib, images) = (model(fixture), calib_images(), eval_images());
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let mut args = vec![
+        "quantize",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "-o",
+        s(&out),
+        "--json",
+    ];
+    args.extend_from_slice(&pre);
+    args.extend_from_slice(extra);
+    let q = json(&ok(qint8(&args)));
+    let mut args = vec![
+        "eval",
+        s(&out),
+        "--data",
+        s(&images),
+        "--limit",
+        limit,
+        "--json",
+    ];
+    args.extend_from_slice(&pre);
+    (q, json(&ok(qint8(&args))))
+}
+
+#[test]
+fn compare_calibrates_per_tensor_rows_again_where_smoothing_weighs_the_weights() {
+    // EfficientNet-B0's gated activations are smoothed, and the factors
+    // depend on the weights' granularity: the per-tensor row must still be
+    // what `qint8 quantize --per-tensor` writes.
+    let v = json(&ok(compare_on(
+        "efficientnet_b0.onnx",
+        &[
+            "--calib-size",
+            "64",
+            "--limit",
+            "300",
+            "--methods",
+            "minmax",
+            "--json",
+        ],
+    )));
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows[1]["per_channel"], false, "{v}");
+    for (row, flag) in [(&rows[0], "--per-channel"), (&rows[1], "--per-tensor")] {
+        let (q, e) = quantize_and_eval(
+            "efficientnet_b0.onnx",
+            &["--calib-size", "64", "--method", "minmax", flag],
+            "300",
+        );
+        assert_eq!(q["output_bytes"], row["file_bytes"], "{flag}");
+        assert_eq!(
+            (&e["top1"], &e["top5"]),
+            (&row["top1"], &row["top5"]),
+            "{flag}"
+        );
+    }
 }
 
 #[test]
