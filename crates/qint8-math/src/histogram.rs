@@ -406,13 +406,10 @@ fn batch_min_max(x: &[f32]) -> Result<(f32, f32)> {
     Ok((lo, hi))
 }
 
-/// Values whose bins [`Binner::indices`] computes at a time.
-const BLOCK: usize = 256;
-
-/// Values binned into the u16 sub-histograms between flushes:
-/// `FLUSH / 4 + 3 * FLUSH / BLOCK` stays below `u16::MAX`.
+/// Values binned into the u16 sub-histograms between flushes: each gets a
+/// quarter of them (the first also the up to 3 of the tail).
 const FLUSH: usize = 1 << 17;
-const _: () = assert!(FLUSH / 4 + 3 * FLUSH / BLOCK < u16::MAX as usize);
+const _: () = assert!(FLUSH / 4 + 3 < u16::MAX as usize);
 
 /// Truncates a bin position already clamped to `[0, last]`.
 #[inline(always)]
@@ -468,40 +465,6 @@ impl Binner {
         }
     }
 
-    /// Bins of a block of values into `out` (same length); returns how many
-    /// lay outside the range. The |x| binning, the one calibration uses,
-    /// runs as a branch-free loop that vectorizes; the others go value by
-    /// value through [`Binner::index`].
-    #[inline(always)]
-    fn indices(&self, x: &[f32], out: &mut [u32]) -> u64 {
-        match *self {
-            Binner::Abs { inv, last, hi } => {
-                let last = last as f32;
-                let mut clipped = 0u32;
-                for (o, &v) in out.iter_mut().zip(x) {
-                    let a = f32::from_bits(v.to_bits() & 0x7fff_ffff);
-                    let t = a * inv;
-                    // Select, not f32::min: no NaN rule to keep it scalar
-                    // (values are finite here). t is in [0, last] and the
-                    // saturating conversion is exact for it.
-                    let t = if t < last { t } else { last };
-                    *o = t as u32;
-                    clipped += u32::from(a > hi);
-                }
-                clipped as u64
-            }
-            _ => {
-                let mut clipped = 0u64;
-                for (o, &v) in out.iter_mut().zip(x) {
-                    let (i, c) = self.index(v);
-                    *o = i as u32;
-                    clipped += c as u64;
-                }
-                clipped
-            }
-        }
-    }
-
     /// Adds `x` to `counts` and returns how many values fell outside the range.
     fn bin_into(&self, x: &[f32], counts: &mut [u64]) -> u64 {
         let n = counts.len();
@@ -523,24 +486,25 @@ impl Binner {
         let (s0, rest) = sub.split_at_mut(n);
         let (s1, rest) = rest.split_at_mut(n);
         let (s2, s3) = rest.split_at_mut(n);
-        // Flush before a counter could overflow: of FLUSH values each
-        // sub-histogram gets a quarter, plus at most 3 per block.
-        let mut idx = [0u32; BLOCK];
+        // Flush before a counter could overflow.
         for big in x.chunks(FLUSH) {
-            for block in big.chunks(BLOCK) {
-                let idx = &mut idx[..block.len()];
-                clipped += self.indices(block, idx);
-                let quads = idx.chunks_exact(4);
-                let tail = quads.remainder();
-                for q in quads {
-                    s0[q[0] as usize] += 1;
-                    s1[q[1] as usize] += 1;
-                    s2[q[2] as usize] += 1;
-                    s3[q[3] as usize] += 1;
-                }
-                for &i in tail {
-                    s0[i as usize] += 1;
-                }
+            let quads = big.chunks_exact(4);
+            let tail = quads.remainder();
+            for q in quads {
+                let (i0, c0) = self.index(q[0]);
+                let (i1, c1) = self.index(q[1]);
+                let (i2, c2) = self.index(q[2]);
+                let (i3, c3) = self.index(q[3]);
+                s0[i0] += 1;
+                s1[i1] += 1;
+                s2[i2] += 1;
+                s3[i3] += 1;
+                clipped += c0 as u64 + c1 as u64 + c2 as u64 + c3 as u64;
+            }
+            for &v in tail {
+                let (i, c) = self.index(v);
+                s0[i] += 1;
+                clipped += c as u64;
             }
             for (k, c) in counts.iter_mut().enumerate() {
                 *c += s0[k] as u64 + s1[k] as u64 + s2[k] as u64 + s3[k] as u64;
