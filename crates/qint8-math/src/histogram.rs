@@ -480,8 +480,8 @@ impl Binner {
         // Four interleaved sub-histograms: consecutive equal bins (common in
         // activations) would otherwise serialize on one counter's store.
         // u16 counters keep the four at 16 KB for 2048 bins, in L1 with
-        // room for the data (u32 ones fill it: 9% slower on spread-out
-        // values, `cargo bench --bench math -- histogram_add`).
+        // room for the data (u32 ones fill it: 7.4 against 6.0 ms on 4M
+        // spread-out values, `cargo bench --bench math -- histogram_add`).
         let mut sub = vec![0u16; 4 * n];
         let (s0, rest) = sub.split_at_mut(n);
         let (s1, rest) = rest.split_at_mut(n);
