@@ -268,13 +268,13 @@ pub fn calibrate(
     let mut divisors: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     if let (Some(how), false) = (cfg.smooth, sites.is_empty()) {
         // Sites read distinct weights: their factors can be found at once.
-        let factors: Vec<Option<Vec<f32>>> = {
+        let factors: Vec<Option<Vec<f32>>> = session.install(|| {
             use rayon::prelude::*;
             sites
                 .par_iter()
                 .map(|site| how.factors(&g, site, &channels[&site.tensor], cfg.per_channel))
                 .collect()
-        };
+        });
         let mut g2 = g.clone();
         for (site, k) in sites.iter().zip(factors) {
             let Some(k) = k else {
@@ -350,16 +350,19 @@ pub fn calibrate(
         let search = |n: &str, h: &Histogram, m: &RangeMethod| {
             search_amax(h, m).map_err(|e| CalibError::Invalid(format!("tensor `{n}`: {e}")))
         };
-        let thresholds = amax
-            .iter()
-            .map(|(n, &m)| {
-                let t = match hists.get(n) {
-                    Some(h) => search(n, h, &cfg.method)?,
-                    None => m,
-                };
-                Ok((n.clone(), t))
-            })
-            .collect::<Result<BTreeMap<String, f32>>>()?;
+        // One search per tensor, independent: spread over the workers.
+        let thresholds = session.install(|| {
+            use rayon::prelude::*;
+            amax.par_iter()
+                .map(|(n, &m)| {
+                    let t = match hists.get(n) {
+                        Some(h) => search(n, h, &cfg.method)?,
+                        None => m,
+                    };
+                    Ok((n.clone(), t))
+                })
+                .collect::<Result<BTreeMap<String, f32>>>()
+        })?;
         if cfg.refine.is_some() {
             for n in &placement.activations {
                 let (Some(h), Some(&t)) = (hists.get(n), thresholds.get(n)) else {

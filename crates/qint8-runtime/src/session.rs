@@ -135,6 +135,12 @@ impl Session {
         self.threads
     }
 
+    /// Runs `f` in the session's worker pool, so rayon work inside it uses
+    /// the session's threads (and no more).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     /// Names of the graph's inputs.
     pub fn input_names(&self) -> Vec<&str> {
         self.graph.inputs.iter().map(|v| v.name.as_str()).collect()
