@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{MathError, Result};
 use crate::histogram::{Histogram, HistogramKind};
+use crate::kernels::SimdLevel;
 
 /// Which form of the entropy calibration to follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -359,6 +360,7 @@ pub fn entropy_search(
         .map(|k| if k > 0 { (k as f64).ln() } else { 0.0 })
         .collect();
     let candidates: Vec<usize> = entropy_candidates(start_bin, n).collect();
+    let simd = SimdLevel::active();
 
     let fast = |i: usize| -> f64 {
         let t = prefix[i];
@@ -382,16 +384,34 @@ pub fn entropy_search(
         let mut g_last = 0.0f64;
         let mut n_last = 1usize;
         let mut g_start = 0usize;
-        let mut gsum = [0.0f64; 64];
-        let mut gmass = [0.0f64; 64];
-        let mut gln = [0.0f64; 64];
+        // Unused tail entries (a last chunk under 64) stay at sum 1, mass 0:
+        // their terms are 0.
+        let mut gsum = [1.0f64; GROUP_CHUNK];
+        let mut gmass = [0.0f64; GROUP_CHUNK];
+        let mut gln = [0.0f64; GROUP_CHUNK];
+        let mut terms = [0.0f64; GROUP_CHUNK];
         let mut g = 0usize;
+        // Group ends ceil(m * i / levels) for m = 1, 2, ..., stepped as a
+        // quotient and remainder: no integer division per group (that
+        // division was the largest cost of the search).
+        let (step_q, step_r) = (i / levels, i % levels);
+        let (mut end_q, mut end_r) = (0usize, 0usize);
         while g < levels {
             // Groups are processed in chunks so the logs below vectorize.
-            let chunk = (levels - g).min(64);
+            let chunk = (levels - g).min(GROUP_CHUNK);
+            if chunk < GROUP_CHUNK {
+                gsum = [1.0; GROUP_CHUNK];
+                gmass = [0.0; GROUP_CHUNK];
+            }
             for k in 0..chunk {
                 let a = g_start;
-                let e = ((g + k + 1) * i).div_ceil(levels).min(i);
+                end_q += step_q;
+                end_r += step_r;
+                if end_r >= levels {
+                    end_q += 1;
+                    end_r -= levels;
+                }
+                let e = (end_q + usize::from(end_r > 0)).min(i);
                 g_start = e;
                 let gs = prefix[e] - prefix[a];
                 let cnt = nz[e] - nz[a];
@@ -413,11 +433,8 @@ pub fn entropy_search(
                 gln[k] = ln_int[cnt];
                 acc_bln += bl;
             }
-            let mut cross = 0.0f64;
-            for k in 0..chunk {
-                cross += gmass[k] * (fast_ln(gsum[k]) - gln[k]);
-            }
-            acc_cross += cross;
+            group_terms(simd, &gsum, &gmass, &gln, &mut terms);
+            acc_cross += terms[..chunk].iter().sum::<f64>();
             g += chunk;
         }
         // Bins j < i-1: (1/S) * [sum b ln b - sum_g B_g (ln S + ln(G_g/n_g) - ln T)].
@@ -454,6 +471,63 @@ pub fn entropy_search(
         };
     }
     Ok(chosen.map(|(i, _)| i))
+}
+
+/// Groups whose log terms [`group_terms`] computes at once.
+const GROUP_CHUNK: usize = 64;
+
+/// `out[k] = mass[k] * (ln(sum[k]) - ln_n[k])`, the entropy search's
+/// per-group term, for one chunk of groups: the search's hottest loop. The
+/// terms are independent, so the loop vectorizes, and it is compiled for
+/// AVX2 and AVX-512 as well and chosen at run time (as in
+/// [`crate::kernels`]); every level computes the same bits (no FMA
+/// contraction), so the search does not depend on the CPU.
+fn group_terms(
+    level: SimdLevel,
+    sum: &[f64; GROUP_CHUNK],
+    mass: &[f64; GROUP_CHUNK],
+    ln_n: &[f64; GROUP_CHUNK],
+    out: &mut [f64; GROUP_CHUNK],
+) {
+    #[inline(always)]
+    fn body(
+        sum: &[f64; GROUP_CHUNK],
+        mass: &[f64; GROUP_CHUNK],
+        ln_n: &[f64; GROUP_CHUNK],
+        out: &mut [f64; GROUP_CHUNK],
+    ) {
+        for k in 0..GROUP_CHUNK {
+            out[k] = mass[k] * (fast_ln(sum[k]) - ln_n[k]);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(
+        sum: &[f64; GROUP_CHUNK],
+        mass: &[f64; GROUP_CHUNK],
+        ln_n: &[f64; GROUP_CHUNK],
+        out: &mut [f64; GROUP_CHUNK],
+    ) {
+        body(sum, mass, ln_n, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    unsafe fn avx512(
+        sum: &[f64; GROUP_CHUNK],
+        mass: &[f64; GROUP_CHUNK],
+        ln_n: &[f64; GROUP_CHUNK],
+        out: &mut [f64; GROUP_CHUNK],
+    ) {
+        body(sum, mass, ln_n, out)
+    }
+    match level {
+        // SAFETY: SimdLevel::active() never exceeds the detected level.
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { avx512(sum, mass, ln_n, out) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => unsafe { avx2(sum, mass, ln_n, out) },
+        _ => body(sum, mass, ln_n, out),
+    }
 }
 
 /// Natural log of a positive, finite, normal f64, accurate to a few ulp and
@@ -595,6 +669,35 @@ mod tests {
                 (a - b).abs() <= 4.0 * f64::EPSILON * b.abs().max(1.0),
                 "{x}: {a} vs {b}"
             );
+        }
+    }
+
+    #[test]
+    fn group_terms_are_the_same_bits_at_every_simd_level() {
+        // Group sums are integers >= 1 (counts), masses up to the sum,
+        // ln_n the log of the group's non-empty bins.
+        let mut sum = [1.0f64; GROUP_CHUNK];
+        let mut mass = [0.0f64; GROUP_CHUNK];
+        let mut ln_n = [0.0f64; GROUP_CHUNK];
+        for k in 0..GROUP_CHUNK {
+            sum[k] = (1 + k * k * 7919 % 1_000_003) as f64;
+            mass[k] = sum[k] * ((k % 5) as f64 / 4.0);
+            ln_n[k] = ((1 + k % 16) as f64).ln();
+        }
+        let mut want = [0.0f64; GROUP_CHUNK];
+        group_terms(SimdLevel::Portable, &sum, &mass, &ln_n, &mut want);
+        for k in 0..GROUP_CHUNK {
+            let libm = mass[k] * (sum[k].ln() - ln_n[k]);
+            assert!((want[k] - libm).abs() <= 1e-13 * libm.abs().max(1.0), "{k}");
+        }
+        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+            if level > SimdLevel::detected() {
+                continue;
+            }
+            let mut got = [0.0f64; GROUP_CHUNK];
+            group_terms(level, &sum, &mass, &ln_n, &mut got);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{level:?}");
         }
     }
 
