@@ -112,6 +112,9 @@ pub struct Calibrated {
     pub ranges: BTreeMap<String, f32>,
     /// Activations that [`CalibConfig::smooth`] rescaled, in graph order.
     pub smoothed: Vec<String>,
+    /// Activations smoothing considered (its sites), rescaled or not: where
+    /// there are any, the result depends on the weights' granularity.
+    pub smoothing_sites: Vec<String>,
     /// The `|x|` histogram over `[0, max]` of every tracked tensor with a
     /// nonzero range (empty for one-pass calibration: max and moving
     /// average), from which any histogram method's threshold can be found
@@ -455,6 +458,7 @@ pub fn calibrate(
         plan,
         ranges,
         smoothed,
+        smoothing_sites: sites.iter().map(|s| s.tensor.clone()).collect(),
         histograms,
     })
 }

@@ -183,6 +183,7 @@ fn smoothing_keeps_the_float_function_and_evens_the_channels() {
         };
         let c = calibrate(&g, &d, &cfg, &mut |_| {}).unwrap();
         assert_eq!(c.smoothed, vec!["t".to_string()], "{how:?}");
+        assert_eq!(c.smoothing_sites, c.smoothed, "{how:?}");
         let muls = c.graph.nodes.iter().filter(|n| matches!(n.op, Op::Mul));
         assert_eq!(muls.count(), 2, "{how:?}");
         let got = outputs(&c.graph, &d);
@@ -327,7 +328,7 @@ fn smoothing_is_off_for_caches_and_moving_averages_and_checks_alpha() {
         },
     ] {
         let c = calibrate(&g, &d, &cfg, &mut |_| {}).unwrap();
-        assert!(c.smoothed.is_empty());
+        assert!(c.smoothed.is_empty() && c.smoothing_sites.is_empty());
         assert_eq!(c.graph.nodes.len(), g.nodes.len());
     }
     let bad = CalibConfig {

@@ -8,8 +8,9 @@
 //! per-tensor row swaps in per-tensor weight parameters from the
 //! calibrator's [`weight_params`] (they depend only on the weights). Two
 //! steps do weigh the weights' rounding: smoothing's choice of factors and
-//! `auto`'s choice of thresholds. Where either changed the calibration, the
-//! per-tensor row calibrates again with per-tensor weights. Either way both
+//! `auto`'s choice of thresholds. Where either applies (the model has
+//! smoothing sites, or the method is auto), the per-tensor row calibrates
+//! again with per-tensor weights. Either way both
 //! rows hold what `qint8 quantize` would write for them.
 
 use std::io::{IsTerminal, Write};
@@ -207,7 +208,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         };
         let (shared, shared_seconds) = run_calibration(true, 2 + 2 * i)?;
         // Smoothing and auto's refinement weigh the weights' rounding.
-        let own_per_tensor = !shared.smoothed.is_empty() || method_cfg.refine.is_some();
+        let own_per_tensor = !shared.smoothing_sites.is_empty() || method_cfg.refine.is_some();
         for per_channel in [true, false] {
             let granularity = if per_channel {
                 "per-channel"

@@ -68,8 +68,8 @@
 //!   drop from FP32 in percentage points, the calibration time and the
 //!   size of the ONNX file it would write. Activation ranges mostly do not
 //!   depend on the weight granularity, so each method calibrates once and
-//!   both of its rows report that calibration's time; where smoothing
-//!   changed the graph or the method is auto, the per-tensor row calibrates
+//!   both of its rows report that calibration's time; where the model has
+//!   smoothing sites or the method is auto, the per-tensor row calibrates
 //!   again with per-tensor weights, as `qint8 quantize --per-tensor` does.
 //!
 //! The global `--threads N` sets the worker threads (default: the number of
