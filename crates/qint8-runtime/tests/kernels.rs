@@ -228,6 +228,41 @@ fn depthwise_large_planes_match_reference() {
     }
 }
 
+/// Depthwise convolutions on small planes (the channels-last path) with
+/// channel counts around its 16-lane blocks: whole blocks, a remainder, and
+/// fewer channels than one block.
+#[test]
+fn depthwise_small_planes_match_reference_across_channel_blocks() {
+    for (group, hw, k, stride, pad, act) in [
+        (37, (7, 7), (3, 3), (1, 1), (1, 1, 1, 1), 2u8),
+        (32, (8, 6), (5, 5), (2, 2), (2, 2, 2, 2), 1),
+        (5, (4, 4), (3, 3), (1, 1), (1, 1, 1, 1), 0),
+        (48, (2, 2), (3, 3), (1, 1), (1, 1, 1, 1), 2),
+    ] {
+        let c = ConvCase {
+            n: 3,
+            cin_g: 1,
+            cout_g: 1,
+            group,
+            hw,
+            k,
+            stride,
+            dilation: (1, 1),
+            pad,
+            act,
+            seed: 11,
+        };
+        let conv = build(&c);
+        assert!(conv.oh * conv.ow <= 1024);
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 5);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+        conv.run(&x, &mut fast, &mut [], 2);
+        conv.reference(&x, &mut slow);
+        close(&fast, &slow, 25).unwrap();
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 60, .. ProptestConfig::default() })]
 
