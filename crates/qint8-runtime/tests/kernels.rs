@@ -228,11 +228,11 @@ fn depthwise_large_planes_match_reference() {
     }
 }
 
-/// Depthwise convolutions on small planes (the channels-last path) with
-/// channel counts around its 16-lane blocks: whole blocks, a remainder, and
-/// fewer channels than one block.
+/// Depthwise convolutions on small planes (the channels-last path, whose
+/// innermost loop runs over channels) with channel counts that are and are
+/// not multiples of a vector's lanes, several images on two workers.
 #[test]
-fn depthwise_small_planes_match_reference_across_channel_blocks() {
+fn depthwise_small_planes_with_many_channels_match_reference() {
     for (group, hw, k, stride, pad, act) in [
         (37, (7, 7), (3, 3), (1, 1), (1, 1, 1, 1), 2u8),
         (32, (8, 6), (5, 5), (2, 2), (2, 2, 2, 2), 1),
