@@ -196,6 +196,47 @@ fn pointwise_on_single_pixels_matches_reference() {
     }
 }
 
+/// Plane size, kernel, stride, padding and activation of a test convolution.
+type Geometry = (
+    (usize, usize),
+    (usize, usize),
+    (usize, usize),
+    (usize, usize, usize, usize),
+    u8,
+);
+
+/// A depthwise convolution of `n` images with `group` channels against
+/// the reference; returns its output plane size (which path ran).
+fn depthwise_matches_reference(
+    n: usize,
+    group: usize,
+    threads: usize,
+    geometry: Geometry,
+) -> usize {
+    let (hw, k, stride, pad, act) = geometry;
+    let c = ConvCase {
+        n,
+        cin_g: 1,
+        cout_g: 1,
+        group,
+        hw,
+        k,
+        stride,
+        dilation: (1, 1),
+        pad,
+        act,
+        seed: 7,
+    };
+    let conv = build(&c);
+    let x = values(conv.n * conv.cin * conv.ih * conv.iw, 3);
+    let len = conv.n * conv.cout * conv.oh * conv.ow;
+    let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+    conv.run(&x, &mut fast, &mut [], threads);
+    conv.reference(&x, &mut slow);
+    close(&fast, &slow, 25).unwrap();
+    conv.oh * conv.ow
+}
+
 /// Depthwise convolutions on planes large enough for the channels-first path.
 #[test]
 fn depthwise_large_planes_match_reference() {
@@ -204,27 +245,7 @@ fn depthwise_large_planes_match_reference() {
         ((70, 66), (5, 5), (2, 2), (2, 2, 2, 2), 2),
         ((66, 40), (3, 3), (2, 1), (0, 1, 1, 0), 0),
     ] {
-        let c = ConvCase {
-            n: 2,
-            cin_g: 1,
-            cout_g: 1,
-            group: 6,
-            hw,
-            k,
-            stride,
-            dilation: (1, 1),
-            pad,
-            act,
-            seed: 7,
-        };
-        let conv = build(&c);
-        assert!(conv.oh * conv.ow > 1024);
-        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 3);
-        let len = conv.n * conv.cout * conv.oh * conv.ow;
-        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
-        conv.run(&x, &mut fast, &mut [], 1);
-        conv.reference(&x, &mut slow);
-        close(&fast, &slow, 25).unwrap();
+        assert!(depthwise_matches_reference(2, 6, 1, (hw, k, stride, pad, act)) > 1024);
     }
 }
 
@@ -239,27 +260,7 @@ fn depthwise_small_planes_with_many_channels_match_reference() {
         (5, (4, 4), (3, 3), (1, 1), (1, 1, 1, 1), 0),
         (48, (2, 2), (3, 3), (1, 1), (1, 1, 1, 1), 2),
     ] {
-        let c = ConvCase {
-            n: 3,
-            cin_g: 1,
-            cout_g: 1,
-            group,
-            hw,
-            k,
-            stride,
-            dilation: (1, 1),
-            pad,
-            act,
-            seed: 11,
-        };
-        let conv = build(&c);
-        assert!(conv.oh * conv.ow <= 1024);
-        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 5);
-        let len = conv.n * conv.cout * conv.oh * conv.ow;
-        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
-        conv.run(&x, &mut fast, &mut [], 2);
-        conv.reference(&x, &mut slow);
-        close(&fast, &slow, 25).unwrap();
+        assert!(depthwise_matches_reference(3, group, 2, (hw, k, stride, pad, act)) <= 1024);
     }
 }
 
