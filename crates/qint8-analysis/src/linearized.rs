@@ -42,8 +42,8 @@ use qint8_runtime::grad::{Backward, Value, Values};
 use qint8_runtime::{Observer, RuntimeError, Session, SessionOptions};
 
 use crate::sensitivity::{
-    analyzed_nodes, invalid, js_divergence, run, sqnr_db, Method, NodeSensitivity, Outcome,
-    Sensitivity,
+    analyzed_nodes, invalid, js_divergence, run, sqnr_db, MeanError, Method, NodeSensitivity,
+    Outcome, Sensitivity,
 };
 use crate::{AnalysisError, Result};
 
@@ -200,15 +200,15 @@ fn kl2(a: f64, b: f64) -> f64 {
 /// Top-1, and SQNR, mean two-class KL and JS divergence of estimated
 /// margins `est` against FP32's; `pred(image, margin)` is the predicted class.
 fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) -> Outcome {
-    let (mut sig, mut noise, mut kl, mut js, mut correct) =
-        (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0usize);
+    let (mut sig, mut noise, mut kl, mut correct) = (0.0f64, 0.0f64, 0.0f64, 0usize);
+    let mut js = MeanError::default();
     for (s, (mg, &e)) in margins.iter().zip(est).enumerate() {
         let m = mg.m as f64;
         sig += m * m;
         noise += (e - m) * (e - m);
         kl += kl2(m, e);
         let (p, q) = (sigmoid(m), sigmoid(e));
-        js += js_divergence(&[p, 1.0 - p], &[q, 1.0 - q]);
+        js.add(js_divergence(&[p, 1.0 - p], &[q, 1.0 - q]));
         correct += usize::from(pred(s, e) == mg.label);
     }
     let n = margins.len().max(1) as f64;
@@ -216,7 +216,8 @@ fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) 
         top1: correct as f64 / n,
         sqnr_db: sqnr_db(sig, noise),
         kl: kl / n,
-        js: js / n,
+        js: js.mean(),
+        js_stderr: js.stderr(),
     }
 }
 

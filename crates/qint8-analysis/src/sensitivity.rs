@@ -57,6 +57,56 @@ pub struct Outcome {
     /// Mean over images of the Jensen-Shannon divergence between the two
     /// softmax distributions, nats (at most ln 2 per image).
     pub js: f64,
+    /// Standard error of `js` (the images' standard deviation over the
+    /// square root of their number): nodes whose divergences differ by
+    /// less than about twice this are not told apart by these images, and
+    /// another image set may order them the other way.
+    pub js_stderr: f64,
+}
+
+/// Running mean and standard error of per-image values.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MeanError {
+    sum: f64,
+    sum_sq: f64,
+    n: usize,
+}
+
+impl MeanError {
+    /// Adds one image's value.
+    pub(crate) fn add(&mut self, v: f64) {
+        self.sum += v;
+        self.sum_sq += v * v;
+        self.n += 1;
+    }
+
+    /// The mean (0 for no images).
+    pub(crate) fn mean(&self) -> f64 {
+        self.sum / self.n.max(1) as f64
+    }
+
+    /// The standard error of the mean (0 for fewer than two images).
+    pub(crate) fn stderr(&self) -> f64 {
+        if self.n < 2 {
+            return 0.0;
+        }
+        let n = self.n as f64;
+        let var = ((self.sum_sq - self.sum * self.sum / n) / (n - 1.0)).max(0.0);
+        (var / n).sqrt()
+    }
+}
+
+/// Logit error of one model against the reference ([`logit_error`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogitError {
+    /// SQNR of all logits, dB.
+    pub sqnr_db: f64,
+    /// Mean over images of `KL(softmax(reference) || softmax(got))`, nats.
+    pub kl: f64,
+    /// Mean over images of the Jensen-Shannon divergence, nats.
+    pub js: f64,
+    /// Standard error of `js`.
+    pub js_stderr: f64,
 }
 
 /// One node's sensitivity.
@@ -214,17 +264,17 @@ pub(crate) fn js_divergence(p: &[f64], q: &[f64]) -> f64 {
     (0.5 * (kl_to_mid(p, q) + kl_to_mid(q, p))).max(0.0)
 }
 
-/// Logit SQNR (dB), mean KL and mean Jensen-Shannon divergence of `got`
-/// against `reference`, both `[images, classes]`.
-pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> (f64, f64, f64) {
+/// Logit SQNR (dB), mean KL and mean Jensen-Shannon divergence (with its
+/// standard error) of `got` against `reference`, both `[images, classes]`.
+pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> LogitError {
     let (mut sig, mut noise) = (0.0f64, 0.0f64);
     for (&a, &b) in reference.iter().zip(got) {
         sig += (a as f64) * (a as f64);
         noise += (a as f64 - b as f64) * (a as f64 - b as f64);
     }
     let sqnr = sqnr_db(sig, noise);
-    let (mut kl, mut js) = (0.0, 0.0);
-    let mut n = 0usize;
+    let mut kl = 0.0;
+    let mut js = MeanError::default();
     if classes > 0 {
         for (r, g) in reference
             .chunks_exact(classes)
@@ -237,11 +287,15 @@ pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> (f64, f64,
                 .filter(|(pi, _)| **pi > 0.0)
                 .map(|(pi, qi)| pi * (pi / qi.max(1e-300)).ln())
                 .sum::<f64>();
-            js += js_divergence(&p, &q);
-            n += 1;
+            js.add(js_divergence(&p, &q));
         }
     }
-    (sqnr, kl / n.max(1) as f64, js / n.max(1) as f64)
+    LogitError {
+        sqnr_db: sqnr,
+        kl: kl / js.n.max(1) as f64,
+        js: js.mean(),
+        js_stderr: js.stderr(),
+    }
 }
 
 /// Scores `graph` on `data`, returning accuracy and logits: quantized by
@@ -310,12 +364,13 @@ fn analyze_exact(
     let (fp32, reference) = run(model, graph, None, data, batch, threads)?;
     let classes = fp32.classes;
     let outcome = |a: &Accuracy, logits: &[f32]| {
-        let (sqnr_db, kl, js) = logit_error(&reference, logits, classes);
+        let e = logit_error(&reference, logits, classes);
         Outcome {
             top1: a.score.top1_fraction(),
-            sqnr_db,
-            kl,
-            js,
+            sqnr_db: e.sqnr_db,
+            kl: e.kl,
+            js: e.js,
+            js_stderr: e.js_stderr,
         }
     };
     let nodes = analyzed_nodes(graph, plan)?;
@@ -486,20 +541,37 @@ mod tests {
     #[test]
     fn logit_error_is_exact_for_equal_logits_and_grows_with_noise() {
         let r = [1.0f32, 2.0, 0.5, -1.0, 0.0, 3.0];
-        let (s, k, j) = logit_error(&r, &r, 3);
-        assert_eq!((s, k, j), (f64::INFINITY, 0.0, 0.0));
+        let e = logit_error(&r, &r, 3);
+        assert_eq!(
+            (e.sqnr_db, e.kl, e.js, e.js_stderr),
+            (f64::INFINITY, 0.0, 0.0, 0.0)
+        );
         let g: Vec<f32> = r.iter().map(|v| v + 0.1).collect();
         // A constant shift changes no softmax.
-        let (s1, k1, j1) = logit_error(&r, &g, 3);
+        let LogitError {
+            sqnr_db: s1,
+            kl: k1,
+            js: j1,
+            ..
+        } = logit_error(&r, &g, 3);
         assert!(
             s1.is_finite() && k1.abs() < 1e-12 && j1.abs() < 1e-12,
             "{s1} {k1} {j1}"
         );
         let h = [1.0f32, 2.5, 0.5, -1.0, 0.0, 2.0];
-        let (_, k2, j2) = logit_error(&r, &h, 3);
+        let e2 = logit_error(&r, &h, 3);
+        let (k2, j2) = (e2.kl, e2.js);
         assert!(k2 > 0.0 && j2 > 0.0 && j2 < std::f64::consts::LN_2);
+        // Two images, one unchanged: the standard error of the mean of
+        // (0, d) is d / 2.
+        let one_changed = logit_error(&r, &[1.0, 2.0, 0.5, -1.0, 0.0, 2.0], 3);
+        let d = 2.0 * one_changed.js;
+        assert!(
+            (one_changed.js_stderr - d / 2.0).abs() < 1e-12,
+            "{one_changed:?}"
+        );
         // Far apart: the divergence approaches, never passes, ln 2.
-        let (_, _, j3) = logit_error(&[50.0, 0.0], &[0.0, 50.0], 2);
+        let j3 = logit_error(&[50.0, 0.0], &[0.0, 50.0], 2).js;
         assert!((j3 - std::f64::consts::LN_2).abs() < 1e-9, "{j3}");
     }
 
@@ -510,6 +582,7 @@ mod tests {
             sqnr_db: 0.0,
             kl: 0.0,
             js,
+            js_stderr: 0.0,
         };
         let node = |n: &str, t, kl| NodeSensitivity {
             node: n.into(),

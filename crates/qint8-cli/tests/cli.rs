@@ -1526,10 +1526,18 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     assert_eq!(nodes[0]["rank"], 1);
     let js = |i: usize| nodes[i]["quantized_alone"]["js"].as_f64().unwrap();
     assert!(js(0) >= js(1) && js(1) >= js(53));
+    let images = v["images"].as_f64().unwrap();
+    assert_eq!(images, 64.0);
+    assert!(nodes[0]["quantized_alone"]["js_stderr"].as_f64().unwrap() > 0.0);
     assert!(nodes.iter().all(|n| {
         let a = &n["quantized_alone"];
+        let (js, se) = (a["js"].as_f64().unwrap(), a["js_stderr"].as_f64().unwrap());
         a["kl"].as_f64().unwrap() >= 0.0
-            && (0.0..=std::f64::consts::LN_2).contains(&a["js"].as_f64().unwrap())
+            && (0.0..=std::f64::consts::LN_2).contains(&js)
+            // Per-image divergences lie in [0, ln 2] and average to js, so
+            // their variance is at most js * (ln 2 - js) (Bhatia-Davis).
+            && se >= 0.0
+            && se <= (js * (std::f64::consts::LN_2 - js) / (images - 1.0)).sqrt() + 1e-12
             && n["output_sqnr_db"].as_f64().is_some()
     }));
     let svg = std::fs::read_to_string(&chart).unwrap();
