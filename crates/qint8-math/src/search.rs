@@ -521,7 +521,8 @@ fn group_terms(
         body(sum, mass, ln_n, out)
     }
     match level {
-        // SAFETY: SimdLevel::active() never exceeds the detected level.
+        // SAFETY: callers pass SimdLevel::active() (never above the
+        // detected level) or, in tests, levels checked against detected().
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 => unsafe { avx512(sum, mass, ln_n, out) },
         #[cfg(target_arch = "x86_64")]
