@@ -185,15 +185,18 @@ pub enum PlacementPolicy {
 /// guide): both inputs of every Conv, Gemm and MatMul (weights per output
 /// channel: axis 0 for Conv and transposed Gemm weights, the last axis for
 /// plain `[k, n]` Gemm and MatMul weights), the residual input of an Add
-/// that follows a convolution (so TensorRT can fuse the Add into it), and
-/// no outputs. Nodes in `float` are skipped. When both inputs of an Add come
-/// from convolutions, the second is treated as the residual.
+/// that follows a quantized convolution (so TensorRT can fuse the Add into
+/// it), and no outputs. Nodes in `float` are skipped. A convolution in
+/// `float` cannot take an Add into an INT8 epilogue, so an Add that follows
+/// only float convolutions keeps its residual in float: a pair there would
+/// cost accuracy and buy no fusion. When both inputs of an Add come from
+/// quantized convolutions, the second is treated as the residual.
 pub fn trt_placement(graph: &Graph, float: &BTreeSet<String>) -> Placement {
     let mut p = Placement::default();
     let conv_out: BTreeSet<&str> = graph
         .nodes
         .iter()
-        .filter(|n| matches!(n.op, Op::Conv(_)))
+        .filter(|n| matches!(n.op, Op::Conv(_)) && !float.contains(&n.name))
         .flat_map(|n| n.outputs.iter().map(String::as_str))
         .collect();
     for node in graph.nodes.iter().filter(|n| !float.contains(&n.name)) {

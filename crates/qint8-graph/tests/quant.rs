@@ -87,9 +87,28 @@ fn tensorrt_placement_quantizes_conv_inputs_and_the_residual() {
     assert_eq!(p.weights.get("wb"), Some(&0));
     // Outputs of convolutions are not quantized.
     assert!(!p.activations.contains("ya") && !p.activations.contains("yb"));
-    // A node kept in float contributes nothing.
+    // A node kept in float contributes nothing, and the Add after it has no
+    // INT8 convolution to fuse into, so its residual ra stays float too.
     let p = trt_placement(&g, &["b".to_string()].into_iter().collect());
     assert!(!p.weights.contains_key("wb"));
+    assert_eq!(p.activations, ["x"].iter().map(|s| s.to_string()).collect());
+}
+
+#[test]
+fn tensorrt_placement_fuses_the_add_into_the_quantized_one_of_two_convolutions() {
+    // Add(ya, yb) with both inputs from convolutions: the second is the
+    // residual, unless its producer is the one that stays quantized.
+    let mut g = block();
+    g.nodes[3] = Node::new("add", Op::Add, &["ya", "yb"], &["s"]);
+    let all = trt_placement(&g, &BTreeSet::new());
+    assert!(all.activations.contains("yb") && !all.activations.contains("ya"));
+    let a_float = trt_placement(&g, &["a".to_string()].into_iter().collect());
+    assert!(a_float.activations.contains("ya") && !a_float.activations.contains("yb"));
+    let both = trt_placement(
+        &g,
+        &["a".to_string(), "b".to_string()].into_iter().collect(),
+    );
+    assert!(both.activations.is_empty());
 }
 
 #[test]
