@@ -6,7 +6,9 @@
 //! the node alone quantized (everything else float), and the node alone in
 //! float (everything else quantized). Each gives top-1, and the SQNR, mean
 //! KL and mean Jensen-Shannon divergence against FP32; nodes rank by the
-//! divergence their quantization alone causes. Two methods:
+//! divergence their quantization alone causes. A convolution owns the
+//! residual pair of the Add TensorRT would fuse into it ([`fused_adds`]).
+//! Two methods:
 //!
 //! - [`Method::Linearized`] (the default) costs a few evaluations in all:
 //!   one real evaluation of the quantized network, one FP32 pass that
@@ -30,7 +32,7 @@ use std::time::Instant;
 use qint8_calibration::ImageDataset;
 use qint8_eval::{Accuracy, Evaluator};
 use qint8_graph::quant::{insert_qdq, Precision, QuantPlan, WeightStorage};
-use qint8_graph::{Graph, Model, Op};
+use qint8_graph::{Graph, Model, Node, Op};
 
 use crate::{AnalysisError, Result};
 
@@ -221,15 +223,50 @@ pub(crate) fn analyzed_nodes(graph: &Graph, plan: &QuantPlan) -> Result<Vec<usiz
     Ok(nodes)
 }
 
+/// The Adds that convolution `node` would take into its INT8 epilogue under
+/// `plan`: each reads the convolution's output, which the plan leaves
+/// unquantized, and a residual the plan quantizes (the pair
+/// `qint8_graph::quant::trt_placement` inserts so TensorRT can fuse the
+/// Add). Each comes with the residual's name. Empty for any other node.
+pub fn fused_adds<'g>(graph: &'g Graph, plan: &QuantPlan, node: &Node) -> Vec<(usize, &'g str)> {
+    let (Op::Conv(_), Some(out)) = (&node.op, node.outputs.first()) else {
+        return Vec::new();
+    };
+    if plan.activations.contains_key(out) {
+        return Vec::new();
+    }
+    graph
+        .consumers(out)
+        .into_iter()
+        .filter(|&i| matches!(graph.nodes[i].op, Op::Add))
+        .filter_map(|i| {
+            let residual = graph.nodes[i]
+                .inputs
+                .iter()
+                .find(|r| *r != out && plan.activations.contains_key(*r))?;
+            Some((i, residual.as_str()))
+        })
+        .collect()
+}
+
 /// `plan` with `float` nodes kept in float (their inputs not quantized for
-/// them).
+/// them). The Adds a float convolution would have fused ([`fused_adds`])
+/// go to float with it: their residual pair exists only for that fusion,
+/// and a float convolution has no INT8 epilogue to take them.
 pub fn with_float_nodes<'a>(
+    graph: &Graph,
     plan: &QuantPlan,
     float: impl IntoIterator<Item = &'a str>,
 ) -> QuantPlan {
     let mut p = plan.clone();
     for n in float {
         p.precision.insert(n.to_string(), Precision::Float);
+        if let Some(node) = graph.nodes.iter().find(|c| c.name == n) {
+            for (add, _) in fused_adds(graph, plan, node) {
+                p.precision
+                    .insert(graph.nodes[add].name.clone(), Precision::Float);
+            }
+        }
     }
     p
 }
@@ -384,11 +421,19 @@ fn analyze_exact(
     let mut out = Vec::with_capacity(nodes.len());
     for (k, &i) in nodes.iter().enumerate() {
         let node = &graph.nodes[i];
-        let others = all.iter().copied().filter(|n| *n != node.name);
+        // Quantized alone: with the Adds it fuses, as it would be in INT8.
+        let fused: Vec<&str> = fused_adds(graph, plan, node)
+            .into_iter()
+            .map(|(a, _)| graph.nodes[a].name.as_str())
+            .collect();
+        let others = all
+            .iter()
+            .copied()
+            .filter(|n| *n != node.name && !fused.contains(n));
         let (a, l) = run(
             model,
             graph,
-            Some(&with_float_nodes(plan, others)),
+            Some(&with_float_nodes(graph, plan, others)),
             data,
             batch,
             threads,
@@ -398,7 +443,7 @@ fn analyze_exact(
         let (a, l) = run(
             model,
             graph,
-            Some(&with_float_nodes(plan, [node.name.as_str()])),
+            Some(&with_float_nodes(graph, plan, [node.name.as_str()])),
             data,
             batch,
             threads,
@@ -459,7 +504,7 @@ pub fn mixed_precision(
         )));
     }
     let verify = |float: &[String]| -> Result<f64> {
-        let p = with_float_nodes(plan, float.iter().map(String::as_str));
+        let p = with_float_nodes(graph, plan, float.iter().map(String::as_str));
         Ok(run(model, graph, Some(&p), data, batch, threads)?
             .0
             .score
@@ -493,7 +538,7 @@ pub fn mixed_precision(
                 let (a, _) = run(
                     model,
                     graph,
-                    Some(&with_float_nodes(plan, with)),
+                    Some(&with_float_nodes(graph, plan, with)),
                     subset,
                     batch,
                     threads,
@@ -525,7 +570,7 @@ pub fn mixed_precision(
     };
     let float_nodes: Vec<String> = float[..k].to_vec();
     Ok(MixedPrecision {
-        plan: with_float_nodes(plan, float_nodes.iter().map(String::as_str)),
+        plan: with_float_nodes(graph, plan, float_nodes.iter().map(String::as_str)),
         float_nodes,
         top1,
         fp32_top1,

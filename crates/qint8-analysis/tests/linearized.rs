@@ -1,15 +1,16 @@
 //! The linearized sensitivity analysis against the exact one.
 //!
 //! On a network that is linear from every quantized node to its two logits
-//! (convolutions, average pooling, a Gemm), the first-order margin change
-//! is the real one, so both methods must agree on every node's
-//! quantized-alone top-1 and divergences.
+//! (convolutions, a residual Add, average pooling, a Gemm), the
+//! first-order margin change is the real one, so both methods must agree on
+//! every node's quantized-alone top-1 and divergences.
 
 use std::collections::BTreeMap;
 
 use ndarray::{Array4, ArrayD, IxDyn};
-use qint8_analysis::sensitivity::{analyze, Method};
+use qint8_analysis::sensitivity::{analyze, with_float_nodes, Method};
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
+use qint8_graph::quant::Precision;
 use qint8_graph::{ConvAttrs, Graph, Model, Node, Op, Tensor, ValueInfo};
 use qint8_math::search::RangeMethod;
 
@@ -44,8 +45,8 @@ fn conv(pad: usize) -> Op {
 fn linear_model() -> Model {
     let mut init = BTreeMap::new();
     init.insert("w1".to_string(), tensor(&[6, 1, 3, 3], 1));
-    init.insert("w2".to_string(), tensor(&[5, 6, 1, 1], 2));
-    init.insert("w3".to_string(), tensor(&[2, 5], 3));
+    init.insert("w2".to_string(), tensor(&[6, 6, 1, 1], 2));
+    init.insert("w3".to_string(), tensor(&[2, 6], 3));
     init.insert("b3".to_string(), tensor(&[2], 4));
     let graph = Graph {
         name: "linear".into(),
@@ -54,7 +55,10 @@ fn linear_model() -> Model {
         nodes: vec![
             Node::new("c1", conv(1), &["x", "w1"], &["a"]),
             Node::new("c2", conv(0), &["a", "w2"], &["b"]),
-            Node::new("gap", Op::GlobalAveragePool, &["b"], &["p"]),
+            // a is c2's quantized input and the residual TensorRT would
+            // fuse into c2: its pair belongs to c2 in both analyses.
+            Node::new("add", Op::Add, &["b", "a"], &["s"]),
+            Node::new("gap", Op::GlobalAveragePool, &["s"], &["p"]),
             Node::new("flat", Op::Flatten { axis: 1 }, &["p"], &["f"]),
             Node::new(
                 "fc",
@@ -82,18 +86,27 @@ fn linear_model() -> Model {
 }
 
 fn images(n: usize, seed: u64) -> ImageDataset {
-    let x = Array4::from_shape_vec((n, 1, 8, 8), values(n * 64, seed)).unwrap();
+    // Of 2n random images the n farthest from FP32's decision boundary, so
+    // that the nodes' summed margin changes stay below the margins (where
+    // the estimate is used unscaled).
+    let all = Array4::from_shape_vec((2 * n, 1, 8, 8), values(2 * n * 64, seed)).unwrap();
     let model = linear_model();
+    let s = qint8_runtime::Session::new(&model, Default::default()).unwrap();
+    let y = s.run(&[("x", all.view().into_dyn())]).unwrap().remove(0);
+    let rows: Vec<&[f32]> = y.as_slice().unwrap().chunks_exact(2).collect();
+    let mut order: Vec<usize> = (0..2 * n).collect();
+    order.sort_by(|&a, &b| {
+        let m = |r: &[f32]| (r[1] - r[0]).abs();
+        m(rows[b]).total_cmp(&m(rows[a]))
+    });
+    order.truncate(n);
+    let x = all.select(ndarray::Axis(0), &order);
     // Labels: the FP32 prediction flipped for every third image, so top-1
     // is neither 0 nor 1.
-    let s = qint8_runtime::Session::new(&model, Default::default()).unwrap();
-    let y = s.run(&[("x", x.view().into_dyn())]).unwrap().remove(0);
-    let labels = y
-        .as_slice()
-        .unwrap()
-        .chunks_exact(2)
+    let labels = order
+        .iter()
         .enumerate()
-        .map(|(i, r)| usize::from(r[1] > r[0]) ^ usize::from(i % 3 == 0))
+        .map(|(i, &k)| usize::from(rows[k][1] > rows[k][0]) ^ usize::from(i % 3 == 0))
         .collect();
     ImageDataset::from_array(x, Some(labels)).unwrap()
 }
@@ -109,9 +122,7 @@ fn linearized_equals_exact_where_the_network_is_linear() {
         ..Default::default()
     };
     // Calibration images with a few large pixels: min-max ranges wider than
-    // the evaluation images need, so every node's rounding shows (while the
-    // nodes' summed margin changes stay below the margins, where the
-    // estimate is used unscaled).
+    // the evaluation images need, so every node's rounding shows.
     let mut calib = Array4::from_shape_vec((64, 1, 8, 8), values(64 * 64, 9)).unwrap();
     for i in 0..8 {
         calib[[i * 8, 0, i, i]] = 40.0;
@@ -205,4 +216,33 @@ fn linearized_names_operators_without_a_gradient() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("Gather"), "{err}");
+}
+
+#[test]
+fn a_float_convolution_takes_the_add_it_would_fuse_along() {
+    let model = linear_model();
+    let calib = images(16, 5);
+    let cfg = CalibConfig {
+        method: RangeMethod::Max,
+        threads: 1,
+        ..Default::default()
+    };
+    let cal = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    assert!(cal.plan.activations.contains_key("a") && !cal.plan.activations.contains_key("b"));
+    let float = |nodes: &[&str]| {
+        let p = with_float_nodes(&cal.graph, &cal.plan, nodes.iter().copied());
+        let mut f: Vec<String> = p
+            .precision
+            .iter()
+            .filter(|(_, &v)| v == Precision::Float)
+            .map(|(k, _)| k.clone())
+            .collect();
+        f.sort();
+        f
+    };
+    // c2 would take the Add (b + quantized a) into its INT8 epilogue.
+    assert_eq!(float(&["c2"]), ["add", "c2"]);
+    // c1's output a is quantized itself: no fusion to undo.
+    assert_eq!(float(&["c1"]), ["c1"]);
+    assert_eq!(float(&["fc"]), ["fc"]);
 }
