@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use ndarray::{Array4, ArrayD, IxDyn};
 use qint8_analysis::sensitivity::{analyze, with_float_nodes, Method};
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
-use qint8_graph::quant::Precision;
+use qint8_graph::quant::{insert_qdq, Precision, WeightStorage};
 use qint8_graph::{ConvAttrs, Graph, Model, Node, Op, Tensor, ValueInfo};
 use qint8_math::search::RangeMethod;
 
@@ -242,6 +242,20 @@ fn a_float_convolution_takes_the_add_it_would_fuse_along() {
     };
     // c2 would take the Add (b + quantized a) into its INT8 epilogue.
     assert_eq!(float(&["c2"]), ["add", "c2"]);
+    // Exported, that Add reads a in float while c1's quantized input stays.
+    let plan = with_float_nodes(&cal.graph, &cal.plan, ["c2"]);
+    let q = insert_qdq(&cal.graph, &plan, WeightStorage::Int8).unwrap();
+    let dq: Vec<&str> = q
+        .nodes
+        .iter()
+        .filter(|n| n.op.op_type() == "DequantizeLinear")
+        .flat_map(|n| n.outputs.iter().map(String::as_str))
+        .collect();
+    let reads_dq = |name: &str| {
+        let n = q.nodes.iter().find(|n| n.name == name).unwrap();
+        n.inputs.iter().any(|i| dq.contains(&i.as_str()))
+    };
+    assert!(!reads_dq("add") && !reads_dq("c2") && reads_dq("c1"));
     // c1's output a is quantized itself: no fusion to undo.
     assert_eq!(float(&["c1"]), ["c1"]);
     assert_eq!(float(&["fc"]), ["fc"]);

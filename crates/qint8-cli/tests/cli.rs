@@ -1565,6 +1565,7 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     assert!(drop <= 5.0, "{v}");
     let curve = v["curve"].as_array().unwrap();
     assert_eq!(curve.len(), v["float_nodes"].as_array().unwrap().len() + 1);
+    assert!(v["float_residual_adds"].is_array(), "{v}");
     assert!(out.with_extension("svg").exists());
     ok(qint8(&["check-trt", s(&out)]));
     let e = eval_json_path(&out);
