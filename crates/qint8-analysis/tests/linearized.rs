@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use ndarray::{Array4, ArrayD, IxDyn};
-use qint8_analysis::sensitivity::{analyze, with_float_nodes, Method};
+use qint8_analysis::sensitivity::{
+    analyze, logit_error, mixed_precision, with_float_nodes, Method,
+};
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
 use qint8_graph::quant::{insert_qdq, Precision, WeightStorage};
 use qint8_graph::{ConvAttrs, Graph, Model, Node, Op, Tensor, ValueInfo};
@@ -86,6 +88,11 @@ fn linear_model() -> Model {
 }
 
 fn images(n: usize, seed: u64) -> ImageDataset {
+    let (x, labels) = far_images(n, seed);
+    ImageDataset::from_array(x, Some(labels)).unwrap()
+}
+
+fn far_images(n: usize, seed: u64) -> (Array4<f32>, Vec<usize>) {
     // Of 2n random images the n farthest from FP32's decision boundary, so
     // that the nodes' summed margin changes stay below the margins (where
     // the estimate is used unscaled).
@@ -108,7 +115,7 @@ fn images(n: usize, seed: u64) -> ImageDataset {
         .enumerate()
         .map(|(i, &k)| usize::from(rows[k][1] > rows[k][0]) ^ usize::from(i % 3 == 0))
         .collect();
-    ImageDataset::from_array(x, Some(labels)).unwrap()
+    (x, labels)
 }
 
 #[test]
@@ -259,4 +266,98 @@ fn a_float_convolution_takes_the_add_it_would_fuse_along() {
     // c1's output a is quantized itself: no fusion to undo.
     assert_eq!(float(&["c1"]), ["c1"]);
     assert_eq!(float(&["fc"]), ["fc"]);
+}
+
+/// Logits of `graph` (under `plan` when given) on `x`, `[n, 2]` flattened.
+fn logits(
+    graph: &Graph,
+    plan: Option<&qint8_graph::quant::QuantPlan>,
+    x: &Array4<f32>,
+) -> Vec<f32> {
+    let g = match plan {
+        Some(p) => insert_qdq(graph, p, WeightStorage::Int8).unwrap(),
+        None => graph.clone(),
+    };
+    let s = qint8_runtime::Session::new(&Model::new(g, 17), Default::default()).unwrap();
+    let y = s.run(&[("x", x.view().into_dyn())]).unwrap().remove(0);
+    y.as_slice().unwrap().to_vec()
+}
+
+#[test]
+fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
+    let model = linear_model();
+    let cfg = CalibConfig {
+        method: RangeMethod::Max,
+        per_channel: false,
+        smooth: None,
+        threads: 1,
+        ..Default::default()
+    };
+    let mut calib = Array4::from_shape_vec((64, 1, 8, 8), values(64 * 64, 9)).unwrap();
+    for i in 0..8 {
+        calib[[i * 8, 0, i, i]] = 40.0;
+    }
+    let calib = ImageDataset::from_array(calib, None).unwrap();
+    let cal = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    // Selection images far from the decision boundary: no candidate flips a
+    // prediction there, so top-1 cannot tell the candidates apart.
+    let (xs, labels) = far_images(200, 11);
+    let subset = ImageDataset::from_array(xs.clone(), Some(labels)).unwrap();
+    // Verification images with FP32's own predictions as labels: the
+    // quantized network flips some of those near the boundary, so a budget
+    // of 0 points is never met and both rounds run.
+    let raw = Array4::from_shape_vec((400, 1, 8, 8), values(400 * 64, 13)).unwrap();
+    let fp = logits(&cal.graph, None, &raw);
+    let labels = fp
+        .chunks_exact(2)
+        .map(|r| usize::from(r[1] > r[0]))
+        .collect();
+    let data = ImageDataset::from_array(raw, Some(labels)).unwrap();
+    let sens = analyze(
+        &model,
+        &cal.graph,
+        &cal.plan,
+        &subset,
+        Method::Linearized,
+        32,
+        2,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let mp = mixed_precision(
+        &model,
+        &cal.graph,
+        &cal.plan,
+        &sens,
+        &subset,
+        &data,
+        Some(0.0),
+        2,
+        32,
+        2,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(!mp.met && mp.float_nodes.len() == 2, "{:?}", mp.float_nodes);
+    let first = &mp.float_nodes[0];
+    let reference = logits(&cal.graph, None, &xs);
+    let mut scored: Vec<(f64, usize, String)> = sens
+        .nodes
+        .iter()
+        .filter(|n| &n.node != first)
+        .map(|n| {
+            let p = with_float_nodes(&cal.graph, &cal.plan, [first.as_str(), n.node.as_str()]);
+            let got = logits(&cal.graph, Some(&p), &xs);
+            let flips = got
+                .chunks_exact(2)
+                .zip(reference.chunks_exact(2))
+                .filter(|(a, b)| (a[1] > a[0]) != (b[1] > b[0]))
+                .count();
+            (logit_error(&reference, &got, 2).js, flips, n.node.clone())
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(scored.iter().all(|s| s.1 == 0), "{scored:?}");
+    assert!(scored[0].0 < 0.9 * scored[1].0, "{scored:?}");
+    assert_eq!(mp.float_nodes[1], scored[0].2, "{scored:?}");
 }
