@@ -118,9 +118,10 @@ fn far_images(n: usize, seed: u64) -> (Array4<f32>, Vec<usize>) {
     (x, labels)
 }
 
-#[test]
-fn linearized_equals_exact_where_the_network_is_linear() {
-    let model = linear_model();
+/// `model` calibrated per tensor with min-max on images with a few large
+/// pixels: ranges wider than the evaluation images need, so every node's
+/// rounding shows.
+fn calibrated(model: &Model) -> qint8_calibration::Calibrated {
     let cfg = CalibConfig {
         method: RangeMethod::Max,
         per_channel: false,
@@ -128,14 +129,18 @@ fn linearized_equals_exact_where_the_network_is_linear() {
         threads: 1,
         ..Default::default()
     };
-    // Calibration images with a few large pixels: min-max ranges wider than
-    // the evaluation images need, so every node's rounding shows.
     let mut calib = Array4::from_shape_vec((64, 1, 8, 8), values(64 * 64, 9)).unwrap();
     for i in 0..8 {
         calib[[i * 8, 0, i, i]] = 40.0;
     }
     let calib = ImageDataset::from_array(calib, None).unwrap();
-    let cal = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap()
+}
+
+#[test]
+fn linearized_equals_exact_where_the_network_is_linear() {
+    let model = linear_model();
+    let cal = calibrated(&model);
     let data = images(300, 11);
     let run = |m| {
         analyze(
@@ -286,19 +291,7 @@ fn logits(
 #[test]
 fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
     let model = linear_model();
-    let cfg = CalibConfig {
-        method: RangeMethod::Max,
-        per_channel: false,
-        smooth: None,
-        threads: 1,
-        ..Default::default()
-    };
-    let mut calib = Array4::from_shape_vec((64, 1, 8, 8), values(64 * 64, 9)).unwrap();
-    for i in 0..8 {
-        calib[[i * 8, 0, i, i]] = 40.0;
-    }
-    let calib = ImageDataset::from_array(calib, None).unwrap();
-    let cal = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    let cal = calibrated(&model);
     // Selection images far from the decision boundary: no candidate flips a
     // prediction there, so top-1 cannot tell the candidates apart.
     let (xs, labels) = far_images(200, 11);
