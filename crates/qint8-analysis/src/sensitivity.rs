@@ -184,6 +184,8 @@ pub struct CurvePoint {
 pub struct MixedPrecision {
     /// The nodes kept in float, in the order they were added.
     pub float_nodes: Vec<String>,
+    /// For each of them, the residual Adds it takes to float ([`fused_adds`]).
+    pub float_adds: Vec<Vec<String>>,
     /// The plan with those nodes in float.
     pub plan: QuantPlan,
     /// Verified top-1 of that plan on the evaluation set.
@@ -228,8 +230,9 @@ pub(crate) fn analyzed_nodes(graph: &Graph, plan: &QuantPlan) -> Result<Vec<usiz
 /// `plan`: each reads the convolution's output, which the plan leaves
 /// unquantized, and a residual the plan quantizes (the pair
 /// `qint8_graph::quant::trt_placement` inserts so TensorRT can fuse the
-/// Add). Each comes with the residual's name. Empty for any other node.
-pub fn fused_adds<'g>(graph: &'g Graph, plan: &QuantPlan, node: &Node) -> Vec<(usize, &'g str)> {
+/// Add). Each comes as `(Add's name, residual's name)`. Empty for any other
+/// node.
+pub fn fused_adds<'g>(graph: &'g Graph, plan: &QuantPlan, node: &Node) -> Vec<(&'g str, &'g str)> {
     let (Op::Conv(_), Some(out)) = (&node.op, node.outputs.first()) else {
         return Vec::new();
     };
@@ -239,15 +242,31 @@ pub fn fused_adds<'g>(graph: &'g Graph, plan: &QuantPlan, node: &Node) -> Vec<(u
     graph
         .consumers(out)
         .into_iter()
-        .filter(|&i| matches!(graph.nodes[i].op, Op::Add))
-        .filter_map(|i| {
-            let residual = graph.nodes[i]
+        .map(|i| &graph.nodes[i])
+        .filter(|add| matches!(add.op, Op::Add))
+        .filter_map(|add| {
+            let residual = add
                 .inputs
                 .iter()
                 .find(|r| *r != out && plan.activations.contains_key(*r))?;
-            Some((i, residual.as_str()))
+            Some((add.name.as_str(), residual.as_str()))
         })
         .collect()
+}
+
+/// The names of the Adds [`fused_adds`] finds for the node named `name`.
+fn fused_add_names<'g>(graph: &'g Graph, plan: &QuantPlan, name: &str) -> Vec<&'g str> {
+    graph
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .map(|n| {
+            fused_adds(graph, plan, n)
+                .into_iter()
+                .map(|(a, _)| a)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `plan` with `float` nodes kept in float (their inputs not quantized for
@@ -262,11 +281,8 @@ pub fn with_float_nodes<'a>(
     let mut p = plan.clone();
     for n in float {
         p.precision.insert(n.to_string(), Precision::Float);
-        if let Some(node) = graph.nodes.iter().find(|c| c.name == n) {
-            for (add, _) in fused_adds(graph, plan, node) {
-                p.precision
-                    .insert(graph.nodes[add].name.clone(), Precision::Float);
-            }
+        for add in fused_add_names(graph, plan, n) {
+            p.precision.insert(add.to_string(), Precision::Float);
         }
     }
     p
@@ -423,10 +439,7 @@ fn analyze_exact(
     for (k, &i) in nodes.iter().enumerate() {
         let node = &graph.nodes[i];
         // Quantized alone: with the Adds it fuses, as it would be in INT8.
-        let fused: Vec<&str> = fused_adds(graph, plan, node)
-            .into_iter()
-            .map(|(a, _)| graph.nodes[a].name.as_str())
-            .collect();
+        let fused = fused_add_names(graph, plan, &node.name);
         let others = all
             .iter()
             .copied()
@@ -517,7 +530,7 @@ pub fn mixed_precision(
     // outputs on `subset`: the mean divergence moves with every image,
     // where top-1 moves with the few near the decision boundary (on 1000
     // images, candidates a few images apart in top-1 are not told apart).
-    let subset_fp32 = run(model, graph, None, subset, batch, threads)?.1;
+    let mut subset_fp32: Option<Vec<f32>> = None;
     let mut float: Vec<String> = Vec::new();
     let first = CurvePoint {
         float_nodes: 0,
@@ -532,6 +545,11 @@ pub fn mixed_precision(
             sens.ranking().first().map(|&i| sens.nodes[i].node.clone())
         } else {
             // Each remaining node, in float with those already chosen.
+            // FP32 on `subset`, run once, when a round first needs it.
+            let reference: &[f32] = match &subset_fp32 {
+                Some(r) => r,
+                None => subset_fp32.insert(run(model, graph, None, subset, batch, threads)?.1),
+            };
             let mut scored: Vec<(f64, String)> = Vec::new();
             for n in &sens.nodes {
                 if float.contains(&n.node) {
@@ -550,7 +568,7 @@ pub fn mixed_precision(
                     batch,
                     threads,
                 )?;
-                scored.push((logit_error(&subset_fp32, &l, a.classes).js, n.node.clone()));
+                scored.push((logit_error(reference, &l, a.classes).js, n.node.clone()));
             }
             scored
                 .into_iter()
@@ -576,9 +594,19 @@ pub fn mixed_precision(
         best
     };
     let float_nodes: Vec<String> = float[..k].to_vec();
+    let float_adds = float_nodes
+        .iter()
+        .map(|n| {
+            fused_add_names(graph, plan, n)
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
     Ok(MixedPrecision {
         plan: with_float_nodes(graph, plan, float_nodes.iter().map(String::as_str)),
         float_nodes,
+        float_adds,
         top1,
         fp32_top1,
         met: max_drop.is_none_or(|d| fp32_top1 - top1 <= d),

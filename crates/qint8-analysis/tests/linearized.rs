@@ -353,4 +353,14 @@ fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
     assert!(scored.iter().all(|s| s.1 == 0), "{scored:?}");
     assert!(scored[0].0 < 0.9 * scored[1].0, "{scored:?}");
     assert_eq!(mp.float_nodes[1], scored[0].2, "{scored:?}");
+    // c2 takes the Add it fuses along; the others fuse none.
+    for (n, adds) in mp.float_nodes.iter().zip(&mp.float_adds) {
+        let want: &[&str] = if n == "c2" { &["add"] } else { &[] };
+        assert_eq!(adds, want, "{n}");
+    }
+    assert!(
+        mp.float_nodes.iter().any(|n| n == "c2"),
+        "{:?}",
+        mp.float_nodes
+    );
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qint8_analysis::report::{short, write_atomic};
-use qint8_analysis::sensitivity::{analyze, fused_adds, mixed_precision, Method, Sensitivity};
+use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Sensitivity};
 use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
@@ -302,24 +302,6 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         return Err(e.into());
     }
     let quantizable = s.nodes.len();
-    // The residual Adds each float convolution takes to float with it.
-    let g = &p.calibrated.graph;
-    let fused: Vec<Vec<String>> = m
-        .float_nodes
-        .iter()
-        .map(|f| {
-            g.nodes
-                .iter()
-                .find(|n| &n.name == f)
-                .map(|n| {
-                    fused_adds(g, &p.calibrated.plan, n)
-                        .into_iter()
-                        .map(|(i, _)| g.nodes[i].name.clone())
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
-        .collect();
     if a.json {
         let v = json!({
             "model": a.model.display().to_string(),
@@ -334,7 +316,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             "max_drop_pp": args.max_drop,
             "met": m.met,
             "float_nodes": m.float_nodes,
-            "float_residual_adds": fused.concat(),
+            "float_residual_adds": m.float_adds.concat(),
             "quantizable_nodes": quantizable,
             "curve": m.curve.iter().map(|c| json!({"float_nodes": c.float_nodes, "top1": c.top1})).collect::<Vec<_>>(),
             "seconds": start.elapsed().as_secs_f64(),
@@ -367,7 +349,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         m.fp32_top1 * 100.0,
         (m.fp32_top1 - m.top1) * 100.0,
     );
-    for (f, adds) in m.float_nodes.iter().zip(&fused) {
+    for (f, adds) in m.float_nodes.iter().zip(&m.float_adds) {
         text.push_str(&format!("  float: {f}\n"));
         for add in adds {
             text.push_str(&format!("    and the residual Add it fuses: {add}\n"));

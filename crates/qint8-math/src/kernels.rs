@@ -152,6 +152,9 @@ macro_rules! kernel {
     };
 }
 
+/// For kernels outside this module (the entropy search's log terms).
+pub(crate) use kernel;
+
 kernel!(quant_block<T>(x: &[f32], out: &mut [T], p: &ChannelParams)
     reference reference::quantize(x, out, p);
 {

@@ -433,7 +433,7 @@ pub fn entropy_search(
                 gln[k] = ln_int[cnt];
                 acc_bln += bl;
             }
-            group_terms(simd, &gsum, &gmass, &gln, &mut terms);
+            group_terms::run(simd, &gsum, &gmass, &gln, &mut terms);
             acc_cross += terms[..chunk].iter().sum::<f64>();
             g += chunk;
         }
@@ -473,63 +473,28 @@ pub fn entropy_search(
     Ok(chosen.map(|(i, _)| i))
 }
 
-/// Groups whose log terms [`group_terms`] computes at once.
+/// Groups whose log terms `group_terms` computes at once.
 const GROUP_CHUNK: usize = 64;
 
-/// `out[k] = mass[k] * (ln(sum[k]) - ln_n[k])`, the entropy search's
-/// per-group term, for one chunk of groups: the search's hottest loop. The
-/// terms are independent, so the loop vectorizes, and it is compiled for
-/// AVX2 and AVX-512 as well and chosen at run time (as in
-/// [`crate::kernels`]); every level computes the same bits (no FMA
-/// contraction), so the search does not depend on the CPU.
-fn group_terms(
-    level: SimdLevel,
+// `group_terms::run(level, sum, mass, ln_n, out)`: `out[k] = mass[k] *
+// (ln(sum[k]) - ln_n[k])`, the entropy search's per-group term, for one
+// chunk of groups: the search's hottest loop. The terms are independent,
+// so the loop vectorizes; `kernel!` compiles it for AVX2 and AVX-512 as well
+// and picks one at run time. Every level, the reference included, runs the
+// same body without FMA contraction, so the search does not depend on the
+// CPU (the test compares the body with libm's ln).
+crate::kernels::kernel!(group_terms(
     sum: &[f64; GROUP_CHUNK],
     mass: &[f64; GROUP_CHUNK],
     ln_n: &[f64; GROUP_CHUNK],
-    out: &mut [f64; GROUP_CHUNK],
-) {
-    #[inline(always)]
-    fn body(
-        sum: &[f64; GROUP_CHUNK],
-        mass: &[f64; GROUP_CHUNK],
-        ln_n: &[f64; GROUP_CHUNK],
-        out: &mut [f64; GROUP_CHUNK],
-    ) {
-        for k in 0..GROUP_CHUNK {
-            out[k] = mass[k] * (fast_ln(sum[k]) - ln_n[k]);
-        }
+    out: &mut [f64; GROUP_CHUNK]
+)
+    reference body(sum, mass, ln_n, out);
+{
+    for k in 0..GROUP_CHUNK {
+        out[k] = mass[k] * (fast_ln(sum[k]) - ln_n[k]);
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(
-        sum: &[f64; GROUP_CHUNK],
-        mass: &[f64; GROUP_CHUNK],
-        ln_n: &[f64; GROUP_CHUNK],
-        out: &mut [f64; GROUP_CHUNK],
-    ) {
-        body(sum, mass, ln_n, out)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-    unsafe fn avx512(
-        sum: &[f64; GROUP_CHUNK],
-        mass: &[f64; GROUP_CHUNK],
-        ln_n: &[f64; GROUP_CHUNK],
-        out: &mut [f64; GROUP_CHUNK],
-    ) {
-        body(sum, mass, ln_n, out)
-    }
-    match level {
-        // SAFETY: callers pass SimdLevel::active() (never above the
-        // detected level) or, in tests, levels checked against detected().
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { avx512(sum, mass, ln_n, out) },
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => unsafe { avx2(sum, mass, ln_n, out) },
-        _ => body(sum, mass, ln_n, out),
-    }
-}
+});
 
 /// Natural log of a positive, finite, normal f64, accurate to a few ulp and
 /// branch-free so loops over it vectorize (the libm call does not).
@@ -686,17 +651,17 @@ mod tests {
             ln_n[k] = ((1 + k % 16) as f64).ln();
         }
         let mut want = [0.0f64; GROUP_CHUNK];
-        group_terms(SimdLevel::Portable, &sum, &mass, &ln_n, &mut want);
+        group_terms::run(SimdLevel::Portable, &sum, &mass, &ln_n, &mut want);
         for k in 0..GROUP_CHUNK {
             let libm = mass[k] * (sum[k].ln() - ln_n[k]);
             assert!((want[k] - libm).abs() <= 1e-13 * libm.abs().max(1.0), "{k}");
         }
-        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+        for level in [SimdLevel::Reference, SimdLevel::Avx2, SimdLevel::Avx512] {
             if level > SimdLevel::detected() {
                 continue;
             }
             let mut got = [0.0f64; GROUP_CHUNK];
-            group_terms(level, &sum, &mass, &ln_n, &mut got);
+            group_terms::run(level, &sum, &mass, &ln_n, &mut got);
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{level:?}");
         }
