@@ -199,13 +199,16 @@ pub struct MixedPrecision {
 }
 
 /// The nodes whose inputs `plan` quantizes and whose kind counts for
-/// mixed precision (Conv, Gemm, MatMul), in graph order.
+/// mixed precision (Conv, Gemm, MatMul), in graph order. A node the plan
+/// keeps in float is not one, even where its input is quantized for
+/// another consumer.
 pub fn quantizable_nodes(graph: &Graph, plan: &QuantPlan) -> Vec<usize> {
     graph
         .nodes
         .iter()
         .enumerate()
         .filter(|(_, n)| matches!(n.op, Op::Conv(_) | Op::Gemm { .. } | Op::MatMul))
+        .filter(|(_, n)| plan.precision_of(&n.name) == Precision::Int8)
         .filter(|(_, n)| {
             n.inputs
                 .iter()

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use ndarray::{Array4, ArrayD, IxDyn};
 use qint8_analysis::sensitivity::{
-    analyze, logit_error, mixed_precision, with_float_nodes, Method,
+    analyze, logit_error, mixed_precision, quantizable_nodes, with_float_nodes, Method,
 };
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
 use qint8_graph::quant::{insert_qdq, Precision, WeightStorage};
@@ -268,6 +268,14 @@ fn a_float_convolution_takes_the_add_it_would_fuse_along() {
         n.inputs.iter().any(|i| dq.contains(&i.as_str()))
     };
     assert!(!reads_dq("add") && !reads_dq("c2") && reads_dq("c1"));
+    // a keeps its pair for c1's consumers, but c2 is no longer a node to
+    // analyze.
+    let left: Vec<&str> = quantizable_nodes(&cal.graph, &plan)
+        .into_iter()
+        .map(|i| cal.graph.nodes[i].name.as_str())
+        .collect();
+    assert!(plan.activations.contains_key("a"));
+    assert_eq!(left, ["c1", "fc"]);
     // c1's output a is quantized itself: no fusion to undo.
     assert_eq!(float(&["c1"]), ["c1"]);
     assert_eq!(float(&["fc"]), ["fc"]);

@@ -39,7 +39,11 @@ pub struct CalibConfig {
     pub batch: usize,
     /// Runtime threads.
     pub threads: usize,
-    /// Nodes to keep in float (their inputs are not quantized for them).
+    /// Nodes to keep in float (their inputs are not quantized for them),
+    /// by name in the simplified graph; `*` in an entry matches any run of
+    /// characters. Each entry must match at least one node whose inputs
+    /// the placement quantizes; the plan's [`QuantPlan::precision`] lists
+    /// the nodes matched.
     pub float_nodes: BTreeSet<String>,
     /// Which tensors are quantized: TensorRT's rules (the default) or
     /// everything onnxruntime's QDQ quantizer would quantize.
@@ -153,7 +157,8 @@ pub fn calibrate(
         .first()
         .map(|v| v.name.clone())
         .ok_or_else(|| CalibError::Invalid("the graph has no input".into()))?;
-    let placement = placement_of(&g, cfg.placement, &cfg.float_nodes);
+    let float_nodes = float_nodes_matching(&g, cfg.placement, &cfg.float_nodes)?;
+    let placement = placement_of(&g, cfg.placement, &float_nodes);
     let mut tracked: BTreeSet<String> = placement.activations.clone();
     if cfg.all_ranges {
         tracked.extend(g.inputs.iter().map(|v| v.name.clone()));
@@ -295,7 +300,7 @@ pub fn calibrate(
             divisors.insert(site.tensor.clone(), k);
         }
         if !smoothed.is_empty() {
-            let after = placement_of(&g2, cfg.placement, &cfg.float_nodes);
+            let after = placement_of(&g2, cfg.placement, &float_nodes);
             if after.activations != placement.activations {
                 return Err(CalibError::Invalid(
                     "smoothing changed which tensors are quantized; calibrate without it".into(),
@@ -418,7 +423,7 @@ pub fn calibrate(
         }
     }
     plan.weights = weight_params(&g, &placement.weights, cfg.per_channel)?;
-    for n in &cfg.float_nodes {
+    for n in &float_nodes {
         plan.precision
             .insert(n.clone(), qint8_graph::quant::Precision::Float);
     }
@@ -461,6 +466,76 @@ pub fn calibrate(
         smoothing_sites: sites.iter().map(|s| s.tensor.clone()).collect(),
         histograms,
     })
+}
+
+/// The nodes of `g` that `patterns` name (see [`CalibConfig::float_nodes`]),
+/// among those whose inputs `policy` quantizes. Every pattern must match
+/// one; the error lists those that match none.
+fn float_nodes_matching(
+    g: &Graph,
+    policy: qint8_graph::PlacementPolicy,
+    patterns: &BTreeSet<String>,
+) -> Result<BTreeSet<String>> {
+    if patterns.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let all = placement_of(g, policy, &BTreeSet::new());
+    let quantized: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.inputs
+                .iter()
+                .any(|i| all.activations.contains(i) || all.weights.contains_key(i))
+        })
+        .map(|n| n.name.as_str())
+        .collect();
+    let mut found = BTreeSet::new();
+    let mut unmatched = Vec::new();
+    for p in patterns {
+        let hits: Vec<&&str> = quantized.iter().filter(|n| glob_match(p, n)).collect();
+        if hits.is_empty() {
+            unmatched.push(format!("`{p}`"));
+        }
+        found.extend(hits.into_iter().map(|n| n.to_string()));
+    }
+    if unmatched.is_empty() {
+        return Ok(found);
+    }
+    let shown: Vec<String> = quantized.iter().take(6).map(|n| format!("`{n}`")).collect();
+    let (noun, verb) = match unmatched.len() {
+        1 => ("pattern", "matches"),
+        _ => ("patterns", "match"),
+    };
+    Err(CalibError::Invalid(format!(
+        "float node {noun} {} {verb} no node with quantized inputs; the {} such nodes (names after BatchNorm folding) begin {}",
+        unmatched.join(", "),
+        quantized.len(),
+        shown.join(", ")
+    )))
+}
+
+/// Whether `name` matches `pattern`, where each `*` matches any run of
+/// characters (the empty one included) and everything else itself.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let head = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(head) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((tail, middle)) = parts.split_last() else {
+        // No `*`: the whole name.
+        return rest.is_empty();
+    };
+    // Leftmost matches leave the most room for what follows.
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(tail)
 }
 
 /// Parameters of the float weight initializers named in `weights` (name ->
@@ -600,7 +675,35 @@ fn for_each_batch<S: Send>(
 
 #[cfg(test)]
 mod tests {
-    use super::abs_max;
+    use super::{abs_max, glob_match};
+
+    #[test]
+    fn globs_match_whole_names_with_stars_for_any_run() {
+        let yes = [
+            ("c1", "c1"),
+            ("*", ""),
+            ("*", "/a/Conv"),
+            ("/features.1/*", "/features.1/block/Conv"),
+            ("*Gemm", "/classifier/Gemm"),
+            ("*.1*Conv", "/f.1/x/Conv"),
+            ("a*b*a", "aba"),
+            ("a**a", "aa"),
+        ];
+        let no = [
+            ("c1", "c10"),
+            ("c1", "xc1"),
+            ("*Gemm", "/Gemm/Add"),
+            ("ab*ba", "aba"),
+            ("a*b*c", "acb"),
+            ("", "c1"),
+        ];
+        for (p, n) in yes {
+            assert!(glob_match(p, n), "`{p}` should match `{n}`");
+        }
+        for (p, n) in no {
+            assert!(!glob_match(p, n), "`{p}` should not match `{n}`");
+        }
+    }
 
     #[test]
     fn abs_max_by_bits_matches_the_float_maximum_and_finds_bad_values() {

@@ -279,3 +279,82 @@ fn refined_thresholds_never_raise_the_output_error() {
         );
     }
 }
+
+#[test]
+fn float_nodes_match_by_glob_and_their_inputs_stay_unquantized() {
+    let data = calib_set(8);
+    let g = resnet();
+    let cfg = CalibConfig {
+        method: RangeMethod::Max,
+        float_nodes: ["/conv1/Conv", "/layer4/*"]
+            .map(String::from)
+            .into_iter()
+            .collect(),
+        batch: 8,
+        threads: 2,
+        ..Default::default()
+    };
+    let c = calibrate(&g, &data, &cfg, &mut |_| {}).unwrap();
+    let float: Vec<&str> = c.plan.precision.keys().map(String::as_str).collect();
+    // Every Conv of layer4 and its three residual Adds, and the first
+    // convolution; no Relu (nothing of theirs is quantized).
+    let layer4 = |op: &str| {
+        c.graph
+            .nodes
+            .iter()
+            .filter(|n| n.name.starts_with("/layer4/") && n.op.op_type() == op)
+            .count()
+    };
+    assert_eq!(float.len(), 1 + layer4("Conv") + layer4("Add"), "{float:?}");
+    assert!(float.contains(&"/conv1/Conv") && float.iter().all(|n| !n.ends_with("Relu")));
+    // The graph input feeds only the first convolution, so no pair remains
+    // for it; nor for any weight of a float convolution.
+    assert!(!c.plan.activations.contains_key(&c.graph.inputs[0].name));
+    for n in c
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| float.contains(&n.name.as_str()))
+    {
+        assert!(
+            n.inputs
+                .iter()
+                .skip(1)
+                .all(|w| !c.plan.weights.contains_key(w)),
+            "{}",
+            n.name
+        );
+    }
+    // The rest is quantized as without float nodes.
+    let all = calibrate(
+        &g,
+        &data,
+        &CalibConfig {
+            float_nodes: Default::default(),
+            ..cfg.clone()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(c.plan.weights.len() < all.plan.weights.len());
+    for (name, p) in &c.plan.weights {
+        assert_eq!(Some(p), all.plan.weights.get(name), "{name}");
+    }
+
+    // Patterns that match no quantized node are named, all of them.
+    let bad = CalibConfig {
+        float_nodes: ["/conv1/Conv", "/nope*", "/relu/Relu"]
+            .map(String::from)
+            .into_iter()
+            .collect(),
+        ..cfg
+    };
+    let e = calibrate(&g, &data, &bad, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    let named = e.split(" match ").next().unwrap();
+    assert!(
+        named.contains("`/nope*`") && named.contains("`/relu/Relu`") && !named.contains("conv1"),
+        "{e}"
+    );
+}

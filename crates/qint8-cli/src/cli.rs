@@ -334,6 +334,17 @@ pub(crate) struct QuantizeArgs {
     /// (modelopt style) instead of int8 initializers.
     #[arg(long)]
     pub(crate) float_weights: bool,
+    /// Keep these nodes in float: their inputs get no Q/DQ (a convolution's
+    /// fused residual Add goes along). Node names as `qint8 sensitivity`
+    /// prints them; `*` matches any run of characters; comma-separated or
+    /// repeated. Each must match a node with quantized inputs.
+    #[arg(
+        long,
+        value_name = "NODE",
+        value_delimiter = ',',
+        conflicts_with = "trt_cache"
+    )]
+    pub(crate) keep_float: Vec<String>,
     /// Image preprocessing.
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,

@@ -50,6 +50,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let data = opened.dataset;
     let cfg = CalibConfig {
         all_ranges: args.trt_cache.is_some(),
+        float_nodes: args.keep_float.iter().cloned().collect(),
         ..args.cal.config(args.batch, threads)?
     };
     let show = !args.json && std::io::stderr().is_terminal();
@@ -137,6 +138,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let size = std::fs::metadata(&args.output)
         .map(|m| m.len())
         .unwrap_or(0);
+    let float_nodes: Vec<&String> = calibrated.plan.precision.keys().collect();
     let summary = json!({
         "model": args.model.display().to_string(),
         "output": args.output.display().to_string(),
@@ -148,6 +150,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         "activations": calibrated.plan.activations.len(),
         "smoothed": calibrated.smoothed.len(),
         "weights": calibrated.plan.weights.len(),
+        "float_nodes": float_nodes,
         "calibration_seconds": calib_seconds,
         "total_seconds": start.elapsed().as_secs_f64(),
         "output_bytes": size,
@@ -169,6 +172,12 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
             calib_seconds,
             size
         );
+        if !float_nodes.is_empty() {
+            println!("kept in float ({}):", float_nodes.len());
+            for n in &float_nodes {
+                println!("  {n}");
+            }
+        }
     }
     Ok(())
 }

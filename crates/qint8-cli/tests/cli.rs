@@ -1052,6 +1052,58 @@ fn quantize_rejects_images_of_the_wrong_shape_and_writes_nothing() {
     assert!(!out.exists());
 }
 
+/// `--keep-float` leaves the named nodes (globs allowed) without Q/DQ on
+/// their inputs, reports them, and names patterns that match nothing.
+#[test]
+fn quantize_keeps_named_nodes_in_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let run = |keep: &str| {
+        qint8(&[
+            "quantize",
+            s(&model("resnet50.onnx")),
+            "--calib",
+            s(&calib_images()),
+            "--calib-size",
+            "16",
+            "--pad",
+            "2",
+            "--keep-float",
+            keep,
+            "--json",
+            "-o",
+            s(&out),
+        ])
+    };
+    let summary = json(&ok(run("/conv1/Conv,*/fc/*")));
+    assert_eq!(
+        summary["float_nodes"],
+        serde_json::json!(["/conv1/Conv", "/fc/Gemm"])
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+    let dq: Vec<&str> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
+    let reads_dq = |name: &str| {
+        let n = g.node.iter().find(|n| n.name == name).unwrap();
+        n.input.iter().any(|i| dq.contains(&i.as_str()))
+    };
+    assert!(!reads_dq("/conv1/Conv") && !reads_dq("/fc/Gemm"));
+    assert!(reads_dq("/layer1/layer1.0/conv1/Conv"));
+    ok(qint8(&["check-trt", s(&out)]));
+    std::fs::remove_file(&out).unwrap();
+    let err = fails(run("/conv1/Conv,/relu/Relu"));
+    assert!(
+        err.contains("`/relu/Relu` matches no node with quantized inputs"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 fn calib_images() -> PathBuf {
     fixtures().join("data/calib-images-idx3-ubyte")
 }
