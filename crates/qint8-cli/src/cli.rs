@@ -131,9 +131,10 @@ pub(crate) struct MixedPrecisionArgs {
     /// lost). Without it: the best top-1 reachable with --max-float nodes.
     #[arg(long, value_name = "D", allow_negative_numbers = true)]
     pub(crate) max_drop: Option<f64>,
-    /// Keep at most K nodes in float [default: a tenth of the
-    /// Conv/Gemm/MatMul nodes, at least 1]. After the first, each node
-    /// costs one evaluation of the sensitivity images per remaining node.
+    /// Keep at most K nodes in float besides those of --keep-float
+    /// [default: a tenth of the Conv/Gemm/MatMul nodes analyzed, at least
+    /// 1]. After the first, each node costs one evaluation of the
+    /// sensitivity images per remaining node.
     #[arg(long, value_name = "K")]
     pub(crate) max_float: Option<usize>,
     /// Where to write the QDQ model (atomically).
@@ -334,17 +335,6 @@ pub(crate) struct QuantizeArgs {
     /// (modelopt style) instead of int8 initializers.
     #[arg(long)]
     pub(crate) float_weights: bool,
-    /// Keep these nodes in float: their inputs get no Q/DQ (a convolution's
-    /// fused residual Add goes along). Node names as `qint8 sensitivity`
-    /// prints them; `*` matches any run of characters; comma-separated or
-    /// repeated. Each must match a node with quantized inputs.
-    #[arg(
-        long,
-        value_name = "NODE",
-        value_delimiter = ',',
-        conflicts_with = "trt_cache"
-    )]
-    pub(crate) keep_float: Vec<String>,
     /// Image preprocessing.
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,
@@ -408,6 +398,13 @@ pub(crate) struct CalibrationArgs {
     /// onnxruntime's QDQ quantizer would quantize.
     #[arg(long, value_enum, default_value_t = Placement::Trt)]
     pub(crate) placement: Placement,
+    /// Keep these nodes in float: their inputs get no Q/DQ (a convolution's
+    /// fused residual Add goes along). Node names as `qint8 sensitivity`
+    /// prints them; `*` matches any run of characters; comma-separated or
+    /// repeated. Each must match a node with quantized inputs. The analyses
+    /// leave them out, and mixed precision adds its nodes to them.
+    #[arg(long, value_name = "NODE", value_delimiter = ',')]
+    pub(crate) keep_float: Vec<String>,
 }
 
 /// Arguments of `qint8 zoo`.

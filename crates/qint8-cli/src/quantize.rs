@@ -44,13 +44,16 @@ pub(crate) fn range_method(
 
 pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
+    if args.trt_cache.is_some() && !args.cal.keep_float.is_empty() {
+        // The cache describes every tensor of the unmodified model.
+        bail!("--keep-float applies to the QDQ model: a TensorRT calibration cache cannot keep layers in float (set their precision in TensorRT instead)");
+    }
     let model = load_model(&args.model)?;
     let opened = crate::data::open_calibration(&args.cal.calib, &args.pre)?;
     let data_format = opened.kind.name();
     let data = opened.dataset;
     let cfg = CalibConfig {
         all_ranges: args.trt_cache.is_some(),
-        float_nodes: args.keep_float.iter().cloned().collect(),
         ..args.cal.config(args.batch, threads)?
     };
     let show = !args.json && std::io::stderr().is_terminal();
@@ -206,6 +209,7 @@ impl CalibrationArgs {
         Ok(CalibConfig {
             smooth: self.smooth.smoothing(),
             per_channel: !self.per_tensor,
+            float_nodes: self.keep_float.iter().cloned().collect(),
             placement: match self.placement {
                 Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
                 Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,

@@ -11,7 +11,7 @@ use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Sensitivity}
 use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
-use qint8_graph::Model;
+use qint8_graph::{Model, Op};
 use serde_json::json;
 
 use crate::cli::{AnalysisArgs, MixedPrecisionArgs, SensitivityArgs};
@@ -66,6 +66,20 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         subset,
         show,
     })
+}
+
+/// The nodes --keep-float put in float, and how many of them are
+/// Conv/Gemm/MatMul nodes (the kind the analyses count).
+fn kept_float(p: &Prepared) -> (Vec<String>, usize) {
+    let g = &p.calibrated.graph;
+    let kept: Vec<String> = p.calibrated.plan.precision.keys().cloned().collect();
+    let counted = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm { .. } | Op::MatMul))
+        .filter(|n| kept.contains(&n.name))
+        .count();
+    (kept, counted)
 }
 
 fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity> {
@@ -142,6 +156,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
     };
     write_atomic(&chart_path, &chart.to_svg())?;
     let ratio = s.seconds / s.eval_seconds.max(1e-9);
+    let (kept, _) = kept_float(&p);
     if a.json {
         let nodes: Vec<serde_json::Value> = order
             .iter()
@@ -169,6 +184,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             "seconds": s.seconds,
             "eval_seconds": s.eval_seconds,
             "chart": chart_path.display().to_string(),
+            "kept_float": kept,
             "nodes": nodes,
         });
         return crate::print_stdout(&format!("{v}\n"));
@@ -207,9 +223,13 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         Method::Linearized => "first-order estimates (one recorded FP32 pass, one backward pass of the top-2 margin); SQNR and divergences of that margin".to_string(),
         Method::Exact => format!("{} real evaluations; SQNR and divergences of the logits", 1 + 2 * s.nodes.len()),
     };
+    let kept_line = match kept.len() {
+        0 => String::new(),
+        k => format!(" (and {k} kept in float by --keep-float, not analyzed)"),
+    };
     let text = format!(
         "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.5}, JS {:.5})\n\
-         {} nodes, {how}\n\
+         {} nodes{kept_line}, {how}\n\
          analysis {:.1} s = {:.1}x one evaluation of the quantized model on these images ({:.2} s)\n\n{}\nchart: {}\n",
         a.model.display(),
         p.calibrated.plan.method,
@@ -242,6 +262,8 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
     let s = measure(&p, a, threads)?;
     let show = p.show;
     let n = p.eval.len();
+    // Curves count every Conv/Gemm/MatMul node in float, --keep-float's too.
+    let (kept, kept_counted) = kept_float(&p);
     let m = mixed_precision(
         &p.model,
         &p.calibrated.graph,
@@ -258,7 +280,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
                 show,
                 &format!(
                     "verifying: {} nodes in float: top-1 {:.2}% on {n} images",
-                    c.float_nodes,
+                    c.float_nodes + kept_counted,
                     c.top1 * 100.0
                 ),
             )
@@ -286,7 +308,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             points: m
                 .curve
                 .iter()
-                .map(|c| (c.float_nodes as f64, c.top1 * 100.0))
+                .map(|c| ((c.float_nodes + kept_counted) as f64, c.top1 * 100.0))
                 .collect(),
             color: PALETTE[0].into(),
             filled: false,
@@ -301,7 +323,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         let _ = std::fs::remove_file(&args.output);
         return Err(e.into());
     }
-    let quantizable = s.nodes.len();
+    let quantizable = s.nodes.len() + kept_counted;
     if a.json {
         let v = json!({
             "model": a.model.display().to_string(),
@@ -317,8 +339,9 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             "met": m.met,
             "float_nodes": m.float_nodes,
             "float_residual_adds": m.float_adds.concat(),
+            "kept_float": kept,
             "quantizable_nodes": quantizable,
-            "curve": m.curve.iter().map(|c| json!({"float_nodes": c.float_nodes, "top1": c.top1})).collect::<Vec<_>>(),
+            "curve": m.curve.iter().map(|c| json!({"float_nodes": c.float_nodes + kept_counted, "top1": c.top1})).collect::<Vec<_>>(),
             "seconds": start.elapsed().as_secs_f64(),
         });
         return crate::print_stdout(&format!("{v}\n"));
@@ -330,7 +353,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
     ]);
     for c in &m.curve {
         t.row(vec![
-            c.float_nodes.to_string(),
+            (c.float_nodes + kept_counted).to_string(),
             format!("{:.2}", c.top1 * 100.0),
             format!("{:.2}", (m.fp32_top1 - c.top1) * 100.0),
         ]);
@@ -339,16 +362,23 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         Some(d) => format!("budget {d} pp: {}", if m.met { "met" } else { "NOT met" }),
         None => "best reachable".into(),
     };
+    let by_flag = match kept_counted {
+        0 => String::new(),
+        k => format!(" ({k} of them by --keep-float)"),
+    };
     let mut text = format!(
-        "{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
+        "{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float{by_flag}; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
         a.model.display(),
         args.output.display(),
-        m.float_nodes.len(),
+        m.float_nodes.len() + kept_counted,
         quantizable,
         m.top1 * 100.0,
         m.fp32_top1 * 100.0,
         (m.fp32_top1 - m.top1) * 100.0,
     );
+    for k in &kept {
+        text.push_str(&format!("  float (--keep-float): {k}\n"));
+    }
     for (f, adds) in m.float_nodes.iter().zip(&m.float_adds) {
         text.push_str(&format!("  float: {f}\n"));
         for add in adds {

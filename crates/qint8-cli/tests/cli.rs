@@ -1625,6 +1625,37 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
         (e["top1"].as_f64().unwrap() - v["top1"].as_f64().unwrap()).abs() < 1e-9,
         "{e} {v}"
     );
+    // --keep-float: the node is neither analyzed nor chosen, and counts
+    // among the float nodes from the curve's first point on.
+    let top = nodes[0]["node"].as_str().unwrap();
+    let mut args = vec!["sensitivity".to_string()];
+    args.extend(common(&["--chart", s(&chart), "--keep-float", top]));
+    let k = json(&ok(qint8(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
+    let analyzed = k["nodes"].as_array().unwrap();
+    assert_eq!(analyzed.len(), 53);
+    assert!(analyzed.iter().all(|n| n["node"] != top));
+    assert_eq!(k["kept_float"], serde_json::json!([top]));
+    let mut args = vec!["mixed-precision".to_string()];
+    args.extend(common(&[
+        "--keep-float",
+        top,
+        "--max-float",
+        "1",
+        "-o",
+        s(&out),
+    ]));
+    let k = json(&ok(qint8(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
+    assert_eq!(k["kept_float"], serde_json::json!([top]));
+    assert_eq!(k["quantizable_nodes"], 54);
+    let chosen = k["float_nodes"].as_array().unwrap();
+    assert!(chosen.len() == 1 && chosen[0] != top, "{k}");
+    assert_eq!(k["curve"][0]["float_nodes"], 1);
+    assert_eq!(k["curve"][1]["float_nodes"], 2);
+
     let mut args = vec!["mixed-precision".to_string()];
     args.extend(common(&[]));
     args.extend(["--max-drop", "-1", "-o", s(&dir.path().join("bad.onnx"))].map(String::from));
