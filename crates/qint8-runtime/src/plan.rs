@@ -752,6 +752,7 @@ fn build_kernel(
                         act: Activation::None,
                         packed: Vec::new(),
                     }
+                    .without_dead_taps()
                     .pack(),
                 ),
                 false,

@@ -89,6 +89,10 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
 }
 
 fn build(c: &ConvCase) -> Conv2d {
+    unpacked(c).pack()
+}
+
+fn unpacked(c: &ConvCase) -> Conv2d {
     let (cin, cout) = (c.cin_g * c.group, c.cout_g * c.group);
     let oh = (c.hw.0 + c.pad.0 + c.pad.2 - c.dilation.0 * (c.k.0 - 1) - 1) / c.stride.0 + 1;
     let ow = (c.hw.1 + c.pad.1 + c.pad.3 - c.dilation.1 * (c.k.1 - 1) - 1) / c.stride.1 + 1;
@@ -117,7 +121,6 @@ fn build(c: &ConvCase) -> Conv2d {
         ][c.act as usize],
         packed: Vec::new(),
     }
-    .pack()
 }
 
 proptest! {
@@ -134,6 +137,11 @@ proptest! {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| conv.run(&x, &mut fast, &mut scratch, 2));
         conv.reference(&x, &mut slow);
+        close(&fast, &slow, conv.cin / conv.group * conv.kh * conv.kw)?;
+        // Without the taps that only ever read padding: the same output.
+        let trimmed = unpacked(&c).without_dead_taps().pack();
+        let mut scratch = vec![0.0; trimmed.scratch_len()];
+        pool.install(|| trimmed.run(&x, &mut fast, &mut scratch, 2));
         close(&fast, &slow, conv.cin / conv.group * conv.kh * conv.kw)?;
     }
 
@@ -193,6 +201,45 @@ fn pointwise_on_single_pixels_matches_reference() {
         conv.run(&x, &mut fast, &mut scratch, 1);
         conv.reference(&x, &mut slow);
         close(&fast, &slow, cin).unwrap();
+    }
+}
+
+/// Windows mostly in the padding lose their dead rows and columns: a 3x3
+/// on a 1x1 plane becomes its centre tap, a 5x5 with padding 2 on a 2x2
+/// plane its middle 3x3; both compute what the whole window computes.
+#[test]
+fn dead_taps_are_dropped_and_the_output_is_unchanged() {
+    for (hw, k, pad, kept, pad_after) in [
+        ((1, 1), (3, 3), (1, 1, 1, 1), (1, 1), (0, 0)),
+        ((2, 2), (5, 5), (2, 2, 2, 2), (3, 3), (1, 1)),
+        ((1, 6), (3, 3), (1, 1, 1, 1), (1, 3), (0, 1)),
+        ((6, 6), (3, 3), (1, 1, 1, 1), (3, 3), (1, 1)),
+    ] {
+        let c = ConvCase {
+            n: 3,
+            cin_g: 5,
+            cout_g: 7,
+            group: 1,
+            hw,
+            k,
+            stride: (1, 1),
+            dilation: (1, 1),
+            pad,
+            act: 1,
+            seed: 11,
+        };
+        let full = build(&c);
+        let trimmed = unpacked(&c).without_dead_taps().pack();
+        assert_eq!((trimmed.kh, trimmed.kw), kept, "{hw:?} {k:?}");
+        assert_eq!(trimmed.pad, pad_after, "{hw:?} {k:?}");
+        assert_eq!((trimmed.oh, trimmed.ow), (full.oh, full.ow));
+        let x = values(full.n * full.cin * full.ih * full.iw, 4);
+        let len = full.n * full.cout * full.oh * full.ow;
+        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+        let mut scratch = vec![0.0; trimmed.scratch_len()];
+        trimmed.run(&x, &mut fast, &mut scratch, 1);
+        full.reference(&x, &mut slow);
+        close(&fast, &slow, 45).unwrap();
     }
 }
 
@@ -259,6 +306,12 @@ fn depthwise_small_planes_with_many_channels_match_reference() {
         (32, (8, 6), (5, 5), (2, 2), (2, 2, 2, 2), 1),
         (5, (4, 4), (3, 3), (1, 1), (1, 1, 1, 1), 0),
         (48, (2, 2), (3, 3), (1, 1), (1, 1, 1, 1), 2),
+        // EfficientNet's late stages at 32x32: 5x5 windows mostly in the
+        // padding of 2x2 and 1x1 planes, strided too.
+        (33, (2, 2), (5, 5), (1, 1), (2, 2, 2, 2), 1),
+        (40, (1, 1), (5, 5), (1, 1), (2, 2, 2, 2), 0),
+        (24, (2, 2), (5, 5), (2, 2), (2, 2, 2, 2), 2),
+        (17, (3, 2), (5, 3), (2, 1), (2, 1, 0, 1), 0),
     ] {
         assert!(depthwise_matches_reference(3, group, 2, (hw, k, stride, pad, act)) <= 1024);
     }
