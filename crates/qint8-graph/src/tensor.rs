@@ -177,7 +177,11 @@ impl Tensor {
     /// Elements converted to f32 (integers exactly where representable).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
-            Tensor::F32(a) => a.iter().copied().collect(),
+            // A contiguous array copies as one slice; ndarray's element
+            // iterator costs several times more on large weights.
+            Tensor::F32(a) => a
+                .as_slice()
+                .map_or_else(|| a.iter().copied().collect(), <[f32]>::to_vec),
             Tensor::U8(a) => a.iter().map(|&v| v as f32).collect(),
             Tensor::I8(a) => a.iter().map(|&v| v as f32).collect(),
             Tensor::I32(a) => a.iter().map(|&v| v as f32).collect(),
@@ -272,5 +276,25 @@ pub(crate) fn tensor_err(name: &str, detail: impl Into<String>) -> GraphError {
     GraphError::Tensor {
         name: name.to_string(),
         detail: detail.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tensor;
+    use ndarray::{ArrayD, IxDyn};
+
+    #[test]
+    fn to_f32_vec_reads_logical_order_whatever_the_layout() {
+        let a =
+            ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert_eq!(
+            Tensor::F32(a.clone()).to_f32_vec(),
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        );
+        // A transposed (column-major) array has no standard-layout slice.
+        let t = a.reversed_axes();
+        assert!(t.as_slice().is_none());
+        assert_eq!(Tensor::F32(t).to_f32_vec(), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
     }
 }
