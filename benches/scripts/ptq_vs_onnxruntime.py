@@ -20,8 +20,11 @@ What is timed:
                quantization (quantize_static logs a warning without it), runs
                once per model in a child of its own and is reported on its own
                row, as a separate cost.
-The "qint8 speedup" column is onnxruntime's quantize_static seconds over
-qint8's seconds (in brackets: with the pre-processing added to onnxruntime).
+Each tool quantizes --repeat times (5), the two interleaved so that the
+machine's drift reaches both alike; a tool's time is the median of its runs.
+The "qint8 speedup" column is the median over the runs of onnxruntime's
+quantize_static seconds over qint8's seconds, with their range (in
+brackets: with the pre-processing added to onnxruntime).
 
 onnxruntime settings (see ORT_QUANTIZE_CHILD below): quant_format QDQ,
 activation_type and weight_type QInt8, per_channel=True, calibrate_method
@@ -103,6 +106,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -389,51 +393,66 @@ def compare(args) -> list[dict]:
             pre_s = next((r["seconds"] for r in rows if r["model"] == name and r["method"] == "pre-process"), None)
 
             for method in args.methods:
-                # onnxruntime
+                # Both tools quantize --repeat times, interleaved, so the
+                # machine's drift hits both alike; each reports its median
+                # and the speedup is the median of the paired ratios.
                 ort_row = {"model": name, "method": method, "tool": "onnxruntime"}
                 if args.skip_ort:
                     ort_row = None
                 elif method not in ORT_METHODS:
                     ort_row["error"] = "n/a (onnxruntime has no such calibration method)"
-                else:
-                    out = os.path.join(tmp, f"{name}.{method}.ort.onnx")
-                    spec = {"model": ort_input, "output": out, "calib": args.calib, "calib_size": args.calib_size,
-                            "pad": args.pad, "mean": args.mean, "std": args.std, "batch": batch,
-                            "threads": args.threads, "method": method, "percentile": args.percentile,
-                            "input_name": input_name(ort_input), "result": out + ".json"}
-                    spec_path = out + ".spec.json"
-                    json.dump(spec, open(spec_path, "w"))
-                    r = run_measured([sys.executable, os.path.abspath(__file__), "_ort_quantize", spec_path],
-                                     child_env(args.threads))
-                    if r["returncode"] != 0:
-                        ort_row["error"] = r["stderr"][-2000:]
-                        print(f"warning: onnxruntime {method} on {name} failed:\n{r['stderr'][-2000:]}", file=sys.stderr)
-                    else:
-                        info = json.load(open(spec["result"]))
-                        ort_row.update(seconds=info["seconds"], process_wall_s=r["wall_s"],
-                                       peak_rss_mb=r["peak_rss_mb"], batch=info["batch"],
-                                       calibration_sessions=info["calibration_sessions"], vm_hwm_mb=info["vm_hwm_mb"],
-                                       extra_options=info["extra_options"], onnxruntime=info["onnxruntime"],
-                                       top1=ort_top1(out, x_test, y_test, args.threads))
-                        ort_row["drop_pp"] = (fp32 - ort_row["top1"]) * 100
+                ort_out = os.path.join(tmp, f"{name}.{method}.ort.onnx")
+                out = os.path.join(tmp, f"{name}.{method}.qint8.onnx")
+                ort_runs, q_runs = [], []
+                for _ in range(args.repeat):
+                    if ort_row is not None and "error" not in ort_row:
+                        spec = {"model": ort_input, "output": ort_out, "calib": args.calib,
+                                "calib_size": args.calib_size, "pad": args.pad, "mean": args.mean, "std": args.std,
+                                "batch": batch, "threads": args.threads, "method": method,
+                                "percentile": args.percentile, "input_name": input_name(ort_input),
+                                "result": ort_out + ".json"}
+                        spec_path = ort_out + ".spec.json"
+                        json.dump(spec, open(spec_path, "w"))
+                        r = run_measured([sys.executable, os.path.abspath(__file__), "_ort_quantize", spec_path],
+                                         child_env(args.threads))
+                        if r["returncode"] != 0:
+                            ort_row["error"] = r["stderr"][-2000:]
+                            print(f"warning: onnxruntime {method} on {name} failed:\n{r['stderr'][-2000:]}",
+                                  file=sys.stderr)
+                        else:
+                            ort_runs.append((json.load(open(spec["result"])), r))
+                    q_runs.append(qint8_quantize(args, model, args.calib, args.calib_size, method, out, batch))
+
+                if ort_row is not None and "error" not in ort_row:
+                    info, r = ort_runs[-1]
+                    ort_row.update(seconds=statistics.median(i["seconds"] for i, _ in ort_runs),
+                                   runs_s=[i["seconds"] for i, _ in ort_runs], process_wall_s=r["wall_s"],
+                                   peak_rss_mb=max(rr["peak_rss_mb"] for _, rr in ort_runs), batch=info["batch"],
+                                   calibration_sessions=info["calibration_sessions"], vm_hwm_mb=info["vm_hwm_mb"],
+                                   extra_options=info["extra_options"], onnxruntime=info["onnxruntime"],
+                                   top1=ort_top1(ort_out, x_test, y_test, args.threads))
+                    ort_row["drop_pp"] = (fp32 - ort_row["top1"]) * 100
                 if ort_row is not None:
                     rows.append(ort_row)
                     print(json.dumps(ort_row), file=sys.stderr)
 
-                # qint8
-                out = os.path.join(tmp, f"{name}.{method}.qint8.onnx")
-                q = qint8_quantize(args, model, args.calib, args.calib_size, method, out, batch)
-                row = {"model": name, "method": method, "tool": "qint8", "seconds": q["wall_s"],
-                       "process_wall_s": q["wall_s"], "peak_rss_mb": q["peak_rss_mb"], "batch": batch,
+                q = q_runs[-1]
+                row = {"model": name, "method": method, "tool": "qint8",
+                       "seconds": statistics.median(qq["wall_s"] for qq in q_runs),
+                       "runs_s": [qq["wall_s"] for qq in q_runs],
+                       "process_wall_s": q["wall_s"], "peak_rss_mb": max(qq["peak_rss_mb"] for qq in q_runs),
+                       "batch": batch,
                        "calibration_seconds": q["summary"].get("calibration_seconds"),
                        "total_seconds": q["summary"].get("total_seconds"),
                        "top1": ort_top1(out, x_test, y_test, args.threads),
                        "qint8_eval_top1": qint8_eval(args, out, str(test_images), str(test_labels))}
                 row["drop_pp"] = (fp32 - row["top1"]) * 100
                 if ort_row is not None and "seconds" in ort_row:
-                    row["speedup"] = ort_row["seconds"] / row["seconds"]
+                    pairs = list(zip(ort_row["runs_s"], row["runs_s"]))
+                    row["speedup"] = statistics.median(o / qq for o, qq in pairs)
+                    row["speedup_range"] = [min(o / qq for o, qq in pairs), max(o / qq for o, qq in pairs)]
                     if pre_s is not None:
-                        row["speedup_with_preprocess"] = (ort_row["seconds"] + pre_s) / row["seconds"]
+                        row["speedup_with_preprocess"] = statistics.median((o + pre_s) / qq for o, qq in pairs)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
 
@@ -459,14 +478,16 @@ def compare(args) -> list[dict]:
             continue
         speed = ""
         if "speedup" in r:
-            speed = f"{r['speedup']:.1f}x"
+            lo, hi = r["speedup_range"]
+            speed = f"{r['speedup']:.1f}x [{lo:.1f}-{hi:.1f}]"
             if "speedup_with_preprocess" in r:
                 speed += f" ({r['speedup_with_preprocess']:.1f}x)"
         print(f"| {r['model']} | {r['method']} | {r['tool']} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} "
               f"| {r['top1']:.4f} | {r['drop_pp']:+.2f} | {f(r.get('qint8_eval_top1'), '.4f')} | {speed} |")
-    print("\nquantize wall s: qint8 = the whole `qint8 quantize` process; onnxruntime = the quantize_static call "
-          "(quant_pre_process on its own row). qint8 speedup = onnxruntime s / qint8 s (in brackets: onnxruntime "
-          "with quant_pre_process). Drop = FP32 top-1 minus quantized top-1, both with onnxruntime.")
+    print(f"\nquantize wall s: median of {args.repeat} runs per tool, interleaved; qint8 = the whole `qint8 quantize` "
+          "process; onnxruntime = the quantize_static call (quant_pre_process on its own row). qint8 speedup = the "
+          "median of the runs' onnxruntime s / qint8 s [their range] (in brackets: onnxruntime with "
+          "quant_pre_process). Drop = FP32 top-1 minus quantized top-1, both with onnxruntime.")
     return rows
 
 
@@ -534,6 +555,8 @@ def main() -> int:
     ap.add_argument("--percentile", type=float, default=99.99, help="percentile for both tools [99.99]")
     ap.add_argument("--threads", type=int, default=2, help="threads for both tools [2]")
     ap.add_argument("--skip-ort", action="store_true", help="only qint8 (and the FP32 top-1)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="quantize this many times with each tool, interleaved; medians are reported [5]")
     ap.add_argument("--memory", action="store_true", help="measure qint8's entropy-calibration peak RSS instead")
     ap.add_argument("--memory-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[500, 5000],
                     help="calibration sizes for --memory [500,5000]")

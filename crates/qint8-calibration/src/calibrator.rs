@@ -553,14 +553,21 @@ pub fn weight_params(
             continue;
         };
         let shape = w.shape().to_vec();
-        let values: Vec<f32> = w.iter().copied().collect();
+        let copy: Vec<f32>;
+        let values: &[f32] = match w.as_slice() {
+            Some(s) => s,
+            None => {
+                copy = w.iter().copied().collect();
+                &copy
+            }
+        };
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(CalibError::Invalid(format!(
                 "weight `{name}` holds a non-finite value at index {i}"
             )));
         }
         let p = if per_channel {
-            let a = qint8_math::stats::amax_per_channel(&values, &shape, axis)?;
+            let a = qint8_math::stats::amax_per_channel(values, &shape, axis)?;
             QuantParams::symmetric_per_channel(&a, axis, QuantDtype::Int8, true)?
         } else {
             let a = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));

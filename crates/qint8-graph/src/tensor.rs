@@ -193,12 +193,12 @@ impl Tensor {
     /// Little-endian raw bytes, as ONNX `raw_data` stores them.
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match self {
-            Tensor::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Tensor::U8(a) => a.iter().copied().collect(),
-            Tensor::I8(a) => a.iter().map(|&v| v as u8).collect(),
-            Tensor::I32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Tensor::I64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Tensor::Bool(a) => a.iter().map(|&v| v as u8).collect(),
+            Tensor::F32(a) => le_bytes(a, f32::to_le_bytes),
+            Tensor::U8(a) => le_bytes(a, |v| [v]),
+            Tensor::I8(a) => le_bytes(a, i8::to_le_bytes),
+            Tensor::I32(a) => le_bytes(a, i32::to_le_bytes),
+            Tensor::I64(a) => le_bytes(a, i64::to_le_bytes),
+            Tensor::Bool(a) => le_bytes(a, |v| [v as u8]),
         }
     }
 
@@ -279,6 +279,24 @@ pub(crate) fn tensor_err(name: &str, detail: impl Into<String>) -> GraphError {
     }
 }
 
+/// `a`'s elements in logical order, each as `N` bytes. A contiguous array
+/// is read as one slice: ndarray's element iterator costs several times
+/// more on large initializers.
+fn le_bytes<T: Copy, const N: usize>(a: &ArrayD<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = vec![0u8; a.len() * N];
+    match a.as_slice() {
+        Some(s) => out
+            .chunks_exact_mut(N)
+            .zip(s)
+            .for_each(|(o, &v)| o.copy_from_slice(&f(v))),
+        None => out
+            .chunks_exact_mut(N)
+            .zip(a.iter())
+            .for_each(|(o, &v)| o.copy_from_slice(&f(v))),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::Tensor;
@@ -293,8 +311,17 @@ mod tests {
             [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
         );
         // A transposed (column-major) array has no standard-layout slice.
-        let t = a.reversed_axes();
+        let t = a.clone().reversed_axes();
         assert!(t.as_slice().is_none());
-        assert_eq!(Tensor::F32(t).to_f32_vec(), [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert_eq!(
+            Tensor::F32(t.clone()).to_f32_vec(),
+            [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+        );
+        let bytes = |t: &ArrayD<f32>| Tensor::F32(t.clone()).to_le_bytes();
+        assert_eq!(bytes(&a)[4..8], 1.0f32.to_le_bytes());
+        assert_eq!(bytes(&t)[4..8], 3.0f32.to_le_bytes());
+        assert_eq!(bytes(&t).len(), 24);
+        let i = ArrayD::from_shape_vec(IxDyn(&[2]), vec![-2i64, 7]).unwrap();
+        assert_eq!(Tensor::I64(i).to_le_bytes()[8..], 7i64.to_le_bytes());
     }
 }
