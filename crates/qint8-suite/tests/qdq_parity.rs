@@ -16,10 +16,11 @@ use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::Model;
 use qint8_suite::{fixture_dataset, fixtures, onnxruntime_available, top1_agreement};
 
-/// Calibrates fixture `name` on 1000 images, exports it with each of
-/// `storages`, and checks the file against the rules and onnxruntime.
-/// `min_top1` is qint8's required top-1 on the eval slice (of 2000).
-fn export_and_compare(name: &str, storages: &[WeightStorage], min_top1: usize) {
+/// Calibrates fixture `name` on 1000 images (`float` nodes kept in
+/// float), exports it with each of `storages`, and checks the file against
+/// the rules and onnxruntime. `min_top1` is qint8's required top-1 on the
+/// eval slice (of 2000).
+fn export_and_compare(name: &str, storages: &[WeightStorage], min_top1: usize, float: &[&str]) {
     if !onnxruntime_available() {
         eprintln!("skipped: python3 with onnxruntime and numpy is not available");
         return;
@@ -29,9 +30,11 @@ fn export_and_compare(name: &str, storages: &[WeightStorage], min_top1: usize) {
     let calib = fixture_dataset("calib-images-idx3-ubyte", 1000);
     let cfg = CalibConfig {
         threads: 2,
+        float_nodes: float.iter().map(|n| n.to_string()).collect(),
         ..Default::default()
     };
     let c = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    assert_eq!(c.plan.precision.is_empty(), float.is_empty());
     let dir = tempfile::tempdir().unwrap();
     let eval = fixture_dataset("eval-images-idx3-ubyte", 2000);
     let batch = eval.batch(0, eval.len()).unwrap();
@@ -43,8 +46,19 @@ fn export_and_compare(name: &str, storages: &[WeightStorage], min_top1: usize) {
         };
         let file = dir.path().join(format!("{name}_{storage:?}.onnx"));
         qint8_graph::onnx::save(&q, &file).unwrap();
-        let violations = qint8_trt::check_file(&file).unwrap();
+        let (warnings, violations): (Vec<_>, Vec<_>) = qint8_trt::check_file(&file)
+            .unwrap()
+            .into_iter()
+            .partition(|v| v.rule.is_warning());
         assert!(violations.is_empty(), "{name} {storage:?}: {violations:?}");
+        // Only float nodes read float inputs.
+        assert!(
+            warnings
+                .iter()
+                .all(|w| c.plan.precision.contains_key(&w.node)),
+            "{name} {storage:?}: {warnings:?}"
+        );
+        assert_eq!(warnings.is_empty(), float.is_empty(), "{name} {storage:?}");
 
         let a = top1_agreement(&q, &file, &batch, dir.path()).unwrap();
         eprintln!("{name} {storage:?}: {a:?}");
@@ -67,15 +81,28 @@ fn exported_resnet50_passes_the_checker_and_matches_onnxruntime() {
         "resnet50",
         &[WeightStorage::Int8, WeightStorage::FloatQdq],
         1830,
+        &[],
+    );
+}
+
+/// Float nodes (globs, residual Adds among them) leave their inputs
+/// unquantized in the file; onnxruntime still computes what qint8 does.
+#[test]
+fn resnet50_with_float_nodes_matches_onnxruntime() {
+    export_and_compare(
+        "resnet50",
+        &[WeightStorage::Int8],
+        1830,
+        &["/conv1/Conv", "/layer2/*", "/fc/Gemm"],
     );
 }
 
 #[test]
 fn exported_vgg16_bn_passes_the_checker_and_matches_onnxruntime() {
-    export_and_compare("vgg16_bn", &[WeightStorage::Int8], 1840);
+    export_and_compare("vgg16_bn", &[WeightStorage::Int8], 1840, &[]);
 }
 
 #[test]
 fn exported_efficientnet_b0_passes_the_checker_and_matches_onnxruntime() {
-    export_and_compare("efficientnet_b0", &[WeightStorage::Int8], 1780);
+    export_and_compare("efficientnet_b0", &[WeightStorage::Int8], 1780, &[]);
 }
