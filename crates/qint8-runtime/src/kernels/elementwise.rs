@@ -401,6 +401,12 @@ mod tests {
             (&[1, 3, 1, 5], &[2, 1, 4, 1]),
             (&[5], &[2, 3, 4, 5]),
             (&[2, 1, 4, 5], &[3, 1, 5]),
+            // Short rows (a gate times a 2x2 plane), and plans of three
+            // and four dimensions.
+            (&[2, 3, 2, 2], &[2, 3, 1, 1]),
+            (&[2, 3, 4, 5], &[2, 1, 4, 1]),
+            (&[3, 1, 2], &[1, 4, 1]),
+            (&[2, 7, 1, 1], &[2, 7, 1, 1]),
         ];
         for (sa, sb) in cases {
             let out_shape: Vec<usize> = {
