@@ -204,6 +204,19 @@ fn pointwise_on_single_pixels_matches_reference() {
     }
 }
 
+/// Runs `fast` on a deterministic input (seed `seed`, `threads` threads)
+/// and checks it against the reference convolution of `full` (the same
+/// convolution, or the one `fast` was derived from).
+fn matches_reference(fast: &Conv2d, full: &Conv2d, seed: u64, threads: usize) {
+    let x = values(full.n * full.cin * full.ih * full.iw, seed);
+    let len = full.n * full.cout * full.oh * full.ow;
+    let (mut out, mut expect) = (vec![0.0; len], vec![0.0; len]);
+    let mut scratch = vec![0.0; fast.scratch_len()];
+    fast.run(&x, &mut out, &mut scratch, threads);
+    full.reference(&x, &mut expect);
+    close(&out, &expect, full.cin / full.group * full.kh * full.kw).unwrap();
+}
+
 /// Windows mostly in the padding lose their dead rows and columns: a 3x3
 /// on a 1x1 plane becomes its centre tap, a 5x5 with padding 2 on a 2x2
 /// plane its middle 3x3; both compute what the whole window computes.
@@ -233,13 +246,7 @@ fn dead_taps_are_dropped_and_the_output_is_unchanged() {
         assert_eq!((trimmed.kh, trimmed.kw), kept, "{hw:?} {k:?}");
         assert_eq!(trimmed.pad, pad_after, "{hw:?} {k:?}");
         assert_eq!((trimmed.oh, trimmed.ow), (full.oh, full.ow));
-        let x = values(full.n * full.cin * full.ih * full.iw, 4);
-        let len = full.n * full.cout * full.oh * full.ow;
-        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
-        let mut scratch = vec![0.0; trimmed.scratch_len()];
-        trimmed.run(&x, &mut fast, &mut scratch, 1);
-        full.reference(&x, &mut slow);
-        close(&fast, &slow, 45).unwrap();
+        matches_reference(&trimmed, &full, 4, 1);
     }
 }
 
@@ -387,13 +394,7 @@ fn direct_convolution_matches_reference() {
             seed: 11,
         };
         let conv = build(&c);
-        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 5);
-        let len = conv.n * conv.cout * conv.oh * conv.ow;
-        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
-        let mut scratch = vec![0.0; conv.scratch_len()];
-        conv.run(&x, &mut fast, &mut scratch, 2);
-        conv.reference(&x, &mut slow);
-        close(&fast, &slow, cin * 25).unwrap();
+        matches_reference(&conv, &conv, 5, 2);
     }
 }
 
