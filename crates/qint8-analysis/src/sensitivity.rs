@@ -373,11 +373,7 @@ pub(crate) fn run(
         ),
         None => (graph.clone(), model.opset),
     };
-    let q = Model {
-        graph: graph_to_run,
-        opset,
-        ..model.clone()
-    };
+    let q = model.with_graph(graph_to_run, opset);
     let e = Evaluator::new(&q, &graph.name, threads).map_err(invalid)?;
     e.evaluate_logits(data, batch, &mut |_| {}).map_err(invalid)
 }

@@ -243,11 +243,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             let graph = insert_qdq(&calibrated.graph, &plan, WeightStorage::Int8)
                 .with_context(|| format!("building the {name} {granularity} QDQ model"))?;
             // Per-channel QuantizeLinear/DequantizeLinear need opset 13.
-            let qdq = Model {
-                graph,
-                opset,
-                ..model.clone()
-            };
+            let qdq = model.with_graph(graph, opset);
             let file_bytes = qint8_graph::onnx::model_to_proto(&qdq).encoded_len();
             let qdq_name = format!("{model_name} ({name}, {granularity} QDQ)");
             let (score, _, _) = evaluate(

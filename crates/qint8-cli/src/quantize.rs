@@ -6,7 +6,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use qint8_calibration::{calibrate, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
-use qint8_graph::Model;
 use qint8_math::search::{EntropyVariant, RangeMethod};
 use qint8_trt::CalibrationCache;
 use serde_json::json;
@@ -91,11 +90,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     };
     let graph = insert_qdq(&calibrated.graph, &calibrated.plan, storage)?;
     // Per-channel QuantizeLinear/DequantizeLinear need opset 13.
-    let out = Model {
-        graph,
-        opset: model.opset.max(13),
-        ..model.clone()
-    };
+    let out = model.with_graph(graph, model.opset.max(13));
     let cache = match &args.trt_cache {
         Some(_) => Some(
             CalibrationCache::from_amax(

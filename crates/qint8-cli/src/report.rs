@@ -118,11 +118,10 @@ fn analyze(
         })
         .with_context(|| format!("calibrating {name} with {mname}"))?;
         let seconds = t.elapsed().as_secs_f64();
-        let qdq = Model {
-            graph: insert_qdq(&calibrated.graph, &calibrated.plan, WeightStorage::Int8)?,
-            opset: model.opset.max(13),
-            ..model.clone()
-        };
+        let qdq = model.with_graph(
+            insert_qdq(&calibrated.graph, &calibrated.plan, WeightStorage::Int8)?,
+            model.opset.max(13),
+        );
         let (acc, evaluator) = evaluate(&qdq, mname)?;
         rows.push(MethodRow {
             method: mname.to_string(),

@@ -290,11 +290,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         eprint!("\r{}\r", " ".repeat(78));
     }
     let graph = insert_qdq(&p.calibrated.graph, &m.plan, WeightStorage::Int8)?;
-    let out = Model {
-        graph,
-        opset: p.model.opset.max(13),
-        ..p.model.clone()
-    };
+    let out = p.model.with_graph(graph, p.model.opset.max(13));
     let chart_path = args
         .chart
         .clone()

@@ -309,4 +309,17 @@ impl Model {
             producer_version: env!("CARGO_PKG_VERSION").into(),
         }
     }
+
+    /// A model with this one's metadata (IR version, producer) around
+    /// `graph` at `opset`, without copying this model's graph (and its
+    /// weights) as `..model.clone()` would.
+    pub fn with_graph(&self, graph: Graph, opset: i64) -> Self {
+        Self {
+            graph,
+            opset,
+            ir_version: self.ir_version,
+            producer_name: self.producer_name.clone(),
+            producer_version: self.producer_version.clone(),
+        }
+    }
 }

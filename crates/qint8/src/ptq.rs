@@ -73,11 +73,10 @@ impl QuantizedModel {
     /// The QDQ model: QuantizeLinear/DequantizeLinear at the plan's
     /// activations, weights stored as `storage` says, opset at least 13.
     pub fn to_qdq(&self, storage: WeightStorage) -> Result<Model> {
-        Ok(Model {
-            graph: insert_qdq(&self.calibrated.graph, &self.calibrated.plan, storage)?,
-            opset: self.original.opset.max(13),
-            ..self.original.clone()
-        })
+        Ok(self.original.with_graph(
+            insert_qdq(&self.calibrated.graph, &self.calibrated.plan, storage)?,
+            self.original.opset.max(13),
+        ))
     }
 
     /// Writes the QDQ model with int8 weight initializers to `path`
