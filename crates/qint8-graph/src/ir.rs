@@ -323,3 +323,33 @@ impl Model {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Graph, Model};
+
+    #[test]
+    fn with_graph_keeps_the_metadata_and_takes_the_graph_and_opset() {
+        let mut m = Model::new(
+            Graph {
+                name: "old".into(),
+                ..Default::default()
+            },
+            11,
+        );
+        m.ir_version = 7;
+        m.producer_name = "exporter".into();
+        m.producer_version = "2.1".into();
+        let g = Graph {
+            name: "new".into(),
+            ..Default::default()
+        };
+        let q = m.with_graph(g.clone(), 13);
+        assert_eq!((q.graph, q.opset, q.ir_version), (g, 13, 7));
+        assert_eq!(
+            (q.producer_name.as_str(), q.producer_version.as_str()),
+            ("exporter", "2.1")
+        );
+        assert_eq!(m.graph.name, "old");
+    }
+}
