@@ -144,6 +144,10 @@ pub(crate) struct MixedPrecisionArgs {
     /// [default: OUT with .svg for .onnx].
     #[arg(long, value_name = "FILE.svg")]
     pub(crate) chart: Option<PathBuf>,
+    /// Also write the chosen quantization plan as JSON (float nodes as
+    /// `float` precision).
+    #[arg(long, value_name = "PLAN.json")]
+    pub(crate) plan: Option<PathBuf>,
 }
 
 /// Arguments of `qint8 demo`.

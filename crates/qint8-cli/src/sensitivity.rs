@@ -312,12 +312,19 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         reference: Some(("fp32".into(), m.fp32_top1 * 100.0)),
         ..Default::default()
     };
-    // Both files or neither.
+    // Every file of the run or none.
     qint8_graph::onnx::save(&out, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
     if let Err(e) = write_atomic(&chart_path, &chart.to_svg()) {
         let _ = std::fs::remove_file(&args.output);
         return Err(e.into());
+    }
+    if let Some(path) = &args.plan {
+        if let Err(e) = m.plan.save(path) {
+            let _ = std::fs::remove_file(&args.output);
+            let _ = std::fs::remove_file(&chart_path);
+            return Err(anyhow::Error::from(e).context(format!("writing {}", path.display())));
+        }
     }
     let quantizable = s.nodes.len() + kept_counted;
     if a.json {

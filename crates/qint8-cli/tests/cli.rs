@@ -1637,18 +1637,35 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     assert_eq!(analyzed.len(), 53);
     assert!(analyzed.iter().all(|n| n["node"] != top));
     assert_eq!(k["kept_float"], serde_json::json!([top]));
+    let plan = dir.path().join("mp.plan.json");
     let mut args = vec!["mixed-precision".to_string()];
     args.extend(common(&[
         "--keep-float",
         top,
         "--max-float",
         "1",
+        "--plan",
+        s(&plan),
         "-o",
         s(&out),
     ]));
     let k = json(&ok(qint8(
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )));
+    // The plan keeps both the kept and the chosen node in float.
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    let float: Vec<&str> = written["precision"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| *v == "float")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(float.contains(&top), "{written}");
+    assert!(
+        float.contains(&k["float_nodes"][0].as_str().unwrap()),
+        "{written}"
+    );
     assert_eq!(k["kept_float"], serde_json::json!([top]));
     assert_eq!(k["quantizable_nodes"], 54);
     let chosen = k["float_nodes"].as_array().unwrap();
