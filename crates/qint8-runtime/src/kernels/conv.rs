@@ -9,8 +9,8 @@ use qint8_graph::{shape, ConvAttrs, GraphError, Node};
 
 use super::gemm::{sgemm, Mat};
 use super::packed::{
-    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, ConvInput,
-    Epilogue, PackedA, GATHER_BELOW, NR,
+    conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, with_reused,
+    ConvInput, Epilogue, PackedA, DEPTHWISE, GATHER_BELOW, NR,
 };
 use super::{multiversion, Activation};
 
@@ -588,16 +588,18 @@ impl Conv2d {
             }
             let img_out = c * oh * ow;
             super::for_chunks(y, img_out, |img, out| {
-                let mut nhwc = vec![0.0f32; ih * iw * c];
-                let mut acc = vec![0.0f32; oh * ow * c];
-                depthwise_image_nhwc(
-                    self,
-                    &x[img * c * ih * iw..(img + 1) * c * ih * iw],
-                    &w_t,
-                    out,
-                    &mut nhwc,
-                    &mut acc,
-                );
+                // Both halves are written before they are read.
+                with_reused(&DEPTHWISE, (ih * iw + oh * ow) * c, |buf| {
+                    let (nhwc, acc) = buf.split_at_mut(ih * iw * c);
+                    depthwise_image_nhwc(
+                        self,
+                        &x[img * c * ih * iw..(img + 1) * c * ih * iw],
+                        &w_t,
+                        out,
+                        nhwc,
+                        acc,
+                    );
+                });
             });
             return;
         }

@@ -100,12 +100,14 @@ thread_local! {
     static TASK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SHARED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A small-plane depthwise convolution's channels-last input and output.
+    pub(super) static DEPTHWISE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on `len` floats of this thread's buffer `key` (stale
 /// contents: `f` must write before it reads), or on a fresh zeroed buffer
 /// if that one is in use.
-fn with_reused<R>(
+pub(super) fn with_reused<R>(
     key: &'static LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
