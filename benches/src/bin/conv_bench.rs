@@ -60,6 +60,7 @@ fn main() {
             bias: vec![0.1; cout],
             act: Activation::Relu,
             packed: Vec::new(),
+            int8: None,
         }
         .pack();
         let x: Vec<f32> = (0..cin * hw * hw)

@@ -2,7 +2,8 @@
 //! one JSON line: median and mean latency, throughput, plan memory and the
 //! process's peak resident memory.
 //!
-//! Usage: `infer_bench MODEL --batch B --threads T [--iters N] [--warmup W]`
+//! Usage: `infer_bench MODEL --batch B --threads T [--iters N] [--warmup W] [--float-qdq]`
+//! (`--float-qdq`: a QDQ model's convolutions in float, not on integer kernels)
 
 use std::time::Instant;
 
@@ -45,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &model,
         SessionOptions {
             threads,
+            integer: !args.iter().any(|a| a == "--float-qdq"),
             ..Default::default()
         },
     )?;

@@ -559,6 +559,11 @@ pub(crate) struct EvalArgs {
     /// with another runtime (see scripts/eval_vs_onnxruntime.py).
     #[arg(long, value_name = "FILE.npy", hide_short_help = true)]
     pub(crate) predictions: Option<PathBuf>,
+    /// Run a QDQ model's quantized convolutions in float on the dequantized
+    /// values (simulated INT8, as onnxruntime with its optimizations off)
+    /// instead of on the integer kernels the CPU has (AVX-512 VNNI).
+    #[arg(long)]
+    pub(crate) simulated: bool,
 }
 
 /// Parses an integer of at least 1.

@@ -1,5 +1,5 @@
 //! `qint8 compare`: every calibration method at both weight granularities
-//! in one table — top-1/top-5 of each QDQ model (run as simulated INT8),
+//! in one table — top-1/top-5 of each QDQ model (run in INT8),
 //! its drop from FP32, the calibration time and the exported file size.
 //!
 //! Activation thresholds are found on the float graph, so they mostly do
@@ -21,6 +21,7 @@ use prost::Message;
 use qint8_calibration::{calibrate, weight_params, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, QuantPlan, WeightStorage};
 use qint8_graph::Model;
+use qint8_runtime::SessionOptions;
 use serde_json::json;
 
 use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
@@ -157,7 +158,10 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             "qint8 compare",
             &dataset,
             args.study.batch,
-            threads,
+            SessionOptions {
+                threads,
+                ..Default::default()
+            },
             &data_text,
         )?;
         let (score, classes) = scorer.score(

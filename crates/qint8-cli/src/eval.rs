@@ -22,7 +22,7 @@ use crate::run::check_input_shape;
 pub(crate) use qint8_eval::accuracy::{argmax, Score};
 
 /// A model prepared to score labeled images: its runtime session (QDQ
-/// models run as simulated INT8) with plans compiled for the batch sizes a
+/// models run on integer kernels, or simulated in float) with plans compiled for the batch sizes a
 /// dataset needs, and the names of its image input and logits output.
 pub(crate) struct Scorer {
     /// The session that runs the model.
@@ -42,7 +42,7 @@ impl Scorer {
     /// batch; `data` names the data in that message) and yields `[batch,
     /// classes]` logits, then creates its session and compiles the plans of
     /// a full batch of `batch` images and of the remainder before any timing,
-    /// as other runtimes do when they create a session. `name` and
+    /// as other runtimes do when they create a session (with `opts`). `name` and
     /// `command` name the model and the command in messages.
     pub(crate) fn new(
         model: &Model,
@@ -50,7 +50,7 @@ impl Scorer {
         command: &'static str,
         dataset: &ImageDataset,
         batch: usize,
-        threads: usize,
+        opts: SessionOptions,
         data: &str,
     ) -> Result<Self> {
         let n = dataset.len();
@@ -79,14 +79,7 @@ impl Scorer {
                 );
             }
         }
-        let session = Session::new(
-            model,
-            SessionOptions {
-                threads,
-                ..Default::default()
-            },
-        )
-        .with_context(|| format!("preparing {name}"))?;
+        let session = Session::new(model, opts).with_context(|| format!("preparing {name}"))?;
         let mut sizes = vec![first_batch];
         if !n.is_multiple_of(batch) && n > batch {
             sizes.push(n % batch);
@@ -198,10 +191,21 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         "qint8 eval",
         &dataset,
         args.batch,
-        threads,
+        SessionOptions {
+            threads,
+            integer: !args.simulated,
+            ..Default::default()
+        },
         &input_description(&args.data, &prep_text, kind, c),
     )?;
     let session = &scorer.session;
+    // Convolutions the plan runs on integer kernels.
+    let integer = session
+        .plan(&[(scorer.input.as_str(), &[args.batch.min(n), c, h, w])])?
+        .steps()
+        .iter()
+        .filter(|(_, op)| *op == "Conv(int8)")
+        .count();
 
     let progress = !args.json && std::io::stderr().is_terminal();
     let mut predictions = Vec::with_capacity(if args.predictions.is_some() { n } else { 0 });
@@ -255,6 +259,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             "resize": preprocess.resize,
             "crop": preprocess.crop,
             "input_shape": [c, h, w],
+            "int8_convolutions": integer,
         });
         format!("{v}\n")
     } else {
@@ -292,6 +297,14 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             ("total time", format!("{total_seconds:.3} s")),
             ("batch", args.batch.to_string()),
             ("threads", session.threads().to_string()),
+            (
+                "int8 kernels",
+                match integer {
+                    0 if args.simulated => "off (--simulated)".to_string(),
+                    0 => "none (no quantized convolution, or no AVX-512 VNNI)".to_string(),
+                    k => format!("{k} convolutions"),
+                },
+            ),
         ])
     };
     crate::print_stdout(&text)

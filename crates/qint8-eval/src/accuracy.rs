@@ -169,8 +169,9 @@ pub fn score_logits(
     Ok(classes)
 }
 
-/// A model ready to score labeled images: its session (QDQ models run as
-/// simulated INT8) and the names of its image input and logits output.
+/// A model ready to score labeled images: its session (QDQ models run in
+/// INT8: integer convolutions where the CPU has them, the rest simulated)
+/// and the names of its image input and logits output.
 pub struct Evaluator {
     session: Session,
     input: String,

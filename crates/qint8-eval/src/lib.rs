@@ -2,7 +2,7 @@
 //!
 //! - [`accuracy`]: top-1/top-5 with `numpy.argmax`'s tie rule, agreement of
 //!   two models' predictions, and an [`Evaluator`] that scores a model
-//!   (FP32, or QDQ run as simulated INT8) on a labeled
+//!   (FP32, or QDQ run in INT8) on a labeled
 //!   [`ImageDataset`](qint8_calibration::ImageDataset).
 //! - [`layers`]: per-tensor SQNR and cosine similarity
 //!   of one model's activations against another's on the same images.

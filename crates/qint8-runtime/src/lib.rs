@@ -1,4 +1,6 @@
-//! CPU execution of qint8 graphs in FP32 (and simulated INT8 through
+//! CPU execution of qint8 graphs in FP32 and of QDQ graphs in INT8
+//! (convolutions on integer kernels where the CPU has AVX-512 VNNI, see
+//! [`kernels::int8`]; everything else simulated through
 //! QuantizeLinear/DequantizeLinear).
 //!
 //! A [`Session`] simplifies the graph once (BatchNorm folding, constant

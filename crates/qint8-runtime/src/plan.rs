@@ -9,9 +9,11 @@ use qint8_graph::{DataType, Graph, Node, Op, Tensor};
 use qint8_math::params::{ChannelParams, QuantDtype, QuantParams};
 
 use crate::error::{Result, RuntimeError};
+use crate::kernels::conv::Int8Source;
 use crate::kernels::conv::{Conv2d, ConvGeom};
 use crate::kernels::elementwise::{self as ew, BinOp, Broadcast, Unary};
 use crate::kernels::gemm::{sgemm, Mat};
+use crate::kernels::int8;
 use crate::kernels::packed::{conv_source_available, gemm_packed, Epilogue, PackedA};
 use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::Activation;
@@ -250,6 +252,11 @@ impl Arena {
 pub(crate) struct CompileOptions {
     pub fuse: bool,
     pub threads: usize,
+    /// Run convolutions between DequantizeLinear nodes on the integer kernel.
+    pub integer: bool,
+    /// Observers watch the run: keep every DequantizeLinear output (no
+    /// integer convolution reads the float tensor before QuantizeLinear).
+    pub observed: bool,
 }
 
 /// Compiles `g` for the given input shapes.
@@ -268,6 +275,12 @@ pub(crate) fn compile(
         }
     }
     let single_use = |v: &str| consumers.get(v).map(Vec::len) == Some(1) && !outputs.contains(v);
+    let producers: HashMap<&str, &Node> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(move |o| (o.as_str(), n)))
+        .collect();
+    let integer = opts.integer && int8::available();
 
     let mut vals: HashMap<String, Val> = HashMap::new();
     // Buffers: id -> (len, last step index reading it).
@@ -356,7 +369,27 @@ pub(crate) fn compile(
             continue;
         }
 
-        let mut kernel = build_kernel(node, &shapes, &ins, &out_shape, opts)?;
+        let int8 = match integer {
+            true => int8_source(g, &producers, node, &shapes, &vals)?,
+            false => None,
+        };
+        let mut kernel = build_kernel(node, &shapes, &ins, &out_shape, int8)?;
+        // An integer convolution quantizes its input itself: with fusion,
+        // it reads the tensor before QuantizeLinear, and the fake-quant step
+        // that fed only it goes away.
+        if let (Kernel::Conv(c, _), Some(inp), Some(Val::Buf(id))) =
+            (&kernel, node.input(0), ins.first())
+        {
+            if c.int8.is_some() && opts.fuse && !opts.observed && single_use(inp) {
+                let fq = pending
+                    .iter()
+                    .rposition(|e| e.3 == *id && matches!(e.1, Kernel::FakeQuant { .. }));
+                if let Some(pos) = fq {
+                    let (_, _, fq_ins, _) = pending.remove(pos);
+                    ins[0] = fq_ins[0].clone();
+                }
+            }
+        }
         let mut final_name = out_name.clone();
         let mut final_shape = out_shape.clone();
         // Fusions.
@@ -436,6 +469,7 @@ pub(crate) fn compile(
         if let Kernel::Conv(c, _) = &kernel {
             scratch_len = scratch_len.max(c.scratch_len());
             const_bytes += 4 * (c.weight.len() + c.bias.len());
+            const_bytes += c.int8.as_ref().map_or(0, |w| w.bytes());
         }
         if let Kernel::Gemm { b, bias, .. } = &kernel {
             const_bytes += 4 * (b.len() + bias.as_ref().map_or(0, |v| v.len()));
@@ -507,6 +541,7 @@ pub(crate) fn compile(
             })
             .collect::<Result<Vec<_>>>()?;
         let op = match &kernel {
+            Kernel::Conv(c, _) if c.int8.is_some() => "Conv(int8)",
             Kernel::Conv(c, _) if c.group > 1 && c.group == c.cin => "Conv(depthwise)",
             Kernel::Conv(c, _) if c.kh * c.kw == 1 => "Conv(1x1)",
             Kernel::Unary(Unary::Silu) => "SiLU",
@@ -725,12 +760,95 @@ fn dq_params(node: &Node, shapes: &HashMap<String, ValueShape>) -> Result<Option
     qdq_params(node, shapes, axis, rank)
 }
 
+/// Integer weights (as f32) of a Conv whose weight is DequantizeLinear of
+/// int8 constants (zero points 0, per output channel or per tensor)
+/// and whose input is DequantizeLinear output quantized per tensor: what
+/// the integer kernel needs, or `None` when the node does not qualify.
+fn int8_source(
+    g: &Graph,
+    producers: &HashMap<&str, &Node>,
+    node: &Node,
+    shapes: &HashMap<String, ValueShape>,
+    vals: &HashMap<String, Val>,
+) -> Result<Option<Int8Source>> {
+    let Op::Conv(attrs) = &node.op else {
+        return Ok(None);
+    };
+    let dq = |i: usize| {
+        node.input(i)
+            .and_then(|n| producers.get(n))
+            .filter(|p| matches!(p.op, Op::DequantizeLinear { .. }))
+    };
+    let (Some(xdq), Some(wdq)) = (dq(0), dq(1)) else {
+        return Ok(None);
+    };
+    // The integers: an int8 initializer, or (float weights + Q + DQ, as
+    // some tools write them) recovered from the dequantized constant.
+    let Some(wname) = wdq.input(0) else {
+        return Ok(None);
+    };
+    let Some(ws) = shapes.get(wname).filter(|v| v.dtype == DataType::Int8) else {
+        return Ok(None);
+    };
+    let (cout, cin) = match ws.shape[..] {
+        [cout, cin, ..] => (cout, cin),
+        _ => return Ok(None),
+    };
+    // One or two input channels would fill most of each 4-byte group with
+    // padding: such a stem runs in float.
+    if attrs.group > 1 || cin < 3 {
+        return Ok(None);
+    }
+    let (Some(xp), Some(wp)) = (dq_params(xdq, shapes)?, dq_params(wdq, shapes)?) else {
+        return Ok(None);
+    };
+    let xc = xp.channels()[0];
+    // Any 8-bit integer range (int32 is DequantizeLinear of biases only).
+    let x_ok = xp.axis().is_none() && xc.qmin >= -128 && xc.qmax <= 255 && xc.qmax - xc.qmin <= 255;
+    let w_ok = wp.zero_points().iter().all(|&z| z == 0)
+        && (wp.axis().is_none() || (wp.axis() == Some(0) && wp.channels().len() == cout));
+    if !x_ok || !w_ok {
+        return Ok(None);
+    }
+    let q = match (
+        g.initializers.get(wname),
+        node.input(1).and_then(|n| vals.get(n)),
+    ) {
+        (Some(t), _) => t.to_f32_vec(),
+        // The dequantized weights, each `q * scale` rounded to f32: dividing
+        // by the scale and rounding gives `q` back exactly (|q| <= 128).
+        (None, Some(Val::Const(w))) => {
+            let scales = wp.scales();
+            let per = w.len() / cout.max(1);
+            w.iter()
+                .enumerate()
+                .map(|(i, &v)| (v / scales[if scales.len() == 1 { 0 } else { i / per }]).round())
+                .collect()
+        }
+        _ => return Ok(None),
+    };
+    if q.len() != cout * cin * ws.shape[2..].iter().product::<usize>() {
+        return Ok(None);
+    }
+    let x = xp.channels()[0];
+    Ok(Some(Int8Source {
+        q,
+        w_scale: wp.scales(),
+        input: int8::InputQuant {
+            scale: x.scale,
+            zero: x.zero_point,
+            qmin: x.qmin,
+            qmax: x.qmax,
+        },
+    }))
+}
+
 fn build_kernel(
     node: &Node,
     shapes: &HashMap<String, ValueShape>,
     ins: &[Val],
     out_shape: &[usize],
-    _opts: CompileOptions,
+    int8: Option<Int8Source>,
 ) -> Result<Kernel> {
     let x_shape = || in_shape(node, shapes, 0);
     Ok(match &node.op {
@@ -743,20 +861,19 @@ fn build_kernel(
                 Some(_) => const_of(node, ins, 2, "bias")?.as_ref().clone(),
                 None => vec![0.0; geom.cout],
             };
-            Kernel::Conv(
-                Box::new(
-                    Conv2d {
-                        geom,
-                        weight: w.clone(),
-                        bias,
-                        act: Activation::None,
-                        packed: Vec::new(),
-                    }
-                    .without_dead_taps()
-                    .pack(),
-                ),
-                false,
-            )
+            let conv = Conv2d {
+                geom,
+                weight: w.clone(),
+                bias,
+                act: Activation::None,
+                packed: Vec::new(),
+                int8: None,
+            };
+            let conv = match int8 {
+                Some(src) => conv.with_int8(src),
+                None => conv.without_dead_taps().pack(),
+            };
+            Kernel::Conv(Box::new(conv), false)
         }
         Op::Gemm {
             alpha,

@@ -48,6 +48,13 @@ pub struct SessionOptions {
     /// separate threads (each executing its whole plan sequentially) when
     /// no operator mixes samples. Batch 1 always uses intra-operator threads.
     pub batch_parallel: bool,
+    /// Run each convolution whose input and weights come from
+    /// DequantizeLinear (a QDQ model's quantized convolutions) on integer
+    /// kernels, where the CPU has them (AVX-512 VNNI): int8 products summed
+    /// exactly in i32, as TensorRT and onnxruntime's integer kernels do.
+    /// Off, or on other CPUs, they run in float on the dequantized values;
+    /// the two differ only by float rounding.
+    pub integer: bool,
 }
 
 impl Default for SessionOptions {
@@ -57,9 +64,14 @@ impl Default for SessionOptions {
             simplify: true,
             fuse: true,
             batch_parallel: true,
+            integer: true,
         }
     }
 }
+
+/// What a compiled plan is cached by: the input shapes, and whether
+/// observers watch the run.
+type PlanKey = (Vec<Vec<usize>>, bool);
 
 /// A graph ready to run on the CPU.
 pub struct Session {
@@ -67,7 +79,7 @@ pub struct Session {
     opts: SessionOptions,
     threads: usize,
     pool: rayon::ThreadPool,
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
+    plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
     splittable: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
     buffers: Arc<BufferPool>,
 }
@@ -153,6 +165,13 @@ impl Session {
 
     /// The compiled plan for these input shapes (compiled on first use).
     pub fn plan(&self, shapes: &[(&str, &[usize])]) -> Result<Arc<Plan>> {
+        self.plan_for(shapes, false)
+    }
+
+    /// The plan for these shapes; `observed`: for a run with observers,
+    /// which keep every DequantizeLinear output visible (an integer
+    /// convolution otherwise quantizes its float input itself).
+    fn plan_for(&self, shapes: &[(&str, &[usize])], observed: bool) -> Result<Arc<Plan>> {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (name, shape) in shapes {
             let decl = self
@@ -197,6 +216,7 @@ impl Session {
                     .ok_or_else(|| RuntimeError::MissingInput(v.name.clone()))
             })
             .collect::<Result<_>>()?;
+        let key = (key, observed);
         if let Some(p) = self
             .plans
             .lock()
@@ -208,6 +228,8 @@ impl Session {
         let opts = CompileOptions {
             fuse: self.opts.fuse,
             threads: self.threads,
+            integer: self.opts.integer,
+            observed,
         };
         let p = Arc::new(
             self.pool
@@ -252,7 +274,7 @@ impl Session {
         times: Option<&mut Vec<(String, &'static str, f64)>>,
     ) -> Result<Vec<ArrayD<f32>>> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-        let plan = self.plan(&shapes)?;
+        let plan = self.plan_for(&shapes, observer.is_some())?;
         let batch = inputs
             .first()
             .and_then(|(_, a)| a.shape().first().copied())
@@ -360,7 +382,7 @@ impl Session {
         inputs: &[(&str, ArrayViewD<'_, f32>)],
         batch: usize,
     ) -> Result<Vec<ArrayD<f32>>> {
-        let parts = self.split_parts(inputs, self.threads.min(batch))?;
+        let parts = self.split_parts(inputs, self.threads.min(batch), false)?;
         let run_part = |(plan, data): &Part<'_>| {
             let flat: Vec<(&str, &[f32])> = data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
             crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None, &self.buffers))
@@ -375,11 +397,13 @@ impl Session {
         concat_outputs(results.into_iter().collect::<Result<Vec<_>>>()?)
     }
 
-    /// `inputs` cut into `t` sub-batches along axis 0, each with its plan.
+    /// `inputs` cut into `t` sub-batches along axis 0, each with its plan
+    /// (for observed runs when `observed`).
     fn split_parts<'a>(
         &self,
         inputs: &[(&'a str, ArrayViewD<'_, f32>)],
         t: usize,
+        observed: bool,
     ) -> Result<Vec<Part<'a>>> {
         let batch = inputs
             .first()
@@ -401,7 +425,7 @@ impl Session {
                 })
                 .collect();
             let shapes: Vec<(&str, &[usize])> = sub.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan(&shapes)?;
+            let plan = self.plan_for(&shapes, observed)?;
             let data: Vec<(&'a str, Vec<f32>)> = sub
                 .iter()
                 .map(|(n, a)| (*n, a.iter().copied().collect()))
@@ -435,7 +459,7 @@ impl Session {
         let split = t > 1 && {
             let shapes: Vec<(&str, &[usize])> =
                 inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan(&shapes)?;
+            let plan = self.plan_for(&shapes, true)?;
             self.batch_splittable(&plan, inputs, batch)
         };
         if !split {
@@ -444,7 +468,7 @@ impl Session {
             };
             return self.run_observed(inputs, &mut **first).map(drop);
         }
-        let parts = self.split_parts(inputs, t)?;
+        let parts = self.split_parts(inputs, t, true)?;
         let results: Vec<Result<Vec<ArrayD<f32>>>> = self.pool.install(|| {
             use rayon::prelude::*;
             parts

@@ -120,6 +120,7 @@ fn unpacked(c: &ConvCase) -> Conv2d {
             Activation::Clip(-0.1, 0.3),
         ][c.act as usize],
         packed: Vec::new(),
+        int8: None,
     }
 }
 

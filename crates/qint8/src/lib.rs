@@ -3,7 +3,8 @@
 //! Load an FP32 ONNX model, calibrate its activation ranges on
 //! representative images (TensorRT's entropy method by default; min-max,
 //! percentile and MSE too), then evaluate the quantized model on qint8's
-//! CPU runtime (simulated INT8) and export what deployment tools read: an
+//! CPU runtime (integer convolutions where the CPU has AVX-512 VNNI, the
+//! rest simulated) and export what deployment tools read: an
 //! explicitly quantized QDQ ONNX file for TensorRT 10+ and onnxruntime, or
 //! a TensorRT calibration cache.
 //!
@@ -51,7 +52,7 @@
 //! let quantized = ptq::quantize(&model, &calib, &PtqConfig::default())?;
 //! assert!(!quantized.plan().activations.is_empty());
 //!
-//! // Evaluate as simulated INT8 and compare with FP32.
+//! // Evaluate in INT8 and compare with FP32.
 //! let int8 = quantized.evaluate(&calib, 8, 0)?;
 //! let fp32 = ptq::evaluate(&model, &calib, 8, 0)?;
 //! assert_eq!(int8.predictions.len(), 16);

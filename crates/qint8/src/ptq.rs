@@ -5,7 +5,7 @@
 //! simplified graph (BatchNorm folded; gated activations smoothed) with its
 //! [`QuantPlan`]. From it, [`QuantizedModel::to_qdq`] builds the QDQ model
 //! that [`QuantizedModel::save_qdq`] writes and
-//! [`QuantizedModel::evaluate`] scores as simulated INT8, and
+//! [`QuantizedModel::evaluate`] scores in INT8 on the CPU runtime, and
 //! [`QuantizedModel::trt_cache`] the TensorRT calibration cache.
 
 use std::path::Path;
@@ -46,7 +46,7 @@ pub fn quantize(model: &Model, calib: &ImageDataset, config: &PtqConfig) -> Resu
     })
 }
 
-/// Scores `model` (FP32, or a QDQ model as simulated INT8) on the labeled
+/// Scores `model` (FP32, or a QDQ model in INT8) on the labeled
 /// images of `data` in batches of `batch` on `threads` threads (0: all).
 pub fn evaluate(
     model: &Model,
@@ -110,7 +110,8 @@ impl QuantizedModel {
         Ok(())
     }
 
-    /// Scores the QDQ model as simulated INT8 on the labeled images of
+    /// Scores the QDQ model in INT8 (integer convolutions where the CPU has
+    /// AVX-512 VNNI, the rest simulated) on the labeled images of
     /// `data` (batches of `batch`, `threads` threads, 0: all).
     pub fn evaluate(&self, data: &ImageDataset, batch: usize, threads: usize) -> Result<Accuracy> {
         evaluate(&self.to_qdq(WeightStorage::Int8)?, data, batch, threads)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use qint8_graph::{shape, ConvAttrs, GraphError, Node};
 
 use super::gemm::{sgemm, Mat};
+use super::int8::{self, InputQuant, Int8Weights};
 use super::packed::{
     conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, with_reused,
     ConvInput, Epilogue, PackedA, DEPTHWISE, GATHER_BELOW, NR,
@@ -101,6 +102,18 @@ impl ConvGeom {
     }
 }
 
+/// What [`Conv2d::with_int8`] needs: integer weights and the scales of
+/// weights and input.
+#[derive(Debug, Clone)]
+pub struct Int8Source {
+    /// Integer weights (`-128..=127`, stored as f32), laid out like [`Conv2d::weight`].
+    pub q: Vec<f32>,
+    /// Weight scale per output channel, or one for the whole tensor.
+    pub w_scale: Vec<f32>,
+    /// How the input is quantized.
+    pub input: InputQuant,
+}
+
 /// A convolution resolved for one input shape, with its weights packed.
 /// Its geometry's fields read through it (`conv.n`, `conv.kh`, ...).
 #[derive(Debug, Clone)]
@@ -115,6 +128,10 @@ pub struct Conv2d {
     pub act: Activation,
     /// Weights packed for the GEMM, one per group (see [`Conv2d::pack`]).
     pub packed: Vec<PackedA>,
+    /// Integer weights: when set, the input is fake-quantized and the
+    /// convolution runs on the integer kernel ([`super::int8`]); `weight`
+    /// and `packed` are then unused.
+    pub int8: Option<Int8Weights>,
 }
 
 /// Elements per parallel task: below this, splitting costs more than it saves.
@@ -205,6 +222,32 @@ impl Conv2d {
         self
     }
 
+    /// The same convolution on the integer kernel: `src.q` are its integer
+    /// weights, laid out like `weight`. Call instead of [`Conv2d::pack`]
+    /// (padding taps are dropped here as by [`Conv2d::without_dead_taps`]).
+    pub fn with_int8(self, src: Int8Source) -> Self {
+        let q = Conv2d {
+            weight: Arc::new(src.q),
+            int8: None,
+            ..self.clone()
+        }
+        .without_dead_taps();
+        let int8 = Int8Weights::new(
+            &q.weight,
+            [q.cout, q.cin, q.kh, q.kw],
+            &src.w_scale,
+            src.input,
+        );
+        Conv2d {
+            geom: q.geom,
+            // The float weights are not needed any more.
+            weight: Arc::new(Vec::new()),
+            packed: Vec::new(),
+            int8: Some(int8),
+            ..self
+        }
+    }
+
     fn is_depthwise(&self) -> bool {
         self.group == self.cin && self.group == self.cout && self.group > 1
     }
@@ -224,6 +267,9 @@ impl Conv2d {
 
     /// Scratch floats [`Conv2d::run`] needs.
     pub fn scratch_len(&self) -> usize {
+        if let Some(w) = &self.int8 {
+            return int8::scratch_len(self, w);
+        }
         self.paths_scratch_len() + self.phased_len()
     }
 
@@ -297,7 +343,14 @@ impl Conv2d {
         scratch: &mut [f32],
         threads: usize,
     ) {
-        if self.is_depthwise() {
+        if let Some(w) = &self.int8 {
+            // SAFETY: f32 and u32 have the same size and alignment, and
+            // every bit pattern is valid for both.
+            let words = unsafe {
+                std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u32, scratch.len())
+            };
+            int8::run(self, w, x, res, y, words);
+        } else if self.is_depthwise() {
             self.depthwise(x, y);
         } else if self.is_pointwise()
             && self.oh * self.ow == 1

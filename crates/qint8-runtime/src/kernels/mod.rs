@@ -4,6 +4,7 @@
 pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod int8;
 pub mod packed;
 pub mod pool;
 

@@ -1,0 +1,97 @@
+//! Convolution throughput on the integer kernel (int8 weights, quantized
+//! input) against the float kernels on the same layer, single-threaded:
+//! ResNet-50 layer shapes at 224x224 and at the fixtures' 32x32.
+//!
+//! The integer kernel runs only where the CPU has AVX-512 VNNI; elsewhere
+//! its group measures the scalar reference, which says nothing about speed
+//! (the plan compiler would use the float kernels there).
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qint8_runtime::kernels::conv::{Conv2d, ConvGeom, Int8Source};
+use qint8_runtime::kernels::int8::InputQuant;
+use qint8_runtime::kernels::Activation;
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// (name, batch, cin, cout, plane, kernel, stride)
+const LAYERS: [(&str, usize, usize, usize, usize, usize, usize); 5] = [
+    ("224 3x3 64->64 @56", 1, 64, 64, 56, 3, 1),
+    ("224 1x1 256->64 @56", 1, 256, 64, 56, 1, 1),
+    ("224 3x3 256->256 @14", 1, 256, 256, 14, 3, 1),
+    ("32 1x1 256->64 @8 b32", 32, 256, 64, 8, 1, 1),
+    ("32 3x3 128->128 @4 b32", 32, 128, 128, 4, 3, 1),
+];
+
+fn conv_int8_vs_float(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("one-thread pool");
+    let mut g = c.benchmark_group("conv");
+    for (name, n, cin, cout, hw, k, stride) in LAYERS {
+        let pad = k / 2;
+        let o = (hw + 2 * pad - k) / stride + 1;
+        let float = Conv2d {
+            geom: ConvGeom {
+                n,
+                cin,
+                ih: hw,
+                iw: hw,
+                cout,
+                group: 1,
+                kh: k,
+                kw: k,
+                stride: (stride, stride),
+                dilation: (1, 1),
+                pad: (pad, pad),
+                oh: o,
+                ow: o,
+            },
+            weight: std::sync::Arc::new(data(cout * cin * k * k, 1)),
+            bias: data(cout, 2),
+            act: Activation::Relu,
+            packed: Vec::new(),
+            int8: None,
+        };
+        let q: Vec<f32> = float.weight.iter().map(|v| (v * 127.0).round()).collect();
+        let int = float.clone().with_int8(Int8Source {
+            q,
+            w_scale: vec![1.0 / 127.0],
+            input: InputQuant {
+                scale: 1.0 / 127.0,
+                zero: 0,
+                qmin: -128,
+                qmax: 127,
+            },
+        });
+        let float = float.pack();
+        let x = data(n * cin * hw * hw, 3);
+        let mut y = vec![0f32; n * cout * o * o];
+        g.throughput(Throughput::Elements(
+            (n * cout * o * o * cin * k * k) as u64,
+        ));
+        for (kind, conv) in [("float", &float), ("int8", &int)] {
+            let mut scratch = vec![0f32; conv.scratch_len()];
+            g.bench_with_input(BenchmarkId::new(kind, name), &x, |b, x| {
+                b.iter(|| pool.install(|| conv.run(black_box(x), &mut y, &mut scratch, 1)))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv_int8_vs_float);
+criterion_main!(benches);

@@ -1,0 +1,666 @@
+//! Integer convolution (ONNX Conv between DequantizeLinear nodes, the QDQ
+//! pattern of <https://onnx.ai/onnx/operators/onnx__DequantizeLinear.html>):
+//! an input quantized per tensor times int8 weights quantized per output
+//! channel, summed exactly in i32 and scaled to float once per output, as
+//! TensorRT and onnxruntime's integer kernels compute it.
+//!
+//! The product is `u8 x i8 -> i32` (AVX-512 VNNI `vpdpbusd`, four products
+//! per 32-bit lane): inputs are shifted to unsigned bytes (`u = q + 128`
+//! for int8) and the shift is taken back out with each channel's weight
+//! sum. The kernel quantizes its input itself (QuantizeLinear's rounding),
+//! so it reads either the fake-quantized tensor or, with the plan's fusion,
+//! the float tensor before QuantizeLinear. The input is quantized once into a zero-padded copy that keeps four
+//! channels side by side (`[c / 4, h, w, 4]`), so each term of a window is
+//! a 4-byte group that the kernel broadcasts straight from it: no im2col. [`tile_reference`] is the scalar
+//! reference of the one SIMD kernel, [`tile`]; the plan compiler uses this
+//! path only where the CPU has VNNI ([`available`]).
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::conv::Conv2d;
+
+/// Output channels per tile: two 16-lane i32 registers.
+pub const MC: usize = 32;
+/// Output positions per tile.
+pub const PT: usize = 12;
+/// Tiles of output positions per task.
+const TILES_PER_TASK: usize = 8;
+
+/// How a convolution's input is quantized (per tensor), as by ONNX
+/// QuantizeLinear: `q = clamp(round(x / scale) + zero, qmin, qmax)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputQuant {
+    /// Scale.
+    pub scale: f32,
+    /// Zero point.
+    pub zero: i32,
+    /// Smallest integer (-128 for int8, 0 for uint8, or narrower).
+    pub qmin: i32,
+    /// Largest integer.
+    pub qmax: i32,
+}
+
+/// A convolution's int8 weights and the scales that turn its integer sums
+/// back into real values.
+#[derive(Debug, Clone)]
+pub struct Int8Weights {
+    /// `[cout / MC (rounded up)][kq][MC][4]`: the reduction runs over
+    /// (kernel row, kernel column, input channel), channels fastest and
+    /// padded to a multiple of 4, so that each 4-byte group is four
+    /// channels of one tap (contiguous in the quantized input's layout).
+    packed: Arc<Vec<i8>>,
+    /// Reduction length in groups of four: `kh * kw * cin4 / 4`.
+    kq: usize,
+    /// Input channels rounded up to a multiple of 4.
+    cin4: usize,
+    /// Per output channel: the sum of its integer weights.
+    row_sum: Vec<i32>,
+    /// Per output channel: input scale times weight scale.
+    scale: Vec<f32>,
+    /// Input scale.
+    in_scale: f32,
+    /// Bounds of `round(x / scale)` (the integer range less the zero point).
+    in_lo: f32,
+    in_hi: f32,
+    /// The unsigned byte that stands for a real 0 (zero point plus the shift).
+    zero: i32,
+}
+
+impl Int8Weights {
+    /// Packs integer weights `q` (`[cout, cin, kh, kw]` as `dims`, values
+    /// in `-128..=127` given as f32) with weight scales `w_scale` (one per
+    /// output channel, or one for the whole tensor) for an input quantized
+    /// as `input`.
+    pub fn new(q: &[f32], dims: [usize; 4], w_scale: &[f32], input: InputQuant) -> Self {
+        let [cout, cin, kh, kw] = dims;
+        let cin4 = cin.div_ceil(4) * 4;
+        let kq = kh * kw * cin4 / 4;
+        let blocks = cout.div_ceil(MC);
+        let mut packed = vec![0i8; blocks * kq * MC * 4];
+        let mut row_sum = vec![0i32; cout];
+        for co in 0..cout {
+            let (b, r) = (co / MC, co % MC);
+            for ci in 0..cin {
+                for t in 0..kh * kw {
+                    let v = q[(co * cin + ci) * kh * kw + t] as i8;
+                    let k = t * cin4 + ci;
+                    packed[((b * kq + k / 4) * MC + r) * 4 + k % 4] = v;
+                    row_sum[co] += v as i32;
+                }
+            }
+        }
+        let scale = (0..cout)
+            .map(|co| input.scale * w_scale[if w_scale.len() == 1 { 0 } else { co }])
+            .collect();
+        Self {
+            packed: Arc::new(packed),
+            kq,
+            cin4,
+            row_sum,
+            scale,
+            in_scale: input.scale,
+            in_lo: (input.qmin - input.zero) as f32,
+            in_hi: (input.qmax - input.zero) as f32,
+            // int8 values are shifted by 128 to unsigned bytes.
+            zero: input.zero + if input.qmin < 0 { 128 } else { 0 },
+        }
+    }
+
+    /// Bytes of constant data held.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() + 8 * self.row_sum.len()
+    }
+}
+
+/// Whether this CPU runs the integer kernel natively (AVX-512 VNNI, and
+/// `QINT8_SIMD` not capping the runtime below AVX-512).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::simd_level() >= qint8_math::kernels::SimdLevel::Avx512
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The zero-padded input plane the columns are gathered from.
+struct Padded {
+    /// Rows and columns.
+    ph: usize,
+    pw: usize,
+}
+
+fn padded(c: &Conv2d) -> Padded {
+    let (pt, pl) = c.pad;
+    let need_h = (c.oh.max(1) - 1) * c.stride.0 + (c.kh - 1) * c.dilation.0 + 1;
+    let need_w = (c.ow.max(1) - 1) * c.stride.1 + (c.kw - 1) * c.dilation.1 + 1;
+    Padded {
+        ph: need_h.max(pt + c.ih),
+        pw: need_w.max(pl + c.iw),
+    }
+}
+
+/// Scratch words [`run`] needs for `c`: the quantized input, four bytes
+/// (channels) to a word.
+pub fn scratch_len(c: &Conv2d, w: &Int8Weights) -> usize {
+    let pd = padded(c);
+    c.n * pd.ph * pd.pw * w.cin4 / 4
+}
+
+/// Runs `c` (ungrouped) on its integer weights `w`: `x` is the
+/// fake-quantized input `[n, cin, ih, iw]` (each value `scale * (q - zero)`),
+/// `y = act(conv(x) + bias + res)`. `scratch` holds at least
+/// [`scratch_len`] words. Uses the VNNI kernels where [`available`].
+pub fn run(
+    c: &Conv2d,
+    w: &Int8Weights,
+    x: &[f32],
+    res: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [u32],
+) {
+    run_with(c, w, x, res, y, scratch, available())
+}
+
+/// [`run`] on the scalar reference kernels ([`tile_reference`] and a
+/// scalar epilogue), for tests.
+pub fn run_reference(
+    c: &Conv2d,
+    w: &Int8Weights,
+    x: &[f32],
+    res: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [u32],
+) {
+    run_with(c, w, x, res, y, scratch, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    c: &Conv2d,
+    w: &Int8Weights,
+    x: &[f32],
+    res: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [u32],
+    fast: bool,
+) {
+    let p = c.oh * c.ow;
+    let len = c.n * c.cout * p;
+    assert!(
+        y.len() >= len
+            && res.is_none_or(|r| r.len() >= len)
+            && x.len() >= c.n * c.cin * c.ih * c.iw
+            && scratch.len() >= scratch_len(c, w),
+        "int8 convolution called with short buffers"
+    );
+    if p == 0 || c.n == 0 {
+        return;
+    }
+    let pd = padded(c);
+    let words = pd.ph * pd.pw * w.cin4 / 4;
+    let xq = &mut scratch[..c.n * words];
+    // One task per plane of four channels, so that one image spreads over
+    // the threads too.
+    let quads = w.cin4 / 4;
+    let image = c.cin * c.ih * c.iw;
+    super::for_chunks(xq, pd.ph * pd.pw, |i, dst| {
+        let img = i / quads;
+        quantize_quad(
+            &x[img * image..(img + 1) * image],
+            i % quads,
+            dst,
+            c,
+            &pd,
+            w,
+        )
+    });
+    // SAFETY: a u32 slice viewed as its bytes (any alignment, same memory).
+    let xq: &[u8] = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, xq.len() * 4) };
+    let img_len = words * 4;
+    // Offset of each 4-byte group from its window's first byte.
+    let tap: Vec<usize> = (0..w.kq)
+        .map(|g| {
+            let (t, cq) = (g / quads, g % quads);
+            let (ki, kj) = (t / c.kw, t % c.kw);
+            ((cq * pd.ph + ki * c.dilation.0) * pd.pw + kj * c.dilation.1) * 4
+        })
+        .collect();
+    let np = c.n * p;
+    let tiles = np.div_ceil(PT);
+    let blocks = c.cout.div_ceil(MC);
+    let chunks = tiles.div_ceil(TILES_PER_TASK);
+    let out = OutPtr(y.as_mut_ptr());
+    let block_len = w.kq * MC * 4;
+    // A task is a run of tiles for one block of channels: that block's
+    // weights stay in cache across its tiles.
+    let task = |t: usize| {
+        let (chunk, b) = (t / blocks, t % blocks);
+        let wb = &w.packed[b * block_len..(b + 1) * block_len];
+        let channels = b * MC..(b * MC + MC).min(c.cout);
+        for ti in chunk * TILES_PER_TASK..((chunk + 1) * TILES_PER_TASK).min(tiles) {
+            let at = positions(c, ti * PT, np);
+            let base = at.map(|(img, oy, ox)| {
+                img * img_len + (oy * c.stride.0 * pd.pw + ox * c.stride.1) * 4
+            });
+            let col_at = at.map(|(img, oy, ox)| img * c.cout * p + oy * c.ow + ox);
+            let mut acc = [0i32; PT * MC];
+            let cols = PT.min(np - ti * PT);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: `fast` only where `available()`; `tile` checks the
+                // bounds the kernel relies on; the asserts above cover `y`
+                // and `res`, and this task alone writes these positions.
+                unsafe {
+                    check_tile(w.kq, wb, xq, &base, &tap);
+                    tile_vnni(w.kq, wb, xq, &base, &tap, &mut acc);
+                    store_vnni(&acc, channels.clone(), cols, &col_at, p, w, c, res, out);
+                }
+                continue;
+            }
+            tile_reference(w.kq, wb, xq, &base, &tap, &mut acc);
+            store_tile(&acc, channels.clone(), cols, &col_at, p, w, c, res, out);
+        }
+    };
+    let tasks = chunks * blocks;
+    if super::is_sequential() || tasks == 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// Transposes 16 rows of 16 floats in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    // Interleave 32-bit pairs of rows, then 64-bit pairs: u[4k + m] holds
+    // column 4L + m of rows 4k..4k+4 in 128-bit lane L.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (k, m) = (i / 4, i % 4);
+        let (a, b) = (pd(t[4 * k + m / 2]), pd(t[4 * k + 2 + m / 2]));
+        ps(if m % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    // Gather lane L of u[m], u[4 + m], u[8 + m], u[12 + m] into row 4L + m.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for m in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
+        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[m], u[4 + m]);
+        let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
+        let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + m], u[12 + m]);
+        out[m] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+        out[8 + m] = _mm512_shuffle_f32x4::<0xdd>(v0, v2);
+        out[4 + m] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+        out[12 + m] = _mm512_shuffle_f32x4::<0xdd>(v1, v3);
+    }
+    out
+}
+
+/// [`store_tile`] with AVX-512: each half of the channels is scaled as
+/// vectors across channels, transposed in registers, and written as runs
+/// of consecutive positions (one masked store per channel and run).
+///
+/// # Safety
+/// The CPU has AVX-512F; `out` holds every position written and no other
+/// thread writes them; `res`, when given, is as long as the output.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_vnni(
+    acc: &[i32; PT * MC],
+    channels: std::ops::Range<usize>,
+    cols: usize,
+    col_at: &[usize; PT],
+    p: usize,
+    w: &Int8Weights,
+    c: &Conv2d,
+    res: Option<&[f32]>,
+    out: OutPtr,
+) {
+    use std::arch::x86_64::*;
+    // Runs of positions that are consecutive in the output.
+    let mut runs = [(0usize, 0usize); PT];
+    let mut n_runs = 0;
+    let mut a = 0;
+    for j in 1..=cols {
+        if j == cols || col_at[j] != col_at[j - 1] + 1 {
+            runs[n_runs] = (a, j);
+            n_runs += 1;
+            a = j;
+        }
+    }
+    let (lo, hi) = match c.act {
+        super::Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        super::Activation::Relu => (0.0, f32::INFINITY),
+        super::Activation::Clip(lo, hi) => (lo, hi),
+    };
+    // As `Activation::apply`: compare-and-select keeps NaN.
+    let act = |v: __m512| {
+        let v = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(lo)),
+            v,
+            _mm512_set1_ps(lo),
+        );
+        _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(hi)),
+            v,
+            _mm512_set1_ps(hi),
+        )
+    };
+    let n = channels.len();
+    for h in 0..n.div_ceil(16) {
+        let c0 = channels.start + 16 * h;
+        let lanes = (n - 16 * h).min(16);
+        let m: __mmask16 = if lanes == 16 { !0 } else { (1 << lanes) - 1 };
+        // SAFETY: masked loads read only channels < c0 + lanes <= cout.
+        let (corr, scale, bias) = unsafe {
+            (
+                _mm512_mullo_epi32(
+                    _mm512_maskz_loadu_epi32(m, w.row_sum.as_ptr().add(c0)),
+                    _mm512_set1_epi32(w.zero),
+                ),
+                _mm512_maskz_loadu_ps(m, w.scale.as_ptr().add(c0)),
+                _mm512_maskz_loadu_ps(m, c.bias.as_ptr().add(c0)),
+            )
+        };
+        let rows: [__m512; 16] = std::array::from_fn(|j| {
+            if j >= PT {
+                return _mm512_setzero_ps();
+            }
+            // SAFETY: 16 lanes at acc[j * MC + 16h ..] lie within PT * MC.
+            let a = unsafe { _mm512_loadu_epi32(acc.as_ptr().add(j * MC + 16 * h)) };
+            let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)), scale, bias);
+            if res.is_some() {
+                f
+            } else {
+                act(f)
+            }
+        });
+        let cols_t = transpose16(rows);
+        for (i, &v) in cols_t.iter().enumerate().take(lanes) {
+            let co = c0 + i;
+            for &(a, b) in &runs[..n_runs] {
+                let mask: __mmask16 = (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16;
+                // Lane j goes to col_at[j] + co * p for j in a..b; the
+                // base is col_at[a] - a >= 0 (positions never run ahead of
+                // their output offsets), and masked lanes touch nothing.
+                let at = col_at[a] - a + co * p;
+                // SAFETY: see above and the function's contract.
+                unsafe {
+                    let v = match res {
+                        Some(r) => act(_mm512_add_ps(
+                            v,
+                            _mm512_maskz_loadu_ps(mask, r.as_ptr().add(at)),
+                        )),
+                        None => v,
+                    };
+                    _mm512_mask_storeu_ps(out.0.add(at), mask, v);
+                }
+            }
+        }
+    }
+}
+
+super::multiversion! {
+    /// Writes channels `channels` of a tile: `act(sum * scale + bias (+ res))`
+    /// at `col_at[j] + channel * p` for its first `cols` positions.
+    fn store_tile(
+        acc: &[i32; PT * MC],
+        channels: std::ops::Range<usize>,
+        cols: usize,
+        col_at: &[usize; PT],
+        p: usize,
+        w: &Int8Weights,
+        c: &Conv2d,
+        res: Option<&[f32]>,
+        out: OutPtr,
+    ) {
+        let n = channels.len();
+        let (corr, scale, bias) = (
+            &w.row_sum[channels.clone()],
+            &w.scale[channels.clone()],
+            &c.bias[channels.clone()],
+        );
+        // Scale and bias across channels (vectorized), then write each
+        // channel's positions.
+        let mut v = [0f32; PT * MC];
+        for (v, a) in v.chunks_exact_mut(MC).zip(acc.chunks_exact(MC)).take(cols) {
+            for i in 0..n {
+                // Fused multiply-add, as the AVX-512 path: the same bits.
+                let f = ((a[i] - w.zero * corr[i]) as f32).mul_add(scale[i], bias[i]);
+                v[i] = if res.is_some() { f } else { c.act.apply(f) };
+            }
+        }
+        for (i, co) in channels.enumerate() {
+            for (j, &at) in col_at[..cols].iter().enumerate() {
+                let at = at + co * p;
+                let f = v[j * MC + i];
+                let f = match res {
+                    Some(res) => c.act.apply(f + res[at]),
+                    None => f,
+                };
+                // SAFETY: each (channel, position) pair belongs to exactly
+                // one task of `run`, so `at` is written once; `at < y.len()`.
+                unsafe { out.write(at, f) };
+            }
+        }
+    }
+}
+
+/// The output, written from several tasks at disjoint positions.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `run`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `at` is in bounds and no other thread touches it.
+    #[inline(always)]
+    unsafe fn write(self, at: usize, v: f32) {
+        unsafe { *self.0.add(at) = v }
+    }
+}
+
+/// (image, output row, output column) of the `PT` output positions from
+/// flat position `j0` (of `np`); positions past the end repeat the last
+/// one (their results are dropped). Stepped, not divided, per position.
+fn positions(c: &Conv2d, j0: usize, np: usize) -> [(usize, usize, usize); PT] {
+    let p = c.oh * c.ow;
+    let j = j0.min(np - 1);
+    let (mut img, q) = (j / p, j % p);
+    let (mut oy, mut ox) = (q / c.ow, q % c.ow);
+    let mut out = [(img, oy, ox); PT];
+    for (jj, o) in out.iter_mut().enumerate().skip(1) {
+        if j0 + jj < np {
+            ox += 1;
+            if ox == c.ow {
+                ox = 0;
+                oy += 1;
+                if oy == c.oh {
+                    oy = 0;
+                    img += 1;
+                }
+            }
+        }
+        *o = (img, oy, ox);
+    }
+    out
+}
+
+/// Quantizes channels `4 * cq ..= 4 * cq + 3` of one image (`src` is the
+/// image, `[cin, ih, iw]`) as QuantizeLinear does, into their zero-padded
+/// plane of 4-byte groups (`dst`, `[ph, pw]` words). On an already
+/// fake-quantized input (exact multiples of the scale) this recovers the
+/// integers.
+fn quantize_quad(
+    src: &[f32],
+    cq: usize,
+    dst: &mut [u32],
+    c: &Conv2d,
+    pd: &Padded,
+    w: &Int8Weights,
+) {
+    let (pt, pl, plane) = (c.pad.0, c.pad.1, c.ih * c.iw);
+    let fill = w.zero.clamp(0, 255) as u32 * 0x0101_0101;
+    // Four channel planes, or the zero point past the last channel.
+    let chan = |k: usize| src.get((4 * cq + k) * plane..(4 * cq + k + 1) * plane);
+    let planes = [chan(0), chan(1), chan(2), chan(3)];
+    dst[..pt * pd.pw].fill(fill);
+    dst[(pt + c.ih) * pd.pw..].fill(fill);
+    let body = &mut dst[pt * pd.pw..(pt + c.ih) * pd.pw];
+    if pl == 0 && pd.pw == c.iw {
+        // No padding on the sides: the rows are one run (long vectors on
+        // small planes).
+        quantize_run(body, planes, w);
+        return;
+    }
+    for (iy, row) in body.chunks_exact_mut(pd.pw).enumerate() {
+        row[..pl].fill(fill);
+        row[pl + c.iw..].fill(fill);
+        let rows = planes.map(|p| p.map(|p| &p[iy * c.iw..(iy + 1) * c.iw]));
+        quantize_run(&mut row[pl..pl + c.iw], rows, w);
+    }
+}
+
+super::multiversion! {
+    /// One run of positions: four channels' bytes into each word (`None`:
+    /// a channel past the last one, holding the zero point).
+    fn quantize_run(d: &mut [u32], rows: [Option<&[f32]>; 4], w: &Int8Weights) {
+        let (s, lo, hi, zero) = (w.in_scale, w.in_lo, w.in_hi, w.zero as f32);
+        // Adding 1.5 * 2^23 rounds to the nearest integer (ties to even),
+        // as QuantizeLinear does; adding the zero point after that is exact,
+        // and 2^23 leaves the byte in the low mantissa bits: no float-to-int
+        // conversion, which would not vectorize. The selects send NaN to `lo`.
+        const MAGIC: f32 = 12_582_912.0;
+        let q = |v: f32| {
+            let v = v / s;
+            let v = if v > lo { v } else { lo };
+            let v = if v < hi { v } else { hi };
+            (((v + MAGIC) - MAGIC) + zero + 8_388_608.0).to_bits() & 0xff
+        };
+        match rows {
+            [Some(r0), Some(r1), Some(r2), Some(r3)] => {
+                for ((((d, &a), &b), &e), &f) in d.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+                    *d = q(a) | q(b) << 8 | q(e) << 16 | q(f) << 24;
+                }
+            }
+            _ => {
+                let z = w.zero.clamp(0, 255) as u32;
+                for (ix, d) in d.iter_mut().enumerate() {
+                    let mut v = 0;
+                    for (k, r) in rows.iter().enumerate() {
+                        v |= r.map_or(z, |r| q(r[ix])) << (8 * k);
+                    }
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
+/// `acc[j * MC + i] = sum over q of w[q][i] . xq[base[j] + tap[q]]` (four
+/// byte products per term) for one tile: `w` is a block of packed weights
+/// (`[kq][MC][4]` i8), `xq` the quantized input.
+pub fn tile(
+    kq: usize,
+    w: &[i8],
+    xq: &[u8],
+    base: &[usize; PT],
+    tap: &[usize],
+    acc: &mut [i32; PT * MC],
+) {
+    check_tile(kq, w, xq, base, tap);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available` checked the CPU features; bounds checked above.
+        unsafe { tile_vnni(kq, w, xq, base, tap, acc) };
+        return;
+    }
+    tile_reference(kq, w, xq, base, tap, acc);
+}
+
+/// The bounds [`tile_vnni`] relies on.
+fn check_tile(kq: usize, w: &[i8], xq: &[u8], base: &[usize; PT], tap: &[usize]) {
+    let hi = base.iter().max().copied().unwrap_or(0) + tap.iter().max().copied().unwrap_or(0);
+    assert!(w.len() >= kq * MC * 4 && tap.len() >= kq && (kq == 0 || hi + 4 <= xq.len()));
+}
+
+/// Scalar reference of [`tile`].
+pub fn tile_reference(
+    kq: usize,
+    w: &[i8],
+    xq: &[u8],
+    base: &[usize; PT],
+    tap: &[usize],
+    acc: &mut [i32; PT * MC],
+) {
+    acc.fill(0);
+    for (q, &off) in tap.iter().enumerate().take(kq) {
+        for (j, &b) in base.iter().enumerate() {
+            for i in 0..MC {
+                for t in 0..4 {
+                    acc[j * MC + i] += w[(q * MC + i) * 4 + t] as i32 * xq[b + off + t] as i32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni(
+    kq: usize,
+    w: &[i8],
+    xq: &[u8],
+    base: &[usize; PT],
+    tap: &[usize],
+    acc: &mut [i32; PT * MC],
+) {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm512_setzero_si512(); 2]; PT];
+    let src: [*const u8; PT] = base.map(|b| xq.as_ptr().wrapping_add(b));
+    for (q, &off) in tap.iter().enumerate().take(kq) {
+        // SAFETY (loads): the caller checked w.len() >= kq * MC * 4 and
+        // base + tap + 4 <= xq.len(); all loads are unaligned.
+        unsafe {
+            let wq = w.as_ptr().add(q * MC * 4) as *const __m512i;
+            let w0 = _mm512_loadu_si512(wq);
+            let w1 = _mm512_loadu_si512(wq.add(1));
+            for (c, s) in c.iter_mut().zip(&src) {
+                let a = _mm512_set1_epi32((s.add(off) as *const i32).read_unaligned());
+                c[0] = _mm512_dpbusd_epi32(c[0], a, w0);
+                c[1] = _mm512_dpbusd_epi32(c[1], a, w1);
+            }
+        }
+    }
+    for (j, c) in c.iter().enumerate() {
+        for (h, v) in c.iter().enumerate() {
+            // SAFETY: 16 lanes at acc[j * MC + 16h ..], within PT * MC.
+            unsafe {
+                _mm512_storeu_si512(acc.as_mut_ptr().add(j * MC + 16 * h) as *mut __m512i, *v)
+            };
+        }
+    }
+}

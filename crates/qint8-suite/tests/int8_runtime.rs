@@ -1,0 +1,75 @@
+//! A QDQ export run on the integer kernels against the same file simulated
+//! in float: which convolutions take the integer path, that the two agree,
+//! and that observers still see every dequantized activation.
+
+use std::collections::HashSet;
+
+use qint8_calibration::{calibrate, CalibConfig};
+use qint8_eval::layers::qdq_outputs;
+use qint8_graph::quant::{insert_qdq, WeightStorage};
+use qint8_runtime::kernels::int8;
+use qint8_runtime::{Session, SessionOptions};
+use qint8_suite::{fixture_dataset, fixtures, relative_max_error};
+
+#[test]
+fn integer_convolutions_match_the_float_simulation() {
+    let model = qint8_graph::onnx::load(fixtures().join("models/resnet50.onnx")).unwrap();
+    let calib = fixture_dataset("calib-images-idx3-ubyte", 200);
+    let cfg = CalibConfig {
+        threads: 2,
+        ..Default::default()
+    };
+    let c = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    let eval = fixture_dataset("eval-images-idx3-ubyte", 64);
+    let x = eval.batch(0, 64).unwrap().inputs;
+    for storage in [WeightStorage::Int8, WeightStorage::FloatQdq] {
+        let g = insert_qdq(&c.graph, &c.plan, storage).unwrap();
+        let session = |integer: bool| {
+            let opts = SessionOptions {
+                threads: 2,
+                integer,
+                ..Default::default()
+            };
+            Session::from_graph(g.clone(), opts).unwrap()
+        };
+        let (int, sim) = (session(true), session(false));
+        let input = int.input_names()[0].to_string();
+        let shape = x.shape().to_vec();
+        let count = |s: &Session| {
+            s.plan(&[(input.as_str(), &shape)])
+                .unwrap()
+                .steps()
+                .iter()
+                .filter(|(_, op)| *op == "Conv(int8)")
+                .count()
+        };
+        // Every quantized convolution but the one-channel stem.
+        let expected = if int8::available() { 52 } else { 0 };
+        assert_eq!(count(&int), expected, "{storage:?}");
+        assert_eq!(count(&sim), 0, "{storage:?}");
+        if !int8::available() {
+            eprintln!("note: no AVX-512 VNNI here; the integer kernels are not used");
+        }
+        let a = int.run(&[(input.as_str(), x.view())]).unwrap().remove(0);
+        let b = sim.run(&[(input.as_str(), x.view())]).unwrap().remove(0);
+        let err = relative_max_error(b.as_slice().unwrap(), a.as_slice().unwrap());
+        eprintln!("{storage:?}: relative max error {err:.2e}");
+        // Float rounding can move a value across a rounding step of a
+        // later quantizer; the logits stay close all the same.
+        assert!(err < 0.05, "{storage:?}: {err}");
+
+        // An observed run keeps every DequantizeLinear output.
+        let mut seen = HashSet::new();
+        let mut record = |name: &str, _: &[usize], _: &[f32]| -> Result<(), String> {
+            seen.insert(name.to_string());
+            Ok(())
+        };
+        int.run_observed(&[(input.as_str(), x.view())], &mut record)
+            .unwrap();
+        let dq = qdq_outputs(&g);
+        assert_eq!(dq.len(), c.plan.activations.len());
+        for d in dq.values() {
+            assert!(seen.contains(d), "{storage:?}: {d} not observed");
+        }
+    }
+}
