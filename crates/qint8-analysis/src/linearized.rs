@@ -30,15 +30,14 @@
 //! Cost: that real evaluation, the recorded FP32 pass, one more run of each
 //! quantizable node, and the backward pass.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::IxDyn;
 use qint8_calibration::ImageDataset;
 use qint8_eval::accuracy::argmax;
-use qint8_graph::quant::{Precision, QuantPlan};
-use qint8_graph::{DataType, Graph, Model, Node, Tensor, ValueInfo};
+use qint8_graph::quant::{insert_qdq, Precision, QuantPlan, WeightStorage};
+use qint8_graph::{DataType, Graph, Model, Node, ValueInfo};
 use qint8_math::params::QuantParams;
 use qint8_math::quant::fake_quant;
 use qint8_runtime::grad::{Backward, Value, Values};
@@ -53,11 +52,11 @@ use crate::{AnalysisError, Result};
 /// One quantizable node, ready to compute its quantization error.
 struct Probe {
     node: usize,
-    /// The node alone, its weights fake-quantized; `None` when the plan
-    /// leaves it in float.
+    /// The node alone, quantized as planned ([`one_node_session`]); `None`
+    /// when the plan leaves it in float.
     session: Option<Session>,
-    /// Activation inputs and their parameters (those the plan quantizes).
-    inputs: Vec<(String, Option<QuantParams>)>,
+    /// Activation (non-constant) inputs.
+    inputs: Vec<String>,
     output: String,
     /// The quantized residual of the Add this convolution fuses, when that
     /// Add is its output's only consumer: the residual's error then enters
@@ -65,6 +64,11 @@ struct Probe {
     residual: Option<(String, QuantParams)>,
 }
 
+/// The node alone as a QDQ graph quantized as `plan` quantizes it (its
+/// planned inputs through QuantizeLinear/DequantizeLinear, its planned
+/// weights int8 + DequantizeLinear): a convolution then runs on the
+/// runtime's integer kernel where the CPU has one, as in the real
+/// evaluation, and is fed its float inputs.
 fn one_node_session(
     graph: &Graph,
     node: &Node,
@@ -73,24 +77,25 @@ fn one_node_session(
 ) -> Result<Session> {
     let mut initializers = std::collections::BTreeMap::new();
     let mut inputs = Vec::new();
+    let mut own = QuantPlan::new(plan.method.clone());
     for name in node.inputs.iter().filter(|n| !n.is_empty()) {
         match graph.initializers.get(name) {
             Some(t) => {
-                let t = match (plan.weights.get(name), t.as_f32()) {
-                    (Some(p), Some(a)) => {
-                        let data: Vec<f32> = a.iter().copied().collect();
-                        let q = fake_quant(&data, a.shape(), p).map_err(invalid)?;
-                        Tensor::F32(ArrayD::from_shape_vec(IxDyn(a.shape()), q).map_err(invalid)?)
-                    }
-                    _ => t.clone(),
-                };
-                initializers.insert(name.clone(), t);
+                if let Some(p) = plan.weights.get(name) {
+                    own.weights.insert(name.clone(), p.clone());
+                }
+                initializers.insert(name.clone(), t.clone());
             }
-            None => inputs.push(ValueInfo {
-                name: name.clone(),
-                dtype: DataType::Float,
-                shape: None,
-            }),
+            None => {
+                if let Some(p) = plan.activations.get(name) {
+                    own.activations.insert(name.clone(), p.clone());
+                }
+                inputs.push(ValueInfo {
+                    name: name.clone(),
+                    dtype: DataType::Float,
+                    shape: None,
+                })
+            }
         }
     }
     let g = Graph {
@@ -105,6 +110,7 @@ fn one_node_session(
         initializers,
         value_info: vec![],
     };
+    let g = insert_qdq(&g, &own, WeightStorage::Int8).map_err(invalid)?;
     Session::from_graph(
         g,
         SessionOptions {
@@ -276,15 +282,11 @@ impl Context<'_> {
         let Some(session) = &probe.session else {
             return Ok((y, vec![0.0; y.len()]));
         };
-        // The node's inputs as it sees them: fake-quantized where planned.
+        // The node's float inputs: its session quantizes them as planned.
         let mut inputs = Vec::with_capacity(probe.inputs.len());
-        for (name, params) in &probe.inputs {
+        for name in &probe.inputs {
             let (shape, xs) = self.value(part, name)?;
-            let data = match params {
-                Some(q) => Cow::Owned(fake_quant(xs, shape, q).map_err(invalid)?),
-                None => Cow::Borrowed(xs),
-            };
-            inputs.push((name.as_str(), shape, data));
+            inputs.push((name.as_str(), shape, xs));
         }
         let views = inputs
             .iter()
@@ -476,7 +478,7 @@ pub(crate) fn analyze(
                 .inputs
                 .iter()
                 .filter(|n| !n.is_empty() && !graph.initializers.contains_key(*n))
-                .map(|n| (n.clone(), plan.activations.get(n).cloned()))
+                .cloned()
                 .collect(),
             output: node.outputs[0].clone(),
             residual: match fused_adds(graph, plan, node)[..] {
