@@ -182,8 +182,14 @@ pub struct CurvePoint {
 /// The result of [`mixed_precision`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixedPrecision {
-    /// The nodes kept in float, in the order they were added.
+    /// The nodes kept in float, in the order they were added: the fewest
+    /// that meet the budget, or, where no prefix of the search does (and
+    /// without a budget), the prefix with the best verified top-1 (the
+    /// fewest nodes among equals).
     pub float_nodes: Vec<String>,
+    /// Every node the search added, in order: curve point `i` is the first
+    /// `i` of them in float.
+    pub order: Vec<String>,
     /// For each of them, the residual Adds it takes to float ([`fused_adds`]).
     pub float_adds: Vec<Vec<String>>,
     /// The plan with those nodes in float.
@@ -492,8 +498,9 @@ fn analyze_exact(
 /// FP32 is at most `max_drop` (a fraction: 0.001 is 0.1 points) or
 /// `max_float` nodes are in float. With `max_drop = None` every round up to
 /// `max_float` runs and the best verified prefix is kept (the best accuracy
-/// reachable with at most that many float nodes). `progress` is told each
-/// verified curve point.
+/// reachable with at most that many float nodes); so is it when the budget
+/// is not met within `max_float` nodes. `progress` is told each verified
+/// curve point.
 #[allow(clippy::too_many_arguments)]
 pub fn mixed_precision(
     model: &Model,
@@ -537,7 +544,6 @@ pub fn mixed_precision(
     };
     progress(&first);
     let mut curve = vec![first.clone()];
-    let mut best = (first.top1, 0usize);
     let limit = max_float.min(sens.nodes.len());
     while float.len() < limit && !meets(curve[curve.len() - 1].top1) {
         let next = if float.is_empty() {
@@ -581,17 +587,10 @@ pub fn mixed_precision(
             top1: verify(&float)?,
         };
         progress(&point);
-        if point.top1 > best.0 || meets(point.top1) {
-            best = (point.top1, float.len());
-        }
         curve.push(point);
     }
-    let (top1, k) = if max_drop.is_some() {
-        // The budget asks for the fewest nodes: the last prefix (met or not).
-        (curve[curve.len() - 1].top1, float.len())
-    } else {
-        best
-    };
+    let k = chosen_prefix(&curve, meets(curve[curve.len() - 1].top1));
+    let top1 = curve[k].top1;
     let float_nodes: Vec<String> = float[..k].to_vec();
     let float_adds = float_nodes
         .iter()
@@ -605,6 +604,7 @@ pub fn mixed_precision(
     Ok(MixedPrecision {
         plan: with_float_nodes(graph, plan, float_nodes.iter().map(String::as_str)),
         float_nodes,
+        order: float,
         float_adds,
         top1,
         fp32_top1,
@@ -613,9 +613,38 @@ pub fn mixed_precision(
     })
 }
 
+/// Which prefix of the search mixed precision returns: the last when it
+/// meets the budget (the search stops at the first that does, so it is the
+/// fewest nodes), else the best verified top-1, the fewest nodes among
+/// equals.
+fn chosen_prefix(curve: &[CurvePoint], last_meets: bool) -> usize {
+    if last_meets {
+        return curve.len().saturating_sub(1);
+    }
+    let mut best = 0;
+    for (i, c) in curve.iter().enumerate() {
+        if c.top1 > curve[best].top1 {
+            best = i;
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unmet_budget_returns_the_best_prefix_and_a_met_one_the_last() {
+        let curve: Vec<CurvePoint> = [0.79, 0.90, 0.908, 0.906, 0.908]
+            .iter()
+            .enumerate()
+            .map(|(float_nodes, &top1)| CurvePoint { float_nodes, top1 })
+            .collect();
+        assert_eq!(chosen_prefix(&curve, false), 2);
+        assert_eq!(chosen_prefix(&curve, true), 4);
+        assert_eq!(chosen_prefix(&curve[..1], false), 0);
+    }
 
     #[test]
     fn logit_error_is_exact_for_equal_logits_and_grows_with_noise() {

@@ -199,12 +199,12 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         &input_description(&args.data, &prep_text, kind, c),
     )?;
     let session = &scorer.session;
-    // Convolutions the plan runs on integer kernels.
+    // Convolutions and Gemms the plan runs on integer kernels.
     let integer = session
         .plan(&[(scorer.input.as_str(), &[args.batch.min(n), c, h, w])])?
         .steps()
         .iter()
-        .filter(|(_, op)| *op == "Conv(int8)")
+        .filter(|(_, op)| op.ends_with("(int8)"))
         .count();
 
     let progress = !args.json && std::io::stderr().is_terminal();
@@ -259,7 +259,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             "resize": preprocess.resize,
             "crop": preprocess.crop,
             "input_shape": [c, h, w],
-            "int8_convolutions": integer,
+            "int8_nodes": integer,
         });
         format!("{v}\n")
     } else {
@@ -302,7 +302,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
                 match integer {
                     0 if args.simulated => "off (--simulated)".to_string(),
                     0 => "none (no quantized convolution, or no AVX-512 VNNI)".to_string(),
-                    k => format!("{k} convolutions"),
+                    k => format!("{k} Conv/Gemm nodes"),
                 },
             ),
         ])

@@ -345,6 +345,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             "kept_float": kept,
             "quantizable_nodes": quantizable,
             "curve": m.curve.iter().map(|c| json!({"float_nodes": c.float_nodes + kept_counted, "top1": c.top1})).collect::<Vec<_>>(),
+            "search_order": m.order,
             "seconds": start.elapsed().as_secs_f64(),
         });
         return crate::print_stdout(&format!("{v}\n"));

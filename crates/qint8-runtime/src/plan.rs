@@ -541,6 +541,9 @@ pub(crate) fn compile(
             })
             .collect::<Result<Vec<_>>>()?;
         let op = match &kernel {
+            Kernel::Conv(c, _) if c.int8.is_some() && matches!(node.op, Op::Gemm { .. }) => {
+                "Gemm(int8)"
+            }
             Kernel::Conv(c, _) if c.int8.is_some() => "Conv(int8)",
             Kernel::Conv(c, _) if c.group > 1 && c.group == c.cin => "Conv(depthwise)",
             Kernel::Conv(c, _) if c.kh * c.kw == 1 => "Conv(1x1)",
@@ -771,8 +774,16 @@ fn int8_source(
     shapes: &HashMap<String, ValueShape>,
     vals: &HashMap<String, Val>,
 ) -> Result<Option<Int8Source>> {
-    let Op::Conv(attrs) = &node.op else {
-        return Ok(None);
+    // A Gemm with [n, k] weights is a 1x1 convolution of [m, k, 1, 1].
+    let group = match &node.op {
+        Op::Conv(attrs) => attrs.group,
+        Op::Gemm {
+            alpha,
+            trans_a: false,
+            trans_b: true,
+            ..
+        } if *alpha == 1.0 => 1,
+        _ => return Ok(None),
     };
     let dq = |i: usize| {
         node.input(i)
@@ -796,7 +807,14 @@ fn int8_source(
     };
     // One or two input channels would fill most of each 4-byte group with
     // padding: such a stem runs in float.
-    if attrs.group > 1 || cin < 3 {
+    // A Gemm's C must be one value per output (a bias), as in classifiers.
+    let per_output_c = match (&node.op, node.input(2)) {
+        (Op::Gemm { .. }, Some(c)) => shapes
+            .get(c)
+            .is_some_and(|v| v.shape.iter().product::<usize>() == cout),
+        _ => true,
+    };
+    if group > 1 || cin < 3 || !per_output_c {
         return Ok(None);
     }
     let (Some(xp), Some(wp)) = (dq_params(xdq, shapes)?, dq_params(wdq, shapes)?) else {
@@ -843,6 +861,57 @@ fn int8_source(
     }))
 }
 
+/// A Gemm `[m, k] x [n, k]^T + C` on the integer kernel, as a 1x1
+/// convolution of `[m, k, 1, 1]` (whose input and output layouts are the
+/// Gemm's); [`int8_source`] checked that `C` has one value per output.
+fn int8_gemm(
+    node: &Node,
+    shapes: &HashMap<String, ValueShape>,
+    ins: &[Val],
+    beta: f32,
+    src: Int8Source,
+) -> Result<Kernel> {
+    let (a, w) = (in_shape(node, shapes, 0)?, in_shape(node, shapes, 1)?);
+    let (m, k, n) = (a[0], a[1], w[0]);
+    let bias = match node.input(2) {
+        None => vec![0.0; n],
+        Some(_) => const_of(node, ins, 2, "C")?
+            .iter()
+            .map(|v| v * beta)
+            .collect(),
+    };
+    if bias.len() != n {
+        return Err(node_err(
+            node,
+            format!("C has {} values for {n} outputs", bias.len()),
+        ));
+    }
+    let geom = ConvGeom {
+        n: m,
+        cin: k,
+        ih: 1,
+        iw: 1,
+        cout: n,
+        group: 1,
+        kh: 1,
+        kw: 1,
+        stride: (1, 1),
+        dilation: (1, 1),
+        pad: (0, 0),
+        oh: 1,
+        ow: 1,
+    };
+    let conv = Conv2d {
+        geom,
+        weight: Arc::new(Vec::new()),
+        bias,
+        act: Activation::None,
+        packed: Vec::new(),
+        int8: None,
+    };
+    Ok(Kernel::Conv(Box::new(conv.with_int8(src)), false))
+}
+
 fn build_kernel(
     node: &Node,
     shapes: &HashMap<String, ValueShape>,
@@ -851,6 +920,10 @@ fn build_kernel(
     int8: Option<Int8Source>,
 ) -> Result<Kernel> {
     let x_shape = || in_shape(node, shapes, 0);
+    let int8 = match (&node.op, int8) {
+        (Op::Gemm { beta, .. }, Some(src)) => return int8_gemm(node, shapes, ins, *beta, src),
+        (_, int8) => int8,
+    };
     Ok(match &node.op {
         Op::Conv(attrs) => {
             let xs = x_shape()?;

@@ -35,18 +35,20 @@ fn integer_convolutions_match_the_float_simulation() {
         let (int, sim) = (session(true), session(false));
         let input = int.input_names()[0].to_string();
         let shape = x.shape().to_vec();
-        let count = |s: &Session| {
+        let count = |s: &Session, kind: &str| {
             s.plan(&[(input.as_str(), &shape)])
                 .unwrap()
                 .steps()
                 .iter()
-                .filter(|(_, op)| *op == "Conv(int8)")
+                .filter(|(_, op)| *op == kind)
                 .count()
         };
-        // Every quantized convolution but the one-channel stem.
-        let expected = if int8::available() { 52 } else { 0 };
-        assert_eq!(count(&int), expected, "{storage:?}");
-        assert_eq!(count(&sim), 0, "{storage:?}");
+        // Every quantized convolution but the one-channel stem, and the
+        // classifier.
+        let on = usize::from(int8::available());
+        assert_eq!(count(&int, "Conv(int8)"), 52 * on, "{storage:?}");
+        assert_eq!(count(&int, "Gemm(int8)"), on, "{storage:?}");
+        assert_eq!(count(&sim, "Conv(int8)") + count(&sim, "Gemm(int8)"), 0);
         if !int8::available() {
             eprintln!("note: no AVX-512 VNNI here; the integer kernels are not used");
         }
