@@ -10,9 +10,8 @@
 #![allow(missing_docs)]
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qint8_runtime::kernels::conv::{Conv2d, ConvGeom, Int8Source};
+use qint8_runtime::kernels::conv::Int8Source;
 use qint8_runtime::kernels::int8::InputQuant;
-use qint8_runtime::kernels::Activation;
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
@@ -43,29 +42,14 @@ fn conv_int8_vs_float(c: &mut Criterion) {
     let mut g = c.benchmark_group("conv");
     for (name, n, cin, cout, hw, k, stride) in LAYERS {
         let pad = k / 2;
-        let o = (hw + 2 * pad - k) / stride + 1;
-        let float = Conv2d {
-            geom: ConvGeom {
-                n,
-                cin,
-                ih: hw,
-                iw: hw,
-                cout,
-                group: 1,
-                kh: k,
-                kw: k,
-                stride: (stride, stride),
-                dilation: (1, 1),
-                pad: (pad, pad),
-                oh: o,
-                ow: o,
-            },
-            weight: std::sync::Arc::new(data(cout * cin * k * k, 1)),
-            bias: data(cout, 2),
-            act: Activation::Relu,
-            packed: Vec::new(),
-            int8: None,
-        };
+        let float = qint8_benches::square_conv(
+            n,
+            (cin, cout),
+            hw,
+            (k, stride, pad),
+            data(cout * cin * k * k, 1),
+        );
+        let o = float.oh;
         let q: Vec<f32> = float.weight.iter().map(|v| (v * 127.0).round()).collect();
         let int = float.clone().with_int8(Int8Source {
             q,

@@ -5,9 +5,6 @@
 //! Usage: `conv_bench [--iters N] [--only SUBSTRING]`
 use std::time::Instant;
 
-use qint8_runtime::kernels::conv::{Conv2d, ConvGeom};
-use qint8_runtime::kernels::Activation;
-
 /// (name, cin, h = w, cout, kernel, stride, pad).
 const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 9] = [
     ("conv1 7x7/2", 3, 224, 64, 7, 2, 3),
@@ -40,29 +37,7 @@ fn main() {
         let weights: Vec<f32> = (0..cout * cin * k * k)
             .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
             .collect();
-        let conv = Conv2d {
-            geom: ConvGeom {
-                n: 1,
-                cin,
-                ih: hw,
-                iw: hw,
-                cout,
-                group: 1,
-                kh: k,
-                kw: k,
-                stride: (s, s),
-                dilation: (1, 1),
-                pad: (p, p),
-                oh: o,
-                ow: o,
-            },
-            weight: std::sync::Arc::new(weights),
-            bias: vec![0.1; cout],
-            act: Activation::Relu,
-            packed: Vec::new(),
-            int8: None,
-        }
-        .pack();
+        let conv = qint8_benches::square_conv(1, (cin, cout), hw, (k, s, p), weights).pack();
         let x: Vec<f32> = (0..cin * hw * hw)
             .map(|i| ((i % 11) as f32 - 5.0) * 0.1)
             .collect();

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use qint8_runtime::kernels::conv::{Conv2d, ConvGeom, Int8Source};
-use qint8_runtime::kernels::int8::{self, InputQuant, MC, PT};
+use qint8_runtime::kernels::int8::{self, InputQuant, Kernels, MC, PT};
 use qint8_runtime::kernels::Activation;
 
 /// xorshift64 stream.
@@ -225,8 +225,8 @@ proptest! {
         let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let w = conv.int8.as_ref().unwrap();
-        pool.install(|| int8::run(conv, w, x, res.as_deref(), &mut fast, &mut scratch));
-        int8::run_reference(conv, w, x, res.as_deref(), &mut slow, &mut scratch);
+        pool.install(|| int8::run(conv, w, x, res.as_deref(), &mut fast, &mut scratch, Kernels::Best));
+        int8::run(conv, w, x, res.as_deref(), &mut slow, &mut scratch, Kernels::Reference);
         prop_assert!(
             fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()),
             "fast and reference paths differ"
@@ -249,6 +249,26 @@ proptest! {
     }
 }
 
+/// A 3x3 convolution with padding 1, the rest plain, for fixed cases.
+fn three_by_three(seed: u64) -> Case {
+    Case {
+        n: 1,
+        cin: 4,
+        cout: 8,
+        hw: (5, 5),
+        k: (3, 3),
+        stride: (1, 1),
+        dilation: (1, 1),
+        pad: (1, 1, 1, 1),
+        act: 0,
+        input: 0,
+        per_tensor_weights: false,
+        residual: false,
+        fake_quantized: false,
+        seed,
+    }
+}
+
 /// Through `Conv2d::run` (the plan's entry point), with the scratch it asks for.
 #[test]
 fn conv_run_dispatches_to_the_integer_kernel() {
@@ -257,16 +277,9 @@ fn conv_run_dispatches_to_the_integer_kernel() {
         cin: 5,
         cout: 40,
         hw: (9, 7),
-        k: (3, 3),
         stride: (2, 1),
-        dilation: (1, 1),
-        pad: (1, 1, 1, 1),
         act: 1,
-        input: 0,
-        per_tensor_weights: false,
-        residual: false,
-        fake_quantized: false,
-        seed: 3,
+        ..three_by_three(3)
     };
     let b = build(&c);
     let x = uniform(2 * 5 * 9 * 7, 8, -2.0, 2.0);
@@ -282,6 +295,7 @@ fn conv_run_dispatches_to_the_integer_kernel() {
         None,
         &mut direct,
         &mut words,
+        Kernels::Best,
     );
     assert_eq!(via_run, direct);
     // Float weights are dropped once the integer ones exist.
@@ -297,16 +311,10 @@ fn integer_weights_drop_dead_taps() {
         cin: 8,
         cout: 33,
         hw: (1, 1),
-        k: (3, 3),
-        stride: (1, 1),
-        dilation: (1, 1),
-        pad: (1, 1, 1, 1),
-        act: 0,
         input: 2,
         per_tensor_weights: true,
         residual: true,
-        fake_quantized: false,
-        seed: 17,
+        ..three_by_three(17)
     };
     let b = build(&c);
     assert_eq!((b.int.kh, b.int.kw), (1, 1));

@@ -349,7 +349,7 @@ impl Conv2d {
             let words = unsafe {
                 std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u32, scratch.len())
             };
-            int8::run(self, w, x, res, y, words);
+            int8::run(self, w, x, res, y, words, int8::Kernels::Best);
         } else if self.is_depthwise() {
             self.depthwise(x, y);
         } else if self.is_pointwise()

@@ -154,10 +154,21 @@ pub fn scratch_len(c: &Conv2d, w: &Int8Weights) -> usize {
     c.n * pd.ph * pd.pw * w.cin4 / 4
 }
 
-/// Runs `c` (ungrouped) on its integer weights `w`: `x` is the
-/// fake-quantized input `[n, cin, ih, iw]` (each value `scale * (q - zero)`),
-/// `y = act(conv(x) + bias + res)`. `scratch` holds at least
-/// [`scratch_len`] words. Uses the VNNI kernels where [`available`].
+/// Which kernels [`run`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The VNNI kernels where [`available`], else the references.
+    Best,
+    /// The scalar references ([`tile_reference`] and a scalar epilogue),
+    /// for tests: the same bits as the VNNI kernels.
+    Reference,
+}
+
+/// Runs `c` (ungrouped) on its integer weights `w`: `x` is the input
+/// `[n, cin, ih, iw]`, float or already fake-quantized (each value
+/// `scale * (q - zero)`), which the kernel quantizes as QuantizeLinear
+/// does; `y = act(conv(x) + bias + res)`. `scratch` holds at least
+/// [`scratch_len`] words.
 pub fn run(
     c: &Conv2d,
     w: &Int8Weights,
@@ -165,33 +176,9 @@ pub fn run(
     res: Option<&[f32]>,
     y: &mut [f32],
     scratch: &mut [u32],
+    kernels: Kernels,
 ) {
-    run_with(c, w, x, res, y, scratch, available())
-}
-
-/// [`run`] on the scalar reference kernels ([`tile_reference`] and a
-/// scalar epilogue), for tests.
-pub fn run_reference(
-    c: &Conv2d,
-    w: &Int8Weights,
-    x: &[f32],
-    res: Option<&[f32]>,
-    y: &mut [f32],
-    scratch: &mut [u32],
-) {
-    run_with(c, w, x, res, y, scratch, false)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_with(
-    c: &Conv2d,
-    w: &Int8Weights,
-    x: &[f32],
-    res: Option<&[f32]>,
-    y: &mut [f32],
-    scratch: &mut [u32],
-    fast: bool,
-) {
+    let fast = kernels == Kernels::Best && available();
     let p = c.oh * c.ow;
     let len = c.n * c.cout * p;
     assert!(
@@ -237,7 +224,13 @@ fn run_with(
     let tiles = np.div_ceil(PT);
     let blocks = c.cout.div_ceil(MC);
     let chunks = tiles.div_ceil(TILES_PER_TASK);
-    let out = OutPtr(y.as_mut_ptr());
+    let dest = Dest {
+        p,
+        w,
+        c,
+        res,
+        out: OutPtr(y.as_mut_ptr()),
+    };
     let block_len = w.kq * MC * 4;
     // A task is a run of tiles for one block of channels: that block's
     // weights stay in cache across its tiles.
@@ -250,9 +243,12 @@ fn run_with(
             let base = at.map(|(img, oy, ox)| {
                 img * img_len + (oy * c.stride.0 * pd.pw + ox * c.stride.1) * 4
             });
-            let col_at = at.map(|(img, oy, ox)| img * c.cout * p + oy * c.ow + ox);
+            let place = TileAt {
+                channels: channels.clone(),
+                cols: PT.min(np - ti * PT),
+                col_at: at.map(|(img, oy, ox)| img * c.cout * p + oy * c.ow + ox),
+            };
             let mut acc = [0i32; PT * MC];
-            let cols = PT.min(np - ti * PT);
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: `fast` only where `available()`; `tile` checks the
@@ -261,12 +257,12 @@ fn run_with(
                 unsafe {
                     check_tile(w.kq, wb, xq, &base, &tap);
                     tile_vnni(w.kq, wb, xq, &base, &tap, &mut acc);
-                    store_vnni(&acc, channels.clone(), cols, &col_at, p, w, c, res, out);
+                    store_vnni(&acc, &place, dest);
                 }
                 continue;
             }
             tile_reference(w.kq, wb, xq, &base, &tap, &mut acc);
-            store_tile(&acc, channels.clone(), cols, &col_at, p, w, c, res, out);
+            store_tile(&acc, &place, dest);
         }
     };
     let tasks = chunks * blocks;
@@ -327,18 +323,16 @@ fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512
 /// thread writes them; `res`, when given, is as long as the output.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn store_vnni(
-    acc: &[i32; PT * MC],
-    channels: std::ops::Range<usize>,
-    cols: usize,
-    col_at: &[usize; PT],
-    p: usize,
-    w: &Int8Weights,
-    c: &Conv2d,
-    res: Option<&[f32]>,
-    out: OutPtr,
-) {
+unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
+    let (
+        TileAt {
+            channels,
+            cols,
+            col_at,
+        },
+        Dest { p, w, c, res, out },
+    ) = (place, dest);
+    let cols = *cols;
     use std::arch::x86_64::*;
     // Runs of positions that are consecutive in the output.
     let mut runs = [(0usize, 0usize); PT];
@@ -426,17 +420,9 @@ unsafe fn store_vnni(
 super::multiversion! {
     /// Writes channels `channels` of a tile: `act(sum * scale + bias (+ res))`
     /// at `col_at[j] + channel * p` for its first `cols` positions.
-    fn store_tile(
-        acc: &[i32; PT * MC],
-        channels: std::ops::Range<usize>,
-        cols: usize,
-        col_at: &[usize; PT],
-        p: usize,
-        w: &Int8Weights,
-        c: &Conv2d,
-        res: Option<&[f32]>,
-        out: OutPtr,
-    ) {
+    fn store_tile(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
+        let (TileAt { channels, cols, col_at }, Dest { p, w, c, res, out }) = (place, dest);
+        let cols = *cols;
         let n = channels.len();
         let (corr, scale, bias) = (
             &w.row_sum[channels.clone()],
@@ -453,7 +439,7 @@ super::multiversion! {
                 v[i] = if res.is_some() { f } else { c.act.apply(f) };
             }
         }
-        for (i, co) in channels.enumerate() {
+        for (i, co) in channels.clone().enumerate() {
             for (j, &at) in col_at[..cols].iter().enumerate() {
                 let at = at + co * p;
                 let f = v[j * MC + i];
@@ -467,6 +453,26 @@ super::multiversion! {
             }
         }
     }
+}
+
+/// One tile's place in the output: its channels, how many of its positions
+/// are real, and each position's output offset at channel 0.
+struct TileAt {
+    channels: std::ops::Range<usize>,
+    cols: usize,
+    col_at: [usize; PT],
+}
+
+/// Where tiles are written, and what their epilogue adds.
+#[derive(Clone, Copy)]
+struct Dest<'a> {
+    /// Output positions per channel plane.
+    p: usize,
+    w: &'a Int8Weights,
+    c: &'a Conv2d,
+    /// A fused residual, shaped like the output.
+    res: Option<&'a [f32]>,
+    out: OutPtr,
 }
 
 /// The output, written from several tasks at disjoint positions.
