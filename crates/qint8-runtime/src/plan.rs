@@ -814,7 +814,8 @@ fn int8_source(
             .is_some_and(|v| v.shape.iter().product::<usize>() == cout),
         _ => true,
     };
-    if group > 1 || cin < 3 || !per_output_c {
+    let taps: usize = ws.shape[2..].iter().product();
+    if group > 1 || cin < 3 || cin * taps > int8::MAX_REDUCTION || !per_output_c {
         return Ok(None);
     }
     let (Some(xp), Some(wp)) = (dq_params(xdq, shapes)?, dq_params(wdq, shapes)?) else {
@@ -845,7 +846,7 @@ fn int8_source(
         }
         _ => return Ok(None),
     };
-    if q.len() != cout * cin * ws.shape[2..].iter().product::<usize>() {
+    if q.len() != cout * cin * taps {
         return Ok(None);
     }
     let x = xp.channels()[0];

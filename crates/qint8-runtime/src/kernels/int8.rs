@@ -9,11 +9,14 @@
 //! for int8) and the shift is taken back out with each channel's weight
 //! sum. The kernel quantizes its input itself (QuantizeLinear's rounding),
 //! so it reads either the fake-quantized tensor or, with the plan's fusion,
-//! the float tensor before QuantizeLinear. The input is quantized once into a zero-padded copy that keeps four
-//! channels side by side (`[c / 4, h, w, 4]`), so each term of a window is
-//! a 4-byte group that the kernel broadcasts straight from it: no im2col. [`tile_reference`] is the scalar
-//! reference of the one SIMD kernel, [`tile`]; the plan compiler uses this
-//! path only where the CPU has VNNI ([`available`]).
+//! the float tensor before QuantizeLinear. The input is quantized once into
+//! a zero-padded copy that keeps four channels side by side
+//! (`[c / 4, h, w, 4]`), so each term of a window is a 4-byte group that the
+//! kernel broadcasts straight from it: no im2col. [`tile_reference`] is the
+//! scalar reference of the one SIMD kernel, [`tile`]; the plan compiler uses
+//! this path only where the CPU has VNNI ([`available`]).
+//!
+//! Sums stay exact while the reduction is at most [`MAX_REDUCTION`] terms.
 
 use std::sync::Arc;
 
@@ -27,6 +30,9 @@ pub const MC: usize = 32;
 /// and 16 accumulators use 26 of the 32 vector registers (12 positions
 /// made the compiler spill accumulators, at half the speed).
 pub const PT: usize = 8;
+/// Longest reduction (input channels x kernel taps) whose i32 sums cannot
+/// overflow: `255 * 128` per term.
+pub const MAX_REDUCTION: usize = (i32::MAX / (255 * 128)) as usize;
 /// Tiles of output positions per task.
 const TILES_PER_TASK: usize = 8;
 
