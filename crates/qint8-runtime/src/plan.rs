@@ -763,10 +763,11 @@ fn dq_params(node: &Node, shapes: &HashMap<String, ValueShape>) -> Result<Option
     qdq_params(node, shapes, axis, rank)
 }
 
-/// Integer weights (as f32) of a Conv whose weight is DequantizeLinear of
-/// int8 constants (zero points 0, per output channel or per tensor)
-/// and whose input is DequantizeLinear output quantized per tensor: what
-/// the integer kernel needs, or `None` when the node does not qualify.
+/// Integer weights (as f32) of a Conv (or classifier Gemm) whose weight is
+/// DequantizeLinear of int8 constants (zero points 0, per output channel
+/// or per tensor) and whose input is DequantizeLinear output quantized per
+/// tensor: what the integer kernel needs, or `None` when the node does not
+/// qualify.
 fn int8_source(
     g: &Graph,
     producers: &HashMap<&str, &Node>,
@@ -805,8 +806,6 @@ fn int8_source(
         [cout, cin, ..] => (cout, cin),
         _ => return Ok(None),
     };
-    // One or two input channels would fill most of each 4-byte group with
-    // padding: such a stem runs in float.
     // A Gemm's C must be one value per output (a bias), as in classifiers.
     let per_output_c = match (&node.op, node.input(2)) {
         (Op::Gemm { .. }, Some(c)) => shapes
@@ -815,6 +814,8 @@ fn int8_source(
         _ => true,
     };
     let taps: usize = ws.shape[2..].iter().product();
+    // One or two input channels would fill most of each 4-byte group with
+    // padding: such a stem runs in float.
     if group > 1 || cin < 3 || cin * taps > int8::MAX_REDUCTION || !per_output_c {
         return Ok(None);
     }
