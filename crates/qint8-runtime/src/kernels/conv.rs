@@ -128,9 +128,9 @@ pub struct Conv2d {
     pub act: Activation,
     /// Weights packed for the GEMM, one per group (see [`Conv2d::pack`]).
     pub packed: Vec<PackedA>,
-    /// Integer weights: when set, the input is fake-quantized and the
-    /// convolution runs on the integer kernel ([`super::int8`]); `weight`
-    /// and `packed` are then unused.
+    /// Integer weights: when set, the convolution runs on the integer
+    /// kernel ([`super::int8`]), which quantizes its input; `weight` and
+    /// `packed` are then empty.
     pub int8: Option<Int8Weights>,
 }
 
@@ -225,7 +225,12 @@ impl Conv2d {
     /// The same convolution on the integer kernel: `src.q` are its integer
     /// weights, laid out like `weight`. Call instead of [`Conv2d::pack`]
     /// (padding taps are dropped here as by [`Conv2d::without_dead_taps`]).
+    /// The integer kernel is for ungrouped convolutions: a grouped one is
+    /// returned packed for the float kernels, `src` unused.
     pub fn with_int8(self, src: Int8Source) -> Self {
+        if self.group != 1 {
+            return self.without_dead_taps().pack();
+        }
         let q = Conv2d {
             weight: Arc::new(src.q),
             int8: None,
