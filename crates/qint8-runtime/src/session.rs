@@ -172,6 +172,8 @@ impl Session {
     /// which keep every DequantizeLinear output visible (an integer
     /// convolution otherwise quantizes its float input itself).
     fn plan_for(&self, shapes: &[(&str, &[usize])], observed: bool) -> Result<Arc<Plan>> {
+        // Only the integer path's fusion differs: otherwise one plan serves both.
+        let observed = observed && self.opts.integer && self.opts.fuse;
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (name, shape) in shapes {
             let decl = self
