@@ -16,9 +16,7 @@ use qint8_graph::{shape, Graph, Node, Op};
 use crate::error::{Result, RuntimeError};
 pub use crate::kernels::conv::ConvGeom;
 use crate::kernels::gemm::{sgemm, Mat};
-use crate::kernels::packed::{gemm_packed, Epilogue, PackedA};
 use crate::kernels::pool::Pool2d;
-use crate::kernels::Activation;
 
 /// A forward value: its shape and row-major data.
 #[derive(Debug, Clone, Copy)]
@@ -1046,30 +1044,10 @@ pub fn conv_input_grad(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
     } else {
         Vec::new()
     };
-    let zeros = vec![0.0f32; k];
-    let no_epilogue = Epilogue {
-        bias: &zeros,
-        res: None,
-        act: Activation::None,
-    };
     for grp in 0..c.group {
         let wg = &w[grp * cout_g * k..][..cout_g * k];
-        // W_g^T ([k, cout_g]) packed for the forward pass's GEMM kernel
-        // (AVX-512): packing costs k * cout_g, the product k * cout_g *
-        // positions.
-        let mut wt_rows = vec![0.0f32; k * cout_g];
-        for (co, row) in wg.chunks_exact(k).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                wt_rows[i * cout_g + co] = v;
-            }
-        }
-        let wt_packed = PackedA::new(std::sync::Arc::new(wt_rows), k, cout_g);
-        // `gemm_packed` checks its buffers as `sgemm` does; sizes here come
-        // from the geometry, so both always fit.
-        let product = |b: &[f32], n: usize, out: &mut [f32]| {
-            let fits = gemm_packed(&wt_packed, Mat::row_major(b, n), n, out, n, no_epilogue, 1);
-            debug_assert!(fits);
-        };
+        // W_g^T viewed as [k, cout_g].
+        let wt = Mat::transposed(wg, k);
         if batched {
             let np = c.n * op;
             for img in 0..c.n {
@@ -1078,7 +1056,17 @@ pub fn conv_input_grad(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
                     gt[co * np + img * op..][..op].copy_from_slice(src);
                 }
             }
-            product(&gt, np, &mut cols);
+            sgemm(
+                k,
+                np,
+                cout_g,
+                wt,
+                Mat::row_major(&gt, np),
+                &mut cols,
+                np,
+                false,
+                1,
+            );
             for img in 0..c.n {
                 let xg = &mut gx[(img * c.cin + grp * cin_g) * ip..][..cin_g * ip];
                 col2im(c, &cols, np, img * op, xg);
@@ -1088,9 +1076,19 @@ pub fn conv_input_grad(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
                 let gg = &g[(img * c.cout + grp * cout_g) * op..][..cout_g * op];
                 let xg = &mut gx[(img * c.cin + grp * cin_g) * ip..][..cin_g * ip];
                 if pointwise {
-                    product(gg, op, xg);
+                    sgemm(k, op, cout_g, wt, Mat::row_major(gg, op), xg, op, false, 1);
                 } else {
-                    product(gg, op, &mut cols);
+                    sgemm(
+                        k,
+                        op,
+                        cout_g,
+                        wt,
+                        Mat::row_major(gg, op),
+                        &mut cols,
+                        op,
+                        false,
+                        1,
+                    );
                     col2im(c, &cols, op, 0, xg);
                 }
             }

@@ -238,6 +238,18 @@ pub fn run(
         out: OutPtr(y.as_mut_ptr()),
     };
     let block_len = w.kq * MC * 4;
+    // First byte of an output position's window in `xq`.
+    let window = |(img, oy, ox): (usize, usize, usize)| {
+        img * img_len + (oy * c.stride.0 * pd.pw + ox * c.stride.1) * 4
+    };
+    // Windows grow with the position, so the last one bounds every read
+    // the kernel makes: checked once here, not per tile.
+    let last = window(positions(c, np - 1, np)[0]);
+    let tap_max = tap.iter().max().copied().unwrap_or(0);
+    assert!(
+        w.kq == 0 || last + tap_max + 4 <= xq.len(),
+        "int8 convolution windows pass the quantized input"
+    );
     // A task is a run of tiles for one block of channels: that block's
     // weights stay in cache across its tiles.
     let task = |t: usize| {
@@ -246,9 +258,7 @@ pub fn run(
         let channels = b * MC..(b * MC + MC).min(c.cout);
         for ti in chunk * TILES_PER_TASK..((chunk + 1) * TILES_PER_TASK).min(tiles) {
             let at = positions(c, ti * PT, np);
-            let base = at.map(|(img, oy, ox)| {
-                img * img_len + (oy * c.stride.0 * pd.pw + ox * c.stride.1) * 4
-            });
+            let base = at.map(window);
             let place = TileAt {
                 channels: channels.clone(),
                 cols: PT.min(np - ti * PT),
@@ -257,11 +267,11 @@ pub fn run(
             let mut acc = [0i32; PT * MC];
             #[cfg(target_arch = "x86_64")]
             if fast {
-                // SAFETY: `fast` only where `available()`; `tile` checks the
-                // bounds the kernel relies on; the asserts above cover `y`
-                // and `res`, and this task alone writes these positions.
+                // SAFETY: `fast` only where `available()`; the asserts
+                // above bound every window read, `wb` is a whole block, `y`
+                // and `res` are long enough, and this task alone writes
+                // these positions.
                 unsafe {
-                    check_tile(w.kq, wb, xq, &base, &tap);
                     tile_vnni(w.kq, wb, xq, &base, &tap, &mut acc);
                     store_vnni(&acc, &place, dest);
                 }
