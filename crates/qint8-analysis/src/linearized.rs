@@ -27,8 +27,10 @@
 //!   `softmax(z_ŷ, z_r)` of FP32 and of the estimated margin. SQNR: of the
 //!   margin.
 //!
-//! Cost: that real evaluation, the recorded FP32 pass, one more run of each
-//! quantizable node, and the backward pass.
+//! Cost: that real evaluation, the recorded FP32 pass (every value kept in
+//! place, see [`Session::record_split`]), one run of a graph holding every
+//! quantized node on its own copy of its recorded inputs, and the backward
+//! pass.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -37,11 +39,11 @@ use ndarray::IxDyn;
 use qint8_calibration::ImageDataset;
 use qint8_eval::accuracy::argmax;
 use qint8_graph::quant::{insert_qdq, Precision, QuantPlan, WeightStorage};
-use qint8_graph::{DataType, Graph, Model, Node, ValueInfo};
+use qint8_graph::{DataType, Graph, Model, ValueInfo};
 use qint8_math::params::QuantParams;
 use qint8_math::quant::fake_quant;
 use qint8_runtime::grad::{Backward, Value, Values};
-use qint8_runtime::{Observer, RuntimeError, Session, SessionOptions};
+use qint8_runtime::{Recording, RuntimeError, Session, SessionOptions};
 
 use crate::sensitivity::{
     analyzed_nodes, fused_adds, invalid, js_divergence, run, sqnr_db, MeanError, Method,
@@ -52,9 +54,8 @@ use crate::{AnalysisError, Result};
 /// One quantizable node, ready to compute its quantization error.
 struct Probe {
     node: usize,
-    /// The node alone, quantized as planned ([`one_node_session`]); `None`
-    /// when the plan leaves it in float.
-    session: Option<Session>,
+    /// Whether the plan quantizes the node (otherwise its error is 0).
+    quantized: bool,
     /// Activation (non-constant) inputs.
     inputs: Vec<String>,
     output: String,
@@ -64,52 +65,72 @@ struct Probe {
     residual: Option<(String, QuantParams)>,
 }
 
-/// The node alone as a QDQ graph quantized as `plan` quantizes it (its
-/// planned inputs through QuantizeLinear/DequantizeLinear, its planned
-/// weights int8 + DequantizeLinear): a convolution then runs on the
-/// runtime's integer kernel where the CPU has one, as in the real
-/// evaluation, and is fed its float inputs.
-fn one_node_session(
+/// The name of probe `k`'s copy of `name` in [`probes_session`]'s graph.
+fn probe_name(k: usize, name: &str) -> String {
+    format!("{k}:{name}")
+}
+
+/// Every quantized probe node in one QDQ graph, each alone on its own copy
+/// of its inputs (named by [`probe_name`]) and quantized as `plan`
+/// quantizes it (its planned inputs through QuantizeLinear /
+/// DequantizeLinear, its planned weights int8 + DequantizeLinear): a
+/// convolution then runs on the runtime's integer kernel where the CPU has
+/// one, as in the real evaluation. Fed the recorded float inputs, one run
+/// gives every node's quantized output, and one plan is compiled per
+/// sub-batch shape for all of them. `None` when no probe is quantized.
+fn probes_session(
     graph: &Graph,
-    node: &Node,
+    probes: &[Probe],
     plan: &QuantPlan,
     threads: usize,
-) -> Result<Session> {
-    let mut initializers = std::collections::BTreeMap::new();
-    let mut inputs = Vec::new();
+) -> Result<Option<Session>> {
+    let mut g = Graph {
+        name: "probes".into(),
+        inputs: vec![],
+        outputs: vec![],
+        nodes: vec![],
+        initializers: Default::default(),
+        value_info: vec![],
+    };
     let mut own = QuantPlan::new(plan.method.clone());
-    for name in node.inputs.iter().filter(|n| !n.is_empty()) {
-        match graph.initializers.get(name) {
-            Some(t) => {
-                if let Some(p) = plan.weights.get(name) {
-                    own.weights.insert(name.clone(), p.clone());
+    for (k, probe) in probes.iter().enumerate().filter(|(_, p)| p.quantized) {
+        let mut node = graph.nodes[probe.node].clone();
+        for name in node.inputs.iter_mut().filter(|n| !n.is_empty()) {
+            match graph.initializers.get(name.as_str()) {
+                Some(t) => {
+                    if let Some(p) = plan.weights.get(name.as_str()) {
+                        own.weights.insert(name.clone(), p.clone());
+                    }
+                    g.initializers.insert(name.clone(), t.clone());
                 }
-                initializers.insert(name.clone(), t.clone());
-            }
-            None => {
-                if let Some(p) = plan.activations.get(name) {
-                    own.activations.insert(name.clone(), p.clone());
+                None => {
+                    let renamed = probe_name(k, name);
+                    if let Some(p) = plan.activations.get(name.as_str()) {
+                        own.activations.insert(renamed.clone(), p.clone());
+                    }
+                    if !g.inputs.iter().any(|v| v.name == renamed) {
+                        g.inputs.push(ValueInfo {
+                            name: renamed.clone(),
+                            dtype: DataType::Float,
+                            shape: None,
+                        });
+                    }
+                    *name = renamed;
                 }
-                inputs.push(ValueInfo {
-                    name: name.clone(),
-                    dtype: DataType::Float,
-                    shape: None,
-                })
             }
         }
-    }
-    let g = Graph {
-        name: node.name.clone(),
-        inputs,
-        outputs: vec![ValueInfo {
+        node.name = probe_name(k, &node.name);
+        node.outputs = vec![probe_name(k, &probe.output)];
+        g.outputs.push(ValueInfo {
             name: node.outputs[0].clone(),
             dtype: DataType::Float,
             shape: None,
-        }],
-        nodes: vec![node.clone()],
-        initializers,
-        value_info: vec![],
-    };
+        });
+        g.nodes.push(node);
+    }
+    if g.nodes.is_empty() {
+        return Ok(None);
+    }
     let g = insert_qdq(&g, &own, WeightStorage::Int8).map_err(invalid)?;
     Session::from_graph(
         g,
@@ -119,44 +140,8 @@ fn one_node_session(
             ..Default::default()
         },
     )
+    .map(Some)
     .map_err(invalid)
-}
-
-/// Recorded tensors of one sub-batch.
-type Record = HashMap<String, (Vec<usize>, Vec<f32>)>;
-
-/// Records every tensor of one sub-batch, reusing its buffers from batch
-/// to batch (fresh allocations of this size would fault in new pages
-/// every time).
-#[derive(Default)]
-struct Recorder {
-    record: Record,
-    /// Whether this batch's run reached this recorder.
-    filled: bool,
-}
-
-impl Observer for Recorder {
-    fn observe(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        data: &[f32],
-    ) -> std::result::Result<(), String> {
-        self.filled = true;
-        match self.record.get_mut(name) {
-            Some((s, v)) => {
-                s.clear();
-                s.extend_from_slice(shape);
-                v.clear();
-                v.extend_from_slice(data);
-            }
-            None => {
-                self.record
-                    .insert(name.to_string(), (shape.to_vec(), data.to_vec()));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Per image: FP32's top two classes, their margin, and the label.
@@ -236,7 +221,7 @@ fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) 
 
 /// One sub-batch: its recorded tensors, inputs and labels.
 struct Part<'a> {
-    rec: &'a Record,
+    rec: &'a Recording,
     x: &'a [f32],
     shape: Vec<usize>,
     labels: &'a [usize],
@@ -257,6 +242,8 @@ struct Context<'a> {
     /// The backward pass from the logits to every probe's output.
     pass: Backward<'a>,
     probes: &'a [Probe],
+    /// Every quantized probe's quantized output ([`probes_session`]).
+    session: Option<&'a Session>,
     input: &'a str,
     output: &'a str,
     by_output: HashMap<&'a str, usize>,
@@ -270,34 +257,49 @@ impl Context<'_> {
         }
         part.rec
             .get(name)
-            .map(|(s, v)| (&s[..], &v[..]))
             .ok_or_else(|| invalid(format!("{name} was not recorded")))
     }
 
-    /// Node `k`'s recorded FP32 output and its error with the node's inputs
-    /// (and weights) quantized.
-    fn delta<'p>(&self, part: &'p Part<'_>, k: usize) -> Result<(&'p [f32], Vec<f32>)> {
+    /// Every quantized probe's output with its inputs (and weights)
+    /// quantized, from one run of the probes' session; `None` for probes
+    /// left in float.
+    fn quantized_outputs(&self, part: &Part<'_>) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; self.probes.len()];
+        let Some(session) = self.session else {
+            return Ok(out);
+        };
+        let mut views = Vec::new();
+        for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
+            for name in &probe.inputs {
+                let (shape, xs) = self.value(part, name)?;
+                let view = ndarray::ArrayViewD::from_shape(IxDyn(shape), xs).map_err(invalid)?;
+                views.push((probe_name(k, name), view));
+            }
+        }
+        let views: Vec<(&str, _)> = views.iter().map(|(n, v)| (n.as_str(), v.view())).collect();
+        let mut results = session.run_here(&views).map_err(invalid)?.into_iter();
+        for (k, _) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
+            let y = results
+                .next()
+                .ok_or_else(|| invalid("the probes' session returned too few outputs"))?;
+            out[k] = Some(y.into_raw_vec_and_offset().0);
+        }
+        Ok(out)
+    }
+
+    /// Node `k`'s recorded FP32 output and its error `quantized - y` (plus
+    /// that of its fused residual), consuming its quantized output.
+    fn delta<'p>(
+        &self,
+        part: &'p Part<'_>,
+        k: usize,
+        quantized: Option<Vec<f32>>,
+    ) -> Result<(&'p [f32], Vec<f32>)> {
         let probe = &self.probes[k];
         let (_, y) = self.value(part, &probe.output)?;
-        let Some(session) = &probe.session else {
+        let Some(mut delta) = quantized else {
             return Ok((y, vec![0.0; y.len()]));
         };
-        // The node's float inputs: its session quantizes them as planned.
-        let mut inputs = Vec::with_capacity(probe.inputs.len());
-        for name in &probe.inputs {
-            let (shape, xs) = self.value(part, name)?;
-            inputs.push((name.as_str(), shape, xs));
-        }
-        let views = inputs
-            .iter()
-            .map(|(name, shape, data)| {
-                ndarray::ArrayViewD::from_shape(IxDyn(shape), data)
-                    .map(|v| (*name, v))
-                    .map_err(invalid)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let yq = session.run_here(&views).map_err(invalid)?.remove(0);
-        let mut delta = yq.into_raw_vec_and_offset().0;
         if delta.len() != y.len() {
             return Err(invalid(format!(
                 "{}: quantized output size differs",
@@ -350,7 +352,7 @@ impl Context<'_> {
         let mut vals: Values<'_> = part
             .rec
             .iter()
-            .map(|(k, (s, v))| (k.clone(), Value { shape: s, data: v }))
+            .map(|(k, shape, data)| (k.to_string(), Value { shape, data }))
             .collect();
         vals.insert(
             self.input.to_string(),
@@ -359,12 +361,13 @@ impl Context<'_> {
                 data: part.x,
             },
         );
-        // Each node's error is computed when its gradient is complete and
-        // dropped after the dot product (one at a time in memory).
+        // All quantized outputs at once; each node's error is formed when
+        // its gradient is complete and dropped after the dot product.
+        let mut quantized = self.quantized_outputs(part)?;
         let mut failed: Option<AnalysisError> = None;
         let done = self.pass.run(&vals, &seed, &mut |name, g| {
             let k = self.by_output[name];
-            let (y, delta) = match self.delta(part, k) {
+            let (y, delta) = match self.delta(part, k, quantized[k].take()) {
                 Ok(d) => d,
                 Err(e) => {
                     // Stop the pass; the analysis error is returned below.
@@ -393,9 +396,16 @@ impl Context<'_> {
 const RECORD_BUDGET: usize = 1 << 30;
 
 /// `batch`, made smaller where recording every activation of that many
-/// images would pass [`RECORD_BUDGET`] (large inputs: a 224x224 ResNet-50
-/// records about 0.1 GB per image).
-fn recording_batch(graph: &Graph, input: &str, image: [usize; 3], batch: usize) -> Result<usize> {
+/// images, plus the values named in `held` (once per mention), would pass
+/// [`RECORD_BUDGET`] (large inputs: a 224x224 ResNet-50 records about
+/// 0.1 GB per image).
+fn recording_batch(
+    graph: &Graph,
+    input: &str,
+    image: [usize; 3],
+    batch: usize,
+    held: &[&str],
+) -> Result<usize> {
     let one = HashMap::from([(input.to_string(), vec![1, image[0], image[1], image[2]])]);
     let shapes = qint8_graph::shape::infer(graph, &one).map_err(invalid)?;
     let floats: usize = graph
@@ -405,7 +415,12 @@ fn recording_batch(graph: &Graph, input: &str, image: [usize; 3], batch: usize) 
         .filter_map(|o| shapes.get(o))
         .filter(|v| v.dtype == DataType::Float && v.value.is_none())
         .map(|v| v.shape.iter().product::<usize>())
-        .sum();
+        .sum::<usize>()
+        + held
+            .iter()
+            .filter_map(|o| shapes.get(*o))
+            .map(|v| v.shape.iter().product::<usize>())
+            .sum::<usize>();
     Ok(batch.clamp(1, (RECORD_BUDGET / (4 * floats.max(1))).max(1)))
 }
 
@@ -469,11 +484,7 @@ pub(crate) fn analyze(
         let float = plan.precision_of(&node.name) == Precision::Float;
         probes.push(Probe {
             node: i,
-            session: if float {
-                None
-            } else {
-                Some(one_node_session(graph, node, plan, threads)?.sharing_buffers_with(&fp32))
-            },
+            quantized: !float,
             inputs: node
                 .inputs
                 .iter()
@@ -489,9 +500,12 @@ pub(crate) fn analyze(
             },
         });
     }
+    let session =
+        probes_session(graph, &probes, plan, threads)?.map(|s| s.sharing_buffers_with(&fp32));
     let ctx = Context {
         pass,
         probes: &probes,
+        session: session.as_ref(),
         input: &input,
         output: &output,
         by_output: outs.iter().enumerate().map(|(k, o)| (*o, k)).collect(),
@@ -502,28 +516,29 @@ pub(crate) fn analyze(
     let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity(total); nodes.len()];
     let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
     let workers = threads.max(1);
-    let mut recorders: Vec<Recorder> = (0..workers).map(|_| Recorder::default()).collect();
-    let batch = recording_batch(graph, &input, data.input_shape(), batch)?;
+    // Beside the record, the probes' session holds a copy of every
+    // quantized probe's inputs and its output, and hands out another copy
+    // of the outputs, which stay until the backward pass consumes them.
+    let held: Vec<&str> = probes
+        .iter()
+        .filter(|p| p.quantized)
+        .flat_map(|p| {
+            p.inputs
+                .iter()
+                .chain([&p.output, &p.output])
+                .map(String::as_str)
+        })
+        .collect();
+    let batch = recording_batch(graph, &input, data.input_shape(), batch, &held)?;
     for b in data.batches(batch) {
         let b = b.map_err(invalid)?;
         let labels = b.labels.clone().ok_or_else(|| {
             AnalysisError::Invalid("the sensitivity images have no labels".into())
         })?;
-        // FP32, every tensor recorded, sub-batches on separate workers.
-        recorders.iter_mut().for_each(|r| r.filled = false);
-        {
-            let mut obs: Vec<&mut dyn Observer> = recorders
-                .iter_mut()
-                .map(|r| r as &mut dyn Observer)
-                .collect();
-            fp32.observe_split(&[(input.as_str(), b.inputs.view())], &mut obs)
-                .map_err(invalid)?;
-        }
-        let recs: Vec<&Record> = recorders
-            .iter()
-            .filter(|r| r.filled)
-            .map(|r| &r.record)
-            .collect();
+        // FP32, every tensor kept, sub-batches on separate workers.
+        let recs = fp32
+            .record_split(&[(input.as_str(), b.inputs.view())], workers)
+            .map_err(invalid)?;
         let x_all = b
             .inputs
             .as_slice()
@@ -686,16 +701,24 @@ mod tests {
         };
         // Two recorded tensors of 128 floats per image.
         let per_image = 2 * 128 * 4;
-        assert_eq!(recording_batch(&graph, "x", [2, 8, 8], 64).unwrap(), 64);
         assert_eq!(
-            recording_batch(&graph, "x", [2, 8, 8], usize::MAX).unwrap(),
+            recording_batch(&graph, "x", [2, 8, 8], 64, &[]).unwrap(),
+            64
+        );
+        assert_eq!(
+            recording_batch(&graph, "x", [2, 8, 8], usize::MAX, &[]).unwrap(),
             RECORD_BUDGET / per_image
         );
         // Larger images, proportionally fewer of them.
         assert_eq!(
-            recording_batch(&graph, "x", [2, 64, 64], usize::MAX).unwrap(),
+            recording_batch(&graph, "x", [2, 64, 64], usize::MAX, &[]).unwrap(),
             RECORD_BUDGET / (per_image * 64)
         );
-        assert_eq!(recording_batch(&graph, "x", [2, 8, 8], 0).unwrap(), 1);
+        assert_eq!(recording_batch(&graph, "x", [2, 8, 8], 0, &[]).unwrap(), 1);
+        // Values held beside the record count once per mention.
+        assert_eq!(
+            recording_batch(&graph, "x", [2, 8, 8], usize::MAX, &["r", "r"]).unwrap(),
+            RECORD_BUDGET / (per_image + 2 * 128 * 4)
+        );
     }
 }

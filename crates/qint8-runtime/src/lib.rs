@@ -32,4 +32,4 @@ mod session;
 
 pub use error::{Result, RuntimeError};
 pub use plan::{Plan, PlanStats};
-pub use session::{Observer, Session, SessionOptions};
+pub use session::{Observer, Recording, Session, SessionOptions};

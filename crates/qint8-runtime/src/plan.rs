@@ -175,6 +175,8 @@ pub struct Plan {
     pub(crate) arena_len: usize,
     pub(crate) scratch_len: usize,
     pub(crate) stats: PlanStats,
+    /// Keep-all plans: where every value lies in the arena, and its shape.
+    pub(crate) values: HashMap<String, (Slot, Vec<usize>)>,
 }
 
 impl Plan {
@@ -257,6 +259,9 @@ pub(crate) struct CompileOptions {
     /// Observers watch the run: keep every DequantizeLinear output (no
     /// integer convolution reads the float tensor before QuantizeLinear).
     pub observed: bool,
+    /// Every value keeps its own part of the arena to the end of the run
+    /// (no buffer reuse), so a finished run holds all of them.
+    pub keep_all: bool,
 }
 
 /// Compiles `g` for the given input shapes.
@@ -564,7 +569,7 @@ pub(crate) fn compile(
         });
         // Free buffers whose last reader is this step.
         for (id, &(len, last)) in bufs.iter().enumerate() {
-            if last == s && last < n_steps && !freed[id] {
+            if last == s && last < n_steps && !freed[id] && !opts.keep_all {
                 if let Some(o) = offsets[id] {
                     freed[id] = true;
                     arena.release(o, len);
@@ -617,7 +622,7 @@ pub(crate) fn compile(
                 shape,
             )
         })
-        .collect();
+        .collect::<Vec<(String, Slot, Vec<usize>)>>();
     let unshared: usize = bufs.iter().map(|b| b.0).sum();
     let stats = PlanStats {
         steps: steps.len(),
@@ -626,10 +631,23 @@ pub(crate) fn compile(
         unshared_bytes: unshared * 4,
         constant_bytes: const_bytes,
     };
+    let values = match opts.keep_all {
+        true => inputs
+            .iter()
+            .map(|(n, slot, shape)| (n.clone(), (*slot, shape.clone())))
+            .chain(steps.iter().flat_map(|st| {
+                st.names
+                    .iter()
+                    .map(|(n, shape)| (n.clone(), (st.out, shape.clone())))
+            }))
+            .collect(),
+        false => HashMap::new(),
+    };
     Ok(Plan {
         steps,
         inputs,
         outputs,
+        values,
         arena_len: arena.end,
         scratch_len,
         stats,

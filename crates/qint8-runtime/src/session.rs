@@ -8,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use qint8_graph::{passes, Dim, Graph, Model};
 
 use crate::error::{Result, RuntimeError};
-use crate::plan::{self, CompileOptions, OutSrc, Plan, Src};
+use crate::plan::{self, CompileOptions, OutSrc, Plan, Slot, Src};
 
 /// Sees every tensor a run produces (after fusion), by value name. `Send`
 /// because the plan runs on a worker thread of the session's pool.
@@ -69,9 +69,9 @@ impl Default for SessionOptions {
     }
 }
 
-/// What a compiled plan is cached by: the input shapes, and whether
-/// observers watch the run.
-type PlanKey = (Vec<Vec<usize>>, bool);
+/// What a compiled plan is cached by: the input shapes, whether observers
+/// watch the run, and whether it keeps every value (a recording).
+type PlanKey = (Vec<Vec<usize>>, bool, bool);
 
 /// A graph ready to run on the CPU.
 pub struct Session {
@@ -165,13 +165,19 @@ impl Session {
 
     /// The compiled plan for these input shapes (compiled on first use).
     pub fn plan(&self, shapes: &[(&str, &[usize])]) -> Result<Arc<Plan>> {
-        self.plan_for(shapes, false)
+        self.plan_for(shapes, false, false)
     }
 
     /// The plan for these shapes; `observed`: for a run with observers,
     /// which keep every DequantizeLinear output visible (an integer
     /// convolution otherwise quantizes its float input itself).
-    fn plan_for(&self, shapes: &[(&str, &[usize])], observed: bool) -> Result<Arc<Plan>> {
+    /// `keep_all`: for a [`Recording`], every value in its own buffer.
+    fn plan_for(
+        &self,
+        shapes: &[(&str, &[usize])],
+        observed: bool,
+        keep_all: bool,
+    ) -> Result<Arc<Plan>> {
         // Only the integer path's fusion differs: otherwise one plan serves both.
         let observed = observed && self.opts.integer && self.opts.fuse;
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
@@ -218,7 +224,7 @@ impl Session {
                     .ok_or_else(|| RuntimeError::MissingInput(v.name.clone()))
             })
             .collect::<Result<_>>()?;
-        let key = (key, observed);
+        let key = (key, observed, keep_all);
         if let Some(p) = self
             .plans
             .lock()
@@ -232,6 +238,7 @@ impl Session {
             threads: self.threads,
             integer: self.opts.integer,
             observed,
+            keep_all,
         };
         let p = Arc::new(
             self.pool
@@ -276,7 +283,7 @@ impl Session {
         times: Option<&mut Vec<(String, &'static str, f64)>>,
     ) -> Result<Vec<ArrayD<f32>>> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-        let plan = self.plan_for(&shapes, observer.is_some())?;
+        let plan = self.plan_for(&shapes, observer.is_some(), false)?;
         let batch = inputs
             .first()
             .and_then(|(_, a)| a.shape().first().copied())
@@ -384,7 +391,7 @@ impl Session {
         inputs: &[(&str, ArrayViewD<'_, f32>)],
         batch: usize,
     ) -> Result<Vec<ArrayD<f32>>> {
-        let parts = self.split_parts(inputs, self.threads.min(batch), false)?;
+        let parts = self.split_parts(inputs, self.threads.min(batch), false, false)?;
         let run_part = |(plan, data): &Part<'_>| {
             let flat: Vec<(&str, &[f32])> = data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
             crate::kernels::sequential(|| run_plan(plan, &flat, None, None, 1, None, &self.buffers))
@@ -406,6 +413,7 @@ impl Session {
         inputs: &[(&'a str, ArrayViewD<'_, f32>)],
         t: usize,
         observed: bool,
+        keep_all: bool,
     ) -> Result<Vec<Part<'a>>> {
         let batch = inputs
             .first()
@@ -427,7 +435,7 @@ impl Session {
                 })
                 .collect();
             let shapes: Vec<(&str, &[usize])> = sub.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan_for(&shapes, observed)?;
+            let plan = self.plan_for(&shapes, observed, keep_all)?;
             let data: Vec<(&'a str, Vec<f32>)> = sub
                 .iter()
                 .map(|(n, a)| (*n, a.iter().copied().collect()))
@@ -461,7 +469,7 @@ impl Session {
         let split = t > 1 && {
             let shapes: Vec<(&str, &[usize])> =
                 inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan_for(&shapes, true)?;
+            let plan = self.plan_for(&shapes, true, false)?;
             self.batch_splittable(&plan, inputs, batch)
         };
         if !split {
@@ -470,7 +478,7 @@ impl Session {
             };
             return self.run_observed(inputs, &mut **first).map(drop);
         }
-        let parts = self.split_parts(inputs, t, true)?;
+        let parts = self.split_parts(inputs, t, true, false)?;
         let results: Vec<Result<Vec<ArrayD<f32>>>> = self.pool.install(|| {
             use rayon::prelude::*;
             parts
@@ -495,6 +503,134 @@ impl Session {
                 .collect()
         });
         results.into_iter().try_for_each(|r| r.map(drop))
+    }
+
+    /// Runs the graph and keeps every value an observer would see (graph
+    /// inputs and every step's output), each in its own part of one buffer,
+    /// instead of handing them to an observer to copy. The batch is cut
+    /// into at most `parts` sub-batches along axis 0 that run at the same
+    /// time on the pool's workers, as in [`observe_split`](Self::observe_split);
+    /// one [`Recording`] per sub-batch, in batch order. A recording's
+    /// buffer goes back to the session's pool when it is dropped, so
+    /// recording batch after batch reuses the same memory.
+    pub fn record_split(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        parts: usize,
+    ) -> Result<Vec<Recording>> {
+        let batch = inputs
+            .first()
+            .and_then(|(_, a)| a.shape().first().copied())
+            .unwrap_or(0);
+        let t = parts.min(batch);
+        let split = t > 1 && {
+            let shapes: Vec<(&str, &[usize])> =
+                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+            let plan = self.plan_for(&shapes, true, true)?;
+            self.batch_splittable(&plan, inputs, batch)
+        };
+        if !split {
+            let shapes: Vec<(&str, &[usize])> =
+                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+            let plan = self.plan_for(&shapes, true, true)?;
+            let owned = contiguous(inputs);
+            let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
+            return Ok(vec![self.record_plan(plan, &flat, self.threads, true)?]);
+        }
+        let parts = self.split_parts(inputs, t, true, true)?;
+        self.pool.install(|| {
+            use rayon::prelude::*;
+            parts
+                .into_par_iter()
+                .with_max_len(1)
+                .map(|(plan, data)| {
+                    let flat: Vec<(&str, &[f32])> =
+                        data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+                    crate::kernels::sequential(|| self.record_plan(plan, &flat, 1, false))
+                })
+                .collect()
+        })
+    }
+
+    /// One run of a keep-all plan, its buffer kept as a [`Recording`].
+    fn record_plan(
+        &self,
+        plan: Arc<Plan>,
+        inputs: &[(&str, &[f32])],
+        threads: usize,
+        in_pool: bool,
+    ) -> Result<Recording> {
+        let mut arena = self.buffers.take(plan.arena_len);
+        let mut scratch = self.buffers.take(plan.scratch_len);
+        let mut go = || {
+            execute(
+                &plan,
+                inputs,
+                &mut None,
+                &mut None,
+                threads,
+                &mut arena,
+                &mut scratch,
+            )
+        };
+        let result = match in_pool {
+            true if threads > 1 => self.pool.install(|| with_awake_workers(threads - 1, go)),
+            true => self.pool.install(go),
+            false => go(),
+        };
+        self.buffers.give(scratch);
+        let recording = Recording {
+            arena,
+            plan,
+            buffers: self.buffers.clone(),
+        };
+        result.map(|_| recording)
+    }
+}
+
+/// Every value of one run of a session, as [`Session::record_split`]
+/// keeps them: graph inputs and the output of every step, by name (a
+/// fused step shows only its last output, as to observers).
+pub struct Recording {
+    arena: Vec<f32>,
+    plan: Arc<Plan>,
+    buffers: Arc<BufferPool>,
+}
+
+impl Recording {
+    /// The shape and data of value `name`, if the run produced it.
+    pub fn get(&self, name: &str) -> Option<(&[usize], &[f32])> {
+        self.plan
+            .values
+            .get(name)
+            .map(|(slot, shape)| (shape.as_slice(), self.data(*slot, shape)))
+    }
+
+    /// Every value: name, shape and data.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[usize], &[f32])> + '_ {
+        self.plan
+            .values
+            .iter()
+            .map(|(n, (slot, shape))| (n.as_str(), shape.as_slice(), self.data(*slot, shape)))
+    }
+
+    fn data(&self, slot: Slot, shape: &[usize]) -> &[f32] {
+        let len = shape.iter().product::<usize>().min(slot.len);
+        &self.arena[slot.offset..slot.offset + len]
+    }
+}
+
+impl std::fmt::Debug for Recording {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recording")
+            .field("floats", &self.arena.len())
+            .finish()
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.buffers.give(std::mem::take(&mut self.arena));
     }
 }
 

@@ -201,3 +201,67 @@ fn reduce_mean_with_axes_as_input_still_splits_the_batch() {
     assert!(!a.is_empty() && !b.is_empty(), "both workers observed");
     assert_eq!(a["y"].0 + b["y"].0, 6 * 3);
 }
+
+/// Every value an observer sees, copied: name -> (shape, data).
+type Copied = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// `Session::record_split` keeps, per sub-batch, exactly the values (shape
+/// and data) an observer of that sub-batch sees, with or without a split,
+/// run after run on reused buffers.
+#[test]
+fn recordings_hold_what_observers_see() {
+    let model = build(
+        &ZooConfig::efficientnet_b0()
+            .with_width_mult(0.25)
+            .with_resolution(32, 32)
+            .with_in_channels(1)
+            .with_classes(10),
+    )
+    .unwrap();
+    let session = Session::new(
+        &model,
+        SessionOptions {
+            threads: 2,
+            fuse: false,
+            simplify: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let input = model.graph.inputs[0].name.clone();
+    for (round, batch) in [5usize, 5, 1].into_iter().enumerate() {
+        let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, 1, 32, 32]), |i| {
+            ((i[0] * 131 + i[2] * 17 + i[3] * 7 + round) % 23) as f32 / 11.0 - 1.0
+        });
+        for parts in [1, 2] {
+            let recordings = session.record_split(&[(&input, x.view())], parts).unwrap();
+            assert_eq!(recordings.len(), parts.min(batch));
+            let mut start = 0;
+            for rec in &recordings {
+                let n = rec.get(&input).unwrap().0[0];
+                let sub = x.slice_axis(ndarray::Axis(0), (start..start + n).into());
+                start += n;
+                let mut seen = Copied::new();
+                session
+                    .run_observed(
+                        &[(&input, sub.view())],
+                        &mut |name: &str, s: &[usize], d: &[f32]| {
+                            seen.insert(name.to_string(), (s.to_vec(), d.to_vec()));
+                            Ok(())
+                        },
+                    )
+                    .unwrap();
+                let kept: Copied = rec
+                    .iter()
+                    .map(|(name, s, d)| (name.to_string(), (s.to_vec(), d.to_vec())))
+                    .collect();
+                assert_eq!(kept.len(), seen.len(), "batch {batch}, {parts} parts");
+                for (name, (s, d)) in &seen {
+                    let (ks, kd) = rec.get(name).unwrap_or_else(|| panic!("{name} not kept"));
+                    assert_eq!((ks, kd), (s.as_slice(), d.as_slice()), "{name}");
+                }
+            }
+            assert_eq!(start, batch, "the recordings cover the batch");
+        }
+    }
+}

@@ -79,6 +79,29 @@ proptest! {
             prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{c:?} at {i}: {a} vs {b}");
         }
     }
+
+    /// A stride-1 convolution's input gradient as a forward convolution
+    /// equals the seven-deep loop; strided and depthwise ones are refused.
+    #[test]
+    fn transposed_conv_matches_reference(c in conv_case(), seed in any::<u64>()) {
+        let w = values(c.cout * c.cin / c.group * c.kh * c.kw, seed);
+        let g = values(c.n * c.cout * c.oh * c.ow, seed ^ 9);
+        let len = c.n * c.cin * c.ih * c.iw;
+        let Some(conv) = transposed_conv(&c, &w) else {
+            prop_assert!(c.stride != (1, 1) || c.pad.0 > c.dilation.0 * (c.kh - 1)
+                || c.pad.1 > c.dilation.1 * (c.kw - 1)
+                || (c.cin == c.group && c.cout == c.group));
+            return Ok(());
+        };
+        prop_assert_eq!(c.stride, (1, 1));
+        let (mut fast, mut slow) = (vec![f32::NAN; len], vec![0.0; len]);
+        let mut scratch = vec![0.0; conv.scratch_len()];
+        conv.run(&g, &mut fast, &mut scratch, 1);
+        conv_input_grad_reference(&c, &w, &g, &mut slow);
+        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+            prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{c:?} at {i}: {a} vs {b}");
+        }
+    }
 }
 
 /// The gradient of `sum(r * f(x))` with respect to `x`, by central
@@ -558,5 +581,77 @@ fn gemm_with_transposed_operands_matches_finite_differences() {
             value_info: vec![],
         };
         check_directional(&graph, &input_for(&graph, x[0], 6), &["r"]);
+    }
+}
+
+/// [`maxpool_grad`] written window by window, over [`Pool2d::taps`].
+fn maxpool_grad_reference(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
+    let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
+    for ((xs, gs), gxs) in x
+        .chunks_exact(ip)
+        .zip(g.chunks_exact(op))
+        .zip(gx.chunks_exact_mut(ip))
+    {
+        for oy in 0..p.oh {
+            for ox in 0..p.ow {
+                let mut best: Option<usize> = None;
+                for pos in p.taps(oy, ox).map(|(iy, ix)| iy * p.iw + ix) {
+                    if best.is_none_or(|b| xs[pos] > xs[b] || xs[pos].is_nan()) {
+                        best = Some(pos);
+                    }
+                }
+                if let Some(b) = best {
+                    gxs[b] += gs[oy * p.ow + ox];
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+    /// The tap lists give the same windows, ties and NaNs as the
+    /// window-by-window loop.
+    #[test]
+    fn maxpool_grad_matches_reference(
+        planes in 1usize..4,
+        (ih, iw) in (1usize..10, 1usize..10),
+        k in (1usize..4, 1usize..4),
+        stride in (1usize..3, 1usize..3),
+        dilation in (1usize..3, 1usize..3),
+        pad in (0usize..2, 0usize..2),
+        nan in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let eh = (k.0 - 1) * dilation.0 + 1;
+        let ew = (k.1 - 1) * dilation.1 + 1;
+        prop_assume!(ih + 2 * pad.0 >= eh && iw + 2 * pad.1 >= ew && pad.0 < eh && pad.1 < ew);
+        let p = Pool2d {
+            ih,
+            iw,
+            oh: (ih + 2 * pad.0 - eh) / stride.0 + 1,
+            ow: (iw + 2 * pad.1 - ew) / stride.1 + 1,
+            k,
+            stride,
+            dilation,
+            pad,
+            pad_end: pad,
+            count_include_pad: false,
+        };
+        // Coarse values, so windows hold ties.
+        let mut x: Vec<f32> = values(planes * ih * iw, seed)
+            .into_iter()
+            .map(|v| (v * 3.0).round())
+            .collect();
+        if nan {
+            let at = seed as usize % x.len();
+            x[at] = f32::NAN;
+        }
+        let g = values(planes * p.oh * p.ow, seed ^ 5);
+        let (mut fast, mut slow) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        maxpool_grad(&p, &x, &g, &mut fast);
+        maxpool_grad_reference(&p, &x, &g, &mut slow);
+        prop_assert_eq!(fast, slow);
     }
 }

@@ -32,7 +32,7 @@ impl Source<'_> {
 
 /// A 2-D convolution's geometry for one input shape (1-D convolutions
 /// have `ih = kh = oh = 1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvGeom {
     /// Batch.
     pub n: usize,
