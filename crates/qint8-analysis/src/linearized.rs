@@ -174,6 +174,45 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     qint8_runtime::grad::dot(a, b) as f64
 }
 
+/// `(Σ δ², Σ g δ)` for `δ = (q - y) + e` (`e`, when given, the rounding
+/// of a fused residual), in sixteen f32 lanes (they vectorize), without
+/// materializing `δ`. All slices have the same length.
+fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32) {
+    const L: usize = 16;
+    let (mut nn, mut gd) = ([0.0f32; L], [0.0f32; L]);
+    let mut lanes = |d: [f32; L], gs: &[f32]| {
+        for l in 0..L {
+            nn[l] += d[l] * d[l];
+            gd[l] += gs[l] * d[l];
+        }
+    };
+    let body = q.len() / L * L;
+    let chunks = q[..body]
+        .chunks_exact(L)
+        .zip(y[..body].chunks_exact(L))
+        .zip(g[..body].chunks_exact(L));
+    // One loop per case, so that neither tests `e` per element.
+    match e {
+        Some(e) => {
+            for (((qs, ys), gs), es) in chunks.zip(e[..body].chunks_exact(L)) {
+                lanes(std::array::from_fn(|l| (qs[l] - ys[l]) + es[l]), gs);
+            }
+        }
+        None => {
+            for ((qs, ys), gs) in chunks {
+                lanes(std::array::from_fn(|l| qs[l] - ys[l]), gs);
+            }
+        }
+    }
+    let (mut tn, mut tg) = (0.0f32, 0.0f32);
+    for i in body..q.len() {
+        let v = (q[i] - y[i]) + e.map_or(0.0, |e| e[i]);
+        tn += v * v;
+        tg += g[i] * v;
+    }
+    (nn.iter().sum::<f32>() + tn, gd.iter().sum::<f32>() + tg)
+}
+
 /// `ln(sigmoid(t))`, stable for large `|t|`.
 fn log_sigmoid(t: f64) -> f64 {
     if t >= 0.0 {
@@ -260,13 +299,12 @@ impl Context<'_> {
             .ok_or_else(|| invalid(format!("{name} was not recorded")))
     }
 
-    /// Every quantized probe's output with its inputs (and weights)
-    /// quantized, from one run of the probes' session; `None` for probes
-    /// left in float.
-    fn quantized_outputs(&self, part: &Part<'_>) -> Result<Vec<Option<Vec<f32>>>> {
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; self.probes.len()];
+    /// One run of the probes' session on this sub-batch: every quantized
+    /// probe's output with its inputs (and weights) quantized, left in the
+    /// run's buffer (`None` when no probe is quantized).
+    fn quantized_outputs(&self, part: &Part<'_>) -> Result<Option<Recording>> {
         let Some(session) = self.session else {
-            return Ok(out);
+            return Ok(None);
         };
         let mut views = Vec::new();
         for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
@@ -277,49 +315,66 @@ impl Context<'_> {
             }
         }
         let views: Vec<(&str, _)> = views.iter().map(|(n, v)| (n.as_str(), v.view())).collect();
-        let mut results = session.run_here(&views).map_err(invalid)?.into_iter();
-        for (k, _) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
-            let y = results
-                .next()
-                .ok_or_else(|| invalid("the probes' session returned too few outputs"))?;
-            out[k] = Some(y.into_raw_vec_and_offset().0);
-        }
-        Ok(out)
+        session.run_here_kept(&views).map(Some).map_err(invalid)
     }
 
-    /// Node `k`'s recorded FP32 output and its error `quantized - y` (plus
-    /// that of its fused residual), consuming its quantized output.
-    fn delta<'p>(
+    /// Node `k`'s output power and error statistics given the gradient `g`
+    /// of every image's margin at its output: `Σ y²`, `Σ δ²` and, per
+    /// image (into `d`), `<g, δ>`, where `δ` is its quantized output (in
+    /// `quantized`) less its FP32 output `y`, plus the rounding of the
+    /// residual it fuses; no error for a node left in float.
+    fn error_terms(
         &self,
-        part: &'p Part<'_>,
+        part: &Part<'_>,
         k: usize,
-        quantized: Option<Vec<f32>>,
-    ) -> Result<(&'p [f32], Vec<f32>)> {
+        quantized: Option<&Recording>,
+        g: &[f32],
+        d: &mut [f32],
+    ) -> Result<(f64, f64)> {
         let probe = &self.probes[k];
         let (_, y) = self.value(part, &probe.output)?;
-        let Some(mut delta) = quantized else {
-            return Ok((y, vec![0.0; y.len()]));
+        let signal = dot(y, y);
+        let q = match quantized {
+            Some(rec) if probe.quantized => {
+                rec.get(&probe_name(k, &probe.output))
+                    .ok_or_else(|| invalid(format!("{}: no quantized output", probe.output)))?
+                    .1
+            }
+            _ => return Ok((signal, 0.0)),
         };
-        if delta.len() != y.len() {
+        if q.len() != y.len() || g.len() != y.len() {
             return Err(invalid(format!(
-                "{}: quantized output size differs",
+                "{}: quantized output or gradient size differs",
                 probe.output
             )));
         }
-        delta.iter_mut().zip(y).for_each(|(a, b)| *a -= b);
-        if let Some((name, params)) = &probe.residual {
-            let (shape, r) = self.value(part, name)?;
-            // A broadcast residual's error spreads over the output in a way
-            // this sum does not follow; it is left out (and shows only in
-            // the real quantized evaluation).
-            if r.len() == delta.len() {
-                let rq = fake_quant(r, shape, params).map_err(invalid)?;
-                for ((d, a), b) in delta.iter_mut().zip(&rq).zip(r) {
-                    *d += a - b;
+        // A broadcast residual's error spreads over the output in a way
+        // this sum does not follow; it is left out (and shows only in the
+        // real quantized evaluation).
+        let residual = match &probe.residual {
+            Some((name, params)) => {
+                let (shape, r) = self.value(part, name)?;
+                match r.len() == y.len() {
+                    true => {
+                        let mut e = fake_quant(r, shape, params).map_err(invalid)?;
+                        e.iter_mut().zip(r).for_each(|(a, b)| *a -= b);
+                        Some(e)
+                    }
+                    false => None,
                 }
             }
+            None => None,
+        };
+        let per = y.len() / d.len().max(1);
+        let mut noise = 0.0f64;
+        for (s, ds) in d.iter_mut().enumerate() {
+            let at = s * per..(s + 1) * per;
+            let e = residual.as_ref().map(|e| &e[at.clone()]);
+            let (nn, gd) = error_dots(&q[at.clone()], &y[at.clone()], e, &g[at]);
+            noise += nn as f64;
+            *ds = gd;
         }
-        Ok((y, delta))
+        Ok((signal, noise))
     }
 
     fn run(&self, part: &Part<'_>) -> Result<PartResult> {
@@ -361,28 +416,25 @@ impl Context<'_> {
                 data: part.x,
             },
         );
-        // All quantized outputs at once; each node's error is formed when
-        // its gradient is complete and dropped after the dot product.
-        let mut quantized = self.quantized_outputs(part)?;
+        // All quantized outputs at once; each node's error terms are taken
+        // when its gradient is complete.
+        let quantized = self.quantized_outputs(part)?;
         let mut failed: Option<AnalysisError> = None;
         let done = self.pass.run(&vals, &seed, &mut |name, g| {
             let k = self.by_output[name];
-            let (y, delta) = match self.delta(part, k, quantized[k].take()) {
-                Ok(d) => d,
+            match self.error_terms(part, k, quantized.as_ref(), g, &mut r.d[k]) {
+                Ok((signal, noise)) => {
+                    r.signal[k] = signal;
+                    r.noise[k] = noise;
+                    Ok(())
+                }
                 Err(e) => {
                     // Stop the pass; the analysis error is returned below.
                     let msg = e.to_string();
                     failed = Some(e);
-                    return Err(RuntimeError::Gradient(msg));
+                    Err(RuntimeError::Gradient(msg))
                 }
-            };
-            r.signal[k] = dot(y, y);
-            r.noise[k] = dot(&delta, &delta);
-            let per = g.len() / n.max(1);
-            for (s, (gs, ds)) in g.chunks_exact(per).zip(delta.chunks_exact(per)).enumerate() {
-                r.d[k][s] = dot(gs, ds) as f32;
             }
-            Ok(())
         });
         if let Some(e) = failed {
             return Err(e);
@@ -517,17 +569,12 @@ pub(crate) fn analyze(
     let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
     let workers = threads.max(1);
     // Beside the record, the probes' session holds a copy of every
-    // quantized probe's inputs and its output, and hands out another copy
-    // of the outputs, which stay until the backward pass consumes them.
+    // quantized probe's inputs and its output, which stays until the
+    // backward pass is done.
     let held: Vec<&str> = probes
         .iter()
         .filter(|p| p.quantized)
-        .flat_map(|p| {
-            p.inputs
-                .iter()
-                .chain([&p.output, &p.output])
-                .map(String::as_str)
-        })
+        .flat_map(|p| p.inputs.iter().chain([&p.output]).map(String::as_str))
         .collect();
     let batch = recording_batch(graph, &input, data.input_shape(), batch, &held)?;
     for b in data.batches(batch) {
@@ -685,6 +732,35 @@ pub(crate) fn analyze(
 mod tests {
     use super::*;
     use qint8_graph::{Node, Op};
+
+    #[test]
+    fn error_dots_equal_the_materialized_error() {
+        for len in [0usize, 1, 15, 16, 17, 100] {
+            let f = |k: usize, i: usize| ((i * 37 + k * 11) % 19) as f32 / 7.0 - 1.3;
+            let (q, y, e, g): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..len).map(|i| f(1, i)).collect(),
+                (0..len).map(|i| f(2, i)).collect(),
+                (0..len).map(|i| f(3, i) * 0.01).collect(),
+                (0..len).map(|i| f(4, i)).collect(),
+            );
+            for e in [None, Some(&e[..])] {
+                let delta: Vec<f64> = (0..len)
+                    .map(|i| ((q[i] - y[i]) + e.map_or(0.0, |e| e[i])) as f64)
+                    .collect();
+                let nn: f64 = delta.iter().map(|d| d * d).sum();
+                let gd: f64 = delta.iter().zip(&g).map(|(d, &g)| d * g as f64).sum();
+                let (a, b) = error_dots(&q, &y, e, &g);
+                assert!(
+                    (a as f64 - nn).abs() <= 1e-4 * (1.0 + nn),
+                    "{len}: {a} vs {nn}"
+                );
+                assert!(
+                    (b as f64 - gd).abs() <= 1e-4 * (1.0 + gd.abs()),
+                    "{len}: {b} vs {gd}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn recording_batch_keeps_the_recorded_pass_within_its_budget() {

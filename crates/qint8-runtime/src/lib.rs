@@ -10,9 +10,10 @@
 //! intermediate tensor given a place in one reusable arena (lifetimes
 //! overlap only where values are live together). Kernels run on a rayon
 //! pool of a configurable size. An [`Observer`] sees every tensor the plan
-//! produces, by name: the base for calibration and per-layer analysis.
-//! [`grad::backward`] carries the gradient of an output back to any
-//! activation from the values such an observed run recorded.
+//! produces, by name: the base for calibration and per-layer analysis;
+//! [`Session::record_split`] keeps all of them in place instead (a
+//! [`Recording`]). [`grad::backward`] carries the gradient of an output
+//! back to any activation from the values such a run recorded.
 //!
 //! ```no_run
 //! use qint8_runtime::{Session, SessionOptions};

@@ -175,7 +175,8 @@ pub struct Plan {
     pub(crate) arena_len: usize,
     pub(crate) scratch_len: usize,
     pub(crate) stats: PlanStats,
-    /// Keep-all plans: where every value lies in the arena, and its shape.
+    /// Where the values a finished run's arena holds lie, and their shapes
+    /// (every value in a keep-all plan, the graph outputs otherwise).
     pub(crate) values: HashMap<String, (Slot, Vec<usize>)>,
 }
 
@@ -631,6 +632,8 @@ pub(crate) fn compile(
         unshared_bytes: unshared * 4,
         constant_bytes: const_bytes,
     };
+    // What a finished run's arena still holds: everything in a keep-all
+    // plan, the graph outputs (alive to the end) in any other.
     let values = match opts.keep_all {
         true => inputs
             .iter()
@@ -641,7 +644,13 @@ pub(crate) fn compile(
                     .map(|(n, shape)| (n.clone(), (st.out, shape.clone())))
             }))
             .collect(),
-        false => HashMap::new(),
+        false => outputs
+            .iter()
+            .filter_map(|(n, src, shape)| match src {
+                OutSrc::Slot(slot) => Some((n.clone(), (*slot, shape.clone()))),
+                OutSrc::Const(_) => None,
+            })
+            .collect(),
     };
     Ok(Plan {
         steps,

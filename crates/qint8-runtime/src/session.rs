@@ -552,7 +552,19 @@ impl Session {
         })
     }
 
-    /// One run of a keep-all plan, its buffer kept as a [`Recording`].
+    /// [`run_here`](Self::run_here) that hands over the run's buffer
+    /// instead of copying the outputs out of it: read them from the
+    /// [`Recording`] (which holds the graph outputs only; the plan reused
+    /// the other values' memory).
+    pub fn run_here_kept(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Recording> {
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        let plan = self.plan(&shapes)?;
+        let owned = contiguous(inputs);
+        let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
+        crate::kernels::sequential(|| self.record_plan(plan, &flat, 1, false))
+    }
+
+    /// One run of a plan, its buffer kept as a [`Recording`].
     fn record_plan(
         &self,
         plan: Arc<Plan>,
@@ -566,6 +578,7 @@ impl Session {
             execute(
                 &plan,
                 inputs,
+                true,
                 &mut None,
                 &mut None,
                 threads,
@@ -588,9 +601,10 @@ impl Session {
     }
 }
 
-/// Every value of one run of a session, as [`Session::record_split`]
-/// keeps them: graph inputs and the output of every step, by name (a
-/// fused step shows only its last output, as to observers).
+/// The values one run of a session left in its buffer, by name: after
+/// [`Session::record_split`], the graph inputs and the output of every
+/// step (a fused step shows only its last output, as to observers); after
+/// [`Session::run_here_kept`], the graph outputs.
 pub struct Recording {
     arena: Vec<f32>,
     plan: Arc<Plan>,
@@ -685,6 +699,7 @@ fn run_plan(
         execute(
             plan,
             inputs,
+            false,
             &mut observer,
             &mut times,
             threads,
@@ -775,9 +790,12 @@ impl BufferPool {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Runs `plan` in `arena`; returns copies of the graph outputs unless
+/// `keep` (the caller keeps the arena and reads them there).
 fn execute(
     plan: &Plan,
     inputs: &[(&str, &[f32])],
+    keep: bool,
     observer: &mut Option<&mut dyn Observer>,
     times: &mut Option<&mut Vec<(String, &'static str, f64)>>,
     threads: usize,
@@ -828,6 +846,9 @@ fn execute(
                     .map_err(RuntimeError::Observer)?;
             }
         }
+    }
+    if keep {
+        return Ok(Vec::new());
     }
     plan.outputs
         .iter()

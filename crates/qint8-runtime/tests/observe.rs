@@ -265,3 +265,32 @@ fn recordings_hold_what_observers_see() {
         }
     }
 }
+
+/// `run_here_kept` leaves in its buffer exactly the outputs `run_here`
+/// copies out, and nothing else.
+#[test]
+fn kept_outputs_equal_copied_outputs() {
+    let model = build(
+        &ZooConfig::resnet50()
+            .with_width_mult(0.125)
+            .with_resolution(32, 32)
+            .with_in_channels(1)
+            .with_classes(10),
+    )
+    .unwrap();
+    let session = Session::new(&model, SessionOptions::default()).unwrap();
+    let input = model.graph.inputs[0].name.clone();
+    let output = model.graph.outputs[0].name.clone();
+    for batch in [3usize, 1, 3] {
+        let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, 1, 32, 32]), |i| {
+            ((i[0] * 131 + i[2] * 17 + i[3] * 7) % 23) as f32 / 11.0 - 1.0
+        });
+        let copied = session.run_here(&[(&input, x.view())]).unwrap();
+        let kept = session.run_here_kept(&[(&input, x.view())]).unwrap();
+        let (shape, data) = kept.get(&output).unwrap();
+        assert_eq!(shape, copied[0].shape());
+        assert_eq!(data, copied[0].as_slice().unwrap());
+        assert_eq!(kept.iter().count(), 1, "only the output is kept");
+        assert!(kept.get(&input).is_none());
+    }
+}
