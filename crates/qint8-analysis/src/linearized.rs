@@ -684,9 +684,8 @@ pub(crate) fn analyze(
             }
         })
         .collect();
-    let mut out = Vec::with_capacity(nodes.len());
-    for (k, probe) in probes.iter().enumerate() {
-        let node = &graph.nodes[probe.node];
+    let node_outcome = |k: usize| {
+        let node = &graph.nodes[probes[k].node];
         let alone_est: Vec<f64> = margins
             .iter()
             .zip(&d[k])
@@ -709,14 +708,40 @@ pub(crate) fn analyze(
                 q
             }
         });
-        out.push(NodeSensitivity {
+        NodeSensitivity {
             node: node.name.clone(),
             op: node.op.op_type(),
             alone,
             float,
             output_sqnr_db: Some(sqnr_db(signal[k], noise[k])),
-        });
-    }
+        }
+    };
+    // Nodes split over the workers (a few logarithms per node and image).
+    let count = probes.len();
+    let per = count.div_ceil(workers).max(1);
+    let out: Vec<NodeSensitivity> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..count)
+            .step_by(per)
+            .map(|first| {
+                let node_outcome = &node_outcome;
+                scope.spawn(move || {
+                    (first..(first + per).min(count))
+                        .map(node_outcome)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| invalid("a sensitivity worker panicked"))
+            })
+            .collect::<Result<Vec<_>>>()
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
     Ok(Sensitivity {
         method: Method::Linearized,
         images: margins.len(),

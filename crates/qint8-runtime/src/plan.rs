@@ -30,6 +30,8 @@ pub(crate) struct Slot {
 pub(crate) enum Src {
     Slot(Slot),
     Const(Arc<Vec<f32>>),
+    /// Graph input `i` (of `Plan::inputs`), read where the caller holds it.
+    Input(usize),
 }
 
 /// A kernel with everything resolved for the plan's shapes.
@@ -175,6 +177,10 @@ pub struct Plan {
     pub(crate) arena_len: usize,
     pub(crate) scratch_len: usize,
     pub(crate) stats: PlanStats,
+    /// Whether runs copy the graph inputs into the arena: a keep-all plan
+    /// keeps them, and a graph output may be an input. Steps read them
+    /// where the caller holds them either way.
+    pub(crate) inputs_in_arena: bool,
     /// Where the values a finished run's arena holds lie, and their shapes
     /// (every value in a keep-all plan, the graph outputs otherwise).
     pub(crate) values: HashMap<String, (Slot, Vec<usize>)>,
@@ -527,6 +533,13 @@ pub(crate) fn compile(
     for (_, id, _) in &inputs {
         offsets[*id] = Some(arena.alloc(bufs[*id].0));
     }
+    // Steps read graph inputs where the caller holds them (no copy into
+    // the arena, unless an observer or a recording needs them there).
+    let input_of: HashMap<usize, usize> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, id, _))| (*id, i))
+        .collect();
     let mut steps = Vec::with_capacity(n_steps);
     let mut freed = vec![false; bufs.len()];
     for (s, (node, kernel, ins, out)) in pending.into_iter().enumerate() {
@@ -536,6 +549,7 @@ pub(crate) fn compile(
             .iter()
             .map(|v| match v {
                 Val::Const(c) => Ok(Src::Const(c.clone())),
+                Val::Buf(id) if input_of.contains_key(id) => Ok(Src::Input(input_of[id])),
                 Val::Buf(id) => offsets[*id]
                     .map(|offset| {
                         Src::Slot(Slot {
@@ -652,11 +666,16 @@ pub(crate) fn compile(
             })
             .collect(),
     };
+    let inputs_in_arena = opts.keep_all
+        || outputs.iter().any(
+            |(_, src, _)| matches!(src, OutSrc::Slot(o) if inputs.iter().any(|(_, i, _)| i == o)),
+        );
     Ok(Plan {
         steps,
         inputs,
         outputs,
         values,
+        inputs_in_arena,
         arena_len: arena.end,
         scratch_len,
         stats,

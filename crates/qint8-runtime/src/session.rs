@@ -802,17 +802,25 @@ fn execute(
     arena: &mut [f32],
     scratch: &mut [f32],
 ) -> Result<Vec<ArrayD<f32>>> {
+    let mut given: Vec<&[f32]> = Vec::with_capacity(plan.inputs.len());
     for (name, slot, shape) in &plan.inputs {
         let (_, a) = inputs
             .iter()
             .find(|(n, _)| n == name)
             .ok_or_else(|| RuntimeError::MissingInput(name.clone()))?;
-        let dst = &mut arena[slot.offset..slot.offset + slot.len];
-        dst.copy_from_slice(&a[..slot.len]);
+        let a = a.get(..slot.len).ok_or_else(|| RuntimeError::InputShape {
+            name: name.clone(),
+            expected: format!("{shape:?} ({} values)", slot.len),
+            got: vec![a.len()],
+        })?;
+        if plan.inputs_in_arena {
+            arena[slot.offset..slot.offset + slot.len].copy_from_slice(a);
+        }
         if let Some(obs) = observer.as_deref_mut() {
-            obs.observe(name, shape, dst)
+            obs.observe(name, shape, a)
                 .map_err(RuntimeError::Observer)?;
         }
+        given.push(a);
     }
     for step in &plan.steps {
         // Inputs never overlap the output: the allocator keeps live buffers
@@ -825,6 +833,7 @@ fn execute(
             .iter()
             .map(|s| match s {
                 Src::Const(c) => c.as_slice(),
+                Src::Input(i) => given[*i],
                 Src::Slot(sl) => {
                     if sl.offset + sl.len <= out_range.start {
                         &lo[sl.offset..sl.offset + sl.len]
