@@ -180,12 +180,6 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32) {
     const L: usize = 16;
     let (mut nn, mut gd) = ([0.0f32; L], [0.0f32; L]);
-    let mut lanes = |d: [f32; L], gs: &[f32]| {
-        for l in 0..L {
-            nn[l] += d[l] * d[l];
-            gd[l] += gs[l] * d[l];
-        }
-    };
     let body = q.len() / L * L;
     let chunks = q[..body]
         .chunks_exact(L)
@@ -195,12 +189,20 @@ fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32) 
     match e {
         Some(e) => {
             for (((qs, ys), gs), es) in chunks.zip(e[..body].chunks_exact(L)) {
-                lanes(std::array::from_fn(|l| (qs[l] - ys[l]) + es[l]), gs);
+                for l in 0..L {
+                    let d = (qs[l] - ys[l]) + es[l];
+                    nn[l] += d * d;
+                    gd[l] += gs[l] * d;
+                }
             }
         }
         None => {
             for ((qs, ys), gs) in chunks {
-                lanes(std::array::from_fn(|l| qs[l] - ys[l]), gs);
+                for l in 0..L {
+                    let d = qs[l] - ys[l];
+                    nn[l] += d * d;
+                    gd[l] += gs[l] * d;
+                }
             }
         }
     }
