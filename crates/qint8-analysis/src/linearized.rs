@@ -446,8 +446,10 @@ impl Context<'_> {
     }
 }
 
-/// Bytes the recorded FP32 pass may hold at once.
-const RECORD_BUDGET: usize = 1 << 30;
+/// Bytes the recorded FP32 pass and the values held beside it may take at
+/// once. Smaller batches also ran faster on large inputs (a 224x224
+/// ResNet-50: docs/results.md).
+const RECORD_BUDGET: usize = 1 << 29;
 
 /// `batch`, made smaller where recording every activation of that many
 /// images, plus the values named in `held` (once per mention), would pass
@@ -570,13 +572,19 @@ pub(crate) fn analyze(
     let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity(total); nodes.len()];
     let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
     let workers = threads.max(1);
-    // Beside the record, the probes' session holds a copy of every
-    // quantized probe's inputs and its output, which stays until the
-    // backward pass is done.
+    // Beside the record: the probes' session's buffer, which holds every
+    // quantized probe's output until the backward pass is done, and its
+    // intermediates (up to the size of the probes' inputs), and the
+    // backward pass's gradients (about the outputs' size again).
     let held: Vec<&str> = probes
         .iter()
         .filter(|p| p.quantized)
-        .flat_map(|p| p.inputs.iter().chain([&p.output]).map(String::as_str))
+        .flat_map(|p| {
+            p.inputs
+                .iter()
+                .chain([&p.output, &p.output])
+                .map(String::as_str)
+        })
         .collect();
     let batch = recording_batch(graph, &input, data.input_shape(), batch, &held)?;
     for b in data.batches(batch) {

@@ -530,8 +530,16 @@ pub(crate) fn compile(
     // Allocate: inputs first, then each step's output, freeing dead buffers after each step.
     let mut arena = Arena::default();
     let mut offsets: Vec<Option<usize>> = vec![None; bufs.len()];
-    for (_, id, _) in &inputs {
-        offsets[*id] = Some(arena.alloc(bufs[*id].0));
+    // Steps read the graph inputs where the caller holds them; the arena
+    // holds a copy only for a keep-all plan or an input that is an output.
+    let inputs_in_arena = opts.keep_all
+        || g.outputs.iter().any(|o| {
+            matches!(vals.get(&o.name), Some(Val::Buf(id)) if inputs.iter().any(|(_, i, _)| i == id))
+        });
+    if inputs_in_arena {
+        for (_, id, _) in &inputs {
+            offsets[*id] = Some(arena.alloc(bufs[*id].0));
+        }
     }
     // Steps read graph inputs where the caller holds them (no copy into
     // the arena, unless an observer or a recording needs them there).
@@ -666,10 +674,6 @@ pub(crate) fn compile(
             })
             .collect(),
     };
-    let inputs_in_arena = opts.keep_all
-        || outputs.iter().any(
-            |(_, src, _)| matches!(src, OutSrc::Slot(o) if inputs.iter().any(|(_, i, _)| i == o)),
-        );
     Ok(Plan {
         steps,
         inputs,
