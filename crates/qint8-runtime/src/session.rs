@@ -523,19 +523,10 @@ impl Session {
             .and_then(|(_, a)| a.shape().first().copied())
             .unwrap_or(0);
         let t = parts.min(batch);
-        let split = t > 1 && {
-            let shapes: Vec<(&str, &[usize])> =
-                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan_for(&shapes, true, true)?;
-            self.batch_splittable(&plan, inputs, batch)
-        };
-        if !split {
-            let shapes: Vec<(&str, &[usize])> =
-                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan_for(&shapes, true, true)?;
-            let owned = contiguous(inputs);
-            let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
-            return Ok(vec![self.record_plan(plan, &flat, self.threads, true)?]);
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        let whole = self.plan_for(&shapes, true, true)?;
+        if t < 2 || !self.batch_splittable(&whole, inputs, batch) {
+            return Ok(vec![self.record_whole(whole, inputs, false)?]);
         }
         let parts = self.split_parts(inputs, t, true, true)?;
         self.pool.install(|| {
@@ -558,10 +549,24 @@ impl Session {
     /// the other values' memory).
     pub fn run_here_kept(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Recording> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-        let plan = self.plan(&shapes)?;
+        self.record_whole(self.plan(&shapes)?, inputs, true)
+    }
+
+    /// One run of `plan` over the whole of `inputs`, its buffer kept: on
+    /// the calling thread with every kernel sequential (`here`), or in the
+    /// session's pool with its threads.
+    fn record_whole(
+        &self,
+        plan: Arc<Plan>,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        here: bool,
+    ) -> Result<Recording> {
         let owned = contiguous(inputs);
         let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
-        crate::kernels::sequential(|| self.record_plan(plan, &flat, 1, false))
+        match here {
+            true => crate::kernels::sequential(|| self.record_plan(plan, &flat, 1, false)),
+            false => self.record_plan(plan, &flat, self.threads, true),
+        }
     }
 
     /// One run of a plan, its buffer kept as a [`Recording`].
