@@ -21,16 +21,29 @@ fn recorder(
     }
 }
 
-#[test]
-fn split_observers_together_see_the_whole_batch() {
-    let model = build(
-        &ZooConfig::resnet50()
-            .with_width_mult(0.125)
+/// A zoo model at the fixtures' shape: 1x32x32 images, 10 classes,
+/// `width` times the architecture's width.
+fn small(arch: ZooConfig, width: f64) -> qint8_graph::Model {
+    build(
+        &arch
+            .with_width_mult(width)
             .with_resolution(32, 32)
             .with_in_channels(1)
             .with_classes(10),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// `n` deterministic 1x32x32 images in [-1, 1], varied by `salt`.
+fn images(n: usize, salt: usize) -> ndarray::ArrayD<f32> {
+    ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[n, 1, 32, 32]), |i| {
+        ((i[0] * 131 + i[2] * 17 + i[3] * 7 + salt) % 23) as f32 / 11.0 - 1.0
+    })
+}
+
+#[test]
+fn split_observers_together_see_the_whole_batch() {
+    let model = small(ZooConfig::resnet50(), 0.125);
     let session = Session::new(
         &model,
         SessionOptions {
@@ -40,9 +53,7 @@ fn split_observers_together_see_the_whole_batch() {
         },
     )
     .unwrap();
-    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[7, 1, 32, 32]), |i| {
-        ((i[0] * 131 + i[2] * 17 + i[3] * 7) % 23) as f32 / 11.0 - 1.0
-    });
+    let x = images(7, 0);
     let input = model.graph.inputs[0].name.clone();
 
     let mut whole = Seen::new();
@@ -94,19 +105,9 @@ fn split_observers_together_see_the_whole_batch() {
 /// computes with buffers of its own.
 #[test]
 fn sessions_sharing_buffers_compute_what_each_computes_alone() {
-    let build_model = |arch: ZooConfig| {
-        build(
-            &arch
-                .with_width_mult(0.125)
-                .with_resolution(32, 32)
-                .with_in_channels(1)
-                .with_classes(10),
-        )
-        .unwrap()
-    };
     let models = [
-        build_model(ZooConfig::resnet50()),
-        build_model(ZooConfig::efficientnet_b0()),
+        small(ZooConfig::resnet50(), 0.125),
+        small(ZooConfig::efficientnet_b0(), 0.125),
     ];
     let opts = SessionOptions {
         threads: 2,
@@ -210,14 +211,7 @@ type Copied = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 /// run after run on reused buffers.
 #[test]
 fn recordings_hold_what_observers_see() {
-    let model = build(
-        &ZooConfig::efficientnet_b0()
-            .with_width_mult(0.25)
-            .with_resolution(32, 32)
-            .with_in_channels(1)
-            .with_classes(10),
-    )
-    .unwrap();
+    let model = small(ZooConfig::efficientnet_b0(), 0.25);
     let session = Session::new(
         &model,
         SessionOptions {
@@ -230,9 +224,7 @@ fn recordings_hold_what_observers_see() {
     .unwrap();
     let input = model.graph.inputs[0].name.clone();
     for (round, batch) in [5usize, 5, 1].into_iter().enumerate() {
-        let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, 1, 32, 32]), |i| {
-            ((i[0] * 131 + i[2] * 17 + i[3] * 7 + round) % 23) as f32 / 11.0 - 1.0
-        });
+        let x = images(batch, round);
         for parts in [1, 2] {
             let recordings = session.record_split(&[(&input, x.view())], parts).unwrap();
             assert_eq!(recordings.len(), parts.min(batch));
@@ -270,21 +262,12 @@ fn recordings_hold_what_observers_see() {
 /// copies out, and nothing else.
 #[test]
 fn kept_outputs_equal_copied_outputs() {
-    let model = build(
-        &ZooConfig::resnet50()
-            .with_width_mult(0.125)
-            .with_resolution(32, 32)
-            .with_in_channels(1)
-            .with_classes(10),
-    )
-    .unwrap();
+    let model = small(ZooConfig::resnet50(), 0.125);
     let session = Session::new(&model, SessionOptions::default()).unwrap();
     let input = model.graph.inputs[0].name.clone();
     let output = model.graph.outputs[0].name.clone();
     for batch in [3usize, 1, 3] {
-        let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, 1, 32, 32]), |i| {
-            ((i[0] * 131 + i[2] * 17 + i[3] * 7) % 23) as f32 / 11.0 - 1.0
-        });
+        let x = images(batch, 0);
         let copied = session.run_here(&[(&input, x.view())]).unwrap();
         let kept = session.run_here_kept(&[(&input, x.view())]).unwrap();
         let (shape, data) = kept.get(&output).unwrap();
