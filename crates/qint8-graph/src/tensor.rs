@@ -182,11 +182,11 @@ impl Tensor {
             Tensor::F32(a) => a
                 .as_slice()
                 .map_or_else(|| a.iter().copied().collect(), <[f32]>::to_vec),
-            Tensor::U8(a) => a.iter().map(|&v| v as f32).collect(),
-            Tensor::I8(a) => a.iter().map(|&v| v as f32).collect(),
-            Tensor::I32(a) => a.iter().map(|&v| v as f32).collect(),
-            Tensor::I64(a) => a.iter().map(|&v| v as f32).collect(),
-            Tensor::Bool(a) => a.iter().map(|&v| v as u8 as f32).collect(),
+            Tensor::U8(a) => converted(a, |v| v as f32),
+            Tensor::I8(a) => converted(a, |v| v as f32),
+            Tensor::I32(a) => converted(a, |v| v as f32),
+            Tensor::I64(a) => converted(a, |v| v as f32),
+            Tensor::Bool(a) => converted(a, |v| v as u8 as f32),
         }
     }
 
@@ -297,6 +297,15 @@ fn le_bytes<T: Copy, const N: usize>(a: &ArrayD<T>, f: impl Fn(T) -> [u8; N]) ->
     out
 }
 
+/// Every element of `a` through `f`, in logical order: a contiguous
+/// array as one slice (which vectorizes), any other element by element.
+fn converted<T: Copy>(a: &ArrayD<T>, f: impl Fn(T) -> f32) -> Vec<f32> {
+    match a.as_slice() {
+        Some(s) => s.iter().map(|&v| f(v)).collect(),
+        None => a.iter().map(|&v| f(v)).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Tensor;
@@ -316,6 +325,16 @@ mod tests {
         assert_eq!(
             Tensor::F32(t.clone()).to_f32_vec(),
             [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+        );
+        // Integer tensors too, through their slice or element by element.
+        let i = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![0i8, -1, 2, -3, 4, -5]).unwrap();
+        assert_eq!(
+            Tensor::I8(i.clone()).to_f32_vec(),
+            [0.0, -1.0, 2.0, -3.0, 4.0, -5.0]
+        );
+        assert_eq!(
+            Tensor::I8(i.reversed_axes()).to_f32_vec(),
+            [0.0, -3.0, -1.0, 4.0, 2.0, -5.0]
         );
         let bytes = |t: &ArrayD<f32>| Tensor::F32(t.clone()).to_le_bytes();
         assert_eq!(bytes(&a)[4..8], 1.0f32.to_le_bytes());

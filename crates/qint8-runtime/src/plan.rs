@@ -1433,13 +1433,14 @@ fn map_per_channel(
         return;
     };
     let ch = p.channels();
-    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        let cp = &ch[if ch.len() == 1 {
-            0
-        } else {
-            (i / inner.max(1)) % c
-        }];
-        *o = f(v, cp);
+    // Block by block of `inner` elements (one channel each), with no
+    // division per element.
+    let inner = inner.max(1);
+    for (b, (ob, xb)) in out.chunks_mut(inner).zip(x.chunks(inner)).enumerate() {
+        let cp = &ch[if ch.len() == 1 { 0 } else { b % c }];
+        for (o, &v) in ob.iter_mut().zip(xb) {
+            *o = f(v, cp);
+        }
     }
 }
 
