@@ -936,6 +936,9 @@ fn binary_grad(
 /// in-bounds taps are listed once, not per window.
 fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
+    if ip == 0 || op == 0 {
+        return;
+    }
     let taps = |out: usize, stride: usize, pad: usize, k: usize, d: usize, len: usize| {
         (0..out)
             .map(|o| {
