@@ -180,39 +180,7 @@ impl Session {
     ) -> Result<Arc<Plan>> {
         // Only the integer path's fusion differs: otherwise one plan serves both.
         let observed = observed && self.opts.integer && self.opts.fuse;
-        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
-        for (name, shape) in shapes {
-            let decl = self
-                .graph
-                .inputs
-                .iter()
-                .find(|v| v.name == *name)
-                .ok_or_else(|| RuntimeError::UnknownInput {
-                    name: name.to_string(),
-                    known: self.input_names().iter().map(|s| s.to_string()).collect(),
-                })?;
-            if let Some(d) = &decl.shape {
-                let fits = d.len() == shape.len()
-                    && d.iter().zip(shape.iter()).all(|(a, &b)| match a {
-                        Dim::Fixed(n) => *n == b,
-                        Dim::Symbolic(_) => true,
-                    });
-                if !fits {
-                    return Err(RuntimeError::InputShape {
-                        name: name.to_string(),
-                        expected: format!(
-                            "[{}]",
-                            d.iter()
-                                .map(|x| x.to_string())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                        got: shape.to_vec(),
-                    });
-                }
-            }
-            by_name.insert(name.to_string(), shape.to_vec());
-        }
+        let by_name = self.checked_shapes(shapes)?;
         let key: Vec<Vec<usize>> = self
             .graph
             .inputs
@@ -251,6 +219,44 @@ impl Session {
         Ok(p)
     }
 
+    /// `shapes` by input name, each checked against the graph's declaration.
+    fn checked_shapes(&self, shapes: &[(&str, &[usize])]) -> Result<HashMap<String, Vec<usize>>> {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (name, shape) in shapes {
+            let decl = self
+                .graph
+                .inputs
+                .iter()
+                .find(|v| v.name == *name)
+                .ok_or_else(|| RuntimeError::UnknownInput {
+                    name: name.to_string(),
+                    known: self.input_names().iter().map(|s| s.to_string()).collect(),
+                })?;
+            if let Some(d) = &decl.shape {
+                let fits = d.len() == shape.len()
+                    && d.iter().zip(shape.iter()).all(|(a, &b)| match a {
+                        Dim::Fixed(n) => *n == b,
+                        Dim::Symbolic(_) => true,
+                    });
+                if !fits {
+                    return Err(RuntimeError::InputShape {
+                        name: name.to_string(),
+                        expected: format!(
+                            "[{}]",
+                            d.iter()
+                                .map(|x| x.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                        got: shape.to_vec(),
+                    });
+                }
+            }
+            by_name.insert(name.to_string(), shape.to_vec());
+        }
+        Ok(by_name)
+    }
+
     /// Runs the graph; returns the outputs in graph order.
     pub fn run(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Vec<ArrayD<f32>>> {
         self.run_inner(inputs, None, None)
@@ -283,7 +289,9 @@ impl Session {
         times: Option<&mut Vec<(String, &'static str, f64)>>,
     ) -> Result<Vec<ArrayD<f32>>> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-        let plan = self.plan_for(&shapes, observer.is_some(), false)?;
+        // Checked first, so that a wrong input is reported with its own
+        // shape rather than a sub-batch's.
+        self.checked_shapes(&shapes)?;
         let batch = inputs
             .first()
             .and_then(|(_, a)| a.shape().first().copied())
@@ -293,10 +301,11 @@ impl Session {
             && self.opts.batch_parallel
             && self.threads > 1
             && batch >= self.threads
-            && self.batch_splittable(&plan, inputs, batch)
+            && self.batch_splittable(inputs, batch)
         {
             return self.run_split(inputs, batch);
         }
+        let plan = self.plan_for(&shapes, observer.is_some(), false)?;
         let owned = contiguous(inputs);
         let flat: Vec<(&str, &[f32])> = owned.iter().map(|(n, d)| (*n, d.as_ref())).collect();
         run_plan(
@@ -324,12 +333,12 @@ impl Session {
 
     /// Whether every runtime tensor keeps the batch as its leading dimension
     /// and no operator mixes samples, so sub-batches can run independently.
-    fn batch_splittable(
-        &self,
-        plan: &Plan,
-        inputs: &[(&str, ArrayViewD<'_, f32>)],
-        batch: usize,
-    ) -> bool {
+    ///
+    /// Decided from the graph and shape inference, not from a compiled
+    /// plan: a plan for the whole batch would be compiled only to be
+    /// dropped (on 1000 images in batches of 64, four of a run's eight
+    /// compilations).
+    fn batch_splittable(&self, inputs: &[(&str, ArrayViewD<'_, f32>)], batch: usize) -> bool {
         let key: Vec<Vec<usize>> = inputs.iter().map(|(_, a)| a.shape().to_vec()).collect();
         if let Ok(cache) = self.splittable.lock() {
             if let Some(&v) = cache.get(&key) {
@@ -346,14 +355,33 @@ impl Session {
             && inputs
                 .iter()
                 .all(|(_, a)| a.shape().first() == Some(&batch))
-            && plan
-                .steps
-                .iter()
-                .all(|s| s.names.iter().all(|(_, sh)| sh.first() == Some(&batch)))
-            && plan
-                .outputs
-                .iter()
-                .all(|(_, _, sh)| sh.first() == Some(&batch));
+            && {
+                let given: HashMap<String, Vec<usize>> = inputs
+                    .iter()
+                    .map(|(n, a)| (n.to_string(), a.shape().to_vec()))
+                    .collect();
+                // Every value that depends on an input keeps the batch in
+                // front (weights' DequantizeLinear outputs do not depend
+                // on one); a graph whose shapes cannot be inferred runs
+                // whole, where the run reports why.
+                qint8_graph::shape::infer(&self.graph, &given).is_ok_and(|shapes| {
+                    let mut varying: std::collections::HashSet<&str> =
+                        given.keys().map(String::as_str).collect();
+                    self.graph.nodes.iter().all(|n| {
+                        let depends = n.inputs.iter().any(|i| varying.contains(i.as_str()));
+                        let outs = n.outputs.iter().filter(|o| !o.is_empty());
+                        match depends {
+                            true => outs.into_iter().all(|o| {
+                                varying.insert(o.as_str());
+                                shapes.get(o).is_some_and(|v| {
+                                    v.value.is_some() || v.shape.first() == Some(&batch)
+                                })
+                            }),
+                            false => true,
+                        }
+                    })
+                })
+            };
         let ops_ok = self.graph.nodes.iter().all(|n| {
             let rank = 4i64;
             let touches0 = |axis: i64| axis == 0 || axis == -rank;
@@ -466,12 +494,7 @@ impl Session {
             .and_then(|(_, a)| a.shape().first().copied())
             .unwrap_or(0);
         let t = observers.len().min(batch);
-        let split = t > 1 && {
-            let shapes: Vec<(&str, &[usize])> =
-                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan_for(&shapes, true, false)?;
-            self.batch_splittable(&plan, inputs, batch)
-        };
+        let split = t > 1 && self.batch_splittable(inputs, batch);
         if !split {
             let Some(first) = observers.first_mut() else {
                 return Err(RuntimeError::Observer("no observer given".into()));
@@ -523,9 +546,10 @@ impl Session {
             .and_then(|(_, a)| a.shape().first().copied())
             .unwrap_or(0);
         let t = parts.min(batch);
-        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-        let whole = self.plan_for(&shapes, true, true)?;
-        if t < 2 || !self.batch_splittable(&whole, inputs, batch) {
+        if t < 2 || !self.batch_splittable(inputs, batch) {
+            let shapes: Vec<(&str, &[usize])> =
+                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+            let whole = self.plan_for(&shapes, true, true)?;
             return Ok(vec![self.record_whole(whole, inputs, false)?]);
         }
         let parts = self.split_parts(inputs, t, true, true)?;

@@ -277,3 +277,111 @@ fn kept_outputs_equal_copied_outputs() {
         assert!(kept.get(&input).is_none());
     }
 }
+
+/// `x -> Conv(x, DequantizeLinear(int8 weights))`, then `tail` (a node
+/// reading `c` and writing `y`), with a symbolic batch.
+fn qdq_conv_graph(tail: qint8_graph::Node) -> qint8_graph::Model {
+    use qint8_graph::{ConvAttrs, Dim, Graph, Model, Node, Op, Tensor, ValueInfo};
+    let mut init = BTreeMap::new();
+    let w: Vec<i8> = (0..2 * 9).map(|i| (i * 5 % 11) as i8 - 5).collect();
+    init.insert(
+        "w".to_string(),
+        Tensor::I8(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 1, 3, 3]), w).unwrap()),
+    );
+    init.insert("s".to_string(), Tensor::scalar_f32(0.05));
+    let mut input = ValueInfo::f32("x", &[1, 1, 4, 4]);
+    input.shape = Some(vec![
+        Dim::Symbolic("batch".into()),
+        Dim::Fixed(1),
+        Dim::Fixed(4),
+        Dim::Fixed(4),
+    ]);
+    let graph = Graph {
+        name: "qdq".into(),
+        inputs: vec![input],
+        outputs: vec![ValueInfo::f32("y", &[1, 2, 2, 2])],
+        nodes: vec![
+            Node::new("dq", Op::DequantizeLinear { axis: 1 }, &["w", "s"], &["wd"]),
+            Node::new(
+                "conv",
+                Op::Conv(ConvAttrs {
+                    strides: vec![1, 1],
+                    pads: vec![0; 4],
+                    dilations: vec![1, 1],
+                    group: 1,
+                    ..Default::default()
+                }),
+                &["x", "wd"],
+                &["c"],
+            ),
+            tail,
+        ],
+        initializers: init,
+        value_info: vec![],
+    };
+    Model::new(graph, 13)
+}
+
+/// Which sub-batches observed `y`, and the outputs of a plain run: the
+/// batch is split only where no value mixes samples, and a run gives the
+/// same outputs either way.
+fn split_and_outputs(model: &qint8_graph::Model) -> (Vec<usize>, Vec<f32>, Vec<f32>) {
+    let x = images(6, 3)
+        .slice_move(ndarray::s![.., 0..1, 0..4, 0..4])
+        .into_dyn();
+    let session = |threads| {
+        Session::new(
+            model,
+            SessionOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (mut a, mut b) = (Seen::new(), Seen::new());
+    {
+        let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
+        let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
+        session(2)
+            .observe_split(&[("x", x.view())], &mut observers)
+            .unwrap();
+    }
+    let seen = [&a, &b]
+        .iter()
+        .map(|s| s.get("y").map_or(0, |v| v.0))
+        .collect();
+    let two = session(2).run(&[("x", x.view())]).unwrap();
+    let one = session(1).run(&[("x", x.view())]).unwrap();
+    (
+        seen,
+        two[0].iter().copied().collect(),
+        one[0].iter().copied().collect(),
+    )
+}
+
+/// Weights behind a DequantizeLinear (a QDQ model's) do not count as values
+/// without the batch in front: the batch still splits.
+#[test]
+fn qdq_weights_do_not_keep_the_batch_from_splitting() {
+    use qint8_graph::{Node, Op};
+    let model = qdq_conv_graph(Node::new("r", Op::Relu, &["c"], &["y"]));
+    let (seen, two, one) = split_and_outputs(&model);
+    assert_eq!(seen, vec![3 * 8, 3 * 8], "each worker ran half the batch");
+    assert_eq!(two, one);
+}
+
+/// A graph that mixes samples (Softmax over the batch axis) runs whole,
+/// and its outputs are those of a one-thread run.
+#[test]
+fn a_graph_mixing_samples_runs_whole() {
+    use qint8_graph::{Node, Op};
+    let model = qdq_conv_graph(Node::new("sm", Op::Softmax { axis: 0 }, &["c"], &["y"]));
+    let (seen, two, one) = split_and_outputs(&model);
+    assert_eq!(
+        seen,
+        vec![6 * 8, 0],
+        "the first observer saw the whole batch"
+    );
+    assert_eq!(two, one);
+}
