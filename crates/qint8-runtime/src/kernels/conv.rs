@@ -600,13 +600,8 @@ impl Conv2d {
                                 *d = self.act.apply(v + rv);
                             }
                         }
-                        // An inline loop: planes here are small, and a
-                        // `memcpy` call per plane costs more than the copy.
-                        None => {
-                            for (d, &v) in dst.iter_mut().zip(src) {
-                                *d = v;
-                            }
-                        }
+                        // Planes here are small: no `memcpy` call per plane.
+                        None => super::copy_short(dst, src),
                     }
                 }
             }

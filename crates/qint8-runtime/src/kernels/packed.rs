@@ -299,7 +299,7 @@ pub fn gemm_packed_conv(
                     [..conv.ih * conv.iw];
                 let dst = &mut padded[(img * cin_g + ci) * plane..][..plane];
                 for (iy, row) in src.chunks_exact(conv.iw).enumerate() {
-                    dst[(iy + pt) * pw + pl..][..conv.iw].copy_from_slice(row);
+                    super::copy_short(&mut dst[(iy + pt) * pw + pl..][..conv.iw], row);
                 }
             }
         }
@@ -675,9 +675,7 @@ fn pack_conv(
 #[inline(always)]
 fn copy(dst: &mut [f32], src: &[f32]) {
     if dst.len() <= 16 {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = v;
-        }
+        super::copy_short(dst, src);
     } else {
         dst.copy_from_slice(src);
     }
