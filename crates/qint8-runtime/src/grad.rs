@@ -939,6 +939,10 @@ fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     if ip == 0 || op == 0 {
         return;
     }
+    if p.k == (2, 2) && p.stride == (2, 2) && p.dilation == (1, 1) && p.pad == (0, 0) {
+        maxpool2_grad(p, x, g, gx);
+        return;
+    }
     let taps = |out: usize, stride: usize, pad: usize, k: usize, d: usize, len: usize| {
         (0..out)
             .map(|o| {
@@ -956,20 +960,63 @@ fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
         .zip(gx.chunks_exact_mut(ip))
     {
         for (oy, ys) in rows.iter().enumerate() {
+            let Some((&y0, ys)) = ys.split_first() else {
+                continue;
+            };
             for (ox, xcols) in cols.iter().enumerate() {
-                let mut best: Option<usize> = None;
+                let Some((&x0, xrest)) = xcols.split_first() else {
+                    continue;
+                };
+                // Selects, not branches: which tap wins is data-dependent
+                // and mispredicted branches cost more than the compares.
+                let mut best = y0 * p.iw + x0;
+                let mut bv = xs[best];
+                let mut take = |pos: usize| {
+                    let v = xs[pos];
+                    let t = v > bv || v.is_nan();
+                    best = if t { pos } else { best };
+                    bv = if t { v } else { bv };
+                };
+                xrest.iter().for_each(|&ix| take(y0 * p.iw + ix));
                 for &iy in ys {
-                    let row = iy * p.iw;
-                    for &ix in xcols {
-                        let pos = row + ix;
-                        if best.is_none_or(|b| xs[pos] > xs[b] || xs[pos].is_nan()) {
-                            best = Some(pos);
-                        }
-                    }
+                    xcols.iter().for_each(|&ix| take(iy * p.iw + ix));
                 }
-                if let Some(b) = best {
-                    gxs[b] += gs[oy * p.ow + ox];
+                gxs[best] += gs[oy * p.ow + ox];
+            }
+        }
+    }
+}
+
+/// [`maxpool_grad`] for 2x2 windows of stride 2 without padding (VGG's
+/// pools): the windows do not overlap, so each row pair is one pass of
+/// selects over the outputs, with no tap lists.
+fn maxpool2_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
+    let (iw, ip, op) = (p.iw, p.ih * p.iw, p.oh * p.ow);
+    for ((xs, gs), gxs) in x
+        .chunks_exact(ip)
+        .zip(g.chunks_exact(op))
+        .zip(gx.chunks_exact_mut(ip))
+    {
+        for oy in 0..p.oh {
+            let (top, bottom) = (2 * oy * iw, (2 * oy + 1) * iw);
+            let grow = &gs[oy * p.ow..(oy + 1) * p.ow];
+            for (ox, &gv) in grow.iter().enumerate() {
+                // Taps in window order; a later tap wins when larger or
+                // NaN, as in the general rule.
+                let pos = [
+                    top + 2 * ox,
+                    top + 2 * ox + 1,
+                    bottom + 2 * ox,
+                    bottom + 2 * ox + 1,
+                ];
+                let (mut best, mut bv) = (pos[0], xs[pos[0]]);
+                for &at in &pos[1..] {
+                    let v = xs[at];
+                    let t = v > bv || v.is_nan();
+                    best = if t { at } else { best };
+                    bv = if t { v } else { bv };
                 }
+                gxs[best] += gv;
             }
         }
     }

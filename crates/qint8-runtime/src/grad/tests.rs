@@ -654,4 +654,39 @@ proptest! {
         maxpool_grad_reference(&p, &x, &g, &mut slow);
         prop_assert_eq!(fast, slow);
     }
+
+    /// The 2x2, stride-2 path (its own loop), odd sizes and ties included.
+    #[test]
+    fn maxpool2_grad_matches_reference(
+        planes in 1usize..4,
+        (ih, iw) in (2usize..12, 2usize..12),
+        nan in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let p = Pool2d {
+            ih,
+            iw,
+            oh: ih / 2,
+            ow: iw / 2,
+            k: (2, 2),
+            stride: (2, 2),
+            dilation: (1, 1),
+            pad: (0, 0),
+            pad_end: (0, 0),
+            count_include_pad: false,
+        };
+        let mut x: Vec<f32> = values(planes * ih * iw, seed)
+            .into_iter()
+            .map(|v| (v * 3.0).round())
+            .collect();
+        if nan {
+            let at = seed as usize % x.len();
+            x[at] = f32::NAN;
+        }
+        let g = values(planes * p.oh * p.ow, seed ^ 5);
+        let (mut fast, mut slow) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        maxpool_grad(&p, &x, &g, &mut fast);
+        maxpool_grad_reference(&p, &x, &g, &mut slow);
+        prop_assert_eq!(fast, slow);
+    }
 }
