@@ -174,12 +174,13 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     qint8_runtime::grad::dot(a, b) as f64
 }
 
-/// `(Σ δ², Σ g δ)` for `δ = (q - y) + e` (`e`, when given, the rounding
-/// of a fused residual), in sixteen f32 lanes (they vectorize), without
-/// materializing `δ`. All slices have the same length.
-fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32) {
+/// `(Σ y², Σ δ², Σ g δ)` for `δ = (q - y) + e` (`e`, when given, the
+/// rounding of a fused residual), in sixteen f32 lanes (they vectorize),
+/// in one pass and without materializing `δ`. All slices have the same
+/// length.
+fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32, f32) {
     const L: usize = 16;
-    let (mut nn, mut gd) = ([0.0f32; L], [0.0f32; L]);
+    let (mut yy, mut nn, mut gd) = ([0.0f32; L], [0.0f32; L], [0.0f32; L]);
     let body = q.len() / L * L;
     let chunks = q[..body]
         .chunks_exact(L)
@@ -191,6 +192,7 @@ fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32) 
             for (((qs, ys), gs), es) in chunks.zip(e[..body].chunks_exact(L)) {
                 for l in 0..L {
                     let d = (qs[l] - ys[l]) + es[l];
+                    yy[l] += ys[l] * ys[l];
                     nn[l] += d * d;
                     gd[l] += gs[l] * d;
                 }
@@ -200,19 +202,22 @@ fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32) 
             for ((qs, ys), gs) in chunks {
                 for l in 0..L {
                     let d = qs[l] - ys[l];
+                    yy[l] += ys[l] * ys[l];
                     nn[l] += d * d;
                     gd[l] += gs[l] * d;
                 }
             }
         }
     }
-    let (mut tn, mut tg) = (0.0f32, 0.0f32);
+    let (mut ty, mut tn, mut tg) = (0.0f32, 0.0f32, 0.0f32);
     for i in body..q.len() {
         let v = (q[i] - y[i]) + e.map_or(0.0, |e| e[i]);
+        ty += y[i] * y[i];
         tn += v * v;
         tg += g[i] * v;
     }
-    (nn.iter().sum::<f32>() + tn, gd.iter().sum::<f32>() + tg)
+    let sum = |a: [f32; L], t: f32| a.iter().sum::<f32>() + t;
+    (sum(yy, ty), sum(nn, tn), sum(gd, tg))
 }
 
 /// `ln(sigmoid(t))`, stable for large `|t|`.
@@ -278,6 +283,9 @@ struct PartResult {
     noise: Vec<f64>,
 }
 
+/// One input of the probes' session: renamed input, shape, data.
+type ProbeInput<'p> = (String, &'p [usize], &'p [f32]);
+
 /// Everything the sub-batch workers share.
 struct Context<'a> {
     /// The backward pass from the logits to every probe's output.
@@ -309,15 +317,36 @@ impl Context<'_> {
             return Ok(None);
         };
         let mut views = Vec::new();
-        for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
-            for name in &probe.inputs {
-                let (shape, xs) = self.value(part, name)?;
-                let view = ndarray::ArrayViewD::from_shape(IxDyn(shape), xs).map_err(invalid)?;
-                views.push((probe_name(k, name), view));
-            }
+        for (name, shape, xs) in self.probe_inputs(part)? {
+            let view = ndarray::ArrayViewD::from_shape(IxDyn(shape), xs).map_err(invalid)?;
+            views.push((name, view));
         }
         let views: Vec<(&str, _)> = views.iter().map(|(n, v)| (n.as_str(), v.view())).collect();
         session.run_here_kept(&views).map(Some).map_err(invalid)
+    }
+
+    /// The probes' session's inputs for this sub-batch: every quantized
+    /// probe's inputs under their renamed names.
+    fn probe_inputs<'p>(&self, part: &'p Part<'_>) -> Result<Vec<ProbeInput<'p>>> {
+        let mut ins = Vec::new();
+        for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
+            for name in &probe.inputs {
+                let (shape, xs) = self.value(part, name)?;
+                ins.push((probe_name(k, name), shape, xs));
+            }
+        }
+        Ok(ins)
+    }
+
+    /// Compiles the probes' plan for this sub-batch's shapes, so that the
+    /// workers find it compiled instead of each compiling it at once.
+    fn prepare(&self, part: &Part<'_>) -> Result<()> {
+        let Some(session) = self.session else {
+            return Ok(());
+        };
+        let ins = self.probe_inputs(part)?;
+        let shapes: Vec<(&str, &[usize])> = ins.iter().map(|(n, s, _)| (n.as_str(), *s)).collect();
+        session.plan(&shapes).map(drop).map_err(invalid)
     }
 
     /// Node `k`'s output power and error statistics given the gradient `g`
@@ -335,14 +364,13 @@ impl Context<'_> {
     ) -> Result<(f64, f64)> {
         let probe = &self.probes[k];
         let (_, y) = self.value(part, &probe.output)?;
-        let signal = dot(y, y);
         let q = match quantized {
             Some(rec) if probe.quantized => {
                 rec.get(&probe_name(k, &probe.output))
                     .ok_or_else(|| invalid(format!("{}: no quantized output", probe.output)))?
                     .1
             }
-            _ => return Ok((signal, 0.0)),
+            _ => return Ok((dot(y, y), 0.0)),
         };
         if q.len() != y.len() || g.len() != y.len() {
             return Err(invalid(format!(
@@ -368,11 +396,12 @@ impl Context<'_> {
             None => None,
         };
         let per = y.len() / d.len().max(1);
-        let mut noise = 0.0f64;
+        let (mut signal, mut noise) = (0.0f64, 0.0f64);
         for (s, ds) in d.iter_mut().enumerate() {
             let at = s * per..(s + 1) * per;
             let e = residual.as_ref().map(|e| &e[at.clone()]);
-            let (nn, gd) = error_dots(&q[at.clone()], &y[at.clone()], e, &g[at]);
+            let (yy, nn, gd) = error_dots(&q[at.clone()], &y[at.clone()], e, &g[at]);
+            signal += yy as f64;
             noise += nn as f64;
             *ds = gd;
         }
@@ -622,18 +651,21 @@ pub(crate) fn analyze(
             return Err(invalid("the recorded sub-batches do not cover the batch"));
         }
         // Quantization errors and the backward pass, sub-batches in parallel.
-        let results: Vec<Result<PartResult>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .iter()
+        // Sub-batches of one size share a plan (the last batch may differ).
+        if let Some(part) = parts.first() {
+            ctx.prepare(part)?;
+        }
+        // On the FP32 session's persistent workers, whose per-thread kernel
+        // buffers stay allocated from batch to batch (fresh threads fault
+        // them in again every batch), each part's kernels sequential.
+        let results: Vec<Result<PartResult>> = fp32.install(|| {
+            use rayon::prelude::*;
+            parts
+                .par_iter()
+                .with_max_len(1)
                 .map(|part| {
-                    let ctx = &ctx;
-                    scope.spawn(move || ctx.run(part))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
+                    let run = || qint8_runtime::kernels::sequential(|| ctx.run(part));
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
                         .unwrap_or_else(|_| Err(invalid("a sensitivity worker panicked")))
                 })
                 .collect()
@@ -769,7 +801,7 @@ mod tests {
     use qint8_graph::{Node, Op};
 
     #[test]
-    fn error_dots_equal_the_materialized_error() {
+    fn error_dots_equal_the_materialized_sums() {
         for len in [0usize, 1, 15, 16, 17, 100] {
             let f = |k: usize, i: usize| ((i * 37 + k * 11) % 19) as f32 / 7.0 - 1.3;
             let (q, y, e, g): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) = (
@@ -784,7 +816,12 @@ mod tests {
                     .collect();
                 let nn: f64 = delta.iter().map(|d| d * d).sum();
                 let gd: f64 = delta.iter().zip(&g).map(|(d, &g)| d * g as f64).sum();
-                let (a, b) = error_dots(&q, &y, e, &g);
+                let yy: f64 = y.iter().map(|&v| v as f64 * v as f64).sum();
+                let (s, a, b) = error_dots(&q, &y, e, &g);
+                assert!(
+                    (s as f64 - yy).abs() <= 1e-4 * (1.0 + yy),
+                    "{len}: {s} vs {yy}"
+                );
                 assert!(
                     (a as f64 - nn).abs() <= 1e-4 * (1.0 + nn),
                     "{len}: {a} vs {nn}"

@@ -96,7 +96,7 @@ pub(crate) struct AnalysisArgs {
     pub(crate) pre: PreprocessArgs,
     /// Images per batch (the linearized analysis holds every activation
     /// of one batch in memory and takes fewer images per batch where that
-    /// would pass 1 GiB).
+    /// would pass 512 MiB).
     #[arg(long, value_name = "B", default_value_t = 64, value_parser = positive_usize)]
     pub(crate) batch: usize,
     /// Measure every node with real evaluations of the whole network (2N + 1
