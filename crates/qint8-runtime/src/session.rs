@@ -219,6 +219,14 @@ impl Session {
         Ok(p)
     }
 
+    /// Checks the whole batch's inputs against the graph's declarations
+    /// before any split, so that a wrong input is reported with its own
+    /// shape rather than a sub-batch's.
+    fn check_whole(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<()> {
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        self.checked_shapes(&shapes).map(drop)
+    }
+
     /// `shapes` by input name, each checked against the graph's declaration.
     fn checked_shapes(&self, shapes: &[(&str, &[usize])]) -> Result<HashMap<String, Vec<usize>>> {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
@@ -289,9 +297,7 @@ impl Session {
         times: Option<&mut Vec<(String, &'static str, f64)>>,
     ) -> Result<Vec<ArrayD<f32>>> {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-        // Checked first, so that a wrong input is reported with its own
-        // shape rather than a sub-batch's.
-        self.checked_shapes(&shapes)?;
+        self.check_whole(inputs)?;
         let batch = inputs
             .first()
             .and_then(|(_, a)| a.shape().first().copied())
@@ -494,6 +500,7 @@ impl Session {
             .and_then(|(_, a)| a.shape().first().copied())
             .unwrap_or(0);
         let t = observers.len().min(batch);
+        self.check_whole(inputs)?;
         let split = t > 1 && self.batch_splittable(inputs, batch);
         if !split {
             let Some(first) = observers.first_mut() else {
@@ -546,6 +553,7 @@ impl Session {
             .and_then(|(_, a)| a.shape().first().copied())
             .unwrap_or(0);
         let t = parts.min(batch);
+        self.check_whole(inputs)?;
         if t < 2 || !self.batch_splittable(inputs, batch) {
             let shapes: Vec<(&str, &[usize])> =
                 inputs.iter().map(|(n, a)| (*n, a.shape())).collect();

@@ -385,3 +385,33 @@ fn a_graph_mixing_samples_runs_whole() {
     );
     assert_eq!(two, one);
 }
+
+/// An input of the wrong shape is reported with the whole batch's shape by
+/// every way of running, splitting ones included.
+#[test]
+fn wrong_input_shapes_are_reported_whole() {
+    use qint8_graph::{Node, Op};
+    let model = qdq_conv_graph(Node::new("r", Op::Relu, &["c"], &["y"]));
+    let session = Session::new(
+        &model,
+        SessionOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[6, 1, 5, 5]));
+    let inputs = [("x", x.view())];
+    let (mut a, mut b) = (Seen::new(), Seen::new());
+    let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
+    let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
+    let errors = [
+        session.run(&inputs).map(drop).unwrap_err(),
+        session.observe_split(&inputs, &mut observers).unwrap_err(),
+        session.record_split(&inputs, 2).map(drop).unwrap_err(),
+    ];
+    for e in errors {
+        let msg = e.to_string();
+        assert!(msg.contains("[6, 1, 5, 5]"), "{msg}");
+    }
+}
