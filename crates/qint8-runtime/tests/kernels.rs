@@ -399,7 +399,8 @@ fn direct_convolution_matches_reference() {
     }
 }
 
-/// A fused residual: `act(conv(x) + bias + res)` on every convolution path.
+/// A fused residual: `act(conv(x) + bias + res)` on every convolution path
+/// (and the same convolutions without it).
 #[test]
 fn residual_fusion_matches_reference() {
     let cases = [
@@ -409,6 +410,12 @@ fn residual_fusion_matches_reference() {
         ((9, 8), (3, 3), (2, 2), (1, 1, 1, 1), 3, 5),    // batched, strided
         ((20, 20), (1, 1), (1, 1), (0, 0, 0, 0), 5, 12), // pointwise
         ((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 6, 7),    // single pixel
+        // Batched planes of 1, 2, 4, 8 and 16 pixels (each its own scatter).
+        ((1, 1), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
+        ((1, 2), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
+        ((2, 2), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
+        ((2, 4), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
+        ((4, 4), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
     ];
     for (hw, k, stride, pad, cin, cout) in cases {
         for (act, n) in [(1u8, 3), (2, 3), (1, 1), (2, 1)] {
@@ -439,6 +446,12 @@ fn residual_fusion_matches_reference() {
             for (s, r) in slow.iter_mut().zip(&res) {
                 *s = conv.act.apply(*s + r);
             }
+            close(&fast, &slow, cin * 9).unwrap();
+            // And without the residual, the activation in the epilogue.
+            let mut fast = vec![0.0; len];
+            conv.run(&x, &mut fast, &mut scratch, 2);
+            let mut slow = vec![0.0; len];
+            conv.reference(&x, &mut slow);
             close(&fast, &slow, cin * 9).unwrap();
         }
     }
