@@ -181,7 +181,16 @@ fn gemm_rejects_short_buffers() {
 /// The 1x1-plane pointwise path (squeeze-excitation and classifier convs).
 #[test]
 fn pointwise_on_single_pixels_matches_reference() {
-    for (n, cin, cout, act) in [(1, 3, 5, 0u8), (7, 16, 4, 1), (32, 40, 10, 2)] {
+    // Past 48 images a second, partial column panel; past 256 channels a
+    // second block of the reduction.
+    let cases = [
+        (1, 3, 5, 0u8),
+        (7, 16, 4, 1),
+        (32, 40, 10, 2),
+        (60, 300, 20, 1),
+        (50, 257, 9, 0),
+    ];
+    for (n, cin, cout, act) in cases {
         let c = ConvCase {
             n,
             cin_g: cin,

@@ -253,6 +253,22 @@ pub fn gemm_packed_conv(
     if pointwise {
         // Row r of B is input channel r of every image: runs of whole planes.
         tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+            if p == 1 {
+                // One pixel per image: B is the images' channel vectors
+                // transposed. Read each image's channels in order (no run
+                // arithmetic per value), write them down a column.
+                for (j, img) in (j0..j0 + nc).enumerate() {
+                    let src = &input.x[img * input.img_stride + k0..][..kc];
+                    for (row, &v) in out.chunks_exact_mut(NR).zip(src) {
+                        row[j] = v;
+                    }
+                }
+                if nc < NR {
+                    out.chunks_exact_mut(NR)
+                        .for_each(|row| zero(&mut row[nc..]));
+                }
+                return;
+            }
             for (row, r) in out.chunks_exact_mut(NR).zip(k0..k0 + kc) {
                 let mut j = 0;
                 while j < nc {
