@@ -34,6 +34,11 @@ pub struct Value<'a> {
 /// initializers are read from the graph).
 pub type Values<'a> = HashMap<String, Value<'a>>;
 
+thread_local! {
+    /// Scratch of the convolutions the backward pass runs.
+    static CONV_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The nodes on a path from any of `from` to `output`, in graph order.
 fn path(graph: &Graph, from: &[&str], output: &str) -> (Vec<usize>, HashSet<String>) {
     let mut fwd: HashSet<&str> = from.iter().copied().collect();
@@ -197,8 +202,11 @@ impl<'g> Backward<'g> {
             return Ok(None);
         };
         let mut gx = vec![0.0; x.data.len()];
-        let mut scratch = vec![0.0; conv.scratch_len()];
-        conv.run(g, &mut gx, &mut scratch, 1);
+        // The kernels' scratch needs no clearing; this thread's is reused
+        // from node to node and batch to batch.
+        crate::kernels::packed::with_reused(&CONV_SCRATCH, conv.scratch_len(), |scratch| {
+            conv.run(g, &mut gx, scratch, 1)
+        });
         Ok(Some(gx))
     }
 
@@ -931,9 +939,9 @@ fn binary_grad(
     }
 }
 
-/// MaxPool: each output's gradient goes to its window's (first) maximum,
-/// the one the forward kernel picks. Each output row's and column's
-/// in-bounds taps are listed once, not per window.
+/// MaxPool: each output's gradient is added, in `gx`, at its window's
+/// (first) maximum, the one the forward kernel picks. Each output row's
+/// and column's in-bounds taps are listed once, not per window.
 fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
     if ip == 0 || op == 0 {

@@ -107,7 +107,7 @@ thread_local! {
 /// Runs `f` on `len` floats of this thread's buffer `key` (stale
 /// contents: `f` must write before it reads), or on a fresh zeroed buffer
 /// if that one is in use.
-pub(super) fn with_reused<R>(
+pub(crate) fn with_reused<R>(
     key: &'static LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
