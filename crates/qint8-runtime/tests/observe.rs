@@ -21,6 +21,32 @@ fn recorder(
     }
 }
 
+/// A session with default options on `threads` threads.
+fn session(model: &qint8_graph::Model, threads: usize) -> Session {
+    Session::new(
+        model,
+        SessionOptions {
+            threads,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Input `name` of shape `[batch, rest...]`, the batch symbolic.
+fn batched_input(name: &str, rest: &[usize]) -> qint8_graph::ValueInfo {
+    use qint8_graph::Dim;
+    let mut shape = vec![1];
+    shape.extend_from_slice(rest);
+    let mut v = qint8_graph::ValueInfo::f32(name, &shape);
+    v.shape = Some(
+        std::iter::once(Dim::Symbolic("batch".into()))
+            .chain(rest.iter().map(|&d| Dim::Fixed(d)))
+            .collect(),
+    );
+    v
+}
+
 /// A zoo model at the fixtures' shape: 1x32x32 images, 10 classes,
 /// `width` times the architecture's width.
 fn small(arch: ZooConfig, width: f64) -> qint8_graph::Model {
@@ -150,19 +176,12 @@ fn sessions_sharing_buffers_compute_what_each_computes_alone() {
 /// on separate workers.
 #[test]
 fn reduce_mean_with_axes_as_input_still_splits_the_batch() {
-    use qint8_graph::{Dim, Graph, Model, Node, Op, Tensor, ValueInfo};
+    use qint8_graph::{Graph, Model, Node, Op, Tensor, ValueInfo};
     let mut init = std::collections::BTreeMap::new();
     init.insert("axes".to_string(), Tensor::vec_i64(&[2, 3]));
-    let mut input = ValueInfo::f32("x", &[1, 3, 4, 4]);
-    input.shape = Some(vec![
-        Dim::Symbolic("batch".into()),
-        Dim::Fixed(3),
-        Dim::Fixed(4),
-        Dim::Fixed(4),
-    ]);
     let graph = Graph {
         name: "pool".into(),
-        inputs: vec![input],
+        inputs: vec![batched_input("x", &[3, 4, 4])],
         outputs: vec![ValueInfo::f32("y", &[1, 3, 1, 1])],
         nodes: vec![
             Node::new("r", Op::Relu, &["x"], &["r"]),
@@ -180,14 +199,7 @@ fn reduce_mean_with_axes_as_input_still_splits_the_batch() {
         initializers: init,
         value_info: vec![],
     };
-    let session = Session::new(
-        &Model::new(graph, 18),
-        SessionOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let session = session(&Model::new(graph, 18), 2);
     let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[6, 3, 4, 4]), |i| {
         (i[0] + i[1] * 2 + i[2] * i[3]) as f32 / 7.0 - 1.0
     });
@@ -281,7 +293,7 @@ fn kept_outputs_equal_copied_outputs() {
 /// `x -> Conv(x, DequantizeLinear(int8 weights))`, then `tail` (a node
 /// reading `c` and writing `y`), with a symbolic batch.
 fn qdq_conv_graph(tail: qint8_graph::Node) -> qint8_graph::Model {
-    use qint8_graph::{ConvAttrs, Dim, Graph, Model, Node, Op, Tensor, ValueInfo};
+    use qint8_graph::{ConvAttrs, Graph, Model, Node, Op, Tensor, ValueInfo};
     let mut init = BTreeMap::new();
     let w: Vec<i8> = (0..2 * 9).map(|i| (i * 5 % 11) as i8 - 5).collect();
     init.insert(
@@ -289,16 +301,9 @@ fn qdq_conv_graph(tail: qint8_graph::Node) -> qint8_graph::Model {
         Tensor::I8(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 1, 3, 3]), w).unwrap()),
     );
     init.insert("s".to_string(), Tensor::scalar_f32(0.05));
-    let mut input = ValueInfo::f32("x", &[1, 1, 4, 4]);
-    input.shape = Some(vec![
-        Dim::Symbolic("batch".into()),
-        Dim::Fixed(1),
-        Dim::Fixed(4),
-        Dim::Fixed(4),
-    ]);
     let graph = Graph {
         name: "qdq".into(),
-        inputs: vec![input],
+        inputs: vec![batched_input("x", &[1, 4, 4])],
         outputs: vec![ValueInfo::f32("y", &[1, 2, 2, 2])],
         nodes: vec![
             Node::new("dq", Op::DequantizeLinear { axis: 1 }, &["w", "s"], &["wd"]),
@@ -329,16 +334,7 @@ fn split_and_outputs(model: &qint8_graph::Model) -> (Vec<usize>, Vec<f32>, Vec<f
     let x = images(6, 3)
         .slice_move(ndarray::s![.., 0..1, 0..4, 0..4])
         .into_dyn();
-    let session = |threads| {
-        Session::new(
-            model,
-            SessionOptions {
-                threads,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    };
+    let session = |threads| session(model, threads);
     let (mut a, mut b) = (Seen::new(), Seen::new());
     {
         let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
@@ -392,14 +388,7 @@ fn a_graph_mixing_samples_runs_whole() {
 fn wrong_input_shapes_are_reported_whole() {
     use qint8_graph::{Node, Op};
     let model = qdq_conv_graph(Node::new("r", Op::Relu, &["c"], &["y"]));
-    let session = Session::new(
-        &model,
-        SessionOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let session = session(&model, 2);
     let x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[6, 1, 5, 5]));
     let inputs = [("x", x.view())];
     let (mut a, mut b) = (Seen::new(), Seen::new());

@@ -639,20 +639,7 @@ proptest! {
             pad_end: pad,
             count_include_pad: false,
         };
-        // Coarse values, so windows hold ties.
-        let mut x: Vec<f32> = values(planes * ih * iw, seed)
-            .into_iter()
-            .map(|v| (v * 3.0).round())
-            .collect();
-        if nan {
-            let at = seed as usize % x.len();
-            x[at] = f32::NAN;
-        }
-        let g = values(planes * p.oh * p.ow, seed ^ 5);
-        let (mut fast, mut slow) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-        maxpool_grad(&p, &x, &g, &mut fast);
-        maxpool_grad_reference(&p, &x, &g, &mut slow);
-        prop_assert_eq!(fast, slow);
+        maxpool_matches(&p, planes, nan, seed)?;
     }
 
     /// The 2x2, stride-2 path (its own loop), odd sizes and ties included.
@@ -675,18 +662,25 @@ proptest! {
             pad_end: (0, 0),
             count_include_pad: false,
         };
-        let mut x: Vec<f32> = values(planes * ih * iw, seed)
-            .into_iter()
-            .map(|v| (v * 3.0).round())
-            .collect();
-        if nan {
-            let at = seed as usize % x.len();
-            x[at] = f32::NAN;
-        }
-        let g = values(planes * p.oh * p.ow, seed ^ 5);
-        let (mut fast, mut slow) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-        maxpool_grad(&p, &x, &g, &mut fast);
-        maxpool_grad_reference(&p, &x, &g, &mut slow);
-        prop_assert_eq!(fast, slow);
+        maxpool_matches(&p, planes, nan, seed)?;
     }
+}
+
+/// `maxpool_grad` equals the reference on `planes` planes of coarse values
+/// (so windows hold ties), one of them NaN when `nan`.
+fn maxpool_matches(p: &Pool2d, planes: usize, nan: bool, seed: u64) -> Result<(), TestCaseError> {
+    let mut x: Vec<f32> = values(planes * p.ih * p.iw, seed)
+        .into_iter()
+        .map(|v| (v * 3.0).round())
+        .collect();
+    if nan {
+        let at = seed as usize % x.len();
+        x[at] = f32::NAN;
+    }
+    let g = values(planes * p.oh * p.ow, seed ^ 5);
+    let (mut fast, mut slow) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+    maxpool_grad(p, &x, &g, &mut fast);
+    maxpool_grad_reference(p, &x, &g, &mut slow);
+    prop_assert_eq!(fast, slow);
+    Ok(())
 }
