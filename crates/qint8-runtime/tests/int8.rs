@@ -211,40 +211,96 @@ proptest! {
     /// equals the scalar reference path bit for bit.
     #[test]
     fn int8_conv_matches_float_on_dequantized_values(c in case()) {
-        note_if_emulated();
-        let b = build(&c);
-        let conv = &b.int;
-        let x_len = c.n * c.cin * c.hw.0 * c.hw.1;
-        // Beyond the input range on purpose: clamping is part of QuantizeLinear.
-        let raw = uniform(x_len, c.seed ^ 5, -3.0, 3.0);
-        let fq = fake_quant(&raw, b.input);
-        let x = if c.fake_quantized { &fq } else { &raw };
-        let len = c.n * c.cout * conv.oh * conv.ow;
-        let res = c.residual.then(|| uniform(len, c.seed ^ 9, -1.0, 1.0));
-        let mut scratch = vec![0u32; int8::scratch_len(conv, conv.int8.as_ref().unwrap())];
-        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let w = conv.int8.as_ref().unwrap();
-        pool.install(|| int8::run(conv, w, x, res.as_deref(), &mut fast, &mut scratch, Kernels::Best));
-        int8::run(conv, w, x, res.as_deref(), &mut slow, &mut scratch, Kernels::Reference);
+        matches_float(&c)?;
+    }
+}
+
+/// The body of `int8_conv_matches_float_on_dequantized_values`.
+fn matches_float(c: &Case) -> Result<(), TestCaseError> {
+    note_if_emulated();
+    let b = build(c);
+    let conv = &b.int;
+    let x_len = c.n * c.cin * c.hw.0 * c.hw.1;
+    // Beyond the input range on purpose: clamping is part of QuantizeLinear.
+    let raw = uniform(x_len, c.seed ^ 5, -3.0, 3.0);
+    let fq = fake_quant(&raw, b.input);
+    let x = if c.fake_quantized { &fq } else { &raw };
+    let len = c.n * c.cout * conv.oh * conv.ow;
+    let res = c.residual.then(|| uniform(len, c.seed ^ 9, -1.0, 1.0));
+    let mut scratch = vec![0u32; int8::scratch_len(conv, conv.int8.as_ref().unwrap())];
+    let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let w = conv.int8.as_ref().unwrap();
+    pool.install(|| {
+        int8::run(
+            conv,
+            w,
+            x,
+            res.as_deref(),
+            &mut fast,
+            &mut scratch,
+            Kernels::Best,
+        )
+    });
+    int8::run(
+        conv,
+        w,
+        x,
+        res.as_deref(),
+        &mut slow,
+        &mut scratch,
+        Kernels::Reference,
+    );
+    prop_assert!(
+        fast.iter()
+            .zip(&slow)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "fast and reference paths differ"
+    );
+    // Float reference: no activation, then residual and activation.
+    let mut plain = b.float.clone();
+    plain.act = Activation::None;
+    let mut expected = vec![0.0; len];
+    plain.reference(&fq, &mut expected);
+    for (i, e) in expected.iter_mut().enumerate() {
+        *e = b.float.act.apply(*e + res.as_ref().map_or(0.0, |r| r[i]));
+    }
+    let k = (c.cin * c.k.0 * c.k.1) as f32;
+    for (i, (a, e)) in fast.iter().zip(&expected).enumerate() {
         prop_assert!(
-            fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "fast and reference paths differ"
+            (a - e).abs() <= 2e-6 * k.sqrt() * (1.0 + e.abs()) * 8.0,
+            "index {}: {} vs {}",
+            i,
+            a,
+            e
         );
-        // Float reference: no activation, then residual and activation.
-        let mut plain = b.float.clone();
-        plain.act = Activation::None;
-        let mut expected = vec![0.0; len];
-        plain.reference(&fq, &mut expected);
-        for (i, e) in expected.iter_mut().enumerate() {
-            *e = b.float.act.apply(*e + res.as_ref().map_or(0.0, |r| r[i]));
-        }
-        let k = (c.cin * c.k.0 * c.k.1) as f32;
-        for (i, (a, e)) in fast.iter().zip(&expected).enumerate() {
-            prop_assert!(
-                (a - e).abs() <= 2e-6 * k.sqrt() * (1.0 + e.abs()) * 8.0,
-                "index {}: {} vs {}", i, a, e
-            );
+    }
+    Ok(())
+}
+
+/// Convolutions on 1x1 planes quantize each image's channel vector in one
+/// piece: channel counts around multiples of four, several images, with
+/// and without a residual.
+#[test]
+fn single_pixel_planes_match_float() {
+    for (cin, cout) in [(1, 3), (3, 20), (4, 17), (7, 33), (64, 70), (130, 9)] {
+        for residual in [false, true] {
+            let c = Case {
+                n: 5,
+                cin,
+                cout,
+                hw: (1, 1),
+                k: (1, 1),
+                pad: (0, 0, 0, 0),
+                act: 1,
+                input: 1,
+                residual,
+                ..three_by_three(cin as u64)
+            };
+            matches_float(&c).unwrap();
         }
     }
 }

@@ -204,17 +204,25 @@ pub fn run(
     // the threads too.
     let quads = w.cin4 / 4;
     let image = c.cin * c.ih * c.iw;
-    super::for_chunks(xq, pd.ph * pd.pw, |i, dst| {
-        let img = i / quads;
-        quantize_quad(
-            &x[img * image..(img + 1) * image],
-            i % quads,
-            dst,
-            c,
-            &pd,
-            w,
-        )
-    });
+    if pd.ph * pd.pw == 1 {
+        // One pixel, no padding: an image's words are its channels in
+        // order, four to a word; one task per image, not per word.
+        super::for_chunks(xq, quads, |img, dst| {
+            quantize_channels(dst, &x[img * image..(img + 1) * image], w)
+        });
+    } else {
+        super::for_chunks(xq, pd.ph * pd.pw, |i, dst| {
+            let img = i / quads;
+            quantize_quad(
+                &x[img * image..(img + 1) * image],
+                i % quads,
+                dst,
+                c,
+                &pd,
+                w,
+            )
+        });
+    }
     // SAFETY: a u32 slice viewed as its bytes (any alignment, same memory).
     let xq: &[u8] = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, xq.len() * 4) };
     let img_len = words * 4;
@@ -568,22 +576,45 @@ fn quantize_quad(
     }
 }
 
+/// One value quantized as QuantizeLinear does, as its byte. Adding 1.5 *
+/// 2^23 rounds to the nearest integer (ties to even); adding the zero
+/// point after that is exact, and 2^23 leaves the byte in the low mantissa
+/// bits: no float-to-int conversion, which would not vectorize. The
+/// selects send NaN to the lower bound.
+#[inline(always)]
+fn quantize_byte(v: f32, w: &Int8Weights) -> u32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let v = v / w.in_scale;
+    let v = if v > w.in_lo { v } else { w.in_lo };
+    let v = if v < w.in_hi { v } else { w.in_hi };
+    (((v + MAGIC) - MAGIC) + w.zero as f32 + 8_388_608.0).to_bits() & 0xff
+}
+
+super::multiversion! {
+    /// One image's channel vector (a 1x1 plane) into words of four
+    /// channels, the zero point past the last channel.
+    fn quantize_channels(d: &mut [u32], xs: &[f32], w: &Int8Weights) {
+        let q = |v: f32| quantize_byte(v, w);
+        let full = (xs.len() / 4).min(d.len());
+        for (d, v) in d.iter_mut().zip(xs.chunks_exact(4)) {
+            *d = q(v[0]) | q(v[1]) << 8 | q(v[2]) << 16 | q(v[3]) << 24;
+        }
+        let z = w.zero.clamp(0, 255) as u32;
+        for (k, d) in d.iter_mut().enumerate().skip(full) {
+            let mut v = 0;
+            for b in 0..4 {
+                v |= xs.get(4 * k + b).map_or(z, |&x| q(x)) << (8 * b);
+            }
+            *d = v;
+        }
+    }
+}
+
 super::multiversion! {
     /// One run of positions: four channels' bytes into each word (`None`:
     /// a channel past the last one, holding the zero point).
     fn quantize_run(d: &mut [u32], rows: [Option<&[f32]>; 4], w: &Int8Weights) {
-        let (s, lo, hi, zero) = (w.in_scale, w.in_lo, w.in_hi, w.zero as f32);
-        // Adding 1.5 * 2^23 rounds to the nearest integer (ties to even),
-        // as QuantizeLinear does; adding the zero point after that is exact,
-        // and 2^23 leaves the byte in the low mantissa bits: no float-to-int
-        // conversion, which would not vectorize. The selects send NaN to `lo`.
-        const MAGIC: f32 = 12_582_912.0;
-        let q = |v: f32| {
-            let v = v / s;
-            let v = if v > lo { v } else { lo };
-            let v = if v < hi { v } else { hi };
-            (((v + MAGIC) - MAGIC) + zero + 8_388_608.0).to_bits() & 0xff
-        };
+        let q = |v: f32| quantize_byte(v, w);
         match rows {
             [Some(r0), Some(r1), Some(r2), Some(r3)] => {
                 for ((((d, &a), &b), &e), &f) in d.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
