@@ -421,6 +421,9 @@ fn residual_fusion_matches_reference() {
         ((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 6, 7),    // single pixel
         // Batched planes of 1, 2, 4, 8 and 16 pixels (each its own scatter).
         ((1, 1), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
+        ((1, 2), (1, 1), (1, 1), (0, 0, 0, 0), 5, 6),
+        ((2, 2), (1, 1), (1, 1), (0, 0, 0, 0), 5, 6),
+        // Unrolled: planes no larger than the window.
         ((1, 2), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
         ((2, 2), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
         ((2, 4), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
@@ -462,6 +465,51 @@ fn residual_fusion_matches_reference() {
             let mut slow = vec![0.0; len];
             conv.reference(&x, &mut slow);
             close(&fast, &slow, cin * 9).unwrap();
+        }
+    }
+}
+
+/// Planes no larger than the window run as one product with the unrolled
+/// weight matrix: 3x3 windows on 2x2 planes (ResNet-50's third stage and
+/// VGG-16's last at 32x32) and on 3x3 planes, strided, dilated, asymmetric
+/// and 5x5 windows;
+/// one image and several, past one 48-image panel and past one 256-long
+/// block of the reduction.
+#[test]
+fn unrolled_small_planes_match_reference() {
+    let cases = [
+        // (n, hw, k, stride, dilation, pad, cin, cout)
+        (1, (2, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 5, 6),
+        (7, (2, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 16, 9),
+        (50, (2, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 70, 12),
+        (3, (1, 2), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 4, 5),
+        (4, (3, 2), (3, 3), (2, 1), (1, 1), (1, 1, 1, 1), 3, 7),
+        (2, (2, 2), (3, 3), (1, 1), (2, 2), (2, 2, 2, 2), 6, 4),
+        (3, (2, 3), (5, 5), (1, 1), (1, 1), (2, 2, 2, 2), 8, 5),
+        (5, (2, 2), (3, 3), (1, 1), (1, 1), (0, 1, 2, 1), 6, 3),
+        (3, (3, 3), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 6, 5),
+    ];
+    for (n, hw, k, stride, dilation, pad, cin, cout) in cases {
+        let c = ConvCase {
+            n,
+            cin_g: cin,
+            cout_g: cout,
+            group: 1,
+            hw,
+            k,
+            stride,
+            dilation,
+            pad,
+            act: (n % 3) as u8,
+            seed: 5 + n as u64,
+        };
+        let conv = build(&c);
+        let p = conv.oh * conv.ow;
+        assert_eq!(conv.packed[0].m, cout * p, "{hw:?} {k:?}: not unrolled");
+        for threads in [1, 2] {
+            matches_reference(&conv, &conv, 3, threads);
+            let trimmed = unpacked(&c).without_dead_taps().pack();
+            matches_reference(&trimmed, &conv, 3, threads);
         }
     }
 }

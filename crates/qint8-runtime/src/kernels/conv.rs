@@ -161,6 +161,11 @@ impl Conv2d {
             // The depthwise kernels read `weight` directly.
             return self;
         }
+        if self.unrolling_pays() {
+            let (m, k) = (self.cout * self.oh * self.ow, self.cin * self.ih * self.iw);
+            self.packed = vec![PackedA::new(Arc::new(self.unrolled_weight()), m, k)];
+            return self;
+        }
         self.packed = if self.group == 1 {
             vec![PackedA::new(self.weight.clone(), cout_g, k)]
         } else {
@@ -253,6 +258,62 @@ impl Conv2d {
         }
     }
 
+    /// Whether the convolution is cheaper as one dense product of each
+    /// image's whole input with the unrolled weight matrix
+    /// ([`Conv2d::unrolled_weight`]): on planes no larger than the window
+    /// (a 3x3 window on a 2x2 plane, where im2col's columns are more than
+    /// half padding), that product does no more multiply-adds than im2col
+    /// and reads the input in place, with no gather: 3.6x faster for 48
+    /// channels on 2x2 planes, 1.4x for 64 on 3x3 (32 and 16 images, one
+    /// thread); on 4x4 planes it lost. The matrix is held to four times the
+    /// weights, or 4 MB.
+    fn unrolling_pays(&self) -> bool {
+        let (p, q, taps) = (self.oh * self.ow, self.ih * self.iw, self.kh * self.kw);
+        let dense = self.cout * self.cin * p * q;
+        self.group == 1 && p >= 2 && q <= taps && (p * q <= 4 * taps || dense <= 1 << 20)
+    }
+
+    /// Whether [`Conv2d::pack`] packed the unrolled weight matrix.
+    fn is_unrolled(&self) -> bool {
+        let p = self.oh * self.ow;
+        p >= 2 && self.packed.len() == 1 && self.packed[0].m == self.cout * p
+    }
+
+    /// The convolution as a `[cout * oh * ow, cin * ih * iw]` matrix
+    /// (rows: output channel, then position; columns: input channel, then
+    /// position) that maps one image's input to its output.
+    fn unrolled_weight(&self) -> Vec<f32> {
+        let (p, q) = (self.oh * self.ow, self.ih * self.iw);
+        let (k, taps) = (self.cin * q, self.kh * self.kw);
+        let mut w = vec![0.0f32; self.cout * p * k];
+        for co in 0..self.cout {
+            for (oy, ox) in (0..self.oh).flat_map(|oy| (0..self.ow).map(move |ox| (oy, ox))) {
+                let row = &mut w[(co * p + oy * self.ow + ox) * k..][..k];
+                for ky in 0..self.kh {
+                    let Some(iy) = (oy * self.stride.0 + ky * self.dilation.0)
+                        .checked_sub(self.pad.0)
+                        .filter(|&i| i < self.ih)
+                    else {
+                        continue;
+                    };
+                    for kx in 0..self.kw {
+                        let Some(ix) = (ox * self.stride.1 + kx * self.dilation.1)
+                            .checked_sub(self.pad.1)
+                            .filter(|&i| i < self.iw)
+                        else {
+                            continue;
+                        };
+                        for ci in 0..self.cin {
+                            row[ci * q + iy * self.iw + ix] +=
+                                self.weight[(co * self.cin + ci) * taps + ky * self.kw + kx];
+                        }
+                    }
+                }
+            }
+        }
+        w
+    }
+
     fn is_depthwise(&self) -> bool {
         self.group == self.cin && self.group == self.cout && self.group > 1
     }
@@ -284,6 +345,7 @@ impl Conv2d {
         let sw = self.stride.1;
         (sw > 1
             && self.ow >= GATHER_BELOW
+            && !self.is_unrolled()
             && !self.is_depthwise()
             && !(self.is_strided_pointwise() && self.oh * self.ow >= NR)
             && conv_source_available())
@@ -314,6 +376,14 @@ impl Conv2d {
         }
         let p = self.oh * self.ow;
         let cout_g = self.cout / self.group;
+        if self.is_unrolled() {
+            // The product `[cout * p, n]` before it is transposed.
+            return if self.n > 1 {
+                self.cout * p * self.n
+            } else {
+                0
+            };
+        }
         if self.is_strided_pointwise() && p >= NR {
             // The subsampled input.
             self.n * self.cin * p
@@ -357,6 +427,8 @@ impl Conv2d {
             int8::run(self, w, x, res, y, words, int8::Kernels::Best);
         } else if self.is_depthwise() {
             self.depthwise(x, y);
+        } else if self.is_unrolled() {
+            self.unrolled(x, res, y, scratch, threads);
         } else if self.is_pointwise()
             && self.oh * self.ow == 1
             && self.group == 1
@@ -426,6 +498,54 @@ impl Conv2d {
             } else {
                 self.per_image(src, res, y, scratch, threads);
             }
+        }
+    }
+
+    /// `Y^T = W_unrolled X^T` for the batch's `[n, cin * ih * iw]` input
+    /// `X`: the product's column `j` is image `j`'s whole output.
+    fn unrolled(
+        &self,
+        x: &[f32],
+        res: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
+        let a = &self.packed[0];
+        let (m, k, n) = (a.m, a.k, self.n);
+        let p = self.oh * self.ow;
+        let bias: Vec<f32> = self
+            .bias
+            .iter()
+            .flat_map(|&b| std::iter::repeat_n(b, p))
+            .collect();
+        let b = Mat::transposed(&x[..n * k], k);
+        if n == 1 {
+            // One image: the product's layout is the output's.
+            let epi = Epilogue {
+                bias: &bias,
+                res: res.map(|r| &r[..m]),
+                act: self.act,
+            };
+            gemm_packed(a, b, 1, &mut y[..m], 1, epi, threads);
+            return;
+        }
+        let prod = &mut scratch[..m * n];
+        let epi = Epilogue {
+            bias: &bias,
+            res: None,
+            // With a residual, the activation waits for the transpose.
+            act: if res.is_some() {
+                Activation::None
+            } else {
+                self.act
+            },
+        };
+        gemm_packed(a, b, n, prod, n, epi, threads);
+        // [m, n] -> [n, m].
+        scatter_planes::<1>(prod, y, n, m, 0);
+        if let Some(r) = res {
+            add_activate(&mut y[..n * m], &r[..n * m], self.act);
         }
     }
 

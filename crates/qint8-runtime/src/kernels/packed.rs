@@ -726,6 +726,20 @@ impl SendPtr {
 /// Packs rows `k0..k0 + kc` of columns `j0..j0 + nc` of the view `b` into
 /// `out[p * NR + j]`, zero-padding to [`NR`] columns.
 fn pack_b(b: Mat<'_>, j0: usize, nc: usize, k0: usize, kc: usize, out: &mut [f32]) {
+    if b.rs == 1 && b.cs != 1 {
+        // The transpose of a row-major matrix: column by column, so that
+        // the source is read in order.
+        for q in 0..kc {
+            out[q * NR + nc..(q + 1) * NR].fill(0.0);
+        }
+        for j in 0..nc {
+            let src = &b.data[(j0 + j) * b.cs + k0..][..kc];
+            for (q, &v) in src.iter().enumerate() {
+                out[q * NR + j] = v;
+            }
+        }
+        return;
+    }
     for (q, p) in (k0..k0 + kc).enumerate() {
         let dst = &mut out[q * NR..(q + 1) * NR];
         if b.cs == 1 {
