@@ -151,6 +151,11 @@ struct Margin {
     second: usize,
     m: f32,
     label: usize,
+    /// FP32's two-class distribution, `sigmoid(m)`, and the logarithms of
+    /// both probabilities: computed once, read by every node's outcome.
+    p: f64,
+    ln_p: f64,
+    ln_q: f64,
 }
 
 fn margin(row: &[f32], label: usize) -> Margin {
@@ -161,11 +166,16 @@ fn margin(row: &[f32], label: usize) -> Margin {
             second = c;
         }
     }
+    let m = row[top] - row[second];
+    let (ln_p, ln_q) = log_sigmoid_pair(m as f64);
     Margin {
         top,
         second,
-        m: row[top] - row[second],
+        m,
         label,
+        p: sigmoid(m as f64),
+        ln_p,
+        ln_q,
     }
 }
 
@@ -220,12 +230,14 @@ fn error_dots(q: &[f32], y: &[f32], e: Option<&[f32]>, g: &[f32]) -> (f32, f32, 
     (sum(yy, ty), sum(nn, tn), sum(gd, tg))
 }
 
-/// `ln(sigmoid(t))`, stable for large `|t|`.
-fn log_sigmoid(t: f64) -> f64 {
+/// `(ln sigmoid(t), ln sigmoid(-t))` from one exponential and one
+/// logarithm, stable for large `|t|`.
+fn log_sigmoid_pair(t: f64) -> (f64, f64) {
+    let e = (-t.abs()).exp().ln_1p();
     if t >= 0.0 {
-        -(-t).exp().ln_1p()
+        (-e, -t - e)
     } else {
-        t - t.exp().ln_1p()
+        (t - e, -e)
     }
 }
 
@@ -233,12 +245,11 @@ fn sigmoid(t: f64) -> f64 {
     1.0 / (1.0 + (-t).exp())
 }
 
-/// KL between the two-class distributions with margins `a` (reference)
-/// and `b`.
-fn kl2(a: f64, b: f64) -> f64 {
-    let p = sigmoid(a);
-    (p * (log_sigmoid(a) - log_sigmoid(b)) + (1.0 - p) * (log_sigmoid(-a) - log_sigmoid(-b)))
-        .max(0.0)
+/// KL from FP32's two-class distribution (image `a`) to the one with
+/// margin `b`.
+fn kl2(a: &Margin, b: f64) -> f64 {
+    let (ln_b, ln_not_b) = log_sigmoid_pair(b);
+    (a.p * (a.ln_p - ln_b) + (1.0 - a.p) * (a.ln_q - ln_not_b)).max(0.0)
 }
 
 /// Top-1, and SQNR, mean two-class KL and JS divergence of estimated
@@ -250,8 +261,8 @@ fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) 
         let m = mg.m as f64;
         sig += m * m;
         noise += (e - m) * (e - m);
-        kl += kl2(m, e);
-        let (p, q) = (sigmoid(m), sigmoid(e));
+        kl += kl2(mg, e);
+        let (p, q) = (mg.p, sigmoid(e));
         js.add(js_divergence(&[p, 1.0 - p], &[q, 1.0 - q]));
         correct += usize::from(pred(s, e) == mg.label);
     }
@@ -265,12 +276,32 @@ fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) 
     }
 }
 
-/// One sub-batch: its recorded tensors, inputs and labels.
+/// One sub-batch: its recorded tensors, inputs and labels. The images
+/// past the labels are padding ([`pad_batch`]): they run, but count
+/// nowhere.
 struct Part<'a> {
     rec: &'a Recording,
     x: &'a [f32],
     shape: Vec<usize>,
     labels: &'a [usize],
+}
+
+/// `x` (`[n, ...]`, `n >= 1`) followed by copies of its last image up to
+/// `batch` images.
+fn pad_batch(x: &ndarray::ArrayD<f32>, batch: usize) -> Result<ndarray::ArrayD<f32>> {
+    let data = x
+        .as_slice()
+        .ok_or_else(|| invalid("input batch is not contiguous"))?;
+    let n = x.shape().first().copied().unwrap_or(0);
+    let per = data.len() / n.max(1);
+    let mut out = Vec::with_capacity(batch * per);
+    out.extend_from_slice(data);
+    for _ in n..batch {
+        out.extend_from_within(data.len() - per..data.len());
+    }
+    let mut shape = x.shape().to_vec();
+    shape[0] = batch;
+    ndarray::ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(invalid)
 }
 
 /// What one sub-batch contributes.
@@ -364,13 +395,18 @@ impl Context<'_> {
     ) -> Result<(f64, f64)> {
         let probe = &self.probes[k];
         let (_, y) = self.value(part, &probe.output)?;
+        // Images past `d` are padding.
+        let per = y.len() / part.shape[0].max(1);
         let q = match quantized {
             Some(rec) if probe.quantized => {
                 rec.get(&probe_name(k, &probe.output))
                     .ok_or_else(|| invalid(format!("{}: no quantized output", probe.output)))?
                     .1
             }
-            _ => return Ok((dot(y, y), 0.0)),
+            _ => {
+                let y = &y[..(d.len() * per).min(y.len())];
+                return Ok((dot(y, y), 0.0));
+            }
         };
         if q.len() != y.len() || g.len() != y.len() {
             return Err(invalid(format!(
@@ -395,7 +431,6 @@ impl Context<'_> {
             }
             None => None,
         };
-        let per = y.len() / d.len().max(1);
         let (mut signal, mut noise) = (0.0f64, 0.0f64);
         for (s, ds) in d.iter_mut().enumerate() {
             let at = s * per..(s + 1) * per;
@@ -409,7 +444,8 @@ impl Context<'_> {
     }
 
     fn run(&self, part: &Part<'_>) -> Result<PartResult> {
-        let n = part.labels.len();
+        // `n` images count, of `all` that ran (the rest is padding).
+        let (n, all) = (part.labels.len(), part.shape[0]);
         let mut r = PartResult {
             margins: Vec::with_capacity(n),
             d: vec![vec![0.0; n]; self.probes.len()],
@@ -418,7 +454,7 @@ impl Context<'_> {
         };
         let logits = self.value(part, self.output)?.1;
         let classes = self.classes;
-        if logits.len() != n * classes {
+        if logits.len() != all * classes {
             return Err(invalid(format!(
                 "output {} is not [batch, {classes}]",
                 self.output
@@ -429,8 +465,9 @@ impl Context<'_> {
             .zip(part.labels)
             .map(|(row, &l)| margin(row, l))
             .collect();
-        // The gradient of every image's margin z_top - z_second.
-        let mut seed = vec![0.0f32; n * classes];
+        // The gradient of every image's margin z_top - z_second (zero for
+        // the padding).
+        let mut seed = vec![0.0f32; all * classes];
         for (s, mg) in r.margins.iter().enumerate() {
             seed[s * classes + mg.top] = 1.0;
             seed[s * classes + mg.second] = -1.0;
@@ -621,15 +658,24 @@ pub(crate) fn analyze(
         let labels = b.labels.clone().ok_or_else(|| {
             AnalysisError::Invalid("the sensitivity images have no labels".into())
         })?;
+        // A short last batch, if at least half full, is padded with copies
+        // of its last image to the full batch, so that it runs on the
+        // plans and backward convolutions prepared for the full batch
+        // instead of preparing new ones (about as long as running the
+        // padding); the padding's results are dropped below.
+        let padded = (b.len() < batch && 2 * b.len() >= batch)
+            .then(|| pad_batch(&b.inputs, batch))
+            .transpose()?;
+        let inputs = padded.as_ref().unwrap_or(&b.inputs);
         // FP32, every tensor kept, sub-batches on separate workers.
         let recs = fp32
-            .record_split(&[(input.as_str(), b.inputs.view())], workers)
+            .record_split(&[(input.as_str(), inputs.view())], workers)
             .map_err(invalid)?;
-        let x_all = b
-            .inputs
+        let x_all = inputs
             .as_slice()
             .ok_or_else(|| invalid("input batch is not contiguous"))?;
-        let per_image = x_all.len() / b.len().max(1);
+        let all = inputs.shape().first().copied().unwrap_or(0);
+        let per_image = x_all.len() / all.max(1);
         let mut parts = Vec::with_capacity(recs.len());
         let mut first = 0;
         for rec in &recs {
@@ -637,21 +683,22 @@ pub(crate) fn analyze(
                 .get(&output)
                 .and_then(|(s, _)| s.first().copied())
                 .ok_or_else(|| invalid(format!("output {output} was not produced")))?;
-            let mut shape = b.inputs.shape().to_vec();
+            let mut shape = inputs.shape().to_vec();
             shape[0] = n;
             parts.push(Part {
                 rec,
                 x: &x_all[first * per_image..(first + n) * per_image],
                 shape,
-                labels: &labels[first..first + n],
+                labels: &labels[first.min(labels.len())..(first + n).min(labels.len())],
             });
             first += n;
         }
-        if first != b.len() {
+        if first != all {
             return Err(invalid("the recorded sub-batches do not cover the batch"));
         }
         // Quantization errors and the backward pass, sub-batches in parallel.
-        // Sub-batches of one size share a plan (the last batch may differ).
+        // Sub-batches of one size share a plan (a last batch under half
+        // full is not padded and compiles its own).
         if let Some(part) = parts.first() {
             ctx.prepare(part)?;
         }

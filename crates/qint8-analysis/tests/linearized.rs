@@ -193,6 +193,45 @@ fn linearized_equals_exact_where_the_network_is_linear() {
     assert_eq!(lin.ranking(), exact.ranking());
 }
 
+/// A short last batch runs padded to the full batch (on the plans already
+/// compiled): the padding must not count anywhere.
+#[test]
+fn a_padded_last_batch_gives_the_results_of_full_batches() {
+    let model = linear_model();
+    let cal = calibrated(&model);
+    let data = images(310, 11);
+    let run = |batch| {
+        analyze(
+            &model,
+            &cal.graph,
+            &cal.plan,
+            &data,
+            Method::Linearized,
+            batch,
+            2,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    // 7 x 40 + 30 (padded to 40: on two workers, sub-batches of 20 real
+    // images and of 10 real and 10 padded) against 5 x 62.
+    let (padded, full) = (run(40), run(62));
+    assert_eq!((padded.images, full.images), (310, 310));
+    assert_eq!(padded.fp32_top1, full.fp32_top1);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
+    for (p, f) in padded.nodes.iter().zip(&full.nodes) {
+        assert_eq!(p.node, f.node);
+        for (a, b) in [(&p.alone, &f.alone), (&p.float, &f.float)] {
+            assert_eq!(a.top1, b.top1, "{}", p.node);
+            for (x, y) in [(a.js, b.js), (a.kl, b.kl), (a.sqnr_db, b.sqnr_db)] {
+                assert!(close(x, y), "{}: {x} vs {y}", p.node);
+            }
+        }
+        let (x, y) = (p.output_sqnr_db.unwrap(), f.output_sqnr_db.unwrap());
+        assert!(close(x, y), "{}: output SQNR {x} vs {y}", p.node);
+    }
+}
+
 #[test]
 fn linearized_names_operators_without_a_gradient() {
     let mut model = linear_model();
