@@ -286,23 +286,16 @@ impl Conv2d {
         let (p, q) = (self.oh * self.ow, self.ih * self.iw);
         let (k, taps) = (self.cin * q, self.kh * self.kw);
         let mut w = vec![0.0f32; self.cout * p * k];
+        let (sh, sw) = self.stride;
+        let (dh, dw) = self.dilation;
+        let (pt, pl) = self.pad;
         for co in 0..self.cout {
             for (oy, ox) in (0..self.oh).flat_map(|oy| (0..self.ow).map(move |ox| (oy, ox))) {
                 let row = &mut w[(co * p + oy * self.ow + ox) * k..][..k];
-                for ky in 0..self.kh {
-                    let Some(iy) = (oy * self.stride.0 + ky * self.dilation.0)
-                        .checked_sub(self.pad.0)
-                        .filter(|&i| i < self.ih)
-                    else {
-                        continue;
-                    };
-                    for kx in 0..self.kw {
-                        let Some(ix) = (ox * self.stride.1 + kx * self.dilation.1)
-                            .checked_sub(self.pad.1)
-                            .filter(|&i| i < self.iw)
-                        else {
-                            continue;
-                        };
+                for ky in live_taps(oy * sh, dh, pt, self.ih, self.kh) {
+                    let iy = oy * sh + ky * dh - pt;
+                    for kx in live_taps(ox * sw, dw, pl, self.iw, self.kw) {
+                        let ix = ox * sw + kx * dw - pl;
                         for ci in 0..self.cin {
                             row[ci * q + iy * self.iw + ix] +=
                                 self.weight[(co * self.cin + ci) * taps + ky * self.kw + kx];
