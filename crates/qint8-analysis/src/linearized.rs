@@ -658,12 +658,12 @@ pub(crate) fn analyze(
         let labels = b.labels.clone().ok_or_else(|| {
             AnalysisError::Invalid("the sensitivity images have no labels".into())
         })?;
-        // A short last batch, if at least half full, is padded with copies
-        // of its last image to the full batch, so that it runs on the
-        // plans and backward convolutions prepared for the full batch
-        // instead of preparing new ones (about as long as running the
-        // padding); the padding's results are dropped below.
-        let padded = (b.len() < batch && 2 * b.len() >= batch)
+        // A short last batch after full ones, if at least half full, is
+        // padded with copies of its last image to the full batch, so that
+        // it runs on the plans and backward convolutions prepared for the
+        // full batch instead of preparing new ones (about as long as
+        // running the padding); the padding's results are dropped below.
+        let padded = (b.start > 0 && b.len() < batch && 2 * b.len() >= batch)
             .then(|| pad_batch(&b.inputs, batch))
             .transpose()?;
         let inputs = padded.as_ref().unwrap_or(&b.inputs);
