@@ -153,8 +153,10 @@ impl std::ops::Deref for Conv2d {
 }
 
 impl Conv2d {
-    /// Packs the weights of every group for the GEMM paths. Must be called
-    /// (by the plan compiler) after `weight` is set and before [`Conv2d::run`].
+    /// Packs the weights of every group for the GEMM paths (on input
+    /// planes no larger than the window, the unrolled weight matrix
+    /// instead). Must be called (by the plan compiler) after `weight` is
+    /// set and before [`Conv2d::run`].
     pub fn pack(mut self) -> Self {
         let (cout_g, k) = (self.cout / self.group, self.k());
         if self.is_depthwise() {
