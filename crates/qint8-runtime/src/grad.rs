@@ -962,7 +962,12 @@ fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     if ip == 0 || op == 0 {
         return;
     }
-    if p.k == (2, 2) && p.stride == (2, 2) && p.dilation == (1, 1) && p.pad == (0, 0) {
+    // As in the forward kernel: only where every window lies inside the
+    // plane (not a last window cut by ceil_mode or end padding).
+    if (p.k, p.stride, p.dilation, p.pad) == ((2, 2), (2, 2), (1, 1), (0, 0))
+        && 2 * p.oh <= p.ih
+        && 2 * p.ow <= p.iw
+    {
         maxpool2_grad(p, x, g, gx);
         return;
     }
@@ -1010,9 +1015,9 @@ fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     }
 }
 
-/// [`maxpool_grad`] for 2x2 windows of stride 2 without padding (VGG's
-/// pools): the windows do not overlap, so each row pair is one pass of
-/// selects over the outputs, with no tap lists.
+/// [`maxpool_grad`] for 2x2 windows of stride 2 without padding, all
+/// inside the plane (VGG's pools): the windows do not overlap, so each row
+/// pair is one pass of selects over the outputs, with no tap lists.
 fn maxpool2_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     let (iw, ip, op) = (p.iw, p.ih * p.iw, p.oh * p.ow);
     for ((xs, gs), gxs) in x

@@ -648,18 +648,22 @@ proptest! {
         planes in 1usize..4,
         (ih, iw) in (2usize..12, 2usize..12),
         nan in any::<bool>(),
+        // ceil_mode (or SAME padding) on odd sizes: the last window is cut
+        // by end padding and takes the general rule.
+        ceil in any::<bool>(),
         seed in any::<u64>(),
     ) {
+        let (oh, ow) = if ceil { (ih.div_ceil(2), iw.div_ceil(2)) } else { (ih / 2, iw / 2) };
         let p = Pool2d {
             ih,
             iw,
-            oh: ih / 2,
-            ow: iw / 2,
+            oh,
+            ow,
             k: (2, 2),
             stride: (2, 2),
             dilation: (1, 1),
             pad: (0, 0),
-            pad_end: (0, 0),
+            pad_end: (2 * oh - ih, 2 * ow - iw),
             count_include_pad: false,
         };
         maxpool_matches(&p, planes, nan, seed)?;
