@@ -134,9 +134,9 @@ pub fn backward(
     Backward::new(graph, wanted, output)?.run(values, seed, visit)
 }
 
-/// Per Conv node and geometry: its input gradient as a forward convolution,
+/// Per Conv node and geometry: its input gradient as forward convolutions,
 /// or `None` where it takes [`conv_input_grad`].
-type TransposedConvs = HashMap<(usize, ConvGeom), Option<Arc<Conv2d>>>;
+type TransposedConvs = HashMap<(usize, ConvGeom), Option<Arc<InputGrad>>>;
 
 /// A backward pass from one output to a set of values, prepared once (the
 /// nodes on the way, which inputs take gradients, fused SiLU pairs) and run
@@ -176,8 +176,8 @@ impl<'g> Backward<'g> {
         })
     }
 
-    /// Node `i`'s input gradient on the forward kernels, when its
-    /// convolution has stride 1 (prepared on first use for each geometry).
+    /// Node `i`'s input gradient on the forward kernels ([`InputGrad`],
+    /// prepared on first use for each geometry).
     fn conv_grad(&self, i: usize, values: &Values<'_>, g: &[f32]) -> Result<Option<Vec<f32>>> {
         let node = &self.graph.nodes[i];
         let Op::Conv(attrs) = &node.op else {
@@ -196,7 +196,7 @@ impl<'g> Backward<'g> {
                 .map_err(|_| RuntimeError::Gradient("gradient cache poisoned".into()))?;
             cache
                 .entry((i, geom))
-                .or_insert_with(|| transposed_conv(&geom, w.data).map(Arc::new))
+                .or_insert_with(|| InputGrad::new(&geom, w.data).map(Arc::new))
                 .clone()
         };
         let Some(conv) = conv else {
@@ -206,7 +206,7 @@ impl<'g> Backward<'g> {
         // The kernels' scratch needs no clearing; this thread's is reused
         // from node to node and batch to batch.
         crate::kernels::packed::with_reused(&CONV_SCRATCH, conv.scratch_len(), |scratch| {
-            conv.run(g, &mut gx, scratch, 1)
+            conv.run(g, &mut gx, scratch)
         });
         Ok(Some(gx))
     }
@@ -1333,41 +1333,166 @@ pub fn conv_input_grad(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
     }
 }
 
-/// The input gradient of a stride-1 convolution as a forward convolution
-/// of the output gradient, so that it runs on the forward kernels (packed
-/// GEMM, whole-batch GEMMs on small planes, taps that only see padding
-/// dropped) without a col2im scatter: `gx = conv(g, W')` with
-/// `W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx]` within each group and
-/// top/left padding `dilation * (k - 1) - pad`. `None` for strided
-/// convolutions, for padding larger than the dilated kernel (the
-/// transposed padding would be negative), when `w` does not fit `geom`,
-/// and for depthwise convolutions, whose direct input-gradient kernels
-/// [`conv_input_grad`] runs measured faster (EfficientNet-B0's backward
-/// pass 0.44-0.46 s against 0.51-0.53 s through the forward kernel).
-pub fn transposed_conv(geom: &ConvGeom, w: &[f32]) -> Option<Conv2d> {
-    let c = geom;
-    let (span_h, span_w) = (c.dilation.0 * (c.kh - 1), c.dilation.1 * (c.kw - 1));
-    if c.stride != (1, 1)
-        || c.group == 0
-        || !c.cin.is_multiple_of(c.group)
-        || !c.cout.is_multiple_of(c.group)
-        || w.len() != c.cout * c.cin / c.group * c.kh * c.kw
-        || c.pad.0 > span_h
-        || c.pad.1 > span_w
-        || (c.cin == c.group && c.cout == c.group)
-    {
+/// The taps of one kernel axis that reach input positions `phase`,
+/// `phase + stride`, ... in a convolution's input gradient, and how they
+/// read the output gradient there: `(taps, dilation, pad)` such that the
+/// gradient at input position `phase + stride * a` is
+/// `sum_t w[taps[t]] * g[a + t * dilation - pad]` (taps listed from the
+/// last kernel position to the first). `None` when that would need
+/// negative padding; an empty list when no tap reaches the phase.
+fn phase_taps(
+    k: usize,
+    stride: usize,
+    dilation: usize,
+    pad: usize,
+    phase: usize,
+) -> Option<(Vec<usize>, usize, usize)> {
+    // Tap `kt` reaches input `phase + stride * a` from output
+    // `a + (phase + pad - kt * dilation) / stride` when that divides.
+    let reach = |kt: usize| (phase + pad).checked_sub(kt * dilation);
+    let taps: Vec<usize> = (0..k)
+        .rev()
+        .filter(|&kt| {
+            let off = (phase + pad) as isize - (kt * dilation) as isize;
+            off.rem_euclid(stride as isize) == 0
+        })
+        .collect();
+    let Some(&last) = taps.first() else {
+        return Some((taps, 1, 0));
+    };
+    // The last kernel position reads the earliest output; it must not
+    // lie past the phase's own position (negative padding).
+    if reach(last).is_some_and(|r| r > 0) {
         return None;
     }
-    let (cin_g, cout_g, taps) = (c.cin / c.group, c.cout / c.group, c.kh * c.kw);
-    let mut wt = vec![0.0f32; w.len()];
+    let pad = (last * dilation - pad - phase) / stride;
+    let step = match taps.get(1) {
+        Some(&next) => (last - next) * dilation / stride,
+        None => 1,
+    };
+    Some((taps, step, pad))
+}
+
+/// One phase of [`InputGrad`]: the forward convolution that gives the
+/// input gradient at rows `py, py + sy, ...` and columns `px, px + sx, ...`,
+/// or `None` where no tap reaches them (the gradient there is zero).
+#[derive(Debug)]
+struct Phase {
+    at: (usize, usize),
+    conv: Option<Conv2d>,
+}
+
+/// A convolution's input gradient as forward convolutions of the output
+/// gradient, so that it runs on the forward kernels (packed GEMM,
+/// whole-batch GEMMs on small planes, taps that only see padding dropped)
+/// without a GEMM into columns and a col2im scatter. For stride 1 it is one
+/// convolution, `gx = conv(g, W')` with `W'[ci, co, ky, kx] = W[co, ci,
+/// kh-1-ky, kw-1-kx]` within each group and top/left padding
+/// `dilation * (k - 1) - pad`. A strided convolution's gradient splits by
+/// input position modulo the stride into `sy * sx` phases, each a stride-1
+/// convolution with the taps that reach it ([`phase_taps`]), whose output
+/// is spread to its positions.
+#[derive(Debug)]
+pub struct InputGrad {
+    geom: ConvGeom,
+    phases: Vec<Phase>,
+}
+
+impl InputGrad {
+    /// `None` where a phase would need negative padding (padding larger
+    /// than the dilated kernel), when `w` does not fit `geom`, and for
+    /// depthwise convolutions, whose direct input-gradient kernels
+    /// [`conv_input_grad`] runs measured faster (EfficientNet-B0's backward
+    /// pass 0.44-0.46 s against 0.51-0.53 s through the forward kernel).
+    pub fn new(geom: &ConvGeom, w: &[f32]) -> Option<Self> {
+        let c = geom;
+        if c.group == 0
+            || c.stride.0 == 0
+            || c.stride.1 == 0
+            || !c.cin.is_multiple_of(c.group)
+            || !c.cout.is_multiple_of(c.group)
+            || w.len() != c.cout * c.cin / c.group * c.kh * c.kw
+            || (c.cin == c.group && c.cout == c.group)
+        {
+            return None;
+        }
+        let mut phases = Vec::with_capacity(c.stride.0 * c.stride.1);
+        for py in 0..c.stride.0.min(c.ih) {
+            let rows = phase_taps(c.kh, c.stride.0, c.dilation.0, c.pad.0, py)?;
+            for px in 0..c.stride.1.min(c.iw) {
+                let cols = phase_taps(c.kw, c.stride.1, c.dilation.1, c.pad.1, px)?;
+                let conv = (!rows.0.is_empty() && !cols.0.is_empty())
+                    .then(|| phase_conv(c, w, (py, px), &rows, &cols));
+                phases.push(Phase { at: (py, px), conv });
+            }
+        }
+        Some(Self {
+            geom: *geom,
+            phases,
+        })
+    }
+
+    /// The scratch [`InputGrad::run`] needs.
+    pub fn scratch_len(&self) -> usize {
+        self.phases
+            .iter()
+            .filter_map(|p| p.conv.as_ref())
+            .map(Conv2d::scratch_len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Writes the input gradient of output gradient `g` into `gx` (both
+    /// sized for the geometry it was made for), on this thread.
+    pub fn run(&self, g: &[f32], gx: &mut [f32], scratch: &mut [f32]) {
+        let c = &self.geom;
+        if c.stride == (1, 1) {
+            if let Some(conv) = self.phases.first().and_then(|p| p.conv.as_ref()) {
+                conv.run(g, gx, scratch, 1);
+                return;
+            }
+        }
+        gx.fill(0.0);
+        let mut out = Vec::new();
+        for phase in &self.phases {
+            let Some(conv) = &phase.conv else { continue };
+            let (oh, ow) = (conv.geom.oh, conv.geom.ow);
+            out.resize(c.n * c.cin * oh * ow, 0.0);
+            conv.run(g, &mut out, scratch, 1);
+            let (py, px) = phase.at;
+            for (plane, src) in gx
+                .chunks_exact_mut(c.ih * c.iw)
+                .zip(out.chunks_exact(oh * ow))
+            {
+                for (a, row) in src.chunks_exact(ow).enumerate() {
+                    let dst = &mut plane[(py + a * c.stride.0) * c.iw..][..c.iw];
+                    for (b, &v) in row.iter().enumerate() {
+                        dst[px + b * c.stride.1] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The stride-1 convolution of phase `at` of [`InputGrad`]: the output
+/// gradient convolved with the transposed weights' `rows` x `cols` taps.
+fn phase_conv(
+    c: &ConvGeom,
+    w: &[f32],
+    at: (usize, usize),
+    rows: &(Vec<usize>, usize, usize),
+    cols: &(Vec<usize>, usize, usize),
+) -> Conv2d {
+    let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
+    let (kh, kw) = (rows.0.len(), cols.0.len());
+    let mut wt = Vec::with_capacity(c.cin * cout_g * kh * kw);
     for grp in 0..c.group {
-        for co in 0..cout_g {
-            for ci in 0..cin_g {
-                let src = &w[((grp * cout_g + co) * cin_g + ci) * taps..][..taps];
-                let dst = &mut wt[((grp * cin_g + ci) * cout_g + co) * taps..][..taps];
-                // Both kernel axes reversed: the flat tap order reversed.
-                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                    *d = *s;
+        for ci in 0..cin_g {
+            for co in 0..cout_g {
+                let src = &w[((grp * cout_g + co) * cin_g + ci) * c.kh * c.kw..][..c.kh * c.kw];
+                for &ky in &rows.0 {
+                    wt.extend(cols.0.iter().map(|&kx| src[ky * c.kw + kx]));
                 }
             }
         }
@@ -1380,13 +1505,13 @@ pub fn transposed_conv(geom: &ConvGeom, w: &[f32]) -> Option<Conv2d> {
             iw: c.ow,
             cout: c.cin,
             group: c.group,
-            kh: c.kh,
-            kw: c.kw,
+            kh,
+            kw,
             stride: (1, 1),
-            dilation: c.dilation,
-            pad: (span_h - c.pad.0, span_w - c.pad.1),
-            oh: c.ih,
-            ow: c.iw,
+            dilation: (rows.1, cols.1),
+            pad: (rows.2, cols.2),
+            oh: (c.ih - at.0).div_ceil(c.stride.0),
+            ow: (c.iw - at.1).div_ceil(c.stride.1),
         },
         weight: Arc::new(wt),
         bias: vec![0.0; c.cin],
@@ -1394,7 +1519,7 @@ pub fn transposed_conv(geom: &ConvGeom, w: &[f32]) -> Option<Conv2d> {
         packed: Vec::new(),
         int8: None,
     };
-    Some(conv.without_dead_taps().pack())
+    conv.without_dead_taps().pack()
 }
 
 /// Depthwise input gradient channels-last, for narrow or strided rows:
