@@ -271,11 +271,13 @@ pub(crate) struct CompileOptions {
     pub keep_all: bool,
 }
 
-/// Compiles `g` for the given input shapes.
+/// Compiles `g` for the given input shapes; no fusion hides a value named
+/// in `visible`.
 pub(crate) fn compile(
     g: &Graph,
     input_shapes: &HashMap<String, Vec<usize>>,
     opts: CompileOptions,
+    visible: &HashSet<String>,
 ) -> Result<Plan> {
     let shapes = shape::infer(g, input_shapes)?;
     let outputs: HashSet<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
@@ -286,7 +288,11 @@ pub(crate) fn compile(
             consumers.entry(inp.as_str()).or_default().push(i);
         }
     }
-    let single_use = |v: &str| consumers.get(v).map(Vec::len) == Some(1) && !outputs.contains(v);
+    // Fusion swallows a value only where its one reader is the next step
+    // and nobody else (no graph output, no caller) needs to see it.
+    let single_use = |v: &str| {
+        consumers.get(v).map(Vec::len) == Some(1) && !outputs.contains(v) && !visible.contains(v)
+    };
     let producers: HashMap<&str, &Node> = g
         .nodes
         .iter()

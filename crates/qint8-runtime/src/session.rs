@@ -1,7 +1,7 @@
 //! Sessions: a simplified graph, a thread pool, and compiled plans cached by
 //! input shape.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -82,6 +82,8 @@ pub struct Session {
     plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
     splittable: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
     buffers: Arc<BufferPool>,
+    /// Values no fusion may hide ([`Session::keeping_visible`]).
+    visible: HashSet<String>,
 }
 
 impl std::fmt::Debug for Session {
@@ -125,7 +127,19 @@ impl Session {
             plans: Mutex::new(HashMap::new()),
             splittable: Mutex::new(HashMap::new()),
             buffers: Arc::default(),
+            visible: HashSet::new(),
         })
+    }
+
+    /// This session with `names` kept out of fusion: every one of them is
+    /// produced as a value of its own (and shown to observers) while the
+    /// rest fuses as the options say. A calibration run that observes a
+    /// few tensors then runs the fused graph instead of an unfused one.
+    /// Plans compiled before are dropped.
+    pub fn keeping_visible(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.visible = names.into_iter().collect();
+        self.plans = Mutex::new(HashMap::new());
+        self
     }
 
     /// This session, taking its run buffers (arenas and scratch) from the
@@ -210,7 +224,7 @@ impl Session {
         };
         let p = Arc::new(
             self.pool
-                .install(|| plan::compile(&self.graph, &by_name, opts))?,
+                .install(|| plan::compile(&self.graph, &by_name, opts, &self.visible))?,
         );
         self.plans
             .lock()

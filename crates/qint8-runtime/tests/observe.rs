@@ -404,3 +404,58 @@ fn wrong_input_shapes_are_reported_whole() {
         assert!(msg.contains("[6, 1, 5, 5]"), "{msg}");
     }
 }
+
+/// Fusion swallows a convolution's output (Conv + Relu, Conv + residual
+/// Add); kept visible, those outputs are shown with the values the
+/// unfused graph gives them, the others still fuse, and the run's outputs
+/// do not change.
+#[test]
+fn visible_values_survive_fusion() {
+    let model = small(ZooConfig::resnet50(), 0.125);
+    let x = images(3, 5);
+    let observe = |s: &Session| {
+        let mut seen = Seen::new();
+        let out = s
+            .run_observed(&[("input", x.view())], &mut recorder(&mut seen))
+            .unwrap();
+        (seen, out)
+    };
+    let unfused = Session::new(
+        &model,
+        SessionOptions {
+            threads: 1,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (all, reference) = observe(&unfused);
+    // Every convolution's output: fused away by default.
+    let convs: Vec<String> = unfused
+        .graph()
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, qint8_graph::Op::Conv(_)))
+        .map(|n| n.outputs[0].clone())
+        .collect();
+    let (fused_seen, fused_out) = observe(&session(&model, 1));
+    let hidden = convs
+        .iter()
+        .filter(|c| !fused_seen.contains_key(*c))
+        .count();
+    assert!(
+        hidden > convs.len() / 2,
+        "only {hidden} of {} hidden",
+        convs.len()
+    );
+    // Every other one kept visible: those are shown, the rest still fuse.
+    let (keep, rest): (Vec<_>, Vec<_>) = convs.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let kept = session(&model, 1).keeping_visible(keep.iter().map(|(_, c)| c.to_string()));
+    let (seen, out) = observe(&kept);
+    for (_, c) in &keep {
+        assert_eq!(seen.get(*c), all.get(*c), "{c}");
+    }
+    assert!(rest.iter().any(|(_, c)| !seen.contains_key(*c)));
+    assert_eq!(out, reference);
+    assert_eq!(fused_out, reference);
+}
