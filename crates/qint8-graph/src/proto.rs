@@ -210,8 +210,9 @@ pub struct TensorProto {
     pub name: String,
     #[prost(string, tag = "12")]
     pub doc_string: String,
-    #[prost(bytes = "vec", tag = "9")]
-    pub raw_data: Vec<u8>,
+    /// Shared with the decoded buffer (no copy) when decoded from `Bytes`.
+    #[prost(bytes = "bytes", tag = "9")]
+    pub raw_data: prost::bytes::Bytes,
     #[prost(message, repeated, tag = "13")]
     pub external_data: Vec<StringStringEntryProto>,
     #[prost(int32, tag = "14")]

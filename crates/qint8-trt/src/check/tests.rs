@@ -40,7 +40,7 @@ fn u8_raw(name: &str, dims: &[i64], v: &[u8]) -> TensorProto {
         name: name.into(),
         dims: dims.to_vec(),
         data_type: 2,
-        raw_data: v.to_vec(),
+        raw_data: v.to_vec().into(),
         ..Default::default()
     }
 }
