@@ -364,46 +364,7 @@ fn pow2_ceil(v: f32) -> f32 {
 
 /// Min and max of a batch, or the first non-finite value's index.
 fn batch_min_max(x: &[f32]) -> Result<(f32, f32)> {
-    // Independent lanes with compare-and-select (not f32::min, whose NaN
-    // rule keeps the loop scalar) vectorize; NaN compares false and is
-    // left out here, and caught by the bit test: |v|'s bits reach the
-    // infinity pattern only for infinities and NaN.
-    const LANES: usize = 16;
-    let mut lo = [f32::INFINITY; LANES];
-    let mut hi = [f32::NEG_INFINITY; LANES];
-    let mut bits = [0u32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    let mut fold = |k: usize, v: f32| {
-        lo[k] = if v < lo[k] { v } else { lo[k] };
-        hi[k] = if v > hi[k] { v } else { hi[k] };
-        bits[k] = bits[k].max(v.to_bits() & 0x7fff_ffff);
-    };
-    for c in chunks {
-        for (k, &v) in c.iter().enumerate() {
-            fold(k, v);
-        }
-    }
-    for (k, &v) in tail.iter().enumerate() {
-        fold(k, v);
-    }
-    let lo = lo.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-    let hi = hi.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let finite = bits.iter().all(|&b| b < 0x7f80_0000);
-    if !finite {
-        // Invariant: `finite` is false only if some element is non-finite.
-        let (index, &value) = x
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !v.is_finite())
-            .unwrap_or((0, &f32::NAN));
-        return Err(MathError::NonFiniteData {
-            what: "histogram input",
-            index,
-            value,
-        });
-    }
-    Ok((lo, hi))
+    crate::stats::lane_min_max("histogram input", x)
 }
 
 /// Values binned into the u16 sub-histograms between flushes: each gets a

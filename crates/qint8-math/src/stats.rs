@@ -18,16 +18,42 @@ pub fn min_max(x: &[f32]) -> Result<Option<(f32, f32)>> {
     if x.is_empty() {
         return Ok(None);
     }
-    let (mut lo, mut hi, mut ok) = (f32::INFINITY, f32::NEG_INFINITY, true);
-    for &v in x {
-        lo = lo.min(v);
-        hi = hi.max(v);
-        ok &= v.is_finite();
+    lane_min_max("tensor", x).map(Some)
+}
+
+/// `(min, max)` of `x` (`(inf, -inf)` when empty), or an error naming the
+/// first NaN or infinity as part of `what`.
+pub(crate) fn lane_min_max(what: &'static str, x: &[f32]) -> Result<(f32, f32)> {
+    // Independent lanes with compare-and-select (not f32::min, whose NaN
+    // rule keeps the loop scalar) vectorize; NaN compares false and is
+    // left out here, and caught by the bit test: |v|'s bits reach the
+    // infinity pattern only for infinities and NaN.
+    const LANES: usize = 16;
+    let mut lo = [f32::INFINITY; LANES];
+    let mut hi = [f32::NEG_INFINITY; LANES];
+    let mut bits = [0u32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut fold = |k: usize, v: f32| {
+        lo[k] = if v < lo[k] { v } else { lo[k] };
+        hi[k] = if v > hi[k] { v } else { hi[k] };
+        bits[k] = bits[k].max(v.to_bits() & 0x7fff_ffff);
+    };
+    for c in chunks {
+        for (k, &v) in c.iter().enumerate() {
+            fold(k, v);
+        }
     }
-    if !ok {
-        return Err(first_non_finite("tensor", x));
+    for (k, &v) in tail.iter().enumerate() {
+        fold(k, v);
     }
-    Ok(Some((lo, hi)))
+    let lo = lo.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+    let hi = hi.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let finite = bits.iter().all(|&b| b < 0x7f80_0000);
+    if !finite {
+        return Err(first_non_finite(what, x));
+    }
+    Ok((lo, hi))
 }
 
 /// Per-channel `(mins, maxs)` of a tensor of `shape` along `axis`.
