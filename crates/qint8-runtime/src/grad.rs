@@ -1390,7 +1390,7 @@ struct Phase {
 /// kh-1-ky, kw-1-kx]` within each group and top/left padding
 /// `dilation * (k - 1) - pad`. A strided convolution's gradient splits by
 /// input position modulo the stride into `sy * sx` phases, each a stride-1
-/// convolution with the taps that reach it ([`phase_taps`]), whose output
+/// convolution with the taps that reach it, whose output
 /// is spread to its positions.
 #[derive(Debug)]
 pub struct InputGrad {
