@@ -23,6 +23,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MathError, Result};
+use crate::kernels::SimdLevel;
 
 /// Default number of bins (TensorRT and modelopt use 2048).
 pub const DEFAULT_BINS: usize = 2048;
@@ -371,6 +372,8 @@ fn batch_min_max(x: &[f32]) -> Result<(f32, f32)> {
 /// quarter of them (the first also the up to 3 of the tail).
 const FLUSH: usize = 1 << 17;
 const _: () = assert!(FLUSH / 4 + 3 < u16::MAX as usize);
+// abs_bin_into's first sub-histogram also takes a tail of up to a block.
+const _: () = assert!(FLUSH / 4 + BLOCK < u16::MAX as usize);
 
 /// Truncates a bin position already clamped to `[0, last]`.
 #[inline(always)]
@@ -430,6 +433,9 @@ impl Binner {
     fn bin_into(&self, x: &[f32], counts: &mut [u64]) -> u64 {
         let n = counts.len();
         let mut clipped = 0u64;
+        if let (Binner::Abs { inv, last, hi }, true) = (*self, x.len() >= 4 * n) {
+            return abs_bin_into(x, inv, last, hi, counts, SimdLevel::active());
+        }
         if x.len() < 4 * n {
             for &v in x {
                 let (i, c) = self.index(v);
@@ -477,6 +483,89 @@ impl Binner {
         }
         clipped
     }
+}
+
+/// Values [`abs_bins`] bins at once.
+const BLOCK: usize = 64;
+
+// `abs_bins::run(level, x, inv, last, hi, idx, clipped)`: the bins of a
+// block of values for [`Binner::Abs`] (`idx[k]` = `|x[k]| * inv`, at most
+// `last`, truncated: the arithmetic of `Binner::index`), adding to
+// `clipped` how many lie above `hi`. Computed for the whole block at once,
+// so the loop vectorizes and only the counter increments stay scalar.
+crate::kernels::kernel!(abs_bins(
+    x: &[f32; BLOCK],
+    inv: f32,
+    last: f32,
+    hi: f32,
+    idx: &mut [u32; BLOCK],
+    clipped: &mut u32
+)
+    reference body(x, inv, last, hi, idx, clipped);
+{
+    let mut c = 0u32;
+    for k in 0..BLOCK {
+        let a = x[k].abs();
+        let t = a * inv;
+        // A select, not f32::min: the same result here (a NaN product
+        // also goes to `last`) and it vectorizes.
+        let t = if t < last { t } else { last };
+        // SAFETY: `t` is in [0, last] (`a >= 0`, `inv > 0`, a NaN product
+        // replaced by `last`) and `last`, a bin index, fits i32. The
+        // saturating `as` kept this loop scalar.
+        idx[k] = unsafe { t.to_int_unchecked::<i32>() } as u32;
+        c += u32::from(a > hi);
+    }
+    *clipped += c;
+});
+
+/// [`Binner::bin_into`] for [`Binner::Abs`] on at least four values per
+/// bin: bins computed a block at a time ([`abs_bins`]), counted into four
+/// interleaved u16 sub-histograms (see `bin_into`).
+fn abs_bin_into(
+    x: &[f32],
+    inv: f32,
+    last: usize,
+    hi: f32,
+    counts: &mut [u64],
+    level: SimdLevel,
+) -> u64 {
+    let n = counts.len();
+    let binner = Binner::Abs { inv, last, hi };
+    let mut clipped = 0u64;
+    let mut sub = vec![0u16; 4 * n];
+    let (s0, rest) = sub.split_at_mut(n);
+    let (s1, rest) = rest.split_at_mut(n);
+    let (s2, s3) = rest.split_at_mut(n);
+    let mut idx = [0u32; BLOCK];
+    // Flush before a counter could overflow.
+    for big in x.chunks(FLUSH) {
+        let (blocks, tail) = big.as_chunks::<BLOCK>();
+        for block in blocks {
+            let mut c = 0u32;
+            abs_bins::run(level, block, inv, last as f32, hi, &mut idx, &mut c);
+            clipped += c as u64;
+            for q in idx.chunks_exact(4) {
+                s0[q[0] as usize] += 1;
+                s1[q[1] as usize] += 1;
+                s2[q[2] as usize] += 1;
+                s3[q[3] as usize] += 1;
+            }
+        }
+        for &v in tail {
+            let (i, c) = binner.index(v);
+            s0[i] += 1;
+            clipped += c as u64;
+        }
+        for (k, c) in counts.iter_mut().enumerate() {
+            *c += s0[k] as u64 + s1[k] as u64 + s2[k] as u64 + s3[k] as u64;
+        }
+        s0.fill(0);
+        s1.fill(0);
+        s2.fill(0);
+        s3.fill(0);
+    }
+    clipped
 }
 
 /// Straightforward histogram of `|x|` over `[0, hi]`, the reference the fast
@@ -561,6 +650,63 @@ mod tests {
         assert!(Histogram::fixed_abs(8, -1.0).is_err());
         assert!(Histogram::fixed_signed(8, 1.0, -1.0).is_err());
         assert!(Histogram::fixed_abs(8, f32::NAN).is_err());
+    }
+
+    #[test]
+    fn block_binning_equals_value_by_value_binning_on_every_tier() {
+        // Values on and beside bin edges, zeros of both signs, values past
+        // the range; lengths around the block and past one flush.
+        let (bins, hi) = (2048usize, 3.0f32);
+        let inv = bins as f32 / hi;
+        let last = bins - 1;
+        let binner = Binner::Abs { inv, last, hi };
+        let value = |i: usize| -> f32 {
+            let edge = (i % 4100) as f32 / inv;
+            match i % 8 {
+                0 => edge,
+                1 => -edge,
+                2 => f32::from_bits(edge.to_bits() + 1),
+                3 => -f32::from_bits(edge.to_bits().saturating_sub(1)),
+                4 => -0.0,
+                5 => hi * 1.5,
+                6 => (i % 97) as f32 * 0.031 - 1.5,
+                _ => 0.0,
+            }
+        };
+        for len in [4 * bins, 4 * bins + 1, 4 * bins + 63, FLUSH + 4 * BLOCK + 5] {
+            let x: Vec<f32> = (0..len).map(value).collect();
+            let mut want = vec![0u64; bins];
+            let mut want_clipped = 0u64;
+            for &v in &x {
+                let (i, c) = binner.index(v);
+                want[i] += 1;
+                want_clipped += c as u64;
+            }
+            for level in SimdLevel::available() {
+                let mut got = vec![0u64; bins];
+                let clipped = abs_bin_into(&x, inv, last, hi, &mut got, level);
+                assert_eq!(got, want, "{len} {level:?}");
+                assert_eq!(clipped, want_clipped, "{len} {level:?}");
+            }
+        }
+        // A product that overflows or is NaN (a range near zero) goes to
+        // the last bin, as value by value.
+        let tiny = Binner::Abs {
+            inv: f32::INFINITY,
+            last,
+            hi: 1e-30,
+        };
+        let x = vec![0.0f32; 4 * bins];
+        let mut got = vec![0u64; bins];
+        abs_bin_into(
+            &x,
+            f32::INFINITY,
+            last,
+            1e-30,
+            &mut got,
+            SimdLevel::active(),
+        );
+        assert_eq!(got[tiny.index(0.0).0], x.len() as u64);
     }
 
     #[test]
