@@ -146,6 +146,41 @@ proptest! {
         close(&fast, &slow, conv.cin / conv.group * conv.kh * conv.kw)?;
     }
 
+    /// Stride-1 convolutions whose 16-pixel vectors the kernel reads in
+    /// place from the (padded) input: 2-, 4- and 8-wide maps, 3x3 windows
+    /// (dilated too) and pointwise ones, across images, past a 256-row
+    /// reduction block and with both thread counts (shared packing).
+    #[test]
+    fn small_map_windows_match_reference(n in 1usize..6, cin in prop_oneof![1usize..12, 28usize..36], cout in 1usize..20,
+                                         map in prop_oneof![Just((4usize, 4usize)), Just((8, 8)), Just((2, 8)), Just((8, 4)), Just((8, 2)), Just((12, 4)), Just((6, 8))],
+                                         window in 0u8..4, act in 0u8..3, threads in 1usize..3, seed in any::<u64>()) {
+        // (kernel, dilation, padding): output maps as `map` where the input is `map`.
+        let (k, dilation, pad) = [((3, 3), (1, 1), 1), ((1, 1), (1, 1), 0), ((3, 3), (2, 2), 2), ((3, 1), (1, 1), 1)][window as usize];
+        let c = ConvCase {
+            n,
+            cin_g: cin,
+            cout_g: cout,
+            group: 1,
+            hw: map,
+            k,
+            stride: (1, 1),
+            dilation,
+            pad: (pad, if k.1 == 1 { 0 } else { pad }, pad, if k.1 == 1 { 0 } else { pad }),
+            act,
+            seed,
+        };
+        let conv = build(&c);
+        prop_assert_eq!((conv.oh, conv.ow), map);
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, seed ^ 5);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+        let mut scratch = vec![0.0; conv.scratch_len()];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| conv.run(&x, &mut fast, &mut scratch, threads));
+        conv.reference(&x, &mut slow);
+        close(&fast, &slow, conv.cin * conv.kh * conv.kw)?;
+    }
+
     /// The GEMM wrapper (with transposed operands and accumulation) equals the triple loop.
     #[test]
     fn gemm_matches_reference(m in 1usize..40, n in 1usize..40, k in 0usize..70, ta in any::<bool>(), tb in any::<bool>(), acc in any::<bool>(), seed in any::<u64>()) {

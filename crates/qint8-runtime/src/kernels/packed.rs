@@ -1,7 +1,9 @@
 //! A packed SGEMM for convolution weights: `C[m x n] = A[m x k] * B[k x n]`
 //! where A (the weights) is packed once at plan time into panels of
 //! [`MR`] rows, and B (im2col columns or a 1x1 convolution's input) is packed
-//! per call into panels of [`NR`] columns. The AVX-512 microkernel keeps an
+//! per call into panels of [`NR`] columns, except where a full panel can be
+//! read where it lies (a row-major B; stride-1 windows over small maps, see
+//! `Windows`). The AVX-512 microkernel keeps an
 //! 8 x 48 tile of C in 24 registers; the reduction is blocked by `KC` (256 rows) so an
 //! A block stays in L1 while B panels stream from L2. Bias and activation
 //! are applied when a tile is written, saving a pass over C.
@@ -176,7 +178,7 @@ pub fn gemm_packed(
         return true;
     }
     // A row-major B needs no packing for full tiles: rows are read in place.
-    let direct = (b.cs == 1).then_some((SendConst(b.data.as_ptr()), b.rs));
+    let direct = (b.cs == 1).then_some(InPlace::Rows(SendConst(b.data.as_ptr()), b.rs));
     tiled(a, n, c, ldc, epi, threads, direct, |j0, nc, k0, kc, out| {
         pack_b(b, j0, nc, k0, kc, out)
     });
@@ -251,8 +253,18 @@ pub fn gemm_packed_conv(
         && (conv.oh, conv.ow) == (conv.ih, conv.iw)
         && input.phase_width.is_none();
     if pointwise {
-        // Row r of B is input channel r of every image: runs of whole planes.
-        tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+        // Row r of B is input channel r of every image: runs of whole
+        // planes, read in place where 16 divides the plane.
+        let offsets = (0..k).map(|r| r * p).collect();
+        let windows = Windows::new(
+            input.x,
+            input.img_stride,
+            (conv.oh, conv.ow),
+            conv.ow,
+            offsets,
+        );
+        let wins = windows.as_ref().map(InPlace::Windows);
+        tiled(a, n, c, ldc, epi, threads, wins, |j0, nc, k0, kc, out| {
             if p == 1 {
                 // One pixel per image: B is the images' channel vectors
                 // transposed. Read each image's channels in order (no run
@@ -305,7 +317,9 @@ pub fn gemm_packed_conv(
             ci * plane + ki * dh * pw + kj * dw
         })
         .collect();
-    with_reused(&PADDED, input.images * cin_g * plane, |padded| {
+    // 32 floats past the last plane: what a permuted window's second load
+    // may touch beyond its pixels (see `Windows`).
+    with_reused(&PADDED, input.images * cin_g * plane + 32, |padded| {
         // One memset and a copy per row: these maps are small, and per-row
         // padding writes measured about 10% slower on the ResNet-50 fixture.
         padded.fill(0.0);
@@ -320,12 +334,17 @@ pub fn gemm_packed_conv(
             }
         }
         let padded = &*padded;
+        // Stride 1: full panels read their windows in place.
+        let windows = ((sh, sw) == (1, 1))
+            .then(|| Windows::new(padded, cin_g * plane, (conv.oh, conv.ow), pw, taps.clone()))
+            .flatten();
+        let wins = windows.as_ref().map(InPlace::Windows);
         let base = |j: usize| {
             let (img, rem) = (j / p, j % p);
             let (oy, ox) = (rem / conv.ow, rem % conv.ow);
             img * cin_g * plane + oy * sh * pw + ox * sw
         };
-        tiled(a, n, c, ldc, epi, threads, None, |j0, nc, k0, kc, out| {
+        tiled(a, n, c, ldc, epi, threads, wins, |j0, nc, k0, kc, out| {
             if sw > 1 || conv.ow < 4 {
                 // Runs too short to pay for themselves: one gather per column.
                 let mut bases = [0usize; NR];
@@ -391,7 +410,7 @@ fn tiled(
     ldc: usize,
     epi: Epilogue<'_>,
     threads: usize,
-    direct: Option<(SendConst, usize)>,
+    direct: Option<InPlace<'_>>,
     pack: impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
 ) {
     let (m, k) = (a.m, a.k);
@@ -467,7 +486,7 @@ fn tiles(
     ldc: usize,
     epi: Epilogue<'_>,
     parallel: bool,
-    direct: Option<(SendConst, usize)>,
+    direct: Option<InPlace<'_>>,
     pack: &(impl Fn(usize, usize, usize, usize, &mut [f32]) + Sync),
     shared: Option<&[f32]>,
     chunk: usize,
@@ -481,21 +500,18 @@ fn tiles(
     let tasks = n_chunks * m_split;
     let b_outer = m < n && m_panels <= 16;
     let c_ptr = SendPtr(c.as_mut_ptr());
-    // Offsets of B's rows for in-place reads.
-    let offsets: Vec<usize> = direct
-        .map(|(_, rs)| (0..k).map(|p| p * rs).collect())
-        .unwrap_or_default();
+    // Offsets of a row-major B's rows for in-place reads.
+    let offsets: Vec<usize> = match direct {
+        Some(InPlace::Rows(_, rs)) => (0..k).map(|p| p * rs).collect(),
+        _ => Vec::new(),
+    };
     let run = |t: usize| {
         let (ms, jc) = (t % m_split, t / m_split);
         let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
         let jps = jc * chunk..((jc + 1) * chunk).min(n_panels);
-        // Full tiles of a row-major B read its rows in place; the rest are packed.
-        let in_place = |jp: usize| {
-            let (j0, nc) = (jp * NR, NR.min(n - jp * NR));
-            direct
-                .filter(|_| nc == NR)
-                .map(|(ptr, _)| ptr.get().wrapping_add(j0))
-        };
+        // Full tiles of an in-place source are read where they lie; the
+        // rest are packed.
+        let in_place = |jp: usize| direct.filter(|_| NR.min(n - jp * NR) == NR);
         let bp_len = if shared.is_some() {
             0
         } else {
@@ -556,13 +572,14 @@ fn tiles(
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
                         match in_place(jp) {
-                            Some(base) => {
+                            Some(InPlace::Rows(ptr, _)) => {
                                 let b = Direct {
-                                    base,
+                                    base: ptr.get().wrapping_add(j0),
                                     offsets: offsets[k0..].as_ptr(),
                                 };
                                 kernel(kc, a_blk, b, dst, k0 > 0, last)
                             }
+                            Some(InPlace::Windows(w)) => w.kernel(kc, a_blk, j0, k0, dst, last),
                             None => {
                                 let b_blk = b_block(q, jp);
                                 debug_assert!(b_blk.len() >= kc * NR);
@@ -707,6 +724,15 @@ fn zero(dst: &mut [f32]) {
     } else {
         dst.fill(0.0);
     }
+}
+
+/// Where [`tiled`] reads full B panels in place instead of packing them.
+#[derive(Clone, Copy)]
+enum InPlace<'a> {
+    /// A row-major B: its start and row stride.
+    Rows(SendConst, usize),
+    /// Feature maps read as 16-column vectors.
+    Windows(&'a Windows),
 }
 
 /// A raw pointer that may cross threads: tasks write disjoint parts of C.
@@ -889,6 +915,181 @@ unsafe impl BRows for Direct {
     }
 }
 
+/// How [`kernel_v`] reads the `V` vectors (16 columns each) of row `p` of
+/// its B tile.
+///
+/// # Safety
+/// Implementations read only memory that is valid for every `p` below the
+/// `k` the kernel is called with.
+unsafe trait BTile: Copy {
+    /// Columns `16 v .. 16 v + 16` of row `p`, for `v < V`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `p` is below the kernel's `k`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load<const V: usize>(self, p: usize) -> [std::arch::x86_64::__m512; V];
+}
+
+// SAFETY: the BRows contract makes NR >= 16 V floats readable at `row(p)`.
+unsafe impl<B: BRows> BTile for B {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load<const V: usize>(self, p: usize) -> [std::arch::x86_64::__m512; V] {
+        use std::arch::x86_64::*;
+        let row = self.row(p);
+        if B::PREFETCH_NEXT {
+            for v in 0..V {
+                // A hint only: never faults, even past the buffer.
+                // SAFETY: prefetching has no memory effects.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR + 16 * v) as *const i8) };
+            }
+        }
+        // SAFETY: the CPU has AVX-512F (the caller's contract).
+        let mut bv = [unsafe { _mm512_setzero_ps() }; V];
+        for (v, x) in bv.iter_mut().enumerate() {
+            // SAFETY: row p holds NR >= 16 V readable floats.
+            *x = unsafe { _mm512_loadu_ps(row.add(16 * v)) };
+        }
+        bv
+    }
+}
+
+/// A batch of feature maps read in place as B: column `j` is pixel
+/// `j % p` of image `j / p`, row `r` lies `offsets[r]` floats past each
+/// column's pixel, and a map's rows are `pitch` floats apart. With `p` a
+/// multiple of 16, every 16-column vector of a full panel lies in one
+/// image; where the pixels of one vector span several rows of a padded
+/// map (`pitch > ow`), one permute of two loads picks them out. This
+/// serves the convolutions on small maps (a 3x3 window over 4x4 or 8x8
+/// maps, whose B rows are runs of 4 or 8 floats) and the pointwise ones
+/// on them, whose panels otherwise cost about as much to pack as to
+/// multiply.
+struct Windows {
+    src: SendConst,
+    img_stride: usize,
+    /// Output pixels per image.
+    p: usize,
+    /// Output row width.
+    ow: usize,
+    /// Floats between a map's rows in `src`.
+    pitch: usize,
+    /// Whether a vector's pixels span rows with gaps between them.
+    permute: bool,
+    /// Row `r` of B: its offset from a column's pixel.
+    offsets: Vec<usize>,
+}
+
+impl Windows {
+    /// A batch whose vectors can be read this way: 16 | p, and where a
+    /// vector spans rows, 16 / ow whole rows within 32 floats of `src`.
+    fn new(
+        src: &[f32],
+        img_stride: usize,
+        (oh, ow): (usize, usize),
+        pitch: usize,
+        offsets: Vec<usize>,
+    ) -> Option<Windows> {
+        let p = oh * ow;
+        let permute = pitch != ow && ow % 16 != 0;
+        let fits = p % 16 == 0 && (!permute || (16 % ow == 0 && (16 / ow - 1) * pitch + ow <= 32));
+        fits.then_some(Windows {
+            src: SendConst(src.as_ptr()),
+            img_stride,
+            p,
+            ow,
+            pitch,
+            permute,
+            offsets,
+        })
+    }
+
+    /// `src` offset of column `j`'s pixel.
+    fn base(&self, j: usize) -> usize {
+        let (img, s) = (j / self.p, j % self.p);
+        img * self.img_stride + s / self.ow * self.pitch + s % self.ow
+    }
+
+    /// The microkernel on the full panel at column `j0`, rows `k0..k0 + k`.
+    ///
+    /// # Safety
+    /// AVX-512F is available; columns `j0..j0 + NR` are in the batch, and
+    /// `src` holds 32 readable floats from every column's pixel plus the
+    /// offset of each of those rows (16 without a permute).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn kernel(&self, k: usize, a: &[f32], j0: usize, k0: usize, st: Store<'_>, last: bool) {
+        const { assert!(NR == 48) };
+        let bases = [0, 1, 2].map(|v| self.src.get().wrapping_add(self.base(j0 + 16 * v)));
+        let offsets = self.offsets[k0..].as_ptr();
+        // SAFETY: forwarded (the panel is full: st.cols == NR == 3 vectors).
+        unsafe {
+            if !self.permute {
+                kernel_v::<3, _>(
+                    k,
+                    a,
+                    Window::<false> {
+                        bases,
+                        offsets,
+                        lanes: [0; 16],
+                    },
+                    st,
+                    k0 > 0,
+                    last,
+                )
+            } else {
+                let lanes =
+                    std::array::from_fn(|l| (l / self.ow * self.pitch + l % self.ow) as i32);
+                kernel_v::<3, _>(
+                    k,
+                    a,
+                    Window::<true> {
+                        bases,
+                        offsets,
+                        lanes,
+                    },
+                    st,
+                    k0 > 0,
+                    last,
+                )
+            }
+        }
+    }
+}
+
+/// One panel of [`Windows`]: vector `v` of row `r` starts at
+/// `bases[v] + offsets[r]`; with `PERMUTE`, lane `l` is float `lanes[l]`
+/// (below 32) from there.
+#[derive(Clone, Copy)]
+struct Window<const PERMUTE: bool> {
+    bases: [*const f32; 3],
+    offsets: *const usize,
+    lanes: [i32; 16],
+}
+
+// SAFETY: `Windows::kernel`'s contract: 16 (32 with PERMUTE) floats are
+// readable at every base plus every row's offset.
+unsafe impl<const PERMUTE: bool> BTile for Window<PERMUTE> {
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load<const V: usize>(self, p: usize) -> [std::arch::x86_64::__m512; V] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (see the impl).
+        unsafe {
+            let off = *self.offsets.add(p);
+            let lanes = _mm512_loadu_si512(self.lanes.as_ptr().cast());
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, x) in bv.iter_mut().enumerate() {
+                let at = self.bases[v].add(off);
+                *x = if PERMUTE {
+                    _mm512_permutex2var_ps(_mm512_loadu_ps(at), lanes, _mm512_loadu_ps(at.add(16)))
+                } else {
+                    _mm512_loadu_ps(at)
+                };
+            }
+            bv
+        }
+    }
+}
+
 /// The `rows x cols` tile of C at `c` (row stride `ldc`) a kernel call
 /// accumulates into; the last reduction block adds `bias[row]` (and the
 /// residual) and applies the activation.
@@ -914,7 +1115,7 @@ struct Store<'a> {
 /// As [`kernel`]; `V <= NR / 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn kernel_v<const V: usize, B: BRows>(
+unsafe fn kernel_v<const V: usize, B: BTile>(
     k: usize,
     a: &[f32],
     b: B,
@@ -937,23 +1138,13 @@ unsafe fn kernel_v<const V: usize, B: BRows>(
     }
     let ap = a.as_ptr();
     for p in 0..k {
-        // SAFETY: p < k, so every read is inside A's panel; `b.row(p)`
-        // points at V * 16 readable floats (the BRows contract).
+        // SAFETY: p < k, so every read is inside A's panel and row p of B
+        // is readable (the BTile contract).
         unsafe {
-            let row = b.row(p);
             if !st.next_a.is_null() {
                 _mm_prefetch::<_MM_HINT_T0>(st.next_a.wrapping_add(p * MR) as *const i8);
             }
-            if B::PREFETCH_NEXT {
-                for v in 0..V {
-                    // A hint only: never faults, even past the buffer.
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR + 16 * v) as *const i8);
-                }
-            }
-            let mut bv = [_mm512_setzero_ps(); V];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(row.add(16 * v));
-            }
+            let bv = b.load::<V>(p);
             let a_row = ap.add(p * MR);
             for (i, c) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*a_row.add(i));
