@@ -975,6 +975,8 @@ struct Windows {
     pitch: usize,
     /// Whether a vector's pixels span rows with gaps between them.
     permute: bool,
+    /// With `permute`: lane `l`'s float, counted from the vector's first.
+    lanes: [i32; 16],
     /// Row `r` of B: its offset from a column's pixel.
     offsets: Vec<usize>,
 }
@@ -999,6 +1001,7 @@ impl Windows {
             ow,
             pitch,
             permute,
+            lanes: std::array::from_fn(|l| (l / ow * pitch + l % ow) as i32),
             offsets,
         })
     }
@@ -1019,37 +1022,23 @@ impl Windows {
     unsafe fn kernel(&self, k: usize, a: &[f32], j0: usize, k0: usize, st: Store<'_>, last: bool) {
         const { assert!(NR == 48) };
         let bases = [0, 1, 2].map(|v| self.src.get().wrapping_add(self.base(j0 + 16 * v)));
-        let offsets = self.offsets[k0..].as_ptr();
+        let (offsets, lanes) = (self.offsets[k0..].as_ptr(), self.lanes);
         // SAFETY: forwarded (the panel is full: st.cols == NR == 3 vectors).
         unsafe {
-            if !self.permute {
-                kernel_v::<3, _>(
-                    k,
-                    a,
-                    Window::<false> {
-                        bases,
-                        offsets,
-                        lanes: [0; 16],
-                    },
-                    st,
-                    k0 > 0,
-                    last,
-                )
+            if self.permute {
+                let b = Window::<true> {
+                    bases,
+                    offsets,
+                    lanes,
+                };
+                kernel_v::<3, _>(k, a, b, st, k0 > 0, last)
             } else {
-                let lanes =
-                    std::array::from_fn(|l| (l / self.ow * self.pitch + l % self.ow) as i32);
-                kernel_v::<3, _>(
-                    k,
-                    a,
-                    Window::<true> {
-                        bases,
-                        offsets,
-                        lanes,
-                    },
-                    st,
-                    k0 > 0,
-                    last,
-                )
+                let b = Window::<false> {
+                    bases,
+                    offsets,
+                    lanes,
+                };
+                kernel_v::<3, _>(k, a, b, st, k0 > 0, last)
             }
         }
     }
