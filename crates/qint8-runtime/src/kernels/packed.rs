@@ -281,14 +281,20 @@ pub fn gemm_packed_conv(
                 }
                 return;
             }
+            // The panel's runs (first column, length, start in channel 0)
+            // once, not per row: small planes make many short runs.
+            let mut runs = [(0usize, 0usize, 0usize); NR];
+            let (mut nruns, mut j) = (0, 0);
+            while j < nc {
+                let (img, s) = ((j0 + j) / p, (j0 + j) % p);
+                let len = (nc - j).min(p - s);
+                runs[nruns] = (j, len, img * input.img_stride + s);
+                nruns += 1;
+                j += len;
+            }
             for (row, r) in out.chunks_exact_mut(NR).zip(k0..k0 + kc) {
-                let mut j = 0;
-                while j < nc {
-                    let (img, s) = ((j0 + j) / p, (j0 + j) % p);
-                    let len = (nc - j).min(p - s);
-                    let src = &input.x[img * input.img_stride + r * p + s..][..len];
-                    copy(&mut row[j..j + len], src);
-                    j += len;
+                for &(j, len, b) in &runs[..nruns] {
+                    copy_run(&mut row[j..j + len], &input.x[b + r * p..][..len]);
                 }
                 zero(&mut row[nc..]);
             }
