@@ -147,20 +147,22 @@ proptest! {
     }
 
     /// Stride-1 convolutions whose 16-pixel vectors the kernel reads in
-    /// place from the (padded) input: 2-, 4- and 8-wide maps, 3x3 windows
-    /// (dilated too) and pointwise ones, across images, past a 256-row
-    /// reduction block and with both thread counts (shared packing).
+    /// place from the (padded) input and, for several images, writes
+    /// straight into the output's planes with the residual and activation:
+    /// 2-, 4- and 8-wide maps, 3x3 windows (dilated too) and pointwise
+    /// ones, groups, past a 256-row reduction block and with both thread
+    /// counts (shared packing).
     #[test]
-    fn small_map_windows_match_reference(n in 1usize..6, cin in prop_oneof![1usize..12, 28usize..36], cout in 1usize..20,
+    fn small_map_windows_match_reference(n in 1usize..6, cin in prop_oneof![1usize..12, 28usize..36], cout in 1usize..20, group in 1usize..3,
                                          map in prop_oneof![Just((4usize, 4usize)), Just((8, 8)), Just((2, 8)), Just((8, 4)), Just((8, 2)), Just((12, 4)), Just((6, 8))],
-                                         window in 0u8..4, act in 0u8..3, threads in 1usize..3, seed in any::<u64>()) {
+                                         window in 0u8..4, act in 0u8..3, residual in any::<bool>(), threads in 1usize..3, seed in any::<u64>()) {
         // (kernel, dilation, padding): output maps as `map` where the input is `map`.
         let (k, dilation, pad) = [((3, 3), (1, 1), 1), ((1, 1), (1, 1), 0), ((3, 3), (2, 2), 2), ((3, 1), (1, 1), 1)][window as usize];
         let c = ConvCase {
             n,
             cin_g: cin,
             cout_g: cout,
-            group: 1,
+            group,
             hw: map,
             k,
             stride: (1, 1),
@@ -173,12 +175,19 @@ proptest! {
         prop_assert_eq!((conv.oh, conv.ow), map);
         let x = values(conv.n * conv.cin * conv.ih * conv.iw, seed ^ 5);
         let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let res = residual.then(|| values(len, seed ^ 11));
         let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
         let mut scratch = vec![0.0; conv.scratch_len()];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| conv.run(&x, &mut fast, &mut scratch, threads));
-        conv.reference(&x, &mut slow);
-        close(&fast, &slow, conv.cin * conv.kh * conv.kw)?;
+        pool.install(|| conv.run_with_residual(&x, res.as_deref(), &mut fast, &mut scratch, threads));
+        let mut plain = conv.clone();
+        plain.act = Activation::None;
+        plain.reference(&x, &mut slow);
+        let zeros = vec![0.0; len];
+        for (s, r) in slow.iter_mut().zip(res.as_deref().unwrap_or(&zeros)) {
+            *s = conv.act.apply(*s + r);
+        }
+        close(&fast, &slow, cin * conv.kh * conv.kw)?;
     }
 
     /// The GEMM wrapper (with transposed operands and accumulation) equals the triple loop.

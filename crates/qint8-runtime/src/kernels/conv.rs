@@ -11,7 +11,7 @@ use super::gemm::{sgemm, Mat};
 use super::int8::{self, InputQuant, Int8Weights};
 use super::packed::{
     conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, with_reused,
-    ConvInput, Epilogue, PackedA, DEPTHWISE, GATHER_BELOW, NR,
+    writes_images, ConvInput, Epilogue, PackedA, DEPTHWISE, GATHER_BELOW, NR,
 };
 use super::{multiversion, Activation};
 
@@ -622,6 +622,7 @@ impl Conv2d {
                         },
                         yg,
                         p,
+                        None,
                         epi,
                         threads,
                     );
@@ -681,6 +682,26 @@ impl Conv2d {
                 },
             };
             let xg = &x[g * cin_g * self.ih * rl..];
+            if !single && writes_images(self, src.phase_width) {
+                // Straight into the output's images, residual and
+                // activation included: no product buffer, no scatter.
+                let input = ConvInput {
+                    x: xg,
+                    images: self.n,
+                    img_stride: in_img,
+                    phase_width: src.phase_width,
+                };
+                let epi = Epilogue {
+                    res: res.map(|r| &r[g * cout_g * p..]),
+                    act: self.act,
+                    ..epi
+                };
+                let out = &mut y[g * cout_g * p..];
+                let images = Some(self.cout * p);
+                if gemm_packed_conv(&self.packed[g], self, input, out, p, images, epi, threads) {
+                    continue;
+                }
+            }
             let product = |out: &mut [f32], cols: &mut [f32]| {
                 if conv_source_available() {
                     let input = ConvInput {
@@ -689,7 +710,7 @@ impl Conv2d {
                         img_stride: in_img,
                         phase_width: src.phase_width,
                     };
-                    gemm_packed_conv(&self.packed[g], self, input, out, np, epi, threads);
+                    gemm_packed_conv(&self.packed[g], self, input, out, np, None, epi, threads);
                 } else {
                     // All images at once: row r of `cols` holds that row for every image.
                     im2col(self, xg, cols, np, self.n, in_img);

@@ -185,6 +185,31 @@ pub fn gemm_packed(
     true
 }
 
+/// Whether a 1x1 stride-1 convolution reads its input's planes unchanged.
+fn is_pointwise(conv: &Conv2d, phase_width: Option<usize>) -> bool {
+    (conv.kh, conv.kw, conv.stride, conv.pad) == (1, 1, (1, 1), (0, 0))
+        && (conv.oh, conv.ow) == (conv.ih, conv.iw)
+        && phase_width.is_none()
+}
+
+/// Whether [`gemm_packed_conv`] can write `conv`'s batched product straight
+/// into the output's images (its `images` argument): on the AVX-512
+/// kernel, for the products it reads in place as [`Windows`].
+pub fn writes_images(conv: &Conv2d, phase_width: Option<usize>) -> bool {
+    if !use_avx512() || conv.oh * conv.ow == 0 {
+        return false;
+    }
+    if is_pointwise(conv, phase_width) {
+        return Windows::fits(conv.oh * conv.ow, conv.ow, conv.ow);
+    }
+    if phase_width.is_some() || conv.ow >= GATHER_BELOW || conv.stride != (1, 1) {
+        return false;
+    }
+    // The padded copy's row pitch, as `gemm_packed_conv` lays it out.
+    let pw = (conv.ow - 1 + conv.dilation.1 * (conv.kw - 1) + 1).max(conv.iw + conv.pad.1);
+    Windows::fits(conv.oh * conv.ow, conv.ow, pw)
+}
+
 /// Whether the epilogue's bias and residual cover an `m x n` output.
 fn epi_fits(epi: &Epilogue<'_>, m: usize, n: usize, ldc: usize) -> bool {
     epi.bias.len() >= m && epi.res.is_none_or(|r| r.len() >= (m - 1) * ldc + n)
@@ -215,14 +240,22 @@ pub struct ConvInput<'a> {
 /// Convolution as GEMM without an im2col buffer: column `j` of B is output
 /// pixel `j` of the input's consecutive images, and each panel of B is
 /// gathered straight from the input while it is used.
+///
+/// With `images: Some(stride)`, C is the output itself (`[n, cout, p]`
+/// with images `stride` floats apart and `ldc == p`): column `j` is written
+/// at `(j / p) * stride + j % p`, with the whole epilogue, which spares the
+/// caller a scatter; only products read in place as [`Windows`] can, and
+/// others return `false` (see [`writes_images`]).
 /// Returns `false` without computing if [`conv_source_available`] is false
 /// or a buffer is too short.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_packed_conv(
     a: &PackedA,
     conv: &Conv2d,
     input: ConvInput<'_>,
     c: &mut [f32],
     ldc: usize,
+    images: Option<usize>,
     epi: Epilogue<'_>,
     threads: usize,
 ) -> bool {
@@ -243,15 +276,18 @@ pub fn gemm_packed_conv(
     if !use_avx512() || k != cin_g * conv.kh * conv.kw || input.x.len() < needed_x || !phases_fit {
         return false;
     }
+    if images.is_some() && (k == 0 || ldc != p || !writes_images(conv, input.phase_width)) {
+        return false;
+    }
     if m == 0 || n == 0 {
         return true;
     }
-    if (m - 1) * ldc + n > c.len() || !epi_fits(&epi, m, n, ldc) {
+    // Where the last column lies, one past.
+    let c_end = images.map_or(n, |stride| (input.images - 1) * stride + p);
+    if (m - 1) * ldc + c_end > c.len() || !epi_fits(&epi, m, c_end, ldc) {
         return false;
     }
-    let pointwise = (conv.kh, conv.kw, conv.stride, conv.pad) == (1, 1, (1, 1), (0, 0))
-        && (conv.oh, conv.ow) == (conv.ih, conv.iw)
-        && input.phase_width.is_none();
+    let pointwise = is_pointwise(conv, input.phase_width);
     if pointwise {
         // Row r of B is input channel r of every image: runs of whole
         // planes, read in place where 16 divides the plane.
@@ -262,6 +298,7 @@ pub fn gemm_packed_conv(
             (conv.oh, conv.ow),
             conv.ow,
             offsets,
+            images,
         );
         let wins = windows.as_ref().map(InPlace::Windows);
         tiled(a, n, c, ldc, epi, threads, wins, |j0, nc, k0, kc, out| {
@@ -342,7 +379,10 @@ pub fn gemm_packed_conv(
         let padded = &*padded;
         // Stride 1: full panels read their windows in place.
         let windows = ((sh, sw) == (1, 1))
-            .then(|| Windows::new(padded, cin_g * plane, (conv.oh, conv.ow), pw, taps.clone()))
+            .then(|| {
+                let shape = (conv.oh, conv.ow);
+                Windows::new(padded, cin_g * plane, shape, pw, taps.clone(), images)
+            })
             .flatten();
         let wins = windows.as_ref().map(InPlace::Windows);
         let base = |j: usize| {
@@ -454,7 +494,7 @@ fn tiled(
         // even when there are only a few panels.
         let fill = |jp: usize, kb: usize, piece: &mut [f32]| {
             let nc = NR.min(n - jp * NR);
-            if direct.is_none() || nc < NR {
+            if !InPlace::reads(direct, nc) {
                 pack(jp * NR, nc, kb * KC, piece.len() / NR, piece);
             }
         };
@@ -506,6 +546,11 @@ fn tiles(
     let tasks = n_chunks * m_split;
     let b_outer = m < n && m_panels <= 16;
     let c_ptr = SendPtr(c.as_mut_ptr());
+    // Where C's column j lies in its rows.
+    let out_at = |j: usize| match direct {
+        Some(InPlace::Windows(w)) => w.out_at(j),
+        _ => j,
+    };
     // Offsets of a row-major B's rows for in-place reads.
     let offsets: Vec<usize> = match direct {
         Some(InPlace::Rows(_, rs)) => (0..k).map(|p| p * rs).collect(),
@@ -517,7 +562,7 @@ fn tiles(
         let jps = jc * chunk..((jc + 1) * chunk).min(n_panels);
         // Full tiles of an in-place source are read where they lie; the
         // rest are packed.
-        let in_place = |jp: usize| direct.filter(|_| NR.min(n - jp * NR) == NR);
+        let in_place = |jp: usize| direct.filter(|_| InPlace::reads(direct, NR.min(n - jp * NR)));
         let bp_len = if shared.is_some() {
             0
         } else {
@@ -553,15 +598,18 @@ fn tiles(
                     let rows = MR.min(m - i0);
                     let a_blk = &a.panel(ip)[k0 * MR..(k0 + kc) * MR];
                     let j0 = jp * NR;
+                    let at = out_at(j0);
                     let dst = Store {
                         // SAFETY: rows i0..i0+rows <= m and columns j0..j0+nc <= n
-                        // lie inside `c` (callers checked (m-1)*ldc + n <= len);
-                        // tasks write disjoint (row, column) ranges.
-                        c: unsafe { c_ptr.get().add(i0 * ldc + j0) },
+                        // lie inside `c` (callers checked that the last
+                        // column of row m-1 does); tasks write disjoint
+                        // (row, column) ranges.
+                        c: unsafe { c_ptr.get().add(i0 * ldc + at) },
                         res: epi
                             .res
-                            .map_or(std::ptr::null(), |r| r[i0 * ldc + j0..].as_ptr()),
+                            .map_or(std::ptr::null(), |r| r[i0 * ldc + at..].as_ptr()),
                         ldc,
+                        vecs: [0, 16, 32].map(|v| out_at(j0 + v) - at),
                         rows,
                         cols: NR.min(n - j0),
                         bias: &epi.bias[i0..i0 + rows],
@@ -732,13 +780,25 @@ fn zero(dst: &mut [f32]) {
     }
 }
 
-/// Where [`tiled`] reads full B panels in place instead of packing them.
+/// Where [`tiled`] reads B panels in place instead of packing them.
 #[derive(Clone, Copy)]
 enum InPlace<'a> {
-    /// A row-major B: its start and row stride.
+    /// A row-major B (full panels): its start and row stride.
     Rows(SendConst, usize),
-    /// Feature maps read as 16-column vectors.
+    /// Feature maps read as 16-column vectors (every panel).
     Windows(&'a Windows),
+}
+
+impl InPlace<'_> {
+    /// Whether a panel of `nc` columns of `src` is read in place.
+    fn reads(src: Option<InPlace<'_>>, nc: usize) -> bool {
+        match src {
+            Some(InPlace::Rows(..)) => nc == NR,
+            // 16 divides every panel's width (16 | p).
+            Some(InPlace::Windows(_)) => true,
+            None => false,
+        }
+    }
 }
 
 /// A raw pointer that may cross threads: tasks write disjoint parts of C.
@@ -985,22 +1045,32 @@ struct Windows {
     lanes: [i32; 16],
     /// Row `r` of B: its offset from a column's pixel.
     offsets: Vec<usize>,
+    /// Where C's columns lie: with `Some(stride)`, column `j` at
+    /// `(j / p) * stride + j % p` (the output's images); else at `j`.
+    images: Option<usize>,
 }
 
 impl Windows {
-    /// A batch whose vectors can be read this way: 16 | p, and where a
-    /// vector spans rows, 16 / ow whole rows within 32 floats of `src`.
+    /// Whether maps of `p` pixels in rows of `ow`, `pitch` floats apart,
+    /// can be read this way: 16 | p, and where a vector spans rows, 16 / ow
+    /// whole rows within 32 floats.
+    fn fits(p: usize, ow: usize, pitch: usize) -> bool {
+        let permute = pitch != ow && !ow.is_multiple_of(16);
+        p.is_multiple_of(16) && (!permute || (16 % ow == 0 && (16 / ow - 1) * pitch + ow <= 32))
+    }
+
+    /// The batch's windows, if [`Windows::fits`] (C's columns as `images`).
     fn new(
         src: &[f32],
         img_stride: usize,
         (oh, ow): (usize, usize),
         pitch: usize,
         offsets: Vec<usize>,
+        images: Option<usize>,
     ) -> Option<Windows> {
         let p = oh * ow;
-        let permute = pitch != ow && ow % 16 != 0;
-        let fits = p % 16 == 0 && (!permute || (16 % ow == 0 && (16 / ow - 1) * pitch + ow <= 32));
-        fits.then_some(Windows {
+        let permute = pitch != ow && !ow.is_multiple_of(16);
+        Windows::fits(p, ow, pitch).then_some(Windows {
             src: SendConst(src.as_ptr()),
             img_stride,
             p,
@@ -1009,7 +1079,14 @@ impl Windows {
             permute,
             lanes: std::array::from_fn(|l| (l / ow * pitch + l % ow) as i32),
             offsets,
+            images,
         })
+    }
+
+    /// Where column `j` lies in C's rows.
+    fn out_at(&self, j: usize) -> usize {
+        self.images
+            .map_or(j, |stride| j / self.p * stride + j % self.p)
     }
 
     /// `src` offset of column `j`'s pixel.
@@ -1018,18 +1095,20 @@ impl Windows {
         img * self.img_stride + s / self.ow * self.pitch + s % self.ow
     }
 
-    /// The microkernel on the full panel at column `j0`, rows `k0..k0 + k`.
+    /// The microkernel on the panel at column `j0` (`st.cols`, a multiple
+    /// of 16), rows `k0..k0 + k`.
     ///
     /// # Safety
-    /// AVX-512F is available; columns `j0..j0 + NR` are in the batch, and
-    /// `src` holds 32 readable floats from every column's pixel plus the
-    /// offset of each of those rows (16 without a permute).
+    /// AVX-512F is available; columns `j0..j0 + st.cols` are in the batch,
+    /// and `src` holds 32 readable floats from every column's pixel plus
+    /// the offset of each of those rows (16 without a permute).
     #[cfg(target_arch = "x86_64")]
     unsafe fn kernel(&self, k: usize, a: &[f32], j0: usize, k0: usize, st: Store<'_>, last: bool) {
         const { assert!(NR == 48) };
         let bases = [0, 1, 2].map(|v| self.src.get().wrapping_add(self.base(j0 + 16 * v)));
         let (offsets, lanes) = (self.offsets[k0..].as_ptr(), self.lanes);
-        // SAFETY: forwarded (the panel is full: st.cols == NR == 3 vectors).
+        let acc = k0 > 0;
+        // SAFETY: forwarded; the panel is whole vectors (16 | p).
         unsafe {
             if self.permute {
                 let b = Window::<true> {
@@ -1037,14 +1116,22 @@ impl Windows {
                     offsets,
                     lanes,
                 };
-                kernel_v::<3, _>(k, a, b, st, k0 > 0, last)
+                match st.cols / 16 {
+                    1 => kernel_v::<1, _>(k, a, b, st, acc, last),
+                    2 => kernel_v::<2, _>(k, a, b, st, acc, last),
+                    _ => kernel_v::<3, _>(k, a, b, st, acc, last),
+                }
             } else {
                 let b = Window::<false> {
                     bases,
                     offsets,
                     lanes,
                 };
-                kernel_v::<3, _>(k, a, b, st, k0 > 0, last)
+                match st.cols / 16 {
+                    1 => kernel_v::<1, _>(k, a, b, st, acc, last),
+                    2 => kernel_v::<2, _>(k, a, b, st, acc, last),
+                    _ => kernel_v::<3, _>(k, a, b, st, acc, last),
+                }
             }
         }
     }
@@ -1102,6 +1189,9 @@ struct Store<'a> {
     /// the pace this call consumes its own: weights stream from memory, and
     /// the hardware prefetchers lose the stream at each new panel.
     next_a: *const f32,
+    /// Where the tile's 16-column vectors start, from `c` (and `res`):
+    /// `[0, 16, 32]` unless C's columns are an output's images.
+    vecs: [usize; 3],
 }
 
 /// The microkernel with `V` vectors of 16 columns (see [`kernel`]).
@@ -1127,7 +1217,7 @@ unsafe fn kernel_v<const V: usize, B: BTile>(
         for (i, c) in acc.iter_mut().enumerate().take(st.rows) {
             for (v, cv) in c.iter_mut().enumerate() {
                 // SAFETY: row i < rows and the masked columns lie in C.
-                *cv = unsafe { _mm512_maskz_loadu_ps(mask(v), st.c.add(i * st.ldc + 16 * v)) };
+                *cv = unsafe { _mm512_maskz_loadu_ps(mask(v), st.c.add(i * st.ldc + st.vecs[v])) };
             }
         }
     }
@@ -1153,7 +1243,7 @@ unsafe fn kernel_v<const V: usize, B: BTile>(
         for (i, c) in acc.into_iter().enumerate().take(st.rows) {
             for (v, cv) in c.into_iter().enumerate() {
                 // SAFETY: row i < rows and the masked columns lie in C.
-                unsafe { _mm512_mask_storeu_ps(st.c.add(i * st.ldc + 16 * v), mask(v), cv) };
+                unsafe { _mm512_mask_storeu_ps(st.c.add(i * st.ldc + st.vecs[v]), mask(v), cv) };
             }
         }
         return;
@@ -1176,7 +1266,7 @@ unsafe fn kernel_v<const V: usize, B: BTile>(
                 // SAFETY: the residual has C's layout; the mask keeps the
                 // load inside the tile's valid columns.
                 y = _mm512_add_ps(y, unsafe {
-                    _mm512_maskz_loadu_ps(mask, st.res.add(i * st.ldc + 16 * v))
+                    _mm512_maskz_loadu_ps(mask, st.res.add(i * st.ldc + st.vecs[v]))
                 });
             }
             if clamp {
@@ -1185,7 +1275,7 @@ unsafe fn kernel_v<const V: usize, B: BTile>(
             // SAFETY: row i < rows and the columns under the mask (< cols)
             // lie in C (see `tiled`); the mask keeps the store inside them.
             unsafe {
-                let dst = st.c.add(i * st.ldc + 16 * v);
+                let dst = st.c.add(i * st.ldc + st.vecs[v]);
                 if mask == u16::MAX {
                     _mm512_storeu_ps(dst, y);
                 } else {
@@ -1379,6 +1469,7 @@ pub fn conv_direct(
                             } else {
                                 std::ptr::null()
                             },
+                            vecs: [0, 16, 32],
                         };
                         // SAFETY: AVX-512F is available (direct_available);
                         // the largest offset plus the tile start plus NR stays
