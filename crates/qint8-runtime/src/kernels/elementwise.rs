@@ -110,6 +110,17 @@ impl Broadcast {
         off
     }
 
+    /// For two operands over `[rows, inner]`: `Some(f)` where operand `f`
+    /// runs over every element in order and the other holds one value per
+    /// row, in order (`x[N, C, H, W] * s[N, C, 1, 1]`).
+    fn row_scalars(&self) -> Option<usize> {
+        if self.dims.len() != 2 || self.strides.len() != 2 {
+            return None;
+        }
+        let inner = self.dims[1];
+        (0..2).find(|&f| self.strides[f] == [inner, 1] && self.strides[1 - f] == [1, 0])
+    }
+
     fn inner_stride(&self, k: usize) -> usize {
         *self.strides[k].last().unwrap_or(&0)
     }
@@ -120,6 +131,18 @@ pub fn binary(op: BinOp, plan: &Broadcast, a: &[f32], b: &[f32], out: &mut [f32]
     let inner = plan.inner();
     let (sa, sb) = (plan.inner_stride(0), plan.inner_stride(1));
     let rows_per_task = (GRAIN / inner.max(1)).max(1);
+    if let Some(full) = plan.row_scalars() {
+        // One value per row (a channel gate or scale): whole chunks of rows
+        // in one loop, where short rows (squeeze-and-excitation gates on
+        // small maps) made the per-row offsets and calls the main cost.
+        let (x, s) = if full == 0 { (a, b) } else { (b, a) };
+        super::for_chunks(out, inner * rows_per_task, |t, chunk| {
+            let (r0, rows) = (t * rows_per_task, chunk.len() / inner);
+            let x = &x[r0 * inner..][..chunk.len()];
+            rows_op_scalar(op, chunk, x, &s[r0..r0 + rows], inner, full == 1);
+        });
+        return;
+    }
     super::for_chunks(out, inner * rows_per_task, |t, chunk| {
         for (i, row) in chunk.chunks_mut(inner).enumerate() {
             let r = t * rows_per_task + i;
@@ -174,6 +197,37 @@ multiversion! {
                     }
                 }
             };
+        }
+        match op {
+            BinOp::Add => lp!(|p: f32, q: f32| p + q),
+            BinOp::Sub => lp!(|p: f32, q: f32| p - q),
+            BinOp::Mul => lp!(|p: f32, q: f32| p * q),
+            BinOp::Div => lp!(|p: f32, q: f32| p / q),
+            BinOp::Equal => lp!(|p: f32, q: f32| (p == q) as u8 as f32),
+        }
+    }
+}
+
+multiversion! {
+    /// Rows of `inner` values `x op s[r]` (`s[r] op x` when `swap`).
+    fn rows_op_scalar(op: BinOp, out: &mut [f32], x: &[f32], s: &[f32], inner: usize, swap: bool) {
+        macro_rules! lp {
+            ($f:expr) => {{
+                let rows = out.chunks_mut(inner).zip(x.chunks(inner)).zip(s);
+                if swap {
+                    for ((o, x), &s) in rows {
+                        for (o, &v) in o.iter_mut().zip(x) {
+                            *o = $f(s, v);
+                        }
+                    }
+                } else {
+                    for ((o, x), &s) in rows {
+                        for (o, &v) in o.iter_mut().zip(x) {
+                            *o = $f(v, s);
+                        }
+                    }
+                }
+            }};
         }
         match op {
             BinOp::Add => lp!(|p: f32, q: f32| p + q),
@@ -407,6 +461,10 @@ mod tests {
             (&[2, 3, 4, 5], &[2, 1, 4, 1]),
             (&[3, 1, 2], &[1, 4, 1]),
             (&[2, 7, 1, 1], &[2, 7, 1, 1]),
+            // One value per row, on either side, over several tasks.
+            (&[2, 3, 1, 1], &[2, 3, 2, 2]),
+            (&[8, 64, 8, 8], &[8, 64, 1, 1]),
+            (&[8, 64, 1, 1], &[8, 64, 8, 8]),
         ];
         for (sa, sb) in cases {
             let out_shape: Vec<usize> = {
