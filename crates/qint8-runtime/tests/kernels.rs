@@ -175,7 +175,8 @@ proptest! {
         prop_assert_eq!((conv.oh, conv.ow), map);
         let x = values(conv.n * conv.cin * conv.ih * conv.iw, seed ^ 5);
         let len = conv.n * conv.cout * conv.oh * conv.ow;
-        let res = residual.then(|| values(len, seed ^ 11));
+        // (A depthwise convolution, one channel per group, fuses none.)
+        let res = (residual && conv.can_fuse_residual()).then(|| values(len, seed ^ 11));
         let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
         let mut scratch = vec![0.0; conv.scratch_len()];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
