@@ -869,8 +869,7 @@ multiversion! {
     /// a vector of `c` channels for each tap that falls inside the image
     /// (on the small planes this path takes, most of a 5x5 window can lie
     /// in the padding), and the `[oh, ow, c]` result is written back
-    /// channels-first. Both reorderings store contiguously and read with a
-    /// stride: strided stores cost several times more here.
+    /// channels-first (both reorderings by [`super::transpose`]).
     fn depthwise_image_nhwc(cv: &Conv2d, x: &[f32], w_t: &[f32], y: &mut [f32], nhwc: &mut [f32], out: &mut [f32]) {
         let c = cv.cout;
         let (ih, iw, oh, ow) = (cv.ih, cv.iw, cv.oh, cv.ow);
@@ -878,11 +877,7 @@ multiversion! {
         let (dh, dw) = cv.dilation;
         let (pt, pl) = cv.pad;
         let pixels = ih * iw;
-        for (i, row) in nhwc.chunks_exact_mut(c).take(pixels).enumerate() {
-            for (ch, v) in row.iter_mut().enumerate() {
-                *v = x[ch * pixels + i];
-            }
-        }
+        super::transpose(x, c, pixels, nhwc);
         let plane = oh * ow;
         for oy in 0..oh {
             let rows = live_taps(oy * sh, dh, pt, ih, cv.kh);
@@ -925,11 +920,7 @@ multiversion! {
             Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
             Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
         }
-        for (ch, dst) in y.chunks_exact_mut(plane).take(c).enumerate() {
-            for (p, v) in dst.iter_mut().enumerate() {
-                *v = out[p * c + ch];
-            }
-        }
+        super::transpose(out, plane, c, y);
     }
 }
 
