@@ -206,30 +206,55 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 /// [`transpose`] on a given tier.
 fn transpose_on(level: SimdLevel, src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     let (src, dst) = (&src[..rows * cols], &mut dst[..rows * cols]);
+    if rows == 1 || cols == 1 {
+        // A vector: the same order either way.
+        dst.copy_from_slice(src);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    if level >= SimdLevel::Avx2 {
-        let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
-        for i in (0..r8).step_by(8) {
-            for j in (0..c8).step_by(8) {
-                // SAFETY: AVX2 is available (level <= the detected tier);
-                // rows i..i+8 and columns j..j+8 lie inside both matrices.
-                unsafe {
-                    transpose8x8(
-                        src.as_ptr().add(i * cols + j),
-                        cols,
-                        dst.as_mut_ptr().add(j * rows + i),
-                        rows,
-                    )
-                };
+    if level >= SimdLevel::Avx2 && rows.min(cols) >= 4 && rows.max(cols) >= 8 {
+        // SAFETY: AVX2 is available (level <= the detected tier); both
+        // slices hold rows * cols floats.
+        unsafe {
+            match (rows, cols) {
+                // 2x2 maps' channels (the depthwise reorderings).
+                (_, 4) => transpose_cols4(src, rows, dst),
+                (4, _) => transpose_rows4(src, cols, dst),
+                _ if rows >= 8 && cols >= 8 => transpose_avx2(src, rows, cols, dst),
+                _ => transpose_reference(src, rows, cols, dst),
             }
-        }
-        // The edges: columns past the last block, then rows past it.
-        transpose_part(src, rows, cols, dst, 0..r8, c8..cols);
-        transpose_part(src, rows, cols, dst, r8..rows, 0..cols);
+        };
         return;
     }
     let _ = level;
     transpose_reference(src, rows, cols, dst);
+}
+
+/// [`transpose`]'s 8 x 8 blocks, then its edges.
+///
+/// # Safety
+/// AVX2 is available; `src` and `dst` hold `rows * cols` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose_avx2(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for i in (0..r8).step_by(8) {
+        for j in (0..c8).step_by(8) {
+            // SAFETY: rows i..i+8 and columns j..j+8 lie inside both
+            // matrices (the caller's contract).
+            unsafe {
+                transpose8x8(
+                    src.as_ptr().add(i * cols + j),
+                    cols,
+                    dst.as_mut_ptr().add(j * rows + i),
+                    rows,
+                )
+            };
+        }
+    }
+    // The edges: columns past the last block, then rows past it.
+    transpose_part(src, rows, cols, dst, 0..r8, c8..cols);
+    transpose_part(src, rows, cols, dst, r8..rows, 0..cols);
 }
 
 /// The plain transpose [`transpose`] is tested against.
@@ -246,11 +271,88 @@ fn transpose_part(
     ri: std::ops::Range<usize>,
     ci: std::ops::Range<usize>,
 ) {
+    if ci.is_empty() {
+        return;
+    }
     for i in ri {
-        for j in ci.clone() {
-            dst[j * rows + i] = src[i * cols + j];
+        let row = &src[i * cols + ci.start..i * cols + ci.end];
+        // Column j of the row goes to dst[j * rows + i].
+        let col = dst[ci.start * rows + i..].iter_mut().step_by(rows);
+        for (d, &v) in col.zip(row) {
+            *d = v;
         }
     }
+}
+
+/// [`transpose`] of `rows x 4`: 8 rows at a time become 8 floats of each
+/// of the 4 output rows.
+///
+/// # Safety
+/// AVX2 is available; `src` and `dst` hold `rows * 4` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose_cols4(src: &[f32], rows: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let r8 = rows / 8 * 8;
+    for i in (0..r8).step_by(8) {
+        // SAFETY: rows i..i+8 of src and columns i..i+8 of each of dst's 4
+        // rows are inside the slices (the caller's contract).
+        unsafe {
+            let s = src.as_ptr().add(i * 4);
+            // Row r beside row r + 4, then 4 x 4 transposes in each half.
+            let a: [__m256; 4] = std::array::from_fn(|r| {
+                let lo = _mm256_castps128_ps256(_mm_loadu_ps(s.add(r * 4)));
+                _mm256_insertf128_ps::<1>(lo, _mm_loadu_ps(s.add((r + 4) * 4)))
+            });
+            let t0 = _mm256_unpacklo_ps(a[0], a[1]);
+            let t1 = _mm256_unpackhi_ps(a[0], a[1]);
+            let t2 = _mm256_unpacklo_ps(a[2], a[3]);
+            let t3 = _mm256_unpackhi_ps(a[2], a[3]);
+            let d = dst.as_mut_ptr().add(i);
+            _mm256_storeu_ps(d, _mm256_shuffle_ps::<0x44>(t0, t2));
+            _mm256_storeu_ps(d.add(rows), _mm256_shuffle_ps::<0xEE>(t0, t2));
+            _mm256_storeu_ps(d.add(2 * rows), _mm256_shuffle_ps::<0x44>(t1, t3));
+            _mm256_storeu_ps(d.add(3 * rows), _mm256_shuffle_ps::<0xEE>(t1, t3));
+        }
+    }
+    transpose_part(src, rows, 4, dst, r8..rows, 0..4);
+}
+
+/// [`transpose`] of `4 x cols`: 8 columns at a time become 8 output rows
+/// of 4.
+///
+/// # Safety
+/// AVX2 is available; `src` and `dst` hold `4 * cols` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose_rows4(src: &[f32], cols: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let c8 = cols / 8 * 8;
+    for j in (0..c8).step_by(8) {
+        // SAFETY: columns j..j+8 of src's 4 rows and rows j..j+8 of dst
+        // are inside the slices (the caller's contract).
+        unsafe {
+            let b: [__m256; 4] =
+                std::array::from_fn(|r| _mm256_loadu_ps(src.as_ptr().add(r * cols + j)));
+            let t0 = _mm256_unpacklo_ps(b[0], b[1]);
+            let t1 = _mm256_unpackhi_ps(b[0], b[1]);
+            let t2 = _mm256_unpacklo_ps(b[2], b[3]);
+            let t3 = _mm256_unpackhi_ps(b[2], b[3]);
+            // u[k]: output rows k (low half) and k + 4 (high half).
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+            ];
+            let d = dst.as_mut_ptr().add(j * 4);
+            for (k, v) in u.into_iter().enumerate() {
+                _mm_storeu_ps(d.add(k * 4), _mm256_castps256_ps128(v));
+                _mm_storeu_ps(d.add((k + 4) * 4), _mm256_extractf128_ps::<1>(v));
+            }
+        }
+    }
+    transpose_part(src, 4, cols, dst, 0..4, c8..cols);
 }
 
 /// One 8 x 8 block: rows `ls` floats apart at `s`, written as columns at
@@ -260,6 +362,7 @@ fn transpose_part(
 /// AVX2 is available; the 8 rows of 8 floats at `s` and at `d` are valid.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn transpose8x8(s: *const f32, ls: usize, d: *mut f32, ld: usize) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract.
@@ -313,6 +416,14 @@ mod tests {
             (1, 1),
             (0, 5),
             (96, 256),
+            // Vectors, and 4-wide either way (2x2 maps' channels).
+            (9, 1),
+            (1, 9),
+            (40, 4),
+            (4, 40),
+            (13, 4),
+            (4, 13),
+            (4, 4),
         ] {
             let src: Vec<f32> = (0..rows * cols).map(|v| v as f32 * 0.5 - 7.0).collect();
             let mut want = vec![0.0; rows * cols];
