@@ -131,6 +131,15 @@ fn histogram_add(c: &mut Criterion) {
             black_box(h.total())
         })
     });
+    // Post-ReLU values: half of them exactly zero, all in one bin.
+    let relu: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+    g.bench_function("fixed_abs_2048_relu_one_thread", |b| {
+        b.iter(|| {
+            let mut h = Histogram::fixed_abs(2048, 4.0).expect("histogram");
+            pool.install(|| h.add(black_box(&relu))).expect("add");
+            black_box(h.total())
+        })
+    });
     g.bench_function("dynamic_abs_2048_all_threads", |b| {
         b.iter(|| {
             let mut h = Histogram::dynamic_abs(2048).expect("histogram");
