@@ -149,8 +149,8 @@ pub fn binary(op: BinOp, plan: &Broadcast, a: &[f32], b: &[f32], out: &mut [f32]
             let (oa, ob) = (plan.offset(0, r), plan.offset(1, r));
             match (sa, sb) {
                 (1, 1) => row_op(op, row, &a[oa..oa + inner], &b[ob..ob + inner]),
-                (1, 0) => row_op_scalar(op, row, &a[oa..oa + inner], b[ob], false),
-                (0, 1) => row_op_scalar(op, row, &b[ob..ob + inner], a[oa], true),
+                (1, 0) => rows_op_scalar(op, row, &a[oa..oa + inner], &[b[ob]], inner, false),
+                (0, 1) => rows_op_scalar(op, row, &b[ob..ob + inner], &[a[oa]], inner, true),
                 _ => {
                     for (j, o) in row.iter_mut().enumerate() {
                         *o = op.apply(a[oa + j * sa], b[ob + j * sb]);
@@ -183,34 +183,11 @@ multiversion! {
 }
 
 multiversion! {
-    /// One row of `x op s` (or `s op x` when `swap`) with a scalar operand.
-    fn row_op_scalar(op: BinOp, out: &mut [f32], x: &[f32], s: f32, swap: bool) {
-        macro_rules! lp {
-            ($f:expr) => {
-                if swap {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        *o = $f(s, v);
-                    }
-                } else {
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        *o = $f(v, s);
-                    }
-                }
-            };
-        }
-        match op {
-            BinOp::Add => lp!(|p: f32, q: f32| p + q),
-            BinOp::Sub => lp!(|p: f32, q: f32| p - q),
-            BinOp::Mul => lp!(|p: f32, q: f32| p * q),
-            BinOp::Div => lp!(|p: f32, q: f32| p / q),
-            BinOp::Equal => lp!(|p: f32, q: f32| (p == q) as u8 as f32),
-        }
-    }
-}
-
-multiversion! {
-    /// Rows of `inner` values `x op s[r]` (`s[r] op x` when `swap`).
+    /// Rows of `inner` values `x op s[r]` (`s[r] op x` when `swap`); with
+    /// one value in `s`, one row of `x op s`.
     fn rows_op_scalar(op: BinOp, out: &mut [f32], x: &[f32], s: &[f32], inner: usize, swap: bool) {
+        // (An empty row only comes with an empty output.)
+        let inner = inner.max(1);
         macro_rules! lp {
             ($f:expr) => {{
                 let rows = out.chunks_mut(inner).zip(x.chunks(inner)).zip(s);

@@ -884,11 +884,7 @@ unsafe fn kernel<B: BRows>(
     unsafe {
         if wide > 0 {
             let part = Store { cols: wide, ..dst };
-            match wide.div_ceil(16) {
-                1 => kernel_v::<1, _>(k, a, b, part, accumulate, last),
-                2 => kernel_v::<2, _>(k, a, b, part, accumulate, last),
-                _ => kernel_v::<3, _>(k, a, b, part, accumulate, last),
-            }
+            kernel_vectors(k, a, b, part, accumulate, last);
         }
         if tail > 0 {
             let part = Store {
@@ -1116,23 +1112,40 @@ impl Windows {
                     offsets,
                     lanes,
                 };
-                match st.cols / 16 {
-                    1 => kernel_v::<1, _>(k, a, b, st, acc, last),
-                    2 => kernel_v::<2, _>(k, a, b, st, acc, last),
-                    _ => kernel_v::<3, _>(k, a, b, st, acc, last),
-                }
+                kernel_vectors(k, a, b, st, acc, last)
             } else {
                 let b = Window::<false> {
                     bases,
                     offsets,
                     lanes,
                 };
-                match st.cols / 16 {
-                    1 => kernel_v::<1, _>(k, a, b, st, acc, last),
-                    2 => kernel_v::<2, _>(k, a, b, st, acc, last),
-                    _ => kernel_v::<3, _>(k, a, b, st, acc, last),
-                }
+                kernel_vectors(k, a, b, st, acc, last)
             }
+        }
+    }
+}
+
+/// [`kernel_v`] with as many vectors as the tile's columns need (at most
+/// [`NR`] columns; the last vector masked where they end inside it).
+///
+/// # Safety
+/// As [`kernel_v`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn kernel_vectors<B: BTile>(
+    k: usize,
+    a: &[f32],
+    b: B,
+    st: Store<'_>,
+    accumulate: bool,
+    last: bool,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match st.cols.div_ceil(16) {
+            1 => kernel_v::<1, _>(k, a, b, st, accumulate, last),
+            2 => kernel_v::<2, _>(k, a, b, st, accumulate, last),
+            _ => kernel_v::<3, _>(k, a, b, st, accumulate, last),
         }
     }
 }
