@@ -913,6 +913,17 @@ fn binary_grad(
                 });
                 return (ga, gb);
             }
+            // A product is symmetric: a gate on the left (`scale * x`, as
+            // torchvision's squeeze-and-excitation writes it) takes the
+            // path below with the operands swapped.
+            if matches!(op, Op::Mul)
+                && b.data.len() == g.len()
+                && a.data.len() != g.len()
+                && trailing_broadcast(out, a.shape).is_some()
+            {
+                let (gb, ga) = binary_grad(op, b, a, out, g, need_b, need_a);
+                return (ga, gb);
+            }
             // One operand constant over trailing axes (a gate [N, C, 1, 1]
             // on [N, C, H, W]): per block, a scaled copy and a dot product.
             if a.data.len() == g.len() {

@@ -430,6 +430,11 @@ fn broadcast_product_gradients_match_the_general_path() {
     });
     let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
     assert!(close(&ga.unwrap(), &ra) && close(&gb.unwrap(), &rb));
+    // The gate on the left (`scale * x`): the same gradients, swapped.
+    let (gs, gx) = binary_grad(&Op::Mul, vb, va, &out, &g, true, true);
+    assert!(close(&gx.unwrap(), &ra) && close(&gs.unwrap(), &rb));
+    let (gs, gx) = binary_grad(&Op::Mul, vb, va, &out, &g, false, true);
+    assert!(gs.is_none() && close(&gx.unwrap(), &ra));
     // Division takes the same path.
     let (ga, gb) = binary_grad(&Op::Div, va, vb, &out, &g, true, true);
     for_each_bcast(&out, &sa, &sb, |o, ia, ib| {
