@@ -1546,12 +1546,7 @@ fn depthwise_nhwc(c: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
     }
     let (mut gt, mut xt) = (vec![0.0f32; op * ch], vec![0.0f32; ip * ch]);
     for img in 0..c.n {
-        let gi = &g[img * ch * op..][..ch * op];
-        for k in 0..ch {
-            for p in 0..op {
-                gt[p * ch + k] = gi[k * op + p];
-            }
-        }
+        crate::kernels::transpose(&g[img * ch * op..][..ch * op], ch, op, &mut gt);
         xt.fill(0.0);
         for ky in 0..c.kh {
             let (ylo, yhi) = c.oy_range(ky);
@@ -1571,12 +1566,7 @@ fn depthwise_nhwc(c: &ConvGeom, w: &[f32], g: &[f32], gx: &mut [f32]) {
                 }
             }
         }
-        let xi = &mut gx[img * ch * ip..][..ch * ip];
-        for k in 0..ch {
-            for p in 0..ip {
-                xi[k * ip + p] = xt[p * ch + k];
-            }
-        }
+        crate::kernels::transpose(&xt, ip, ch, &mut gx[img * ch * ip..][..ch * ip]);
     }
 }
 
