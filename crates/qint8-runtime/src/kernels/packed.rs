@@ -300,6 +300,10 @@ pub fn gemm_packed_conv(
             offsets,
             images,
         );
+        if images.is_some() && windows.is_none() {
+            // (`writes_images` said otherwise: C's layout needs windows.)
+            return false;
+        }
         let wins = windows.as_ref().map(InPlace::Windows);
         tiled(a, n, c, ldc, epi, threads, wins, |j0, nc, k0, kc, out| {
             if p == 1 {
@@ -360,6 +364,10 @@ pub fn gemm_packed_conv(
             ci * plane + ki * dh * pw + kj * dw
         })
         .collect();
+    if images.is_some() && !((sh, sw) == (1, 1) && Windows::fits(p, conv.ow, pw)) {
+        // (`writes_images` said otherwise: C's layout needs windows.)
+        return false;
+    }
     // 32 floats past the last plane: what a permuted window's second load
     // may touch beyond its pixels (see `Windows`).
     with_reused(&PADDED, input.images * cin_g * plane + 32, |padded| {
@@ -377,7 +385,7 @@ pub fn gemm_packed_conv(
             }
         }
         let padded = &*padded;
-        // Stride 1: full panels read their windows in place.
+        // Stride 1: panels read their windows in place.
         let windows = ((sh, sw) == (1, 1))
             .then(|| {
                 let shape = (conv.oh, conv.ow);
@@ -560,8 +568,8 @@ fn tiles(
         let (ms, jc) = (t % m_split, t / m_split);
         let ips = ms * m_per..((ms + 1) * m_per).min(m_panels);
         let jps = jc * chunk..((jc + 1) * chunk).min(n_panels);
-        // Full tiles of an in-place source are read where they lie; the
-        // rest are packed.
+        // Panels an in-place source covers are read where they lie (see
+        // `InPlace::reads`); the rest are packed.
         let in_place = |jp: usize| direct.filter(|_| InPlace::reads(direct, NR.min(n - jp * NR)));
         let bp_len = if shared.is_some() {
             0
@@ -1019,7 +1027,7 @@ unsafe impl<B: BRows> BTile for B {
 /// A batch of feature maps read in place as B: column `j` is pixel
 /// `j % p` of image `j / p`, row `r` lies `offsets[r]` floats past each
 /// column's pixel, and a map's rows are `pitch` floats apart. With `p` a
-/// multiple of 16, every 16-column vector of a full panel lies in one
+/// multiple of 16, every 16-column vector of every panel lies in one
 /// image; where the pixels of one vector span several rows of a padded
 /// map (`pitch > ow`), one permute of two loads picks them out. This
 /// serves the convolutions on small maps (a 3x3 window over 4x4 or 8x8
