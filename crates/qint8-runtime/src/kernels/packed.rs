@@ -194,7 +194,9 @@ fn is_pointwise(conv: &Conv2d, phase_width: Option<usize>) -> bool {
 
 /// Whether [`gemm_packed_conv`] can write `conv`'s batched product straight
 /// into the output's images (its `images` argument): on the AVX-512
-/// kernel, for the products it reads in place as [`Windows`].
+/// kernel, for the products whose 16-pixel vectors it reads in place
+/// (stride 1 and planes a multiple of 16 pixels: pointwise convolutions,
+/// and windows over maps 2, 4 or 8 pixels wide).
 pub fn writes_images(conv: &Conv2d, phase_width: Option<usize>) -> bool {
     if !use_avx512() || conv.oh * conv.ow == 0 {
         return false;
@@ -244,8 +246,8 @@ pub struct ConvInput<'a> {
 /// With `images: Some(stride)`, C is the output itself (`[n, cout, p]`
 /// with images `stride` floats apart and `ldc == p`): column `j` is written
 /// at `(j / p) * stride + j % p`, with the whole epilogue, which spares the
-/// caller a scatter; only products read in place as [`Windows`] can, and
-/// others return `false` (see [`writes_images`]).
+/// caller a scatter; only the products [`writes_images`] names can, and
+/// others return `false`.
 /// Returns `false` without computing if [`conv_source_available`] is false
 /// or a buffer is too short.
 #[allow(clippy::too_many_arguments)]
