@@ -498,7 +498,9 @@ fn tiled(
     };
     // When tasks split A, pack B once for all of them (in parallel by panel)
     // instead of once per task.
-    let shared_len = if m_split > 1 { n_panels * k * NR } else { 0 };
+    // (Windows read every panel in place: nothing to pack or share.)
+    let share = m_split > 1 && !matches!(direct, Some(InPlace::Windows(_)));
+    let shared_len = if share { n_panels * k * NR } else { 0 };
     with_reused(&SHARED_B, shared_len, |all| {
         // Pieces of KC rows of one panel, so both threads share the packing
         // even when there are only a few panels.
@@ -525,7 +527,7 @@ fn tiled(
                 }
             }
         }
-        let shared = (m_split > 1).then_some(&*all);
+        let shared = share.then_some(&*all);
         tiles(
             a, n, c, ldc, epi, parallel, direct, &pack, shared, chunk, m_split,
         );
@@ -573,7 +575,7 @@ fn tiles(
         // Panels an in-place source covers are read where they lie (see
         // `InPlace::reads`); the rest are packed.
         let in_place = |jp: usize| direct.filter(|_| InPlace::reads(direct, NR.min(n - jp * NR)));
-        let bp_len = if shared.is_some() {
+        let bp_len = if shared.is_some() || matches!(direct, Some(InPlace::Windows(_))) {
             0
         } else {
             jps.len() * KC.min(k) * NR
