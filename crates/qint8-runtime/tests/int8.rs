@@ -215,6 +215,32 @@ proptest! {
     }
 }
 
+/// 1x1 convolutions with stride 1 and no padding on planes of 16 or more
+/// positions: the integer kernel's pointwise path (positions in the
+/// vector lanes), with position tails inside a vector and channel counts
+/// off multiples of its 8-channel tiles and 32-channel blocks.
+fn pointwise_case() -> impl Strategy<Value = Case> {
+    (case(), (4usize..21, 4usize..21), 1usize..90).prop_map(|(c, hw, cout)| Case {
+        hw,
+        cout,
+        k: (1, 1),
+        stride: (1, 1),
+        pad: (0, 0, 0, 0),
+        ..c
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// The pointwise path equals the scalar reference bit for bit and the
+    /// float convolution up to rounding.
+    #[test]
+    fn pointwise_int8_conv_matches_float(c in pointwise_case()) {
+        matches_float(&c)?;
+    }
+}
+
 /// The body of `int8_conv_matches_float_on_dequantized_values`.
 fn matches_float(c: &Case) -> Result<(), TestCaseError> {
     note_if_emulated();

@@ -210,6 +210,13 @@ pub fn run(
         super::for_chunks(xq, quads, |img, dst| {
             quantize_channels(dst, &x[img * image..(img + 1) * image], w)
         });
+    } else if let Some(table) = fast.then(|| SmallPlanes::new(c, &pd)).flatten() {
+        // Small planes: one task per image, each four-channel plane
+        // quantized and placed in a few vector instructions.
+        super::for_chunks(xq, quads * pd.ph * pd.pw, |img, dst| {
+            // SAFETY: `SmallPlanes::new` checked the CPU and the sizes.
+            unsafe { table.quantize(&x[img * image..(img + 1) * image], dst, c.cin, w) }
+        });
     } else {
         super::for_chunks(xq, pd.ph * pd.pw, |i, dst| {
             let img = i / quads;
@@ -225,6 +232,27 @@ pub fn run(
     }
     // SAFETY: a u32 slice viewed as its bytes (any alignment, same memory).
     let xq: &[u8] = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, xq.len() * 4) };
+    #[cfg(target_arch = "x86_64")]
+    if fast && pointwise(c) {
+        let (blocks, spans) = (c.cout.div_ceil(MC), p.div_ceil(PW_SPAN));
+        let out = OutPtr(y.as_mut_ptr());
+        let task = |t: usize| {
+            let (img, b, s) = (t / (blocks * spans), t / spans % blocks, t % spans);
+            let span = s * PW_SPAN..((s + 1) * PW_SPAN).min(p);
+            // SAFETY: `fast` only where `available()`; the image's
+            // quantized planes, its output and residual channels lie
+            // within the buffers checked above, and this task alone
+            // writes channels of block `b` at positions `span` of `img`.
+            unsafe { pointwise_vnni(c, w, &xq[img * words * 4..], res, out, img, b, span) }
+        };
+        let tasks = c.n * blocks * spans;
+        if super::is_sequential() || tasks == 1 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+        return;
+    }
     let img_len = words * 4;
     // Offset of each 4-byte group from its window's first byte.
     let tap: Vec<usize> = (0..w.kq)
@@ -369,24 +397,8 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
             a = j;
         }
     }
-    let (lo, hi) = match c.act {
-        super::Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
-        super::Activation::Relu => (0.0, f32::INFINITY),
-        super::Activation::Clip(lo, hi) => (lo, hi),
-    };
-    // As `Activation::apply`: compare-and-select keeps NaN.
-    let act = |v: __m512| {
-        let v = _mm512_mask_blend_ps(
-            _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(lo)),
-            v,
-            _mm512_set1_ps(lo),
-        );
-        _mm512_mask_blend_ps(
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(hi)),
-            v,
-            _mm512_set1_ps(hi),
-        )
-    };
+    let (lo, hi) = act_bounds(c.act);
+    let act = |v: __m512| clamp_vec(v, lo, hi);
     let n = channels.len();
     for h in 0..n.div_ceil(16) {
         let c0 = channels.start + 16 * h;
@@ -403,6 +415,32 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
                 _mm512_maskz_loadu_ps(m, c.bias.as_ptr().add(c0)),
             )
         };
+        if p == 1 {
+            // One pixel per plane: a position's channels lie side by side
+            // in the output, so each row is stored as it is (a transpose
+            // would leave one-lane runs: a store per channel and position).
+            for (j, &at) in col_at.iter().enumerate().take(cols) {
+                let at = at + c0;
+                // SAFETY: 16 lanes at acc[j * MC + 16h ..] lie within
+                // PT * MC; output and residual lanes are masked to
+                // channels < cout of this position, which only this task
+                // writes.
+                unsafe {
+                    let a = _mm512_loadu_epi32(acc.as_ptr().add(j * MC + 16 * h));
+                    let f =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)), scale, bias);
+                    let v = match res {
+                        Some(r) => act(_mm512_add_ps(
+                            f,
+                            _mm512_maskz_loadu_ps(m, r.as_ptr().add(at)),
+                        )),
+                        None => act(f),
+                    };
+                    _mm512_mask_storeu_ps(out.0.add(at), m, v);
+                }
+            }
+            continue;
+        }
         let rows: [__m512; 16] = std::array::from_fn(|j| {
             if j >= PT {
                 return _mm512_setzero_ps();
@@ -435,6 +473,144 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
                         None => v,
                     };
                     _mm512_mask_storeu_ps(out.0.add(at), mask, v);
+                }
+            }
+        }
+    }
+}
+
+/// The bounds an activation clamps to (infinite where it does not).
+fn act_bounds(act: super::Activation) -> (f32, f32) {
+    match act {
+        super::Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        super::Activation::Relu => (0.0, f32::INFINITY),
+        super::Activation::Clip(lo, hi) => (lo, hi),
+    }
+}
+
+/// `v` clamped to `[lo, hi]` as `Activation::apply` does it: compare and
+/// select, which keeps NaN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn clamp_vec(v: std::arch::x86_64::__m512, lo: f32, hi: f32) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let v = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(lo)),
+        v,
+        _mm512_set1_ps(lo),
+    );
+    _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(hi)),
+        v,
+        _mm512_set1_ps(hi),
+    )
+}
+
+/// Output channels of a pointwise tile: a quarter of a weight block.
+const PW_MR: usize = 8;
+/// 16-position vectors of a pointwise tile.
+const PW_NV: usize = 2;
+/// Positions of one image per pointwise task.
+const PW_SPAN: usize = 256;
+
+/// Whether [`run`] takes the pointwise path for `c`: a 1x1 convolution
+/// with stride 1 and no padding, whose quantized input is then
+/// `[n][cin4 / 4][p]` words with no gaps, so that 16 consecutive positions
+/// of four channels are one vector, on planes of at least 16 positions.
+/// The positions run along the vector lanes and each weight group is
+/// broadcast, so a lane's result goes straight to its place in the output
+/// plane: no transpose (the general tile keeps channels in the lanes).
+fn pointwise(c: &Conv2d) -> bool {
+    c.kh == 1
+        && c.kw == 1
+        && c.stride == (1, 1)
+        && c.pad == (0, 0)
+        && (c.oh, c.ow) == (c.ih, c.iw)
+        && c.oh * c.ow >= 16
+}
+
+/// The pointwise path for one image, one block of [`MC`] output channels
+/// and a span of its positions: `x` starts at the image's quantized
+/// planes. Sums and epilogue are those of [`tile_reference`] and
+/// [`store_tile`] (the same bits).
+///
+/// # Safety
+/// The CPU has AVX-512 VNNI; `x` holds the image's `kq * p` words; `out`
+/// (and `res`) hold the whole output; no other thread writes these
+/// channels at these positions.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pointwise_vnni(
+    c: &Conv2d,
+    w: &Int8Weights,
+    x: &[u8],
+    res: Option<&[f32]>,
+    out: OutPtr,
+    img: usize,
+    b: usize,
+    span: std::ops::Range<usize>,
+) {
+    use std::arch::x86_64::*;
+    let (p, kq) = (c.oh * c.ow, w.kq);
+    let block = &w.packed[b * kq * MC * 4..(b + 1) * kq * MC * 4];
+    let (lo, hi) = act_bounds(c.act);
+    for r0 in (0..MC).step_by(PW_MR) {
+        let co0 = b * MC + r0;
+        if co0 >= c.cout {
+            break;
+        }
+        let rows = (c.cout - co0).min(PW_MR);
+        for j in span.clone().step_by(16 * PW_NV) {
+            let masks: [__mmask16; PW_NV] = std::array::from_fn(|v| {
+                let left = span.end.saturating_sub(j + 16 * v).min(16);
+                ((1u32 << left) - 1) as u16
+            });
+            let mut acc = [[_mm512_setzero_si512(); PW_NV]; PW_MR];
+            for q in 0..kq {
+                // SAFETY: masked loads read positions < p of plane q < kq
+                // of this image; the weight group lies in the block.
+                unsafe {
+                    let row = x.as_ptr().add((q * p + j) * 4) as *const i32;
+                    let xs: [__m512i; PW_NV] = std::array::from_fn(|v| {
+                        _mm512_maskz_loadu_epi32(masks[v], row.add(16 * v))
+                    });
+                    let wq = block.as_ptr().add((q * MC + r0) * 4) as *const i32;
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let wb = _mm512_set1_epi32(wq.add(r).read_unaligned());
+                        for (a, &xv) in acc.iter_mut().zip(&xs) {
+                            *a = _mm512_dpbusd_epi32(*a, xv, wb);
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let co = co0 + r;
+                let corr = _mm512_set1_epi32(w.row_sum[co].wrapping_mul(w.zero));
+                let (scale, bias) = (_mm512_set1_ps(w.scale[co]), _mm512_set1_ps(c.bias[co]));
+                for (v, &a) in acc.iter().enumerate() {
+                    if masks[v] == 0 {
+                        continue;
+                    }
+                    let at = (img * c.cout + co) * p + j + 16 * v;
+                    let f =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)), scale, bias);
+                    // SAFETY: masked lanes are positions < p of channel co
+                    // of this image (see the function's contract).
+                    unsafe {
+                        let val = match res {
+                            Some(r) => clamp_vec(
+                                _mm512_add_ps(
+                                    f,
+                                    _mm512_maskz_loadu_ps(masks[v], r.as_ptr().add(at)),
+                                ),
+                                lo,
+                                hi,
+                            ),
+                            None => clamp_vec(f, lo, hi),
+                        };
+                        _mm512_mask_storeu_ps(out.0.add(at), masks[v], val);
+                    }
                 }
             }
         }
@@ -568,12 +744,142 @@ fn quantize_quad(
         quantize_run(body, planes, w);
         return;
     }
+    if c.iw < 32 {
+        // Short rows would run the vector loop's tail: quantize the plane
+        // as one run at the end of the body, then move each row forward
+        // to its place (row iy's place ends no later than row iy + 1's
+        // run starts, because every padded row is at least as long as the
+        // left padding plus a row).
+        let (len, run) = (body.len(), plane);
+        quantize_run(&mut body[len - run..], planes, w);
+        for iy in 0..c.ih {
+            let from = len - run + iy * c.iw;
+            body.copy_within(from..from + c.iw, iy * pd.pw + pl);
+            let row = &mut body[iy * pd.pw..(iy + 1) * pd.pw];
+            row[..pl].fill(fill);
+            row[pl + c.iw..].fill(fill);
+        }
+        return;
+    }
     for (iy, row) in body.chunks_exact_mut(pd.pw).enumerate() {
         row[..pl].fill(fill);
         row[pl + c.iw..].fill(fill);
         let rows = planes.map(|p| p.map(|p| &p[iy * c.iw..(iy + 1) * c.iw]));
         quantize_run(&mut row[pl..pl + c.iw], rows, w);
     }
+}
+
+/// Quantization of planes so small that four channels' values fit one
+/// vector (at most 16 pixels) and the zero-padded plane is at most 16
+/// words: the four planes are quantized as one vector of 64 values, and
+/// one byte permute (AVX-512 VBMI) turns their bytes, channel by channel,
+/// into the padded plane of 4-byte groups, padding included. The general
+/// path would spend a call and a short vector tail on each plane.
+struct SmallPlanes {
+    /// Byte `o` of the padded plane comes from byte `index[o]` of the
+    /// quantized values (channel-major), or from the zero point (64).
+    index: [u8; 64],
+    /// Pixels per plane.
+    plane: usize,
+    /// Words of a padded plane.
+    words: usize,
+}
+
+impl SmallPlanes {
+    /// The table for `c`, or `None` where the planes are too large or the
+    /// CPU lacks VNNI or VBMI.
+    fn new(c: &Conv2d, pd: &Padded) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (plane, words) = (c.ih * c.iw, pd.ph * pd.pw);
+            if plane > 16
+                || words > 16
+                || !available()
+                || !std::arch::is_x86_feature_detected!("avx512vbmi")
+            {
+                return None;
+            }
+            let (pt, pl) = c.pad;
+            let mut index = [64u8; 64];
+            for (o, i) in index.iter_mut().enumerate().take(4 * words) {
+                let (py, px, k) = (o / 4 / pd.pw, o / 4 % pd.pw, o % 4);
+                if (pt..pt + c.ih).contains(&py) && (pl..pl + c.iw).contains(&px) {
+                    *i = (k * plane + (py - pt) * c.iw + px - pl) as u8;
+                }
+            }
+            Some(Self {
+                index,
+                plane,
+                words,
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (c, pd);
+            None
+        }
+    }
+
+    /// Quantizes one image `src` (`[cin, plane]`) into its padded planes
+    /// of 4-byte groups `dst` (`[cin4 / 4][words]`), with the bits of
+    /// [`quantize_byte`]; channels past `cin` hold the zero point.
+    ///
+    /// # Safety
+    /// Only from a table [`SmallPlanes::new`] returned; `src` holds the
+    /// image and `dst` its padded planes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn quantize(&self, src: &[f32], dst: &mut [u32], cin: usize, w: &Int8Weights) {
+        use std::arch::x86_64::*;
+        let index = unsafe { _mm512_loadu_si512(self.index.as_ptr() as *const __m512i) };
+        let fill = _mm512_set1_epi8(w.zero.clamp(0, 255) as u8 as i8);
+        let (scale, lo, hi) = (
+            _mm512_set1_ps(w.in_scale),
+            _mm512_set1_ps(w.in_lo),
+            _mm512_set1_ps(w.in_hi),
+        );
+        let (magic, zero) = (_mm512_set1_ps(12_582_912.0), _mm512_set1_ps(w.zero as f32));
+        let mantissa = _mm512_set1_ps(8_388_608.0);
+        let store: __mmask16 = ((1u32 << self.words) - 1) as u16;
+        for (cq, out) in dst.chunks_exact_mut(self.words).enumerate() {
+            // Channel-major values of this quad: masked loads give 0.0
+            // (the zero point's byte) for channels past `cin`.
+            let valid = cin.saturating_sub(4 * cq).min(4) * self.plane;
+            let mut bytes = [0u8; 64];
+            for v in 0..(4 * self.plane).div_ceil(16) {
+                let left = valid.saturating_sub(16 * v).min(16);
+                // SAFETY: the mask keeps the load within the quad's
+                // valid values, which `src` holds.
+                let x = unsafe {
+                    _mm512_maskz_loadu_ps(
+                        ((1u32 << left) - 1) as u16,
+                        src.as_ptr().wrapping_add(4 * cq * self.plane + 16 * v),
+                    )
+                };
+                // As `quantize_byte`, operation for operation.
+                let x = _mm512_div_ps(x, scale);
+                let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, lo), lo, x);
+                let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, hi), hi, x);
+                let x = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(x, magic), magic), zero),
+                    mantissa,
+                );
+                let b = _mm512_cvtepi32_epi8(_mm512_castps_si512(x));
+                // SAFETY: 16 bytes at 16 * v < 64.
+                unsafe { _mm_storeu_si128(bytes.as_mut_ptr().add(16 * v) as *mut __m128i, b) };
+            }
+            // SAFETY: `bytes` is 64 bytes; `out` holds `words` words.
+            unsafe {
+                let a = _mm512_loadu_si512(bytes.as_ptr() as *const __m512i);
+                let plane = _mm512_permutex2var_epi8(a, index, fill);
+                _mm512_mask_storeu_epi32(out.as_mut_ptr() as *mut i32, store, plane);
+            }
+        }
+    }
+
+    /// Never called: [`SmallPlanes::new`] gives no table off x86-64.
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn quantize(&self, _: &[f32], _: &mut [u32], _: usize, _: &Int8Weights) {}
 }
 
 /// One value quantized as QuantizeLinear does, as its byte. Adding 1.5 *
