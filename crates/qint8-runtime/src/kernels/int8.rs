@@ -845,7 +845,10 @@ impl SmallPlanes {
             // Channel-major values of this quad: masked loads give 0.0
             // (the zero point's byte) for channels past `cin`.
             let valid = cin.saturating_sub(4 * cq).min(4) * self.plane;
-            let mut bytes = [0u8; 64];
+            // Each 16 values' bytes are built into their 128-bit lane in
+            // registers (a stack copy read back as one vector stalled on
+            // store forwarding).
+            let mut a = _mm512_setzero_si512();
             for v in 0..(4 * self.plane).div_ceil(16) {
                 let left = valid.saturating_sub(16 * v).min(16);
                 // SAFETY: the mask keeps the load within the quad's
@@ -865,12 +868,15 @@ impl SmallPlanes {
                     mantissa,
                 );
                 let b = _mm512_cvtepi32_epi8(_mm512_castps_si512(x));
-                // SAFETY: 16 bytes at 16 * v < 64.
-                unsafe { _mm_storeu_si128(bytes.as_mut_ptr().add(16 * v) as *mut __m128i, b) };
+                a = match v {
+                    0 => _mm512_inserti32x4::<0>(a, b),
+                    1 => _mm512_inserti32x4::<1>(a, b),
+                    2 => _mm512_inserti32x4::<2>(a, b),
+                    _ => _mm512_inserti32x4::<3>(a, b),
+                };
             }
-            // SAFETY: `bytes` is 64 bytes; `out` holds `words` words.
+            // SAFETY: `out` holds `words` words.
             unsafe {
-                let a = _mm512_loadu_si512(bytes.as_ptr() as *const __m512i);
                 let plane = _mm512_permutex2var_epi8(a, index, fill);
                 _mm512_mask_storeu_epi32(out.as_mut_ptr() as *mut i32, store, plane);
             }
