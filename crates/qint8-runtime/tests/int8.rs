@@ -215,28 +215,42 @@ proptest! {
     }
 }
 
-/// 1x1 convolutions with stride 1 and no padding on planes of 16 or more
-/// positions: the integer kernel's pointwise path (positions in the
-/// vector lanes), with position tails inside a vector and channel counts
-/// off multiples of its 8-channel tiles and 32-channel blocks.
-fn pointwise_case() -> impl Strategy<Value = Case> {
-    (case(), (4usize..21, 4usize..21), 1usize..90).prop_map(|(c, hw, cout)| Case {
+/// Stride-1 convolutions whose output positions run along the vector
+/// lanes of the integer kernel: 1x1 without padding on planes of 16 or
+/// more positions (runs across rows), and any window, padding and
+/// dilation on rows of 16 or more; with position tails inside a vector,
+/// an odd number of 16-position segments, and channel counts off
+/// multiples of the 8-channel tiles and 32-channel blocks.
+fn lanes_case() -> impl Strategy<Value = Case> {
+    let pointwise = (case(), (4usize..21, 4usize..21), 1usize..90).prop_map(|(c, hw, cout)| Case {
         hw,
         cout,
         k: (1, 1),
         stride: (1, 1),
         pad: (0, 0, 0, 0),
         ..c
+    });
+    let rows = (case(), (1usize..6, 16usize..40), 1usize..50).prop_map(|(c, hw, cout)| Case {
+        hw,
+        cout,
+        stride: (1, 1),
+        ..c
+    });
+    prop_oneof![pointwise, rows].prop_filter("kernel fits, rows of 16", |c| {
+        let ow = c.hw.1 + c.pad.1 + c.pad.3 - c.dilation.1 * (c.k.1 - 1);
+        c.hw.0 + c.pad.0 + c.pad.2 > c.dilation.0 * (c.k.0 - 1)
+            && c.hw.1 + c.pad.1 + c.pad.3 > c.dilation.1 * (c.k.1 - 1)
+            && (ow >= 16 || c.k == (1, 1))
     })
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
 
-    /// The pointwise path equals the scalar reference bit for bit and the
+    /// The lanes path equals the scalar reference bit for bit and the
     /// float convolution up to rounding.
     #[test]
-    fn pointwise_int8_conv_matches_float(c in pointwise_case()) {
+    fn lanes_int8_conv_matches_float(c in lanes_case()) {
         matches_float(&c)?;
     }
 }

@@ -232,27 +232,6 @@ pub fn run(
     }
     // SAFETY: a u32 slice viewed as its bytes (any alignment, same memory).
     let xq: &[u8] = unsafe { std::slice::from_raw_parts(xq.as_ptr() as *const u8, xq.len() * 4) };
-    #[cfg(target_arch = "x86_64")]
-    if fast && pointwise(c) {
-        let (blocks, spans) = (c.cout.div_ceil(MC), p.div_ceil(PW_SPAN));
-        let out = OutPtr(y.as_mut_ptr());
-        let task = |t: usize| {
-            let (img, b, s) = (t / (blocks * spans), t / spans % blocks, t % spans);
-            let span = s * PW_SPAN..((s + 1) * PW_SPAN).min(p);
-            // SAFETY: `fast` only where `available()`; the image's
-            // quantized planes, its output and residual channels lie
-            // within the buffers checked above, and this task alone
-            // writes channels of block `b` at positions `span` of `img`.
-            unsafe { pointwise_vnni(c, w, &xq[img * words * 4..], res, out, img, b, span) }
-        };
-        let tasks = c.n * blocks * spans;
-        if super::is_sequential() || tasks == 1 {
-            (0..tasks).for_each(task);
-        } else {
-            (0..tasks).into_par_iter().for_each(task);
-        }
-        return;
-    }
     let img_len = words * 4;
     // Offset of each 4-byte group from its window's first byte.
     let tap: Vec<usize> = (0..w.kq)
@@ -262,6 +241,42 @@ pub fn run(
             ((cq * pd.ph + ki * c.dilation.0) * pd.pw + kj * c.dilation.1) * 4
         })
         .collect();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(lanes) = fast.then(|| Lanes::new(c, &pd)).flatten() {
+        let blocks = c.cout.div_ceil(MC);
+        let per_task = (LANES_TASK / 16).div_ceil(2) * 2;
+        let spans = lanes.segments.div_ceil(per_task);
+        let out = OutPtr(y.as_mut_ptr());
+        let task = |t: usize| {
+            let (img, b, s) = (t / (blocks * spans), t / spans % blocks, t % spans);
+            let segs = s * per_task..((s + 1) * per_task).min(lanes.segments);
+            // SAFETY: `fast` only where `available()`; every segment's
+            // windows lie in the image's quantized planes (as the general
+            // tile's do), its output and residual channels within the
+            // buffers checked above, and this task alone writes channels
+            // of block `b` at these segments' positions of `img`.
+            unsafe {
+                lanes_vnni(
+                    c,
+                    w,
+                    &xq[img * words * 4..(img + 1) * words * 4],
+                    &tap,
+                    res,
+                    out,
+                    (img, b),
+                    &lanes,
+                    segs,
+                )
+            }
+        };
+        let tasks = c.n * blocks * spans;
+        if super::is_sequential() || tasks == 1 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+        return;
+    }
     let np = c.n * p;
     let tiles = np.div_ceil(PT);
     let blocks = c.cout.div_ceil(MC);
@@ -506,76 +521,126 @@ fn clamp_vec(v: std::arch::x86_64::__m512, lo: f32, hi: f32) -> std::arch::x86_6
     )
 }
 
-/// Output channels of a pointwise tile: a quarter of a weight block.
-const PW_MR: usize = 8;
-/// 16-position vectors of a pointwise tile.
-const PW_NV: usize = 2;
-/// Positions of one image per pointwise task.
-const PW_SPAN: usize = 256;
+/// Output channels of a lanes tile: a quarter of a weight block.
+const LANES_MR: usize = 8;
+/// Output positions per lanes task (per image and block of channels).
+const LANES_TASK: usize = 256;
 
-/// Whether [`run`] takes the pointwise path for `c`: a 1x1 convolution
-/// with stride 1 and no padding, whose quantized input is then
-/// `[n][cin4 / 4][p]` words with no gaps, so that 16 consecutive positions
-/// of four channels are one vector, on planes of at least 16 positions.
-/// The positions run along the vector lanes and each weight group is
-/// broadcast, so a lane's result goes straight to its place in the output
-/// plane: no transpose (the general tile keeps channels in the lanes).
-fn pointwise(c: &Conv2d) -> bool {
-    c.kh == 1
-        && c.kw == 1
-        && c.stride == (1, 1)
-        && c.pad == (0, 0)
-        && (c.oh, c.ow) == (c.ih, c.iw)
-        && c.oh * c.ow >= 16
+/// The path that puts output positions in the vector lanes, for
+/// stride-1 convolutions whose output positions come in runs of 16 that
+/// are consecutive both in the output plane and in the quantized input's
+/// padded planes: rows at least 16 wide, or 1x1 convolutions without
+/// padding on planes of 16 or more (their planes have no gaps, so the runs
+/// cross rows). A run of 16 positions of one 4-byte group is then one
+/// vector load, each weight group is broadcast, and a lane's result goes
+/// straight to its place in the output: no transpose. (The general tile
+/// keeps channels in the lanes and suits small planes.)
+///
+/// The positions are cut into segments of at most 16 (a row's last one
+/// may be shorter); a tile takes two segments.
+struct Lanes {
+    /// Segments per image.
+    segments: usize,
+    /// Segments per output row (0: the plane as one run).
+    per_row: usize,
+    /// Words per padded input row.
+    pw: usize,
 }
 
-/// The pointwise path for one image, one block of [`MC`] output channels
-/// and a span of its positions: `x` starts at the image's quantized
-/// planes. Sums and epilogue are those of [`tile_reference`] and
-/// [`store_tile`] (the same bits).
+impl Lanes {
+    fn new(c: &Conv2d, pd: &Padded) -> Option<Self> {
+        if c.stride != (1, 1) {
+            return None;
+        }
+        let p = c.oh * c.ow;
+        let flat = c.kh == 1
+            && c.kw == 1
+            && c.pad == (0, 0)
+            && (c.oh, c.ow) == (c.ih, c.iw)
+            && (pd.ph, pd.pw) == (c.ih, c.iw);
+        if flat && p >= 16 {
+            return Some(Self {
+                segments: p.div_ceil(16),
+                per_row: 0,
+                pw: pd.pw,
+            });
+        }
+        (c.ow >= 16).then(|| Self {
+            segments: c.oh * c.ow.div_ceil(16),
+            per_row: c.ow.div_ceil(16),
+            pw: pd.pw,
+        })
+    }
+
+    /// Segment `s` of an image: the byte offset of its first window in
+    /// the image's quantized planes, the offset of its first position in
+    /// an output plane, and its number of positions.
+    fn segment(&self, c: &Conv2d, s: usize) -> (usize, usize, usize) {
+        if self.per_row == 0 {
+            let j = 16 * s;
+            return (4 * j, j, (c.oh * c.ow - j).min(16));
+        }
+        let (oy, ox) = (s / self.per_row, 16 * (s % self.per_row));
+        (4 * (oy * self.pw + ox), oy * c.ow + ox, (c.ow - ox).min(16))
+    }
+}
+
+/// The lanes path for one image (`x` its quantized planes), one block
+/// `b` of [`MC`] output channels and segments `segs` of its positions.
+/// Sums and epilogue are those of [`tile_reference`] and [`store_tile`]
+/// (the same bits).
 ///
 /// # Safety
-/// The CPU has AVX-512 VNNI; `x` holds the image's `kq * p` words; `out`
-/// (and `res`) hold the whole output; no other thread writes these
-/// channels at these positions.
+/// The CPU has AVX-512 VNNI; every window of the segments' positions
+/// (offset plus `tap`) lies in `x`; `out` (and `res`) hold the whole
+/// output; no other thread writes these channels at these positions.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pointwise_vnni(
+unsafe fn lanes_vnni(
     c: &Conv2d,
     w: &Int8Weights,
     x: &[u8],
+    tap: &[usize],
     res: Option<&[f32]>,
     out: OutPtr,
-    img: usize,
-    b: usize,
-    span: std::ops::Range<usize>,
+    (img, b): (usize, usize),
+    lanes: &Lanes,
+    segs: std::ops::Range<usize>,
 ) {
     use std::arch::x86_64::*;
     let (p, kq) = (c.oh * c.ow, w.kq);
     let block = &w.packed[b * kq * MC * 4..(b + 1) * kq * MC * 4];
     let (lo, hi) = act_bounds(c.act);
-    for r0 in (0..MC).step_by(PW_MR) {
+    for r0 in (0..MC).step_by(LANES_MR) {
         let co0 = b * MC + r0;
         if co0 >= c.cout {
             break;
         }
-        let rows = (c.cout - co0).min(PW_MR);
-        for j in span.clone().step_by(16 * PW_NV) {
-            let masks: [__mmask16; PW_NV] = std::array::from_fn(|v| {
-                let left = span.end.saturating_sub(j + 16 * v).min(16);
-                ((1u32 << left) - 1) as u16
+        let rows = (c.cout - co0).min(LANES_MR);
+        for s in segs.clone().step_by(2) {
+            // The tile's two segments (the second empty past the end).
+            let seg: [(usize, usize, usize); 2] = std::array::from_fn(|v| {
+                if s + v < segs.end {
+                    lanes.segment(c, s + v)
+                } else {
+                    (0, 0, 0)
+                }
             });
-            let mut acc = [[_mm512_setzero_si512(); PW_NV]; PW_MR];
-            for q in 0..kq {
-                // SAFETY: masked loads read positions < p of plane q < kq
-                // of this image; the weight group lies in the block.
+            let masks = seg.map(|(_, _, n)| ((1u32 << n) - 1) as u16);
+            let mut acc = [[_mm512_setzero_si512(); 2]; LANES_MR];
+            for (g, &off) in tap.iter().enumerate().take(kq) {
+                // SAFETY: masked loads read only the segments' windows
+                // (see the function's contract); the weight group lies in
+                // the block.
                 unsafe {
-                    let row = x.as_ptr().add((q * p + j) * 4) as *const i32;
-                    let xs: [__m512i; PW_NV] = std::array::from_fn(|v| {
-                        _mm512_maskz_loadu_epi32(masks[v], row.add(16 * v))
+                    let xs: [__m512i; 2] = std::array::from_fn(|v| {
+                        _mm512_maskz_loadu_epi32(
+                            masks[v],
+                            x.as_ptr().wrapping_add(seg[v].0 + off) as *const i32,
+                        )
                     });
-                    let wq = block.as_ptr().add((q * MC + r0) * 4) as *const i32;
+                    let wq = block.as_ptr().add((g * MC + r0) * 4) as *const i32;
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let wb = _mm512_set1_epi32(wq.add(r).read_unaligned());
                         for (a, &xv) in acc.iter_mut().zip(&xs) {
@@ -592,11 +657,11 @@ unsafe fn pointwise_vnni(
                     if masks[v] == 0 {
                         continue;
                     }
-                    let at = (img * c.cout + co) * p + j + 16 * v;
+                    let at = (img * c.cout + co) * p + seg[v].1;
                     let f =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)), scale, bias);
-                    // SAFETY: masked lanes are positions < p of channel co
-                    // of this image (see the function's contract).
+                    // SAFETY: masked lanes are positions of channel co of
+                    // this image (see the function's contract).
                     unsafe {
                         let val = match res {
                             Some(r) => clamp_vec(
