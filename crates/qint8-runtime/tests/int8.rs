@@ -218,7 +218,8 @@ proptest! {
 /// Stride-1 convolutions whose output positions run along the vector
 /// lanes of the integer kernel: 1x1 without padding on planes of 16 or
 /// more positions (runs across rows), and any window, padding and
-/// dilation on rows of 16 or more; with position tails inside a vector,
+/// dilation on rows of 16 or more, or exactly 4 or 8 (a vector of several
+/// rows); with position tails inside a vector,
 /// an odd number of 16-position segments, and channel counts off
 /// multiples of the 8-channel tiles and 32-channel blocks.
 fn lanes_case() -> impl Strategy<Value = Case> {
@@ -236,11 +237,27 @@ fn lanes_case() -> impl Strategy<Value = Case> {
         stride: (1, 1),
         ..c
     });
-    prop_oneof![pointwise, rows].prop_filter("kernel fits, rows of 16", |c| {
-        let ow = c.hw.1 + c.pad.1 + c.pad.3 - c.dilation.1 * (c.k.1 - 1);
-        c.hw.0 + c.pad.0 + c.pad.2 > c.dilation.0 * (c.k.0 - 1)
-            && c.hw.1 + c.pad.1 + c.pad.3 > c.dilation.1 * (c.k.1 - 1)
-            && (ow >= 16 || c.k == (1, 1))
+    // Output rows exactly 4 or 8 wide, whatever the window and padding.
+    let short = (case(), 4usize..12, any::<bool>(), 1usize..50).prop_map(|(c, ih, eight, cout)| {
+        let span = c.dilation.1 * (c.k.1 - 1);
+        let target = if eight { 8 } else { 4 };
+        let (pl, pr) = if target + span > c.pad.1 + c.pad.3 {
+            (c.pad.1, c.pad.3)
+        } else {
+            (0, 0)
+        };
+        Case {
+            hw: (ih, target + span - pl - pr),
+            cout,
+            stride: (1, 1),
+            pad: (c.pad.0, pl, c.pad.2, pr),
+            ..c
+        }
+    });
+    prop_oneof![pointwise, rows, short].prop_filter("kernel fits, lanes apply", |c| {
+        let oh = (c.hw.0 + c.pad.0 + c.pad.2).saturating_sub(c.dilation.0 * (c.k.0 - 1));
+        let ow = (c.hw.1 + c.pad.1 + c.pad.3).saturating_sub(c.dilation.1 * (c.k.1 - 1));
+        oh > 0 && ow > 0 && (ow >= 16 || c.k == (1, 1) || (matches!(ow, 4 | 8) && oh * ow >= 16))
     })
 }
 

@@ -244,32 +244,29 @@ pub fn run(
     #[cfg(target_arch = "x86_64")]
     if let Some(lanes) = fast.then(|| Lanes::new(c, &pd)).flatten() {
         let blocks = c.cout.div_ceil(MC);
+        // Segments run on across images, so a tile's two may come from
+        // two images (planes of one segment fill whole tiles).
         let per_task = (LANES_TASK / 16).div_ceil(2) * 2;
-        let spans = lanes.segments.div_ceil(per_task);
+        let all = c.n * lanes.segments;
+        let spans = all.div_ceil(per_task);
         let out = OutPtr(y.as_mut_ptr());
         let task = |t: usize| {
-            let (img, b, s) = (t / (blocks * spans), t / spans % blocks, t % spans);
-            let segs = s * per_task..((s + 1) * per_task).min(lanes.segments);
+            let (b, s) = (t / spans, t % spans);
+            let segs = s * per_task..((s + 1) * per_task).min(all);
             // SAFETY: `fast` only where `available()`; every segment's
-            // windows lie in the image's quantized planes (as the general
+            // windows lie in its image's quantized planes (as the general
             // tile's do), its output and residual channels within the
             // buffers checked above, and this task alone writes channels
-            // of block `b` at these segments' positions of `img`.
+            // of block `b` at these segments' positions.
             unsafe {
-                lanes_vnni(
-                    c,
-                    w,
-                    &xq[img * words * 4..(img + 1) * words * 4],
-                    &tap,
-                    res,
-                    out,
-                    (img, b),
-                    &lanes,
-                    segs,
-                )
+                match lanes.rows {
+                    1 => lanes_vnni::<1>(c, w, xq, &tap, res, out, b, &lanes, segs),
+                    2 => lanes_vnni::<2>(c, w, xq, &tap, res, out, b, &lanes, segs),
+                    _ => lanes_vnni::<4>(c, w, xq, &tap, res, out, b, &lanes, segs),
+                }
             }
         };
-        let tasks = c.n * blocks * spans;
+        let tasks = blocks * spans;
         if super::is_sequential() || tasks == 1 {
             (0..tasks).for_each(task);
         } else {
@@ -527,24 +524,33 @@ const LANES_MR: usize = 8;
 const LANES_TASK: usize = 256;
 
 /// The path that puts output positions in the vector lanes, for
-/// stride-1 convolutions whose output positions come in runs of 16 that
-/// are consecutive both in the output plane and in the quantized input's
-/// padded planes: rows at least 16 wide, or 1x1 convolutions without
-/// padding on planes of 16 or more (their planes have no gaps, so the runs
-/// cross rows). A run of 16 positions of one 4-byte group is then one
-/// vector load, each weight group is broadcast, and a lane's result goes
-/// straight to its place in the output: no transpose. (The general tile
-/// keeps channels in the lanes and suits small planes.)
+/// stride-1 convolutions: 16 output positions that are consecutive in the
+/// output plane fill a vector, each weight group is broadcast, and a
+/// lane's result goes straight to its place in the output: no transpose.
+/// (The general tile keeps channels in the lanes and suits the rest:
+/// strided convolutions and planes under 16 positions.)
 ///
-/// The positions are cut into segments of at most 16 (a row's last one
-/// may be shorter); a tile takes two segments.
+/// The positions are cut into segments of at most 16 lanes; a tile takes
+/// two. A segment's input words are one run where rows are at least 16
+/// wide (a row's last segment may be shorter), or where a 1x1 convolution
+/// without padding reads planes without gaps (runs cross rows). On rows
+/// 4 or 8 wide a segment is 4 or 2 whole rows, consecutive in the output
+/// but apart in the padded input: one masked load per row.
 struct Lanes {
     /// Segments per image.
     segments: usize,
     /// Segments per output row (0: the plane as one run).
     per_row: usize,
+    /// Output rows per segment (1 unless rows are 4 or 8 wide).
+    rows: usize,
     /// Words per padded input row.
     pw: usize,
+    /// Bytes of an image's quantized input, and floats of its output.
+    image: (usize, usize),
+    /// For segments of several rows: the word (from the segment's first)
+    /// that each lane reads. The rows' words span at most 32, so two
+    /// loads and one permute gather them.
+    gather: [u32; 16],
 }
 
 impl Lanes {
@@ -558,35 +564,74 @@ impl Lanes {
             && c.pad == (0, 0)
             && (c.oh, c.ow) == (c.ih, c.iw)
             && (pd.ph, pd.pw) == (c.ih, c.iw);
+        let pw = pd.pw;
+        let image = (pd.ph * pw * c.cin.div_ceil(4) * 4, c.cout * p);
         if flat && p >= 16 {
             return Some(Self {
                 segments: p.div_ceil(16),
                 per_row: 0,
-                pw: pd.pw,
+                rows: 1,
+                pw,
+                image,
+                gather: [0; 16],
             });
         }
-        (c.ow >= 16).then(|| Self {
-            segments: c.oh * c.ow.div_ceil(16),
-            per_row: c.ow.div_ceil(16),
-            pw: pd.pw,
-        })
+        if c.ow >= 16 {
+            return Some(Self {
+                segments: c.oh * c.ow.div_ceil(16),
+                per_row: c.ow.div_ceil(16),
+                rows: 1,
+                pw,
+                image,
+                gather: [0; 16],
+            });
+        }
+        // Rows of 4 or 8 on planes of at least 16 positions.
+        (p >= 16 && matches!(c.ow, 4 | 8) && (c.oh.min(16 / c.ow) - 1) * pw + c.ow <= 32).then(
+            || {
+                let rows = 16 / c.ow;
+                Self {
+                    segments: c.oh.div_ceil(rows),
+                    per_row: 1,
+                    rows,
+                    pw,
+                    image,
+                    gather: std::array::from_fn(|l| ((l / c.ow) * pw + l % c.ow) as u32),
+                }
+            },
+        )
     }
 
-    /// Segment `s` of an image: the byte offset of its first window in
-    /// the image's quantized planes, the offset of its first position in
-    /// an output plane, and its number of positions.
+    /// Segment `s` (counted on across images): the byte offset of its
+    /// first window in the quantized input, the offset of its first
+    /// position in the output at channel 0, and its number of positions.
     fn segment(&self, c: &Conv2d, s: usize) -> (usize, usize, usize) {
+        let (img, s) = (s / self.segments, s % self.segments);
+        let (x0, y0) = (img * self.image.0, img * self.image.1);
         if self.per_row == 0 {
             let j = 16 * s;
-            return (4 * j, j, (c.oh * c.ow - j).min(16));
+            return (x0 + 4 * j, y0 + j, (c.oh * c.ow - j).min(16));
+        }
+        if self.rows > 1 {
+            let oy = s * self.rows;
+            return (
+                x0 + 4 * oy * self.pw,
+                y0 + oy * c.ow,
+                (c.oh - oy).min(self.rows) * c.ow,
+            );
         }
         let (oy, ox) = (s / self.per_row, 16 * (s % self.per_row));
-        (4 * (oy * self.pw + ox), oy * c.ow + ox, (c.ow - ox).min(16))
+        (
+            x0 + 4 * (oy * self.pw + ox),
+            y0 + oy * c.ow + ox,
+            (c.ow - ox).min(16),
+        )
     }
 }
 
 /// The lanes path for one image (`x` its quantized planes), one block
-/// `b` of [`MC`] output channels and segments `segs` of its positions.
+/// `b` of [`MC`] output channels and segments `segs` of its positions,
+/// each segment `PARTS` rows (the value of [`Lanes::rows`]).
 /// Sums and epilogue are those of [`tile_reference`] and [`store_tile`]
 /// (the same bits).
 ///
@@ -597,14 +642,14 @@ impl Lanes {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn lanes_vnni(
+unsafe fn lanes_vnni<const PARTS: usize>(
     c: &Conv2d,
     w: &Int8Weights,
     x: &[u8],
     tap: &[usize],
     res: Option<&[f32]>,
     out: OutPtr,
-    (img, b): (usize, usize),
+    b: usize,
     lanes: &Lanes,
     segs: std::ops::Range<usize>,
 ) {
@@ -628,6 +673,24 @@ unsafe fn lanes_vnni(
                 }
             });
             let masks = seg.map(|(_, _, n)| ((1u32 << n) - 1) as u16);
+            // A segment of several rows reads the words from its first
+            // window to its last one (at most 32) and permutes its lanes
+            // out of them.
+            let gather = unsafe { _mm512_loadu_si512(lanes.gather.as_ptr() as *const __m512i) };
+            let spans = seg.map(|(_, _, n)| {
+                if n == 0 {
+                    0
+                } else {
+                    (n / c.ow - 1) * lanes.pw + c.ow
+                }
+            });
+            let word_masks: [[__mmask16; 2]; 2] = std::array::from_fn(|v| {
+                let n = if PARTS > 1 { spans[v] } else { seg[v].2 };
+                [
+                    ((1u32 << n.min(16)) - 1) as u16,
+                    ((1u32 << n.saturating_sub(16)) - 1) as u16,
+                ]
+            });
             let mut acc = [[_mm512_setzero_si512(); 2]; LANES_MR];
             for (g, &off) in tap.iter().enumerate().take(kq) {
                 // SAFETY: masked loads read only the segments' windows
@@ -635,10 +698,14 @@ unsafe fn lanes_vnni(
                 // the block.
                 unsafe {
                     let xs: [__m512i; 2] = std::array::from_fn(|v| {
-                        _mm512_maskz_loadu_epi32(
-                            masks[v],
-                            x.as_ptr().wrapping_add(seg[v].0 + off) as *const i32,
-                        )
+                        let at = x.as_ptr().wrapping_add(seg[v].0 + off) as *const i32;
+                        let first = _mm512_maskz_loadu_epi32(word_masks[v][0], at);
+                        if PARTS == 1 {
+                            return first;
+                        }
+                        let second =
+                            _mm512_maskz_loadu_epi32(word_masks[v][1], at.wrapping_add(16));
+                        _mm512_permutex2var_epi32(first, gather, second)
                     });
                     let wq = block.as_ptr().add((g * MC + r0) * 4) as *const i32;
                     for (r, acc) in acc.iter_mut().enumerate() {
@@ -657,7 +724,7 @@ unsafe fn lanes_vnni(
                     if masks[v] == 0 {
                         continue;
                     }
-                    let at = (img * c.cout + co) * p + seg[v].1;
+                    let at = seg[v].1 + co * p;
                     let f =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)), scale, bias);
                     // SAFETY: masked lanes are positions of channel co of
