@@ -320,7 +320,14 @@ pub fn run(
                 // and `res` are long enough, and this task alone writes
                 // these positions.
                 unsafe {
-                    tile_vnni(w.kq, wb, xq, &base, &tap, &mut acc);
+                    // Only the tile's real positions are summed: batch-1
+                    // products on 1x1 planes have one.
+                    match place.cols {
+                        1 => tile_vnni::<1>(w.kq, wb, xq, &base, &tap, &mut acc),
+                        2 => tile_vnni::<2>(w.kq, wb, xq, &base, &tap, &mut acc),
+                        3 | 4 => tile_vnni::<4>(w.kq, wb, xq, &base, &tap, &mut acc),
+                        _ => tile_vnni::<PT>(w.kq, wb, xq, &base, &tap, &mut acc),
+                    }
                     store_vnni(&acc, &place, dest);
                 }
                 continue;
@@ -1094,7 +1101,7 @@ pub fn tile(
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: `available` checked the CPU features; bounds checked above.
-        unsafe { tile_vnni(kq, w, xq, base, tap, acc) };
+        unsafe { tile_vnni::<PT>(kq, w, xq, base, tap, acc) };
         return;
     }
     tile_reference(kq, w, xq, base, tap, acc);
@@ -1127,9 +1134,14 @@ pub fn tile_reference(
     }
 }
 
+/// [`tile`] with AVX-512 VNNI for the first `P` positions (`acc` keeps
+/// zeros for the rest).
+///
+/// # Safety
+/// The CPU has AVX-512 VNNI; [`check_tile`]'s bounds hold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_vnni(
+unsafe fn tile_vnni<const P: usize>(
     kq: usize,
     w: &[i8],
     xq: &[u8],
@@ -1147,7 +1159,7 @@ unsafe fn tile_vnni(
             let wq = w.as_ptr().add(q * MC * 4) as *const __m512i;
             let w0 = _mm512_loadu_si512(wq);
             let w1 = _mm512_loadu_si512(wq.add(1));
-            for (c, s) in c.iter_mut().zip(&src) {
+            for (c, s) in c.iter_mut().zip(&src).take(P) {
                 let a = _mm512_set1_epi32((s.add(off) as *const i32).read_unaligned());
                 c[0] = _mm512_dpbusd_epi32(c[0], a, w0);
                 c[1] = _mm512_dpbusd_epi32(c[1], a, w1);
