@@ -33,6 +33,9 @@ pub const PT: usize = 8;
 /// Longest reduction (input channels x kernel taps) whose i32 sums cannot
 /// overflow: `255 * 128` per term.
 pub const MAX_REDUCTION: usize = (i32::MAX / (255 * 128)) as usize;
+/// Multiply-adds under which a convolution runs on the calling thread
+/// alone.
+const PARALLEL_MACS: usize = 1 << 20;
 /// Tiles of output positions per task.
 const TILES_PER_TASK: usize = 8;
 
@@ -196,6 +199,11 @@ pub fn run(
     );
     if p == 0 || c.n == 0 {
         return;
+    }
+    if c.n * p * c.cout * w.kq * 4 < PARALLEL_MACS && !super::is_sequential() {
+        // Too small to gain from more threads: handing out the tasks and
+        // joining them costs microseconds, as long as the product itself.
+        return super::sequential(|| run(c, w, x, res, y, scratch, kernels));
     }
     let pd = padded(c);
     let words = pd.ph * pd.pw * w.cin4 / 4;
