@@ -317,6 +317,10 @@ pub(crate) fn compile(
     }
 
     let mut skip: HashSet<usize> = HashSet::new();
+    // Outputs of fake-quant steps that an integer convolution read past
+    // (it quantizes the value before them itself): steps nobody else reads
+    // are dropped after the loop.
+    let mut bypassed: HashSet<usize> = HashSet::new();
     let mut scratch_len = 0usize;
     let mut const_bytes = 0usize;
     for (idx, node) in g.nodes.iter().enumerate() {
@@ -395,16 +399,24 @@ pub(crate) fn compile(
         // An integer convolution quantizes its input itself: with fusion,
         // it reads the tensor before QuantizeLinear, and the fake-quant step
         // that fed only it goes away.
+        // With other readers, the fake-quant step stays for them, unless
+        // they read past it too (see `bypassed` below).
         if let (Kernel::Conv(c, _), Some(inp), Some(Val::Buf(id))) =
             (&kernel, node.input(0), ins.first())
         {
-            if c.int8.is_some() && opts.fuse && !opts.observed && single_use(inp) {
+            let id = *id;
+            if c.int8.is_some() && opts.fuse && !opts.observed {
                 let fq = pending
                     .iter()
-                    .rposition(|e| e.3 == *id && matches!(e.1, Kernel::FakeQuant { .. }));
+                    .rposition(|e| e.3 == id && matches!(e.1, Kernel::FakeQuant { .. }));
                 if let Some(pos) = fq {
-                    let (_, _, fq_ins, _) = pending.remove(pos);
-                    ins[0] = fq_ins[0].clone();
+                    if single_use(inp) {
+                        let (_, _, fq_ins, _) = pending.remove(pos);
+                        ins[0] = fq_ins[0].clone();
+                    } else if !opts.keep_all {
+                        ins[0] = pending[pos].2[0].clone();
+                        bypassed.insert(id);
+                    }
                 }
             }
         }
@@ -428,7 +440,33 @@ pub(crate) fn compile(
                         v.shape == out_shape && v.dtype == qint8_graph::DataType::Float
                     });
                     if let (true, Some(v)) = (fits, other.and_then(|o| vals.get(o))) {
-                        ins.push(v.clone());
+                        let mut v = v.clone();
+                        // An integer convolution fake-quantizes a residual
+                        // that comes out of a per-tensor fake-quant step
+                        // itself, reading the value before it.
+                        if let (Some(w), &Val::Buf(id), false) =
+                            (c.int8.as_mut(), &v, opts.observed || opts.keep_all)
+                        {
+                            let fq = pending.iter().rev().find_map(|e| match &e.1 {
+                                Kernel::FakeQuant { params, .. } if e.3 == id => {
+                                    Some((params.clone(), e.2[0].clone()))
+                                }
+                                _ => None,
+                            });
+                            if let Some((params, before)) = fq {
+                                if let (None, [p]) = (params.axis(), params.channels()) {
+                                    *w = w.clone().with_residual_quant(int8::InputQuant {
+                                        scale: p.scale,
+                                        zero: p.zero_point,
+                                        qmin: p.qmin,
+                                        qmax: p.qmax,
+                                    });
+                                    v = before;
+                                    bypassed.insert(id);
+                                }
+                            }
+                        }
+                        ins.push(v);
                         *residual = true;
                         skip.insert(next);
                         final_name = nn.outputs[0].clone();
@@ -519,6 +557,26 @@ pub(crate) fn compile(
         pending.push((node.clone(), kernel, ins, id));
     }
 
+    if !bypassed.is_empty() {
+        let read: HashSet<usize> = pending
+            .iter()
+            .flat_map(|e| &e.2)
+            .filter_map(|v| match v {
+                Val::Buf(id) => Some(*id),
+                Val::Const(_) => None,
+            })
+            .collect();
+        pending.retain(|(_, kernel, _, id)| {
+            let seen = buf_names[*id]
+                .iter()
+                .any(|(n, _)| outputs.contains(n.as_str()) || visible.contains(n));
+            let dead = matches!(kernel, Kernel::FakeQuant { .. })
+                && bypassed.contains(id)
+                && !read.contains(id)
+                && !seen;
+            !dead
+        });
+    }
     // Lifetimes: the last step reading each buffer; graph outputs live to the end.
     let n_steps = pending.len();
     for (s, (_, _, ins, _)) in pending.iter().enumerate() {

@@ -71,6 +71,8 @@ struct Case {
     input: u8,
     per_tensor_weights: bool,
     residual: bool,
+    /// The residual is fake-quantized as it is added ([`RESIDUAL_QUANT`]).
+    residual_quant: bool,
     /// Input already fake-quantized (as after QuantizeLinear + DequantizeLinear).
     fake_quantized: bool,
     seed: u64,
@@ -83,7 +85,7 @@ fn case() -> impl Strategy<Value = Case> {
         ((1usize..3, 1usize..3), (1usize..3, 1usize..3)),
         (0usize..3, 0usize..3, 0usize..3, 0usize..3),
         (0u8..3, 0u8..3),
-        (any::<bool>(), any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
         any::<u64>(),
     )
         .prop_map(
@@ -100,6 +102,7 @@ fn case() -> impl Strategy<Value = Case> {
                 input,
                 per_tensor_weights: flags.0,
                 residual: flags.1,
+                residual_quant: flags.3,
                 fake_quantized: flags.2,
                 seed,
             },
@@ -184,13 +187,25 @@ fn build(c: &Case) -> Built {
         packed: Vec::new(),
         int8: None,
     };
-    let int = float.clone().with_int8(Int8Source { q, w_scale, input });
+    let mut int = float.clone().with_int8(Int8Source { q, w_scale, input });
+    if c.residual_quant {
+        int.int8 = int.int8.map(|w| w.with_residual_quant(RESIDUAL_QUANT));
+    }
     Built {
         int,
         float: float.pack(),
         input,
     }
 }
+
+/// How a fused residual is quantized where a case asks for it: a scale
+/// small enough that residuals in [-1, 1] also clip, and a zero point.
+const RESIDUAL_QUANT: InputQuant = InputQuant {
+    scale: 0.006,
+    zero: 5,
+    qmin: -128,
+    qmax: 127,
+};
 
 /// QuantizeLinear then DequantizeLinear, as ONNX defines them.
 fn fake_quant(x: &[f32], p: InputQuant) -> Vec<f32> {
@@ -322,8 +337,15 @@ fn matches_float(c: &Case) -> Result<(), TestCaseError> {
     plain.act = Activation::None;
     let mut expected = vec![0.0; len];
     plain.reference(&fq, &mut expected);
+    let res_added = match (&res, c.residual_quant) {
+        (Some(r), true) => Some(fake_quant(r, RESIDUAL_QUANT)),
+        (r, _) => r.clone(),
+    };
     for (i, e) in expected.iter_mut().enumerate() {
-        *e = b.float.act.apply(*e + res.as_ref().map_or(0.0, |r| r[i]));
+        *e = b
+            .float
+            .act
+            .apply(*e + res_added.as_ref().map_or(0.0, |r| r[i]));
     }
     let k = (c.cin * c.k.0 * c.k.1) as f32;
     for (i, (a, e)) in fast.iter().zip(&expected).enumerate() {
@@ -377,6 +399,7 @@ fn three_by_three(seed: u64) -> Case {
         input: 0,
         per_tensor_weights: false,
         residual: false,
+        residual_quant: false,
         fake_quantized: false,
         seed,
     }

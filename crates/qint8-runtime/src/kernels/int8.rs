@@ -77,6 +77,9 @@ pub struct Int8Weights {
     in_hi: f32,
     /// The unsigned byte that stands for a real 0 (zero point plus the shift).
     zero: i32,
+    /// A fused residual's quantization (scale and the bounds of
+    /// `round(r / scale)`): the residual is fake-quantized as it is added.
+    residual: Option<(f32, f32, f32)>,
 }
 
 impl Int8Weights {
@@ -116,6 +119,32 @@ impl Int8Weights {
             in_hi: (input.qmax - input.zero) as f32,
             // int8 values are shifted by 128 to unsigned bytes.
             zero: input.zero + if input.qmin < 0 { 128 } else { 0 },
+            residual: None,
+        }
+    }
+
+    /// Fake-quantizes a fused residual with `q` (QuantizeLinear, then
+    /// DequantizeLinear, per tensor) as it is added, so that a residual
+    /// that passes a quantize-dequantize pair needs no pass of its own.
+    pub fn with_residual_quant(mut self, q: InputQuant) -> Self {
+        self.residual = Some((q.scale, (q.qmin - q.zero) as f32, (q.qmax - q.zero) as f32));
+        self
+    }
+
+    /// A residual value as it is added: fake-quantized as ONNX
+    /// QuantizeLinear and DequantizeLinear compute it (NaN goes to the
+    /// lower bound), or as it is.
+    #[inline(always)]
+    fn residual(&self, r: f32) -> f32 {
+        const MAGIC: f32 = 12_582_912.0;
+        match self.residual {
+            Some((s, lo, hi)) => {
+                let v = r / s;
+                let v = if v > lo { v } else { lo };
+                let v = if v < hi { v } else { hi };
+                ((v + MAGIC) - MAGIC) * s
+            }
+            None => r,
         }
     }
 
@@ -459,7 +488,7 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
                     let v = match res {
                         Some(r) => act(_mm512_add_ps(
                             f,
-                            _mm512_maskz_loadu_ps(m, r.as_ptr().add(at)),
+                            residual_vec(w, _mm512_maskz_loadu_ps(m, r.as_ptr().add(at))),
                         )),
                         None => act(f),
                     };
@@ -495,7 +524,7 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
                     let v = match res {
                         Some(r) => act(_mm512_add_ps(
                             v,
-                            _mm512_maskz_loadu_ps(mask, r.as_ptr().add(at)),
+                            residual_vec(w, _mm512_maskz_loadu_ps(mask, r.as_ptr().add(at))),
                         )),
                         None => v,
                     };
@@ -531,6 +560,22 @@ fn clamp_vec(v: std::arch::x86_64::__m512, lo: f32, hi: f32) -> std::arch::x86_6
         v,
         _mm512_set1_ps(hi),
     )
+}
+
+/// [`Int8Weights::residual`] on a vector, operation for operation.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn residual_vec(w: &Int8Weights, r: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let Some((s, lo, hi)) = w.residual else {
+        return r;
+    };
+    let (s, lo, hi) = (_mm512_set1_ps(s), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let v = _mm512_div_ps(r, s);
+    let v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, lo), lo, v);
+    let v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, hi), hi, v);
+    _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(v, magic), magic), s)
 }
 
 /// Output channels of a lanes tile: a quarter of a weight block.
@@ -749,7 +794,10 @@ unsafe fn lanes_vnni<const PARTS: usize>(
                             Some(r) => clamp_vec(
                                 _mm512_add_ps(
                                     f,
-                                    _mm512_maskz_loadu_ps(masks[v], r.as_ptr().add(at)),
+                                    residual_vec(
+                                        w,
+                                        _mm512_maskz_loadu_ps(masks[v], r.as_ptr().add(at)),
+                                    ),
                                 ),
                                 lo,
                                 hi,
@@ -791,7 +839,7 @@ super::multiversion! {
                 let at = at + co * p;
                 let f = v[j * MC + i];
                 let f = match res {
-                    Some(res) => c.act.apply(f + res[at]),
+                    Some(res) => c.act.apply(f + w.residual(res[at])),
                     None => f,
                 };
                 // SAFETY: each (channel, position) pair belongs to exactly
