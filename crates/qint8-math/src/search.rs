@@ -448,7 +448,47 @@ pub fn entropy_search(
         kl
     };
 
-    let kls: Vec<f64> = candidates.iter().map(|&i| fast(i)).collect();
+    // The same divergence with the groups eight at a time (AVX-512: group
+    // ends computed, their prefix sums gathered): the sums run in another
+    // order, so values differ in the last bits, which the exact re-check
+    // below absorbs (the chosen bin is the same on every CPU).
+    #[cfg(target_arch = "x86_64")]
+    let nzf: Vec<f64> = nz.iter().map(|&c| c as f64).collect();
+    #[cfg(target_arch = "x86_64")]
+    let wide = |i: usize| -> f64 {
+        let t = prefix[i];
+        let last = b[i - 1];
+        let out = clipped[i];
+        let s = t + out;
+        if (last == 0.0 && out > 0.0) || t == 0.0 {
+            return f64::INFINITY;
+        }
+        let (ln_s, ln_t) = (s.ln(), t.ln());
+        // SAFETY: only where the CPU has AVX-512 (`simd` below); the
+        // group ends stay within 0..=i <= n, the tables' last index.
+        let (cross, g_last, n_last) = unsafe { group_sums_wide(&prefix, &nzf, &ln_int, i, levels) };
+        // The group terms of sum b ln b telescope; bin i-1 is left out.
+        let acc_bln = blogb[i] - if last > 0.0 { last * last.ln() } else { 0.0 };
+        let acc_cross = cross - last * (fast_ln(g_last.max(1.0)) - fast_ln(n_last));
+        let mass_rest = t - last;
+        let mut kl = (acc_bln - acc_cross - mass_rest * (ln_s - ln_t)) / s;
+        let p_last = last + out;
+        if p_last > 0.0 {
+            let q_last = g_last / n_last;
+            kl += p_last / s * ((p_last / s).ln() - (q_last / t).ln());
+        }
+        kl
+    };
+    let kls: Vec<f64> = candidates
+        .iter()
+        .map(|&i| {
+            #[cfg(target_arch = "x86_64")]
+            if simd >= SimdLevel::Avx512 {
+                return wide(i);
+            }
+            fast(i)
+        })
+        .collect();
     let best = kls.iter().copied().fold(f64::INFINITY, f64::min);
     let tol = 1e-9 * best.abs().max(1e-3);
     let pick_last = variant != EntropyVariant::Gtc2017;
@@ -471,6 +511,146 @@ pub fn entropy_search(
         };
     }
     Ok(chosen.map(|(i, _)| i))
+}
+
+/// For entropy candidate `i` (the first `i` bins kept) and `levels`
+/// groups: the sum over groups of `G_g * (ln max(G_g, 1) - ln n_g)`
+/// with `G_g` a group's count and `n_g` its non-empty bins, and the count
+/// and non-empty bins (at least 1) of the group that holds bin `i - 1`.
+/// Group `m` (from 1) ends at bin `min(ceil(m * i / levels), i)` and
+/// starts where group `m - 1` ends, as in the scalar search; eight groups
+/// at a time, their ends computed exactly in f64 (integers far below
+/// 2^53) and their prefix sums and non-empty counts gathered.
+///
+/// # Safety
+/// The CPU has AVX-512F and DQ; `prefix`, `nz` and `ln_int` (`ln k` at
+/// `k`, 0 at 0) hold at least `i + 1` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn group_sums_wide(
+    prefix: &[f64],
+    nz: &[f64],
+    ln_int: &[f64],
+    i: usize,
+    levels: usize,
+) -> (f64, f64, f64) {
+    use std::arch::x86_64::*;
+    debug_assert!(prefix.len() > i && nz.len() > i);
+    let end = _mm512_set1_pd(i as f64);
+    let per = _mm512_set1_pd(levels as f64);
+    let inv = _mm512_set1_pd(1.0 / levels as f64);
+    let one = _mm512_set1_pd(1.0);
+    let lanes = _mm512_set_pd(8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0);
+    // Lane 0 from the second operand's lane 0 (the previous chunk's last
+    // value), lane k from the first operand's lane k - 1.
+    let shift = _mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 8);
+    let last_lane = _mm512_set1_epi64(7);
+    let (mut prev_e, mut prev_p, mut prev_n) = (
+        _mm512_setzero_pd(),
+        _mm512_setzero_pd(),
+        _mm512_setzero_pd(),
+    );
+    let mut acc = _mm512_setzero_pd();
+    let (mut g_last, mut n_last) = (0.0f64, 1.0f64);
+    let mut m0 = 0usize;
+    while m0 < levels {
+        let m = _mm512_add_pd(_mm512_set1_pd(m0 as f64), lanes);
+        // ceil(t / levels) for t = m * i (exact), by the reciprocal, then
+        // corrected to the integer c with (c - 1) * levels < t <= c * levels.
+        let t = _mm512_mul_pd(m, end);
+        let c = _mm512_roundscale_pd::<{ _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_pd(t, inv),
+        );
+        let c = _mm512_mask_add_pd(
+            c,
+            _mm512_cmp_pd_mask::<_CMP_LT_OQ>(_mm512_mul_pd(c, per), t),
+            c,
+            one,
+        );
+        let below = _mm512_sub_pd(c, one);
+        let c = _mm512_mask_sub_pd(
+            c,
+            _mm512_cmp_pd_mask::<_CMP_GE_OQ>(_mm512_mul_pd(below, per), t),
+            c,
+            one,
+        );
+        let e = _mm512_min_pd(c, end);
+        let ei = _mm512_cvttpd_epi64(e);
+        // SAFETY: every end lies in 0..=i (see the function's contract).
+        let (pe, ne) = unsafe {
+            (
+                _mm512_i64gather_pd::<8>(ei, prefix.as_ptr()),
+                _mm512_i64gather_pd::<8>(ei, nz.as_ptr()),
+            )
+        };
+        let a = _mm512_permutex2var_pd(e, shift, prev_e);
+        let gs = _mm512_sub_pd(pe, _mm512_permutex2var_pd(pe, shift, prev_p));
+        let cnt = _mm512_sub_pd(ne, _mm512_permutex2var_pd(ne, shift, prev_n));
+        let holds_last =
+            _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(e, end) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a, e);
+        if holds_last != 0 {
+            g_last = _mm512_mask_reduce_add_pd(holds_last, gs);
+            n_last = _mm512_mask_reduce_add_pd(holds_last, cnt).max(1.0);
+        }
+        // Groups past `levels` (the last chunk's tail) end at i like the
+        // last one: empty, so their terms are 0.
+        let ln_g = fast_ln_wide(_mm512_max_pd(gs, one));
+        // SAFETY: counts of non-empty bins lie in 0..=i, within `ln_int`.
+        let ln_c = unsafe { _mm512_i64gather_pd::<8>(_mm512_cvttpd_epi64(cnt), ln_int.as_ptr()) };
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(gs, _mm512_sub_pd(ln_g, ln_c)));
+        prev_e = _mm512_permutexvar_pd(last_lane, e);
+        prev_p = _mm512_permutexvar_pd(last_lane, pe);
+        prev_n = _mm512_permutexvar_pd(last_lane, ne);
+        m0 += 8;
+    }
+    (_mm512_reduce_add_pd(acc), g_last, n_last)
+}
+
+/// [`fast_ln`] on eight lanes (the series summed in another order: the
+/// same to a few ulp).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+fn fast_ln_wide(x: std::arch::x86_64::__m512d) -> std::arch::x86_64::__m512d {
+    use std::arch::x86_64::*;
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    const SQRT_HALF: i64 = 0x3fe6_a09e_667f_3bcd;
+    let set = _mm512_set1_pd;
+    let shifted = _mm512_sub_epi64(_mm512_castpd_si512(x), _mm512_set1_epi64(SQRT_HALF));
+    let e = _mm512_cvtepi64_pd(_mm512_srai_epi64::<52>(shifted));
+    let m = _mm512_castsi512_pd(_mm512_add_epi64(
+        _mm512_and_si512(shifted, _mm512_set1_epi64(0x000f_ffff_ffff_ffff)),
+        _mm512_set1_epi64(SQRT_HALF),
+    ));
+    let f = _mm512_sub_pd(m, set(1.0));
+    // f / (2 + f) without a division (whose throughput bounded the search):
+    // a 14-bit reciprocal and two Newton steps, each doubling its bits.
+    let d = _mm512_add_pd(set(2.0), f);
+    let mut r = _mm512_rcp14_pd(d);
+    for _ in 0..2 {
+        r = _mm512_fmadd_pd(r, _mm512_fnmadd_pd(d, r, set(1.0)), r);
+    }
+    let s = _mm512_mul_pd(f, r);
+    let z = _mm512_mul_pd(s, s);
+    // The series 1/3 + z/5 + z^2/7 + ... + z^9/21 in Estrin's form: pairs
+    // of terms, then pairs of pairs, so its multiplies and adds overlap
+    // (Horner's nine dependent steps made this loop latency-bound).
+    let pair = |k: f64| _mm512_add_pd(set(1.0 / k), _mm512_mul_pd(z, set(1.0 / (k + 2.0))));
+    let z2 = _mm512_mul_pd(z, z);
+    let z4 = _mm512_mul_pd(z2, z2);
+    let z8 = _mm512_mul_pd(z4, z4);
+    let low = _mm512_add_pd(pair(3.0), _mm512_mul_pd(z2, pair(7.0)));
+    let high = _mm512_add_pd(pair(11.0), _mm512_mul_pd(z2, pair(15.0)));
+    let poly = _mm512_add_pd(
+        _mm512_add_pd(low, _mm512_mul_pd(z4, high)),
+        _mm512_mul_pd(z8, pair(19.0)),
+    );
+    let two_s = _mm512_mul_pd(set(2.0), s);
+    let ln_m = _mm512_add_pd(two_s, _mm512_mul_pd(_mm512_mul_pd(two_s, z), poly));
+    _mm512_add_pd(
+        _mm512_mul_pd(e, set(LN2_HI)),
+        _mm512_add_pd(ln_m, _mm512_mul_pd(e, set(LN2_LO))),
+    )
 }
 
 /// Groups whose log terms `group_terms` computes at once.
