@@ -636,6 +636,22 @@ impl Lanes {
                 gather: [0; 16],
             });
         }
+        // Off 1x1 products, the windows' vector loads mostly cross cache
+        // lines (a tap one word on is four bytes off), so a tile costs
+        // about a quarter more than the general one's (`cargo bench
+        // --bench conv`): these runs take the lanes path only where the
+        // general tile would waste more, on channels past `cout` in its
+        // 32-channel blocks (the lanes path pads to 8, and its positions
+        // to whole segments).
+        let used = |n: usize, unit: usize| n as f64 / (n.div_ceil(unit) * unit) as f64;
+        let segments = if c.ow >= 16 {
+            c.oh * c.ow.div_ceil(16)
+        } else {
+            c.oh.div_ceil(16 / c.ow.max(1))
+        };
+        if used(c.cout, LANES_MR) * p as f64 / (16 * segments) as f64 <= 1.25 * used(c.cout, MC) {
+            return None;
+        }
         if c.ow >= 16 {
             return Some(Self {
                 segments: c.oh * c.ow.div_ceil(16),
