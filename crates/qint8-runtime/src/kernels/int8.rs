@@ -754,7 +754,7 @@ unsafe fn lanes_vnni<const PARTS: usize>(
             // out of them.
             let gather = unsafe { _mm512_loadu_si512(lanes.gather.as_ptr() as *const __m512i) };
             let spans = seg.map(|(_, _, n)| {
-                if n == 0 {
+                if n == 0 || PARTS == 1 {
                     0
                 } else {
                     (n / c.ow - 1) * lanes.pw + c.ow
