@@ -150,7 +150,7 @@ pub struct Backward<'g> {
     live: HashSet<String>,
     silu: HashMap<usize, usize>,
     /// Input-gradient convolutions prepared per Conv node and geometry
-    /// (see [`transposed_conv`]); `None` where the node takes the GEMM path.
+    /// (see [`InputGrad`]); `None` where the node takes the GEMM path.
     transposed: Mutex<TransposedConvs>,
 }
 

@@ -580,7 +580,7 @@ fn residual_vec(w: &Int8Weights, r: std::arch::x86_64::__m512) -> std::arch::x86
 
 /// Output channels of a lanes tile: a quarter of a weight block.
 const LANES_MR: usize = 8;
-/// Output positions per lanes task (per image and block of channels).
+/// Output positions per lanes task (per block of channels).
 const LANES_TASK: usize = 256;
 
 /// The path that puts output positions in the vector lanes, for
@@ -595,7 +595,7 @@ const LANES_TASK: usize = 256;
 /// wide (a row's last segment may be shorter), or where a 1x1 convolution
 /// without padding reads planes without gaps (runs cross rows). On rows
 /// 4 or 8 wide a segment is 4 or 2 whole rows, consecutive in the output
-/// but apart in the padded input: one masked load per row.
+/// but apart in the padded input: two loads and a permute gather them.
 struct Lanes {
     /// Segments per image.
     segments: usize,
@@ -705,8 +705,8 @@ impl Lanes {
     }
 }
 
-/// The lanes path for one image (`x` its quantized planes), one block
-/// `b` of [`MC`] output channels and segments `segs` of its positions,
+/// The lanes path for one block `b` of [`MC`] output channels and
+/// segments `segs` (counted on across images) of the quantized input `x`,
 /// each segment `PARTS` rows (the value of [`Lanes::rows`]).
 /// Sums and epilogue are those of [`tile_reference`] and [`store_tile`]
 /// (the same bits).
