@@ -636,6 +636,29 @@ impl Lanes {
                 gather: [0; 16],
             });
         }
+        let lanes = if c.ow >= 16 {
+            Self {
+                segments: c.oh * c.ow.div_ceil(16),
+                per_row: c.ow.div_ceil(16),
+                rows: 1,
+                pw,
+                image,
+                gather: [0; 16],
+            }
+        } else if p >= 16 && matches!(c.ow, 4 | 8) && (c.oh.min(16 / c.ow) - 1) * pw + c.ow <= 32 {
+            // Rows of 4 or 8 on planes of at least 16 positions.
+            let rows = 16 / c.ow;
+            Self {
+                segments: c.oh.div_ceil(rows),
+                per_row: 1,
+                rows,
+                pw,
+                image,
+                gather: std::array::from_fn(|l| ((l / c.ow) * pw + l % c.ow) as u32),
+            }
+        } else {
+            return None;
+        };
         // Off 1x1 products, the windows' vector loads mostly cross cache
         // lines (a tap one word on is four bytes off), so a tile costs
         // about a quarter more than the general one's (`cargo bench
@@ -644,38 +667,8 @@ impl Lanes {
         // 32-channel blocks (the lanes path pads to 8, and its positions
         // to whole segments).
         let used = |n: usize, unit: usize| n as f64 / (n.div_ceil(unit) * unit) as f64;
-        let segments = if c.ow >= 16 {
-            c.oh * c.ow.div_ceil(16)
-        } else {
-            c.oh.div_ceil(16 / c.ow.max(1))
-        };
-        if used(c.cout, LANES_MR) * p as f64 / (16 * segments) as f64 <= 1.25 * used(c.cout, MC) {
-            return None;
-        }
-        if c.ow >= 16 {
-            return Some(Self {
-                segments: c.oh * c.ow.div_ceil(16),
-                per_row: c.ow.div_ceil(16),
-                rows: 1,
-                pw,
-                image,
-                gather: [0; 16],
-            });
-        }
-        // Rows of 4 or 8 on planes of at least 16 positions.
-        (p >= 16 && matches!(c.ow, 4 | 8) && (c.oh.min(16 / c.ow) - 1) * pw + c.ow <= 32).then(
-            || {
-                let rows = 16 / c.ow;
-                Self {
-                    segments: c.oh.div_ceil(rows),
-                    per_row: 1,
-                    rows,
-                    pw,
-                    image,
-                    gather: std::array::from_fn(|l| ((l / c.ow) * pw + l % c.ow) as u32),
-                }
-            },
-        )
+        let lanes_used = used(c.cout, LANES_MR) * p as f64 / (16 * lanes.segments) as f64;
+        (lanes_used > 1.25 * used(c.cout, MC)).then_some(lanes)
     }
 
     /// Segment `s` (counted on across images): the byte offset of its
@@ -733,6 +726,8 @@ unsafe fn lanes_vnni<const PARTS: usize>(
     let (p, kq) = (c.oh * c.ow, w.kq);
     let block = &w.packed[b * kq * MC * 4..(b + 1) * kq * MC * 4];
     let (lo, hi) = act_bounds(c.act);
+    // SAFETY: 16 u32 lanes.
+    let gather = unsafe { _mm512_loadu_si512(lanes.gather.as_ptr() as *const __m512i) };
     for r0 in (0..MC).step_by(LANES_MR) {
         let co0 = b * MC + r0;
         if co0 >= c.cout {
@@ -751,8 +746,7 @@ unsafe fn lanes_vnni<const PARTS: usize>(
             let masks = seg.map(|(_, _, n)| ((1u32 << n) - 1) as u16);
             // A segment of several rows reads the words from its first
             // window to its last one (at most 32) and permutes its lanes
-            // out of them.
-            let gather = unsafe { _mm512_loadu_si512(lanes.gather.as_ptr() as *const __m512i) };
+            // out of them (`gather`).
             let spans = seg.map(|(_, _, n)| {
                 if n == 0 || PARTS == 1 {
                     0
