@@ -140,6 +140,19 @@ fn histogram_add(c: &mut Criterion) {
             black_box(h.total())
         })
     });
+    // The same in pieces of 4096 values, as the small tensors of a
+    // network's last layers arrive (under the sub-histograms' threshold).
+    g.bench_function("fixed_abs_2048_relu_4096_pieces_one_thread", |b| {
+        b.iter(|| {
+            let mut h = Histogram::fixed_abs(2048, 4.0).expect("histogram");
+            pool.install(|| {
+                relu.chunks(4096)
+                    .try_for_each(|piece| h.add(black_box(piece)))
+            })
+            .expect("add");
+            black_box(h.total())
+        })
+    });
     g.bench_function("dynamic_abs_2048_all_threads", |b| {
         b.iter(|| {
             let mut h = Histogram::dynamic_abs(2048).expect("histogram");

@@ -247,10 +247,38 @@ pub fn flatten_point_masses(b: &[f64]) -> Vec<f64> {
     let mut out = b.to_vec();
     let mut window = Vec::with_capacity(2 * SPIKE_RADIUS + 1);
     for j in 1..b.len() {
+        let v = b[j];
+        // Never a spike: the bound is at least SPIKE_FACTOR.
+        if v <= SPIKE_FACTOR {
+            continue;
+        }
         let lo = j.saturating_sub(SPIKE_RADIUS);
         let hi = (j + SPIKE_RADIUS + 1).min(b.len());
+        let near = &b[lo..hi];
+        // The median (the middle of the sorted window) is under v / factor
+        // exactly when more than half the window is: counted, not sorted,
+        // since almost no bin is a spike (sorting every window was 2% of a
+        // ResNet-50 `qint8 quantize`).
+        let under = near.iter().filter(|&&w| SPIKE_FACTOR * w < v).count();
+        if under <= near.len() / 2 {
+            continue;
+        }
         window.clear();
-        window.extend_from_slice(&b[lo..hi]);
+        window.extend_from_slice(near);
+        window.sort_by(f64::total_cmp);
+        out[j] = window[window.len() / 2];
+    }
+    out
+}
+
+/// [`flatten_point_masses`] as its definition reads: every window sorted
+/// for its median. The reference the counting version is tested against.
+pub fn flatten_point_masses_reference(b: &[f64]) -> Vec<f64> {
+    let mut out = b.to_vec();
+    for j in 1..b.len() {
+        let lo = j.saturating_sub(SPIKE_RADIUS);
+        let hi = (j + SPIKE_RADIUS + 1).min(b.len());
+        let mut window = b[lo..hi].to_vec();
         window.sort_by(f64::total_cmp);
         let median = window[window.len() / 2];
         if b[j] > SPIKE_FACTOR * median.max(1.0) {

@@ -8,7 +8,9 @@ use qint8_math::kernels::SimdLevel;
 use qint8_math::prelude::*;
 use qint8_math::quant::{dequantize_into_with, fake_quant_into_with, quantize_into_with};
 use qint8_math::reference;
-use qint8_math::search::{entropy_search, EntropyVariant};
+use qint8_math::search::{
+    entropy_search, flatten_point_masses, flatten_point_masses_reference, EntropyVariant,
+};
 
 fn dtype() -> impl Strategy<Value = QuantDtype> {
     prop_oneof![Just(QuantDtype::Int8), Just(QuantDtype::Uint8)]
@@ -172,6 +174,28 @@ proptest! {
         let on_edges = x.iter().filter(|v| { let t = v.abs() / (amax / bins as f32); (t - t.round()).abs() < 1e-4 }).count() as u64;
         prop_assert!(moved <= 2 * on_edges, "moved {} on_edges {}", moved, on_edges);
         prop_assert_eq!(h.total(), x.len() as u64);
+    }
+
+    /// Post-ReLU-like data (runs of zeros between values at bin centres, so
+    /// no value lies near an edge) bins exactly as the reference, on both
+    /// sides of the sub-histograms' threshold (4 x 2048 values).
+    #[test]
+    fn histogram_of_mostly_zeros_matches_reference(bins in prop::collection::vec(prop::option::weighted(0.4, 0usize..2048), 1..20000), negative in any::<bool>()) {
+        let amax = 3.0f32;
+        let w = amax / 2048.0;
+        let sign = if negative { -1.0 } else { 1.0 };
+        let x: Vec<f32> = bins.iter().map(|b| b.map_or(0.0, |k| sign * (k as f32 + 0.5) * w)).collect();
+        let mut h = Histogram::fixed_abs(2048, amax).unwrap();
+        h.add(&x).unwrap();
+        prop_assert_eq!(h.counts(), &reference_abs_counts(&x, 2048, amax)[..]);
+    }
+
+    /// Point masses are found and flattened exactly as by sorting every
+    /// window: sparse, spiky counts of every kind.
+    #[test]
+    fn flattened_point_masses_match_reference(b in prop::collection::vec(prop_oneof![Just(0u32), 0u32..4, 0u32..40, 0u32..2000], 0..300)) {
+        let b: Vec<f64> = b.iter().map(|&c| c as f64).collect();
+        prop_assert_eq!(flatten_point_masses(&b), flatten_point_masses_reference(&b));
     }
 
     /// Merging histograms equals the histogram of the concatenated data
