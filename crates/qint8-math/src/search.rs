@@ -389,82 +389,87 @@ pub fn entropy_search(
         .collect();
     let candidates: Vec<usize> = entropy_candidates(start_bin, n).collect();
     let simd = SimdLevel::active();
-
-    let fast = |i: usize| -> f64 {
+    // Candidate i's groups have i / levels bins or one more, so each group
+    // term `G ln(max(G, 1) / n_G)` (G its count, n_G its non-empty bins)
+    // depends only on the group's first bin and length: one row per
+    // length, computed once ([`group_row`]), serves every candidate. Taking
+    // a log per group and candidate instead (levels x candidates logs, 246k
+    // for 2048 bins) was most of the search.
+    let (mut rows, mut rows_q) = (Vec::new(), usize::MAX);
+    let mut kls = Vec::with_capacity(candidates.len());
+    let shift = levels.is_power_of_two().then(|| levels.trailing_zeros());
+    for &i in &candidates {
         let t = prefix[i];
         let last = b[i - 1];
         let out = clipped[i];
         // P's total: the kept mass and the clipped one.
         let s = t + out;
-        let ln_s = s.ln();
-        if last == 0.0 && out > 0.0 {
-            return f64::INFINITY;
+        if (last == 0.0 && out > 0.0) || t == 0.0 {
+            // P has mass (bin i-1's outliers, or only outliers) where Q has none.
+            kls.push(f64::INFINITY);
+            continue;
         }
-        if t == 0.0 {
-            // Only outliers: all of P's mass sits in an empty bin of Q.
-            return f64::INFINITY;
+        let (q, r) = (i / levels, i % levels);
+        if q != rows_q {
+            // Rows of lengths q and q + 1; ascending candidates reuse the
+            // longer one as the next quotient's shorter.
+            let short = match rows_q.checked_add(1) == Some(q) {
+                true => rows.split_off(n + 1),
+                false => group_row(&prefix, &nz, &ln_int, q, levels, simd),
+            };
+            rows = short;
+            rows.extend(group_row(&prefix, &nz, &ln_int, q + 1, levels, simd));
+            rows_q = q;
         }
-        let ln_t = t.ln();
-        // Sum over groups of B_g * ln(G_g / n_g), with B_g the mass of the
-        // group excluding bin i-1, and the group terms of sum b ln b.
-        let mut acc_bln = 0.0f64;
-        let mut acc_cross = 0.0f64;
-        let mut g_last = 0.0f64;
-        let mut n_last = 1usize;
-        let mut g_start = 0usize;
-        // Unused tail entries (a last chunk under 64) stay at sum 1, mass 0:
-        // their terms are 0.
-        let mut gsum = [1.0f64; GROUP_CHUNK];
-        let mut gmass = [0.0f64; GROUP_CHUNK];
-        let mut gln = [0.0f64; GROUP_CHUNK];
-        let mut terms = [0.0f64; GROUP_CHUNK];
-        let mut g = 0usize;
+        let (ln_s, ln_t) = (s.ln(), t.ln());
         // Group ends ceil(m * i / levels) for m = 1, 2, ..., stepped as a
-        // quotient and remainder: no integer division per group (that
-        // division was the largest cost of the search).
-        let (step_q, step_r) = (i / levels, i % levels);
-        let (mut end_q, mut end_r) = (0usize, 0usize);
-        while g < levels {
-            // Groups are processed in chunks so the logs below vectorize.
-            let chunk = (levels - g).min(GROUP_CHUNK);
-            if chunk < GROUP_CHUNK {
-                gsum = [1.0; GROUP_CHUNK];
-                gmass = [0.0; GROUP_CHUNK];
-            }
-            for k in 0..chunk {
-                let a = g_start;
-                end_q += step_q;
-                end_r += step_r;
-                if end_r >= levels {
-                    end_q += 1;
-                    end_r -= levels;
-                }
-                let e = (end_q + usize::from(end_r > 0)).min(i);
-                g_start = e;
-                let gs = prefix[e] - prefix[a];
-                let cnt = nz[e] - nz[a];
-                let mut mass = gs;
-                let mut bl = blogb[e] - blogb[a];
-                if e == i && a < e {
-                    // This group holds bin i-1, which is handled separately.
-                    mass -= last;
-                    if last > 0.0 {
-                        bl -= last * last.ln();
+        // quotient and remainder (no integer division per group).
+        // Group m (from 1) ends at ceil(m * i / levels); the last one at i.
+        let a_last = match shift {
+            Some(sh) => ((levels - 1) * i + levels - 1) >> sh,
+            None => ((levels - 1) * i).div_ceil(levels),
+        };
+        let g_last = prefix[i] - prefix[a_last];
+        let n_last = (nz[i] - nz[a_last]).max(1);
+        let cross = match shift {
+            // Power-of-two levels (TensorRT's 128): every group's end from
+            // its index alone, so the loop has no carried state but the
+            // eight partial sums (one chain of dependent adds had bound it).
+            Some(sh) => {
+                let end = |m: usize| (m * i + levels - 1) >> sh;
+                let mut acc = [0.0f64; 8];
+                for m0 in (0..levels).step_by(8) {
+                    for (k, s) in acc.iter_mut().enumerate().take(levels - m0) {
+                        let (a, e) = (end(m0 + k), end(m0 + k + 1));
+                        // Row 1 (length q + 1) or row 0, at the group's first bin.
+                        *s += rows[a + if e - a > q { n + 1 } else { 0 }];
                     }
-                    g_last = gs;
-                    n_last = cnt.max(1);
                 }
-                // Counts are integers, so a non-empty group sums to >= 1;
-                // empty groups have zero mass and contribute nothing.
-                gsum[k] = gs.max(1.0);
-                gmass[k] = mass;
-                gln[k] = ln_int[cnt];
-                acc_bln += bl;
+                acc.iter().sum::<f64>()
             }
-            group_terms::run(simd, &gsum, &gmass, &gln, &mut terms);
-            acc_cross += terms[..chunk].iter().sum::<f64>();
-            g += chunk;
-        }
+            // Otherwise stepped as a quotient and remainder (no integer
+            // division per group).
+            None => {
+                let (mut end_q, mut end_r, mut a) = (0usize, 0usize, 0usize);
+                let mut acc = [0.0f64; 4];
+                for m in 0..levels {
+                    end_q += q;
+                    end_r += r;
+                    if end_r >= levels {
+                        end_q += 1;
+                        end_r -= levels;
+                    }
+                    let e = end_q + usize::from(end_r > 0);
+                    acc[m % 4] += rows[a + if e - a > q { n + 1 } else { 0 }];
+                    a = e;
+                }
+                acc.iter().sum::<f64>()
+            }
+        };
+        // The group terms of sum b ln b telescope; bin i-1, whose share of
+        // its group's term is taken out here, is handled separately.
+        let acc_bln = blogb[i] - if last > 0.0 { last * last.ln() } else { 0.0 };
+        let acc_cross = cross - last * (fast_ln(g_last.max(1.0)) - ln_int[n_last]);
         // Bins j < i-1: (1/S) * [sum b ln b - sum_g B_g (ln S + ln(G_g/n_g) - ln T)].
         let mass_rest = t - last;
         let mut kl = (acc_bln - acc_cross - mass_rest * (ln_s - ln_t)) / s;
@@ -473,50 +478,8 @@ pub fn entropy_search(
             let q_last = g_last / n_last as f64;
             kl += p_last / s * ((p_last / s).ln() - (q_last / t).ln());
         }
-        kl
-    };
-
-    // The same divergence with the groups eight at a time (AVX-512: group
-    // ends computed, their prefix sums gathered): the sums run in another
-    // order, so values differ in the last bits, which the exact re-check
-    // below absorbs (the chosen bin is the same on every CPU).
-    #[cfg(target_arch = "x86_64")]
-    let nzf: Vec<f64> = nz.iter().map(|&c| c as f64).collect();
-    #[cfg(target_arch = "x86_64")]
-    let wide = |i: usize| -> f64 {
-        let t = prefix[i];
-        let last = b[i - 1];
-        let out = clipped[i];
-        let s = t + out;
-        if (last == 0.0 && out > 0.0) || t == 0.0 {
-            return f64::INFINITY;
-        }
-        let (ln_s, ln_t) = (s.ln(), t.ln());
-        // SAFETY: only where the CPU has AVX-512 (`simd` below); the
-        // group ends stay within 0..=i <= n, the tables' last index.
-        let (cross, g_last, n_last) = unsafe { group_sums_wide(&prefix, &nzf, &ln_int, i, levels) };
-        // The group terms of sum b ln b telescope; bin i-1 is left out.
-        let acc_bln = blogb[i] - if last > 0.0 { last * last.ln() } else { 0.0 };
-        let acc_cross = cross - last * (fast_ln(g_last.max(1.0)) - fast_ln(n_last));
-        let mass_rest = t - last;
-        let mut kl = (acc_bln - acc_cross - mass_rest * (ln_s - ln_t)) / s;
-        let p_last = last + out;
-        if p_last > 0.0 {
-            let q_last = g_last / n_last;
-            kl += p_last / s * ((p_last / s).ln() - (q_last / t).ln());
-        }
-        kl
-    };
-    let kls: Vec<f64> = candidates
-        .iter()
-        .map(|&i| {
-            #[cfg(target_arch = "x86_64")]
-            if simd >= SimdLevel::Avx512 {
-                return wide(i);
-            }
-            fast(i)
-        })
-        .collect();
+        kls.push(kl);
+    }
     let best = kls.iter().copied().fold(f64::INFINITY, f64::min);
     let tol = 1e-9 * best.abs().max(1e-3);
     let pick_last = variant != EntropyVariant::Gtc2017;
@@ -541,144 +504,46 @@ pub fn entropy_search(
     Ok(chosen.map(|(i, _)| i))
 }
 
-/// For entropy candidate `i` (the first `i` bins kept) and `levels`
-/// groups: the sum over groups of `G_g * (ln max(G_g, 1) - ln n_g)`
-/// with `G_g` a group's count and `n_g` its non-empty bins, and the count
-/// and non-empty bins (at least 1) of the group that holds bin `i - 1`.
-/// Group `m` (from 1) ends at bin `min(ceil(m * i / levels), i)` and
-/// starts where group `m - 1` ends, as in the scalar search; eight groups
-/// at a time, their ends computed exactly in f64 (integers far below
-/// 2^53) and their prefix sums and non-empty counts gathered.
-///
-/// # Safety
-/// The CPU has AVX-512F and DQ; `prefix`, `nz` and `ln_int` (`ln k` at
-/// `k`, 0 at 0) hold at least `i + 1` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn group_sums_wide(
+/// The group terms `G ln(max(G, 1)) - G ln n_G` of every group of `len`
+/// bins, by first bin `a` (`G = prefix[a + len] - prefix[a]`, `n_G` its
+/// non-empty bins), for `a` in `0..=bins`: the entropy search's table for
+/// one group length (terms of groups no candidate has are 0, and never
+/// read). Computed [`GROUP_CHUNK`] groups at a time by
+/// [`group_terms`], so every CPU gets the same bits.
+fn group_row(
     prefix: &[f64],
-    nz: &[f64],
+    nz: &[usize],
     ln_int: &[f64],
-    i: usize,
+    len: usize,
     levels: usize,
-) -> (f64, f64, f64) {
-    use std::arch::x86_64::*;
-    debug_assert!(prefix.len() > i && nz.len() > i);
-    let end = _mm512_set1_pd(i as f64);
-    let per = _mm512_set1_pd(levels as f64);
-    let inv = _mm512_set1_pd(1.0 / levels as f64);
-    let one = _mm512_set1_pd(1.0);
-    let lanes = _mm512_set_pd(8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0);
-    // Lane 0 from the second operand's lane 0 (the previous chunk's last
-    // value), lane k from the first operand's lane k - 1.
-    let shift = _mm512_set_epi64(6, 5, 4, 3, 2, 1, 0, 8);
-    let last_lane = _mm512_set1_epi64(7);
-    let (mut prev_e, mut prev_p, mut prev_n) = (
-        _mm512_setzero_pd(),
-        _mm512_setzero_pd(),
-        _mm512_setzero_pd(),
-    );
-    let mut acc = _mm512_setzero_pd();
-    let (mut g_last, mut n_last) = (0.0f64, 1.0f64);
-    let mut m0 = 0usize;
-    while m0 < levels {
-        let m = _mm512_add_pd(_mm512_set1_pd(m0 as f64), lanes);
-        // ceil(t / levels) for t = m * i (exact), by the reciprocal, then
-        // corrected to the integer c with (c - 1) * levels < t <= c * levels.
-        let t = _mm512_mul_pd(m, end);
-        let c = _mm512_roundscale_pd::<{ _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_pd(t, inv),
-        );
-        let c = _mm512_mask_add_pd(
-            c,
-            _mm512_cmp_pd_mask::<_CMP_LT_OQ>(_mm512_mul_pd(c, per), t),
-            c,
-            one,
-        );
-        let below = _mm512_sub_pd(c, one);
-        let c = _mm512_mask_sub_pd(
-            c,
-            _mm512_cmp_pd_mask::<_CMP_GE_OQ>(_mm512_mul_pd(below, per), t),
-            c,
-            one,
-        );
-        let e = _mm512_min_pd(c, end);
-        let ei = _mm512_cvttpd_epi64(e);
-        // SAFETY: every end lies in 0..=i (see the function's contract).
-        let (pe, ne) = unsafe {
-            (
-                _mm512_i64gather_pd::<8>(ei, prefix.as_ptr()),
-                _mm512_i64gather_pd::<8>(ei, nz.as_ptr()),
-            )
-        };
-        let a = _mm512_permutex2var_pd(e, shift, prev_e);
-        let gs = _mm512_sub_pd(pe, _mm512_permutex2var_pd(pe, shift, prev_p));
-        let cnt = _mm512_sub_pd(ne, _mm512_permutex2var_pd(ne, shift, prev_n));
-        let holds_last =
-            _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(e, end) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a, e);
-        if holds_last != 0 {
-            g_last = _mm512_mask_reduce_add_pd(holds_last, gs);
-            n_last = _mm512_mask_reduce_add_pd(holds_last, cnt).max(1.0);
+    simd: SimdLevel,
+) -> Vec<f64> {
+    let size = prefix.len();
+    let mut row = vec![0.0f64; size];
+    // Groups of `len` bins belong to candidates of fewer than
+    // `(len + 1) * levels` bins, so they start before that.
+    let fits = size.saturating_sub(len).min((len + 1) * levels);
+    let mut sum = [1.0f64; GROUP_CHUNK];
+    let mut mass = [0.0f64; GROUP_CHUNK];
+    let mut ln_n = [0.0f64; GROUP_CHUNK];
+    for (c, out) in row[..fits].chunks_mut(GROUP_CHUNK).enumerate() {
+        let first = c * GROUP_CHUNK;
+        for (k, a) in (first..first + out.len()).enumerate() {
+            let g = prefix[a + len] - prefix[a];
+            // Counts are integers: a non-empty group sums to at least 1.
+            sum[k] = g.max(1.0);
+            mass[k] = g;
+            ln_n[k] = ln_int[nz[a + len] - nz[a]];
         }
-        // Groups past `levels` (the last chunk's tail) end at i like the
-        // last one: empty, so their terms are 0.
-        let ln_g = fast_ln_wide(_mm512_max_pd(gs, one));
-        // SAFETY: counts of non-empty bins lie in 0..=i, within `ln_int`.
-        let ln_c = unsafe { _mm512_i64gather_pd::<8>(_mm512_cvttpd_epi64(cnt), ln_int.as_ptr()) };
-        acc = _mm512_add_pd(acc, _mm512_mul_pd(gs, _mm512_sub_pd(ln_g, ln_c)));
-        prev_e = _mm512_permutexvar_pd(last_lane, e);
-        prev_p = _mm512_permutexvar_pd(last_lane, pe);
-        prev_n = _mm512_permutexvar_pd(last_lane, ne);
-        m0 += 8;
+        // A short last chunk: its unused entries give terms of 0.
+        for k in out.len()..GROUP_CHUNK {
+            (sum[k], mass[k], ln_n[k]) = (1.0, 0.0, 0.0);
+        }
+        let mut terms = [0.0f64; GROUP_CHUNK];
+        group_terms::run(simd, &sum, &mass, &ln_n, &mut terms);
+        out.copy_from_slice(&terms[..out.len()]);
     }
-    (_mm512_reduce_add_pd(acc), g_last, n_last)
-}
-
-/// [`fast_ln`] on eight lanes (the series summed in another order: the
-/// same to a few ulp).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512dq")]
-fn fast_ln_wide(x: std::arch::x86_64::__m512d) -> std::arch::x86_64::__m512d {
-    use std::arch::x86_64::*;
-    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
-    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
-    const SQRT_HALF: i64 = 0x3fe6_a09e_667f_3bcd;
-    let set = _mm512_set1_pd;
-    let shifted = _mm512_sub_epi64(_mm512_castpd_si512(x), _mm512_set1_epi64(SQRT_HALF));
-    let e = _mm512_cvtepi64_pd(_mm512_srai_epi64::<52>(shifted));
-    let m = _mm512_castsi512_pd(_mm512_add_epi64(
-        _mm512_and_si512(shifted, _mm512_set1_epi64(0x000f_ffff_ffff_ffff)),
-        _mm512_set1_epi64(SQRT_HALF),
-    ));
-    let f = _mm512_sub_pd(m, set(1.0));
-    // f / (2 + f) without a division (whose throughput bounded the search):
-    // a 14-bit reciprocal and two Newton steps, each doubling its bits.
-    let d = _mm512_add_pd(set(2.0), f);
-    let mut r = _mm512_rcp14_pd(d);
-    for _ in 0..2 {
-        r = _mm512_fmadd_pd(r, _mm512_fnmadd_pd(d, r, set(1.0)), r);
-    }
-    let s = _mm512_mul_pd(f, r);
-    let z = _mm512_mul_pd(s, s);
-    // The series 1/3 + z/5 + z^2/7 + ... + z^9/21 in Estrin's form: pairs
-    // of terms, then pairs of pairs, so its multiplies and adds overlap
-    // (Horner's nine dependent steps made this loop latency-bound).
-    let pair = |k: f64| _mm512_add_pd(set(1.0 / k), _mm512_mul_pd(z, set(1.0 / (k + 2.0))));
-    let z2 = _mm512_mul_pd(z, z);
-    let z4 = _mm512_mul_pd(z2, z2);
-    let z8 = _mm512_mul_pd(z4, z4);
-    let low = _mm512_add_pd(pair(3.0), _mm512_mul_pd(z2, pair(7.0)));
-    let high = _mm512_add_pd(pair(11.0), _mm512_mul_pd(z2, pair(15.0)));
-    let poly = _mm512_add_pd(
-        _mm512_add_pd(low, _mm512_mul_pd(z4, high)),
-        _mm512_mul_pd(z8, pair(19.0)),
-    );
-    let two_s = _mm512_mul_pd(set(2.0), s);
-    let ln_m = _mm512_add_pd(two_s, _mm512_mul_pd(_mm512_mul_pd(two_s, z), poly));
-    _mm512_add_pd(
-        _mm512_mul_pd(e, set(LN2_HI)),
-        _mm512_add_pd(ln_m, _mm512_mul_pd(e, set(LN2_LO))),
-    )
+    row
 }
 
 /// Groups whose log terms `group_terms` computes at once.
