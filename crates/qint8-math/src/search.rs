@@ -422,13 +422,10 @@ pub fn entropy_search(
             rows_q = q;
         }
         let (ln_s, ln_t) = (s.ln(), t.ln());
-        // Group ends ceil(m * i / levels) for m = 1, 2, ..., stepped as a
-        // quotient and remainder (no integer division per group).
-        // Group m (from 1) ends at ceil(m * i / levels); the last one at i.
-        let a_last = match shift {
-            Some(sh) => ((levels - 1) * i + levels - 1) >> sh,
-            None => ((levels - 1) * i).div_ceil(levels),
-        };
+        // Group m (from 1) ends at ceil(m * i / levels). Bin i-1 lies in
+        // the first group that ends at i, group levels * (i - 1) / i + 1
+        // (the last one, unless i < levels leaves groups empty).
+        let a_last = (levels * (i - 1) / i * i).div_ceil(levels);
         let g_last = prefix[i] - prefix[a_last];
         let n_last = (nz[i] - nz[a_last]).max(1);
         let cross = match shift {
