@@ -550,9 +550,39 @@ crate::kernels::kernel!(abs_bins(
     *clipped += c;
 });
 
+/// The bins of `x` for [`Binner::Abs`], a block of [`BLOCK`] values at a
+/// time ([`abs_bins`]), handed to `count` block by block (the last one
+/// shorter); returns how many values were clipped.
+fn abs_blocks(
+    x: &[f32],
+    inv: f32,
+    last: usize,
+    hi: f32,
+    level: SimdLevel,
+    mut count: impl FnMut(&[u32]),
+) -> u64 {
+    let binner = Binner::Abs { inv, last, hi };
+    let mut idx = [0u32; BLOCK];
+    let mut clipped = 0u64;
+    let (blocks, tail) = x.as_chunks::<BLOCK>();
+    for block in blocks {
+        let mut c = 0u32;
+        abs_bins::run(level, block, inv, last as f32, hi, &mut idx, &mut c);
+        clipped += c as u64;
+        count(&idx);
+    }
+    for (slot, &v) in idx.iter_mut().zip(tail) {
+        let (i, c) = binner.index(v);
+        // A bin index, below `last + 1` (a u32 bin count).
+        *slot = i as u32;
+        clipped += c as u64;
+    }
+    count(&idx[..tail.len()]);
+    clipped
+}
+
 /// [`Binner::bin_into`] for [`Binner::Abs`] on at least four values per
-/// bin: bins computed a block at a time ([`abs_bins`]), counted through
-/// [`sub_counted`].
+/// bin: bins from [`abs_blocks`], counted through [`sub_counted`].
 fn abs_bin_into(
     x: &[f32],
     inv: f32,
@@ -561,35 +591,26 @@ fn abs_bin_into(
     counts: &mut [u64],
     level: SimdLevel,
 ) -> u64 {
-    let binner = Binner::Abs { inv, last, hi };
-    let mut idx = [0u32; BLOCK];
     sub_counted(x, counts, |piece, [s0, s1, s2, s3]| {
-        let mut clipped = 0u64;
-        let (blocks, tail) = piece.as_chunks::<BLOCK>();
-        for block in blocks {
-            let mut c = 0u32;
-            abs_bins::run(level, block, inv, last as f32, hi, &mut idx, &mut c);
-            clipped += c as u64;
-            for q in idx.chunks_exact(4) {
+        abs_blocks(piece, inv, last, hi, level, |idx| {
+            let (quads, rest) = idx.as_chunks::<4>();
+            for q in quads {
                 s0[q[0] as usize] += 1;
                 s1[q[1] as usize] += 1;
                 s2[q[2] as usize] += 1;
                 s3[q[3] as usize] += 1;
             }
-        }
-        for &v in tail {
-            let (i, c) = binner.index(v);
-            s0[i] += 1;
-            clipped += c as u64;
-        }
-        clipped
+            for &i in rest {
+                s0[i as usize] += 1;
+            }
+        })
     })
 }
 
 /// [`Binner::bin_into`] for [`Binner::Abs`] on too few values to pay for
-/// [`sub_counted`]'s sub-histograms: bins a block at a time ([`abs_bins`])
-/// and counts bin 0 apart. Post-ReLU values are mostly zeros, whose
-/// increments of one counter would each wait for the last one's store.
+/// [`sub_counted`]'s sub-histograms: bins from [`abs_blocks`], bin 0
+/// counted apart. Post-ReLU values are mostly zeros, whose increments of
+/// one counter would each wait for the last one's store.
 fn abs_bin_short(
     x: &[f32],
     inv: f32,
@@ -598,31 +619,21 @@ fn abs_bin_short(
     counts: &mut [u64],
     level: SimdLevel,
 ) -> u64 {
-    let binner = Binner::Abs { inv, last, hi };
-    let (mut idx, mut rest) = ([0u32; BLOCK], [0u32; BLOCK]);
-    let (mut clipped, mut zeros) = (0u64, 0u64);
-    let (blocks, tail) = x.as_chunks::<BLOCK>();
-    for block in blocks {
-        let mut c = 0u32;
-        abs_bins::run(level, block, inv, last as f32, hi, &mut idx, &mut c);
-        clipped += c as u64;
+    let mut rest = [0u32; BLOCK];
+    let mut zeros = 0u64;
+    let clipped = abs_blocks(x, inv, last, hi, level, |idx| {
         // Branch-free compaction of the other bins: which values are zero
         // follows no pattern a branch could predict.
         let mut m = 0;
-        for &q in &idx {
+        for &q in idx {
             rest[m] = q;
             m += usize::from(q != 0);
         }
-        zeros += (BLOCK - m) as u64;
+        zeros += (idx.len() - m) as u64;
         for &q in &rest[..m] {
             counts[q as usize] += 1;
         }
-    }
-    for &v in tail {
-        let (i, c) = binner.index(v);
-        counts[i] += 1;
-        clipped += c as u64;
-    }
+    });
     counts[0] += zeros;
     clipped
 }
