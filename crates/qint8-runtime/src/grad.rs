@@ -152,6 +152,12 @@ pub struct Backward<'g> {
     /// Input-gradient convolutions prepared per Conv node and geometry
     /// (see [`InputGrad`]); `None` where the node takes the GEMM path.
     transposed: Mutex<TransposedConvs>,
+    /// Gemm nodes whose input is a 1x1 map expanded and flattened
+    /// ([`expanded_gemms`]): Gemm node to its Expand node.
+    expanded: HashMap<usize, usize>,
+    /// Their weights summed over the copies, `[n_out, channels]`, per
+    /// Gemm node and copy count.
+    folded: Mutex<HashMap<(usize, usize), Arc<Vec<f32>>>>,
 }
 
 impl<'g> Backward<'g> {
@@ -165,6 +171,7 @@ impl<'g> Backward<'g> {
         }
         let want: HashSet<&str> = wanted.iter().copied().collect();
         let silu = silu_pairs(graph, &nodes, &want, output);
+        let expanded = expanded_gemms(graph, &nodes, &want, &live);
         Ok(Self {
             graph,
             output: output.to_string(),
@@ -173,7 +180,86 @@ impl<'g> Backward<'g> {
             live,
             silu,
             transposed: Mutex::default(),
+            expanded,
+            folded: Mutex::default(),
         })
+    }
+
+    /// Gemm node `i`'s gradient straight to the 1x1 map its input expands
+    /// ([`expanded_gemms`]): `alpha * g * W'` with `W'` the weights summed
+    /// over the copies, instead of a product as wide as all the copies and
+    /// a sum over them (VGG's first classifier layer at inputs of 32x32:
+    /// 49 copies of each channel). `None` where the shapes do not fit that
+    /// form; the general rules then run.
+    fn expanded_gemm_grad(
+        &self,
+        i: usize,
+        values: &Values<'_>,
+        g: &[f32],
+    ) -> Result<Option<(String, Vec<f32>)>> {
+        let Some(&e) = self.expanded.get(&i) else {
+            return Ok(None);
+        };
+        let (graph, node, expand) = (self.graph, &self.graph.nodes[i], &self.graph.nodes[e]);
+        let Op::Gemm { alpha, trans_b, .. } = node.op else {
+            return Ok(None);
+        };
+        let x = input(graph, values, expand, 0)?;
+        let y = value(graph, values, expand, &expand.outputs[0])?;
+        let b = input(graph, values, node, 1)?;
+        // x: [n, c, 1, ...], y: [n, c, ...] with the same n and c.
+        let fits = x.shape.len() == y.shape.len()
+            && x.shape.len() >= 2
+            && x.shape[..2] == y.shape[..2]
+            && x.shape[2..].iter().all(|&d| d == 1)
+            && b.shape.len() == 2;
+        if !fits {
+            return Ok(None);
+        }
+        let (n, c) = (x.shape[0], x.shape[1]);
+        let copies: usize = y.shape[2..].iter().product();
+        let (n_out, k) = match trans_b {
+            true => (b.shape[0], b.shape[1]),
+            false => (b.shape[1], b.shape[0]),
+        };
+        if k != c * copies || g.len() != n * n_out || copies == 0 {
+            return Ok(None);
+        }
+        let w = {
+            let mut cache = self
+                .folded
+                .lock()
+                .map_err(|_| RuntimeError::Gradient("gradient cache poisoned".into()))?;
+            cache
+                .entry((i, copies))
+                .or_insert_with(|| {
+                    let mut w = vec![0.0f32; n_out * c];
+                    for (o, row) in w.chunks_exact_mut(c).enumerate() {
+                        for (ch, v) in row.iter_mut().enumerate() {
+                            *v = (ch * copies..(ch + 1) * copies)
+                                .map(|r| match trans_b {
+                                    true => b.data[o * k + r],
+                                    false => b.data[r * n_out + o],
+                                })
+                                .sum();
+                        }
+                    }
+                    Arc::new(w)
+                })
+                .clone()
+        };
+        let mut gx = vec![0.0f32; n * c];
+        matmul(
+            n,
+            c,
+            n_out,
+            Mat::row_major(g, n_out),
+            Mat::row_major(&w, c),
+            &mut gx,
+            node,
+        )?;
+        gx.iter_mut().for_each(|v| *v *= alpha);
+        Ok(Some((expand.inputs[0].clone(), gx)))
     }
 
     /// Node `i`'s input gradient on the forward kernels ([`InputGrad`],
@@ -264,6 +350,17 @@ impl<'g> Backward<'g> {
             if !need.iter().any(|&b| b) {
                 continue;
             }
+            if let Some((name, gx)) = self.expanded_gemm_grad(i, values, &g)? {
+                // The Flatten and Expand between are skipped: no gradient
+                // reaches their outputs.
+                match grads.get_mut(&name) {
+                    Some(acc) => acc.iter_mut().zip(&gx).for_each(|(a, b)| *a += b),
+                    None => {
+                        grads.insert(name, gx);
+                    }
+                }
+                continue;
+            }
             let gin = match silu.get(&i) {
                 // x * sigmoid(x) in one pass, straight to x.
                 Some(&x_at) => {
@@ -303,6 +400,53 @@ impl<'g> Backward<'g> {
         }
         Ok(())
     }
+}
+
+/// The Gemm nodes on the path (A not transposed, B a constant) whose
+/// input is `Flatten(axis 1)` of an `Expand`, each of those values read by
+/// the next node alone and not wanted: Gemm node to Expand node. Whether
+/// the Expand copies a 1x1 map is checked on the values
+/// (`Backward::expanded_gemm_grad`).
+fn expanded_gemms(
+    graph: &Graph,
+    nodes: &[usize],
+    want: &HashSet<&str>,
+    live: &HashSet<String>,
+) -> HashMap<usize, usize> {
+    let producer: HashMap<&str, usize> = nodes
+        .iter()
+        .flat_map(|&i| graph.nodes[i].outputs.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let only =
+        |value: &str, reader: usize| !want.contains(value) && graph.consumers(value) == [reader];
+    let mut out = HashMap::new();
+    for &i in nodes {
+        let node = &graph.nodes[i];
+        let Op::Gemm { trans_a: false, .. } = node.op else {
+            continue;
+        };
+        let constant_b = node
+            .input(1)
+            .is_some_and(|b| graph.initializers.contains_key(b));
+        let Some(&f) = node.input(0).and_then(|a| producer.get(a)) else {
+            continue;
+        };
+        let flatten = &graph.nodes[f];
+        let Some(&e) = flatten.input(0).and_then(|v| producer.get(v)) else {
+            continue;
+        };
+        let expand = &graph.nodes[e];
+        if constant_b
+            && matches!(flatten.op, Op::Flatten { axis: 1 })
+            && matches!(expand.op, Op::Expand)
+            && only(&flatten.outputs[0], i)
+            && only(&expand.outputs[0], f)
+            && expand.input(0).is_some_and(|x| live.contains(x))
+        {
+            out.insert(i, e);
+        }
+    }
+    out
 }
 
 /// The Mul nodes on the path that compute SiLU, `x * sigmoid(x)`, whose

@@ -125,7 +125,15 @@ fn phase_taps_split_the_kernel_by_position() {
 
 /// The gradient of `sum(r * f(x))` with respect to `x`, by central
 /// differences along `dir`, against `<grad, dir>` from [`backward`].
-fn check_directional(graph: &Graph, x: &ArrayD<f32>, wanted_extra: &[&str]) {
+/// A session on `graph` without fusion, and the gradients of `<r, y>` for
+/// `y` the graph's output on `x` and `r` fixed pseudo-random weights, at
+/// the graph input and `wanted_extra` (each checked to be visited once,
+/// at its value's size).
+fn gradients(
+    graph: &Graph,
+    x: &ArrayD<f32>,
+    wanted_extra: &[&str],
+) -> (Session, Vec<f32>, BTreeMap<String, Vec<f32>>) {
     let session = Session::from_graph(
         graph.clone(),
         SessionOptions {
@@ -180,6 +188,14 @@ fn check_directional(graph: &Graph, x: &ArrayD<f32>, wanted_extra: &[&str]) {
         let len = vals[name.as_str()].data.len();
         assert_eq!(g.len(), len, "{name}: gradient size");
     }
+    (session, r, got)
+}
+
+fn check_directional(graph: &Graph, x: &ArrayD<f32>, wanted_extra: &[&str]) {
+    let (session, r, got) = gradients(graph, x, wanted_extra);
+    let input = graph.inputs[0].name.clone();
+    let xs = x.shape().to_vec();
+    let xd = x.as_slice().unwrap().to_vec();
     let dir = values(xd.len(), 5);
     let f = |eps: f32| -> f64 {
         let xp: Vec<f32> = xd.iter().zip(&dir).map(|(a, d)| a + eps * d).collect();
@@ -605,6 +621,71 @@ fn gemm_with_transposed_operands_matches_finite_differences() {
             value_info: vec![],
         };
         check_directional(&graph, &input_for(&graph, x[0], 6), &["r"]);
+    }
+}
+
+#[test]
+fn gemm_on_an_expanded_map_takes_the_summed_weights() {
+    // VGG's classifier at small inputs: a 1x1 map expanded to 3x3,
+    // flattened, into a Gemm. The gradient goes straight to the 1x1 map
+    // with the weights summed over the 9 copies; wanting the flattened
+    // value too turns that off, so the two must agree.
+    for tb in [true, false] {
+        let mut init = BTreeMap::new();
+        init.insert("w".to_string(), f32_tensor(&[4, 3, 3, 3], 1));
+        init.insert("shape".to_string(), Tensor::vec_i64(&[2, 4, 3, 3]));
+        init.insert(
+            "b".to_string(),
+            f32_tensor(if tb { &[5, 36] } else { &[36, 5] }, 4),
+        );
+        let conv = ConvAttrs {
+            kernel_shape: None,
+            strides: vec![1, 1],
+            pads: vec![1, 1, 1, 1],
+            dilations: vec![1, 1],
+            group: 1,
+            auto_pad: Default::default(),
+        };
+        let graph = Graph {
+            name: "expanded".into(),
+            inputs: vec![ValueInfo::f32("x", &[2, 3, 4, 4])],
+            outputs: vec![ValueInfo::f32("y", &[2, 5])],
+            nodes: vec![
+                Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
+                Node::new("gp", Op::GlobalAveragePool, &["c"], &["gp"]),
+                Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
+                Node::new("fl", Op::Flatten { axis: 1 }, &["ex"], &["fl"]),
+                Node::new(
+                    "g",
+                    Op::Gemm {
+                        alpha: 0.6,
+                        beta: 1.0,
+                        trans_a: false,
+                        trans_b: tb,
+                    },
+                    &["fl", "b"],
+                    &["y"],
+                ),
+            ],
+            initializers: init,
+            value_info: vec![],
+        };
+        let wanted: Vec<&str> = vec![graph.inputs[0].name.as_str(), "gp"];
+        let (nodes, live) = path(&graph, &wanted, "y");
+        let want: HashSet<&str> = wanted.iter().copied().collect();
+        assert_eq!(expanded_gemms(&graph, &nodes, &want, &live).len(), 1);
+        let x = input_for(&graph, 2, 3);
+        check_directional(&graph, &x, &["gp"]);
+        let folded = gradients(&graph, &x, &["gp"]).2;
+        let general = gradients(&graph, &x, &["gp", "fl"]).2;
+        for name in ["gp", "x"] {
+            for (a, b) in folded[name].iter().zip(&general[name]) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "{name}: {a} vs {b}"
+                );
+            }
+        }
     }
 }
 
