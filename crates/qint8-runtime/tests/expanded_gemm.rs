@@ -1,0 +1,108 @@
+//! A Gemm on a flattened Expand of a 1x1 map (VGG's classifier at inputs of
+//! 32x32) runs on the map with its weights summed over the copies: the
+//! same outputs, to float rounding, as the product over every copy.
+
+use std::collections::BTreeMap;
+
+use ndarray::{ArrayD, IxDyn};
+use qint8_graph::{ConvAttrs, Graph, Node, Op, Tensor, ValueInfo};
+use qint8_runtime::{Session, SessionOptions};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(n, seed)).unwrap())
+}
+
+#[test]
+fn gemm_on_an_expanded_map_matches_the_product_over_every_copy() {
+    for trans_b in [true, false] {
+        let (n, c, copies, out) = (2usize, 4usize, 9usize, 5usize);
+        let mut init = BTreeMap::new();
+        init.insert("w".to_string(), tensor(&[c, 3, 3, 3], 1));
+        init.insert("shape".to_string(), Tensor::vec_i64(&[2, 4, 3, 3]));
+        let b_shape = match trans_b {
+            true => [out, c * copies],
+            false => [c * copies, out],
+        };
+        init.insert("b".to_string(), tensor(&b_shape, 2));
+        init.insert("bias".to_string(), tensor(&[out], 3));
+        let conv = ConvAttrs {
+            kernel_shape: None,
+            strides: vec![1, 1],
+            pads: vec![1, 1, 1, 1],
+            dilations: vec![1, 1],
+            group: 1,
+            auto_pad: Default::default(),
+        };
+        let graph = Graph {
+            name: "expanded".into(),
+            inputs: vec![ValueInfo::f32("x", &[n, 3, 4, 4])],
+            outputs: vec![ValueInfo::f32("y", &[n, out])],
+            nodes: vec![
+                Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
+                Node::new("gp", Op::GlobalAveragePool, &["c"], &["gp"]),
+                Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
+                Node::new("fl", Op::Flatten { axis: 1 }, &["ex"], &["fl"]),
+                Node::new(
+                    "g",
+                    Op::Gemm {
+                        alpha: 0.6,
+                        beta: 0.5,
+                        trans_a: false,
+                        trans_b,
+                    },
+                    &["fl", "b", "bias"],
+                    &["y"],
+                ),
+            ],
+            initializers: init.clone(),
+            value_info: vec![],
+        };
+        let session = Session::from_graph(graph, SessionOptions::default()).unwrap();
+        let x = ArrayD::from_shape_vec(IxDyn(&[n, 3, 4, 4]), values(n * 48, 4)).unwrap();
+        let mut flat = Vec::new();
+        let y = session
+            .run_observed(&[("x", x.view())], &mut |name: &str, _: &[usize], d: &[f32]| {
+                if name == "fl" || name == "ex" {
+                    flat = d.to_vec();
+                }
+                Ok(())
+            })
+            .unwrap()
+            .remove(0);
+        assert_eq!(flat.len(), n * c * copies, "the expanded copies are observed");
+        let (Tensor::F32(b), Tensor::F32(bias)) = (&init["b"], &init["bias"]) else {
+            unreachable!()
+        };
+        let (b, bias) = (b.as_slice().unwrap(), bias.as_slice().unwrap());
+        let k = c * copies;
+        for s in 0..n {
+            for o in 0..out {
+                let dot: f64 = (0..k)
+                    .map(|r| {
+                        let w = if trans_b { b[o * k + r] } else { b[r * out + o] };
+                        flat[s * k + r] as f64 * w as f64
+                    })
+                    .sum();
+                let want = 0.6 * dot + 0.5 * bias[o] as f64;
+                let got = y[[s, o]] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "trans_b {trans_b}, image {s}, output {o}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
