@@ -788,7 +788,10 @@ fn expanded_gemm(
         return None;
     }
     let x = expand.input(0)?;
-    let (xs, ys) = (&shapes.get(x)?.shape, &shapes.get(&expand.outputs[0])?.shape);
+    let (xs, ys) = (
+        &shapes.get(x)?.shape,
+        &shapes.get(&expand.outputs[0])?.shape,
+    );
     let bs = &shapes.get(node.input(1)?)?.shape;
     if xs.len() < 2 || xs.len() != ys.len() || xs[..2] != ys[..2] || bs.len() != 2 {
         return None;

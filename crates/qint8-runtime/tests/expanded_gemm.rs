@@ -74,15 +74,22 @@ fn gemm_on_an_expanded_map_matches_the_product_over_every_copy() {
         let x = ArrayD::from_shape_vec(IxDyn(&[n, 3, 4, 4]), values(n * 48, 4)).unwrap();
         let mut flat = Vec::new();
         let y = session
-            .run_observed(&[("x", x.view())], &mut |name: &str, _: &[usize], d: &[f32]| {
-                if name == "fl" || name == "ex" {
-                    flat = d.to_vec();
-                }
-                Ok(())
-            })
+            .run_observed(
+                &[("x", x.view())],
+                &mut |name: &str, _: &[usize], d: &[f32]| {
+                    if name == "fl" || name == "ex" {
+                        flat = d.to_vec();
+                    }
+                    Ok(())
+                },
+            )
             .unwrap()
             .remove(0);
-        assert_eq!(flat.len(), n * c * copies, "the expanded copies are observed");
+        assert_eq!(
+            flat.len(),
+            n * c * copies,
+            "the expanded copies are observed"
+        );
         let (Tensor::F32(b), Tensor::F32(bias)) = (&init["b"], &init["bias"]) else {
             unreachable!()
         };
@@ -92,7 +99,11 @@ fn gemm_on_an_expanded_map_matches_the_product_over_every_copy() {
             for o in 0..out {
                 let dot: f64 = (0..k)
                     .map(|r| {
-                        let w = if trans_b { b[o * k + r] } else { b[r * out + o] };
+                        let w = if trans_b {
+                            b[o * k + r]
+                        } else {
+                            b[r * out + o]
+                        };
                         flat[s * k + r] as f64 * w as f64
                     })
                     .sum();
