@@ -138,6 +138,10 @@ pub fn backward(
 /// or `None` where it takes [`conv_input_grad`].
 type TransposedConvs = HashMap<(usize, ConvGeom), Option<Arc<InputGrad>>>;
 
+/// Weights of a Gemm on an expanded map summed over the copies,
+/// `[n_out, channels]`, per Gemm node and copy count.
+type FoldedWeights = HashMap<(usize, usize), Arc<Vec<f32>>>;
+
 /// A backward pass from one output to a set of values, prepared once (the
 /// nodes on the way, which inputs take gradients, fused SiLU pairs) and run
 /// on the values of any number of forward runs.
@@ -155,9 +159,8 @@ pub struct Backward<'g> {
     /// Gemm nodes whose input is a 1x1 map expanded and flattened
     /// ([`expanded_gemms`]): Gemm node to its Expand node.
     expanded: HashMap<usize, usize>,
-    /// Their weights summed over the copies, `[n_out, channels]`, per
-    /// Gemm node and copy count.
-    folded: Mutex<HashMap<(usize, usize), Arc<Vec<f32>>>>,
+    /// Their weights summed over the copies.
+    folded: Mutex<FoldedWeights>,
 }
 
 impl<'g> Backward<'g> {
