@@ -51,6 +51,9 @@ pub(crate) enum Kernel {
         /// Bias broadcast to `[m, n]` (already scaled by beta), if any.
         bias: Option<Arc<Vec<f32>>>,
         alpha: f32,
+        /// A's columns are every `a_every`-th value of the input (1: all;
+        /// more for an expanded map, see `expanded_gemm`).
+        a_every: usize,
     },
     /// `Gemm` with `transB` weights on the packed kernel: `Y^T = W * X^T`
     /// into scratch, bias per output feature, then transposed into `Y`.
@@ -395,17 +398,14 @@ pub(crate) fn compile(
             true => int8_source(g, &producers, node, &shapes, &vals)?,
             false => None,
         };
-        // A float Gemm on a flattened Expand of a 1x1 map reads the map
-        // itself, with its weights summed over the copies.
-        let folded = match int8 {
-            None => expanded_gemm(node, &producers, &shapes, &vals, &ins),
-            Some(_) => None,
+        // A Gemm on a flattened Expand of a 1x1 map runs in float on the
+        // map, with its weights summed over the copies.
+        let folded = expanded_gemm(node, &producers, &shapes, &vals, &ins, int8.is_some());
+        let (node, mut ins, int8, every) = match &folded {
+            Some((n, i, every)) => (n, i.clone(), None, *every),
+            None => (node, ins, int8, 1),
         };
-        let (node, mut ins) = match &folded {
-            Some((n, i)) => (n, i.clone()),
-            None => (node, ins),
-        };
-        let mut kernel = build_kernel(node, &shapes, &ins, &out_shape, int8)?;
+        let mut kernel = build_kernel(node, &shapes, &ins, &out_shape, int8, every)?;
         // An integer convolution quantizes its input itself: with fusion,
         // it reads the tensor before QuantizeLinear, and the fake-quant step
         // that fed only it goes away.
@@ -762,18 +762,24 @@ pub(crate) fn compile(
 
 /// For a Gemm (A not transposed, B a constant) whose A is `Flatten(axis
 /// 1)` of an `Expand` that copies a `[n, c, 1, ...]` map `h` times: the
-/// same Gemm on the map, as a node reading it and inputs with B summed
-/// over the copies (`c` columns instead of `c * h`). VGG's classifier at
-/// inputs of 32x32 reads 49 copies of each of 64 channels this way, a
-/// seventh of the network's multiply-adds. The same function up to float
-/// rounding (the copies' weights are summed before the products).
+/// same Gemm on `c` columns instead of `c * h`, with B summed over the
+/// copies, as a node reading the map (for its shapes), its inputs, and
+/// which of A's values the product reads. VGG's classifier at inputs of
+/// 32x32 reads 49 copies of each of 64 channels this way, a seventh of the
+/// network's multiply-adds. Float graphs read the map itself (every value);
+/// with `integer`, where A is that Flatten through per-tensor
+/// QuantizeLinear and DequantizeLinear, the product reads every `h`-th
+/// value of the fake-quantized copies (the same values, quantized
+/// alike) and runs in float on the dequantized weights instead of on int8
+/// ones. The same function up to float rounding.
 fn expanded_gemm(
     node: &Node,
     producers: &HashMap<&str, &Node>,
     shapes: &HashMap<String, ValueShape>,
     vals: &HashMap<String, Val>,
     ins: &[Val],
-) -> Option<(Node, Vec<Val>)> {
+    integer: bool,
+) -> Option<(Node, Vec<Val>, usize)> {
     let Op::Gemm {
         trans_a: false,
         trans_b,
@@ -782,8 +788,23 @@ fn expanded_gemm(
     else {
         return None;
     };
-    let flatten = producers.get(node.input(0)?)?;
-    let expand = producers.get(flatten.input(0)?)?;
+    let mut a = producers.get(node.input(0)?)?;
+    if integer {
+        // DequantizeLinear(QuantizeLinear(Flatten)), one scale for all.
+        let scalar = |n: &Node| {
+            n.input(1)
+                .and_then(|sc| shapes.get(sc))
+                .is_some_and(|v| v.shape.iter().product::<usize>() == 1)
+        };
+        let q = producers.get(a.input(0)?)?;
+        let qdq = matches!(a.op, Op::DequantizeLinear { .. })
+            && matches!(q.op, Op::QuantizeLinear { .. });
+        if !qdq || !scalar(a) || !scalar(q) {
+            return None;
+        }
+        a = producers.get(q.input(0)?)?;
+    }
+    let (flatten, expand) = (a, producers.get(a.input(0)?)?);
     if !matches!(flatten.op, Op::Flatten { axis: 1 }) || !matches!(expand.op, Op::Expand) {
         return None;
     }
@@ -829,9 +850,15 @@ fn expanded_gemm(
     let mut reads = node.clone();
     reads.inputs[0] = x.to_string();
     let mut ins = ins.to_vec();
-    ins[0] = vals.get(x)?.clone();
     ins[1] = Val::Const(Arc::new(summed));
-    Some((reads, ins))
+    let every = match integer {
+        true => copies,
+        false => {
+            ins[0] = vals.get(x)?.clone();
+            1
+        }
+    };
+    Some((reads, ins, every))
 }
 
 fn const_of<'a>(node: &Node, ins: &'a [Val], i: usize, what: &str) -> Result<&'a Arc<Vec<f32>>> {
@@ -1112,12 +1139,15 @@ fn int8_gemm(
     Ok(Kernel::Conv(Box::new(conv.with_int8(src)), false))
 }
 
+/// `every`: a Gemm's A columns are every `every`-th value of its input
+/// (see `expanded_gemm`; 1 otherwise).
 fn build_kernel(
     node: &Node,
     shapes: &HashMap<String, ValueShape>,
     ins: &[Val],
     out_shape: &[usize],
     int8: Option<Int8Source>,
+    every: usize,
 ) -> Result<Kernel> {
     let x_shape = || in_shape(node, shapes, 0);
     let int8 = match (&node.op, int8) {
@@ -1181,7 +1211,9 @@ fn build_kernel(
                 Some(_) => None,
             };
             match row_bias {
-                Some(bias) if *trans_b && *alpha == 1.0 && conv_source_available() => {
+                Some(bias)
+                    if *trans_b && *alpha == 1.0 && every == 1 && conv_source_available() =>
+                {
                     Kernel::GemmPacked {
                         m,
                         n,
@@ -1201,6 +1233,7 @@ fn build_kernel(
                     b_cs,
                     bias,
                     alpha: *alpha,
+                    a_every: every,
                 },
             }
         }
@@ -1456,11 +1489,15 @@ pub(crate) fn run_kernel(
             b_cs,
             bias,
             alpha,
+            a_every,
         } => {
-            let a = if *trans_a {
-                Mat::transposed(ins[0], *m)
-            } else {
-                Mat::row_major(ins[0], *k)
+            let a = match trans_a {
+                true => Mat::transposed(ins[0], *m),
+                false => Mat {
+                    data: ins[0],
+                    rs: *k * *a_every,
+                    cs: *a_every,
+                },
             };
             let bm = Mat {
                 data: b,

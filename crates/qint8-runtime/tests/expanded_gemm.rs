@@ -117,3 +117,106 @@ fn gemm_on_an_expanded_map_matches_the_product_over_every_copy() {
         }
     }
 }
+
+#[test]
+fn quantized_gemm_on_an_expanded_map_matches_the_float_simulation() {
+    // The same Gemm in a QDQ graph: the input fake-quantized per tensor,
+    // int8 weights per output. With integer kernels the plan reads every
+    // 9th fake-quantized value and runs the summed dequantized weights in
+    // float; the float simulation (integer kernels off) runs the product
+    // over every copy.
+    let (n, c, copies, out) = (3usize, 4usize, 9usize, 5usize);
+    let k = c * copies;
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), tensor(&[c, 3, 3, 3], 5));
+    init.insert("shape".to_string(), Tensor::vec_i64(&[3, 4, 3, 3]));
+    let w8: Vec<i8> = values(out * k, 6)
+        .iter()
+        .map(|v| (v * 127.0) as i8)
+        .collect();
+    init.insert(
+        "w8".to_string(),
+        Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[out, k]), w8).unwrap()),
+    );
+    let scales: Vec<f32> = (0..out).map(|o| 0.01 + 0.002 * o as f32).collect();
+    init.insert(
+        "ws".to_string(),
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[out]), scales).unwrap()),
+    );
+    init.insert(
+        "wz".to_string(),
+        Tensor::I8(ArrayD::from_elem(IxDyn(&[out]), 0)),
+    );
+    init.insert("xs".to_string(), Tensor::scalar_f32(0.02));
+    init.insert(
+        "xz".to_string(),
+        Tensor::I8(ArrayD::from_elem(IxDyn(&[]), 0)),
+    );
+    init.insert("bias".to_string(), tensor(&[out], 7));
+    let conv = ConvAttrs {
+        kernel_shape: None,
+        strides: vec![1, 1],
+        pads: vec![1, 1, 1, 1],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: Default::default(),
+    };
+    let graph = Graph {
+        name: "expanded_qdq".into(),
+        inputs: vec![ValueInfo::f32("x", &[n, 3, 4, 4])],
+        outputs: vec![ValueInfo::f32("y", &[n, out])],
+        nodes: vec![
+            Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
+            Node::new("gp", Op::GlobalAveragePool, &["c"], &["gp"]),
+            Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
+            Node::new("fl", Op::Flatten { axis: 1 }, &["ex"], &["fl"]),
+            Node::new(
+                "q",
+                Op::QuantizeLinear { axis: 1 },
+                &["fl", "xs", "xz"],
+                &["q"],
+            ),
+            Node::new(
+                "dq",
+                Op::DequantizeLinear { axis: 1 },
+                &["q", "xs", "xz"],
+                &["a"],
+            ),
+            Node::new(
+                "wdq",
+                Op::DequantizeLinear { axis: 0 },
+                &["w8", "ws", "wz"],
+                &["wf"],
+            ),
+            Node::new(
+                "g",
+                Op::Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: true,
+                },
+                &["a", "wf", "bias"],
+                &["y"],
+            ),
+        ],
+        initializers: init,
+        value_info: vec![],
+    };
+    let x = ArrayD::from_shape_vec(IxDyn(&[n, 3, 4, 4]), values(n * 48, 8)).unwrap();
+    let run = |integer: bool| {
+        let opts = SessionOptions {
+            integer,
+            ..Default::default()
+        };
+        Session::from_graph(graph.clone(), opts)
+            .unwrap()
+            .run(&[("x", x.view())])
+            .unwrap()
+            .remove(0)
+    };
+    let (int, sim) = (run(true), run(false));
+    for (a, b) in int.iter().zip(sim.iter()) {
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
