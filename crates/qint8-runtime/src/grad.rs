@@ -21,6 +21,7 @@ use crate::kernels::gemm::{sgemm, Mat};
 use crate::kernels::packed::{gemm_packed, Epilogue, PackedA};
 use crate::kernels::pool::Pool2d;
 use crate::kernels::Activation;
+use crate::plan::summed_over_copies;
 
 /// A forward value: its shape and row-major data.
 #[derive(Debug, Clone, Copy)]
@@ -228,39 +229,17 @@ impl<'g> Backward<'g> {
         if k != c * copies || g.len() != n * n_out || copies == 0 {
             return Ok(None);
         }
-        let w = {
-            let mut cache = self
-                .folded
-                .lock()
-                .map_err(|_| RuntimeError::Gradient("gradient cache poisoned".into()))?;
-            cache
-                .entry((i, copies))
-                .or_insert_with(|| {
-                    let mut w = vec![0.0f32; n_out * c];
-                    for (o, row) in w.chunks_exact_mut(c).enumerate() {
-                        for (ch, v) in row.iter_mut().enumerate() {
-                            *v = (ch * copies..(ch + 1) * copies)
-                                .map(|r| match trans_b {
-                                    true => b.data[o * k + r],
-                                    false => b.data[r * n_out + o],
-                                })
-                                .sum();
-                        }
-                    }
-                    Arc::new(w)
-                })
-                .clone()
+        let w = cached(&self.folded, (i, copies), || {
+            Arc::new(summed_over_copies(b.data, trans_b, n_out, c, copies))
+        })?;
+        // W' is [n_out, c] with `trans_b`, else [c, n_out]: as [k, n] =
+        // [n_out, c] for the product, row-major or transposed.
+        let w_view = match trans_b {
+            true => Mat::row_major(&w, c),
+            false => Mat::transposed(&w, n_out),
         };
         let mut gx = vec![0.0f32; n * c];
-        matmul(
-            n,
-            c,
-            n_out,
-            Mat::row_major(g, n_out),
-            Mat::row_major(&w, c),
-            &mut gx,
-            node,
-        )?;
+        matmul(n, c, n_out, Mat::row_major(g, n_out), w_view, &mut gx, node)?;
         gx.iter_mut().for_each(|v| *v *= alpha);
         Ok(Some((expand.inputs[0].clone(), gx)))
     }
@@ -278,16 +257,9 @@ impl<'g> Backward<'g> {
         if g.len() != geom.n * geom.cout * geom.oh * geom.ow {
             return Ok(None);
         }
-        let conv = {
-            let mut cache = self
-                .transposed
-                .lock()
-                .map_err(|_| RuntimeError::Gradient("gradient cache poisoned".into()))?;
-            cache
-                .entry((i, geom))
-                .or_insert_with(|| InputGrad::new(&geom, w.data).map(Arc::new))
-                .clone()
-        };
+        let conv = cached(&self.transposed, (i, geom), || {
+            InputGrad::new(&geom, w.data).map(Arc::new)
+        })?;
         let Some(conv) = conv else {
             return Ok(None);
         };
@@ -403,6 +375,19 @@ impl<'g> Backward<'g> {
         }
         Ok(())
     }
+}
+
+/// The value under `key` in a cache shared by the workers, made by `make`
+/// on first use.
+fn cached<K: std::hash::Hash + Eq, V: Clone>(
+    cache: &Mutex<HashMap<K, V>>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> Result<V> {
+    let mut cache = cache
+        .lock()
+        .map_err(|_| RuntimeError::Gradient("gradient cache poisoned".into()))?;
+    Ok(cache.entry(key).or_insert_with(make).clone())
 }
 
 /// The Gemm nodes on the path (A not transposed, B a constant) whose

@@ -831,7 +831,32 @@ fn expanded_gemm(
     if copies < 2 || k != c * copies || b.len() != n * k {
         return None;
     }
-    // B summed over the copies, in B's own layout: [n, c] or [c, n].
+    let summed = summed_over_copies(b, trans_b, n, c, copies);
+    let mut reads = node.clone();
+    reads.inputs[0] = x.to_string();
+    let mut ins = ins.to_vec();
+    ins[1] = Val::Const(Arc::new(summed));
+    let every = match integer {
+        true => copies,
+        false => {
+            ins[0] = vals.get(x)?.clone();
+            1
+        }
+    };
+    Some((reads, ins, every))
+}
+
+/// A Gemm's B (`[n, c * copies]` with `trans_b`, else `[c * copies, n]`,
+/// each input channel's copies adjacent) summed over the copies, in the
+/// same layout: `[n, c]` or `[c, n]`.
+pub(crate) fn summed_over_copies(
+    b: &[f32],
+    trans_b: bool,
+    n: usize,
+    c: usize,
+    copies: usize,
+) -> Vec<f32> {
+    let k = c * copies;
     let mut summed = vec![0.0f32; n * c];
     for o in 0..n {
         for ch in 0..c {
@@ -847,18 +872,7 @@ fn expanded_gemm(
             }
         }
     }
-    let mut reads = node.clone();
-    reads.inputs[0] = x.to_string();
-    let mut ins = ins.to_vec();
-    ins[1] = Val::Const(Arc::new(summed));
-    let every = match integer {
-        true => copies,
-        false => {
-            ins[0] = vals.get(x)?.clone();
-            1
-        }
-    };
-    Some((reads, ins, every))
+    summed
 }
 
 fn const_of<'a>(node: &Node, ins: &'a [Val], i: usize, what: &str) -> Result<&'a Arc<Vec<f32>>> {

@@ -25,51 +25,71 @@ fn tensor(shape: &[usize], seed: u64) -> Tensor {
     Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(n, seed)).unwrap())
 }
 
+/// `x: [n, 3, 4, 4]` through a 3x3 convolution to 4 channels, global
+/// average pooling, an Expand to `[n, 4, 3, 3]` and a Flatten (`fl`):
+/// initializers and nodes, for a Gemm to follow.
+fn expanded_map(n: usize, seed: u64) -> (BTreeMap<String, Tensor>, Vec<Node>) {
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), tensor(&[4, 3, 3, 3], seed));
+    init.insert("shape".to_string(), Tensor::vec_i64(&[n as i64, 4, 3, 3]));
+    let conv = ConvAttrs {
+        kernel_shape: None,
+        strides: vec![1, 1],
+        pads: vec![1, 1, 1, 1],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: Default::default(),
+    };
+    let nodes = vec![
+        Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
+        Node::new("gp", Op::GlobalAveragePool, &["c"], &["gp"]),
+        Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
+        Node::new("fl", Op::Flatten { axis: 1 }, &["ex"], &["fl"]),
+    ];
+    (init, nodes)
+}
+
+/// A graph of `nodes` on input `x: [n, 3, 4, 4]` with output `y: [n, out]`.
+fn graph(
+    name: &str,
+    n: usize,
+    out: usize,
+    init: BTreeMap<String, Tensor>,
+    nodes: Vec<Node>,
+) -> Graph {
+    Graph {
+        name: name.into(),
+        inputs: vec![ValueInfo::f32("x", &[n, 3, 4, 4])],
+        outputs: vec![ValueInfo::f32("y", &[n, out])],
+        nodes,
+        initializers: init,
+        value_info: vec![],
+    }
+}
+
 #[test]
 fn gemm_on_an_expanded_map_matches_the_product_over_every_copy() {
     for trans_b in [true, false] {
         let (n, c, copies, out) = (2usize, 4usize, 9usize, 5usize);
-        let mut init = BTreeMap::new();
-        init.insert("w".to_string(), tensor(&[c, 3, 3, 3], 1));
-        init.insert("shape".to_string(), Tensor::vec_i64(&[2, 4, 3, 3]));
+        let (mut init, mut nodes) = expanded_map(n, 1);
         let b_shape = match trans_b {
             true => [out, c * copies],
             false => [c * copies, out],
         };
         init.insert("b".to_string(), tensor(&b_shape, 2));
         init.insert("bias".to_string(), tensor(&[out], 3));
-        let conv = ConvAttrs {
-            kernel_shape: None,
-            strides: vec![1, 1],
-            pads: vec![1, 1, 1, 1],
-            dilations: vec![1, 1],
-            group: 1,
-            auto_pad: Default::default(),
-        };
-        let graph = Graph {
-            name: "expanded".into(),
-            inputs: vec![ValueInfo::f32("x", &[n, 3, 4, 4])],
-            outputs: vec![ValueInfo::f32("y", &[n, out])],
-            nodes: vec![
-                Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
-                Node::new("gp", Op::GlobalAveragePool, &["c"], &["gp"]),
-                Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
-                Node::new("fl", Op::Flatten { axis: 1 }, &["ex"], &["fl"]),
-                Node::new(
-                    "g",
-                    Op::Gemm {
-                        alpha: 0.6,
-                        beta: 0.5,
-                        trans_a: false,
-                        trans_b,
-                    },
-                    &["fl", "b", "bias"],
-                    &["y"],
-                ),
-            ],
-            initializers: init.clone(),
-            value_info: vec![],
-        };
+        nodes.push(Node::new(
+            "g",
+            Op::Gemm {
+                alpha: 0.6,
+                beta: 0.5,
+                trans_a: false,
+                trans_b,
+            },
+            &["fl", "b", "bias"],
+            &["y"],
+        ));
+        let graph = graph("expanded", n, out, init.clone(), nodes);
         let session = Session::from_graph(graph, SessionOptions::default()).unwrap();
         let x = ArrayD::from_shape_vec(IxDyn(&[n, 3, 4, 4]), values(n * 48, 4)).unwrap();
         let mut flat = Vec::new();
@@ -125,11 +145,8 @@ fn quantized_gemm_on_an_expanded_map_matches_the_float_simulation() {
     // 9th fake-quantized value and runs the summed dequantized weights in
     // float; the float simulation (integer kernels off) runs the product
     // over every copy.
-    let (n, c, copies, out) = (3usize, 4usize, 9usize, 5usize);
-    let k = c * copies;
-    let mut init = BTreeMap::new();
-    init.insert("w".to_string(), tensor(&[c, 3, 3, 3], 5));
-    init.insert("shape".to_string(), Tensor::vec_i64(&[3, 4, 3, 3]));
+    let (n, out, k) = (3usize, 5usize, 36usize);
+    let (mut init, mut nodes) = expanded_map(n, 5);
     let w8: Vec<i8> = values(out * k, 6)
         .iter()
         .map(|v| (v * 127.0) as i8)
@@ -153,56 +170,38 @@ fn quantized_gemm_on_an_expanded_map_matches_the_float_simulation() {
         Tensor::I8(ArrayD::from_elem(IxDyn(&[]), 0)),
     );
     init.insert("bias".to_string(), tensor(&[out], 7));
-    let conv = ConvAttrs {
-        kernel_shape: None,
-        strides: vec![1, 1],
-        pads: vec![1, 1, 1, 1],
-        dilations: vec![1, 1],
-        group: 1,
-        auto_pad: Default::default(),
-    };
-    let graph = Graph {
-        name: "expanded_qdq".into(),
-        inputs: vec![ValueInfo::f32("x", &[n, 3, 4, 4])],
-        outputs: vec![ValueInfo::f32("y", &[n, out])],
-        nodes: vec![
-            Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
-            Node::new("gp", Op::GlobalAveragePool, &["c"], &["gp"]),
-            Node::new("ex", Op::Expand, &["gp", "shape"], &["ex"]),
-            Node::new("fl", Op::Flatten { axis: 1 }, &["ex"], &["fl"]),
-            Node::new(
-                "q",
-                Op::QuantizeLinear { axis: 1 },
-                &["fl", "xs", "xz"],
-                &["q"],
-            ),
-            Node::new(
-                "dq",
-                Op::DequantizeLinear { axis: 1 },
-                &["q", "xs", "xz"],
-                &["a"],
-            ),
-            Node::new(
-                "wdq",
-                Op::DequantizeLinear { axis: 0 },
-                &["w8", "ws", "wz"],
-                &["wf"],
-            ),
-            Node::new(
-                "g",
-                Op::Gemm {
-                    alpha: 1.0,
-                    beta: 1.0,
-                    trans_a: false,
-                    trans_b: true,
-                },
-                &["a", "wf", "bias"],
-                &["y"],
-            ),
-        ],
-        initializers: init,
-        value_info: vec![],
-    };
+    nodes.extend([
+        Node::new(
+            "q",
+            Op::QuantizeLinear { axis: 1 },
+            &["fl", "xs", "xz"],
+            &["q"],
+        ),
+        Node::new(
+            "dq",
+            Op::DequantizeLinear { axis: 1 },
+            &["q", "xs", "xz"],
+            &["a"],
+        ),
+        Node::new(
+            "wdq",
+            Op::DequantizeLinear { axis: 0 },
+            &["w8", "ws", "wz"],
+            &["wf"],
+        ),
+        Node::new(
+            "g",
+            Op::Gemm {
+                alpha: 1.0,
+                beta: 1.0,
+                trans_a: false,
+                trans_b: true,
+            },
+            &["a", "wf", "bias"],
+            &["y"],
+        ),
+    ]);
+    let graph = graph("expanded_qdq", n, out, init, nodes);
     let x = ArrayD::from_shape_vec(IxDyn(&[n, 3, 4, 4]), values(n * 48, 8)).unwrap();
     let run = |integer: bool| {
         let opts = SessionOptions {

@@ -275,6 +275,18 @@ fn f32_tensor(shape: &[usize], seed: u64) -> Tensor {
     Tensor::F32(ArrayD::from_shape_vec(IxDyn(shape), values(len, seed)).unwrap())
 }
 
+/// A stride-1 convolution padded by 1 on every side (3x3: same size).
+fn same_padded_conv() -> ConvAttrs {
+    ConvAttrs {
+        kernel_shape: None,
+        strides: vec![1, 1],
+        pads: vec![1, 1, 1, 1],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: Default::default(),
+    }
+}
+
 #[test]
 fn backward_matches_finite_differences_on_the_other_rules() {
     // The remaining rules on one small graph: strided padded AveragePool
@@ -303,14 +315,7 @@ fn backward_matches_finite_differences_on_the_other_rules() {
     init.insert("axes".to_string(), Tensor::vec_i64(&[-1, 2]));
     init.insert("m".to_string(), f32_tensor(&[72, 6], 3));
     init.insert("b".to_string(), f32_tensor(&[5, 6], 4));
-    let conv = ConvAttrs {
-        kernel_shape: None,
-        strides: vec![1, 1],
-        pads: vec![1, 1, 1, 1],
-        dilations: vec![1, 1],
-        group: 1,
-        auto_pad: Default::default(),
-    };
+    let conv = same_padded_conv();
     let nodes = vec![
         Node::new("c", Op::Conv(conv), &["x", "w"], &["c"]),
         Node::new("ap", Op::AveragePool(pool(3, 2, 1, true)), &["c"], &["ap"]),
@@ -638,14 +643,7 @@ fn gemm_on_an_expanded_map_takes_the_summed_weights() {
             "b".to_string(),
             f32_tensor(if tb { &[5, 36] } else { &[36, 5] }, 4),
         );
-        let conv = ConvAttrs {
-            kernel_shape: None,
-            strides: vec![1, 1],
-            pads: vec![1, 1, 1, 1],
-            dilations: vec![1, 1],
-            group: 1,
-            auto_pad: Default::default(),
-        };
+        let conv = same_padded_conv();
         let graph = Graph {
             name: "expanded".into(),
             inputs: vec![ValueInfo::f32("x", &[2, 3, 4, 4])],
