@@ -139,8 +139,9 @@ pub fn backward(
 /// or `None` where it takes [`conv_input_grad`].
 type TransposedConvs = HashMap<(usize, ConvGeom), Option<Arc<InputGrad>>>;
 
-/// Weights of a Gemm on an expanded map summed over the copies,
-/// `[n_out, channels]`, per Gemm node and copy count.
+/// Weights of a Gemm on an expanded map summed over the copies, in the
+/// Gemm's own layout (`plan::summed_over_copies`), per Gemm node and copy
+/// count.
 type FoldedWeights = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
 /// A backward pass from one output to a set of values, prepared once (the
