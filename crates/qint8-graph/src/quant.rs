@@ -10,7 +10,7 @@
 //! through `QuantizeLinear` -> `DequantizeLinear` (explicit quantization:
 //! what TensorRT 10 and onnxruntime consume).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use qint8_math::params::{QuantDtype, QuantParams};
@@ -602,23 +602,47 @@ pub enum WeightStorage {
 pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Result<Graph> {
     plan.validate(graph)?;
     let mut g = graph.clone();
-    // Consumers that take the quantized form of a value.
-    let quantized_consumers = |g: &Graph, value: &str| -> Vec<usize> {
-        g.consumers(value)
-            .into_iter()
-            .filter(|&i| plan.precision_of(&g.nodes[i].name) == Precision::Int8)
-            .collect()
-    };
-    // Weights: insert before their first quantized consumer.
+    let mut names = Names::of(&g);
+    // Consumers (by index into the original node list) that take the
+    // quantized form of each value. Rewiring only renames inputs to fresh
+    // names, so these stay valid while pairs are added.
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (k, n) in graph.nodes.iter().enumerate() {
+        if plan.precision_of(&n.name) != Precision::Int8 {
+            continue;
+        }
+        for i in &n.inputs {
+            let list = consumers.entry(i.as_str()).or_default();
+            if list.last() != Some(&k) {
+                list.push(k);
+            }
+        }
+    }
+    let producer: HashMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(k, n)| n.outputs.iter().map(move |o| (o.as_str(), k)))
+        .collect();
+    // New nodes go before node k (`before[k]`, weights, in the order they
+    // are made) or after it (`after[k]`, activations, each new pair ahead
+    // of earlier ones, as inserting right after the producer would put
+    // it); graph inputs' pairs go first (`after_inputs`).
+    let count = graph.nodes.len();
+    let mut before: Vec<Vec<Node>> = vec![Vec::new(); count];
+    let mut after: Vec<Vec<Node>> = vec![Vec::new(); count];
+    let mut after_inputs: Vec<Node> = Vec::new();
+    // Weights: before their first quantized consumer.
     for (name, params) in &plan.weights {
-        let consumers = quantized_consumers(&g, name);
-        let Some(&first) = consumers.iter().min() else {
+        let Some(consumers) = consumers.get(name.as_str()) else {
             continue;
         };
-        let (scale_name, zp_name) = add_param_initializers(&mut g, name, params);
+        let Some(&first) = consumers.first() else {
+            continue;
+        };
+        let (scale_name, zp_name) = add_param_initializers(&mut g, &mut names, name, params);
         let axis = params.axis().unwrap_or(0) as i64;
-        let dq_out = g.fresh_name(&format!("{name}_dequantized"));
-        let mut new_nodes = Vec::new();
+        let dq_out = names.fresh(&format!("{name}_dequantized"));
         let dq_in = match storage {
             WeightStorage::Int8 => {
                 let w = g
@@ -628,17 +652,21 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
                     .ok_or_else(|| {
                         GraphError::Invalid(format!("weight `{name}` is not a float initializer"))
                     })?;
-                let shape = w.shape().to_vec();
-                let data: Vec<f32> = w.iter().copied().collect();
-                let q = quantized_tensor(&data, &shape, params)?;
-                let q_name = g.fresh_name(&format!("{name}_quantized"));
+                let q = match w.as_slice() {
+                    Some(data) => quantized_tensor(data, w.shape(), params)?,
+                    None => {
+                        let data: Vec<f32> = w.iter().copied().collect();
+                        quantized_tensor(&data, w.shape(), params)?
+                    }
+                };
+                let q_name = names.fresh(&format!("{name}_quantized"));
                 g.initializers.insert(q_name.clone(), q);
                 q_name
             }
             WeightStorage::FloatQdq => {
-                let q_out = g.fresh_name(&format!("{name}_quantized"));
-                let q_node = g.fresh_name(&format!("{name}_QuantizeLinear"));
-                new_nodes.push(Node::new(
+                let q_out = names.fresh(&format!("{name}_quantized"));
+                let q_node = names.fresh(&format!("{name}_QuantizeLinear"));
+                before[first].push(Node::new(
                     q_node,
                     Op::QuantizeLinear { axis },
                     &[name, &scale_name, &zp_name],
@@ -647,54 +675,101 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
                 q_out
             }
         };
-        let dq_node = g.fresh_name(&format!("{name}_DequantizeLinear"));
-        new_nodes.push(Node::new(
+        let dq_node = names.fresh(&format!("{name}_DequantizeLinear"));
+        before[first].push(Node::new(
             dq_node,
             Op::DequantizeLinear { axis },
             &[&dq_in, &scale_name, &zp_name],
             &[&dq_out],
         ));
-        rewire(&mut g, &consumers, name, &dq_out);
-        g.nodes.splice(first..first, new_nodes);
+        rewire(&mut g, consumers, name, &dq_out);
     }
-    // Activations: insert right after the producer (or first for inputs).
+    // Activations: right after the producer (or first for inputs).
     for (name, params) in &plan.activations {
-        let consumers = quantized_consumers(&g, name);
-        if consumers.is_empty() {
+        let Some(consumers) = consumers.get(name.as_str()) else {
             continue;
-        }
-        let (scale_name, zp_name) = add_param_initializers(&mut g, name, params);
-        let q_out = g.fresh_name(&format!("{name}_quantized"));
-        let dq_out = g.fresh_name(&format!("{name}_dequantized"));
+        };
+        let (scale_name, zp_name) = add_param_initializers(&mut g, &mut names, name, params);
+        let q_out = names.fresh(&format!("{name}_quantized"));
+        let dq_out = names.fresh(&format!("{name}_dequantized"));
         let q_node = Node::new(
-            g.fresh_name(&format!("{name}_QuantizeLinear")),
+            names.fresh(&format!("{name}_QuantizeLinear")),
             Op::QuantizeLinear { axis: 1 },
             &[name, &scale_name, &zp_name],
             &[&q_out],
         );
         let dq_node = Node::new(
-            g.fresh_name(&format!("{name}_DequantizeLinear")),
+            names.fresh(&format!("{name}_DequantizeLinear")),
             Op::DequantizeLinear { axis: 1 },
             &[&q_out, &scale_name, &zp_name],
             &[&dq_out],
         );
-        rewire(&mut g, &consumers, name, &dq_out);
-        let at = g.producer(name).map_or(0, |p| p + 1);
-        g.nodes.splice(at..at, [q_node, dq_node]);
+        rewire(&mut g, consumers, name, &dq_out);
+        let slot = match producer.get(name.as_str()) {
+            Some(&p) => &mut after[p],
+            None => &mut after_inputs,
+        };
+        slot.splice(0..0, [q_node, dq_node]);
     }
+    let old = std::mem::take(&mut g.nodes);
+    let mut nodes =
+        Vec::with_capacity(old.len() + 4 * plan.activations.len() + 2 * plan.weights.len());
+    nodes.append(&mut after_inputs);
+    for ((node, mut pre), mut post) in old.into_iter().zip(before).zip(after) {
+        nodes.append(&mut pre);
+        nodes.push(node);
+        nodes.append(&mut post);
+    }
+    g.nodes = nodes;
     // Float weights every consumer now reads as int8 are gone.
     g.remove_unused_initializers();
     g.validate()?;
     Ok(g)
 }
 
+/// Every name a graph's values and nodes use, for making fresh ones
+/// without a scan of the graph per name ([`Graph::fresh_name`]'s rule).
+struct Names(HashSet<String>);
+
+impl Names {
+    fn of(g: &Graph) -> Self {
+        let mut s: HashSet<String> = g.initializers.keys().cloned().collect();
+        s.extend(g.inputs.iter().map(|v| v.name.clone()));
+        for n in &g.nodes {
+            s.extend(n.outputs.iter().cloned());
+            s.insert(n.name.clone());
+        }
+        Self(s)
+    }
+
+    /// `base`, or `base_k` for the first free `k`; the name is taken from
+    /// then on.
+    fn fresh(&mut self, base: &str) -> String {
+        let name = if self.0.contains(base) {
+            (1..)
+                .map(|k| format!("{base}_{k}"))
+                .find(|s| !self.0.contains(s))
+                .unwrap_or_else(|| base.to_string())
+        } else {
+            base.to_string()
+        };
+        self.0.insert(name.clone());
+        name
+    }
+}
+
 /// Adds the scale and zero point of `params` for tensor `name` as
 /// initializers; returns their names.
-fn add_param_initializers(g: &mut Graph, name: &str, params: &QuantParams) -> (String, String) {
+fn add_param_initializers(
+    g: &mut Graph,
+    names: &mut Names,
+    name: &str,
+    params: &QuantParams,
+) -> (String, String) {
     let (scale, zp) = param_tensors(params);
-    let scale_name = g.fresh_name(&format!("{name}_scale"));
+    let scale_name = names.fresh(&format!("{name}_scale"));
     g.initializers.insert(scale_name.clone(), scale);
-    let zp_name = g.fresh_name(&format!("{name}_zero_point"));
+    let zp_name = names.fresh(&format!("{name}_zero_point"));
     g.initializers.insert(zp_name.clone(), zp);
     (scale_name, zp_name)
 }
