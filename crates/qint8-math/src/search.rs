@@ -384,9 +384,8 @@ pub fn entropy_search(
         blogb[j + 1] = blogb[j] + if b[j] > 0.0 { b[j] * b[j].ln() } else { 0.0 };
         nz[j + 1] = nz[j] + (b[j] > 0.0) as usize;
     }
-    let ln_int: Vec<f64> = (0..=n)
-        .map(|k| if k > 0 { (k as f64).ln() } else { 0.0 })
-        .collect();
+    let ln_int = ln_ints(n);
+    let ln_int: &[f64] = &ln_int;
     let candidates: Vec<usize> = entropy_candidates(start_bin, n).collect();
     let simd = SimdLevel::active();
     // Candidate i's groups have i / levels bins or one more, so each group
@@ -396,17 +395,17 @@ pub fn entropy_search(
     // a log per group and candidate instead (levels x candidates logs, 246k
     // for 2048 bins) was most of the search.
     let (mut rows, mut rows_q) = (Vec::new(), usize::MAX);
-    let mut kls = Vec::with_capacity(candidates.len());
+    // Per candidate, what the divergence needs besides its bins' prefix
+    // sums: the group terms' sum, and the count and non-empty bins of the
+    // group holding bin i-1. The divergences then come from them a chunk
+    // of candidates at a time ([`candidate_kl`]).
+    let count = candidates.len();
+    let (mut cross, mut g_last, mut n_last) =
+        (vec![0.0f64; count], vec![0.0; count], vec![1.0; count]);
+    let mut ln_n_last = vec![0.0f64; count];
     let shift = levels.is_power_of_two().then(|| levels.trailing_zeros());
-    for &i in &candidates {
-        let t = prefix[i];
-        let last = b[i - 1];
-        let out = clipped[i];
-        // P's total: the kept mass and the clipped one.
-        let s = t + out;
-        if (last == 0.0 && out > 0.0) || t == 0.0 {
-            // P has mass (bin i-1's outliers, or only outliers) where Q has none.
-            kls.push(f64::INFINITY);
+    for (k, &i) in candidates.iter().enumerate() {
+        if skipped(prefix[i], b[i - 1], clipped[i]) {
             continue;
         }
         let (q, r) = (i / levels, i % levels);
@@ -415,35 +414,24 @@ pub fn entropy_search(
             // longer one as the next quotient's shorter.
             let short = match rows_q.checked_add(1) == Some(q) {
                 true => rows.split_off(n + 1),
-                false => group_row(&prefix, &nz, &ln_int, q, levels, simd),
+                false => group_row(&prefix, &nz, ln_int, q, levels, simd),
             };
             rows = short;
-            rows.extend(group_row(&prefix, &nz, &ln_int, q + 1, levels, simd));
+            rows.extend(group_row(&prefix, &nz, ln_int, q + 1, levels, simd));
             rows_q = q;
         }
-        let (ln_s, ln_t) = (s.ln(), t.ln());
         // Group m (from 1) ends at ceil(m * i / levels). Bin i-1 lies in
         // the first group that ends at i, group levels * (i - 1) / i + 1
         // (the last one, unless i < levels leaves groups empty).
         let a_last = (levels * (i - 1) / i * i).div_ceil(levels);
-        let g_last = prefix[i] - prefix[a_last];
-        let n_last = (nz[i] - nz[a_last]).max(1);
-        let cross = match shift {
+        g_last[k] = prefix[i] - prefix[a_last];
+        let nl = (nz[i] - nz[a_last]).max(1);
+        n_last[k] = nl as f64;
+        ln_n_last[k] = ln_int[nl];
+        cross[k] = match shift {
             // Power-of-two levels (TensorRT's 128): every group's end from
-            // its index alone, so the loop has no carried state but the
-            // eight partial sums (one chain of dependent adds had bound it).
-            Some(sh) => {
-                let end = |m: usize| (m * i + levels - 1) >> sh;
-                let mut acc = [0.0f64; 8];
-                for m0 in (0..levels).step_by(8) {
-                    for (k, s) in acc.iter_mut().enumerate().take(levels - m0) {
-                        let (a, e) = (end(m0 + k), end(m0 + k + 1));
-                        // Row 1 (length q + 1) or row 0, at the group's first bin.
-                        *s += rows[a + if e - a > q { n + 1 } else { 0 }];
-                    }
-                }
-                acc.iter().sum::<f64>()
-            }
+            // its index alone.
+            Some(sh) => cross_pow2(simd, &rows, n + 1, i, q, levels, sh),
             // Otherwise stepped as a quotient and remainder (no integer
             // division per group).
             None => {
@@ -463,19 +451,34 @@ pub fn entropy_search(
                 acc.iter().sum::<f64>()
             }
         };
-        // The group terms of sum b ln b telescope; bin i-1, whose share of
-        // its group's term is taken out here, is handled separately.
-        let acc_bln = blogb[i] - if last > 0.0 { last * last.ln() } else { 0.0 };
-        let acc_cross = cross - last * (fast_ln(g_last.max(1.0)) - ln_int[n_last]);
-        // Bins j < i-1: (1/S) * [sum b ln b - sum_g B_g (ln S + ln(G_g/n_g) - ln T)].
-        let mass_rest = t - last;
-        let mut kl = (acc_bln - acc_cross - mass_rest * (ln_s - ln_t)) / s;
-        let p_last = last + out;
-        if p_last > 0.0 {
-            let q_last = g_last / n_last as f64;
-            kl += p_last / s * ((p_last / s).ln() - (q_last / t).ln());
-        }
-        kls.push(kl);
+    }
+    // Candidates are consecutive bins, so their prefix sums, last bins and
+    // clipped masses are slices.
+    let first = *candidates.first().unwrap_or(&n);
+    let (t_all, last_all) = (&prefix[first..=n], &b[first - 1..n]);
+    let (out_all, bln_all) = (&clipped[first..=n], &blogb[first..=n]);
+    let mut kls = vec![0.0f64; count];
+    for c in (0..count).step_by(KL_CHUNK) {
+        let len = KL_CHUNK.min(count - c);
+        let chunk = |v: &[f64], pad: f64| -> [f64; KL_CHUNK] {
+            std::array::from_fn(|k| if k < len { v[c + k] } else { pad })
+        };
+        let mut kl = [0.0f64; KL_CHUNK];
+        candidate_kl::run(
+            simd,
+            &CandidateTerms {
+                t: chunk(t_all, 1.0),
+                last: chunk(last_all, 1.0),
+                out: chunk(out_all, 0.0),
+                bln: chunk(bln_all, 0.0),
+                cross: chunk(&cross, 0.0),
+                g_last: chunk(&g_last, 1.0),
+                n_last: chunk(&n_last, 1.0),
+                ln_n_last: chunk(&ln_n_last, 0.0),
+            },
+            &mut kl,
+        );
+        kls[c..c + len].copy_from_slice(&kl[..len]);
     }
     let best = kls.iter().copied().fold(f64::INFINITY, f64::min);
     let tol = 1e-9 * best.abs().max(1e-3);
@@ -499,6 +502,165 @@ pub fn entropy_search(
         };
     }
     Ok(chosen.map(|(i, _)| i))
+}
+
+/// Whether a candidate's divergence is infinite without computing it: P
+/// has mass where Q has none (clipped mass `out` on an empty last bin, or
+/// only clipped mass, `t` the kept one).
+#[inline(always)]
+fn skipped(t: f64, last: f64, out: f64) -> bool {
+    (last == 0.0 && out > 0.0) || t == 0.0
+}
+
+/// `ln k` for `k` in `0..=n` (0 for `k = 0`), from a table built once for
+/// the usual bin counts.
+fn ln_ints(n: usize) -> std::borrow::Cow<'static, [f64]> {
+    const CACHED: usize = 1 << 13;
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    let ln = |k: usize| if k > 0 { (k as f64).ln() } else { 0.0 };
+    if n < CACHED {
+        let t = TABLE.get_or_init(|| (0..CACHED).map(ln).collect());
+        std::borrow::Cow::Borrowed(&t[..=n])
+    } else {
+        std::borrow::Cow::Owned((0..=n).map(ln).collect())
+    }
+}
+
+/// Candidates whose divergences [`candidate_kl`] computes at once.
+const KL_CHUNK: usize = 32;
+
+/// What [`candidate_kl`] reads for a chunk of consecutive candidates `i`:
+/// the kept mass `prefix[i]`, bin `i - 1`, the clipped mass, `sum b ln b`
+/// over the kept bins, the sum of the group terms, and the count,
+/// non-empty bins and `ln` of those of the group holding bin `i - 1`.
+struct CandidateTerms {
+    t: [f64; KL_CHUNK],
+    last: [f64; KL_CHUNK],
+    out: [f64; KL_CHUNK],
+    bln: [f64; KL_CHUNK],
+    cross: [f64; KL_CHUNK],
+    g_last: [f64; KL_CHUNK],
+    n_last: [f64; KL_CHUNK],
+    ln_n_last: [f64; KL_CHUNK],
+}
+
+// `candidate_kl::run(level, terms, kl)`: the divergence of each candidate
+// of a chunk from its prefix sums ([`entropy_search`]), infinity for those
+// [`skipped`] names. Counts are whole numbers, so `max(x, 1)` keeps every
+// log finite where its factor is 0. Like `group_terms`, one body at every
+// level without FMA contraction: the same bits on every CPU.
+crate::kernels::kernel!(candidate_kl(c: &CandidateTerms, kl: &mut [f64; KL_CHUNK])
+    reference body(c, kl);
+{
+    for (k, kl) in kl.iter_mut().enumerate() {
+        let (t, last, out) = (c.t[k], c.last[k], c.out[k]);
+        // P's total: the kept mass and the clipped one.
+        let s = t + out;
+        // The group terms of sum b ln b telescope; bin i-1, whose share of
+        // its group's term is taken out here, is handled separately.
+        let acc_bln = c.bln[k] - last * fast_ln(last.max(1.0));
+        let acc_cross = c.cross[k] - last * (fast_ln(c.g_last[k].max(1.0)) - c.ln_n_last[k]);
+        // Bins j < i-1: (1/S) * [sum b ln b - sum_g B_g (ln S + ln(G_g/n_g) - ln T)].
+        let mass_rest = t - last;
+        let (ts, ss) = (t.max(1.0), s.max(1.0));
+        let rest = (acc_bln - acc_cross - mass_rest * (fast_ln(ss) - fast_ln(ts))) / ss;
+        let p_last = last + out;
+        let q_last = c.g_last[k] / c.n_last[k];
+        // Bin i-1 with the clipped mass: 0 when it holds none.
+        let (pp, qq) = if p_last > 0.0 { (p_last / ss, q_last / ts) } else { (1.0, 1.0) };
+        let tail = p_last / ss * (fast_ln(pp) - fast_ln(qq.max(f64::MIN_POSITIVE)));
+        *kl = if skipped(t, last, out) { f64::INFINITY } else { rest + tail };
+    }
+});
+
+/// The sum of candidate `i`'s group terms for power-of-two `levels` (`1 <<
+/// sh`): group `m` spans bins `end(m)..end(m + 1)`, `end(m) = ceil(m * i /
+/// levels)`, and its term is read at its first bin from `rows`, two rows of
+/// `stride` entries for groups of `q` bins and of `q + 1`. Group `m` adds
+/// to partial sum `m % 8` and the eight are added in order, so the
+/// AVX-512 path (eight groups per gather) gives the scalar path's bits.
+fn cross_pow2(
+    simd: SimdLevel,
+    rows: &[f64],
+    stride: usize,
+    i: usize,
+    q: usize,
+    levels: usize,
+    sh: u32,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd == SimdLevel::Avx512
+        && levels >= 8
+        && 1usize.checked_shl(sh) == Some(levels)
+        && i < stride
+        && rows.len() >= 2 * stride
+        && i.checked_mul(levels + 8)
+            .is_some_and(|v| v < i64::MAX as usize)
+    {
+        // SAFETY: the level guarantees AVX-512F; the bounds just checked
+        // keep every gathered index below `rows.len()` (see the function).
+        return unsafe { cross_pow2_avx512(rows, stride, i, q, levels, sh) };
+    }
+    cross_pow2_reference(rows, stride, i, q, levels, sh)
+}
+
+/// [`cross_pow2`] one group at a time: the reference.
+fn cross_pow2_reference(
+    rows: &[f64],
+    stride: usize,
+    i: usize,
+    q: usize,
+    levels: usize,
+    sh: u32,
+) -> f64 {
+    let end = |m: usize| (m * i + levels - 1) >> sh;
+    let mut acc = [0.0f64; 8];
+    for m in 0..levels {
+        let (a, e) = (end(m), end(m + 1));
+        // Row 1 (length q + 1) or row 0, at the group's first bin.
+        acc[m % 8] += rows[a + if e - a > q { stride } else { 0 }];
+    }
+    acc.iter().sum()
+}
+
+/// [`cross_pow2`] eight groups at a time. Every index is a group's first
+/// bin `a <= i - 1 < stride`, plus `stride` at most, so below `2 * stride
+/// <= rows.len()`; `m * i` fits an i64 for `m <= levels + 8`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn cross_pow2_avx512(
+    rows: &[f64],
+    stride: usize,
+    i: usize,
+    q: usize,
+    levels: usize,
+    sh: u32,
+) -> f64 {
+    use std::arch::x86_64::*;
+    let f = |k: usize| (k * i + levels - 1) as i64;
+    // end(m) numerators for m = m0..m0+8 and m0+1..m0+9.
+    let mut lo = _mm512_set_epi64(f(7), f(6), f(5), f(4), f(3), f(2), f(1), f(0));
+    let mut hi = _mm512_add_epi64(lo, _mm512_set1_epi64(i as i64));
+    let step = _mm512_set1_epi64((8 * i) as i64);
+    let shift = _mm512_set1_epi64(sh as i64);
+    let qv = _mm512_set1_epi64(q as i64);
+    let sv = _mm512_set1_epi64(stride as i64);
+    let mut acc = _mm512_setzero_pd();
+    for _ in (0..levels).step_by(8) {
+        let a = _mm512_srlv_epi64(lo, shift);
+        let e = _mm512_srlv_epi64(hi, shift);
+        let long = _mm512_cmpgt_epi64_mask(_mm512_sub_epi64(e, a), qv);
+        let at = _mm512_mask_add_epi64(a, long, a, sv);
+        // SAFETY: every index is below rows.len() (the function's doc).
+        let terms = unsafe { _mm512_i64gather_pd::<8>(at, rows.as_ptr()) };
+        acc = _mm512_add_pd(acc, terms);
+        lo = _mm512_add_epi64(lo, step);
+        hi = _mm512_add_epi64(hi, step);
+    }
+    let mut out = [0.0f64; 8];
+    // SAFETY: `out` holds the eight lanes.
+    unsafe { _mm512_storeu_pd(out.as_mut_ptr(), acc) };
+    out.iter().sum()
 }
 
 /// The group terms `G ln(max(G, 1)) - G ln n_G` of every group of `len`
@@ -732,6 +894,76 @@ mod tests {
             }
             let mut got = [0.0f64; GROUP_CHUNK];
             group_terms::run(level, &sum, &mass, &ln_n, &mut got);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{level:?}");
+        }
+    }
+
+    #[test]
+    fn group_sums_are_the_same_bits_at_every_simd_level() {
+        // Two rows of terms of mixed signs and sizes, for every candidate of
+        // a 2048-bin search (and a shorter one) at several level counts.
+        for (bins, levels) in [(2048usize, 128usize), (300, 8), (64, 16)] {
+            let stride = bins + 1;
+            let rows: Vec<f64> = (0..2 * stride)
+                .map(|k| ((k * 7919 % 10007) as f64 - 5000.0) * 1.37e3 / (1 + k % 13) as f64)
+                .collect();
+            let sh = levels.trailing_zeros();
+            for i in 1..=bins {
+                let q = i / levels;
+                let want = cross_pow2_reference(&rows, stride, i, q, levels, sh);
+                for level in SimdLevel::available() {
+                    let got = cross_pow2(level, &rows, stride, i, q, levels, sh);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{bins} {levels} {i} {level:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn candidate_divergences_are_the_same_bits_at_every_simd_level() {
+        // Counts-like inputs: whole numbers, some bins empty, some candidates
+        // skipped (an empty last bin with clipped mass).
+        let f = |k: usize, m: usize, lo: usize| (lo + k * k * 7919 % m) as f64;
+        let terms = CandidateTerms {
+            t: std::array::from_fn(|k| f(k, 1_000_003, 1) * 50.0),
+            last: std::array::from_fn(|k| if k % 7 == 3 { 0.0 } else { f(k, 997, 1) }),
+            out: std::array::from_fn(|k| if k % 5 == 0 { 0.0 } else { f(k, 101, 0) }),
+            bln: std::array::from_fn(|k| f(k, 1_000_003, 1) * 40.0),
+            cross: std::array::from_fn(|k| f(k, 1_000_003, 1) * 39.0),
+            g_last: std::array::from_fn(|k| f(k, 997, 1) + f(k, 31, 0)),
+            n_last: std::array::from_fn(|k| (1 + k % 9) as f64),
+            ln_n_last: std::array::from_fn(|k| ((1 + k % 9) as f64).ln()),
+        };
+        let mut want = [0.0f64; KL_CHUNK];
+        candidate_kl::run(SimdLevel::Reference, &terms, &mut want);
+        for (k, &w) in want.iter().enumerate() {
+            let (t, last, out) = (terms.t[k], terms.last[k], terms.out[k]);
+            if skipped(t, last, out) {
+                assert_eq!(w, f64::INFINITY, "{k}");
+                continue;
+            }
+            // The same formula through libm's logs.
+            let s = t + out;
+            let bln = terms.bln[k] - if last > 0.0 { last * last.ln() } else { 0.0 };
+            let cross = terms.cross[k] - last * (terms.g_last[k].ln() - terms.ln_n_last[k]);
+            let mut kl = (bln - cross - (t - last) * (s.ln() - t.ln())) / s;
+            let p = last + out;
+            if p > 0.0 {
+                kl += p / s * ((p / s).ln() - (terms.g_last[k] / terms.n_last[k] / t).ln());
+            }
+            assert!(
+                (w - kl).abs() <= 1e-12 * kl.abs().max(1.0),
+                "{k}: {w} vs {kl}"
+            );
+        }
+        for level in SimdLevel::available() {
+            let mut got = [0.0f64; KL_CHUNK];
+            candidate_kl::run(level, &terms, &mut got);
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{level:?}");
         }
