@@ -657,9 +657,24 @@ fn for_each_batch<S: Send>(
         done,
         total,
     });
-    for (index, b) in data.batches(batch).enumerate() {
-        let b = b?;
-        let first = index * batch;
+    // Data errors name the batch and its images (pass 1 sees them all).
+    let name_batch = |index: usize, len: usize, e: RuntimeError| match e {
+        RuntimeError::Observer(msg) => CalibError::Invalid(format!(
+            "calibration batch {index} (images {}..{}): {msg}",
+            index * batch,
+            index * batch + len
+        )),
+        other => other.into(),
+    };
+    let mut batches = data.batches(batch).enumerate().peekable();
+    while batches.peek().is_some() {
+        // As many whole batches as there are states, one per worker
+        // ([`Session::observe_each`]); a last one short of that is cut
+        // into sub-batches instead, so no worker idles.
+        let mut group = Vec::with_capacity(states.len());
+        for (index, b) in batches.by_ref().take(states.len()) {
+            group.push((index, b?));
+        }
         let mut observers: Vec<_> = states
             .iter_mut()
             .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
@@ -668,17 +683,25 @@ fn for_each_batch<S: Send>(
             .iter_mut()
             .map(|o| o as &mut dyn Observer)
             .collect();
-        session
-            .observe_split(&[(input, b.inputs.view())], &mut dyns)
-            .map_err(|e| match e {
-                // Data errors name the batch and its images (pass 1 sees them all).
-                RuntimeError::Observer(msg) => CalibError::Invalid(format!(
-                    "calibration batch {index} (images {first}..{}): {msg}",
-                    first + b.len()
-                )),
-                other => other.into(),
-            })?;
-        done += b.len();
+        if group.len() == dyns.len() && group.len() > 1 {
+            let inputs: Vec<[(&str, ndarray::ArrayViewD<'_, f32>); 1]> = group
+                .iter()
+                .map(|(_, b)| [(input, b.inputs.view())])
+                .collect();
+            let refs: Vec<&[(&str, ndarray::ArrayViewD<'_, f32>)]> =
+                inputs.iter().map(|i| &i[..]).collect();
+            let results = session.observe_each(&refs, &mut dyns)?;
+            for ((index, b), r) in group.iter().zip(results) {
+                r.map_err(|e| name_batch(*index, b.len(), e))?;
+            }
+        } else {
+            for (index, b) in &group {
+                session
+                    .observe_split(&[(input, b.inputs.view())], &mut dyns)
+                    .map_err(|e| name_batch(*index, b.len(), e))?;
+            }
+        }
+        done += group.iter().map(|(_, b)| b.len()).sum::<usize>();
         progress(Progress {
             pass,
             passes,

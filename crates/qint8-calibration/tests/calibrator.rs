@@ -38,9 +38,12 @@ fn plans_do_not_depend_on_the_batch_size() {
         };
         calibrate(&g, &data, &cfg, &mut |_| {}).unwrap().plan
     };
-    let (a, b) = (run(5), run(48));
+    // 5: ten batches, whole ones on the two workers at once; 7: seven,
+    // the last one cut into sub-batches; 48: one, cut into sub-batches.
+    let (a, b, c) = (run(5), run(7), run(48));
     assert!(!a.activations.is_empty() && !a.weights.is_empty());
     assert_eq!(a, b);
+    assert_eq!(a, c);
 }
 
 #[test]

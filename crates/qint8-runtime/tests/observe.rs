@@ -1,6 +1,7 @@
 //! `Session::observe_split`: sub-batches on separate workers, each with its
 //! own observer, together see exactly what one observed run of the whole
-//! batch sees.
+//! batch sees. `Session::observe_each`: whole batches on separate workers,
+//! each showing an observer what a run of that batch alone shows.
 
 use std::collections::BTreeMap;
 
@@ -124,6 +125,48 @@ fn split_observers_together_see_the_whole_batch() {
     assert!(session
         .observe_split(&[(&input, x.view())], &mut [])
         .is_err());
+}
+
+#[test]
+fn each_observer_sees_its_own_whole_batch() {
+    let model = small(ZooConfig::resnet50(), 0.125);
+    let session = session(&model, 2);
+    let input = model.graph.inputs[0].name.clone();
+    // Batches of different sizes: the last one of a set is often short.
+    let (x, y) = (images(5, 0), images(3, 9));
+    let alone = |x: &ndarray::ArrayD<f32>| {
+        let mut seen = Seen::new();
+        session
+            .run_observed(&[(&input, x.view())], &mut recorder(&mut seen))
+            .unwrap();
+        seen
+    };
+    let (want_x, want_y) = (alone(&x), alone(&y));
+    let (mut a, mut b) = (Seen::new(), Seen::new());
+    {
+        let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
+        let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
+        let bx = [(input.as_str(), x.view())];
+        let by = [(input.as_str(), y.view())];
+        let results = session.observe_each(&[&bx, &by], &mut observers).unwrap();
+        assert_eq!(results.len(), 2);
+        assert!(results.iter().all(|r| r.is_ok()));
+    }
+    // The same plan kind and order of work as a run alone: the same bits.
+    assert_eq!(a, want_x);
+    assert_eq!(b, want_y);
+    assert!(a.values().zip(b.values()).any(|(p, q)| p.0 != q.0));
+
+    // More batches than observers, or a batch the graph cannot take, is an
+    // error, not a panic.
+    let bx = [(input.as_str(), x.view())];
+    let mut only = Seen::new();
+    let mut r = recorder(&mut only);
+    let mut one: Vec<&mut dyn Observer> = vec![&mut r];
+    assert!(session.observe_each(&[&bx, &bx], &mut one).is_err());
+    let wrong = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 1, 31, 32]));
+    let bw = [(input.as_str(), wrong.view())];
+    assert!(session.observe_each(&[&bw], &mut one).is_err());
 }
 
 /// Sessions that share run buffers, run in turns on the calling thread and
