@@ -153,6 +153,21 @@ fn histogram_add(c: &mut Criterion) {
             black_box(h.total())
         })
     });
+    // Pieces of 16384, about what one tensor of a batch of 25 brings on
+    // the ResNet-50 fixture (40M values in 2100 pieces over a
+    // calibration): over the threshold, so each piece pays for its own
+    // sub-histograms.
+    g.bench_function("fixed_abs_2048_relu_16384_pieces_one_thread", |b| {
+        b.iter(|| {
+            let mut h = Histogram::fixed_abs(2048, 4.0).expect("histogram");
+            pool.install(|| {
+                relu.chunks(16384)
+                    .try_for_each(|piece| h.add(black_box(piece)))
+            })
+            .expect("add");
+            black_box(h.total())
+        })
+    });
     g.bench_function("dynamic_abs_2048_all_threads", |b| {
         b.iter(|| {
             let mut h = Histogram::dynamic_abs(2048).expect("histogram");

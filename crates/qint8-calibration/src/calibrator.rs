@@ -606,16 +606,12 @@ pub fn method_name(m: &RangeMethod) -> String {
 
 /// Largest `|x|`, or an error naming the tensor and the first bad index.
 fn abs_max(name: &str, x: &[f32]) -> std::result::Result<f32, String> {
-    // The bits of |v| order like |v| for finite values, and NaN and the
-    // infinities sort above every finite value: one integer max, which
-    // vectorizes, finds both the maximum and whether anything is bad.
-    let bits = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
-    if bits >= 0x7f80_0000 {
-        if let Some((i, v)) = x.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(format!("tensor `{name}` holds {v} at index {i}"));
+    qint8_math::stats::abs_max("tensor", x).map_err(|e| match e {
+        qint8_math::MathError::NonFiniteData { index, value, .. } => {
+            format!("tensor `{name}` holds {value} at index {index}")
         }
-    }
-    Ok(f32::from_bits(bits))
+        other => format!("tensor `{name}`: {other}"),
+    })
 }
 
 /// What pass 1 accumulates (per worker).
