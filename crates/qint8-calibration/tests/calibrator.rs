@@ -124,9 +124,32 @@ fn non_finite_activations_are_errors_naming_the_tensor_and_batch() {
             0.5,
         )),
     );
-    let mut pixels: Vec<u8> = (0..48).map(|i| (i * 5 + 5) as u8).collect();
-    pixels[2 * 16 + 7] = 0;
-    let images = Images::new(3, 4, 4, 1, pixels).unwrap();
+    // Batches of one on two workers: batches 0 and 1 run at once, each
+    // whole on its worker, and batch 2 alone, cut into sub-batches.
+    for bad in [1usize, 2] {
+        let mut pixels: Vec<u8> = (0..48).map(|i| (i * 5 + 5) as u8).collect();
+        pixels[bad * 16 + 7] = 0;
+        let images = Images::new(3, 4, 4, 1, pixels).unwrap();
+        let data = ImageDataset::new(images, None, Preprocess::default()).unwrap();
+        let cfg = CalibConfig {
+            batch: 1,
+            threads: 2,
+            ..Default::default()
+        };
+        let e = calibrate(&g, &data, &cfg, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`d`"), "{e}");
+        let want = format!("batch {bad} (images {bad}..{})", bad + 1);
+        assert!(e.contains(&want), "{e}");
+    }
+    // A weight holding NaN is named with the value's index.
+    let mut w = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1, 1, 3, 3]), 0.5f32);
+    w[[0, 0, 1, 2]] = f32::NAN;
+    g.initializers.insert("w".into(), Tensor::F32(w));
+    g.nodes.remove(0);
+    g.nodes[0].inputs[0] = "x".into();
+    let images = Images::new(2, 4, 4, 1, vec![9; 32]).unwrap();
     let data = ImageDataset::new(images, None, Preprocess::default()).unwrap();
     let cfg = CalibConfig {
         batch: 1,
@@ -135,8 +158,10 @@ fn non_finite_activations_are_errors_naming_the_tensor_and_batch() {
     let e = calibrate(&g, &data, &cfg, &mut |_| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("`d`"), "{e}");
-    assert!(e.contains("batch 2 (images 2..3)"), "{e}");
+    assert!(
+        e.contains("weight `w` holds a non-finite value at index 5"),
+        "{e}"
+    );
 }
 
 /// Moving-average min-max: the first batch sets the range, later batches
