@@ -460,6 +460,12 @@ pub fn entropy_search(
     let mut kls = vec![0.0f64; count];
     for c in (0..count).step_by(KL_CHUNK) {
         let len = KL_CHUNK.min(count - c);
+        // Past a histogram's last values with far outliers beyond, whole
+        // chunks end on empty bins: nothing to compute.
+        if (c..c + len).all(|k| skipped(t_all[k], last_all[k], out_all[k])) {
+            kls[c..c + len].fill(f64::INFINITY);
+            continue;
+        }
         let chunk = |v: &[f64], pad: f64| -> [f64; KL_CHUNK] {
             std::array::from_fn(|k| if k < len { v[c + k] } else { pad })
         };
