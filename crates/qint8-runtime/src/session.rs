@@ -530,19 +530,34 @@ impl Session {
             return self.run_observed(inputs, &mut **first).map(drop);
         }
         let parts = self.split_parts(inputs, t, true, false)?;
-        let results: Vec<Result<Vec<ArrayD<f32>>>> = self.pool.install(|| {
+        let flat: Vec<_> = parts
+            .iter()
+            .map(|(plan, data)| (plan, data.iter().map(|(n, d)| (*n, d.as_slice())).collect()))
+            .collect();
+        self.observe_parts(&flat, &mut observers[..t])
+            .into_iter()
+            .collect()
+    }
+
+    /// Runs part `i`'s plan on its inputs on one of the pool's workers,
+    /// sequentially, showing its tensors to `observers[i]`; one result per
+    /// part.
+    fn observe_parts(
+        &self,
+        parts: &[ObservedPart<'_, '_>],
+        observers: &mut [&mut dyn Observer],
+    ) -> Vec<Result<()>> {
+        self.pool.install(|| {
             use rayon::prelude::*;
             parts
                 .par_iter()
-                .zip(observers[..t].par_iter_mut())
+                .zip(observers.par_iter_mut())
                 .with_max_len(1)
-                .map(|((plan, data), observer)| {
-                    let flat: Vec<(&str, &[f32])> =
-                        data.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+                .map(|((plan, flat), observer)| {
                     crate::kernels::sequential(|| {
                         run_plan(
                             plan,
-                            &flat,
+                            flat,
                             Some(&mut **observer),
                             None,
                             1,
@@ -550,10 +565,10 @@ impl Session {
                             &self.buffers,
                         )
                     })
+                    .map(drop)
                 })
                 .collect()
-        });
-        results.into_iter().try_for_each(|r| r.map(drop))
+        })
     }
 
     /// Runs several whole batches at once for their observers only: batch
@@ -597,30 +612,11 @@ impl Session {
                 .collect();
             parts.push((plan, data));
         }
-        Ok(self.pool.install(|| {
-            use rayon::prelude::*;
-            parts
-                .par_iter()
-                .zip(observers.par_iter_mut())
-                .with_max_len(1)
-                .map(|((plan, data), observer)| {
-                    let flat: Vec<(&str, &[f32])> =
-                        data.iter().map(|(n, d)| (*n, &d[..])).collect();
-                    crate::kernels::sequential(|| {
-                        run_plan(
-                            plan,
-                            &flat,
-                            Some(&mut **observer),
-                            None,
-                            1,
-                            None,
-                            &self.buffers,
-                        )
-                    })
-                    .map(drop)
-                })
-                .collect()
-        }))
+        let flat: Vec<_> = parts
+            .iter()
+            .map(|(plan, data)| (plan, data.iter().map(|(n, d)| (*n, &d[..])).collect()))
+            .collect();
+        Ok(self.observe_parts(&flat, observers))
     }
 
     /// Runs the graph and keeps every value an observer would see (graph
@@ -775,6 +771,9 @@ impl Drop for Recording {
 
 /// One sub-batch: its plan and its inputs by name.
 type Part<'a> = (Arc<Plan>, Vec<(&'a str, Vec<f32>)>);
+
+/// A plan and its inputs, as [`Session::observe_parts`] runs them.
+type ObservedPart<'p, 'd> = (&'p Arc<Plan>, Vec<(&'d str, &'d [f32])>);
 
 /// Joins the sub-batches' outputs along the batch axis.
 fn concat_outputs(results: Vec<Vec<ArrayD<f32>>>) -> Result<Vec<ArrayD<f32>>> {
