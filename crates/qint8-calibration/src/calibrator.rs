@@ -636,14 +636,21 @@ struct MaxState {
     channels: BTreeMap<String, crate::smooth::ChannelStats>,
 }
 
+/// Largest activation memory, summed over the workers, for which
+/// calibration runs a whole batch on each worker ([`for_each_batch`]).
+const WHOLE_BATCHES_BUDGET: usize = 256 << 20;
+
 /// Folds one produced tensor (by name) into a worker's state; an error
 /// stops the run.
 type StateSink<'a, S> =
     dyn Fn(&mut S, &str, &[usize], &[f32]) -> std::result::Result<(), String> + Sync + 'a;
 
-/// Runs every batch of `data`, each cut into one sub-batch per state that
-/// run at the same time ([`Session::observe_split`]), showing each produced
-/// tensor to `see` with that sub-batch's state.
+/// Runs every batch of `data`, showing each produced tensor to `see` with
+/// the state of the worker that produced it: while the workers' arenas for
+/// whole batches fit [`WHOLE_BATCHES_BUDGET`], one whole batch per worker
+/// and state at a time ([`Session::observe_each`]); otherwise, and for a
+/// last group short of one batch per worker, each batch cut into one
+/// sub-batch per state ([`Session::observe_split`]).
 #[allow(clippy::too_many_arguments)]
 fn for_each_batch<S: Send>(
     session: &Session,
@@ -673,13 +680,24 @@ fn for_each_batch<S: Send>(
         )),
         other => other.into(),
     };
+    // Whole batches on every worker at once hold one batch's activations
+    // per worker, where cut batches hold one batch's in all: only while
+    // that stays within WHOLE_BATCHES_BUDGET (large images give wide
+    // products when cut anyway).
+    let whole = states.len() > 1 && {
+        let [c, h, w] = data.input_shape();
+        let shape = [batch.min(total).max(1), c, h, w];
+        let peak = session.observed_peak_bytes(&[(input, &shape)])?;
+        peak.saturating_mul(states.len()) <= WHOLE_BATCHES_BUDGET
+    };
+    let group_len = if whole { states.len() } else { 1 };
     let mut batches = data.batches(batch).enumerate().peekable();
     while batches.peek().is_some() {
         // As many whole batches as there are states, one per worker
         // ([`Session::observe_each`]); a last one short of that is cut
         // into sub-batches instead, so no worker idles.
-        let mut group = Vec::with_capacity(states.len());
-        for (index, b) in batches.by_ref().take(states.len()) {
+        let mut group = Vec::with_capacity(group_len);
+        for (index, b) in batches.by_ref().take(group_len) {
             group.push((index, b?));
         }
         let mut observers: Vec<_> = states

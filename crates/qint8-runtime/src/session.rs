@@ -571,6 +571,17 @@ impl Session {
         })
     }
 
+    /// Peak activation bytes (arena and kernel scratch) of the plan that
+    /// an observed run of these input shapes uses, compiled on first use:
+    /// what each worker holds while [`observe_each`](Self::observe_each)
+    /// runs a batch of these shapes.
+    pub fn observed_peak_bytes(&self, shapes: &[(&str, &[usize])]) -> Result<usize> {
+        Ok(self
+            .plan_for(shapes, true, false)?
+            .stats()
+            .peak_activation_bytes())
+    }
+
     /// Runs several whole batches at once for their observers only: batch
     /// `i` runs whole on one of the pool's workers, its plan sequential as
     /// in [`observe_split`](Self::observe_split), and shows its tensors to
