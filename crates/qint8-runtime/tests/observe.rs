@@ -169,6 +169,26 @@ fn each_observer_sees_its_own_whole_batch() {
     assert!(session.observe_each(&[&bw], &mut one).is_err());
 }
 
+#[test]
+fn observed_peak_bytes_grow_with_the_batch() {
+    let model = small(ZooConfig::resnet50(), 0.125);
+    let session = session(&model, 2);
+    let input = model.graph.inputs[0].name.clone();
+    let bytes = |n: usize| session.observed_peak_bytes(&[(input.as_str(), &[n, 1, 32, 32][..])]);
+    let (two, eight) = (bytes(2).unwrap(), bytes(8).unwrap());
+    assert!(two > 0 && eight > 3 * two, "{two} {eight}");
+    // The plan it measured is the one an observed run of that shape uses.
+    let x = images(8, 0);
+    let mut seen = Seen::new();
+    session
+        .run_observed(&[(&input, x.view())], &mut recorder(&mut seen))
+        .unwrap();
+    assert_eq!(bytes(8).unwrap(), eight);
+    assert!(session
+        .observed_peak_bytes(&[(input.as_str(), &[2, 1, 31, 32][..])])
+        .is_err());
+}
+
 /// Sessions that share run buffers, run in turns on the calling thread and
 /// through their pools with different batch sizes, compute what each
 /// computes with buffers of its own.
