@@ -584,17 +584,23 @@ fn weight_param(
             &copy
         }
     };
-    let amax = qint8_math::stats::abs_max("weight", values).map_err(|e| match e {
-        qint8_math::MathError::NonFiniteData { index, .. } => CalibError::Invalid(format!(
-            "weight `{name}` holds a non-finite value at index {index}"
-        )),
+    // Both scans reject NaN and infinities; the error names the first one
+    // in the whole tensor (a per-channel scan counts within its block).
+    let bad = |e| match e {
+        qint8_math::MathError::NonFiniteData { .. } => {
+            let index = values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            CalibError::Invalid(format!(
+                "weight `{name}` holds a non-finite value at index {index}"
+            ))
+        }
         other => other.into(),
-    })?;
+    };
     Ok(if per_channel {
-        let a = qint8_math::stats::amax_per_channel(values, &shape, axis)?;
+        let a = qint8_math::stats::amax_per_channel(values, &shape, axis).map_err(bad)?;
         QuantParams::symmetric_per_channel(&a, axis, QuantDtype::Int8, true)?
     } else {
-        QuantParams::symmetric(amax, QuantDtype::Int8, true)?
+        let a = qint8_math::stats::abs_max("weight", values).map_err(bad)?;
+        QuantParams::symmetric(a, QuantDtype::Int8, true)?
     })
 }
 

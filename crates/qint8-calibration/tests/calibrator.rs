@@ -143,10 +143,12 @@ fn non_finite_activations_are_errors_naming_the_tensor_and_batch() {
         let want = format!("batch {bad} (images {bad}..{})", bad + 1);
         assert!(e.contains(&want), "{e}");
     }
-    // A weight holding NaN is named with the value's index.
-    let mut w = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1, 1, 3, 3]), 0.5f32);
-    w[[0, 0, 1, 2]] = f32::NAN;
+    // A weight holding NaN is named with the value's index in the whole
+    // tensor (here in the second output channel's block).
+    let mut w = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2, 1, 3, 3]), 0.5f32);
+    w[[1, 0, 1, 2]] = f32::NAN;
     g.initializers.insert("w".into(), Tensor::F32(w));
+    g.outputs = vec![ValueInfo::f32("y", &[1, 2, 2, 2])];
     g.nodes.remove(0);
     g.nodes[0].inputs[0] = "x".into();
     let images = Images::new(2, 4, 4, 1, vec![9; 32]).unwrap();
@@ -159,7 +161,7 @@ fn non_finite_activations_are_errors_naming_the_tensor_and_batch() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("weight `w` holds a non-finite value at index 5"),
+        e.contains("weight `w` holds a non-finite value at index 14"),
         "{e}"
     );
 }
