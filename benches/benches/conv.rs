@@ -5,6 +5,9 @@
 //! The integer kernel runs only where the CPU has AVX-512 VNNI; elsewhere
 //! its group measures the scalar reference, which says nothing about speed
 //! (the plan compiler would use the float kernels there).
+//!
+//! Also the float activations that follow EfficientNet-B0's convolutions
+//! (SiLU, and the gates' Sigmoid) on 256k values, one thread.
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
@@ -77,5 +80,17 @@ fn conv_int8_vs_float(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv_int8_vs_float);
+fn activations(c: &mut Criterion) {
+    use qint8_runtime::kernels::elementwise::{unary, Unary};
+    let x: Vec<f32> = data(1 << 18, 5).iter().map(|v| v * 8.0).collect();
+    let mut y = vec![0f32; x.len()];
+    let mut g = c.benchmark_group("activation");
+    g.throughput(Throughput::Elements(x.len() as u64));
+    for (name, f) in [("silu", Unary::Silu), ("sigmoid", Unary::Sigmoid)] {
+        g.bench_function(name, |b| b.iter(|| unary(f, black_box(&x), &mut y)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv_int8_vs_float, activations);
 criterion_main!(benches);

@@ -178,7 +178,8 @@ pub fn fast_exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // Scale by 2^n in two steps so n down to -150 still lands in subnormals.
     // SAFETY: |n| <= 151 after the clamp above, so it fits i32.
     let n = unsafe { n.to_int_unchecked::<i32>() };
