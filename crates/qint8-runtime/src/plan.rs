@@ -274,6 +274,25 @@ pub(crate) struct CompileOptions {
     pub keep_all: bool,
 }
 
+/// The Sigmoid and the Mul (node indices) that compute SiLU of `y`, when
+/// nodes `a` and `b` are those two in either order: `Sigmoid(y)` and
+/// `Mul(y, Sigmoid(y))` with its operands either way round.
+fn silu_readers(g: &Graph, y: &str, a: usize, b: usize) -> Option<(usize, usize)> {
+    let (s, m) = match g.nodes[a].op {
+        Op::Sigmoid => (a, b),
+        _ => (b, a),
+    };
+    let (sn, mn) = (&g.nodes[s], &g.nodes[m]);
+    let sig = sn.outputs.first()?;
+    let ok = matches!(sn.op, Op::Sigmoid)
+        && sn.input(0) == Some(y)
+        && matches!(mn.op, Op::Mul)
+        && mn.inputs.len() == 2
+        && ((mn.inputs[0] == y && mn.inputs[1] == *sig)
+            || (mn.inputs[1] == y && mn.inputs[0] == *sig));
+    ok.then_some((s, m))
+}
+
 /// Compiles `g` for the given input shapes; no fusion hides a value named
 /// in `visible`.
 pub(crate) fn compile(
@@ -432,6 +451,28 @@ pub(crate) fn compile(
         }
         let mut final_name = out_name.clone();
         let mut final_shape = out_shape.clone();
+        // Conv + SiLU as exported (EfficientNet): Sigmoid(y) and
+        // Mul(y, Sigmoid(y)) are the convolution output's only readers.
+        // The epilogue computes the same values in registers, where the
+        // two steps made two more passes over the tensor.
+        if let (true, Kernel::Conv(c, _)) = (opts.fuse, &mut kernel) {
+            let silu = consumers
+                .get(out_name.as_str())
+                .filter(|r| r.len() == 2 && c.act == Activation::None)
+                .filter(|_| !outputs.contains(out_name.as_str()) && !visible.contains(&out_name))
+                .and_then(|r| silu_readers(g, &out_name, r[0], r[1]))
+                .filter(|&(s, _)| single_use(&g.nodes[s].outputs[0]));
+            if let Some((s, m)) = silu {
+                c.act = Activation::Silu;
+                skip.insert(s);
+                skip.insert(m);
+                final_name = g.nodes[m].outputs[0].clone();
+                final_shape = shapes
+                    .get(&final_name)
+                    .map(|v| v.shape.clone())
+                    .ok_or_else(|| node_err(node, "SiLU output shape unknown"))?;
+            }
+        }
         // Fusions.
         if opts.fuse && single_use(&out_name) {
             let next = consumers[out_name.as_str()][0];

@@ -84,7 +84,7 @@ fn case() -> impl Strategy<Value = Case> {
         ((1usize..14, 1usize..14), (1usize..4, 1usize..4)),
         ((1usize..3, 1usize..3), (1usize..3, 1usize..3)),
         (0usize..3, 0usize..3, 0usize..3, 0usize..3),
-        (0u8..3, 0u8..3),
+        (0u8..4, 0u8..3),
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
         any::<u64>(),
     )
@@ -183,6 +183,7 @@ fn build(c: &Case) -> Built {
             Activation::None,
             Activation::Relu,
             Activation::Clip(-0.5, 0.8),
+            Activation::Silu,
         ][c.act as usize],
         packed: Vec::new(),
         int8: None,

@@ -118,6 +118,7 @@ fn unpacked(c: &ConvCase) -> Conv2d {
             Activation::None,
             Activation::Relu,
             Activation::Clip(-0.1, 0.3),
+            Activation::Silu,
         ][c.act as usize],
         packed: Vec::new(),
         int8: None,
@@ -155,7 +156,7 @@ proptest! {
     #[test]
     fn small_map_windows_match_reference(n in 1usize..6, cin in prop_oneof![1usize..12, 28usize..36], cout in 1usize..20, group in 1usize..3,
                                          map in prop_oneof![Just((4usize, 4usize)), Just((8, 8)), Just((2, 8)), Just((8, 4)), Just((8, 2)), Just((12, 4)), Just((6, 8))],
-                                         window in 0u8..4, act in 0u8..3, residual in any::<bool>(), threads in 1usize..3, seed in any::<u64>()) {
+                                         window in 0u8..4, act in 0u8..4, residual in any::<bool>(), threads in 1usize..3, seed in any::<u64>()) {
         // (kernel, dilation, padding): output maps as `map` where the input is `map`.
         let (k, dilation, pad) = [((3, 3), (1, 1), 1), ((1, 1), (1, 1), 0), ((3, 3), (2, 2), 2), ((3, 1), (1, 1), 1)][window as usize];
         let c = ConvCase {
@@ -385,12 +386,12 @@ proptest! {
     /// The packed convolution GEMM (any tier) equals the triple loop plus
     /// bias and activation, across panel and reduction-block edges.
     #[test]
-    fn packed_gemm_matches_reference(m in 1usize..40, n in 1usize..80, k in prop_oneof![0usize..40, 250usize..600], tb in any::<bool>(), act in 0u8..3, threads in 1usize..3, seed in any::<u64>()) {
+    fn packed_gemm_matches_reference(m in 1usize..40, n in 1usize..80, k in prop_oneof![0usize..40, 250usize..600], tb in any::<bool>(), act in 0u8..4, threads in 1usize..3, seed in any::<u64>()) {
         use qint8_runtime::kernels::packed::{gemm_packed, Epilogue, PackedA};
         let a = std::sync::Arc::new(values(m * k, seed));
         let b = values(k * n, seed ^ 3);
         let bias = values(m, seed ^ 5);
-        let act = [Activation::None, Activation::Relu, Activation::Clip(-0.2, 0.4)][act as usize];
+        let act = [Activation::None, Activation::Relu, Activation::Clip(-0.2, 0.4), Activation::Silu][act as usize];
         let bm = if tb { Mat::transposed(&b, k) } else { Mat::row_major(&b, n) };
         let packed = PackedA::new(a.clone(), m, k);
         let mut fast = vec![0.0; m * n];
@@ -475,7 +476,7 @@ fn residual_fusion_matches_reference() {
         ((4, 4), (3, 3), (1, 1), (1, 1, 1, 1), 5, 6),
     ];
     for (hw, k, stride, pad, cin, cout) in cases {
-        for (act, n) in [(1u8, 3), (2, 3), (1, 1), (2, 1)] {
+        for (act, n) in [(1u8, 3), (2, 3), (3, 3), (1, 1), (2, 1), (3, 1)] {
             let c = ConvCase {
                 n,
                 cin_g: cin,
@@ -545,7 +546,7 @@ fn unrolled_small_planes_match_reference() {
             stride,
             dilation,
             pad,
-            act: (n % 3) as u8,
+            act: (n % 4) as u8,
             seed: 5 + n as u64,
         };
         let conv = build(&c);

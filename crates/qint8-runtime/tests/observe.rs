@@ -522,3 +522,71 @@ fn visible_values_survive_fusion() {
     assert_eq!(out, reference);
     assert_eq!(fused_out, reference);
 }
+
+/// Conv + SiLU, as EfficientNet exports it (`Sigmoid(y)` and
+/// `Mul(y, Sigmoid(y))` reading a convolution's output `y`), runs as one
+/// step with SiLU in the convolution's epilogue: neither `y` nor the
+/// Sigmoid's output is shown, the SiLU output is, and every value equals
+/// the unfused graph's bit for bit.
+#[test]
+fn silu_fuses_into_convolutions() {
+    let model = small(ZooConfig::efficientnet_b0(), 0.25);
+    let x = images(3, 2);
+    let observe = |s: &Session| {
+        let mut seen = Seen::new();
+        let out = s
+            .run_observed(&[("input", x.view())], &mut recorder(&mut seen))
+            .unwrap();
+        (seen, out)
+    };
+    let unfused = Session::new(
+        &model,
+        SessionOptions {
+            threads: 1,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (all, reference) = observe(&unfused);
+    let g = unfused.graph();
+    let conv_outputs: std::collections::HashSet<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, qint8_graph::Op::Conv(_)))
+        .map(|n| n.outputs[0].as_str())
+        .collect();
+    // (y, Sigmoid(y), SiLU(y)) for every convolution output y (not the
+    // squeeze-and-excitation gates, whose Mul scales another tensor).
+    let sites: Vec<[&str; 3]> = g
+        .nodes
+        .iter()
+        .filter(|s| matches!(s.op, qint8_graph::Op::Sigmoid))
+        .filter(|s| conv_outputs.contains(s.inputs[0].as_str()))
+        .filter_map(|s| {
+            let m = g.nodes.iter().find(|m| {
+                matches!(m.op, qint8_graph::Op::Mul)
+                    && m.inputs.contains(&s.outputs[0])
+                    && m.inputs.contains(&s.inputs[0])
+            })?;
+            Some([
+                s.inputs[0].as_str(),
+                s.outputs[0].as_str(),
+                m.outputs[0].as_str(),
+            ])
+        })
+        .collect();
+    assert!(sites.len() >= 16, "{} SiLU sites", sites.len());
+    let (seen, out) = observe(&session(&model, 1));
+    for [y, sig, silu] in &sites {
+        assert!(
+            !seen.contains_key(*y) && !seen.contains_key(*sig),
+            "{y} not fused"
+        );
+        assert_eq!(seen.get(*silu), all.get(*silu), "{silu}");
+    }
+    assert_eq!(out, reference);
+    // Two threads split the batch: the same values.
+    let (_, two) = observe(&session(&model, 2));
+    assert_eq!(two, reference);
+}

@@ -859,6 +859,7 @@ multiversion! {
             Activation::None => plane.iter_mut().for_each(|v| *v += b),
             Activation::Relu => plane.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v + b)),
             Activation::Clip(lo, hi) => plane.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v + b)),
+            Activation::Silu => plane.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v + b)),
         }
     }
 }
@@ -919,6 +920,7 @@ multiversion! {
             Activation::None => {}
             Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
             Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
+            Activation::Silu => out.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v)),
         }
         super::transpose(out, plane, c, y);
     }
@@ -982,6 +984,7 @@ multiversion! {
             Activation::None => {}
             Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
             Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
+            Activation::Silu => out.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v)),
         }
     }
 }
@@ -1011,6 +1014,7 @@ fn add_activate(y: &mut [f32], r: &[f32], act: Activation) {
         Activation::Clip(lo, hi) => {
             pairs.for_each(|(v, &rv)| *v = Activation::Clip(lo, hi).apply(*v + rv))
         }
+        Activation::Silu => pairs.for_each(|(v, &rv)| *v = Activation::Silu.apply(*v + rv)),
     }
 }
 

@@ -299,6 +299,7 @@ multiversion! {
         match f {
             Unary::Act(Activation::Relu) => lp!(|v: f32| Activation::Relu.apply(v)),
             Unary::Act(Activation::Clip(lo, hi)) => lp!(|v: f32| Activation::Clip(lo, hi).apply(v)),
+            Unary::Act(Activation::Silu) => lp!(|v: f32| Activation::Silu.apply(v)),
             Unary::Act(Activation::None) => out.copy_from_slice(&x[..out.len()]),
             Unary::Sigmoid => lp!(sigmoid),
             Unary::Silu => lp!(|v: f32| v * sigmoid(v)),

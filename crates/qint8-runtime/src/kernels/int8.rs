@@ -454,7 +454,7 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
         }
     }
     let (lo, hi) = act_bounds(c.act);
-    let act = |v: __m512| clamp_vec(v, lo, hi);
+    let act = |v: __m512| act_vec(v, c.act, lo, hi);
     let n = channels.len();
     for h in 0..n.div_ceil(16) {
         let c0 = channels.start + 16 * h;
@@ -541,6 +541,22 @@ fn act_bounds(act: super::Activation) -> (f32, f32) {
         super::Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
         super::Activation::Relu => (0.0, f32::INFINITY),
         super::Activation::Clip(lo, hi) => (lo, hi),
+        super::Activation::Silu => (f32::NEG_INFINITY, f32::INFINITY),
+    }
+}
+
+/// `v` after `act`: clamped to `act`'s bounds `[lo, hi]`, or SiLU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn act_vec(
+    v: std::arch::x86_64::__m512,
+    act: super::Activation,
+    lo: f32,
+    hi: f32,
+) -> std::arch::x86_64::__m512 {
+    match act {
+        super::Activation::Silu => super::silu_zmm(v),
+        _ => clamp_vec(v, lo, hi),
     }
 }
 
@@ -801,7 +817,7 @@ unsafe fn lanes_vnni<const PARTS: usize>(
                     // this image (see the function's contract).
                     unsafe {
                         let val = match res {
-                            Some(r) => clamp_vec(
+                            Some(r) => act_vec(
                                 _mm512_add_ps(
                                     f,
                                     residual_vec(
@@ -809,10 +825,11 @@ unsafe fn lanes_vnni<const PARTS: usize>(
                                         _mm512_maskz_loadu_ps(masks[v], r.as_ptr().add(at)),
                                     ),
                                 ),
+                                c.act,
                                 lo,
                                 hi,
                             ),
-                            None => clamp_vec(f, lo, hi),
+                            None => act_vec(f, c.act, lo, hi),
                         };
                         _mm512_mask_storeu_ps(out.0.add(at), masks[v], val);
                     }

@@ -1276,12 +1276,13 @@ unsafe fn kernel_v<const V: usize, B: BTile>(
     // Epilogue in registers. max/min take the accumulator as the second
     // operand so NaN propagates, as the scalar activations do.
     let (lo, hi) = match st.act {
-        Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
+        Activation::None | Activation::Silu => (f32::NEG_INFINITY, f32::INFINITY),
         Activation::Relu => (0.0, f32::INFINITY),
         Activation::Clip(lo, hi) => (lo, hi),
     };
     let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-    let clamp = !matches!(st.act, Activation::None);
+    let clamp = matches!(st.act, Activation::Relu | Activation::Clip(..));
+    let silu = st.act == Activation::Silu;
     for (i, c) in acc.into_iter().enumerate().take(st.rows) {
         let b = _mm512_set1_ps(st.bias[i]);
         for (v, cv) in c.into_iter().enumerate() {
@@ -1296,6 +1297,9 @@ unsafe fn kernel_v<const V: usize, B: BTile>(
             }
             if clamp {
                 y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));
+            }
+            if silu {
+                y = super::silu_zmm(y);
             }
             // SAFETY: row i < rows and the columns under the mask (< cols)
             // lie in C (see `tiled`); the mask keeps the store inside them.
