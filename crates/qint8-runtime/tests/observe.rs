@@ -468,6 +468,28 @@ fn wrong_input_shapes_are_reported_whole() {
     }
 }
 
+/// What an observed run of `x` shows, and its outputs.
+fn observed(s: &Session, x: &ndarray::ArrayD<f32>) -> (Seen, Vec<ndarray::ArrayD<f32>>) {
+    let mut seen = Seen::new();
+    let out = s
+        .run_observed(&[("input", x.view())], &mut recorder(&mut seen))
+        .unwrap();
+    (seen, out)
+}
+
+/// A one-thread session that fuses nothing: every value is shown.
+fn unfused(model: &qint8_graph::Model) -> Session {
+    Session::new(
+        model,
+        SessionOptions {
+            threads: 1,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// Fusion swallows a convolution's output (Conv + Relu, Conv + residual
 /// Add); kept visible, those outputs are shown with the values the
 /// unfused graph gives them, the others still fuse, and the run's outputs
@@ -476,22 +498,8 @@ fn wrong_input_shapes_are_reported_whole() {
 fn visible_values_survive_fusion() {
     let model = small(ZooConfig::resnet50(), 0.125);
     let x = images(3, 5);
-    let observe = |s: &Session| {
-        let mut seen = Seen::new();
-        let out = s
-            .run_observed(&[("input", x.view())], &mut recorder(&mut seen))
-            .unwrap();
-        (seen, out)
-    };
-    let unfused = Session::new(
-        &model,
-        SessionOptions {
-            threads: 1,
-            fuse: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let observe = |s: &Session| observed(s, &x);
+    let unfused = unfused(&model);
     let (all, reference) = observe(&unfused);
     // Every convolution's output: fused away by default.
     let convs: Vec<String> = unfused
@@ -532,22 +540,8 @@ fn visible_values_survive_fusion() {
 fn silu_fuses_into_convolutions() {
     let model = small(ZooConfig::efficientnet_b0(), 0.25);
     let x = images(3, 2);
-    let observe = |s: &Session| {
-        let mut seen = Seen::new();
-        let out = s
-            .run_observed(&[("input", x.view())], &mut recorder(&mut seen))
-            .unwrap();
-        (seen, out)
-    };
-    let unfused = Session::new(
-        &model,
-        SessionOptions {
-            threads: 1,
-            fuse: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let observe = |s: &Session| observed(s, &x);
+    let unfused = unfused(&model);
     let (all, reference) = observe(&unfused);
     let g = unfused.graph();
     let conv_outputs: std::collections::HashSet<&str> = g
