@@ -36,5 +36,6 @@ pub fn square_conv(
         act: Activation::Relu,
         packed: Vec::new(),
         int8: None,
+        winograd: None,
     }
 }

@@ -1662,6 +1662,7 @@ fn phase_conv(
         act: Activation::None,
         packed: Vec::new(),
         int8: None,
+        winograd: None,
     };
     conv.without_dead_taps().pack()
 }

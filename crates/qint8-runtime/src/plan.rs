@@ -1190,6 +1190,7 @@ fn int8_gemm(
         act: Activation::None,
         packed: Vec::new(),
         int8: None,
+        winograd: None,
     };
     Ok(Kernel::Conv(Box::new(conv.with_int8(src)), false))
 }
@@ -1226,6 +1227,7 @@ fn build_kernel(
                 act: Activation::None,
                 packed: Vec::new(),
                 int8: None,
+                winograd: None,
             };
             let conv = match int8 {
                 Some(src) => conv.with_int8(src),

@@ -187,6 +187,7 @@ fn build(c: &Case) -> Built {
         ][c.act as usize],
         packed: Vec::new(),
         int8: None,
+        winograd: None,
     };
     let mut int = float.clone().with_int8(Int8Source { q, w_scale, input });
     if c.residual_quant {

@@ -3,6 +3,7 @@
 use proptest::prelude::*;
 use qint8_runtime::kernels::conv::{Conv2d, ConvGeom};
 use qint8_runtime::kernels::gemm::{sgemm, sgemm_reference, Mat};
+use qint8_runtime::kernels::winograd::Kernels;
 use qint8_runtime::kernels::Activation;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -122,6 +123,7 @@ fn unpacked(c: &ConvCase) -> Conv2d {
         ][c.act as usize],
         packed: Vec::new(),
         int8: None,
+        winograd: None,
     }
 }
 
@@ -673,4 +675,160 @@ fn max_pool_2x2_stride_2_matches_reference() {
             assert_eq!(bits(&fast), bits(&slow), "{h}x{w}, NaN at {nan_at:?}");
         }
     }
+}
+
+/// A 3x3 stride-1 convolution with enough channels for Winograd:
+/// (images, cin, cout, height, width, pads top/left/bottom/right, act, seed).
+type WinoCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    (usize, usize, usize, usize),
+    u8,
+    u64,
+);
+
+fn winograd_case() -> impl Strategy<Value = WinoCase> {
+    (
+        1usize..4,
+        16usize..41,
+        16usize..41,
+        4usize..14,
+        4usize..14,
+        (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+        0u8..4,
+        any::<u64>(),
+    )
+        .prop_filter("planes of at least 4x4 outputs", |c| {
+            c.3 + c.5 .0 + c.5 .2 >= 6 && c.4 + c.5 .1 + c.5 .3 >= 6
+        })
+}
+
+fn winograd_conv(c: &WinoCase) -> Conv2d {
+    let &(n, cin, cout, h, w, pad, act, seed) = c;
+    unpacked(&ConvCase {
+        n,
+        cin_g: cin,
+        cout_g: cout,
+        group: 1,
+        hw: (h, w),
+        k: (3, 3),
+        stride: (1, 1),
+        dilation: (1, 1),
+        pad,
+        act,
+        seed,
+    })
+    .pack()
+}
+
+/// Winograd against the direct sum. Its transforms round each input
+/// tile's values (up to 100 times an input's size after `B^T d B`) and
+/// each product tile's, so the error scales with the sum of the
+/// magnitudes of the terms, not with the result: bound it by that sum.
+fn winograd_close(
+    conv: &Conv2d,
+    x: &[f32],
+    y: &[f32],
+    res: Option<&[f32]>,
+) -> Result<(), TestCaseError> {
+    let mut plain = conv.clone();
+    plain.act = Activation::None;
+    plain.bias = vec![0.0; conv.cout];
+    let abs_x: Vec<f32> = x.iter().map(|v| v.abs()).collect();
+    let mut abs_conv = plain.clone();
+    abs_conv.weight = std::sync::Arc::new(conv.weight.iter().map(|v| v.abs()).collect());
+    let mut magnitude = vec![0f32; y.len()];
+    abs_conv.reference(&abs_x, &mut magnitude);
+    let mut sum = vec![0f32; y.len()];
+    plain.reference(x, &mut sum);
+    let plane = conv.oh * conv.ow;
+    for (i, (&got, (&s, &mag))) in y.iter().zip(sum.iter().zip(&magnitude)).enumerate() {
+        let co = i / plane % conv.cout;
+        let pre = s + conv.bias[co] + res.map_or(0.0, |r| r[i]);
+        let want = conv.act.apply(pre);
+        // SiLU and Clip have slopes of at most 1.1 and 1.
+        let tol = 1e-5 * (mag + 1.0) * 1.1;
+        prop_assert!(
+            (got - want).abs() <= tol,
+            "index {}: {} vs {} (terms' magnitude {})",
+            i,
+            got,
+            want,
+            mag
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn winograd_matches_the_direct_sum(c in winograd_case(), residual in any::<bool>()) {
+        let conv = winograd_conv(&c);
+        prop_assert!(conv.winograd.is_some(), "the case should take the Winograd path");
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.7 ^ 5);
+        let res = residual.then(|| values(conv.n * conv.cout * conv.oh * conv.ow, c.7 ^ 9));
+        let mut y = vec![f32::NAN; conv.n * conv.cout * conv.oh * conv.ow];
+        let mut scratch = vec![0f32; conv.scratch_len()];
+        conv.run_with_residual(&x, res.as_deref(), &mut y, &mut scratch, 1);
+        winograd_close(&conv, &x, &y, res.as_deref())?;
+    }
+
+    #[test]
+    fn winograd_vector_gather_and_scatter_match_the_lane_loops(c in winograd_case(), residual in any::<bool>()) {
+        let conv = winograd_conv(&c);
+        let w = conv.winograd.clone().expect("the case takes the Winograd path");
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.7 ^ 5);
+        let res = residual.then(|| values(conv.n * conv.cout * conv.oh * conv.ow, c.7 ^ 9));
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let (mut fast, mut lanes) = (vec![f32::NAN; len], vec![0f32; len]);
+        w.run_on(Kernels::best(), &conv, &x, res.as_deref(), &mut fast, 1);
+        w.run_on(Kernels::Lanes, &conv, &x, res.as_deref(), &mut lanes, 1);
+        for (i, (a, b)) in fast.iter().zip(&lanes).enumerate() {
+            prop_assert!(a.to_bits() == b.to_bits(), "index {}: {} vs {}", i, a, b);
+        }
+    }
+
+    #[test]
+    fn winograd_images_do_not_depend_on_batch_or_threads(c in winograd_case()) {
+        let conv = winograd_conv(&c);
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.7 ^ 5);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        let mut whole = vec![0f32; len];
+        let mut scratch = vec![0f32; conv.scratch_len()];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| conv.run(&x, &mut whole, &mut scratch, 2));
+        let one = Conv2d { geom: ConvGeom { n: 1, ..conv.geom }, ..conv.clone() };
+        let (xi, yi) = (x.len() / conv.n, len / conv.n);
+        for img in 0..conv.n {
+            let mut y = vec![0f32; yi];
+            one.run(&x[img * xi..(img + 1) * xi], &mut y, &mut scratch, 1);
+            prop_assert!(
+                y.iter().zip(&whole[img * yi..]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "image {} differs from its result in the batch",
+                img
+            );
+        }
+    }
+}
+
+/// Large planes: many blocks of tiles, split over two threads, against
+/// the direct sum.
+#[test]
+fn winograd_runs_many_blocks() {
+    let c: WinoCase = (2, 64, 48, 40, 36, (1, 1, 1, 1), 1, 11);
+    let conv = winograd_conv(&c);
+    assert!(conv.winograd.is_some());
+    let x = values(conv.n * conv.cin * conv.ih * conv.iw, 3);
+    let mut y = vec![f32::NAN; conv.n * conv.cout * conv.oh * conv.ow];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| conv.run(&x, &mut y, &mut [], 2));
+    winograd_close(&conv, &x, &y, None).unwrap();
 }

@@ -13,6 +13,7 @@ use super::packed::{
     conv_direct, conv_source_available, gemm_packed, gemm_packed_conv, pad_row, with_reused,
     writes_images, ConvInput, Epilogue, PackedA, DEPTHWISE, GATHER_BELOW, NR,
 };
+use super::winograd::Winograd;
 use super::{multiversion, Activation};
 
 /// The input a GEMM path reads: the plain `[n, cin, ih, iw]` tensor, or
@@ -132,6 +133,10 @@ pub struct Conv2d {
     /// kernel ([`super::int8`]), which quantizes its input; `weight` and
     /// `packed` are then empty.
     pub int8: Option<Int8Weights>,
+    /// Weights transformed for Winograd F(4x4, 3x3), set by
+    /// [`Conv2d::pack`] where [`Winograd::applies`]; the convolution then
+    /// runs on [`Winograd::run`] and `packed` is empty.
+    pub winograd: Option<Arc<Winograd>>,
 }
 
 /// Elements per parallel task: below this, splitting costs more than it saves.
@@ -163,6 +168,12 @@ impl Conv2d {
             // The depthwise kernels read `weight` directly.
             return self;
         }
+        if Winograd::applies(&self) {
+            self.winograd = Some(Arc::new(Winograd::new(&self.weight, self.cout, self.cin)));
+            self.packed = Vec::new();
+            return self;
+        }
+        self.winograd = None;
         if self.unrolling_pays() {
             let (m, k) = (self.cout * self.oh * self.ow, self.cin * self.ih * self.iw);
             self.packed = vec![PackedA::new(Arc::new(self.unrolled_weight()), m, k)];
@@ -255,6 +266,7 @@ impl Conv2d {
             // The float weights are not needed any more.
             weight: Arc::new(Vec::new()),
             packed: Vec::new(),
+            winograd: None,
             int8: Some(int8),
             ..self
         }
@@ -330,6 +342,10 @@ impl Conv2d {
     pub fn scratch_len(&self) -> usize {
         if let Some(w) = &self.int8 {
             return int8::scratch_len(self, w);
+        }
+        if self.winograd.is_some() {
+            // Its blocks use per-thread buffers.
+            return 0;
         }
         self.paths_scratch_len() + self.phased_len()
     }
@@ -420,6 +436,8 @@ impl Conv2d {
                 std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut u32, scratch.len())
             };
             int8::run(self, w, x, res, y, words, int8::Kernels::Best);
+        } else if let Some(w) = &self.winograd {
+            w.run(self, x, res, y, threads);
         } else if self.is_depthwise() {
             self.depthwise(x, y);
         } else if self.is_unrolled() {

@@ -7,6 +7,7 @@ pub mod gemm;
 pub mod int8;
 pub mod packed;
 pub mod pool;
+pub mod winograd;
 
 use std::cell::Cell;
 

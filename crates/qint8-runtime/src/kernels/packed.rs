@@ -65,6 +65,11 @@ impl PackedA {
         }
     }
 
+    /// The matrix as it was given (row-major `m x k`).
+    pub fn plain(&self) -> &[f32] {
+        &self.plain
+    }
+
     fn panel(&self, i: usize) -> &[f32] {
         &self.data[i * MR * self.k..(i + 1) * MR * self.k]
     }
