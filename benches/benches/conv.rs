@@ -6,6 +6,8 @@
 //! its group measures the scalar reference, which says nothing about speed
 //! (the plan compiler would use the float kernels there).
 //!
+//! Winograd F(4x4, 3x3) against the direct float kernels on 3x3 layers.
+//!
 //! Also the float activations that follow EfficientNet-B0's convolutions
 //! (SiLU, and the gates' Sigmoid) on 256k values, one thread.
 
@@ -80,6 +82,44 @@ fn conv_int8_vs_float(c: &mut Criterion) {
     g.finish();
 }
 
+/// (name, batch, channels, plane): 3x3 stride-1 layers of the VGG-16-BN
+/// fixture (batch 25, as calibration runs it) and of ResNet-50 at 224x224.
+const WINOGRAD_LAYERS: [(&str, usize, usize, usize); 6] = [
+    ("vgg 16 @16 b25", 25, 16, 16),
+    ("vgg 32 @8 b25", 25, 32, 8),
+    ("vgg 64 @4 b25", 25, 64, 4),
+    ("224 64 @56", 1, 64, 56),
+    ("224 128 @28", 1, 128, 28),
+    ("224 256 @14", 1, 256, 14),
+];
+
+/// Winograd F(4x4, 3x3) against the direct float kernels on the same
+/// layer, one thread (throughput in the direct sum's multiply-adds).
+fn winograd_vs_direct(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("one-thread pool");
+    let mut g = c.benchmark_group("winograd");
+    for (name, n, ch, hw) in WINOGRAD_LAYERS {
+        let conv = qint8_benches::square_conv(n, (ch, ch), hw, (3, 1, 1), data(ch * ch * 9, 1));
+        let x = data(n * ch * hw * hw, 3);
+        let mut y = vec![0f32; n * ch * hw * hw];
+        g.throughput(Throughput::Elements((n * ch * ch * 9 * hw * hw) as u64));
+        for (kind, conv) in [
+            ("direct", conv.clone().pack_direct()),
+            ("winograd", conv.pack()),
+        ] {
+            assert_eq!(conv.winograd.is_some(), kind == "winograd");
+            let mut scratch = vec![0f32; conv.scratch_len()];
+            g.bench_with_input(BenchmarkId::new(kind, name), &x, |b, x| {
+                b.iter(|| pool.install(|| conv.run(black_box(x), &mut y, &mut scratch, 1)))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn activations(c: &mut Criterion) {
     use qint8_runtime::kernels::elementwise::{unary, Unary};
     let x: Vec<f32> = data(1 << 18, 5).iter().map(|v| v * 8.0).collect();
@@ -92,5 +132,5 @@ fn activations(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv_int8_vs_float, activations);
+criterion_group!(benches, conv_int8_vs_float, winograd_vs_direct, activations);
 criterion_main!(benches);

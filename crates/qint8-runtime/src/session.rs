@@ -156,6 +156,11 @@ impl Session {
         &self.graph
     }
 
+    /// The (simplified) graph, taken out of the session.
+    pub fn into_graph(self) -> Graph {
+        self.graph
+    }
+
     /// Worker threads.
     pub fn threads(&self) -> usize {
         self.threads

@@ -163,17 +163,23 @@ impl Conv2d {
     /// instead). Must be called (by the plan compiler) after `weight` is
     /// set and before [`Conv2d::run`].
     pub fn pack(mut self) -> Self {
-        let (cout_g, k) = (self.cout / self.group, self.k());
-        if self.is_depthwise() {
-            // The depthwise kernels read `weight` directly.
-            return self;
-        }
-        if Winograd::applies(&self) {
+        if !self.is_depthwise() && Winograd::applies(&self) {
             self.winograd = Some(Arc::new(Winograd::new(&self.weight, self.cout, self.cin)));
             self.packed = Vec::new();
             return self;
         }
+        self.pack_direct()
+    }
+
+    /// [`Conv2d::pack`] for the direct kernels only, never Winograd (for
+    /// comparisons of the two).
+    pub fn pack_direct(mut self) -> Self {
+        let (cout_g, k) = (self.cout / self.group, self.k());
         self.winograd = None;
+        if self.is_depthwise() {
+            // The depthwise kernels read `weight` directly.
+            return self;
+        }
         if self.unrolling_pays() {
             let (m, k) = (self.cout * self.oh * self.ow, self.cin * self.ih * self.iw);
             self.packed = vec![PackedA::new(Arc::new(self.unrolled_weight()), m, k)];

@@ -65,9 +65,15 @@ impl PackedA {
         }
     }
 
-    /// The matrix as it was given (row-major `m x k`).
-    pub fn plain(&self) -> &[f32] {
-        &self.plain
+    /// Packs a row-major `m x k` matrix that nothing else holds, keeping
+    /// the unpacked copy only where the fallback path needs it (no
+    /// AVX-512): half the memory for matrices made just to be packed.
+    pub fn new_owned(a: Vec<f32>, m: usize, k: usize) -> Self {
+        let mut p = Self::new(Arc::new(a), m, k);
+        if use_avx512() {
+            p.plain = Arc::new(Vec::new());
+        }
+        p
     }
 
     fn panel(&self, i: usize) -> &[f32] {

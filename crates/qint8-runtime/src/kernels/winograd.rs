@@ -24,7 +24,6 @@
 //! units in the last place of the largest products.
 
 use std::cell::RefCell;
-use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -70,6 +69,24 @@ const G: [[f64; 3]; PATCH] = [
 thread_local! {
     /// A block's transformed input and products, reused between calls.
     static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `U = G g G^T` of one 3x3 filter (row-major), computed in f64 and rounded.
+fn weight_transform(g: &[f32]) -> [f32; POS] {
+    // t = G g (6x3).
+    let mut t = [[0f64; 3]; PATCH];
+    for (i, row) in t.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = G[i][0] * g[j] as f64 + G[i][1] * g[3 + j] as f64 + G[i][2] * g[6 + j] as f64;
+        }
+    }
+    let mut u = [0f32; POS];
+    for i in 0..PATCH {
+        for j in 0..PATCH {
+            u[i * PATCH + j] = (t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2]) as f32;
+        }
+    }
+    u
 }
 
 /// `B^T d` for six values along one axis of an input tile.
@@ -235,20 +252,13 @@ impl Winograd {
     pub fn new(weight: &[f32], cout: usize, cin: usize) -> Self {
         let mut u = vec![vec![0f32; cout * cin]; POS];
         for (f, g) in weight.chunks_exact(9).take(cout * cin).enumerate() {
-            // t = G g (6x3), then U = t G^T (6x6).
-            let t: [[f64; 3]; PATCH] = std::array::from_fn(|i| {
-                std::array::from_fn(|j| (0..3).map(|k| G[i][k] * g[k * 3 + j] as f64).sum())
-            });
-            for i in 0..PATCH {
-                for j in 0..PATCH {
-                    let v: f64 = (0..3).map(|k| t[i][k] * G[j][k]).sum();
-                    u[i * PATCH + j][f] = v as f32;
-                }
+            for (p, v) in weight_transform(g).into_iter().enumerate() {
+                u[p][f] = v;
             }
         }
         Self {
             u: u.into_iter()
-                .map(|m| PackedA::new(Arc::new(m), cout, cin))
+                .map(|m| PackedA::new_owned(m, cout, cin))
                 .collect(),
             zeros: vec![0.0; cout],
         }
@@ -838,8 +848,7 @@ mod tests {
     fn one_tile_equals_the_direct_sums() {
         let d: [f32; POS] = std::array::from_fn(|q| ((q * 7) % 11) as f32 - 5.0);
         let g: [f32; 9] = [1.0, -2.0, 0.0, 3.0, 1.0, -1.0, 2.0, 0.0, 1.0];
-        let w = Winograd::new(&g, 1, 1);
-        let u: Vec<f32> = w.u.iter().map(|p| p.plain()[0]).collect();
+        let u = weight_transform(&g);
         let v = input_transform_reference(&d);
         let m: [f32; POS] = std::array::from_fn(|q| u[q] * v[q]);
         let y = output_transform_reference(&m);
