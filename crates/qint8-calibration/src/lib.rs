@@ -68,7 +68,9 @@ pub mod error;
 pub mod refine;
 pub mod smooth;
 
-pub use calibrator::{calibrate, weight_params, CalibConfig, Calibrated, Progress};
+pub use calibrator::{
+    calibrate, calibrate_owned, weight_params, CalibConfig, Calibrated, Progress,
+};
 pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};
 pub use smooth::Smoothing;

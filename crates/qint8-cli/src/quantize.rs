@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_calibration::{calibrate, CalibConfig, Progress};
+use qint8_calibration::{calibrate_owned, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_math::search::{EntropyVariant, RangeMethod};
 use qint8_trt::CalibrationCache;
@@ -47,7 +47,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         // The cache describes every tensor of the unmodified model.
         bail!("--keep-float applies to the QDQ model: a TensorRT calibration cache cannot keep layers in float (set their precision in TensorRT instead)");
     }
-    let model = load_model(&args.model)?;
+    let mut model = load_model(&args.model)?;
     let opened = crate::data::open_calibration(&args.cal.calib, &args.pre)?;
     let data_format = opened.kind.name();
     let data = opened.dataset;
@@ -80,7 +80,10 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         }
     };
     let calib_start = Instant::now();
-    let calibrated = calibrate(&model.graph, &data, &cfg, &mut progress)
+    // The output is built from the calibrated graph: the model's own is
+    // not needed again.
+    let graph = std::mem::take(&mut model.graph);
+    let calibrated = calibrate_owned(graph, &data, &cfg, &mut progress)
         .with_context(|| format!("calibrating {}", args.model.display()))?;
     let calib_seconds = calib_start.elapsed().as_secs_f64();
     let storage = if args.float_weights {
