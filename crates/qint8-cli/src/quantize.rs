@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qint8_calibration::{calibrate_owned, CalibConfig, Progress};
-use qint8_graph::quant::{insert_qdq, WeightStorage};
+use qint8_graph::quant::{insert_qdq_owned, WeightStorage};
 use qint8_math::search::{EntropyVariant, RangeMethod};
 use qint8_trt::CalibrationCache;
 use serde_json::json;
@@ -91,7 +91,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     } else {
         WeightStorage::Int8
     };
-    let graph = insert_qdq(&calibrated.graph, &calibrated.plan, storage)?;
+    let graph = insert_qdq_owned(calibrated.graph, &calibrated.plan, storage)?;
     // Per-channel QuantizeLinear/DequantizeLinear need opset 13.
     let out = model.with_graph(graph, model.opset.max(13));
     let cache = match &args.trt_cache {

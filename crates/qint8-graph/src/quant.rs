@@ -600,14 +600,21 @@ pub enum WeightStorage {
 /// (or an int8 initializer and a `DequantizeLinear`) per quantized consumer
 /// set. Scales are float32, zero points int8 or uint8 as the parameters say.
 pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Result<Graph> {
-    plan.validate(graph)?;
-    let mut g = graph.clone();
+    insert_qdq_owned(graph.clone(), plan, storage)
+}
+
+/// [`insert_qdq`], taking the graph: its weights are not copied.
+pub fn insert_qdq_owned(graph: Graph, plan: &QuantPlan, storage: WeightStorage) -> Result<Graph> {
+    plan.validate(&graph)?;
+    // The original node list, read while `g` gains pairs.
+    let original = graph.nodes.clone();
+    let mut g = graph;
     let mut names = Names::of(&g);
     // Consumers (by index into the original node list) that take the
     // quantized form of each value. Rewiring only renames inputs to fresh
     // names, so these stay valid while pairs are added.
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (k, n) in graph.nodes.iter().enumerate() {
+    for (k, n) in original.iter().enumerate() {
         if plan.precision_of(&n.name) != Precision::Int8 {
             continue;
         }
@@ -618,8 +625,7 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
             }
         }
     }
-    let producer: HashMap<&str, usize> = graph
-        .nodes
+    let producer: HashMap<&str, usize> = original
         .iter()
         .enumerate()
         .flat_map(|(k, n)| n.outputs.iter().map(move |o| (o.as_str(), k)))
@@ -628,7 +634,7 @@ pub fn insert_qdq(graph: &Graph, plan: &QuantPlan, storage: WeightStorage) -> Re
     // are made) or after it (`after[k]`, activations, each new pair ahead
     // of earlier ones, as inserting right after the producer would put
     // it); graph inputs' pairs go first (`after_inputs`).
-    let count = graph.nodes.len();
+    let count = original.len();
     let mut before: Vec<Vec<Node>> = vec![Vec::new(); count];
     let mut after: Vec<Vec<Node>> = vec![Vec::new(); count];
     let mut after_inputs: Vec<Node> = Vec::new();

@@ -59,9 +59,12 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
             ValueShape {
                 dtype: t.dtype(),
                 shape: t.shape().to_vec(),
-                // Large initializers (weights) are never folded; copying them
-                // here would only double the memory of every compile.
-                value: (t.len() <= MAX_FOLD_ELEMENTS).then(|| t.clone()),
+                // Weights (float tensors of rank 2 and up) and large
+                // initializers are never folded: copying them here would
+                // only double the memory of every compile.
+                value: (t.len() <= MAX_FOLD_ELEMENTS
+                    && (t.shape().len() <= 1 || t.dtype() != DataType::Float))
+                    .then(|| t.clone()),
             },
         );
     }
