@@ -83,14 +83,15 @@ fn conv_int8_vs_float(c: &mut Criterion) {
 }
 
 /// (name, batch, channels, plane): 3x3 stride-1 layers of the VGG-16-BN
-/// fixture (batch 25, as calibration runs it) and of ResNet-50 at 224x224.
+/// fixture (batch 25, as calibration runs it) and of ResNet-50 and VGG-16
+/// at 224x224.
 const WINOGRAD_LAYERS: [(&str, usize, usize, usize); 6] = [
     ("vgg 16 @16 b25", 25, 16, 16),
     ("vgg 32 @8 b25", 25, 32, 8),
-    ("vgg 64 @4 b25", 25, 64, 4),
     ("224 64 @56", 1, 64, 56),
     ("224 128 @28", 1, 128, 28),
     ("224 256 @14", 1, 256, 14),
+    ("224 512 @28", 1, 512, 28),
 ];
 
 /// Winograd F(4x4, 3x3) against the direct float kernels on the same

@@ -67,15 +67,18 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--skip-zoo", action="store_true", help="only the fixtures")
-    ap.add_argument("--skip-fixtures", action="store_true", help="only the full-size zoo model")
+    ap.add_argument("--zoo", type=lambda v: v.split(","), default=["resnet50"],
+                    help="full-size zoo models at 224x224, comma-separated [resnet50]")
+    ap.add_argument("--skip-fixtures", action="store_true", help="only the full-size zoo models")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="qint8-bench-")
     cases = []
     if not args.skip_zoo:
-        r50 = os.path.join(tmp, "resnet50_224.onnx")
-        subprocess.run([os.path.join(BIN, "qint8"), "zoo", "resnet50", "-o", r50], check=True)
-        cases += [("ResNet-50 224x224 (zoo)", r50, 1, 10), ("ResNet-50 224x224 (zoo)", r50, 8, 4)]
+        for arch in args.zoo:
+            path = os.path.join(tmp, f"{arch}_224.onnx")
+            subprocess.run([os.path.join(BIN, "qint8"), "zoo", arch, "-o", path], check=True)
+            cases += [(f"{arch} 224x224 (zoo)", path, 1, 10), (f"{arch} 224x224 (zoo)", path, 8, 4)]
     for name in [] if args.skip_fixtures else ["resnet50", "vgg16_bn", "efficientnet_b0"]:
         cases.append((f"{name} fixture 32x32", os.path.join(ROOT, "fixtures", "models", f"{name}.onnx"), 32, 150))
 

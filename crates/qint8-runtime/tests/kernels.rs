@@ -695,14 +695,15 @@ fn winograd_case() -> impl Strategy<Value = WinoCase> {
         1usize..4,
         16usize..41,
         16usize..41,
-        4usize..14,
-        4usize..14,
+        4usize..18,
+        4usize..18,
         (0usize..3, 0usize..3, 0usize..3, 0usize..3),
         0u8..4,
         any::<u64>(),
     )
-        .prop_filter("planes of at least 4x4 outputs", |c| {
-            c.3 + c.5 .0 + c.5 .2 >= 6 && c.4 + c.5 .1 + c.5 .3 >= 6
+        .prop_filter("at least 4 tiles of 4x4 outputs per image", |c| {
+            let (oh, ow) = (c.3 + c.5 .0 + c.5 .2 - 2, c.4 + c.5 .1 + c.5 .3 - 2);
+            oh >= 4 && ow >= 4 && oh.div_ceil(4) * ow.div_ceil(4) >= 4
         })
 }
 

@@ -10,8 +10,10 @@
 //! tiles]`, one per position `p` of the 6x6 transformed tile, run on the
 //! packed kernel (`U = G g G^T` are the weights, transformed once at plan
 //! time); each output tile is transformed back (`Y = A^T M A`) and written
-//! with bias, residual and activation. A tile's result does not depend on
-//! the block it lands in, so outputs do not depend on batch size or
+//! with bias, residual and activation. Blocks run one per task, or, when
+//! there are too few to occupy the threads, one after another with each
+//! phase split over them. A tile's result does not depend on the block it
+//! lands in or on the split, so outputs do not depend on batch size or
 //! thread count.
 //!
 //! The transforms run on [`LANES`] tiles at once, lane by lane, compiled
@@ -19,11 +21,14 @@
 //! every variant performs the same operations in the same order as the
 //! per-tile [`input_transform_reference`] and
 //! [`output_transform_reference`], which tests hold them to bit for bit.
-//! The whole convolution is tested against the direct sum
-//! ([`super::conv::Conv2d::reference`]): it rounds differently, by a few
-//! units in the last place of the largest products.
+//! With AVX-512, tiles are gathered and scattered with masked loads and
+//! stores ([`Kernels::Avx512`]), held to the lane loops bit for bit. The
+//! whole convolution is tested against the direct sum
+//! ([`super::conv::Conv2d::reference`]): it rounds differently, within
+//! about 1e-5 of the sum of the terms' magnitudes.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -226,12 +231,18 @@ pub struct Winograd {
 impl Winograd {
     /// Whether `conv` can run on [`Winograd::run`] and is expected to gain:
     /// 3x3 windows, stride and dilation 1, one group, float weights, at
-    /// least 16 input and output channels, output planes at least 4 pixels
-    /// on each side, and transformed weights (4x the weights) of at most
-    /// 16 MiB. With fewer channels the transforms cost more than the
-    /// products save: on the VGG-16-BN fixture's 8-channel 32x32 layer
-    /// Winograd took twice the direct kernel's time; with 16 channels it
-    /// was 1.4x faster, with 32 1.9x, with 64 2.2x (batch 32, one thread).
+    /// least 16 input and output channels, output planes of at least 4x4
+    /// and at least 4 tiles (16 when the transformed weights pass 1 MiB),
+    /// and transformed
+    /// weights (4x the weights) of at most 64 MiB (512 channels in and out).
+    /// With fewer channels the transforms cost more than the products
+    /// save: on the VGG-16-BN fixture's 8-channel 32x32 layer Winograd took
+    /// twice the direct kernel's time; with 16 channels it was 1.4x faster,
+    /// with 32 1.9x, with 64 2.2x (batch 32, one thread). With fewer tiles
+    /// per image, a small batch's products are too narrow to pay for
+    /// reading 4x the weights: the VGG-16-BN fixture at batch 1 took 1.8x
+    /// the direct time with its 4x4 planes (one tile) on Winograd, and
+    /// ResNet-50's 512-channel 7x7 layers (four tiles) were slower too.
     pub fn applies(conv: &Conv2d) -> bool {
         conv.kh == 3
             && conv.kw == 3
@@ -244,7 +255,14 @@ impl Winograd {
             && conv.cout >= 16
             && conv.oh >= TILE
             && conv.ow >= TILE
-            && POS * conv.cin * conv.cout <= 1 << 22
+            && POS * conv.cin * conv.cout <= 1 << 24
+            && {
+                // Per image, not per batch: the choice (and so the rounding)
+                // must not depend on the batch size.
+                let tiles = conv.oh.div_ceil(TILE) * conv.ow.div_ceil(TILE);
+                let u_bytes = 4 * POS * conv.cin * conv.cout;
+                tiles >= 4 && (tiles >= 16 || u_bytes <= 1 << 20)
+            }
             && conv.weight.len() == conv.cout * conv.cin * 9
     }
 
@@ -299,6 +317,16 @@ impl Winograd {
         let blocks = total.div_ceil(block);
         let out = SendPtr(y.as_mut_ptr());
         let y_len = y.len();
+        let parallel = threads > 1 && !super::is_sequential();
+        // Enough blocks: one task each. Too few to keep the threads busy
+        // (a 14x14 plane of one image is one block): the blocks one after
+        // another, each phase split over the threads (input channels, the
+        // 36 products, output channels).
+        let split = if parallel && blocks < 2 * threads {
+            threads
+        } else {
+            1
+        };
         let task = |b: usize| {
             let t0 = b * block;
             let ctx = Block {
@@ -315,10 +343,10 @@ impl Winograd {
                 // SAFETY: blocks write disjoint tiles of `y`, whose length
                 // is `y_len`.
                 let y = unsafe { std::slice::from_raw_parts_mut(out.get(), y_len) };
-                ctx.run(buf, y, kernels)
+                ctx.run(buf, y, kernels, split)
             });
         };
-        if threads > 1 && blocks > 1 && !super::is_sequential() {
+        if parallel && split == 1 {
             (0..blocks).into_par_iter().for_each(task);
         } else {
             (0..blocks).for_each(task);
@@ -389,58 +417,85 @@ impl Block<'_> {
     }
 
     /// Transforms, multiplies and writes the block; `buf` holds
-    /// `POS * (cin + cout) * stride` floats.
-    fn run(&self, buf: &mut [f32], y: &mut [f32], kernels: Kernels) {
+    /// `POS * (cin + cout) * stride` floats. With `split > 1` each phase
+    /// runs in that many parts on the rayon pool.
+    fn run(&self, buf: &mut [f32], y: &mut [f32], kernels: Kernels, split: usize) {
         let c = self.conv;
         let (v, m) = buf.split_at_mut(POS * c.cin * self.stride);
-        for l0 in (0..self.nt).step_by(LANES) {
-            let (at, lanes) = self.group(l0);
-            match kernels {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Kernels::Avx512` is only chosen where the CPU has
-                // AVX-512F; `v` holds `POS * cin * stride` floats.
-                Kernels::Avx512 => unsafe {
-                    avx512::inputs(c, self.x, &at[..lanes], v, self.stride, l0)
-                },
-                _ => transform_inputs(c, self.x, &at[..lanes], v, self.stride, l0),
+        let (vp, v_len) = (SendPtr(v.as_mut_ptr()), v.len());
+        each_part(c.cin, split, |chans| {
+            // SAFETY: parts write the rows of disjoint input channels of
+            // `v`, whose length is `v_len`.
+            let v = unsafe { std::slice::from_raw_parts_mut(vp.get(), v_len) };
+            for l0 in (0..self.nt).step_by(LANES) {
+                let (at, lanes) = self.group(l0);
+                let at = &at[..lanes];
+                match kernels {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Kernels::Avx512` is only chosen where the CPU
+                    // has AVX-512F; `v` holds `POS * cin * stride` floats.
+                    Kernels::Avx512 => unsafe {
+                        avx512::inputs(c, self.x, at, v, self.stride, l0, chans.clone())
+                    },
+                    _ => transform_inputs(c, self.x, at, v, self.stride, l0, chans.clone()),
+                }
             }
-        }
+        });
         let epi = Epilogue {
             bias: &self.w.zeros,
             res: None,
             act: Activation::None,
         };
-        let (vp, mp) = (c.cin * self.stride, c.cout * self.stride);
-        for (p, u) in self.w.u.iter().enumerate() {
-            let b = Mat::row_major(&v[p * vp..(p + 1) * vp], self.stride);
-            let done = gemm_packed(
-                u,
-                b,
-                self.nt,
-                &mut m[p * mp..(p + 1) * mp],
-                self.stride,
-                epi,
-                1,
-            );
+        let (vl, ml) = (c.cin * self.stride, c.cout * self.stride);
+        let product = |(p, mp): (usize, &mut [f32])| {
+            let b = Mat::row_major(&v[p * vl..(p + 1) * vl], self.stride);
+            let done = gemm_packed(&self.w.u[p], b, self.nt, mp, self.stride, epi, 1);
             debug_assert!(done, "block buffers are sized for the products");
+        };
+        let m = &mut m[..POS * ml];
+        if split > 1 {
+            m.par_chunks_mut(ml).enumerate().for_each(product);
+        } else {
+            m.chunks_mut(ml).enumerate().for_each(product);
         }
+        let m = &*m;
         // The vector writer handles the activations a 3x3 convolution is
         // followed by in the models; a residual or another activation
         // takes the lane-loop writer.
         let vector_out = self.res.is_none() && matches!(c.act, Activation::None | Activation::Relu);
-        for l0 in (0..self.nt).step_by(LANES) {
-            let (at, lanes) = self.group(l0);
-            match kernels {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above; `m` holds `POS * cout * stride` floats
-                // and the tiles lie inside `y`.
-                Kernels::Avx512 if vector_out => unsafe {
-                    avx512::outputs(c, m, &at[..lanes], y, self.stride, l0)
-                },
-                _ => write_outputs(c, m, &at[..lanes], self.res, y, self.stride, l0),
+        let (yp, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
+        each_part(c.cout, split, |chans| {
+            // SAFETY: parts write disjoint output channels of `y`, whose
+            // length is `y_len`.
+            let y = unsafe { std::slice::from_raw_parts_mut(yp.get(), y_len) };
+            for l0 in (0..self.nt).step_by(LANES) {
+                let (at, lanes) = self.group(l0);
+                let at = &at[..lanes];
+                match kernels {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above; `m` holds `POS * cout * stride`
+                    // floats and the tiles lie inside `y`.
+                    Kernels::Avx512 if vector_out => unsafe {
+                        avx512::outputs(c, m, at, y, self.stride, l0, chans.clone())
+                    },
+                    _ => write_outputs(c, m, at, self.res, y, self.stride, l0, chans.clone()),
+                }
             }
-        }
+        });
     }
+}
+
+/// Calls `f` on `0..n` in `parts` ranges (multiples of 4 long but the
+/// last), on the rayon pool when `parts > 1`.
+fn each_part(n: usize, parts: usize, f: impl Fn(Range<usize>) + Sync) {
+    if parts <= 1 || n <= 4 {
+        f(0..n);
+        return;
+    }
+    let per = n.div_ceil(parts).next_multiple_of(4);
+    (0..n.div_ceil(per))
+        .into_par_iter()
+        .for_each(|i| f(i * per..((i + 1) * per).min(n)));
 }
 
 /// Which gather and scatter code a call uses.
@@ -465,15 +520,15 @@ impl Kernels {
 
 multiversion! {
     /// Gathers the 6x6 input tiles of `at` (zero outside the plane) for
-    /// every channel and stores their transforms at lane offset `l0` of
+    /// the input channels `chans` and stores their transforms at lane offset `l0` of
     /// `v` (`[POS][cin][stride]`).
-    fn transform_inputs(c: &Conv2d, x: &[f32], at: &[TileAt], v: &mut [f32], stride: usize, l0: usize) {
+    fn transform_inputs(c: &Conv2d, x: &[f32], at: &[TileAt], v: &mut [f32], stride: usize, l0: usize, chans: Range<usize>) {
         let (ih, iw) = (c.ih as isize, c.iw as isize);
         let (pt, pl) = (c.pad.0 as isize, c.pad.1 as isize);
         let plane = c.ih * c.iw;
         let mut d = [[0f32; LANES]; POS];
         let mut t = [[0f32; LANES]; POS];
-        for ci in 0..c.cin {
+        for ci in chans {
             for (l, a) in at.iter().enumerate() {
                 let base = (a.img * c.cin + ci) * plane;
                 let (y0, x0) = (a.oy as isize - pt, a.ox as isize - pl);
@@ -499,13 +554,13 @@ multiversion! {
 
 multiversion! {
     /// Transforms back the products at lane offset `l0` of `m`
-    /// (`[POS][cout][stride]`) for the tiles `at`, and writes their
-    /// outputs with bias, residual and activation.
-    fn write_outputs(c: &Conv2d, m: &[f32], at: &[TileAt], res: Option<&[f32]>, y: &mut [f32], stride: usize, l0: usize) {
+    /// (`[POS][cout][stride]`) for the tiles `at` and output channels
+    /// `chans`, and writes their outputs with bias, residual and activation.
+    fn write_outputs(c: &Conv2d, m: &[f32], at: &[TileAt], res: Option<&[f32]>, y: &mut [f32], stride: usize, l0: usize, chans: Range<usize>) {
         let mut mt = [[0f32; LANES]; POS];
         let mut o = [[0f32; LANES]; TILE * TILE];
         let plane = c.oh * c.ow;
-        for co in 0..c.cout {
+        for co in chans {
             for (p, mp) in mt.iter_mut().enumerate() {
                 mp.copy_from_slice(&m[(p * c.cout + co) * stride + l0..][..LANES]);
             }
@@ -537,6 +592,8 @@ multiversion! {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    use std::ops::Range;
 
     use super::{Conv2d, TileAt, LANES, PATCH, POS, TILE};
 
@@ -627,12 +684,13 @@ mod avx512 {
         }
     }
 
-    /// As [`super::transform_inputs`], bit for bit.
+    /// As [`super::transform_inputs`], bit for bit, for input channels
+    /// `chans`.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `at` holds at most [`LANES`] tiles of `c`'s
     /// output, `x` is `c`'s input and `v` holds `POS * cin * stride`
-    /// floats with `l0 + LANES <= stride`.
+    /// floats with `l0 + LANES <= stride` (checked, as is `chans`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn inputs(
         c: &Conv2d,
@@ -641,12 +699,14 @@ mod avx512 {
         v: &mut [f32],
         stride: usize,
         l0: usize,
+        chans: Range<usize>,
     ) {
         let plane = c.ih * c.iw;
         assert!(
             x.len() >= c.n * c.cin * plane
                 && v.len() >= POS * c.cin * stride
                 && l0 + LANES <= stride
+                && chans.end <= c.cin
         );
         // Per patch row, column half (0..4, 4..6) and lane: the offset
         // of the load in channel 0, and its mask (block `l / 4`).
@@ -671,7 +731,7 @@ mod avx512 {
             }
         }
         let mut d = [_mm512_setzero_ps(); POS];
-        for ci in 0..c.cin {
+        for ci in chans {
             let base = x.as_ptr().wrapping_add(ci * plane);
             for i in 0..PATCH {
                 for h in 0..2 {
@@ -712,12 +772,12 @@ mod avx512 {
     }
 
     /// As [`super::write_outputs`] without a residual and for no
-    /// activation or Relu, bit for bit.
+    /// activation or Relu, bit for bit, for output channels `chans`.
     ///
     /// # Safety
     /// The CPU has AVX-512F; `at` holds at most [`LANES`] tiles of `c`'s
     /// output, `y` is `c`'s output and `m` holds `POS * cout * stride`
-    /// floats with `l0 + LANES <= stride`.
+    /// floats with `l0 + LANES <= stride` (checked, as is `chans`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn outputs(
         c: &Conv2d,
@@ -726,12 +786,14 @@ mod avx512 {
         y: &mut [f32],
         stride: usize,
         l0: usize,
+        chans: Range<usize>,
     ) {
         let plane = c.oh * c.ow;
         assert!(
             y.len() >= c.n * c.cout * plane
                 && m.len() >= POS * c.cout * stride
                 && l0 + LANES <= stride
+                && chans.end <= c.cout
         );
         let mut off = [[0isize; LANES]; TILE];
         let mut mask = [[0u16; LANES]; TILE];
@@ -745,7 +807,7 @@ mod avx512 {
         }
         let relu = c.act == super::Activation::Relu;
         let zero = _mm512_setzero_ps();
-        for co in 0..c.cout {
+        for co in chans {
             // SAFETY: `p * cout + co < POS * cout` and `l0 + LANES <= stride`.
             let mt: [__m512; POS] = std::array::from_fn(|p| unsafe {
                 _mm512_loadu_ps(m.as_ptr().add((p * c.cout + co) * stride + l0))
