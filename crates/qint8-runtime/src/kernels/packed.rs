@@ -824,16 +824,17 @@ impl InPlace<'_> {
     }
 }
 
-/// A raw pointer that may cross threads: tasks write disjoint parts of C.
+/// A raw pointer that may cross threads: tasks write disjoint parts of C
+/// (here), or of Winograd's buffers and output (`super::winograd`).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes coordinated by `gemm_packed`.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint writes, coordinated by its users.
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::conv::Conv2d;
 use super::gemm::Mat;
-use super::packed::{gemm_packed, with_reused, Epilogue, PackedA};
+use super::packed::{gemm_packed, with_reused, Epilogue, PackedA, SendPtr};
 use super::{multiversion, Activation};
 
 /// Output tile side.
@@ -121,85 +121,76 @@ fn at(m: [f32; PATCH]) -> [f32; TILE] {
     ]
 }
 
+/// A separable transform of one 6x6 tile (row-major): `f` along each row,
+/// then along each column of the result, giving `O x O` values.
+#[inline(always)]
+fn separable<const O: usize>(x: &[f32; POS], f: fn([f32; PATCH]) -> [f32; O], out: &mut [f32]) {
+    let mut rows = [0f32; POS];
+    for i in 0..PATCH {
+        let r = f(std::array::from_fn(|j| x[i * PATCH + j]));
+        rows[i * O..(i + 1) * O].copy_from_slice(&r);
+    }
+    for j in 0..O {
+        let c = f(std::array::from_fn(|i| rows[i * O + j]));
+        for (i, v) in c.into_iter().enumerate() {
+            out[i * O + j] = v;
+        }
+    }
+}
+
+/// [`separable`] on [`LANES`] tiles at once: `x[q][lane]` is position `q`
+/// of tile `lane`, and so is `out[q][lane]`.
+#[inline(always)]
+fn separable_lanes<const O: usize>(
+    x: &[Lanes; POS],
+    f: fn([f32; PATCH]) -> [f32; O],
+    out: &mut [Lanes],
+) {
+    let mut rows = [[0f32; LANES]; POS];
+    for i in 0..PATCH {
+        for l in 0..LANES {
+            let r = f(std::array::from_fn(|j| x[i * PATCH + j][l]));
+            for (j, v) in r.into_iter().enumerate() {
+                rows[i * O + j][l] = v;
+            }
+        }
+    }
+    for j in 0..O {
+        for l in 0..LANES {
+            let c = f(std::array::from_fn(|i| rows[i * O + j][l]));
+            for (i, v) in c.into_iter().enumerate() {
+                out[i * O + j][l] = v;
+            }
+        }
+    }
+}
+
 /// `B^T d B` of one 6x6 input tile (row-major): the reference the lane
 /// transforms are tested against.
 pub fn input_transform_reference(d: &[f32; POS]) -> [f32; POS] {
-    let mut rows = [0f32; POS];
-    for i in 0..PATCH {
-        let r = bt(std::array::from_fn(|j| d[i * PATCH + j]));
-        rows[i * PATCH..(i + 1) * PATCH].copy_from_slice(&r);
-    }
     let mut v = [0f32; POS];
-    for j in 0..PATCH {
-        let c = bt(std::array::from_fn(|i| rows[i * PATCH + j]));
-        for (i, x) in c.into_iter().enumerate() {
-            v[i * PATCH + j] = x;
-        }
-    }
+    separable(d, bt, &mut v);
     v
 }
 
 /// `A^T m A` of one 6x6 product tile: the 4x4 outputs (row-major), the
 /// reference the lane transforms are tested against.
 pub fn output_transform_reference(m: &[f32; POS]) -> [f32; TILE * TILE] {
-    let mut rows = [0f32; PATCH * TILE];
-    for i in 0..PATCH {
-        let r = at(std::array::from_fn(|j| m[i * PATCH + j]));
-        rows[i * TILE..(i + 1) * TILE].copy_from_slice(&r);
-    }
     let mut y = [0f32; TILE * TILE];
-    for j in 0..TILE {
-        let c = at(std::array::from_fn(|i| rows[i * TILE + j]));
-        for (i, x) in c.into_iter().enumerate() {
-            y[i * TILE + j] = x;
-        }
-    }
+    separable(m, at, &mut y);
     y
 }
 
-/// [`input_transform_reference`] of [`LANES`] tiles at once:
-/// `d[q][lane]` is position `q` of tile `lane`, and so is the result.
+/// [`input_transform_reference`] of [`LANES`] tiles at once.
 #[inline(always)]
 fn input_lanes(d: &[Lanes; POS], v: &mut [Lanes; POS]) {
-    let mut rows = [[0f32; LANES]; POS];
-    for i in 0..PATCH {
-        for l in 0..LANES {
-            let r = bt(std::array::from_fn(|j| d[i * PATCH + j][l]));
-            for (j, x) in r.into_iter().enumerate() {
-                rows[i * PATCH + j][l] = x;
-            }
-        }
-    }
-    for j in 0..PATCH {
-        for l in 0..LANES {
-            let c = bt(std::array::from_fn(|i| rows[i * PATCH + j][l]));
-            for (i, x) in c.into_iter().enumerate() {
-                v[i * PATCH + j][l] = x;
-            }
-        }
-    }
+    separable_lanes(d, bt, v)
 }
 
 /// [`output_transform_reference`] of [`LANES`] tiles at once.
 #[inline(always)]
 fn output_lanes(m: &[Lanes; POS], y: &mut [Lanes; TILE * TILE]) {
-    let mut rows = [[0f32; LANES]; PATCH * TILE];
-    for i in 0..PATCH {
-        for l in 0..LANES {
-            let r = at(std::array::from_fn(|j| m[i * PATCH + j][l]));
-            for (j, x) in r.into_iter().enumerate() {
-                rows[i * TILE + j][l] = x;
-            }
-        }
-    }
-    for j in 0..TILE {
-        for l in 0..LANES {
-            let c = at(std::array::from_fn(|i| rows[i * TILE + j][l]));
-            for (i, x) in c.into_iter().enumerate() {
-                y[i * TILE + j][l] = x;
-            }
-        }
-    }
+    separable_lanes(m, at, y)
 }
 
 multiversion! {
@@ -351,20 +342,6 @@ impl Winograd {
         } else {
             (0..blocks).for_each(task);
         }
-    }
-}
-
-/// A raw output pointer shared by the blocks, which write disjoint tiles.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each block writes only its own tiles' outputs.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
