@@ -17,7 +17,7 @@
 //! thread count.
 //!
 //! The transforms run on [`LANES`] tiles at once, lane by lane, compiled
-//! per instruction set and chosen at run time ([`super::multiversion`]);
+//! per instruction set and chosen at run time (`multiversion!`);
 //! every variant performs the same operations in the same order as the
 //! per-tile [`input_transform_reference`] and
 //! [`output_transform_reference`], which tests hold them to bit for bit.
