@@ -833,3 +833,13 @@ fn winograd_runs_many_blocks() {
     pool.install(|| conv.run(&x, &mut y, &mut [], 2));
     winograd_close(&conv, &x, &y, None).unwrap();
 }
+
+/// An empty batch computes nothing (and does not divide by zero tiles).
+#[test]
+fn winograd_runs_an_empty_batch() {
+    let conv = winograd_conv(&(0, 16, 16, 8, 8, (1, 1, 1, 1), 1, 5));
+    assert!(conv.winograd.is_some());
+    let mut y: Vec<f32> = Vec::new();
+    conv.run(&[], &mut y, &mut [], 2);
+    assert!(y.is_empty());
+}

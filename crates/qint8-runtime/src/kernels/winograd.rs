@@ -301,6 +301,10 @@ impl Winograd {
     ) {
         let (tiles_h, tiles_w) = (conv.oh.div_ceil(TILE), conv.ow.div_ceil(TILE));
         let total = conv.n * tiles_h * tiles_w;
+        if total == 0 {
+            // An empty batch.
+            return;
+        }
         let per_tile = POS * (conv.cin + conv.cout);
         // Blocks of whole panels of the packed kernel (48 columns).
         let block = (BLOCK_FLOATS / per_tile / 48 * 48).max(48);
