@@ -436,6 +436,12 @@ fn direct_convolution_matches_reference() {
         ((40, 101), (3, 3), (1, 3), (1, 2), (0, 2, 1, 0), 2, 3, 8, 1),
         ((70, 45), (3, 2), (3, 1), (2, 1), (2, 0, 0, 1), 1, 2, 5, 1),
         ((64, 64), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), 1, 2, 3, 2),
+        // Rows of 16, 32 and 64 pixels: tiles of 16-pixel vectors across
+        // rows (the last tile short), strided too.
+        ((16, 16), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 1, 8, 16, 1),
+        ((33, 32), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 3, 1, 12, 1),
+        ((32, 32), (7, 7), (2, 2), (1, 1), (3, 3, 3, 3), 1, 1, 12, 1),
+        ((5, 64), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), 2, 4, 9, 1),
     ];
     for (hw, k, stride, dilation, pad, act, cin, cout, group) in cases {
         let c = ConvCase {
@@ -462,6 +468,7 @@ fn direct_convolution_matches_reference() {
 fn residual_fusion_matches_reference() {
     let cases = [
         ((30, 29), (3, 3), (1, 1), (1, 1, 1, 1), 3, 10), // direct
+        ((17, 32), (3, 3), (1, 1), (1, 1, 1, 1), 3, 10), // direct, vector tiles
         ((9, 7), (3, 3), (1, 1), (1, 1, 1, 1), 4, 9),    // batched (small planes)
         ((40, 33), (3, 3), (2, 2), (1, 1, 1, 1), 2, 8),  // direct, strided
         ((9, 8), (3, 3), (2, 2), (1, 1, 1, 1), 3, 5),    // batched, strided
@@ -644,12 +651,24 @@ proptest! {
     }
 }
 
-/// The 2x2 stride-2 window (its own fast path), on odd and even sizes, with
+/// The 2x2 stride-2 window (its own fast paths), on odd and even sizes, with
 /// and without NaN.
 #[test]
 fn max_pool_2x2_stride_2_matches_reference() {
     use qint8_runtime::kernels::pool::Pool2d;
-    for (h, w) in [(8, 8), (7, 9), (2, 2), (33, 64)] {
+    // Exact tilings (one loop over all planes' rows, fixed widths 1, 2, 4
+    // and 8, and the general width), and planes with a row or column left.
+    let sizes = [
+        (8, 8),
+        (7, 9),
+        (2, 2),
+        (4, 4),
+        (16, 16),
+        (32, 32),
+        (6, 12),
+        (33, 64),
+    ];
+    for (h, w) in sizes {
         for nan_at in [None, Some(5usize)] {
             let pool = Pool2d {
                 ih: h,
@@ -673,6 +692,60 @@ fn max_pool_2x2_stride_2_matches_reference() {
             pool.max_reference(&x, &mut slow);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&slow), "{h}x{w}, NaN at {nan_at:?}");
+        }
+    }
+}
+
+/// The 3x3 stride-2 window with padding 1 (ResNet's stem pool, its own
+/// path), on odd and even sizes, with and without end padding and NaN.
+#[test]
+fn max_pool_3x3_stride_2_matches_reference() {
+    use qint8_runtime::kernels::pool::Pool2d;
+    for (h, w) in [
+        (16usize, 16usize),
+        (1, 1),
+        (2, 3),
+        (5, 8),
+        (9, 7),
+        (112, 112),
+    ] {
+        for end in [0, 1] {
+            for nan_at in [None, Some(3usize)] {
+                // Output size as ONNX defines it; no window without a row.
+                let (Some(dh), Some(dw)) =
+                    ((h + 1 + end).checked_sub(3), (w + 1 + end).checked_sub(3))
+                else {
+                    continue;
+                };
+                let (oh, ow) = (dh / 2 + 1, dw / 2 + 1);
+                let pool = Pool2d {
+                    ih: h,
+                    iw: w,
+                    oh,
+                    ow,
+                    k: (3, 3),
+                    stride: (2, 2),
+                    dilation: (1, 1),
+                    pad: (1, 1),
+                    pad_end: (end, end),
+                    count_include_pad: false,
+                };
+                let mut x = values(3 * h * w, (h * w + end) as u64);
+                if let Some(at) = nan_at {
+                    let n = x.len();
+                    x[at % n] = f32::NAN;
+                }
+                let len = 3 * oh * ow;
+                let (mut fast, mut slow) = (vec![0.0; len], vec![0.0; len]);
+                pool.max(&x, &mut fast);
+                pool.max_reference(&x, &mut slow);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&fast),
+                    bits(&slow),
+                    "{h}x{w}, end {end}, NaN at {nan_at:?}"
+                );
+            }
         }
     }
 }

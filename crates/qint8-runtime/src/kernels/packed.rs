@@ -784,7 +784,7 @@ fn pack_conv(
 /// `memcpy` costs more than the copy.
 #[inline(always)]
 fn copy(dst: &mut [f32], src: &[f32]) {
-    if dst.len() <= 16 {
+    if dst.len() <= 64 {
         super::copy_short(dst, src);
     } else {
         dst.copy_from_slice(src);
@@ -1476,6 +1476,76 @@ pub fn conv_direct(
             let c_ptr = SendPtr(yi.as_mut_ptr());
             let res_img = res.map(|r| SendConst(r[img * cv.cout * oh * ow..].as_ptr()));
             let pad_ptr = SendConst(padded.as_ptr());
+            if let Some(vpr) = vector_tiles(ow) {
+                // Tiles of three 16-pixel vectors taken in row order across
+                // output rows: rows of 16 or 32 pixels would otherwise fill
+                // one or two of a tile's three vectors.
+                let nvec = oh * vpr;
+                let tiles = nvec.div_ceil(3);
+                let want = if parallel { 4 * threads } else { 1 };
+                let m_split = want.div_ceil(tiles).clamp(1, m_panels);
+                let m_per = m_panels.div_ceil(m_split);
+                // Input and output offsets of vector `g`.
+                let in_at = |g: usize| (g / vpr) * sh * rl + (g % vpr) * 16;
+                let out_at = |g: usize| (g / vpr) * ow + (g % vpr) * 16;
+                let run = |t: usize| {
+                    let (tile, ms) = (t / m_split, t % m_split);
+                    let g0 = 3 * tile;
+                    let v = 3.min(nvec - g0);
+                    let at = out_at(g0);
+                    let rel = |j: usize| if j < v { out_at(g0 + j) - at } else { 0 };
+                    let b = Window::<false> {
+                        bases: [0, 1, 2].map(|j| {
+                            pad_ptr
+                                .get()
+                                .wrapping_add(in_at(g0 + if j < v { j } else { 0 }))
+                        }),
+                        offsets: offsets.as_ptr(),
+                        lanes: [0; 16],
+                    };
+                    for ip in ms * m_per..((ms + 1) * m_per).min(m_panels) {
+                        let i0 = ip * MR;
+                        let rows = MR.min(a.m - i0);
+                        let store = Store {
+                            // SAFETY: rows i0..i0+rows < cout and the tile's
+                            // vectors lie inside this image's output planes;
+                            // tasks write disjoint (row, vector) ranges.
+                            c: unsafe { c_ptr.get().add(i0 * oh * ow + at) },
+                            res: res_img.map_or(std::ptr::null(), |r| {
+                                r.get().wrapping_add(i0 * oh * ow + at)
+                            }),
+                            ldc: oh * ow,
+                            rows,
+                            cols: 16 * v,
+                            bias: &cv.bias[i0..i0 + rows],
+                            act: cv.act,
+                            next_a: if ip + 1 < m_panels {
+                                a.panel(ip + 1).as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
+                            vecs: [0, 1, 2].map(rel),
+                        };
+                        // SAFETY: AVX-512F is available (direct_available);
+                        // every vector's start plus the largest offset plus
+                        // 16 stays inside `padded` (each lies within a
+                        // padded row's first ow + span floats), and A's
+                        // panel holds k * MR.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            kernel_vectors(k, a.panel(ip), b, store, false, true)
+                        };
+                    }
+                };
+                let tasks = tiles * m_split;
+                if tasks > 1 && parallel {
+                    use rayon::prelude::*;
+                    (0..tasks).into_par_iter().for_each(run);
+                } else {
+                    (0..tasks).for_each(run);
+                }
+                continue;
+            }
             // Tasks: output rows, split over channel panels when rows are few.
             let want = if parallel { 4 * threads } else { 1 };
             let m_split = want.div_ceil(oh).clamp(1, m_panels);
@@ -1532,6 +1602,13 @@ pub fn conv_direct(
         }
     });
     true
+}
+
+/// Vectors per output row when [`conv_direct`] tiles by 16-pixel vectors
+/// across rows: rows of whole vectors that a row's [`NR`]-wide segments
+/// would leave partly empty (16, 32, 64 pixels, ...).
+fn vector_tiles(ow: usize) -> Option<usize> {
+    (ow.is_multiple_of(16) && !ow.is_multiple_of(NR)).then_some(ow / 16)
 }
 
 /// Writes one input plane (rows of `iw`) into `dst`, zero-padded by `pt`
