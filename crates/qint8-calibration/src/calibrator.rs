@@ -672,9 +672,9 @@ type StateSink<'a, S> =
 
 /// Runs every batch of `data`, showing each produced tensor to `see` with
 /// the state of the worker that produced it: while the workers' arenas for
-/// whole batches fit [`WHOLE_BATCHES_BUDGET`], one whole batch per worker
-/// and state at a time ([`Session::observe_each`]); otherwise, and for a
-/// last group short of one batch per worker, each batch cut into one
+/// whole batches fit [`WHOLE_BATCHES_BUDGET`], whole batches, each worker
+/// building and running the next one as soon as it is free
+/// ([`Session::pull_batches`]); otherwise each batch cut into one
 /// sub-batch per state ([`Session::observe_split`]).
 #[allow(clippy::too_many_arguments)]
 fn for_each_batch<S: Send>(
@@ -715,16 +715,9 @@ fn for_each_batch<S: Send>(
         let peak = session.observed_peak_bytes(&[(input, &shape)])?;
         peak.saturating_mul(states.len()) <= WHOLE_BATCHES_BUDGET
     };
-    let group_len = if whole { states.len() } else { 1 };
-    let mut batches = data.batches(batch).enumerate().peekable();
-    while batches.peek().is_some() {
-        // As many whole batches as there are states, one per worker
-        // ([`Session::observe_each`]); a last one short of that is cut
-        // into sub-batches instead, so no worker idles.
-        let mut group = Vec::with_capacity(group_len);
-        for (index, b) in batches.by_ref().take(group_len) {
-            group.push((index, b?));
-        }
+    if whole {
+        // Every worker takes the next batch as soon as it is free, and
+        // builds it itself.
         let mut observers: Vec<_> = states
             .iter_mut()
             .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
@@ -733,25 +726,39 @@ fn for_each_batch<S: Send>(
             .iter_mut()
             .map(|o| o as &mut dyn Observer)
             .collect();
-        if group.len() == dyns.len() && group.len() > 1 {
-            let inputs: Vec<[(&str, ndarray::ArrayViewD<'_, f32>); 1]> = group
-                .iter()
-                .map(|(_, b)| [(input, b.inputs.view())])
-                .collect();
-            let refs: Vec<&[(&str, ndarray::ArrayViewD<'_, f32>)]> =
-                inputs.iter().map(|i| &i[..]).collect();
-            let results = session.observe_each(&refs, &mut dyns)?;
-            for ((index, b), r) in group.iter().zip(results) {
-                r.map_err(|e| name_batch(*index, b.len(), e))?;
-            }
-        } else {
-            for (index, b) in &group {
-                session
-                    .observe_split(&[(input, b.inputs.view())], &mut dyns)
-                    .map_err(|e| name_batch(*index, b.len(), e))?;
-            }
-        }
-        done += group.iter().map(|(_, b)| b.len()).sum::<usize>();
+        let job = |index: usize, observer: &mut dyn Observer| -> Result<usize> {
+            let start = index * batch;
+            let b = data.batch(start, batch.min(total - start))?;
+            session
+                .observe_here(&[(input, b.inputs.view())], observer)
+                .map_err(|e| name_batch(index, b.len(), e))?;
+            Ok(b.len())
+        };
+        let mut finished = |n: usize| {
+            done += n;
+            progress(Progress {
+                pass,
+                passes,
+                done,
+                total,
+            });
+        };
+        return session.pull_batches(total.div_ceil(batch), &mut dyns, &job, &mut finished);
+    }
+    for (index, b) in data.batches(batch).enumerate() {
+        let b = b?;
+        let mut observers: Vec<_> = states
+            .iter_mut()
+            .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
+            .collect();
+        let mut dyns: Vec<&mut dyn Observer> = observers
+            .iter_mut()
+            .map(|o| o as &mut dyn Observer)
+            .collect();
+        session
+            .observe_split(&[(input, b.inputs.view())], &mut dyns)
+            .map_err(|e| name_batch(index, b.len(), e))?;
+        done += b.len();
         progress(Progress {
             pass,
             passes,

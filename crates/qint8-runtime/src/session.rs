@@ -578,8 +578,8 @@ impl Session {
 
     /// Peak activation bytes (arena and kernel scratch) of the plan that
     /// an observed run of these input shapes uses, compiled on first use:
-    /// what each worker holds while [`observe_each`](Self::observe_each)
-    /// runs a batch of these shapes.
+    /// what each worker holds while it runs a batch of these shapes with
+    /// [`observe_here`](Self::observe_here).
     pub fn observed_peak_bytes(&self, shapes: &[(&str, &[usize])]) -> Result<usize> {
         Ok(self
             .plan_for(shapes, true, false)?
@@ -587,52 +587,103 @@ impl Session {
             .peak_activation_bytes())
     }
 
-    /// Runs several whole batches at once for their observers only: batch
-    /// `i` runs whole on one of the pool's workers, its plan sequential as
-    /// in [`observe_split`](Self::observe_split), and shows its tensors to
-    /// `observers[i]`. Returns one result per batch, so a caller can say
-    /// which batch failed; the call itself fails only when the batches do
-    /// not fit the graph or outnumber the observers.
-    ///
-    /// Calibration runs batches this way while it has one per worker: a
-    /// worker's products are then as wide as a whole batch, where cutting
-    /// each batch into sub-batches made them narrow (a ResNet-50 fixture
-    /// pass over 1000 images in batches of 25: about 20% slower).
-    pub fn observe_each(
+    /// The observed plan for a whole batch of `inputs` and their data as
+    /// slices (copied only where a view is not contiguous).
+    #[allow(clippy::type_complexity)]
+    fn whole_part<'d, 'v: 'd>(
         &self,
-        batches: &[&[(&str, ArrayViewD<'_, f32>)]],
-        observers: &mut [&mut dyn Observer],
-    ) -> Result<Vec<Result<()>>> {
-        if batches.len() > observers.len() {
-            return Err(RuntimeError::Observer(format!(
-                "{} batches for {} observers",
-                batches.len(),
-                observers.len()
-            )));
-        }
-        let mut parts = Vec::with_capacity(batches.len());
-        for inputs in batches {
-            self.check_whole(inputs)?;
-            let shapes: Vec<(&str, &[usize])> =
-                inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
-            let plan = self.plan_for(&shapes, true, false)?;
-            let data: Vec<(&str, std::borrow::Cow<'_, [f32]>)> = inputs
-                .iter()
-                .map(|(n, a)| {
-                    let v = match a.as_slice() {
-                        Some(x) => std::borrow::Cow::Borrowed(x),
-                        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
-                    };
-                    (*n, v)
-                })
-                .collect();
-            parts.push((plan, data));
-        }
-        let flat: Vec<_> = parts
+        inputs: &'d [(&'d str, ArrayViewD<'v, f32>)],
+    ) -> Result<(Arc<Plan>, Vec<(&'d str, std::borrow::Cow<'d, [f32]>)>)> {
+        self.check_whole(inputs)?;
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        let plan = self.plan_for(&shapes, true, false)?;
+        let data = inputs
             .iter()
-            .map(|(plan, data)| (plan, data.iter().map(|(n, d)| (*n, &d[..])).collect()))
+            .map(|(n, a)| {
+                let v = match a.as_slice() {
+                    Some(x) => std::borrow::Cow::Borrowed(x),
+                    None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+                };
+                (*n, v)
+            })
             .collect();
-        Ok(self.observe_parts(&flat, observers))
+        Ok((plan, data))
+    }
+
+    /// Runs one whole batch on the calling thread, sequentially (no pool
+    /// tasks), showing its tensors to `observer`: the step each worker of
+    /// [`pull_batches`](Self::pull_batches) takes.
+    pub fn observe_here(
+        &self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        observer: &mut dyn Observer,
+    ) -> Result<()> {
+        let (plan, data) = self.whole_part(inputs)?;
+        let flat: Vec<(&str, &[f32])> = data.iter().map(|(n, d)| (*n, &d[..])).collect();
+        crate::kernels::sequential(|| {
+            run_plan(&plan, &flat, Some(observer), None, 1, None, &self.buffers)
+        })
+        .map(drop)
+    }
+
+    /// Runs `job(i, observer)` for every `i` in `0..count` on the pool's
+    /// workers, one worker per observer: each worker takes the next `i` as
+    /// soon as it is free, and its jobs see only its own observer (jobs
+    /// typically build batch `i` and run it with
+    /// [`observe_here`](Self::observe_here)).
+    ///
+    /// Calibration runs batches this way: a worker's products are as wide
+    /// as a whole batch, where cutting each batch into sub-batches made
+    /// them narrow (a ResNet-50 fixture pass over 1000 images in batches of
+    /// 25: about 20% slower), and with no barrier between batches a slow
+    /// batch holds up only its own worker (in lockstep groups of one batch
+    /// per worker, the VGG-16-BN fixture's calibration spent 10-35 ms of a
+    /// 100 ms pass outside the slower worker's runs). `done(n)` is called on the
+    /// calling thread with the `n` a job returned, as jobs finish.
+    ///
+    /// Jobs run in no fixed order and on no fixed worker, so results must
+    /// not depend on either. On failure, the error of the lowest `i` that
+    /// failed is returned (jobs above a failed one are not started, those
+    /// below still run, so the error is the same from run to run).
+    pub fn pull_batches<E: Send>(
+        &self,
+        count: usize,
+        observers: &mut [&mut dyn Observer],
+        job: &(dyn Fn(usize, &mut dyn Observer) -> std::result::Result<usize, E> + Sync),
+        done: &mut dyn FnMut(usize),
+    ) -> std::result::Result<(), E> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (next, failed) = (&AtomicUsize::new(0), &AtomicUsize::new(usize::MAX));
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, std::result::Result<usize, E>)>();
+        self.pool.in_place_scope(|scope| {
+            for observer in observers.iter_mut() {
+                let tx = tx.clone();
+                scope.spawn(move |_| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count || i > failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r = job(i, &mut **observer);
+                    if r.is_err() {
+                        failed.fetch_min(i, Ordering::Relaxed);
+                    }
+                    if tx.send((i, r)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            // Ends when every worker has dropped its sender.
+            let mut first: Option<(usize, E)> = None;
+            for (i, r) in rx {
+                match r {
+                    Ok(n) => done(n),
+                    Err(e) if first.as_ref().is_none_or(|(j, _)| i < *j) => first = Some((i, e)),
+                    Err(_) => {}
+                }
+            }
+            first.map_or(Ok(()), |(_, e)| Err(e))
+        })
     }
 
     /// Runs the graph and keeps every value an observer would see (graph

@@ -1,7 +1,7 @@
 //! `Session::observe_split`: sub-batches on separate workers, each with its
 //! own observer, together see exactly what one observed run of the whole
-//! batch sees. `Session::observe_each`: whole batches on separate workers,
-//! each showing an observer what a run of that batch alone shows.
+//! batch sees. `Session::pull_batches`: whole batches on separate workers,
+//! each showing its worker's observer what a run of that batch alone shows.
 
 use std::collections::BTreeMap;
 
@@ -133,7 +133,11 @@ fn each_observer_sees_its_own_whole_batch() {
     let session = session(&model, 2);
     let input = model.graph.inputs[0].name.clone();
     // Batches of different sizes: the last one of a set is often short.
-    let (x, y) = (images(5, 0), images(3, 9));
+    let batches: Vec<_> = [5, 3, 5, 1, 5, 2, 5]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| images(n, 3 * i))
+        .collect();
     let alone = |x: &ndarray::ArrayD<f32>| {
         let mut seen = Seen::new();
         session
@@ -141,32 +145,86 @@ fn each_observer_sees_its_own_whole_batch() {
             .unwrap();
         seen
     };
-    let (want_x, want_y) = (alone(&x), alone(&y));
+    // What the batches show when each runs alone, folded together.
+    let mut want = Seen::new();
+    for b in &batches {
+        for (name, (n, m)) in alone(b) {
+            let e = want.entry(name).or_insert((0, 0.0));
+            e.0 += n;
+            e.1 = e.1.max(m);
+        }
+    }
+    let ran = std::sync::Mutex::new(Vec::new());
+    let job = |i: usize, observer: &mut dyn Observer| -> Result<usize, String> {
+        ran.lock().unwrap().push(i);
+        let b = &batches[i];
+        session
+            .observe_here(&[(&input, b.view())], observer)
+            .map_err(|e| e.to_string())?;
+        Ok(b.shape()[0])
+    };
     let (mut a, mut b) = (Seen::new(), Seen::new());
+    let mut done = 0;
     {
         let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
         let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
-        let bx = [(input.as_str(), x.view())];
-        let by = [(input.as_str(), y.view())];
-        let results = session.observe_each(&[&bx, &by], &mut observers).unwrap();
-        assert_eq!(results.len(), 2);
-        assert!(results.iter().all(|r| r.is_ok()));
+        session
+            .pull_batches(batches.len(), &mut observers, &job, &mut |n| done += n)
+            .unwrap();
     }
-    // The same plan kind and order of work as a run alone: the same bits.
-    assert_eq!(a, want_x);
-    assert_eq!(b, want_y);
-    assert!(a.values().zip(b.values()).any(|(p, q)| p.0 != q.0));
+    assert_eq!(done, 26);
+    let mut order = ran.lock().unwrap().clone();
+    order.sort_unstable();
+    assert_eq!(
+        order,
+        (0..batches.len()).collect::<Vec<_>>(),
+        "each batch once"
+    );
+    // The two workers together saw every batch's tensors, with the bits of
+    // runs alone (largest |x| does not depend on which worker ran what).
+    for (name, (n, m)) in &b {
+        let e = a.entry(name.clone()).or_insert((0, 0.0));
+        e.0 += n;
+        e.1 = e.1.max(*m);
+    }
+    assert_eq!(a, want);
 
-    // More batches than observers, or a batch the graph cannot take, is an
-    // error, not a panic.
-    let bx = [(input.as_str(), x.view())];
+    // One observer: one worker, batches in order.
+    ran.lock().unwrap().clear();
     let mut only = Seen::new();
-    let mut r = recorder(&mut only);
-    let mut one: Vec<&mut dyn Observer> = vec![&mut r];
-    assert!(session.observe_each(&[&bx, &bx], &mut one).is_err());
+    {
+        let mut r = recorder(&mut only);
+        let mut one: Vec<&mut dyn Observer> = vec![&mut r];
+        session
+            .pull_batches(batches.len(), &mut one, &job, &mut |_| {})
+            .unwrap();
+    }
+    assert_eq!(*ran.lock().unwrap(), (0..batches.len()).collect::<Vec<_>>());
+    assert_eq!(only, want);
+
+    // Failures: always the lowest failing batch's error, every batch below
+    // it run; a batch the graph cannot take is an error, not a panic.
     let wrong = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 1, 31, 32]));
-    let bw = [(input.as_str(), wrong.view())];
-    assert!(session.observe_each(&[&bw], &mut one).is_err());
+    let failing = |i: usize, observer: &mut dyn Observer| -> Result<usize, String> {
+        ran.lock().unwrap().push(i);
+        if i == 5 || i == 2 {
+            let e = session.observe_here(&[(&input, wrong.view())], observer);
+            return Err(format!("batch {i}: {}", e.unwrap_err()));
+        }
+        Ok(1)
+    };
+    for _ in 0..5 {
+        ran.lock().unwrap().clear();
+        let (mut p, mut q) = (Seen::new(), Seen::new());
+        let (mut rp, mut rq) = (recorder(&mut p), recorder(&mut q));
+        let mut observers: Vec<&mut dyn Observer> = vec![&mut rp, &mut rq];
+        let e = session
+            .pull_batches(7, &mut observers, &failing, &mut |_| {})
+            .unwrap_err();
+        assert!(e.starts_with("batch 2: "), "{e}");
+        let ran = ran.lock().unwrap();
+        assert!((0..3).all(|i| ran.contains(&i)), "{ran:?}");
+    }
 }
 
 #[test]
