@@ -766,8 +766,8 @@ type WinoCase = (
 fn winograd_case() -> impl Strategy<Value = WinoCase> {
     (
         1usize..4,
-        16usize..41,
-        16usize..41,
+        24usize..41,
+        24usize..41,
         4usize..18,
         4usize..18,
         (0usize..3, 0usize..3, 0usize..3, 0usize..3),
@@ -910,7 +910,7 @@ fn winograd_runs_many_blocks() {
 /// An empty batch computes nothing (and does not divide by zero tiles).
 #[test]
 fn winograd_runs_an_empty_batch() {
-    let conv = winograd_conv(&(0, 16, 16, 8, 8, (1, 1, 1, 1), 1, 5));
+    let conv = winograd_conv(&(0, 24, 24, 8, 8, (1, 1, 1, 1), 1, 5));
     assert!(conv.winograd.is_some());
     let mut y: Vec<f32> = Vec::new();
     conv.run(&[], &mut y, &mut [], 2);

@@ -222,14 +222,16 @@ pub struct Winograd {
 impl Winograd {
     /// Whether `conv` can run on [`Winograd::run`] and is expected to gain:
     /// 3x3 windows, stride and dilation 1, one group, float weights, at
-    /// least 16 input and output channels, output planes of at least 4x4
+    /// least 24 input and output channels, output planes of at least 4x4
     /// and at least 4 tiles (16 when the transformed weights pass 1 MiB),
     /// and transformed
     /// weights (4x the weights) of at most 64 MiB (512 channels in and out).
     /// With fewer channels the transforms cost more than the products
     /// save: on the VGG-16-BN fixture's 8-channel 32x32 layer Winograd took
-    /// twice the direct kernel's time; with 16 channels it was 1.4x faster,
-    /// with 32 1.9x, with 64 2.2x (batch 32, one thread). With fewer tiles
+    /// twice the direct kernel's time, and since direct rows of 16 pixels
+    /// fill whole tiles its 16-channel 16x16 layer took 1.2x (batch 25, one
+    /// thread); 24 channels on 16x16 planes gained 1.08-1.15x, 32 on 8x8
+    /// 1.13-1.33x, 64 on 56x56 2.3x. With fewer tiles
     /// per image, a small batch's products are too narrow to pay for
     /// reading 4x the weights: the VGG-16-BN fixture at batch 1 took 1.8x
     /// the direct time with its 4x4 planes (one tile) on Winograd, and
@@ -242,8 +244,8 @@ impl Winograd {
             && conv.group == 1
             && conv.int8.is_none()
             && enabled()
-            && conv.cin >= 16
-            && conv.cout >= 16
+            && conv.cin >= 24
+            && conv.cout >= 24
             && conv.oh >= TILE
             && conv.ow >= TILE
             && POS * conv.cin * conv.cout <= 1 << 24
