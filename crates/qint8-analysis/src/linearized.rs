@@ -28,7 +28,7 @@
 //!   margin.
 //!
 //! Cost: that real evaluation, the recorded FP32 pass (every value kept in
-//! place, see [`Session::record_split`]), one run of a graph holding every
+//! place, see [`Session::record_here`]), one run of a graph holding every
 //! quantized node on its own copy of its recorded inputs, and the backward
 //! pass.
 
@@ -369,17 +369,6 @@ impl Context<'_> {
         Ok(ins)
     }
 
-    /// Compiles the probes' plan for this sub-batch's shapes, so that the
-    /// workers find it compiled instead of each compiling it at once.
-    fn prepare(&self, part: &Part<'_>) -> Result<()> {
-        let Some(session) = self.session else {
-            return Ok(());
-        };
-        let ins = self.probe_inputs(part)?;
-        let shapes: Vec<(&str, &[usize])> = ins.iter().map(|(n, s, _)| (n.as_str(), *s)).collect();
-        session.plan(&shapes).map(drop).map_err(invalid)
-    }
-
     /// Node `k`'s output power and error statistics given the gradient `g`
     /// of every image's margin at its output: `Σ y²`, `Σ δ²` and, per
     /// image (into `d`), `<g, δ>`, where `δ` is its quantized output (in
@@ -653,80 +642,92 @@ pub(crate) fn analyze(
         })
         .collect();
     let batch = recording_batch(graph, &input, data.input_shape(), batch, &held)?;
-    for b in data.batches(batch) {
-        let b = b.map_err(invalid)?;
+    // Sub-batches as (first image, images, images run). Batches as the
+    // evaluation's, except that a short last batch after full ones, if at
+    // least half full, is padded with copies of its last image to the full
+    // batch, so that it runs on the plans and backward convolutions
+    // prepared for the full batch instead of preparing new ones (about as
+    // long as running the padding); the padding's results are dropped.
+    // Each batch is cut into one sub-batch per worker where the graph
+    // allows.
+    let splits = workers > 1 && {
+        let [c, h, w] = data.input_shape();
+        let one = [0.0f32];
+        let shape = IxDyn(&[batch, c, h, w]);
+        let shape = ndarray::ShapeBuilder::strides(shape, IxDyn(&[0, 0, 0, 0]));
+        let view = ndarray::ArrayViewD::from_shape(shape, &one).map_err(invalid)?;
+        fp32.splits_batches(&[(input.as_str(), view)], batch)
+    };
+    let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut from = 0;
+    while from < total {
+        let len = batch.min(total - from);
+        let run = if from > 0 && len < batch && 2 * len >= batch {
+            batch
+        } else {
+            len
+        };
+        let t = if splits { workers.min(run) } else { 1 };
+        let mut at = 0;
+        for i in 0..t {
+            let n = run / t + usize::from(i < run % t);
+            let real = len.saturating_sub(at).min(n);
+            if real > 0 {
+                jobs.push((from + at, real, n));
+            }
+            at += n;
+        }
+        from += len;
+    }
+    // Each worker records a sub-batch and runs its quantization errors and
+    // backward pass, then takes the next one: no barrier between
+    // sub-batches or batches. On the FP32 session's persistent workers,
+    // whose per-thread kernel buffers stay allocated from one sub-batch to
+    // the next, each sub-batch's kernels sequential.
+    let job = |j: usize, _: &mut ()| -> Result<PartResult> {
+        let (first, real, run) = jobs[j];
+        let b = data.batch(first, real).map_err(invalid)?;
         let labels = b.labels.clone().ok_or_else(|| {
             AnalysisError::Invalid("the sensitivity images have no labels".into())
         })?;
-        // A short last batch after full ones, if at least half full, is
-        // padded with copies of its last image to the full batch, so that
-        // it runs on the plans and backward convolutions prepared for the
-        // full batch instead of preparing new ones (about as long as
-        // running the padding); the padding's results are dropped below.
-        let padded = (b.start > 0 && b.len() < batch && 2 * b.len() >= batch)
-            .then(|| pad_batch(&b.inputs, batch))
+        let padded = (real < run)
+            .then(|| pad_batch(&b.inputs, run))
             .transpose()?;
         let inputs = padded.as_ref().unwrap_or(&b.inputs);
-        // FP32, every tensor kept, sub-batches on separate workers.
-        let recs = fp32
-            .record_split(&[(input.as_str(), inputs.view())], workers)
-            .map_err(invalid)?;
-        let x_all = inputs
+        let x = inputs
             .as_slice()
             .ok_or_else(|| invalid("input batch is not contiguous"))?;
-        let all = inputs.shape().first().copied().unwrap_or(0);
-        let per_image = x_all.len() / all.max(1);
-        let mut parts = Vec::with_capacity(recs.len());
-        let mut first = 0;
-        for rec in &recs {
-            let n = rec
-                .get(&output)
-                .and_then(|(s, _)| s.first().copied())
-                .ok_or_else(|| invalid(format!("output {output} was not produced")))?;
-            let mut shape = inputs.shape().to_vec();
-            shape[0] = n;
-            parts.push(Part {
-                rec,
-                x: &x_all[first * per_image..(first + n) * per_image],
-                shape,
-                labels: &labels[first.min(labels.len())..(first + n).min(labels.len())],
-            });
-            first += n;
+        let run_part = || {
+            let rec = fp32
+                .record_here(&[(input.as_str(), inputs.view())])
+                .map_err(invalid)?;
+            let part = Part {
+                rec: &rec,
+                x,
+                shape: inputs.shape().to_vec(),
+                labels: &labels,
+            };
+            qint8_runtime::kernels::sequential(|| ctx.run(&part))
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run_part))
+            .unwrap_or_else(|_| Err(invalid("a sensitivity worker panicked")))
+    };
+    let mut results: Vec<Option<PartResult>> = (0..jobs.len()).map(|_| None).collect();
+    let mut finished = 0;
+    let mut states = vec![(); workers];
+    fp32.pull(jobs.len(), &mut states, &job, &mut |j, r| {
+        finished += jobs[j].1;
+        results[j] = Some(r);
+        progress(finished, total);
+    })?;
+    for r in results {
+        let r = r.ok_or_else(|| invalid("a sub-batch did not run"))?;
+        margins.extend(r.margins);
+        for (k, v) in r.d.into_iter().enumerate() {
+            d[k].extend(v);
+            signal[k] += r.signal[k];
+            noise[k] += r.noise[k];
         }
-        if first != all {
-            return Err(invalid("the recorded sub-batches do not cover the batch"));
-        }
-        // Quantization errors and the backward pass, sub-batches in parallel.
-        // Sub-batches of one size share a plan (a last batch under half
-        // full is not padded and compiles its own).
-        if let Some(part) = parts.first() {
-            ctx.prepare(part)?;
-        }
-        // On the FP32 session's persistent workers, whose per-thread kernel
-        // buffers stay allocated from batch to batch (fresh threads fault
-        // them in again every batch), each part's kernels sequential.
-        let results: Vec<Result<PartResult>> = fp32.install(|| {
-            use rayon::prelude::*;
-            parts
-                .par_iter()
-                .with_max_len(1)
-                .map(|part| {
-                    let run = || qint8_runtime::kernels::sequential(|| ctx.run(part));
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
-                        .unwrap_or_else(|_| Err(invalid("a sensitivity worker panicked")))
-                })
-                .collect()
-        });
-        for r in results {
-            let r = r?;
-            margins.extend(r.margins);
-            for (k, v) in r.d.into_iter().enumerate() {
-                d[k].extend(v);
-                signal[k] += r.signal[k];
-                noise[k] += r.noise[k];
-            }
-        }
-        progress(margins.len(), total);
     }
     if int8_logits.len() != margins.len() * classes {
         return Err(invalid(

@@ -674,7 +674,7 @@ type StateSink<'a, S> =
 /// the state of the worker that produced it: while the workers' arenas for
 /// whole batches fit [`WHOLE_BATCHES_BUDGET`], whole batches, each worker
 /// building and running the next one as soon as it is free
-/// ([`Session::pull_batches`]); otherwise each batch cut into one
+/// ([`Session::pull`]); otherwise each batch cut into one
 /// sub-batch per state ([`Session::observe_split`]).
 #[allow(clippy::too_many_arguments)]
 fn for_each_batch<S: Send>(
@@ -726,15 +726,15 @@ fn for_each_batch<S: Send>(
             .iter_mut()
             .map(|o| o as &mut dyn Observer)
             .collect();
-        let job = |index: usize, observer: &mut dyn Observer| -> Result<usize> {
+        let job = |index: usize, observer: &mut &mut dyn Observer| -> Result<usize> {
             let start = index * batch;
             let b = data.batch(start, batch.min(total - start))?;
             session
-                .observe_here(&[(input, b.inputs.view())], observer)
+                .observe_here(&[(input, b.inputs.view())], *observer)
                 .map_err(|e| name_batch(index, b.len(), e))?;
             Ok(b.len())
         };
-        let mut finished = |n: usize| {
+        let mut finished = |_, n: usize| {
             done += n;
             progress(Progress {
                 pass,
@@ -743,7 +743,7 @@ fn for_each_batch<S: Send>(
                 total,
             });
         };
-        return session.pull_batches(total.div_ceil(batch), &mut dyns, &job, &mut finished);
+        return session.pull(total.div_ceil(batch), &mut dyns, &job, &mut finished);
     }
     for (index, b) in data.batches(batch).enumerate() {
         let b = b?;

@@ -612,7 +612,7 @@ impl Session {
 
     /// Runs one whole batch on the calling thread, sequentially (no pool
     /// tasks), showing its tensors to `observer`: the step each worker of
-    /// [`pull_batches`](Self::pull_batches) takes.
+    /// [`pull`](Self::pull) takes in calibration.
     pub fn observe_here(
         &self,
         inputs: &[(&str, ArrayViewD<'_, f32>)],
@@ -626,11 +626,32 @@ impl Session {
         .map(drop)
     }
 
-    /// Runs `job(i, observer)` for every `i` in `0..count` on the pool's
-    /// workers, one worker per observer: each worker takes the next `i` as
-    /// soon as it is free, and its jobs see only its own observer (jobs
-    /// typically build batch `i` and run it with
-    /// [`observe_here`](Self::observe_here)).
+    /// [`record_split`](Self::record_split) of one whole batch on the
+    /// calling thread, sequentially (no pool tasks): the step each worker
+    /// of [`pull`](Self::pull) takes in the sensitivity analysis.
+    pub fn record_here(&self, inputs: &[(&str, ArrayViewD<'_, f32>)]) -> Result<Recording> {
+        self.check_whole(inputs)?;
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        let plan = self.plan_for(&shapes, true, true)?;
+        self.record_whole(plan, inputs, true)
+    }
+
+    /// Whether batches of these inputs (`batch` samples each) can run as
+    /// sub-batches: no operator mixes samples and every value that depends
+    /// on an input keeps the batch in front (what
+    /// [`observe_split`](Self::observe_split) and
+    /// [`record_split`](Self::record_split) check before cutting).
+    pub fn splits_batches(&self, inputs: &[(&str, ArrayViewD<'_, f32>)], batch: usize) -> bool {
+        self.batch_splittable(inputs, batch)
+    }
+
+    /// Runs `job(i, state)` for every `i` in `0..count` on the pool's
+    /// workers, one worker per state: each worker takes the next `i` as
+    /// soon as it is free, and its jobs see only its own state (for
+    /// calibration, its observer; jobs typically build batch `i` and run
+    /// it with [`observe_here`](Self::observe_here)). `done(i, t)` is
+    /// called on the calling thread with what job `i` returned, as jobs
+    /// finish.
     ///
     /// Calibration runs batches this way: a worker's products are as wide
     /// as a whole batch, where cutting each batch into sub-batches made
@@ -638,32 +659,31 @@ impl Session {
     /// 25: about 20% slower), and with no barrier between batches a slow
     /// batch holds up only its own worker (in lockstep groups of one batch
     /// per worker, the VGG-16-BN fixture's calibration spent 10-35 ms of a
-    /// 100 ms pass outside the slower worker's runs). `done(n)` is called on the
-    /// calling thread with the `n` a job returned, as jobs finish.
+    /// 100 ms pass outside the slower worker's runs).
     ///
     /// Jobs run in no fixed order and on no fixed worker, so results must
     /// not depend on either. On failure, the error of the lowest `i` that
     /// failed is returned (jobs above a failed one are not started, those
     /// below still run, so the error is the same from run to run).
-    pub fn pull_batches<E: Send>(
+    pub fn pull<S: Send, T: Send, E: Send>(
         &self,
         count: usize,
-        observers: &mut [&mut dyn Observer],
-        job: &(dyn Fn(usize, &mut dyn Observer) -> std::result::Result<usize, E> + Sync),
-        done: &mut dyn FnMut(usize),
+        states: &mut [S],
+        job: &(dyn Fn(usize, &mut S) -> std::result::Result<T, E> + Sync),
+        done: &mut dyn FnMut(usize, T),
     ) -> std::result::Result<(), E> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let (next, failed) = (&AtomicUsize::new(0), &AtomicUsize::new(usize::MAX));
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, std::result::Result<usize, E>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, std::result::Result<T, E>)>();
         self.pool.in_place_scope(|scope| {
-            for observer in observers.iter_mut() {
+            for state in states.iter_mut() {
                 let tx = tx.clone();
                 scope.spawn(move |_| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= count || i > failed.load(Ordering::Relaxed) {
                         break;
                     }
-                    let r = job(i, &mut **observer);
+                    let r = job(i, state);
                     if r.is_err() {
                         failed.fetch_min(i, Ordering::Relaxed);
                     }
@@ -677,7 +697,7 @@ impl Session {
             let mut first: Option<(usize, E)> = None;
             for (i, r) in rx {
                 match r {
-                    Ok(n) => done(n),
+                    Ok(t) => done(i, t),
                     Err(e) if first.as_ref().is_none_or(|(j, _)| i < *j) => first = Some((i, e)),
                     Err(_) => {}
                 }

@@ -1,6 +1,6 @@
 //! `Session::observe_split`: sub-batches on separate workers, each with its
 //! own observer, together see exactly what one observed run of the whole
-//! batch sees. `Session::pull_batches`: whole batches on separate workers,
+//! batch sees. `Session::pull`: whole batches on separate workers,
 //! each showing its worker's observer what a run of that batch alone shows.
 
 use std::collections::BTreeMap;
@@ -155,11 +155,11 @@ fn each_observer_sees_its_own_whole_batch() {
         }
     }
     let ran = std::sync::Mutex::new(Vec::new());
-    let job = |i: usize, observer: &mut dyn Observer| -> Result<usize, String> {
+    let job = |i: usize, observer: &mut &mut dyn Observer| -> Result<usize, String> {
         ran.lock().unwrap().push(i);
         let b = &batches[i];
         session
-            .observe_here(&[(&input, b.view())], observer)
+            .observe_here(&[(&input, b.view())], *observer)
             .map_err(|e| e.to_string())?;
         Ok(b.shape()[0])
     };
@@ -169,7 +169,7 @@ fn each_observer_sees_its_own_whole_batch() {
         let (mut ra, mut rb) = (recorder(&mut a), recorder(&mut b));
         let mut observers: Vec<&mut dyn Observer> = vec![&mut ra, &mut rb];
         session
-            .pull_batches(batches.len(), &mut observers, &job, &mut |n| done += n)
+            .pull(batches.len(), &mut observers, &job, &mut |_, n| done += n)
             .unwrap();
     }
     assert_eq!(done, 26);
@@ -196,7 +196,7 @@ fn each_observer_sees_its_own_whole_batch() {
         let mut r = recorder(&mut only);
         let mut one: Vec<&mut dyn Observer> = vec![&mut r];
         session
-            .pull_batches(batches.len(), &mut one, &job, &mut |_| {})
+            .pull(batches.len(), &mut one, &job, &mut |_, _| {})
             .unwrap();
     }
     assert_eq!(*ran.lock().unwrap(), (0..batches.len()).collect::<Vec<_>>());
@@ -205,10 +205,10 @@ fn each_observer_sees_its_own_whole_batch() {
     // Failures: always the lowest failing batch's error, every batch below
     // it run; a batch the graph cannot take is an error, not a panic.
     let wrong = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 1, 31, 32]));
-    let failing = |i: usize, observer: &mut dyn Observer| -> Result<usize, String> {
+    let failing = |i: usize, observer: &mut &mut dyn Observer| -> Result<usize, String> {
         ran.lock().unwrap().push(i);
         if i == 5 || i == 2 {
-            let e = session.observe_here(&[(&input, wrong.view())], observer);
+            let e = session.observe_here(&[(&input, wrong.view())], *observer);
             return Err(format!("batch {i}: {}", e.unwrap_err()));
         }
         Ok(1)
@@ -219,7 +219,7 @@ fn each_observer_sees_its_own_whole_batch() {
         let (mut rp, mut rq) = (recorder(&mut p), recorder(&mut q));
         let mut observers: Vec<&mut dyn Observer> = vec![&mut rp, &mut rq];
         let e = session
-            .pull_batches(7, &mut observers, &failing, &mut |_| {})
+            .pull(7, &mut observers, &failing, &mut |_, _| {})
             .unwrap_err();
         assert!(e.starts_with("batch 2: "), "{e}");
         let ran = ran.lock().unwrap();
@@ -341,7 +341,8 @@ type Copied = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// `Session::record_split` keeps, per sub-batch, exactly the values (shape
 /// and data) an observer of that sub-batch sees, with or without a split,
-/// run after run on reused buffers.
+/// run after run on reused buffers; `Session::record_here` those of the
+/// whole batch.
 #[test]
 fn recordings_hold_what_observers_see() {
     let model = small(ZooConfig::efficientnet_b0(), 0.25);
@@ -358,8 +359,14 @@ fn recordings_hold_what_observers_see() {
     let input = model.graph.inputs[0].name.clone();
     for (round, batch) in [5usize, 5, 1].into_iter().enumerate() {
         let x = images(batch, round);
-        for parts in [1, 2] {
-            let recordings = session.record_split(&[(&input, x.view())], parts).unwrap();
+        assert!(session.splits_batches(&[(&input, x.view())], batch));
+        // Parts 0: `record_here`, the whole batch on this thread.
+        for parts in [0, 1, 2] {
+            let recordings = match parts {
+                0 => vec![session.record_here(&[(&input, x.view())]).unwrap()],
+                _ => session.record_split(&[(&input, x.view())], parts).unwrap(),
+            };
+            let parts = parts.max(1);
             assert_eq!(recordings.len(), parts.min(batch));
             let mut start = 0;
             for rec in &recordings {
@@ -494,6 +501,8 @@ fn qdq_weights_do_not_keep_the_batch_from_splitting() {
 fn a_graph_mixing_samples_runs_whole() {
     use qint8_graph::{Node, Op};
     let model = qdq_conv_graph(Node::new("sm", Op::Softmax { axis: 0 }, &["c"], &["y"]));
+    let x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[6, 1, 4, 4]));
+    assert!(!session(&model, 2).splits_batches(&[("x", x.view())], 6));
     let (seen, two, one) = split_and_outputs(&model);
     assert_eq!(
         seen,
@@ -519,6 +528,10 @@ fn wrong_input_shapes_are_reported_whole() {
         session.run(&inputs).map(drop).unwrap_err(),
         session.observe_split(&inputs, &mut observers).unwrap_err(),
         session.record_split(&inputs, 2).map(drop).unwrap_err(),
+        session.record_here(&inputs).map(drop).unwrap_err(),
+        session
+            .observe_here(&inputs, &mut recorder(&mut Seen::new()))
+            .unwrap_err(),
     ];
     for e in errors {
         let msg = e.to_string();
