@@ -715,17 +715,17 @@ fn for_each_batch<S: Send>(
         let peak = session.observed_peak_bytes(&[(input, &shape)])?;
         peak.saturating_mul(states.len()) <= WHOLE_BATCHES_BUDGET
     };
+    let mut observers: Vec<_> = states
+        .iter_mut()
+        .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
+        .collect();
+    let mut dyns: Vec<&mut dyn Observer> = observers
+        .iter_mut()
+        .map(|o| o as &mut dyn Observer)
+        .collect();
     if whole {
         // Every worker takes the next batch as soon as it is free, and
         // builds it itself.
-        let mut observers: Vec<_> = states
-            .iter_mut()
-            .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
-            .collect();
-        let mut dyns: Vec<&mut dyn Observer> = observers
-            .iter_mut()
-            .map(|o| o as &mut dyn Observer)
-            .collect();
         let job = |index: usize, observer: &mut &mut dyn Observer| -> Result<usize> {
             let start = index * batch;
             let b = data.batch(start, batch.min(total - start))?;
@@ -747,14 +747,6 @@ fn for_each_batch<S: Send>(
     }
     for (index, b) in data.batches(batch).enumerate() {
         let b = b?;
-        let mut observers: Vec<_> = states
-            .iter_mut()
-            .map(|st| move |name: &str, shape: &[usize], x: &[f32]| see(st, name, shape, x))
-            .collect();
-        let mut dyns: Vec<&mut dyn Observer> = observers
-            .iter_mut()
-            .map(|o| o as &mut dyn Observer)
-            .collect();
         session
             .observe_split(&[(input, b.inputs.view())], &mut dyns)
             .map_err(|e| name_batch(index, b.len(), e))?;

@@ -1476,13 +1476,39 @@ pub fn conv_direct(
             let c_ptr = SendPtr(yi.as_mut_ptr());
             let res_img = res.map(|r| SendConst(r[img * cv.cout * oh * ow..].as_ptr()));
             let pad_ptr = SendConst(padded.as_ptr());
+            // The tile of A panel `ip` whose first output pixel is `at`,
+            // `cols` pixels wide, its 16-pixel vectors at `vecs` from it.
+            let store = |ip: usize, at: usize, cols: usize, vecs: [usize; 3]| {
+                let i0 = ip * MR;
+                let rows = MR.min(a.m - i0);
+                Store {
+                    // SAFETY: rows i0..i0+rows < cout and the tile's pixels
+                    // (at + vecs, cols in all) lie inside this image's
+                    // output planes; tasks write disjoint (row, pixel) ranges.
+                    c: unsafe { c_ptr.get().add(i0 * oh * ow + at) },
+                    res: res_img.map_or(std::ptr::null(), |r| {
+                        r.get().wrapping_add(i0 * oh * ow + at)
+                    }),
+                    ldc: oh * ow,
+                    rows,
+                    cols,
+                    bias: &cv.bias[i0..i0 + rows],
+                    act: cv.act,
+                    next_a: if ip + 1 < m_panels {
+                        a.panel(ip + 1).as_ptr()
+                    } else {
+                        std::ptr::null()
+                    },
+                    vecs,
+                }
+            };
+            let want = if parallel { 4 * threads } else { 1 };
             if let Some(vpr) = vector_tiles(ow) {
                 // Tiles of three 16-pixel vectors taken in row order across
                 // output rows: rows of 16 or 32 pixels would otherwise fill
                 // one or two of a tile's three vectors.
                 let nvec = oh * vpr;
                 let tiles = nvec.div_ceil(3);
-                let want = if parallel { 4 * threads } else { 1 };
                 let m_split = want.div_ceil(tiles).clamp(1, m_panels);
                 let m_per = m_panels.div_ceil(m_split);
                 // Input and output offsets of vector `g`.
@@ -1504,28 +1530,7 @@ pub fn conv_direct(
                         lanes: [0; 16],
                     };
                     for ip in ms * m_per..((ms + 1) * m_per).min(m_panels) {
-                        let i0 = ip * MR;
-                        let rows = MR.min(a.m - i0);
-                        let store = Store {
-                            // SAFETY: rows i0..i0+rows < cout and the tile's
-                            // vectors lie inside this image's output planes;
-                            // tasks write disjoint (row, vector) ranges.
-                            c: unsafe { c_ptr.get().add(i0 * oh * ow + at) },
-                            res: res_img.map_or(std::ptr::null(), |r| {
-                                r.get().wrapping_add(i0 * oh * ow + at)
-                            }),
-                            ldc: oh * ow,
-                            rows,
-                            cols: 16 * v,
-                            bias: &cv.bias[i0..i0 + rows],
-                            act: cv.act,
-                            next_a: if ip + 1 < m_panels {
-                                a.panel(ip + 1).as_ptr()
-                            } else {
-                                std::ptr::null()
-                            },
-                            vecs: [0, 1, 2].map(rel),
-                        };
+                        let st = store(ip, at, 16 * v, [0, 1, 2].map(rel));
                         // SAFETY: AVX-512F is available (direct_available);
                         // every vector's start plus the largest offset plus
                         // 16 stays inside `padded` (each lies within a
@@ -1533,21 +1538,14 @@ pub fn conv_direct(
                         // panel holds k * MR.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            kernel_vectors(k, a.panel(ip), b, store, false, true)
+                            kernel_vectors(k, a.panel(ip), b, st, false, true)
                         };
                     }
                 };
-                let tasks = tiles * m_split;
-                if tasks > 1 && parallel {
-                    use rayon::prelude::*;
-                    (0..tasks).into_par_iter().for_each(run);
-                } else {
-                    (0..tasks).for_each(run);
-                }
+                run_tasks(tiles * m_split, parallel, run);
                 continue;
             }
             // Tasks: output rows, split over channel panels when rows are few.
-            let want = if parallel { 4 * threads } else { 1 };
             let m_split = want.div_ceil(oh).clamp(1, m_panels);
             let m_per = m_panels.div_ceil(m_split);
             let run = |t: usize| {
@@ -1560,48 +1558,32 @@ pub fn conv_direct(
                         offsets: offsets.as_ptr(),
                     };
                     for ip in ms * m_per..((ms + 1) * m_per).min(m_panels) {
-                        let i0 = ip * MR;
-                        let rows = MR.min(a.m - i0);
-                        let store = Store {
-                            // SAFETY: rows i0..i0+rows < cout and columns
-                            // oy*ow+ox0..+cols < oh*ow lie inside this image's
-                            // output; tasks write disjoint (row, pixel) ranges.
-                            c: unsafe { c_ptr.get().add(i0 * oh * ow + oy * ow + ox0) },
-                            res: res_img.map_or(std::ptr::null(), |r| {
-                                r.get().wrapping_add(i0 * oh * ow + oy * ow + ox0)
-                            }),
-                            ldc: oh * ow,
-                            rows,
-                            cols,
-                            bias: &cv.bias[i0..i0 + rows],
-                            act: cv.act,
-                            next_a: if ip + 1 < m_panels {
-                                a.panel(ip + 1).as_ptr()
-                            } else {
-                                std::ptr::null()
-                            },
-                            vecs: [0, 16, 32],
-                        };
+                        let st = store(ip, oy * ow + ox0, cols, [0, 16, 32]);
                         // SAFETY: AVX-512F is available (direct_available);
                         // the largest offset plus the tile start plus NR stays
                         // inside `padded` (sized above), and A's panel holds k * MR.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            kernel(k, a.panel(ip), b, store, false, true)
+                            kernel(k, a.panel(ip), b, st, false, true)
                         };
                     }
                 }
             };
-            let tasks = oh * m_split;
-            if tasks > 1 && parallel {
-                use rayon::prelude::*;
-                (0..tasks).into_par_iter().for_each(run);
-            } else {
-                (0..tasks).for_each(run);
-            }
+            run_tasks(oh * m_split, parallel, run);
         }
     });
     true
+}
+
+/// Runs `run(t)` for every task `t` below `tasks`, on the rayon pool when
+/// `parallel` and there is more than one.
+fn run_tasks(tasks: usize, parallel: bool, run: impl Fn(usize) + Sync + Send) {
+    if tasks > 1 && parallel {
+        use rayon::prelude::*;
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
 }
 
 /// Vectors per output row when [`conv_direct`] tiles by 16-pixel vectors
