@@ -53,5 +53,11 @@ pub enum AnalysisError {
     Invalid(String),
 }
 
+impl From<qint8_runtime::RuntimeError> for AnalysisError {
+    fn from(e: qint8_runtime::RuntimeError) -> Self {
+        AnalysisError::Invalid(e.to_string())
+    }
+}
+
 /// Result of this crate.
 pub type Result<T> = std::result::Result<T, AnalysisError>;

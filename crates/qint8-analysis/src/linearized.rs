@@ -626,7 +626,8 @@ pub(crate) fn analyze(
     // d[k][s]: node k's first-order margin change on image s.
     let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity(total); nodes.len()];
     let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
-    let workers = threads.max(1);
+    // One per thread of the session's pool (its resolved count where `threads` is 0).
+    let workers = fp32.threads().max(1);
     // Beside the record: the probes' session's buffer, which holds every
     // quantized probe's output until the backward pass is done, and its
     // intermediates (up to the size of the probes' inputs), and the

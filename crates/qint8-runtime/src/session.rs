@@ -664,8 +664,9 @@ impl Session {
     /// Jobs run in no fixed order and on no fixed worker, so results must
     /// not depend on either. On failure, the error of the lowest `i` that
     /// failed is returned (jobs above a failed one are not started, those
-    /// below still run, so the error is the same from run to run).
-    pub fn pull<S: Send, T: Send, E: Send>(
+    /// below still run, so the error is the same from run to run). Jobs
+    /// with no state to run them with are an error.
+    pub fn pull<S: Send, T: Send, E: Send + From<RuntimeError>>(
         &self,
         count: usize,
         states: &mut [S],
@@ -673,6 +674,12 @@ impl Session {
         done: &mut dyn FnMut(usize, T),
     ) -> std::result::Result<(), E> {
         use std::sync::atomic::{AtomicUsize, Ordering};
+        if states.is_empty() && count > 0 {
+            return Err(RuntimeError::ThreadPool(format!(
+                "{count} jobs and no worker state to run them with"
+            ))
+            .into());
+        }
         let (next, failed) = (&AtomicUsize::new(0), &AtomicUsize::new(usize::MAX));
         let (tx, rx) = std::sync::mpsc::channel::<(usize, std::result::Result<T, E>)>();
         self.pool.in_place_scope(|scope| {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use qint8_graph::zoo::{build, ZooConfig};
-use qint8_runtime::{Observer, Session, SessionOptions};
+use qint8_runtime::{Observer, RuntimeError, Session, SessionOptions};
 
 /// Per tensor: element count and largest |x|.
 type Seen = BTreeMap<String, (usize, f32)>;
@@ -155,12 +155,10 @@ fn each_observer_sees_its_own_whole_batch() {
         }
     }
     let ran = std::sync::Mutex::new(Vec::new());
-    let job = |i: usize, observer: &mut &mut dyn Observer| -> Result<usize, String> {
+    let job = |i: usize, observer: &mut &mut dyn Observer| -> Result<usize, RuntimeError> {
         ran.lock().unwrap().push(i);
         let b = &batches[i];
-        session
-            .observe_here(&[(&input, b.view())], *observer)
-            .map_err(|e| e.to_string())?;
+        session.observe_here(&[(&input, b.view())], *observer)?;
         Ok(b.shape()[0])
     };
     let (mut a, mut b) = (Seen::new(), Seen::new());
@@ -202,14 +200,22 @@ fn each_observer_sees_its_own_whole_batch() {
     assert_eq!(*ran.lock().unwrap(), (0..batches.len()).collect::<Vec<_>>());
     assert_eq!(only, want);
 
+    // Jobs without a state to run them with are an error, not a no-op.
+    let none: &mut [&mut dyn Observer] = &mut [];
+    let e = session.pull(3, none, &job, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("no worker state"), "{e}");
+
     // Failures: always the lowest failing batch's error, every batch below
     // it run; a batch the graph cannot take is an error, not a panic.
     let wrong = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 1, 31, 32]));
-    let failing = |i: usize, observer: &mut &mut dyn Observer| -> Result<usize, String> {
+    let failing = |i: usize, observer: &mut &mut dyn Observer| -> Result<usize, RuntimeError> {
         ran.lock().unwrap().push(i);
         if i == 5 || i == 2 {
             let e = session.observe_here(&[(&input, wrong.view())], *observer);
-            return Err(format!("batch {i}: {}", e.unwrap_err()));
+            return Err(RuntimeError::Observer(format!(
+                "batch {i}: {}",
+                e.unwrap_err()
+            )));
         }
         Ok(1)
     };
@@ -221,7 +227,7 @@ fn each_observer_sees_its_own_whole_batch() {
         let e = session
             .pull(7, &mut observers, &failing, &mut |_, _| {})
             .unwrap_err();
-        assert!(e.starts_with("batch 2: "), "{e}");
+        assert!(e.to_string().starts_with("observer: batch 2: "), "{e}");
         let ran = ran.lock().unwrap();
         assert!((0..3).all(|i| ran.contains(&i)), "{ran:?}");
     }
