@@ -653,11 +653,7 @@ pub(crate) fn analyze(
     // allows.
     let splits = workers > 1 && {
         let [c, h, w] = data.input_shape();
-        let one = [0.0f32];
-        let shape = IxDyn(&[batch, c, h, w]);
-        let shape = ndarray::ShapeBuilder::strides(shape, IxDyn(&[0, 0, 0, 0]));
-        let view = ndarray::ArrayViewD::from_shape(shape, &one).map_err(invalid)?;
-        fp32.splits_batches(&[(input.as_str(), view)], batch)
+        fp32.splits_batches(&[(input.as_str(), &[batch, c, h, w][..])], batch)
     };
     let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
     let mut from = 0;

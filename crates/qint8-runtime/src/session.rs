@@ -364,7 +364,17 @@ impl Session {
     /// dropped (on 1000 images in batches of 64, four of a run's eight
     /// compilations).
     fn batch_splittable(&self, inputs: &[(&str, ArrayViewD<'_, f32>)], batch: usize) -> bool {
-        let key: Vec<Vec<usize>> = inputs.iter().map(|(_, a)| a.shape().to_vec()).collect();
+        let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
+        self.splits_batches(&shapes, batch)
+    }
+
+    /// Whether batches of inputs of these shapes (`batch` samples each)
+    /// can run as sub-batches: no operator mixes samples and every value
+    /// that depends on an input keeps the batch in front (what
+    /// [`observe_split`](Self::observe_split) and
+    /// [`record_split`](Self::record_split) check before cutting).
+    pub fn splits_batches(&self, inputs: &[(&str, &[usize])], batch: usize) -> bool {
+        let key: Vec<Vec<usize>> = inputs.iter().map(|(_, s)| s.to_vec()).collect();
         if let Ok(cache) = self.splittable.lock() {
             if let Some(&v) = cache.get(&key) {
                 return v;
@@ -376,14 +386,11 @@ impl Session {
                 .as_ref()
                 .is_none_or(|s| matches!(s.first(), Some(Dim::Symbolic(_))))
         });
-        let leading_ok = dynamic_batch
-            && inputs
-                .iter()
-                .all(|(_, a)| a.shape().first() == Some(&batch))
-            && {
+        let leading_ok =
+            dynamic_batch && inputs.iter().all(|(_, s)| s.first() == Some(&batch)) && {
                 let given: HashMap<String, Vec<usize>> = inputs
                     .iter()
-                    .map(|(n, a)| (n.to_string(), a.shape().to_vec()))
+                    .map(|(n, s)| (n.to_string(), s.to_vec()))
                     .collect();
                 // Every value that depends on an input keeps the batch in
                 // front (weights' DequantizeLinear outputs do not depend
@@ -634,15 +641,6 @@ impl Session {
         let shapes: Vec<(&str, &[usize])> = inputs.iter().map(|(n, a)| (*n, a.shape())).collect();
         let plan = self.plan_for(&shapes, true, true)?;
         self.record_whole(plan, inputs, true)
-    }
-
-    /// Whether batches of these inputs (`batch` samples each) can run as
-    /// sub-batches: no operator mixes samples and every value that depends
-    /// on an input keeps the batch in front (what
-    /// [`observe_split`](Self::observe_split) and
-    /// [`record_split`](Self::record_split) check before cutting).
-    pub fn splits_batches(&self, inputs: &[(&str, ArrayViewD<'_, f32>)], batch: usize) -> bool {
-        self.batch_splittable(inputs, batch)
     }
 
     /// Runs `job(i, state)` for every `i` in `0..count` on the pool's

@@ -176,7 +176,9 @@ multiversion! {
     /// call per plane cost more than its windows (26 ns per output of a
     /// 2x2 plane). A 2x2 stride-2 window that tiles the plane exactly
     /// (VGG's) takes every output row of the run in one loop, each from
-    /// the next four input rows' worth of floats; other windows go
+    /// the next four input rows' worth of floats; ResNet's 3x3 stride-2
+    /// window with padding 1 folds its three rows, then each output's
+    /// three columns; other windows go
     /// separably, plane by plane: per output row, the window's input rows
     /// are folded into one row placed in a `-inf`-padded buffer, then the
     /// horizontal window is folded at every column and sampled at the
