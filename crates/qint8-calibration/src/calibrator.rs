@@ -158,8 +158,11 @@ pub fn calibrate_owned(
         return Err(CalibError::Invalid("calibration batch size is 0".into()));
     }
     // Fusion on, except across the tensors the passes observe (below).
+    // Kernels are chosen for batches of many images, once per session: a
+    // sub-batch or a short last batch takes the same ones.
     let options = SessionOptions {
         threads: cfg.threads,
+        many_images: true,
         ..Default::default()
     };
     let session = Session::from_graph(graph, options)?;

@@ -272,6 +272,9 @@ pub(crate) struct CompileOptions {
     /// Every value keeps its own part of the arena to the end of the run
     /// (no buffer reuse), so a finished run holds all of them.
     pub keep_all: bool,
+    /// Kernels chosen for batches of many images
+    /// ([`crate::SessionOptions::many_images`]).
+    pub many_images: bool,
 }
 
 /// The Sigmoid and the Mul (node indices) that compute SiLU of `y`, when
@@ -424,7 +427,15 @@ pub(crate) fn compile(
             Some((n, i, every)) => (n, i.clone(), None, *every),
             None => (node, ins, int8, 1),
         };
-        let mut kernel = build_kernel(node, &shapes, &ins, &out_shape, int8, every)?;
+        let mut kernel = build_kernel(
+            node,
+            &shapes,
+            &ins,
+            &out_shape,
+            int8,
+            every,
+            opts.many_images,
+        )?;
         // An integer convolution quantizes its input itself: with fusion,
         // it reads the tensor before QuantizeLinear, and the fake-quant step
         // that fed only it goes away.
@@ -1196,7 +1207,8 @@ fn int8_gemm(
 }
 
 /// `every`: a Gemm's A columns are every `every`-th value of its input
-/// (see `expanded_gemm`; 1 otherwise).
+/// (see `expanded_gemm`; 1 otherwise). `many_images`: float convolutions'
+/// kernels are chosen for batches of many images.
 fn build_kernel(
     node: &Node,
     shapes: &HashMap<String, ValueShape>,
@@ -1204,6 +1216,7 @@ fn build_kernel(
     out_shape: &[usize],
     int8: Option<Int8Source>,
     every: usize,
+    many_images: bool,
 ) -> Result<Kernel> {
     let x_shape = || in_shape(node, shapes, 0);
     let int8 = match (&node.op, int8) {
@@ -1231,7 +1244,7 @@ fn build_kernel(
             };
             let conv = match int8 {
                 Some(src) => conv.with_int8(src),
-                None => conv.without_dead_taps().pack(),
+                None => conv.without_dead_taps().pack_for(many_images),
             };
             Kernel::Conv(Box::new(conv), false)
         }

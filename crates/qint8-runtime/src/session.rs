@@ -55,6 +55,14 @@ pub struct SessionOptions {
     /// Off, or on other CPUs, they run in float on the dequantized values;
     /// the two differ only by float rounding.
     pub integer: bool,
+    /// Choose kernels for batches of many images: 3x3 convolutions whose
+    /// output planes hold fewer than four 4x4 Winograd tiles (4x4, 4x8)
+    /// run on Winograd too, which gains at a few images per batch and loses at
+    /// one (see [`crate::kernels::winograd::Winograd::applies`]). The
+    /// choice depends on this option, never on the batch a run gets, so
+    /// results do not depend on the batch size either way. Calibration
+    /// sets it.
+    pub many_images: bool,
 }
 
 impl Default for SessionOptions {
@@ -65,6 +73,7 @@ impl Default for SessionOptions {
             fuse: true,
             batch_parallel: true,
             integer: true,
+            many_images: false,
         }
     }
 }
@@ -226,6 +235,7 @@ impl Session {
             integer: self.opts.integer,
             observed,
             keep_all,
+            many_images: self.opts.many_images,
         };
         let p = Arc::new(
             self.pool

@@ -764,23 +764,57 @@ type WinoCase = (
 );
 
 fn winograd_case() -> impl Strategy<Value = WinoCase> {
+    winograd_planes(4usize..18).prop_filter("at least 4 tiles of 4x4 outputs per image", |c| {
+        wino_tiles(c) >= 4
+    })
+}
+
+/// Cases whose planes hold 1-3 tiles: Winograd only in plans for batches
+/// of many images.
+fn winograd_small_case() -> impl Strategy<Value = WinoCase> {
+    // Tiles down and across, then each side's output extent within them.
+    let layouts = [(1, 1), (1, 2), (1, 3), (2, 1), (3, 1)];
+    (winograd_planes(4usize..5), 0usize..5, 0usize..4, 0usize..4).prop_map(
+        move |(mut c, layout, dy, dx)| {
+            let (ty, tx) = layouts[layout];
+            let (oh, ow) = ((4 * ty - dy.min(4 * ty - 4)), (4 * tx - dx.min(4 * tx - 4)));
+            let (pt, pl, pb, pr) = c.5;
+            // Input sides that give those outputs with the case's pads.
+            c.3 = (oh + 2).saturating_sub(pt + pb).max(1);
+            c.4 = (ow + 2).saturating_sub(pl + pr).max(1);
+            c.5 = (pt, pl, oh + 2 - c.3 - pt, ow + 2 - c.4 - pl);
+            c
+        },
+    )
+}
+
+fn winograd_planes(side: std::ops::Range<usize>) -> impl Strategy<Value = WinoCase> {
     (
         1usize..4,
         24usize..41,
         24usize..41,
-        4usize..18,
-        4usize..18,
+        side.clone(),
+        side,
         (0usize..3, 0usize..3, 0usize..3, 0usize..3),
         0u8..4,
         any::<u64>(),
     )
-        .prop_filter("at least 4 tiles of 4x4 outputs per image", |c| {
-            let (oh, ow) = (c.3 + c.5 .0 + c.5 .2 - 2, c.4 + c.5 .1 + c.5 .3 - 2);
-            oh >= 4 && ow >= 4 && oh.div_ceil(4) * ow.div_ceil(4) >= 4
-        })
+}
+
+/// 4x4 output tiles per image of a case (0 when a side is under 4).
+fn wino_tiles(c: &WinoCase) -> usize {
+    let (oh, ow) = (c.3 + c.5 .0 + c.5 .2 - 2, c.4 + c.5 .1 + c.5 .3 - 2);
+    if oh < 4 || ow < 4 {
+        return 0;
+    }
+    oh.div_ceil(4) * ow.div_ceil(4)
 }
 
 fn winograd_conv(c: &WinoCase) -> Conv2d {
+    winograd_conv_for(c, false)
+}
+
+fn winograd_conv_for(c: &WinoCase, many_images: bool) -> Conv2d {
     let &(n, cin, cout, h, w, pad, act, seed) = c;
     unpacked(&ConvCase {
         n,
@@ -795,7 +829,7 @@ fn winograd_conv(c: &WinoCase) -> Conv2d {
         act,
         seed,
     })
-    .pack()
+    .pack_for(many_images)
 }
 
 /// Winograd against the direct sum. Its transforms round each input
@@ -869,25 +903,66 @@ proptest! {
 
     #[test]
     fn winograd_images_do_not_depend_on_batch_or_threads(c in winograd_case()) {
-        let conv = winograd_conv(&c);
-        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.7 ^ 5);
-        let len = conv.n * conv.cout * conv.oh * conv.ow;
-        let mut whole = vec![0f32; len];
-        let mut scratch = vec![0f32; conv.scratch_len()];
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        pool.install(|| conv.run(&x, &mut whole, &mut scratch, 2));
-        let one = Conv2d { geom: ConvGeom { n: 1, ..conv.geom }, ..conv.clone() };
-        let (xi, yi) = (x.len() / conv.n, len / conv.n);
-        for img in 0..conv.n {
-            let mut y = vec![0f32; yi];
-            one.run(&x[img * xi..(img + 1) * xi], &mut y, &mut scratch, 1);
-            prop_assert!(
-                y.iter().zip(&whole[img * yi..]).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "image {} differs from its result in the batch",
-                img
-            );
-        }
+        images_alone_match_the_batch(&winograd_conv(&c), c.7)?;
     }
+
+    #[test]
+    fn winograd_on_planes_of_few_tiles_for_many_images(c in winograd_small_case(), residual in any::<bool>()) {
+        prop_assert!(winograd_conv(&c).winograd.is_none(), "per image, planes of under 4 tiles stay direct");
+        let conv = winograd_conv_for(&c, true);
+        prop_assert!(conv.winograd.is_some(), "planned for many images, the case takes Winograd");
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.7 ^ 5);
+        let res = residual.then(|| values(conv.n * conv.cout * conv.oh * conv.ow, c.7 ^ 9));
+        let mut y = vec![f32::NAN; conv.n * conv.cout * conv.oh * conv.ow];
+        let mut scratch = vec![0f32; conv.scratch_len()];
+        conv.run_with_residual(&x, res.as_deref(), &mut y, &mut scratch, 1);
+        winograd_close(&conv, &x, &y, res.as_deref())?;
+        images_alone_match_the_batch(&conv, c.7)?;
+        let w = conv.winograd.clone().expect("checked above");
+        let mut lanes = vec![0f32; y.len()];
+        w.run_on(Kernels::Lanes, &conv, &x, res.as_deref(), &mut lanes, 1);
+        prop_assert!(y.iter().zip(&lanes).all(|(a, b)| a.to_bits() == b.to_bits()), "vector gather and scatter differ from the lane loops");
+    }
+}
+
+/// Each image of a batch run on two threads, run alone on one, gives the
+/// same bits.
+fn images_alone_match_the_batch(conv: &Conv2d, seed: u64) -> Result<(), TestCaseError> {
+    let x = values(conv.n * conv.cin * conv.ih * conv.iw, seed ^ 5);
+    let len = conv.n * conv.cout * conv.oh * conv.ow;
+    let mut whole = vec![0f32; len];
+    let mut scratch = vec![0f32; conv.scratch_len()];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| conv.run(&x, &mut whole, &mut scratch, 2));
+    let one = Conv2d {
+        geom: ConvGeom { n: 1, ..conv.geom },
+        ..conv.clone()
+    };
+    let (xi, yi) = (x.len() / conv.n, len / conv.n);
+    for img in 0..conv.n {
+        let mut y = vec![0f32; yi];
+        one.run(&x[img * xi..(img + 1) * xi], &mut y, &mut scratch, 1);
+        prop_assert!(
+            y.iter()
+                .zip(&whole[img * yi..])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "image {} differs from its result in the batch",
+            img
+        );
+    }
+    Ok(())
+}
+
+/// The VGG-16-BN fixture's 64-channel 4x4 layers: one tile per image.
+#[test]
+fn a_4x4_plane_takes_winograd_only_for_many_images() {
+    let c: WinoCase = (2, 64, 64, 4, 4, (1, 1, 1, 1), 1, 3);
+    assert_eq!(wino_tiles(&c), 1);
+    assert!(winograd_conv(&c).winograd.is_none());
+    assert!(winograd_conv_for(&c, true).winograd.is_some());
 }
 
 /// Large planes: many blocks of tiles, split over two threads, against

@@ -134,7 +134,7 @@ pub struct Conv2d {
     /// `packed` are then empty.
     pub int8: Option<Int8Weights>,
     /// Weights transformed for Winograd F(4x4, 3x3), set by
-    /// [`Conv2d::pack`] where [`Winograd::applies`]; the convolution then
+    /// [`Conv2d::pack_for`] where [`Winograd::applies`]; the convolution then
     /// runs on [`Winograd::run`] and `packed` is empty.
     pub winograd: Option<Arc<Winograd>>,
 }
@@ -161,9 +161,17 @@ impl Conv2d {
     /// Packs the weights of every group for the GEMM paths (on input
     /// planes no larger than the window, the unrolled weight matrix
     /// instead). Must be called (by the plan compiler) after `weight` is
-    /// set and before [`Conv2d::run`].
-    pub fn pack(mut self) -> Self {
-        if !self.is_depthwise() && Winograd::applies(&self) {
+    /// set and before [`Conv2d::run`]. Kernels are chosen for any batch
+    /// size; see [`Conv2d::pack_for`].
+    pub fn pack(self) -> Self {
+        self.pack_for(false)
+    }
+
+    /// [`Conv2d::pack`], with kernels chosen for batches of many images
+    /// when `many_images` (see [`Winograd::applies`]). The choice never
+    /// depends on the batch a run gets.
+    pub fn pack_for(mut self, many_images: bool) -> Self {
+        if !self.is_depthwise() && Winograd::applies(&self, many_images) {
             self.winograd = Some(Arc::new(Winograd::new(&self.weight, self.cout, self.cin)));
             self.packed = Vec::new();
             return self;
