@@ -242,8 +242,16 @@ pub fn expand(plan: &Broadcast, x: &[f32], out: &mut [f32]) {
     let s = plan.inner_stride(0);
     for (r, row) in out.chunks_mut(inner).enumerate() {
         let o = plan.offset(0, r);
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = x[o + j * s];
+        match s {
+            // A value repeated along the row (a 1x1 map expanded to 7x7
+            // before VGG's classifier): a fill, not a load per value.
+            0 => row.fill(x[o]),
+            1 => row.copy_from_slice(&x[o..o + row.len()]),
+            _ => {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = x[o + j * s];
+                }
+            }
         }
     }
 }
@@ -480,6 +488,34 @@ mod tests {
                 expect.iter().copied().collect::<Vec<_>>(),
                 out,
                 "{sa:?} / {sb:?}"
+            );
+        }
+    }
+
+    /// Expand against ndarray's broadcast: rows of one repeated value
+    /// (VGG's 1x1 map to 7x7), copied rows, and strided ones.
+    #[test]
+    fn expand_matches_ndarray() {
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[2, 64, 1, 1], &[2, 64, 7, 7]),
+            (&[2, 3, 1, 5], &[2, 3, 4, 5]),
+            (&[3, 1], &[2, 3, 4]),
+            (&[1, 4], &[3, 4]),
+            (&[2, 1, 3, 1], &[2, 5, 3, 2]),
+        ];
+        for (sx, so) in cases {
+            let x: Vec<f32> = (0..sx.iter().product::<usize>())
+                .map(|i| i as f32 * 0.25 - 1.0)
+                .collect();
+            let plan = Broadcast::new(&[sx], so);
+            let mut out = vec![f32::NAN; so.iter().product()];
+            expand(&plan, &x, &mut out);
+            let xv = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(sx), x).unwrap();
+            let expect = xv.broadcast(ndarray::IxDyn(so)).unwrap();
+            assert_eq!(
+                expect.iter().copied().collect::<Vec<_>>(),
+                out,
+                "{sx:?} -> {so:?}"
             );
         }
     }
