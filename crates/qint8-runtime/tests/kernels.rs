@@ -965,6 +965,44 @@ fn a_4x4_plane_takes_winograd_only_for_many_images() {
     assert!(winograd_conv_for(&c, true).winograd.is_some());
 }
 
+/// Planes of one tile (4x4 maps padded by one) move whole planes through a
+/// 16x16 transpose in the vector transforms: the same bits as the lane
+/// loops, and within the bound of the direct sum, for batches that fill
+/// one lane group, several, or part of one, with and without a residual
+/// (which takes the lane-loop writer) and with each activation.
+#[test]
+fn winograd_one_tile_planes_match_the_lane_loops() {
+    let cases = [
+        (1, 24, 24, 0),
+        (5, 32, 64, 1),
+        (16, 64, 64, 1),
+        (17, 24, 40, 2),
+        (33, 40, 24, 3),
+    ];
+    for (n, cin, cout, act) in cases {
+        let c: WinoCase = (n, cin, cout, 4, 4, (1, 1, 1, 1), act, n as u64);
+        let conv = winograd_conv_for(&c, true);
+        let w = conv
+            .winograd
+            .clone()
+            .expect("one-tile planes take Winograd for many images");
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, c.7 ^ 5);
+        let len = conv.n * conv.cout * conv.oh * conv.ow;
+        for res in [None, Some(values(len, c.7 ^ 9))] {
+            let (mut fast, mut lanes) = (vec![f32::NAN; len], vec![0f32; len]);
+            w.run_on(Kernels::best(), &conv, &x, res.as_deref(), &mut fast, 1);
+            w.run_on(Kernels::Lanes, &conv, &x, res.as_deref(), &mut lanes, 1);
+            assert!(
+                fast.iter()
+                    .zip(&lanes)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{n} images, {cin} -> {cout} channels: vector and lane transforms differ"
+            );
+            winograd_close(&conv, &x, &fast, res.as_deref()).unwrap();
+        }
+    }
+}
+
 /// Large planes: many blocks of tiles, split over two threads, against
 /// the direct sum.
 #[test]
