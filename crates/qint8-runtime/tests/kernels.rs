@@ -1004,20 +1004,26 @@ fn winograd_one_tile_planes_match_the_lane_loops() {
 }
 
 /// Large planes: many blocks of tiles, split over two threads, against
-/// the direct sum.
+/// the direct sum; and 49 tiles of 64 channels, just over one block's
+/// budget (48), run as one block.
 #[test]
 fn winograd_runs_many_blocks() {
-    let c: WinoCase = (2, 64, 48, 40, 36, (1, 1, 1, 1), 1, 11);
-    let conv = winograd_conv(&c);
-    assert!(conv.winograd.is_some());
-    let x = values(conv.n * conv.cin * conv.ih * conv.iw, 3);
-    let mut y = vec![f32::NAN; conv.n * conv.cout * conv.oh * conv.ow];
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    pool.install(|| conv.run(&x, &mut y, &mut [], 2));
-    winograd_close(&conv, &x, &y, None).unwrap();
+    let cases: [WinoCase; 2] = [
+        (2, 64, 48, 40, 36, (1, 1, 1, 1), 1, 11),
+        (1, 64, 64, 28, 28, (1, 1, 1, 1), 0, 12),
+    ];
+    for c in cases {
+        let conv = winograd_conv(&c);
+        assert!(conv.winograd.is_some());
+        let x = values(conv.n * conv.cin * conv.ih * conv.iw, 3);
+        let mut y = vec![f32::NAN; conv.n * conv.cout * conv.oh * conv.ow];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| conv.run(&x, &mut y, &mut [], 2));
+        winograd_close(&conv, &x, &y, None).unwrap();
+    }
 }
 
 /// An empty batch computes nothing (and does not divide by zero tiles).
