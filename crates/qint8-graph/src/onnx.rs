@@ -21,12 +21,90 @@ pub const MAX_OPSET: i64 = 22;
 /// are read relative to the model's directory.
 pub fn load(path: impl AsRef<Path>) -> Result<Model> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| GraphError::Io {
+    let bytes = read_file(path).map_err(|source| GraphError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    decode_owned(bytes.into(), &dir, path)
+    decode_owned(bytes, &dir, path)
+}
+
+/// The bytes of `path`: on Linux mapped read-only with every page mapped
+/// up front (`MAP_POPULATE`), else (or where mapping fails) read. Reading
+/// a 4.4 MB model took 3.4-3.7 ms, nearly all of it faulting in the fresh
+/// buffer's pages; mapping the page cache takes about 0.4 ms. The model
+/// copies every tensor out while decoding, so the mapping ends with
+/// [`load`].
+fn read_file(path: &Path) -> std::io::Result<prost::bytes::Bytes> {
+    #[cfg(target_os = "linux")]
+    if let Some(map) = mapped::Mapping::new(path)? {
+        return Ok(prost::bytes::Bytes::from_owner(map));
+    }
+    std::fs::read(path).map(prost::bytes::Bytes::from)
+}
+
+#[cfg(target_os = "linux")]
+mod mapped {
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    /// A read-only private mapping of a whole file, unmapped on drop.
+    pub(super) struct Mapping {
+        ptr: *mut libc::c_void,
+        len: usize,
+    }
+
+    // SAFETY: the mapping is read-only and owned by this value alone.
+    unsafe impl Send for Mapping {}
+    // SAFETY: as above; shared access only reads.
+    unsafe impl Sync for Mapping {}
+
+    impl Mapping {
+        /// Maps `path`, or `None` where it cannot be mapped (empty, not a
+        /// regular file, or `mmap` refused): the caller reads it instead.
+        pub(super) fn new(path: &Path) -> std::io::Result<Option<Mapping>> {
+            let file = std::fs::File::open(path)?;
+            let meta = file.metadata()?;
+            let Ok(len) = usize::try_from(meta.len()) else {
+                return Ok(None);
+            };
+            if !meta.is_file() || len == 0 {
+                return Ok(None);
+            }
+            // SAFETY: a fresh read-only private mapping of an open file;
+            // the result is checked before use. (A file truncated by
+            // another process while mapped would fault on access, as with
+            // any mapped read.)
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Ok(None);
+            }
+            Ok(Some(Mapping { ptr, len }))
+        }
+    }
+
+    impl AsRef<[u8]> for Mapping {
+        fn as_ref(&self) -> &[u8] {
+            // SAFETY: `ptr` maps `len` readable bytes until drop.
+            unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: `ptr` and `len` are the mapping made in `new`.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
 }
 
 /// Decodes a model from bytes; `dir` resolves external data, `path` is used in messages.

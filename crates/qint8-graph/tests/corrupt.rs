@@ -21,6 +21,24 @@ fn missing_file_names_the_path() {
     assert!(err.to_string().contains("/nonexistent/model.onnx"));
 }
 
+/// `load` (which maps the file on Linux) decodes what decoding the bytes
+/// read into memory gives; an empty file and a directory are errors.
+#[test]
+fn loading_a_file_matches_decoding_its_bytes() {
+    let path = fixture();
+    let bytes = std::fs::read(&path).unwrap();
+    let dir = path.parent().unwrap();
+    let read = onnx::decode_model(&bytes, dir, &path).unwrap();
+    let loaded = onnx::load(&path).unwrap();
+    assert_eq!(loaded.graph, read.graph);
+    assert_eq!(loaded.opset, read.opset);
+    let empty = tmp("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(onnx::load(&empty).is_err());
+    let err = onnx::load(dir).unwrap_err();
+    assert!(matches!(err, GraphError::Io { .. }), "{err}");
+}
+
 #[test]
 fn truncated_and_garbage_files_are_errors() {
     let bytes = std::fs::read(fixture()).unwrap();
