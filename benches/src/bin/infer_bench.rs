@@ -2,8 +2,10 @@
 //! one JSON line: median and mean latency, throughput, plan memory and the
 //! process's peak resident memory.
 //!
-//! Usage: `infer_bench MODEL --batch B --threads T [--iters N] [--warmup W] [--float-qdq]`
-//! (`--float-qdq`: a QDQ model's convolutions in float, not on integer kernels)
+//! Usage: `infer_bench MODEL --batch B --threads T [--iters N] [--warmup W] [--float-qdq] [--many-images]`
+//! (`--float-qdq`: a QDQ model's convolutions in float, not on integer kernels;
+//! `--many-images`: kernels chosen for batches of many images, as calibration
+//! chooses them)
 
 use std::time::Instant;
 
@@ -47,6 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         SessionOptions {
             threads,
             integer: !args.iter().any(|a| a == "--float-qdq"),
+            many_images: args.iter().any(|a| a == "--many-images"),
             ..Default::default()
         },
     )?;
