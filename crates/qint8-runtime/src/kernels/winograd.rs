@@ -882,6 +882,7 @@ mod avx512 {
             }
         }
         let relu = c.act == super::Activation::Relu;
+        let whole_planes = one_tile(c);
         let zero = _mm512_setzero_ps();
         for co in chans {
             // SAFETY: `p * cout + co < POS * cout` and `l0 + LANES <= stride`.
@@ -909,7 +910,7 @@ mod avx512 {
                     *v = _mm512_max_ps(zero, *v);
                 }
             }
-            if one_tile(c) {
+            if whole_planes {
                 // Lane `l`'s whole output plane, in order.
                 for (a, w) in at.iter().zip(transpose16(o)) {
                     // SAFETY: the plane lies inside `y` (checked above).
