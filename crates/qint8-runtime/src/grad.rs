@@ -245,6 +245,35 @@ impl<'g> Backward<'g> {
         Ok(Some((expand.inputs[0].clone(), gx)))
     }
 
+    /// Prepares, ahead of the first [`run`](Self::run), every
+    /// convolution's input-gradient kernels for the value shapes in
+    /// `shapes` (by name; those of one batch size): otherwise the first
+    /// run of each worker prepares them, one worker waiting on the other.
+    /// Convolutions whose shapes are not given are prepared on first use.
+    pub fn prepare(&self, shapes: &HashMap<String, Vec<usize>>) -> Result<()> {
+        let none = Values::new();
+        for &i in &self.nodes {
+            let node = &self.graph.nodes[i];
+            let Op::Conv(attrs) = &node.op else {
+                continue;
+            };
+            if !node.inputs.iter().any(|n| self.live.contains(n)) {
+                continue;
+            }
+            let (Some(x), Some(w)) = (
+                node.input(0).and_then(|x| shapes.get(x)),
+                node.input(1).and_then(|w| lookup(self.graph, &none, w)),
+            ) else {
+                continue;
+            };
+            let geom = ConvGeom::resolve(node, attrs, x, w.shape)?;
+            cached(&self.transposed, (i, geom), || {
+                InputGrad::new(&geom, w.data).map(Arc::new)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Node `i`'s input gradient on the forward kernels ([`InputGrad`],
     /// prepared on first use for each geometry).
     fn conv_grad(&self, i: usize, values: &Values<'_>, g: &[f32]) -> Result<Option<Vec<f32>>> {

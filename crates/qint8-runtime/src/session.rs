@@ -643,6 +643,13 @@ impl Session {
         .map(drop)
     }
 
+    /// Compiles, ahead of the first [`record_here`](Self::record_here) for
+    /// these shapes, the plan it runs: workers that start together then
+    /// find it ready instead of each compiling a copy of it at once.
+    pub fn prepare_recording(&self, shapes: &[(&str, &[usize])]) -> Result<()> {
+        self.plan_for(shapes, true, true).map(drop)
+    }
+
     /// [`record_split`](Self::record_split) of one whole batch on the
     /// calling thread, sequentially (no pool tasks): the step each worker
     /// of [`pull`](Self::pull) takes in the sensitivity analysis.
@@ -1099,4 +1106,52 @@ fn execute(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+    use qint8_graph::zoo::{build, ZooConfig};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_prepared_recording_plan_is_the_one_record_here_runs() {
+        let cfg = ZooConfig::resnet50()
+            .with_width_mult(0.125)
+            .with_resolution(32, 32)
+            .with_in_channels(1)
+            .with_classes(3);
+        let graph = build(&cfg).unwrap().graph;
+        let opts = || SessionOptions {
+            threads: 1,
+            simplify: false,
+            fuse: false,
+            ..Default::default()
+        };
+        let input = graph.inputs[0].name.clone();
+        let shape = [2usize, 1, 32, 32];
+        let x = ArrayD::from_shape_fn(IxDyn(&shape), |i| (i[2] * 32 + i[3]) as f32 / 1024.0);
+        let ready = Session::from_graph(graph.clone(), opts()).unwrap();
+        ready.prepare_recording(&[(&input, &shape[..])]).unwrap();
+        let compiled = |s: &Session| s.plans.lock().unwrap().len();
+        assert_eq!(compiled(&ready), 1);
+        let a = ready.record_here(&[(&input, x.view())]).unwrap();
+        assert_eq!(compiled(&ready), 1, "record_here found the plan ready");
+        let b = Session::from_graph(graph, opts())
+            .unwrap()
+            .record_here(&[(&input, x.view())])
+            .unwrap();
+        let values = |r: &Recording| {
+            r.iter()
+                .map(|(n, s, d)| (n.to_string(), (s.to_vec(), d.to_vec())))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert!(a.iter().count() > 10);
+        assert!(values(&a) == values(&b), "the same recorded values");
+        // A shape the graph does not take is an error, as for a run.
+        assert!(ready
+            .prepare_recording(&[(&input, &[2, 3, 32, 32][..])])
+            .is_err());
+    }
 }

@@ -791,3 +791,85 @@ fn maxpool_matches(p: &Pool2d, planes: usize, nan: bool, seed: u64) -> Result<()
     prop_assert_eq!(fast, slow);
     Ok(())
 }
+
+#[test]
+fn prepared_input_gradients_are_those_a_run_prepares() {
+    let g = zoo_graph(
+        ZooConfig::resnet50()
+            .with_width_mult(0.125)
+            .with_resolution(32, 32),
+        true,
+    );
+    let x = input_for(&g, 2, 9);
+    let (_, r, _) = gradients(&g, &x, &[]);
+    let session = Session::from_graph(
+        g.clone(),
+        SessionOptions {
+            threads: 1,
+            simplify: false,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let input = g.inputs[0].name.clone();
+    let output = g.outputs[0].name.clone();
+    let rec = session.record_here(&[(&input, x.view())]).unwrap();
+    let mut vals: Values<'_> = rec
+        .iter()
+        .map(|(k, shape, data)| (k.to_string(), Value { shape, data }))
+        .collect();
+    vals.insert(
+        input.clone(),
+        Value {
+            shape: x.shape(),
+            data: x.as_slice().unwrap(),
+        },
+    );
+    // Every convolution's output, as the sensitivity analysis asks.
+    let wanted: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_)))
+        .map(|n| n.outputs[0].as_str())
+        .collect();
+    let run = |b: &Backward<'_>| {
+        let mut got: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        b.run(&vals, &r, &mut |name, gr| {
+            got.insert(name.to_string(), gr.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        got
+    };
+    let keys = |b: &Backward<'_>| {
+        let cache = b.transposed.lock().unwrap();
+        cache
+            .iter()
+            .map(|(k, v)| (*k, v.is_some()))
+            .collect::<std::collections::HashSet<_>>()
+    };
+    let lazy = Backward::new(&g, &wanted, &output).unwrap();
+    let lazy_grads = run(&lazy);
+    let shapes: HashMap<String, Vec<usize>> =
+        qint8_graph::shape::infer(&g, &HashMap::from([(input.clone(), x.shape().to_vec())]))
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.shape))
+            .collect();
+    let ready = Backward::new(&g, &wanted, &output).unwrap();
+    ready.prepare(&shapes).unwrap();
+    let prepared = keys(&ready);
+    assert!(
+        prepared.len() > 10,
+        "{} convolutions prepared",
+        prepared.len()
+    );
+    assert_eq!(
+        prepared,
+        keys(&lazy),
+        "the same convolutions and geometries"
+    );
+    assert_eq!(run(&ready), lazy_grads);
+    assert_eq!(keys(&ready), prepared, "the run prepared nothing more");
+}
