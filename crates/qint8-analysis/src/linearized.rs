@@ -624,7 +624,9 @@ pub(crate) fn analyze(
             ops.join(", ")
         )),
         other => invalid(other),
-    })?;
+    })?
+    // Like the FP32 session below: each worker runs a sub-batch.
+    .with_many_images(true);
     let total = data.len();
     // The plan as given: one real evaluation, the unit of the cost.
     let t = Instant::now();
@@ -642,6 +644,8 @@ pub(crate) fn analyze(
             threads,
             simplify: false,
             fuse: false,
+            // Each worker runs a sub-batch on its own thread.
+            many_images: true,
             ..Default::default()
         },
     )

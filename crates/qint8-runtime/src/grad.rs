@@ -163,6 +163,9 @@ pub struct Backward<'g> {
     expanded: HashMap<usize, usize>,
     /// Their weights summed over the copies.
     folded: Mutex<FoldedWeights>,
+    /// Input-gradient kernels chosen for batches on one thread
+    /// ([`with_many_images`](Self::with_many_images)).
+    many_images: bool,
 }
 
 impl<'g> Backward<'g> {
@@ -187,7 +190,18 @@ impl<'g> Backward<'g> {
             transposed: Mutex::default(),
             expanded,
             folded: Mutex::default(),
+            many_images: false,
         })
+    }
+
+    /// This pass with its convolutions' input gradients on kernels chosen
+    /// as a session with [`SessionOptions::many_images`](crate::SessionOptions::many_images)
+    /// chooses them: for passes over batches of many images on one thread
+    /// each, as the sensitivity analysis runs (small planes then go on
+    /// Winograd). Set before the first run or [`prepare`](Self::prepare).
+    pub fn with_many_images(mut self, many_images: bool) -> Self {
+        self.many_images = many_images;
+        self
     }
 
     /// Gemm node `i`'s gradient straight to the 1x1 map its input expands
@@ -268,7 +282,7 @@ impl<'g> Backward<'g> {
             };
             let geom = ConvGeom::resolve(node, attrs, x, w.shape)?;
             cached(&self.transposed, (i, geom), || {
-                InputGrad::new(&geom, w.data).map(Arc::new)
+                InputGrad::new(&geom, w.data, self.many_images).map(Arc::new)
             })?;
         }
         Ok(())
@@ -288,7 +302,7 @@ impl<'g> Backward<'g> {
             return Ok(None);
         }
         let conv = cached(&self.transposed, (i, geom), || {
-            InputGrad::new(&geom, w.data).map(Arc::new)
+            InputGrad::new(&geom, w.data, self.many_images).map(Arc::new)
         })?;
         let Some(conv) = conv else {
             return Ok(None);
@@ -1577,7 +1591,10 @@ impl InputGrad {
     /// depthwise convolutions, whose direct input-gradient kernels
     /// [`conv_input_grad`] runs measured faster (EfficientNet-B0's backward
     /// pass 0.44-0.46 s against 0.51-0.53 s through the forward kernel).
-    pub fn new(geom: &ConvGeom, w: &[f32]) -> Option<Self> {
+    /// `many_images`: kernels chosen as for
+    /// [`SessionOptions::many_images`](crate::SessionOptions::many_images),
+    /// for batches run on one thread.
+    pub fn new(geom: &ConvGeom, w: &[f32], many_images: bool) -> Option<Self> {
         let c = geom;
         if c.group == 0
             || c.stride.0 == 0
@@ -1595,7 +1612,7 @@ impl InputGrad {
             for px in 0..c.stride.1.min(c.iw) {
                 let cols = phase_taps(c.kw, c.stride.1, c.dilation.1, c.pad.1, px)?;
                 let conv = (!rows.0.is_empty() && !cols.0.is_empty())
-                    .then(|| phase_conv(c, w, (py, px), &rows, &cols));
+                    .then(|| phase_conv(c, w, (py, px), &rows, &cols, many_images));
                 phases.push(Phase { at: (py, px), conv });
             }
         }
@@ -1656,6 +1673,7 @@ fn phase_conv(
     at: (usize, usize),
     rows: &(Vec<usize>, usize, usize),
     cols: &(Vec<usize>, usize, usize),
+    many_images: bool,
 ) -> Conv2d {
     let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
     let (kh, kw) = (rows.0.len(), cols.0.len());
@@ -1693,7 +1711,7 @@ fn phase_conv(
         int8: None,
         winograd: None,
     };
-    conv.without_dead_taps().pack()
+    conv.without_dead_taps().pack_for(many_images)
 }
 
 /// Depthwise input gradient channels-last, for narrow or strided rows:

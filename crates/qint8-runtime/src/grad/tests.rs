@@ -84,11 +84,15 @@ proptest! {
     /// phase of the stride) equals the seven-deep loop; depthwise ones,
     /// and those a phase of which would need negative padding, are refused.
     #[test]
-    fn input_grad_matches_reference(c in conv_case(), seed in any::<u64>()) {
+    fn input_grad_matches_reference(
+        c in conv_case(),
+        seed in any::<u64>(),
+        many_images in any::<bool>(),
+    ) {
         let w = values(c.cout * c.cin / c.group * c.kh * c.kw, seed);
         let g = values(c.n * c.cout * c.oh * c.ow, seed ^ 9);
         let len = c.n * c.cin * c.ih * c.iw;
-        let Some(conv) = InputGrad::new(&c, &w) else {
+        let Some(conv) = InputGrad::new(&c, &w, many_images) else {
             let negative = |k: usize, s: usize, d: usize, pad: usize, len: usize| {
                 (0..s.min(len)).any(|p| phase_taps(k, s, d, pad, p).is_none())
             };
@@ -105,6 +109,36 @@ proptest! {
             prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{c:?} at {i}: {a} vs {b}");
         }
     }
+}
+
+/// A 64-channel 3x3 input gradient on 4x4 planes (one Winograd tile) goes
+/// on Winograd only when prepared for many images, as a session's forward
+/// convolution does.
+#[test]
+fn input_grads_for_many_images_put_one_tile_planes_on_winograd() {
+    let c = ConvGeom {
+        n: 4,
+        cin: 64,
+        ih: 4,
+        iw: 4,
+        cout: 64,
+        group: 1,
+        kh: 3,
+        kw: 3,
+        stride: (1, 1),
+        dilation: (1, 1),
+        pad: (1, 1),
+        oh: 4,
+        ow: 4,
+    };
+    let w = values(c.cout * c.cin * 9, 3);
+    let on_winograd = |many: bool| {
+        let grad = InputGrad::new(&c, &w, many).unwrap();
+        let conv = grad.phases[0].conv.as_ref().unwrap();
+        conv.winograd.is_some()
+    };
+    assert!(!on_winograd(false));
+    assert!(on_winograd(true));
 }
 
 /// Which phases of a kernel axis the taps reach, and how: a 3x3 window of
