@@ -805,6 +805,46 @@ proptest! {
         };
         maxpool_matches(&p, planes, nan, seed)?;
     }
+
+    /// The 3x3, stride-2 path (padded key planes), with and without
+    /// padding, ceil_mode's cut last windows, ties and NaN.
+    #[test]
+    fn maxpool3s2_grad_matches_reference(
+        planes in 1usize..4,
+        (ih, iw) in (1usize..20, 1usize..20),
+        pad in (0usize..2, 0usize..2),
+        nan in any::<bool>(),
+        ceil in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        prop_assume!(ih + 2 * pad.0 >= 3 && iw + 2 * pad.1 >= 3);
+        let out = |len: usize, pad: usize| {
+            let span = len + 2 * pad - 3;
+            // ceil_mode keeps a last window only if it starts inside the
+            // input or its left padding.
+            match ceil && span % 2 == 1 && span / 2 * 2 + 2 < len + pad {
+                true => span / 2 + 2,
+                false => span / 2 + 1,
+            }
+        };
+        let (oh, ow) = (out(ih, pad.0), out(iw, pad.1));
+        let p = Pool2d {
+            ih,
+            iw,
+            oh,
+            ow,
+            k: (3, 3),
+            stride: (2, 2),
+            dilation: (1, 1),
+            pad,
+            pad_end: (
+                (2 * (oh - 1) + 3).saturating_sub(ih + pad.0),
+                (2 * (ow - 1) + 3).saturating_sub(iw + pad.1),
+            ),
+            count_include_pad: false,
+        };
+        maxpool_matches(&p, planes, nan, seed)?;
+    }
 }
 
 /// `maxpool_grad` equals the reference on `planes` planes of coarse values
