@@ -336,7 +336,7 @@ impl Context<'_> {
     /// size in `jobs`, before the workers start: otherwise every worker's
     /// first sub-batch compiles its own copy of both plans at the same
     /// time as the other (on a ResNet-50 fixture analysis, 14-19 ms each
-    /// for the probes' plan where one compilation alone takes about 8),
+    /// for the probes' plan where one compilation alone takes about 8-10),
     /// and one waits on the other's backward preparation. Best effort: what
     /// fails here (a shape inference cannot give) is prepared by the
     /// workers on first use, which report any error.
