@@ -157,6 +157,21 @@ fn phase_taps_split_the_kernel_by_position() {
     assert_eq!(phase_taps(3, 1, 1, 3, 0), None);
 }
 
+/// A session on `graph` without fusion or simplification, on one thread:
+/// every value the backward pass reads stays a value of its own.
+fn unfused_session(graph: &Graph) -> Session {
+    Session::from_graph(
+        graph.clone(),
+        SessionOptions {
+            threads: 1,
+            simplify: false,
+            fuse: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// The gradient of `sum(r * f(x))` with respect to `x`, by central
 /// differences along `dir`, against `<grad, dir>` from [`backward`].
 /// A session on `graph` without fusion, and the gradients of `<r, y>` for
@@ -168,16 +183,7 @@ fn gradients(
     x: &ArrayD<f32>,
     wanted_extra: &[&str],
 ) -> (Session, Vec<f32>, BTreeMap<String, Vec<f32>>) {
-    let session = Session::from_graph(
-        graph.clone(),
-        SessionOptions {
-            threads: 1,
-            simplify: false,
-            fuse: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let session = unfused_session(graph);
     let input = graph.inputs[0].name.clone();
     let output = graph.outputs[0].name.clone();
     let mut rec: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
@@ -875,20 +881,11 @@ fn prepared_input_gradients_are_those_a_run_prepares() {
         true,
     );
     let x = input_for(&g, 2, 9);
-    let (_, r, _) = gradients(&g, &x, &[]);
-    let session = Session::from_graph(
-        g.clone(),
-        SessionOptions {
-            threads: 1,
-            simplify: false,
-            fuse: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let session = unfused_session(&g);
     let input = g.inputs[0].name.clone();
     let output = g.outputs[0].name.clone();
     let rec = session.record_here(&[(&input, x.view())]).unwrap();
+    let r = values(rec.get(&output).unwrap().1.len(), 77);
     let mut vals: Values<'_> = rec
         .iter()
         .map(|(k, shape, data)| (k.to_string(), Value { shape, data }))
