@@ -1252,7 +1252,7 @@ fn maxpool_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
 /// best taps are one pass the compiler vectorizes ([`best3s2_row`]). The
 /// gradients are then added in output order, as in [`maxpool_grad`]'s
 /// general path (which took 0.45 ms for the ResNet-50 fixture's pool of
-/// 32 images, this path 0.13 ms).
+/// 32 images, this path 0.15 ms).
 fn maxpool3s2_grad(p: &Pool2d, x: &[f32], g: &[f32], gx: &mut [f32]) {
     let (ip, op) = (p.ih * p.iw, p.oh * p.ow);
     let (pt, pl) = p.pad;
