@@ -46,8 +46,8 @@ use qint8_runtime::grad::{Backward, Value, Values};
 use qint8_runtime::{Recording, RuntimeError, Session, SessionOptions};
 
 use crate::sensitivity::{
-    analyzed_nodes, fused_adds, invalid, js_divergence, run, sqnr_db, MeanError, Method,
-    NodeSensitivity, Outcome, Sensitivity,
+    analyzed_nodes, fused_adds, invalid, js_divergence, run, set_top_set_z, sqnr_db, MeanError,
+    Method, NodeSensitivity, Outcome, Sensitivity,
 };
 use crate::{AnalysisError, Result};
 
@@ -253,27 +253,36 @@ fn kl2(a: &Margin, b: f64) -> f64 {
 }
 
 /// Top-1, and SQNR, mean two-class KL and JS divergence of estimated
-/// margins `est` against FP32's; `pred(image, margin)` is the predicted class.
-fn outcome(margins: &[Margin], est: &[f64], pred: impl Fn(usize, f64) -> usize) -> Outcome {
+/// margins `est` against FP32's; `pred(image, margin)` is the predicted
+/// class. Also each image's JS divergence.
+fn outcome(
+    margins: &[Margin],
+    est: &[f64],
+    pred: impl Fn(usize, f64) -> usize,
+) -> (Outcome, Vec<f64>) {
     let (mut sig, mut noise, mut kl, mut correct) = (0.0f64, 0.0f64, 0.0f64, 0usize);
     let mut js = MeanError::default();
+    let mut images = Vec::with_capacity(margins.len());
     for (s, (mg, &e)) in margins.iter().zip(est).enumerate() {
         let m = mg.m as f64;
         sig += m * m;
         noise += (e - m) * (e - m);
         kl += kl2(mg, e);
         let (p, q) = (mg.p, sigmoid(e));
-        js.add(js_divergence(&[p, 1.0 - p], &[q, 1.0 - q]));
+        let v = js_divergence(&[p, 1.0 - p], &[q, 1.0 - q]);
+        js.add(v);
+        images.push(v);
         correct += usize::from(pred(s, e) == mg.label);
     }
     let n = margins.len().max(1) as f64;
-    Outcome {
+    let o = Outcome {
         top1: correct as f64 / n,
         sqnr_db: sqnr_db(sig, noise),
         kl: kl / n,
         js: js.mean(),
         js_stderr: js.stderr(),
-    }
+    };
+    (o, images)
 }
 
 /// One sub-batch: its recorded tensors, inputs and labels. The images
@@ -812,7 +821,7 @@ pub(crate) fn analyze(
     let int8_margin: Vec<f64> = mq.iter().map(|&(m, _)| m).collect();
     let int8 = Outcome {
         top1: int8_acc.score.top1_fraction(),
-        ..outcome(&margins, &int8_margin, two)
+        ..outcome(&margins, &int8_margin, two).0
     };
     // Per image, how far the first-order changes can be trusted. Where
     // their sum stays within the margin they are used as they are; where it
@@ -841,7 +850,7 @@ pub(crate) fn analyze(
             .zip(&share)
             .map(|((mg, &dv), &rho)| mg.m as f64 + rho * dv as f64)
             .collect();
-        let alone = outcome(&margins, &alone_est, two);
+        let (alone, alone_js) = outcome(&margins, &alone_est, two);
         // The real quantized margin loses this node's share of its error.
         let float_est: Vec<f64> = mq
             .iter()
@@ -849,7 +858,7 @@ pub(crate) fn analyze(
             .zip(&share)
             .map(|((&(m, _), &dv), &rho)| m - rho * dv as f64)
             .collect();
-        let float = outcome(&margins, &float_est, |s, e| {
+        let (float, _) = outcome(&margins, &float_est, |s, e| {
             let (mg, q) = (margins[s], mq[s].1);
             if q == mg.top || q == mg.second {
                 two(s, e)
@@ -857,18 +866,20 @@ pub(crate) fn analyze(
                 q
             }
         });
-        NodeSensitivity {
+        let n = NodeSensitivity {
             node: node.name.clone(),
             op: node.op.op_type(),
             alone,
             float,
             output_sqnr_db: Some(sqnr_db(signal[k], noise[k])),
-        }
+            top_set_z: None,
+        };
+        (n, alone_js)
     };
     // Nodes split over the workers (a few logarithms per node and image).
     let count = probes.len();
     let per = count.div_ceil(workers).max(1);
-    let out: Vec<NodeSensitivity> = std::thread::scope(|scope| {
+    let out: Vec<(NodeSensitivity, Vec<f64>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..count)
             .step_by(per)
             .map(|first| {
@@ -891,15 +902,19 @@ pub(crate) fn analyze(
     .into_iter()
     .flatten()
     .collect();
-    Ok(Sensitivity {
+    let (nodes, alone_js): (Vec<_>, Vec<_>) = out.into_iter().unzip();
+    let mut s = Sensitivity {
         method: Method::Linearized,
         images: margins.len(),
         fp32_top1,
         int8,
-        nodes: out,
+        nodes,
         eval_seconds,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+        seconds: 0.0,
+    };
+    set_top_set_z(&mut s, &alone_js);
+    s.seconds = start.elapsed().as_secs_f64();
+    Ok(s)
 }
 
 #[cfg(test)]

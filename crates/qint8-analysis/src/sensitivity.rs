@@ -126,6 +126,12 @@ pub struct NodeSensitivity {
     /// SQNR of the node's own output with its inputs quantized, against
     /// FP32, dB ([`Method::Linearized`] only).
     pub output_sqnr_db: Option<f64>,
+    /// For the node ranked `k` by [`Sensitivity::ranking`]: by how many
+    /// standard errors these images set the top `k` apart from the nodes
+    /// ranked below (see [`top_set_z`]). Under about 2 they do not: another
+    /// image subset may well swap nodes across that boundary. `None` for
+    /// the last node, or with fewer than two images.
+    pub top_set_z: Option<f64>,
 }
 
 /// A full sensitivity analysis.
@@ -167,6 +173,107 @@ impl Sensitivity {
                 .then(y.float.top1.total_cmp(&x.float.top1))
         });
         order
+    }
+
+    /// The ranks `k` whose top `k` these images set apart from the rest
+    /// by at least `z` standard errors ([`NodeSensitivity::top_set_z`]).
+    pub fn resolved_top_sets(&self, z: f64) -> Vec<usize> {
+        self.ranking()
+            .iter()
+            .enumerate()
+            .filter(|(_, &i)| self.nodes[i].top_set_z.is_some_and(|v| v >= z))
+            .map(|(k, _)| k + 1)
+            .collect()
+    }
+}
+
+/// How far a ranking's top sets stand apart from the rest, given each
+/// ranked node's per-image values (`values[r]` for the node ranked `r`,
+/// most sensitive first; every node measured on the same images).
+///
+/// For nodes `a` ranked above `b`, the paired difference of their values
+/// image by image has mean `μ` and standard error `σ/√n`; its `z` is
+/// `μ / (σ/√n)`. Pairing cancels what the two nodes' images share, so the
+/// test is much sharper than comparing the two means' own standard errors.
+/// Entry `k - 1` is the smallest `z` over every pair with `a` in the top
+/// `k` and `b` below: the evidence that the top `k` are the top `k`. There
+/// are `len - 1` entries; none with fewer than two images.
+pub fn top_set_z(values: &[&[f64]]) -> Vec<f64> {
+    let r = values.len();
+    let n = values.first().map_or(0, |v| v.len());
+    if r < 2 || n < 2 || values.iter().any(|v| v.len() != n) {
+        return Vec::new();
+    }
+    let m = n as f64;
+    // Pairwise z, row `a`, column `b > a`.
+    let mut z = vec![0.0f64; r * r];
+    for a in 0..r {
+        for b in a + 1..r {
+            let (s1, s2) = diff_sums(values[a], values[b]);
+            let mean = s1 / m;
+            let se = (((s2 - s1 * mean) / (m - 1.0)).max(0.0) / m).sqrt();
+            z[a * r + b] = if se > 0.0 {
+                mean / se
+            } else if mean > 0.0 {
+                // The same difference on every image: as apart as can be.
+                f64::MAX
+            } else {
+                0.0
+            };
+        }
+    }
+    // The boundary below rank k + 1: every pair across it. Going down,
+    // pairs with `b = k + 1` leave and pairs with `a = k + 1` join, so keep
+    // the minimum per column over the rows above.
+    let mut col_min = vec![f64::INFINITY; r];
+    (0..r - 1)
+        .map(|k| {
+            for b in k + 1..r {
+                col_min[b] = col_min[b].min(z[k * r + b]);
+            }
+            col_min[k + 1..]
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect()
+}
+
+/// `(Σ (x - y), Σ (x - y)²)`, in four lanes (a few million pairs of
+/// values on a large model).
+fn diff_sums(x: &[f64], y: &[f64]) -> (f64, f64) {
+    const L: usize = 4;
+    let (mut s1, mut s2) = ([0.0f64; L], [0.0f64; L]);
+    let body = x.len().min(y.len()) / L * L;
+    for (xs, ys) in x[..body].chunks_exact(L).zip(y[..body].chunks_exact(L)) {
+        for l in 0..L {
+            let d = xs[l] - ys[l];
+            s1[l] += d;
+            s2[l] += d * d;
+        }
+    }
+    let (mut t1, mut t2) = (s1.iter().sum::<f64>(), s2.iter().sum::<f64>());
+    for (a, b) in x[body..].iter().zip(&y[body..]) {
+        let d = a - b;
+        t1 += d;
+        t2 += d * d;
+    }
+    (t1, t2)
+}
+
+/// Sets every node's [`NodeSensitivity::top_set_z`]: `alone_js[i]` holds
+/// node `i`'s per-image divergence with it alone quantized.
+pub(crate) fn set_top_set_z(s: &mut Sensitivity, alone_js: &[Vec<f64>]) {
+    let order = s.ranking();
+    for n in &mut s.nodes {
+        n.top_set_z = None;
+    }
+    if alone_js.len() != order.len() {
+        return;
+    }
+    let ranked: Vec<&[f64]> = order.iter().map(|&i| alone_js[i].as_slice()).collect();
+    for (&i, z) in order.iter().zip(top_set_z(&ranked)) {
+        s.nodes[i].top_set_z = Some(z);
     }
 }
 
@@ -330,6 +437,11 @@ pub(crate) fn js_divergence(p: &[f64], q: &[f64]) -> f64 {
 /// Logit SQNR (dB), mean KL and mean Jensen-Shannon divergence (with its
 /// standard error) of `got` against `reference`, both `[images, classes]`.
 pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> LogitError {
+    logit_error_images(reference, got, classes).0
+}
+
+/// [`logit_error`], and each image's Jensen-Shannon divergence.
+fn logit_error_images(reference: &[f32], got: &[f32], classes: usize) -> (LogitError, Vec<f64>) {
     let (mut sig, mut noise) = (0.0f64, 0.0f64);
     for (&a, &b) in reference.iter().zip(got) {
         sig += (a as f64) * (a as f64);
@@ -338,6 +450,7 @@ pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> LogitError
     let sqnr = sqnr_db(sig, noise);
     let mut kl = 0.0;
     let mut js = MeanError::default();
+    let mut images = Vec::with_capacity(reference.len() / classes.max(1));
     if classes > 0 {
         for (r, g) in reference
             .chunks_exact(classes)
@@ -350,15 +463,18 @@ pub fn logit_error(reference: &[f32], got: &[f32], classes: usize) -> LogitError
                 .filter(|(pi, _)| **pi > 0.0)
                 .map(|(pi, qi)| pi * (pi / qi.max(1e-300)).ln())
                 .sum::<f64>();
-            js.add(js_divergence(&p, &q));
+            let v = js_divergence(&p, &q);
+            js.add(v);
+            images.push(v);
         }
     }
-    LogitError {
+    let e = LogitError {
         sqnr_db: sqnr,
         kl: kl / js.n.max(1) as f64,
         js: js.mean(),
         js_stderr: js.stderr(),
-    }
+    };
+    (e, images)
 }
 
 /// Scores `graph` on `data`, returning accuracy and logits: quantized by
@@ -423,24 +539,26 @@ fn analyze_exact(
     let (fp32, reference) = run(model, graph, None, data, batch, threads)?;
     let classes = fp32.classes;
     let outcome = |a: &Accuracy, logits: &[f32]| {
-        let e = logit_error(&reference, logits, classes);
-        Outcome {
+        let (e, images) = logit_error_images(&reference, logits, classes);
+        let o = Outcome {
             top1: a.score.top1_fraction(),
             sqnr_db: e.sqnr_db,
             kl: e.kl,
             js: e.js,
             js_stderr: e.js_stderr,
-        }
+        };
+        (o, images)
     };
     let nodes = analyzed_nodes(graph, plan)?;
     let total = 1 + 2 * nodes.len();
     let t = Instant::now();
     let (a, l) = run(model, graph, Some(plan), data, batch, threads)?;
     let eval_seconds = t.elapsed().as_secs_f64();
-    let int8 = outcome(&a, &l);
+    let (int8, _) = outcome(&a, &l);
     progress(1, total);
     let all: Vec<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
     let mut out = Vec::with_capacity(nodes.len());
+    let mut alone_js = Vec::with_capacity(nodes.len());
     for (k, &i) in nodes.iter().enumerate() {
         let node = &graph.nodes[i];
         // Quantized alone: with the Adds it fuses, as it would be in INT8.
@@ -457,7 +575,8 @@ fn analyze_exact(
             batch,
             threads,
         )?;
-        let alone = outcome(&a, &l);
+        let (alone, images) = outcome(&a, &l);
+        alone_js.push(images);
         progress(2 + 2 * k, total);
         let (a, l) = run(
             model,
@@ -467,7 +586,7 @@ fn analyze_exact(
             batch,
             threads,
         )?;
-        let float = outcome(&a, &l);
+        let (float, _) = outcome(&a, &l);
         progress(3 + 2 * k, total);
         out.push(NodeSensitivity {
             node: node.name.clone(),
@@ -475,17 +594,21 @@ fn analyze_exact(
             alone,
             float,
             output_sqnr_db: None,
+            top_set_z: None,
         });
     }
-    Ok(Sensitivity {
+    let mut s = Sensitivity {
         method: Method::Exact,
         images: data.len(),
         fp32_top1: fp32.score.top1_fraction(),
         int8,
         nodes: out,
         eval_seconds,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+        seconds: 0.0,
+    };
+    set_top_set_z(&mut s, &alone_js);
+    s.seconds = start.elapsed().as_secs_f64();
+    Ok(s)
 }
 
 /// Greedy mixed precision. Round 1 keeps in float the first node of
@@ -698,6 +821,7 @@ mod tests {
             alone: o(0.9, kl),
             float: o(t, 0.0),
             output_sqnr_db: None,
+            top_set_z: None,
         };
         let s = Sensitivity {
             method: Method::Exact,
@@ -715,5 +839,113 @@ mod tests {
         };
         // JS 0.05 > 0.02 > 0.01 (= 0.01, broken by recovered top-1).
         assert_eq!(s.ranking(), vec![1, 3, 2, 0]);
+    }
+
+    #[test]
+    fn top_sets_are_told_apart_by_paired_differences() {
+        // Differences 2 and 3: mean 2.5, standard deviation 0.5^0.5, so a
+        // standard error of 0.5 over two images.
+        let z = top_set_z(&[&[3.0, 5.0], &[1.0, 2.0]]);
+        assert_eq!(z.len(), 1);
+        assert!((z[0] - 5.0).abs() < 1e-12, "{z:?}");
+        // Lanes and tail sum what one loop sums.
+        for len in [0usize, 3, 4, 7, 9] {
+            let x: Vec<f64> = (0..len).map(|i| (i * i) as f64 * 0.5).collect();
+            let y: Vec<f64> = (0..len).map(|i| (i * 3 % 5) as f64).collect();
+            let d: Vec<f64> = x.iter().zip(&y).map(|(a, b)| a - b).collect();
+            let (s1, s2) = diff_sums(&x, &y);
+            assert!((s1 - d.iter().sum::<f64>()).abs() < 1e-9, "{len}");
+            assert!(
+                (s2 - d.iter().map(|v| v * v).sum::<f64>()).abs() < 1e-9,
+                "{len}"
+            );
+        }
+        // Too few images, mismatched lengths or one node: nothing to say.
+        assert!(top_set_z(&[&[3.0], &[1.0]]).is_empty());
+        assert!(top_set_z(&[&[3.0, 1.0], &[1.0]]).is_empty());
+        assert!(top_set_z(&[&[3.0, 1.0]]).is_empty());
+        // Images that differ a hundredfold but every node a fixed step
+        // above the next on each of them: the pairs share that spread,
+        // so the top sets stand far apart. Nodes 1 and 2 then differ by
+        // noise only, so the top 2 are not told apart from the rest (their
+        // z is that of the pair across the boundary, small).
+        let n = 200;
+        let base: Vec<f64> = (0..n).map(|i| 1.0 + (i % 7) as f64 * 15.0).collect();
+        let wiggle = |i: usize, k: usize| ((i * 31 + k * 17) % 11) as f64 * 1e-3;
+        let nodes: Vec<Vec<f64>> = [3.0, 2.0, 2.0, 1.0]
+            .iter()
+            .enumerate()
+            .map(|(k, step)| {
+                (0..n)
+                    .map(|i| base[i] + step * 10.0 + wiggle(i, k))
+                    .collect()
+            })
+            .collect();
+        let ranked: Vec<&[f64]> = nodes.iter().map(Vec::as_slice).collect();
+        let z = top_set_z(&ranked);
+        assert_eq!(z.len(), 3);
+        assert!(z[0] > 100.0 && z[2] > 100.0, "{z:?}");
+        assert!(z[1] < 3.0, "{z:?}");
+        // Unpaired, the spread of the images would hide every step.
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / n as f64;
+        let sd = |v: &[f64]| {
+            let m = mean(v);
+            (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1) as f64).sqrt()
+        };
+        let unpaired = (mean(&nodes[2]) - mean(&nodes[3]))
+            / ((sd(&nodes[2]).powi(2) + sd(&nodes[3]).powi(2)) / n as f64).sqrt();
+        assert!(unpaired < z[2] / 10.0, "{unpaired} {z:?}");
+        // Any pair across the boundary counts, not only the neighbours:
+        // the third node ranks below the fourth on every image but one
+        // (a ranking by mean puts it third), so the top 3 are not apart.
+        let mut odd = nodes.clone();
+        odd[2] = (0..n)
+            .map(|i| if i == 0 { 1e4 } else { base[i] + 5.0 })
+            .collect();
+        let ranked: Vec<&[f64]> = odd.iter().map(Vec::as_slice).collect();
+        let z = top_set_z(&ranked);
+        assert!(z[2] < 2.0, "{z:?}");
+
+        // On a whole analysis: nodes in graph order, z by rank.
+        let o = |js| Outcome {
+            top1: 0.9,
+            sqnr_db: 0.0,
+            kl: 0.0,
+            js,
+            js_stderr: 0.0,
+        };
+        let mut s = Sensitivity {
+            method: Method::Linearized,
+            images: n,
+            fp32_top1: 0.9,
+            int8: o(1.0),
+            nodes: [1.0, 3.0, 2.0, 2.0]
+                .iter()
+                .enumerate()
+                .map(|(k, &step)| NodeSensitivity {
+                    node: format!("n{k}"),
+                    op: "Conv",
+                    alone: o(mean(&base) + step * 10.0 + 1e-9 * k as f64),
+                    float: o(0.9),
+                    output_sqnr_db: None,
+                    top_set_z: None,
+                })
+                .collect(),
+            eval_seconds: 1.0,
+            seconds: 1.0,
+        };
+        let per_node = vec![
+            nodes[3].clone(),
+            nodes[0].clone(),
+            nodes[2].clone(),
+            nodes[1].clone(),
+        ];
+        assert_eq!(s.ranking(), vec![1, 3, 2, 0]);
+        set_top_set_z(&mut s, &per_node);
+        assert!(s.nodes[0].top_set_z.is_none());
+        assert!(s.nodes[1].top_set_z.unwrap() > 100.0);
+        assert!(s.nodes[3].top_set_z.unwrap() < 3.0);
+        assert!(s.nodes[2].top_set_z.unwrap() > 100.0);
+        assert_eq!(s.resolved_top_sets(2.0), vec![1, 3]);
     }
 }

@@ -191,6 +191,17 @@ fn linearized_equals_exact_where_the_network_is_linear() {
         .iter()
         .all(|e| e.alone.js > 1e-7 && e.alone.kl > 4e-7));
     assert_eq!(lin.ranking(), exact.ranking());
+    // Each ranked above the next by its mean, so every top set's paired z
+    // is at least 0; the last node has no rest to stand apart from.
+    for s in [&lin, &exact] {
+        let order = s.ranking();
+        let (last, rest) = order.split_last().unwrap();
+        assert!(s.nodes[*last].top_set_z.is_none());
+        for &i in rest {
+            let z = s.nodes[i].top_set_z.expect("a top set's z");
+            assert!(z >= 0.0, "{}: {z}", s.nodes[i].node);
+        }
+    }
 }
 
 /// A short last batch runs padded to the full batch (on the plans already

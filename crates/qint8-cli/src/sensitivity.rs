@@ -170,6 +170,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
                     "float_alone": {"top1": n.float.top1, "sqnr_db": n.float.sqnr_db, "kl": n.float.kl, "js": n.float.js, "js_stderr": n.float.js_stderr},
                     "quantized_alone": {"top1": n.alone.top1, "sqnr_db": n.alone.sqnr_db, "kl": n.alone.kl, "js": n.alone.js, "js_stderr": n.alone.js_stderr},
                     "output_sqnr_db": n.output_sqnr_db,
+                    "top_set_z": n.top_set_z,
                 })
             })
             .collect();
@@ -201,6 +202,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ("alone float: top-1 %", Align::Right),
         ("recovered pp", Align::Right),
         ("node output SQNR dB", Align::Right),
+        ("top-k apart, z", Align::Right),
     ]);
     for (rank, &i) in order.iter().enumerate() {
         let n = &s.nodes[i];
@@ -208,15 +210,16 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             (rank + 1).to_string(),
             n.node.clone(),
             n.op.to_string(),
-            format!("{:.5}", n.alone.js),
-            format!("{:.5}", n.alone.js_stderr),
-            format!("{:.5}", n.alone.kl),
+            format!("{:.2e}", n.alone.js),
+            format!("{:.1e}", n.alone.js_stderr),
+            format!("{:.2e}", n.alone.kl),
             format!("{:.1}", n.alone.sqnr_db),
             format!("{:.2}", (s.fp32_top1 - n.alone.top1) * 100.0),
             format!("{:.2}", n.float.top1 * 100.0),
             format!("{:+.2}", (n.float.top1 - s.int8.top1) * 100.0),
             n.output_sqnr_db
                 .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
+            n.top_set_z.map_or_else(|| "-".into(), format_z),
         ]);
     }
     let how = match s.method {
@@ -228,9 +231,9 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         k => format!(" (and {k} kept in float by --keep-float, not analyzed)"),
     };
     let text = format!(
-        "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.5}, JS {:.5})\n\
+        "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.2e}, JS {:.2e})\n\
          {} nodes{kept_line}, {how}\n\
-         analysis {:.1} s = {:.1}x one evaluation of the quantized model on these images ({:.2} s)\n\n{}\nchart: {}\n",
+         analysis {:.1} s = {:.1}x one evaluation of the quantized model on these images ({:.2} s)\n\n{}\n{}\nchart: {}\n",
         a.model.display(),
         p.calibrated.plan.method,
         s.images,
@@ -244,9 +247,41 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ratio,
         s.eval_seconds,
         t.render(0),
+        resolved_line(&s),
         chart_path.display()
     );
     crate::print_stdout(&text)
+}
+
+/// A top set's `z` for the table: huge values (the same difference on
+/// every image) as `>1000`.
+fn format_z(z: f64) -> String {
+    if z > 1000.0 {
+        ">1000".into()
+    } else {
+        format!("{z:.1}")
+    }
+}
+
+/// Which top sets these images tell apart from the rest, for the reader
+/// who asks how far to trust the order.
+fn resolved_line(s: &Sensitivity) -> String {
+    const Z: f64 = 2.0;
+    let sets: Vec<String> = s
+        .resolved_top_sets(Z)
+        .iter()
+        .take_while(|&&k| k <= 10)
+        .map(|k| k.to_string())
+        .collect();
+    let told = if sets.is_empty() {
+        "no top set of up to 10 nodes".to_string()
+    } else {
+        format!("the top {}", sets.join(", "))
+    };
+    format!(
+        "top-k apart, z: the smallest paired difference in JS, image by image, between a node ranked k or higher and one ranked below, in standard errors.\n\
+         These images set {told} apart from the rest (z >= {Z}); where z is under {Z}, nodes on either side of that rank may trade places on other images."
+    )
 }
 
 /// Runs `qint8 mixed-precision`.

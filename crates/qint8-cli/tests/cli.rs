@@ -1592,6 +1592,34 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
             && se <= (js * (std::f64::consts::LN_2 - js) / (images - 1.0)).sqrt() + 1e-12
             && n["output_sqnr_db"].as_f64().is_some()
     }));
+    // Every top set but the whole has a z, at least 0 down a ranking by mean.
+    assert!(nodes[..53]
+        .iter()
+        .all(|n| n["top_set_z"].as_f64().is_some_and(|z| z >= 0.0)));
+    assert!(nodes[53]["top_set_z"].is_null());
+    // The table says which top sets (of up to 10) these images resolve.
+    let text = ok(qint8(
+        &args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| *a != "--json")
+            .collect::<Vec<_>>(),
+    ));
+    assert!(text.contains("top-k apart, z"), "{text}");
+    let resolved: Vec<String> = nodes[..10]
+        .iter()
+        .filter(|n| n["top_set_z"].as_f64().unwrap() >= 2.0)
+        .map(|n| n["rank"].to_string())
+        .collect();
+    let told = if resolved.is_empty() {
+        "no top set of up to 10 nodes".to_string()
+    } else {
+        format!("the top {}", resolved.join(", "))
+    };
+    assert!(
+        text.contains(&format!("These images set {told} apart")),
+        "{told}\n{text}"
+    );
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert_eq!(svg.matches("class=\"bar\"").count(), 25);
     // The exact analysis (a real evaluation per configuration) puts the
