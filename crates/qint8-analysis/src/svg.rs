@@ -58,6 +58,9 @@ pub struct Chart {
     pub log_y: bool,
     /// Bars, evenly spaced (a bar chart when non-empty; x is then the bar index).
     pub bars: Vec<Bar>,
+    /// Error bars: the half-length of each bar's (`value ± e`), in the
+    /// order of `bars`; none where empty, non-finite or not positive.
+    pub errors: Vec<f64>,
     /// A horizontal reference line `(label, y)` across a bar chart.
     pub reference: Option<(String, f64)>,
     /// Lines.
@@ -155,6 +158,13 @@ impl Chart {
         }
         xs.extend(self.markers.iter().map(|m| m.x));
         ys.extend(self.bars.iter().map(|b| b.value));
+        ys.extend(
+            self.bars
+                .iter()
+                .zip(&self.errors)
+                .filter(|(_, e)| e.is_finite() && **e > 0.0)
+                .map(|(b, e)| b.value + e),
+        );
         if let Some((_, y)) = &self.reference {
             ys.push(*y);
         }
@@ -303,6 +313,22 @@ impl Chart {
                 v = escape(&tick_text(b.value))
             );
             let cx = LEFT + (i as f64 + 0.5) * slot;
+            // The value label goes above the error bar, if any.
+            let mut label_y = y;
+            if let Some(&e) = self.errors.get(i).filter(|e| e.is_finite() && **e > 0.0) {
+                let (hi, lo, cap) = (sy(b.value + e), sy(b.value - e), slot * 0.15);
+                let _ = write!(
+                    o,
+                    r#"<path class="error" d="M{l} {hi}H{r}M{cx} {hi}V{lo}M{l} {lo}H{r}" stroke="black" fill="none"><title>± {t}</title></path>"#,
+                    l = num(cx - cap),
+                    r = num(cx + cap),
+                    cx = num(cx),
+                    hi = num(hi),
+                    lo = num(lo),
+                    t = escape(&tick_text(e))
+                );
+                label_y = label_y.min(hi);
+            }
             let ly = TOP + ph + 14.0;
             if crowded && i % label_every != 0 {
                 continue;
@@ -321,7 +347,7 @@ impl Chart {
                 o,
                 r#"<text class="value" x="{x}" y="{y}" text-anchor="middle" font-size="10">{v}</text>"#,
                 x = num(cx),
-                y = num(y - 3.0),
+                y = num(label_y - 3.0),
                 v = escape(&tick_text(b.value))
             );
         }
@@ -428,6 +454,33 @@ mod tests {
             "{t:?}"
         );
         assert_eq!(ticks(1.0, 1.0, 5), vec![1.0]);
+    }
+
+    #[test]
+    fn error_bars_are_drawn_where_given_and_fit_the_axis() {
+        let bar = |v: f64| Bar {
+            label: format!("b{v}"),
+            value: v,
+            color: PALETTE[0].into(),
+        };
+        let chart = Chart {
+            bars: [1.0, 2.0, 3.0, 4.0].map(bar).to_vec(),
+            errors: vec![0.5, f64::NAN, 0.0, 2.0],
+            ..Default::default()
+        };
+        let svg = chart.to_svg();
+        assert_eq!(svg.matches("class=\"error\"").count(), 2, "{svg}");
+        assert!(svg.contains("<title>± 2</title>") && svg.contains("<title>± 0.5</title>"));
+        assert!(!svg.contains("NaN"));
+        // The axis reaches the top of the highest error bar (4 + 2).
+        assert!(svg.contains(">6</text>"), "{svg}");
+        let plain = Chart {
+            errors: vec![],
+            ..chart
+        };
+        let svg = plain.to_svg();
+        assert_eq!(svg.matches("class=\"error\"").count(), 0);
+        assert!(!svg.contains(">6</text>"), "{svg}");
     }
 
     #[test]

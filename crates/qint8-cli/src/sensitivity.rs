@@ -143,6 +143,11 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             color: PALETTE[0].into(),
         })
         .collect();
+    let errors: Vec<f64> = order
+        .iter()
+        .take(25)
+        .map(|&i| s.nodes[i].alone.js_stderr * 1000.0)
+        .collect();
     let on = measured_on(&s);
     let chart = Chart {
         title: format!(
@@ -150,8 +155,9 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             s.images
         ),
         x_label: "node (most sensitive first)".into(),
-        y_label: "JS(fp32, one node int8), 1e-3 nats".into(),
+        y_label: "JS(fp32, one node int8), 1e-3 nats, ± s.e.".into(),
         bars,
+        errors,
         ..Default::default()
     };
     write_atomic(&chart_path, &chart.to_svg())?;

@@ -1622,6 +1622,8 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     );
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert_eq!(svg.matches("class=\"bar\"").count(), 25);
+    // With their standard errors as error bars.
+    assert!(svg.matches("class=\"error\"").count() > 0, "{svg}");
     // The exact analysis (a real evaluation per configuration) puts the
     // same node first.
     let mut args = vec!["sensitivity".to_string()];
