@@ -8,8 +8,9 @@
 //! - [`report`]: a report directory, `report.md` plus one SVG per plot: per
 //!   model, a table of every calibration method (top-1, drop, calibration
 //!   time, file size), activation histograms of representative layers with
-//!   each method's threshold marked, top-1 per method, and per-layer SQNR
-//!   of the INT8 activations against FP32.
+//!   each method's threshold marked, top-1 per method, per-layer SQNR
+//!   of the INT8 activations against FP32, and, when given, the most
+//!   sensitive nodes of a sensitivity analysis.
 //!
 //! ```
 //! use qint8_analysis::svg::{Bar, Chart};

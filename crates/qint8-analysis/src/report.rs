@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use qint8_eval::LayerError;
 
+use crate::sensitivity::{Method, Sensitivity};
 use crate::svg::{Bar, Chart, Marker, Series, PALETTE};
 use crate::{AnalysisError, Result};
 
@@ -67,7 +68,12 @@ pub struct ModelReport {
     /// Extra Markdown placed after the model's heading (measurements the
     /// caller adds, such as latency).
     pub notes: String,
+    /// Which layer hurts: the sensitivity analysis of `layers_of`'s plan.
+    pub sensitivity: Option<Sensitivity>,
 }
+
+/// Rows of the sensitivity table in a report.
+const SENSITIVITY_ROWS: usize = 10;
 
 /// Characters safe in a file name (others become `_`).
 fn file_stem(s: &str) -> String {
@@ -218,6 +224,12 @@ impl ModelReport {
             };
             out.push((format!("{stem}-sqnr.svg"), chart.to_svg()));
         }
+        if let Some(sens) = self.sensitivity.as_ref().filter(|s| !s.nodes.is_empty()) {
+            out.push((
+                format!("{stem}-sensitivity.svg"),
+                sens.chart(&self.name, 25).to_svg(),
+            ));
+        }
         out
     }
 
@@ -290,6 +302,64 @@ impl ModelReport {
             }
             o.push('\n');
         }
+        if let Some(sens) = &self.sensitivity {
+            o.push_str(&self.sensitivity_markdown(sens));
+        }
+        o
+    }
+
+    /// The "which layer hurts" part of the section.
+    fn sensitivity_markdown(&self, s: &Sensitivity) -> String {
+        let mut o = String::new();
+        let how = match s.method {
+            Method::Linearized => "first-order estimates from one recorded FP32 pass and one backward pass of the top-2 margin",
+            Method::Exact => "a real evaluation of every configuration",
+        };
+        let _ = writeln!(
+            o,
+            "Which layer hurts ({} model, {} images, {}; {:.1} s, {:.1}x one evaluation): the {} most sensitive of {} nodes, by the Jensen-Shannon divergence from FP32 with the node alone quantized. Recovered: top-1 gained by leaving the node alone in float, everything else quantized ({:.2}% fully quantized on these images).\n",
+            self.layers_of,
+            s.images,
+            how,
+            s.seconds,
+            s.seconds / s.eval_seconds.max(1e-9),
+            SENSITIVITY_ROWS.min(s.nodes.len()),
+            s.nodes.len(),
+            s.int8.top1 * 100.0,
+        );
+        let _ = writeln!(
+            o,
+            "| rank | node | op | JS ± s.e. | top-k apart, z | recovered pp |"
+        );
+        let _ = writeln!(o, "|---|---|---|---|---|---|");
+        for (rank, &i) in s.ranking().iter().take(SENSITIVITY_ROWS).enumerate() {
+            let n = &s.nodes[i];
+            let z = n.top_set_z.map_or_else(
+                || "-".to_string(),
+                |z| {
+                    if z > 1000.0 {
+                        ">1000".into()
+                    } else {
+                        format!("{z:.1}")
+                    }
+                },
+            );
+            let _ = writeln!(
+                o,
+                "| {} | `{}` | {} | {:.2e} ± {:.1e} | {z} | {:+.2} |",
+                rank + 1,
+                cell(&n.node),
+                n.op,
+                n.alone.js,
+                n.alone.js_stderr,
+                (n.float.top1 - s.int8.top1) * 100.0,
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\n`z`: the smallest paired difference in divergence, image by image, between a node ranked k or higher and one ranked below, in standard errors. {}\n",
+            s.resolved_text(2.0, SENSITIVITY_ROWS)
+        );
         o
     }
 }

@@ -35,6 +35,7 @@ use qint8_eval::{Accuracy, Evaluator};
 use qint8_graph::quant::{insert_qdq, Precision, QuantPlan, WeightStorage};
 use qint8_graph::{Graph, Model, Node, Op};
 
+use crate::svg::{Bar, Chart, PALETTE};
 use crate::{AnalysisError, Result};
 
 /// How [`analyze`] measures each configuration.
@@ -175,6 +176,64 @@ impl Sensitivity {
         order
     }
 
+    /// What the SQNR and divergences compare: `"margin"` (the linearized
+    /// analysis' top-2 margin) or `"logit"` (all logits, exact analysis).
+    pub fn measured_on(&self) -> &'static str {
+        match self.method {
+            Method::Linearized => "margin",
+            Method::Exact => "logit",
+        }
+    }
+
+    /// A bar chart of the `n` most sensitive nodes' divergence with one
+    /// node quantized alone, in 1e-3 nats, with standard-error bars;
+    /// `name` heads the title.
+    pub fn chart(&self, name: &str, n: usize) -> Chart {
+        let order = self.ranking();
+        let top = &order[..n.min(order.len())];
+        Chart {
+            title: format!(
+                "{name}: {} JS divergence with one node quantized alone ({} images)",
+                self.measured_on(),
+                self.images
+            ),
+            x_label: "node (most sensitive first)".into(),
+            y_label: "JS(fp32, one node int8), 1e-3 nats, ± s.e.".into(),
+            bars: top
+                .iter()
+                .map(|&i| Bar {
+                    label: node_label(&self.nodes[i].node),
+                    value: self.nodes[i].alone.js * 1000.0,
+                    color: PALETTE[0].into(),
+                })
+                .collect(),
+            errors: top
+                .iter()
+                .map(|&i| self.nodes[i].alone.js_stderr * 1000.0)
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// One line on which top sets (of up to `max_k` nodes) these images
+    /// resolve at `z`, for a reader who asks how far to trust the order.
+    pub fn resolved_text(&self, z: f64, max_k: usize) -> String {
+        let sets: Vec<String> = self
+            .resolved_top_sets(z)
+            .iter()
+            .take_while(|&&k| k <= max_k)
+            .map(|k| k.to_string())
+            .collect();
+        let told = if sets.is_empty() {
+            format!("no top set of up to {max_k} nodes")
+        } else {
+            format!("the top {}", sets.join(", "))
+        };
+        format!(
+            "These images set {told} apart from the rest (z >= {z}); where z is under {z}, nodes on either side of that rank may trade places on other images."
+        )
+    }
+
     /// The ranks `k` whose top `k` these images set apart from the rest
     /// by at least `z` standard errors ([`NodeSensitivity::top_set_z`]).
     pub fn resolved_top_sets(&self, z: f64) -> Vec<usize> {
@@ -185,6 +244,14 @@ impl Sensitivity {
             .map(|(k, _)| k + 1)
             .collect()
     }
+}
+
+/// The last two components of a node name (`block.1/Conv`), at most 28
+/// characters, for chart labels.
+pub fn node_label(node: &str) -> String {
+    let parts: Vec<&str> = node.trim_start_matches('/').split('/').collect();
+    let k = parts.len().saturating_sub(2);
+    crate::report::short(&parts[k..].join("/"), 28)
 }
 
 /// How far a ranking's top sets stand apart from the rest, given each

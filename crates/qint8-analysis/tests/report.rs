@@ -1,6 +1,7 @@
 //! Reports: the SVG plots parse as XML and draw what the data say; the
 //! Markdown references every plot; files are written whole.
 
+use qint8_analysis::sensitivity::{Method, NodeSensitivity, Outcome, Sensitivity};
 use qint8_analysis::{write_report, HistogramPlot, MethodRow, ModelReport};
 use qint8_eval::LayerError;
 
@@ -52,6 +53,7 @@ fn sample() -> ModelReport {
         layers,
         layers_of: "entropy".into(),
         notes: "Latency: measured elsewhere.".into(),
+        sensitivity: None,
     }
 }
 
@@ -165,4 +167,69 @@ fn unwritable_directories_are_errors() {
     std::fs::write(&file, "x").unwrap();
     let e = write_report(&file.join("sub"), "t", "", &[sample()]).unwrap_err();
     assert!(e.to_string().contains("not-a-dir"), "{e}");
+}
+
+/// A report with a sensitivity analysis: its chart (with error bars) and
+/// the ten most sensitive nodes, ranked, with each top set's z.
+#[test]
+fn sensitivity_section_ranks_the_top_ten() {
+    let o = |top1, js, se| Outcome {
+        top1,
+        sqnr_db: 30.0,
+        kl: 2.0 * js,
+        js,
+        js_stderr: se,
+    };
+    // Graph order: node k has divergence (k + 1) * 1e-5, so node 11 ranks first.
+    let nodes = (0..12)
+        .map(|k| NodeSensitivity {
+            node: format!("/stage{k}/conv|{k}"),
+            op: "Conv",
+            alone: o(0.9, (k + 1) as f64 * 1e-5, 2e-6),
+            float: o(0.9 + 0.001 * k as f64, 1e-3, 1e-4),
+            output_sqnr_db: Some(35.0),
+            top_set_z: (k > 0).then_some(if k == 9 { 0.5 } else { 3.0 + k as f64 }),
+        })
+        .collect();
+    let report = ModelReport {
+        sensitivity: Some(Sensitivity {
+            method: Method::Linearized,
+            images: 100,
+            fp32_top1: 0.91,
+            int8: o(0.895, 2e-3, 1e-4),
+            nodes,
+            eval_seconds: 0.1,
+            seconds: 0.45,
+        }),
+        ..sample()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_report(dir.path(), "t", "", &[report]).unwrap();
+    let md = std::fs::read_to_string(&files[0]).unwrap();
+    let name = |p: &std::path::PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(name(files.last().unwrap()), "tiny_net-sensitivity.svg");
+    assert!(md.contains("](tiny_net-sensitivity.svg)"));
+    assert!(
+        md.contains("Which layer hurts (entropy model, 100 images, first-order estimates"),
+        "{md}"
+    );
+    assert!(md.contains("0.5 s, 4.5x one evaluation): the 10 most sensitive of 12 nodes"));
+    let rows: Vec<&str> = md.lines().filter(|l| l.contains("/stage")).collect();
+    assert_eq!(rows.len(), 10, "{md}");
+    // Most sensitive first, names escaped, recovered top-1 against the
+    // fully quantized 89.5%.
+    assert_eq!(
+        rows[0],
+        "| 1 | `/stage11/conv\\|11` | Conv | 1.20e-4 ± 2.0e-6 | 14.0 | +1.60 |"
+    );
+    assert!(rows[2].starts_with("| 3 | `/stage9/conv\\|9` |") && rows[2].contains("| 0.5 |"));
+    assert!(
+        md.contains("These images set the top 1, 2, 4, 5, 6, 7, 8, 9, 10 apart"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(files.last().unwrap()).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap();
+    check_numbers(&doc);
+    assert_eq!(elements(&doc, "rect", "bar").len(), 12);
+    assert_eq!(elements(&doc, "path", "error").len(), 12);
 }

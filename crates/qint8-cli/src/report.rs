@@ -4,12 +4,14 @@
 //! plots). The demo does this for each shipped fixture and prints the
 //! product's target table beside what it measured.
 
+use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qint8_analysis::report::bytes_text;
+use qint8_analysis::sensitivity::Method as SensitivityMethod;
 use qint8_analysis::{write_report, HistogramPlot, MethodRow, ModelReport};
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Preprocess, Smoothing};
 use qint8_eval::layers::qdq_outputs;
@@ -29,6 +31,10 @@ use crate::quantize::method_config;
 /// Images the per-layer error is measured on (the first ones of the
 /// evaluation set).
 const LAYER_IMAGES: usize = 256;
+
+/// Images the sensitivity analysis runs on (the first ones of the
+/// evaluation set), as `qint8 sensitivity` does by default.
+const SENSITIVITY_IMAGES: usize = 1000;
 
 /// A 20-character progress bar, `[#####---------------]`.
 fn bar(done: usize, total: usize) -> String {
@@ -152,6 +158,7 @@ fn analyze(
     let mut layers = Vec::new();
     let (mut int8_b1, mut int8_b32, mut int8_bytes) = (None, None, None);
     let mut fp32_lat = None;
+    let (mut sensitivity, mut sensitivity_error) = (None, None);
     if let Some((calibrated, qdq, int8)) = &entropy {
         let order: Vec<&String> = calibrated
             .graph
@@ -199,6 +206,22 @@ fn analyze(
             .collect();
         let subset = eval.clone().take(LAYER_IMAGES.min(n))?;
         layers = activation_errors(&reference, int8.session(), &pairs, &subset, s.batch)?;
+        // Which layer hurts. A model the backward pass cannot run still
+        // gets the rest of its report, with the reason in its notes.
+        let subset = eval.clone().take(SENSITIVITY_IMAGES.min(n))?;
+        match qint8_analysis::sensitivity::analyze(
+            model,
+            &calibrated.graph,
+            &calibrated.plan,
+            &subset,
+            SensitivityMethod::Linearized,
+            s.batch,
+            s.threads,
+            &mut |done, total| say(&format!("sensitivity {} {done}/{total}", bar(done, total))),
+        ) {
+            Ok(a) => sensitivity = Some(a),
+            Err(e) => sensitivity_error = Some(e.to_string()),
+        }
         // FP32 and INT8 runs interleaved, so drift affects both alike.
         say("latency");
         let pair = [fp32_eval.session(), int8.session()];
@@ -251,6 +274,9 @@ fn analyze(
             fp32_b1.runtime_bytes as f64 / b1.runtime_bytes.max(1) as f64,
         );
     }
+    if let Some(e) = sensitivity_error {
+        let _ = write!(notes, "\nWhich layer hurts: not measured ({e}).\n");
+    }
     Ok(Analysis {
         report: ModelReport {
             name: name.to_string(),
@@ -264,6 +290,7 @@ fn analyze(
             layers,
             layers_of: "entropy".into(),
             notes,
+            sensitivity,
         },
         default_drop,
         best,

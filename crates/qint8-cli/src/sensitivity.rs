@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_analysis::report::{short, write_atomic};
+use qint8_analysis::report::write_atomic;
 use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Sensitivity};
-use qint8_analysis::svg::{Bar, Chart, Series, PALETTE};
+use qint8_analysis::svg::{Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
 use qint8_graph::{Model, Op};
@@ -101,21 +101,6 @@ fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity
     )?)
 }
 
-/// What the SQNR and KL columns measure.
-fn measured_on(s: &Sensitivity) -> &'static str {
-    match s.method {
-        Method::Linearized => "margin",
-        Method::Exact => "logit",
-    }
-}
-
-/// The last two components of a node name (`block.1/Conv`), for charts.
-fn label(node: &str) -> String {
-    let parts: Vec<&str> = node.trim_start_matches('/').split('/').collect();
-    let k = parts.len().saturating_sub(2);
-    short(&parts[k..].join("/"), 28)
-}
-
 /// Runs `qint8 sensitivity`.
 pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result<()> {
     let a = &args.common;
@@ -134,32 +119,8 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         .chart
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{stem}-sensitivity.svg")));
-    let bars: Vec<Bar> = order
-        .iter()
-        .take(25)
-        .map(|&i| Bar {
-            label: label(&s.nodes[i].node),
-            value: s.nodes[i].alone.js * 1000.0,
-            color: PALETTE[0].into(),
-        })
-        .collect();
-    let errors: Vec<f64> = order
-        .iter()
-        .take(25)
-        .map(|&i| s.nodes[i].alone.js_stderr * 1000.0)
-        .collect();
-    let on = measured_on(&s);
-    let chart = Chart {
-        title: format!(
-            "{stem}: {on} JS divergence with one node quantized alone ({} images)",
-            s.images
-        ),
-        x_label: "node (most sensitive first)".into(),
-        y_label: "JS(fp32, one node int8), 1e-3 nats, ± s.e.".into(),
-        bars,
-        errors,
-        ..Default::default()
-    };
+    let on = s.measured_on();
+    let chart = s.chart(&stem, 25);
     write_atomic(&chart_path, &chart.to_svg())?;
     let ratio = s.seconds / s.eval_seconds.max(1e-9);
     let (kept, _) = kept_float(&p);
@@ -253,10 +214,19 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ratio,
         s.eval_seconds,
         t.render(0),
-        resolved_line(&s),
+        resolved_note(&s),
         chart_path.display()
     );
     crate::print_stdout(&text)
+}
+
+/// The table's `z` column explained, and which top sets of up to 10
+/// nodes these images resolve.
+fn resolved_note(s: &Sensitivity) -> String {
+    format!(
+        "top-k apart, z: the smallest paired difference in JS, image by image, between a node ranked k or higher and one ranked below, in standard errors.\n{}",
+        s.resolved_text(2.0, 10)
+    )
 }
 
 /// A top set's `z` for the table: huge values (the same difference on
@@ -267,27 +237,6 @@ fn format_z(z: f64) -> String {
     } else {
         format!("{z:.1}")
     }
-}
-
-/// Which top sets these images tell apart from the rest, for the reader
-/// who asks how far to trust the order.
-fn resolved_line(s: &Sensitivity) -> String {
-    const Z: f64 = 2.0;
-    let sets: Vec<String> = s
-        .resolved_top_sets(Z)
-        .iter()
-        .take_while(|&&k| k <= 10)
-        .map(|k| k.to_string())
-        .collect();
-    let told = if sets.is_empty() {
-        "no top set of up to 10 nodes".to_string()
-    } else {
-        format!("the top {}", sets.join(", "))
-    };
-    format!(
-        "top-k apart, z: the smallest paired difference in JS, image by image, between a node ranked k or higher and one ranked below, in standard errors.\n\
-         These images set {told} apart from the rest (z >= {Z}); where z is under {Z}, nodes on either side of that rank may trade places on other images."
-    )
 }
 
 /// Runs `qint8 mixed-precision`.

@@ -1462,8 +1462,9 @@ fn demo_prints_the_target_table_and_writes_the_report() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".svg"))
         .collect();
-    // Per model: top-1, three histograms, per-layer SQNR.
-    assert_eq!(svgs.len(), 15, "{svgs:?}");
+    // Per model: top-1, three histograms, per-layer SQNR, sensitivity.
+    assert_eq!(svgs.len(), 18, "{svgs:?}");
+    assert_eq!(md.matches("Which layer hurts (entropy model").count(), 3);
     for n in &svgs {
         assert!(md.contains(&format!("]({n})")), "{n}");
         let svg = std::fs::read_to_string(out.join(n)).unwrap();
@@ -1504,7 +1505,7 @@ fn report_writes_one_models_plots() {
         "-o",
         s(&out),
     ]));
-    assert!(text.contains("report.md (5 plots)"), "{text}");
+    assert!(text.contains("report.md (6 plots)"), "{text}");
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains("| entropy |") && md.contains("| percentile |"),
@@ -1512,6 +1513,18 @@ fn report_writes_one_models_plots() {
     );
     assert!(!md.contains("| minmax |"));
     assert!(md.contains("Per-layer error of the entropy model"));
+    // Which layer hurts, on the 128 evaluation images: the ten most
+    // sensitive of VGG-16-BN's 16 nodes, and their chart.
+    assert!(
+        md.contains("Which layer hurts (entropy model, 128 images"),
+        "{md}"
+    );
+    let rows = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && (l.contains("` | Conv |") || l.contains("` | Gemm |")))
+        .count();
+    assert_eq!(rows, 10, "{md}");
+    assert!(md.contains("](vgg16_bn-sensitivity.svg)"));
     let hist = std::fs::read_to_string(out.join("vgg16_bn-hist-1.svg")).unwrap();
     assert_eq!(hist.matches("class=\"marker\"").count(), 2, "{hist}");
     assert!(hist.contains(">entropy ") && hist.contains(">percentile "));
@@ -1529,6 +1542,99 @@ fn report_writes_one_models_plots() {
     ]));
     assert!(err.contains("missing.onnx"), "{err}");
     assert!(!bad.exists());
+}
+
+/// A classifier `x [batch, 1, 32, 32] -> Conv -> Cast -> global pool ->
+/// Gemm -> y [batch, 10]`: it runs and quantizes, but the backward pass has
+/// no rule for Cast.
+fn classifier_with_cast(path: &Path) {
+    use qint8_graph::{ConvAttrs, Dim, Graph, Model, Node, Op, Tensor, ValueInfo};
+    let tensor = |shape: &[usize]| {
+        let len: usize = shape.iter().product();
+        let v = (0..len)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 20.0)
+            .collect();
+        Tensor::F32(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).unwrap())
+    };
+    let mut x = ValueInfo::f32("x", &[1, 1, 32, 32]);
+    x.shape = Some(vec![
+        Dim::Symbolic("batch".into()),
+        Dim::Fixed(1),
+        Dim::Fixed(32),
+        Dim::Fixed(32),
+    ]);
+    let mut y = ValueInfo::f32("y", &[1, 10]);
+    y.shape = Some(vec![Dim::Symbolic("batch".into()), Dim::Fixed(10)]);
+    let conv = Op::Conv(ConvAttrs {
+        kernel_shape: None,
+        strides: vec![1, 1],
+        pads: vec![1; 4],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: Default::default(),
+    });
+    let gemm = Op::Gemm {
+        alpha: 1.0,
+        beta: 1.0,
+        trans_a: false,
+        trans_b: true,
+    };
+    let graph = Graph {
+        name: "cast".into(),
+        inputs: vec![x],
+        outputs: vec![y],
+        nodes: vec![
+            Node::new("conv", conv, &["x", "w"], &["a"]),
+            Node::new("relu", Op::Relu, &["a"], &["r"]),
+            Node::new("cast", Op::Cast { to: 1 }, &["r"], &["c"]),
+            Node::new("gap", Op::GlobalAveragePool, &["c"], &["p"]),
+            Node::new("flat", Op::Flatten { axis: 1 }, &["p"], &["f"]),
+            Node::new("fc", gemm, &["f", "w2", "b2"], &["y"]),
+        ],
+        initializers: [
+            ("w".to_string(), tensor(&[4, 1, 3, 3])),
+            ("w2".to_string(), tensor(&[10, 4])),
+            ("b2".to_string(), tensor(&[10])),
+        ]
+        .into_iter()
+        .collect(),
+        value_info: vec![],
+    };
+    qint8_graph::onnx::save(&Model::new(graph, 17), path).unwrap();
+}
+
+/// A model the sensitivity analysis cannot run still gets its report,
+/// which says why that part is missing.
+#[test]
+fn report_without_sensitivity_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("cast.onnx");
+    classifier_with_cast(&m);
+    let out = dir.path().join("r");
+    let text = ok(qint8(&[
+        "report",
+        s(&m),
+        "--calib",
+        s(&fixtures().join("data/calib-images-idx3-ubyte")),
+        "--calib-size",
+        "32",
+        "--data",
+        s(&eval_images()),
+        "--limit",
+        "64",
+        "--methods",
+        "entropy",
+        "--pad",
+        "2",
+        "-o",
+        s(&out),
+    ]));
+    assert!(text.contains("report.md"), "{text}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| entropy |"), "{md}");
+    assert!(md.contains("Which layer hurts: not measured ("), "{md}");
+    assert!(md.contains("Cast"), "{md}");
+    assert!(!out.join("cast-sensitivity.svg").exists());
 }
 
 /// `qint8 sensitivity` ranks every Conv/Gemm node of the ResNet-50 fixture
