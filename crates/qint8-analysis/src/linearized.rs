@@ -39,15 +39,15 @@ use ndarray::IxDyn;
 use qint8_calibration::ImageDataset;
 use qint8_eval::accuracy::argmax;
 use qint8_graph::quant::{insert_qdq, Precision, QuantPlan, WeightStorage};
-use qint8_graph::{DataType, Graph, Model, ValueInfo};
+use qint8_graph::{DataType, Graph, Model, Tensor, ValueInfo};
 use qint8_math::params::QuantParams;
-use qint8_math::quant::fake_quant;
+use qint8_math::quant::{fake_quant, fake_quant_array};
 use qint8_runtime::grad::{Backward, Value, Values};
 use qint8_runtime::{Recording, RuntimeError, Session, SessionOptions};
 
 use crate::sensitivity::{
     analyzed_nodes, fused_adds, invalid, js_divergence, run, set_top_set_z, sqnr_db, MeanError,
-    Method, NodeSensitivity, Outcome, Sensitivity,
+    Method, NodeSensitivity, Outcome, Sensitivity, Split,
 };
 use crate::{AnalysisError, Result};
 
@@ -56,6 +56,8 @@ struct Probe {
     node: usize,
     /// Whether the plan quantizes the node (otherwise its error is 0).
     quantized: bool,
+    /// Whether it quantizes one of the node's weights.
+    weights_quantized: bool,
     /// Activation (non-constant) inputs.
     inputs: Vec<String>,
     output: String,
@@ -84,6 +86,30 @@ fn probes_session(
     plan: &QuantPlan,
     threads: usize,
 ) -> Result<Option<Session>> {
+    probe_graph(graph, probes, plan, false, threads)
+}
+
+/// Like [`probes_session`], but with only the weights quantized: the probes
+/// that quantize a weight, on float inputs, their quantized weights stored
+/// fake-quantized (the values of `DequantizeLinear(QuantizeLinear(w))`). It
+/// gives each node's error from its weights alone. `None` when no probe
+/// quantizes a weight.
+fn weights_session(
+    graph: &Graph,
+    probes: &[Probe],
+    plan: &QuantPlan,
+    threads: usize,
+) -> Result<Option<Session>> {
+    probe_graph(graph, probes, plan, true, threads)
+}
+
+fn probe_graph(
+    graph: &Graph,
+    probes: &[Probe],
+    plan: &QuantPlan,
+    weights_only: bool,
+    threads: usize,
+) -> Result<Option<Session>> {
     let mut g = Graph {
         name: "probes".into(),
         inputs: vec![],
@@ -93,19 +119,36 @@ fn probes_session(
         value_info: vec![],
     };
     let mut own = QuantPlan::new(plan.method.clone());
-    for (k, probe) in probes.iter().enumerate().filter(|(_, p)| p.quantized) {
+    let chosen = |p: &Probe| {
+        if weights_only {
+            p.weights_quantized
+        } else {
+            p.quantized
+        }
+    };
+    for (k, probe) in probes.iter().enumerate().filter(|(_, p)| chosen(p)) {
         let mut node = graph.nodes[probe.node].clone();
         for name in node.inputs.iter_mut().filter(|n| !n.is_empty()) {
             match graph.initializers.get(name.as_str()) {
                 Some(t) => {
-                    if let Some(p) = plan.weights.get(name.as_str()) {
-                        own.weights.insert(name.clone(), p.clone());
-                    }
-                    g.initializers.insert(name.clone(), t.clone());
+                    let params = plan.weights.get(name.as_str());
+                    let t = match (params, weights_only) {
+                        (Some(p), true) => fake_quant_tensor(name, t, p)?,
+                        (Some(p), false) => {
+                            own.weights.insert(name.clone(), p.clone());
+                            t.clone()
+                        }
+                        (None, _) => t.clone(),
+                    };
+                    g.initializers.insert(name.clone(), t);
                 }
                 None => {
                     let renamed = probe_name(k, name);
-                    if let Some(p) = plan.activations.get(name.as_str()) {
+                    if let Some(p) = plan
+                        .activations
+                        .get(name.as_str())
+                        .filter(|_| !weights_only)
+                    {
                         own.activations.insert(renamed.clone(), p.clone());
                     }
                     if !g.inputs.iter().any(|v| v.name == renamed) {
@@ -131,7 +174,10 @@ fn probes_session(
     if g.nodes.is_empty() {
         return Ok(None);
     }
-    let g = insert_qdq(&g, &own, WeightStorage::Int8).map_err(invalid)?;
+    let g = match weights_only {
+        true => g,
+        false => insert_qdq(&g, &own, WeightStorage::Int8).map_err(invalid)?,
+    };
     Session::from_graph(
         g,
         SessionOptions {
@@ -142,6 +188,15 @@ fn probes_session(
     )
     .map(Some)
     .map_err(invalid)
+}
+
+/// Weight `name`, fake-quantized by `params`.
+fn fake_quant_tensor(name: &str, t: &Tensor, params: &QuantParams) -> Result<Tensor> {
+    let w = t
+        .as_f32()
+        .ok_or_else(|| invalid(format!("weight {name} is not float")))?;
+    let q = fake_quant_array(w.view(), params).map_err(|e| invalid(format!("{name}: {e}")))?;
+    Ok(Tensor::F32(q))
 }
 
 /// Per image: FP32's top two classes, their margin, and the label.
@@ -318,6 +373,8 @@ struct PartResult {
     margins: Vec<Margin>,
     /// Per node, per image: the first-order margin change.
     d: Vec<Vec<f32>>,
+    /// The same from the node's weights alone (empty without the split).
+    dw: Vec<Vec<f32>>,
     /// Per node: sums of `y^2` and `δ^2` over the node's output.
     signal: Vec<f64>,
     noise: Vec<f64>,
@@ -333,6 +390,12 @@ struct Context<'a> {
     probes: &'a [Probe],
     /// Every quantized probe's quantized output ([`probes_session`]).
     session: Option<&'a Session>,
+    /// With the split asked for: every probe's output with only its
+    /// weights quantized ([`weights_session`]).
+    weights: Option<&'a Session>,
+    /// Whether the analysis splits each node's error between its weights
+    /// and its activations.
+    split: bool,
     input: &'a str,
     output: &'a str,
     by_output: HashMap<&'a str, usize>,
@@ -371,21 +434,30 @@ impl Context<'_> {
                 if fp32.prepare_recording(&[(self.input, &shape[..])]).is_err() {
                     return;
                 }
-                let Some(session) = self.session else {
-                    return;
-                };
-                let mut ins: Vec<(String, &[usize])> = Vec::new();
-                for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
-                    for name in &probe.inputs {
-                        let Some(s) = shapes.get(name) else {
-                            return;
-                        };
-                        ins.push((probe_name(k, name), s));
+                for (session, weights_only) in [(self.session, false), (self.weights, true)] {
+                    let Some(session) = session else {
+                        continue;
+                    };
+                    let mut ins: Vec<(String, &[usize])> = Vec::new();
+                    for (k, probe) in self.probes.iter().enumerate() {
+                        if !(if weights_only {
+                            probe.weights_quantized
+                        } else {
+                            probe.quantized
+                        }) {
+                            continue;
+                        }
+                        for name in &probe.inputs {
+                            let Some(s) = shapes.get(name) else {
+                                return;
+                            };
+                            ins.push((probe_name(k, name), s));
+                        }
                     }
+                    let ins: Vec<(&str, &[usize])> =
+                        ins.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let _ = session.plan(&ins);
                 }
-                let ins: Vec<(&str, &[usize])> =
-                    ins.iter().map(|(n, s)| (n.as_str(), *s)).collect();
-                let _ = session.plan(&ins);
             };
             // The backward convolutions on one worker while the other
             // compiles both plans.
@@ -408,13 +480,19 @@ impl Context<'_> {
 
     /// One run of the probes' session on this sub-batch: every quantized
     /// probe's output with its inputs (and weights) quantized, left in the
-    /// run's buffer (`None` when no probe is quantized).
-    fn quantized_outputs(&self, part: &Part<'_>) -> Result<Option<Recording>> {
-        let Some(session) = self.session else {
+    /// run's buffer (`None` when no probe is quantized). With `weights_only`,
+    /// the same from [`weights_session`]'s graph.
+    fn quantized_outputs(&self, part: &Part<'_>, weights_only: bool) -> Result<Option<Recording>> {
+        let session = if weights_only {
+            self.weights
+        } else {
+            self.session
+        };
+        let Some(session) = session else {
             return Ok(None);
         };
         let mut views = Vec::new();
-        for (name, shape, xs) in self.probe_inputs(part)? {
+        for (name, shape, xs) in self.probe_inputs(part, weights_only)? {
             let view = ndarray::ArrayViewD::from_shape(IxDyn(shape), xs).map_err(invalid)?;
             views.push((name, view));
         }
@@ -423,10 +501,22 @@ impl Context<'_> {
     }
 
     /// The probes' session's inputs for this sub-batch: every quantized
-    /// probe's inputs under their renamed names.
-    fn probe_inputs<'p>(&self, part: &'p Part<'_>) -> Result<Vec<ProbeInput<'p>>> {
+    /// probe's inputs under their renamed names (with `weights_only`, those
+    /// of the probes that quantize a weight).
+    fn probe_inputs<'p>(
+        &self,
+        part: &'p Part<'_>,
+        weights_only: bool,
+    ) -> Result<Vec<ProbeInput<'p>>> {
         let mut ins = Vec::new();
-        for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| p.quantized) {
+        let chosen = |p: &&Probe| {
+            if weights_only {
+                p.weights_quantized
+            } else {
+                p.quantized
+            }
+        };
+        for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| chosen(p)) {
             for name in &probe.inputs {
                 let (shape, xs) = self.value(part, name)?;
                 ins.push((probe_name(k, name), shape, xs));
@@ -440,18 +530,39 @@ impl Context<'_> {
     /// image (into `d`), `<g, δ>`, where `δ` is its quantized output (in
     /// `quantized`) less its FP32 output `y`, plus the rounding of the
     /// residual it fuses; no error for a node left in float.
+    ///
+    /// With the split, `dw` gets `<g, δ_w>` per image, `δ_w` its output with
+    /// only its weights quantized (in `weights_only`) less `y`.
+    #[allow(clippy::too_many_arguments)]
     fn error_terms(
         &self,
         part: &Part<'_>,
         k: usize,
         quantized: Option<&Recording>,
+        weights_only: Option<&Recording>,
         g: &[f32],
         d: &mut [f32],
+        dw: &mut [f32],
     ) -> Result<(f64, f64)> {
         let probe = &self.probes[k];
         let (_, y) = self.value(part, &probe.output)?;
         // Images past `d` are padding.
         let per = y.len() / part.shape[0].max(1);
+        if let Some(rec) = weights_only.filter(|_| probe.weights_quantized) {
+            let (_, qw) = rec
+                .get(&probe_name(k, &probe.output))
+                .ok_or_else(|| invalid(format!("{}: no weights-only output", probe.output)))?;
+            if qw.len() != y.len() || g.len() != y.len() {
+                return Err(invalid(format!(
+                    "{}: weights-only output or gradient size differs",
+                    probe.output
+                )));
+            }
+            for (s, ds) in dw.iter_mut().enumerate() {
+                let at = s * per..(s + 1) * per;
+                *ds = error_dots(&qw[at.clone()], &y[at.clone()], None, &g[at]).2;
+            }
+        }
         let q = match quantized {
             Some(rec) if probe.quantized => {
                 rec.get(&probe_name(k, &probe.output))
@@ -504,6 +615,7 @@ impl Context<'_> {
         let mut r = PartResult {
             margins: Vec::with_capacity(n),
             d: vec![vec![0.0; n]; self.probes.len()],
+            dw: vec![vec![0.0; if self.split { n } else { 0 }]; self.probes.len()],
             signal: vec![0.0; self.probes.len()],
             noise: vec![0.0; self.probes.len()],
         };
@@ -541,11 +653,23 @@ impl Context<'_> {
         );
         // All quantized outputs at once; each node's error terms are taken
         // when its gradient is complete.
-        let quantized = self.quantized_outputs(part)?;
+        let quantized = self.quantized_outputs(part, false)?;
+        let weights_only = match self.split {
+            true => self.quantized_outputs(part, true)?,
+            false => None,
+        };
         let mut failed: Option<AnalysisError> = None;
         let done = self.pass.run(&vals, &seed, &mut |name, g| {
             let k = self.by_output[name];
-            match self.error_terms(part, k, quantized.as_ref(), g, &mut r.d[k]) {
+            match self.error_terms(
+                part,
+                k,
+                quantized.as_ref(),
+                weights_only.as_ref(),
+                g,
+                &mut r.d[k],
+                &mut r.dw[k],
+            ) {
                 Ok((signal, noise)) => {
                     r.signal[k] = signal;
                     r.noise[k] = noise;
@@ -602,6 +726,7 @@ fn recording_batch(
 }
 
 /// See the module docs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn analyze(
     model: &Model,
     graph: &Graph,
@@ -609,6 +734,7 @@ pub(crate) fn analyze(
     data: &ImageDataset,
     batch: usize,
     threads: usize,
+    split: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Sensitivity> {
     let start = Instant::now();
@@ -666,6 +792,11 @@ pub(crate) fn analyze(
         probes.push(Probe {
             node: i,
             quantized: !float,
+            weights_quantized: !float
+                && node
+                    .inputs
+                    .iter()
+                    .any(|n| graph.initializers.contains_key(n) && plan.weights.contains_key(n)),
             inputs: node
                 .inputs
                 .iter()
@@ -683,18 +814,28 @@ pub(crate) fn analyze(
     }
     let session =
         probes_session(graph, &probes, plan, threads)?.map(|s| s.sharing_buffers_with(&fp32));
+    let weights = match split {
+        true => {
+            weights_session(graph, &probes, plan, threads)?.map(|s| s.sharing_buffers_with(&fp32))
+        }
+        false => None,
+    };
     let ctx = Context {
         pass,
         probes: &probes,
         session: session.as_ref(),
+        weights: weights.as_ref(),
+        split,
         input: &input,
         output: &output,
         by_output: outs.iter().enumerate().map(|(k, o)| (*o, k)).collect(),
         classes,
     };
     let mut margins: Vec<Margin> = Vec::with_capacity(total);
-    // d[k][s]: node k's first-order margin change on image s.
+    // d[k][s]: node k's first-order margin change on image s; dw[k][s], that
+    // of its weights alone (with the split).
     let mut d: Vec<Vec<f32>> = vec![Vec::with_capacity(total); nodes.len()];
+    let mut dw: Vec<Vec<f32>> = vec![Vec::new(); nodes.len()];
     let (mut signal, mut noise) = (vec![0.0f64; nodes.len()], vec![0.0f64; nodes.len()]);
     // One per thread of the session's pool (its resolved count where `threads` is 0).
     let workers = fp32.threads().max(1);
@@ -711,6 +852,13 @@ pub(crate) fn analyze(
                 .chain([&p.output, &p.output])
                 .map(String::as_str)
         })
+        // With the split, the weights-only outputs too.
+        .chain(
+            probes
+                .iter()
+                .filter(|p| split && p.weights_quantized)
+                .map(|p| p.output.as_str()),
+        )
         .collect();
     let batch = recording_batch(graph, &input, data.input_shape(), batch, &held)?;
     // Sub-batches as (first image, images, images run). Batches as the
@@ -791,8 +939,9 @@ pub(crate) fn analyze(
     for r in results {
         let r = r.ok_or_else(|| invalid("a sub-batch did not run"))?;
         margins.extend(r.margins);
-        for (k, v) in r.d.into_iter().enumerate() {
+        for (k, (v, w)) in r.d.into_iter().zip(r.dw).enumerate() {
             d[k].extend(v);
+            dw[k].extend(w);
             signal[k] += r.signal[k];
             noise[k] += r.noise[k];
         }
@@ -851,6 +1000,26 @@ pub(crate) fn analyze(
             .map(|((mg, &dv), &rho)| mg.m as f64 + rho * dv as f64)
             .collect();
         let (alone, alone_js) = outcome(&margins, &alone_est, two);
+        // The node's weights alone, and the rest of its error (its inputs
+        // and the residual it fuses; to first order, the two add up).
+        let split = split.then(|| {
+            let est = |part: &dyn Fn(usize) -> f64| -> Vec<f64> {
+                margins
+                    .iter()
+                    .zip(&share)
+                    .enumerate()
+                    .map(|(s, (mg, &rho))| mg.m as f64 + rho * part(s))
+                    .collect()
+            };
+            let w = |s: usize| dw[k].get(s).map_or(0.0, |&v| v as f64);
+            let weights = outcome(&margins, &est(&w), two).0;
+            let a = |s: usize| d[k][s] as f64 - w(s);
+            let activations = outcome(&margins, &est(&a), two).0;
+            Split {
+                weights,
+                activations,
+            }
+        });
         // The real quantized margin loses this node's share of its error.
         let float_est: Vec<f64> = mq
             .iter()
@@ -873,6 +1042,7 @@ pub(crate) fn analyze(
             float,
             output_sqnr_db: Some(sqnr_db(signal[k], noise[k])),
             top_set_z: None,
+            split,
         };
         (n, alone_js)
     };

@@ -113,6 +113,20 @@ pub struct LogitError {
     pub js_stderr: f64,
 }
 
+/// One node's damage quantized alone, split between its weights and its
+/// activations (which of the two to fix: per-channel weights or keeping the
+/// weights in float, against another range for its inputs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Split {
+    /// Only the node's weights quantized; its inputs, and the residual it
+    /// fuses, in float; everything else in float.
+    pub weights: Outcome,
+    /// Only the node's inputs and the residual it fuses quantized; its
+    /// weights in float. [`Method::Linearized`] takes this as the node's
+    /// error less its weights' (equal to first order).
+    pub activations: Outcome,
+}
+
 /// One node's sensitivity.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSensitivity {
@@ -133,6 +147,9 @@ pub struct NodeSensitivity {
     /// image subset may well swap nodes across that boundary. `None` for
     /// the last node, or with fewer than two images.
     pub top_set_z: Option<f64>,
+    /// Quantized alone, its weights' and its activations' shares (when the
+    /// analysis was asked to split them).
+    pub split: Option<Split>,
 }
 
 /// A full sensitivity analysis.
@@ -572,8 +589,12 @@ pub(crate) fn invalid(e: impl std::fmt::Display) -> AnalysisError {
 }
 
 /// Measures every quantizable node of `graph` under `plan` on `data` (see
-/// the module docs). `progress` is told `(steps done, total)`: images
-/// for [`Method::Linearized`], configurations for [`Method::Exact`].
+/// the module docs). With `split`, each node quantized alone is also
+/// measured with only its weights quantized ([`Split`]): one more run of
+/// every node with its quantized weights for [`Method::Linearized`], two
+/// more evaluations per node for [`Method::Exact`]. `progress` is told
+/// `(steps done, total)`: images for [`Method::Linearized`],
+/// configurations for [`Method::Exact`].
 #[allow(clippy::too_many_arguments)]
 pub fn analyze(
     model: &Model,
@@ -583,16 +604,44 @@ pub fn analyze(
     method: Method,
     batch: usize,
     threads: usize,
+    split: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Sensitivity> {
     match method {
         Method::Linearized => {
-            crate::linearized::analyze(model, graph, plan, data, batch, threads, progress)
+            crate::linearized::analyze(model, graph, plan, data, batch, threads, split, progress)
         }
-        Method::Exact => analyze_exact(model, graph, plan, data, batch, threads, progress),
+        Method::Exact => analyze_exact(model, graph, plan, data, batch, threads, split, progress),
     }
 }
 
+/// `alone` (a plan with node `name` alone quantized) with only the node's
+/// weights quantized (`weights`) or only its inputs and fused residuals.
+fn split_plan(graph: &Graph, alone: &QuantPlan, name: &str, weights: bool) -> QuantPlan {
+    let mut p = alone.clone();
+    let Some(node) = graph.nodes.iter().find(|n| n.name == name) else {
+        return p;
+    };
+    for input in node.inputs.iter().filter(|n| !n.is_empty()) {
+        match (graph.initializers.contains_key(input), weights) {
+            (true, false) => {
+                p.weights.remove(input);
+            }
+            (false, true) => {
+                p.activations.remove(input);
+            }
+            _ => {}
+        }
+    }
+    if weights {
+        for add in fused_add_names(graph, alone, name) {
+            p.precision.insert(add.to_string(), Precision::Float);
+        }
+    }
+    p
+}
+
+#[allow(clippy::too_many_arguments)]
 fn analyze_exact(
     model: &Model,
     graph: &Graph,
@@ -600,6 +649,7 @@ fn analyze_exact(
     data: &ImageDataset,
     batch: usize,
     threads: usize,
+    split: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Sensitivity> {
     let start = Instant::now();
@@ -617,7 +667,8 @@ fn analyze_exact(
         (o, images)
     };
     let nodes = analyzed_nodes(graph, plan)?;
-    let total = 1 + 2 * nodes.len();
+    let per_node = if split { 4 } else { 2 };
+    let total = 1 + per_node * nodes.len();
     let t = Instant::now();
     let (a, l) = run(model, graph, Some(plan), data, batch, threads)?;
     let eval_seconds = t.elapsed().as_secs_f64();
@@ -634,17 +685,26 @@ fn analyze_exact(
             .iter()
             .copied()
             .filter(|n| *n != node.name && !fused.contains(n));
-        let (a, l) = run(
-            model,
-            graph,
-            Some(&with_float_nodes(graph, plan, others)),
-            data,
-            batch,
-            threads,
-        )?;
+        let alone_plan = with_float_nodes(graph, plan, others);
+        let (a, l) = run(model, graph, Some(&alone_plan), data, batch, threads)?;
         let (alone, images) = outcome(&a, &l);
         alone_js.push(images);
-        progress(2 + 2 * k, total);
+        progress(2 + per_node * k, total);
+        let split = match split {
+            true => {
+                let mut part = |weights: bool, step: usize| -> Result<Outcome> {
+                    let p = split_plan(graph, &alone_plan, &node.name, weights);
+                    let (a, l) = run(model, graph, Some(&p), data, batch, threads)?;
+                    progress(step + per_node * k, total);
+                    Ok(outcome(&a, &l).0)
+                };
+                Some(Split {
+                    weights: part(true, 3)?,
+                    activations: part(false, 4)?,
+                })
+            }
+            false => None,
+        };
         let (a, l) = run(
             model,
             graph,
@@ -654,7 +714,7 @@ fn analyze_exact(
             threads,
         )?;
         let (float, _) = outcome(&a, &l);
-        progress(3 + 2 * k, total);
+        progress(per_node * (k + 1) + 1, total);
         out.push(NodeSensitivity {
             node: node.name.clone(),
             op: node.op.op_type(),
@@ -662,6 +722,7 @@ fn analyze_exact(
             float,
             output_sqnr_db: None,
             top_set_z: None,
+            split,
         });
     }
     let mut s = Sensitivity {
@@ -889,6 +950,7 @@ mod tests {
             float: o(t, 0.0),
             output_sqnr_db: None,
             top_set_z: None,
+            split: None,
         };
         let s = Sensitivity {
             method: Method::Exact,
@@ -996,6 +1058,7 @@ mod tests {
                     float: o(0.9),
                     output_sqnr_db: None,
                     top_set_z: None,
+                    split: None,
                 })
                 .collect(),
             eval_seconds: 1.0,

@@ -151,6 +151,7 @@ fn linearized_equals_exact_where_the_network_is_linear() {
             m,
             32,
             2,
+            true,
             &mut |_, _| {},
         )
         .unwrap()
@@ -175,6 +176,19 @@ fn linearized_equals_exact_where_the_network_is_linear() {
         ] {
             assert!(
                 (a - b).abs() <= 0.02 * b.abs() + 1e-12,
+                "{}: {what} {a} vs {b}",
+                l.node
+            );
+        }
+        // The split: weights alone exact where the network is linear; the
+        // activations by difference, off by the product of both errors.
+        let (ls, es) = (l.split.unwrap(), e.split.unwrap());
+        for (a, b, tol, what) in [
+            (ls.weights.js, es.weights.js, 0.02, "weights JS"),
+            (ls.activations.js, es.activations.js, 0.05, "activations JS"),
+        ] {
+            assert!(
+                b > 1e-9 && (a - b).abs() <= tol * b,
                 "{}: {what} {a} vs {b}",
                 l.node
             );
@@ -220,6 +234,7 @@ fn a_padded_last_batch_gives_the_results_of_full_batches() {
             Method::Linearized,
             batch,
             2,
+            true,
             &mut |_, _| {},
         )
         .unwrap()
@@ -232,7 +247,13 @@ fn a_padded_last_batch_gives_the_results_of_full_batches() {
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
     for (p, f) in padded.nodes.iter().zip(&full.nodes) {
         assert_eq!(p.node, f.node);
-        for (a, b) in [(&p.alone, &f.alone), (&p.float, &f.float)] {
+        let (ps, fs) = (p.split.unwrap(), f.split.unwrap());
+        for (a, b) in [
+            (&p.alone, &f.alone),
+            (&p.float, &f.float),
+            (&ps.weights, &fs.weights),
+            (&ps.activations, &fs.activations),
+        ] {
             assert_eq!(a.top1, b.top1, "{}", p.node);
             for (x, y) in [(a.js, b.js), (a.kl, b.kl), (a.sqnr_db, b.sqnr_db)] {
                 assert!(close(x, y), "{}: {x} vs {y}", p.node);
@@ -274,6 +295,7 @@ fn linearized_names_operators_without_a_gradient() {
         Method::Linearized,
         16,
         1,
+        false,
         &mut |_, _| {},
     )
     .unwrap_err();
@@ -372,6 +394,7 @@ fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
         Method::Linearized,
         32,
         2,
+        false,
         &mut |_, _| {},
     )
     .unwrap();

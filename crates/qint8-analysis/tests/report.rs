@@ -189,6 +189,7 @@ fn sensitivity_section_ranks_the_top_ten() {
             float: o(0.9 + 0.001 * k as f64, 1e-3, 1e-4),
             output_sqnr_db: Some(35.0),
             top_set_z: (k > 0).then_some(if k == 9 { 0.5 } else { 3.0 + k as f64 }),
+            split: None,
         })
         .collect();
     let report = ModelReport {

@@ -119,6 +119,12 @@ pub(crate) struct SensitivityArgs {
     /// [default: MODEL-STEM-sensitivity.svg in the current directory].
     #[arg(long, value_name = "FILE.svg")]
     pub(crate) chart: Option<PathBuf>,
+    /// Also measure each node quantized alone with only its weights
+    /// quantized, and tell its weights' share of the damage from its
+    /// activations' (one more run of every node for the first-order
+    /// analysis, two more evaluations per node with --exact).
+    #[arg(long)]
+    pub(crate) split: bool,
 }
 
 /// Arguments of `qint8 mixed-precision`.

@@ -217,6 +217,7 @@ fn analyze(
             SensitivityMethod::Linearized,
             s.batch,
             s.threads,
+            false,
             &mut |done, total| say(&format!("sensitivity {} {done}/{total}", bar(done, total))),
         ) {
             Ok(a) => sensitivity = Some(a),

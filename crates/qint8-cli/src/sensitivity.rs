@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qint8_analysis::report::write_atomic;
-use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Sensitivity};
+use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Outcome, Sensitivity};
 use qint8_analysis::svg::{Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
 use qint8_graph::quant::{insert_qdq, WeightStorage};
@@ -82,7 +82,7 @@ fn kept_float(p: &Prepared) -> (Vec<String>, usize) {
     (kept, counted)
 }
 
-fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity> {
+fn measure(p: &Prepared, a: &AnalysisArgs, split: bool, threads: usize) -> Result<Sensitivity> {
     let show = p.show;
     let (method, unit) = if a.exact {
         (Method::Exact, "configurations")
@@ -97,6 +97,7 @@ fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity
         method,
         a.batch,
         threads,
+        split,
         &mut |done, total| status(show, &format!("sensitivity: {done}/{total} {unit}")),
     )?)
 }
@@ -105,7 +106,7 @@ fn measure(p: &Prepared, a: &AnalysisArgs, threads: usize) -> Result<Sensitivity
 pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result<()> {
     let a = &args.common;
     let p = prepare(a, threads)?;
-    let s = measure(&p, a, threads)?;
+    let s = measure(&p, a, args.split, threads)?;
     if p.show {
         eprint!("\r{}\r", " ".repeat(78));
     }
@@ -134,10 +135,14 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
                     "rank": rank + 1,
                     "node": n.node,
                     "op": n.op,
-                    "float_alone": {"top1": n.float.top1, "sqnr_db": n.float.sqnr_db, "kl": n.float.kl, "js": n.float.js, "js_stderr": n.float.js_stderr},
-                    "quantized_alone": {"top1": n.alone.top1, "sqnr_db": n.alone.sqnr_db, "kl": n.alone.kl, "js": n.alone.js, "js_stderr": n.alone.js_stderr},
+                    "float_alone": outcome_json(&n.float),
+                    "quantized_alone": outcome_json(&n.alone),
                     "output_sqnr_db": n.output_sqnr_db,
                     "top_set_z": n.top_set_z,
+                    "split": n.split.map(|x| json!({
+                        "weights": outcome_json(&x.weights),
+                        "activations": outcome_json(&x.activations),
+                    })),
                 })
             })
             .collect();
@@ -148,7 +153,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             "measured_on": on,
             "images": s.images,
             "fp32_top1": s.fp32_top1,
-            "int8": {"top1": s.int8.top1, "sqnr_db": s.int8.sqnr_db, "kl": s.int8.kl, "js": s.int8.js, "js_stderr": s.int8.js_stderr},
+            "int8": outcome_json(&s.int8),
             "seconds": s.seconds,
             "eval_seconds": s.eval_seconds,
             "chart": chart_path.display().to_string(),
@@ -157,7 +162,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         });
         return crate::print_stdout(&format!("{v}\n"));
     }
-    let mut t = Table::new(&[
+    let mut columns = vec![
         ("rank", Align::Right),
         ("node", Align::Left),
         ("op", Align::Left),
@@ -170,10 +175,17 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         ("recovered pp", Align::Right),
         ("node output SQNR dB", Align::Right),
         ("top-k apart, z", Align::Right),
-    ]);
+    ];
+    if args.split {
+        columns.extend([
+            ("weights only: JS", Align::Right),
+            ("activations only: JS", Align::Right),
+        ]);
+    }
+    let mut t = Table::new(&columns);
     for (rank, &i) in order.iter().enumerate() {
         let n = &s.nodes[i];
-        t.row(vec![
+        let mut row = vec![
             (rank + 1).to_string(),
             n.node.clone(),
             n.op.to_string(),
@@ -187,7 +199,14 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             n.output_sqnr_db
                 .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             n.top_set_z.map_or_else(|| "-".into(), format_z),
-        ]);
+        ];
+        if args.split {
+            let js =
+                |o: Option<&Outcome>| o.map_or_else(|| "-".into(), |o| format!("{:.2e}", o.js));
+            row.push(js(n.split.as_ref().map(|x| &x.weights)));
+            row.push(js(n.split.as_ref().map(|x| &x.activations)));
+        }
+        t.row(row);
     }
     let how = match s.method {
         Method::Linearized => "first-order estimates (one recorded FP32 pass, one backward pass of the top-2 margin); SQNR and divergences of that margin".to_string(),
@@ -229,6 +248,11 @@ fn resolved_note(s: &Sensitivity) -> String {
     )
 }
 
+/// One configuration's figures in the JSON.
+fn outcome_json(o: &Outcome) -> serde_json::Value {
+    json!({"top1": o.top1, "sqnr_db": o.sqnr_db, "kl": o.kl, "js": o.js, "js_stderr": o.js_stderr})
+}
+
 /// A top set's `z` for the table: huge values (the same difference on
 /// every image) as `>1000`.
 fn format_z(z: f64) -> String {
@@ -249,7 +273,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         }
     }
     let p = prepare(a, threads)?;
-    let s = measure(&p, a, threads)?;
+    let s = measure(&p, a, false, threads)?;
     let show = p.show;
     let n = p.eval.len();
     // Curves count every Conv/Gemm/MatMul node in float, --keep-float's too.

@@ -1730,6 +1730,30 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     assert_eq!(svg.matches("class=\"bar\"").count(), 25);
     // With their standard errors as error bars.
     assert!(svg.matches("class=\"error\"").count() > 0, "{svg}");
+    // Without --split, no split; with it, every node's weights-only and
+    // activations-only figures.
+    assert!(nodes.iter().all(|n| n["split"].is_null()));
+    let mut args = vec!["sensitivity".to_string()];
+    args.extend(common(&["--split", "--chart", s(&chart)]));
+    let sp = json(&ok(qint8(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )));
+    let split_nodes = sp["nodes"].as_array().unwrap();
+    assert_eq!(split_nodes.len(), 54);
+    for n in split_nodes {
+        let (w, a) = (&n["split"]["weights"], &n["split"]["activations"]);
+        assert!(
+            w["js"].as_f64().unwrap() > 0.0 && a["js"].as_f64().unwrap() > 0.0,
+            "{n}"
+        );
+        assert!(w["top1"].as_f64().is_some() && a["js_stderr"].as_f64().is_some());
+    }
+    // The same ranking: the split adds figures, it changes none.
+    assert_eq!(split_nodes[0]["node"], nodes[0]["node"]);
+    assert_eq!(
+        split_nodes[0]["quantized_alone"]["js"],
+        nodes[0]["quantized_alone"]["js"]
+    );
     // The exact analysis (a real evaluation per configuration) puts the
     // same node first.
     let mut args = vec!["sensitivity".to_string()];
