@@ -23,6 +23,10 @@
 //! - A convolution's error includes that of the residual pair of the Add
 //!   it fuses (the Add adds it to the output; see `fused_adds`): that pair
 //!   goes to float with the convolution.
+//! - With the split, node `i`'s weights alone give `d_i^w = <∂m/∂y_i, δ_i^w>`
+//!   (its output on float inputs with its weights quantized, less `y_i`),
+//!   scaled by the same `ρ`; its activations' share is `d_i - d_i^w` (the
+//!   product of the two errors left out).
 //! - KL and Jensen-Shannon divergence: between the two-class distributions
 //!   `softmax(z_ŷ, z_r)` of FP32 and of the estimated margin. SQNR: of the
 //!   margin.
@@ -30,7 +34,8 @@
 //! Cost: that real evaluation, the recorded FP32 pass (every value kept in
 //! place, see [`Session::record_here`]), one run of a graph holding every
 //! quantized node on its own copy of its recorded inputs, and the backward
-//! pass.
+//! pass; with the split, one more run of a graph holding every node with
+//! quantized weights on its float inputs.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -65,6 +70,18 @@ struct Probe {
     /// Add is its output's only consumer: the residual's error then enters
     /// where the node's own does, and goes to float with the node.
     residual: Option<(String, QuantParams)>,
+}
+
+impl Probe {
+    /// Whether the probe is in [`probes_session`]'s graph, or with
+    /// `weights_only` in [`weights_session`]'s.
+    fn runs(&self, weights_only: bool) -> bool {
+        if weights_only {
+            self.weights_quantized
+        } else {
+            self.quantized
+        }
+    }
 }
 
 /// The name of probe `k`'s copy of `name` in [`probes_session`]'s graph.
@@ -119,14 +136,11 @@ fn probe_graph(
         value_info: vec![],
     };
     let mut own = QuantPlan::new(plan.method.clone());
-    let chosen = |p: &Probe| {
-        if weights_only {
-            p.weights_quantized
-        } else {
-            p.quantized
-        }
-    };
-    for (k, probe) in probes.iter().enumerate().filter(|(_, p)| chosen(p)) {
+    for (k, probe) in probes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.runs(weights_only))
+    {
         let mut node = graph.nodes[probe.node].clone();
         for name in node.inputs.iter_mut().filter(|n| !n.is_empty()) {
             match graph.initializers.get(name.as_str()) {
@@ -439,14 +453,12 @@ impl Context<'_> {
                         continue;
                     };
                     let mut ins: Vec<(String, &[usize])> = Vec::new();
-                    for (k, probe) in self.probes.iter().enumerate() {
-                        if !(if weights_only {
-                            probe.weights_quantized
-                        } else {
-                            probe.quantized
-                        }) {
-                            continue;
-                        }
+                    let runs = self
+                        .probes
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.runs(weights_only));
+                    for (k, probe) in runs {
                         for name in &probe.inputs {
                             let Some(s) = shapes.get(name) else {
                                 return;
@@ -509,14 +521,12 @@ impl Context<'_> {
         weights_only: bool,
     ) -> Result<Vec<ProbeInput<'p>>> {
         let mut ins = Vec::new();
-        let chosen = |p: &&Probe| {
-            if weights_only {
-                p.weights_quantized
-            } else {
-                p.quantized
-            }
-        };
-        for (k, probe) in self.probes.iter().enumerate().filter(|(_, p)| chosen(p)) {
+        let runs = self
+            .probes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.runs(weights_only));
+        for (k, probe) in runs {
             for name in &probe.inputs {
                 let (shape, xs) = self.value(part, name)?;
                 ins.push((probe_name(k, name), shape, xs));

@@ -6,7 +6,10 @@
 //! the node alone quantized (everything else float), and the node alone in
 //! float (everything else quantized). Each gives top-1, and the SQNR, mean
 //! KL and mean Jensen-Shannon divergence against FP32; nodes rank by the
-//! divergence their quantization alone causes. A convolution owns the
+//! divergence their quantization alone causes, and say how far these images
+//! tell their top sets apart ([`NodeSensitivity::top_set_z`]). On request
+//! the node quantized alone is split between its weights and its
+//! activations ([`Split`]). A convolution owns the
 //! residual pair of the Add TensorRT would fuse into it ([`fused_adds`]).
 //! Two methods:
 //!
