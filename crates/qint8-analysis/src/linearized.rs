@@ -73,8 +73,8 @@ struct Probe {
 }
 
 impl Probe {
-    /// Whether the probe is in [`probes_session`]'s graph, or with
-    /// `weights_only` in [`weights_session`]'s.
+    /// Whether the probe is in [`probes_session`]'s graph (with or without
+    /// `weights_only`).
     fn runs(&self, weights_only: bool) -> bool {
         if weights_only {
             self.weights_quantized
@@ -97,30 +97,13 @@ fn probe_name(k: usize, name: &str) -> String {
 /// one, as in the real evaluation. Fed the recorded float inputs, one run
 /// gives every node's quantized output, and one plan is compiled per
 /// sub-batch shape for all of them. `None` when no probe is quantized.
+///
+/// With `weights_only`, the graph holds instead the probes that quantize a
+/// weight, on float inputs, their quantized weights stored fake-quantized
+/// (the values of `DequantizeLinear(QuantizeLinear(w))`): it gives each
+/// node's error from its weights alone (`None` when no probe quantizes a
+/// weight).
 fn probes_session(
-    graph: &Graph,
-    probes: &[Probe],
-    plan: &QuantPlan,
-    threads: usize,
-) -> Result<Option<Session>> {
-    probe_graph(graph, probes, plan, false, threads)
-}
-
-/// Like [`probes_session`], but with only the weights quantized: the probes
-/// that quantize a weight, on float inputs, their quantized weights stored
-/// fake-quantized (the values of `DequantizeLinear(QuantizeLinear(w))`). It
-/// gives each node's error from its weights alone. `None` when no probe
-/// quantizes a weight.
-fn weights_session(
-    graph: &Graph,
-    probes: &[Probe],
-    plan: &QuantPlan,
-    threads: usize,
-) -> Result<Option<Session>> {
-    probe_graph(graph, probes, plan, true, threads)
-}
-
-fn probe_graph(
     graph: &Graph,
     probes: &[Probe],
     plan: &QuantPlan,
@@ -405,7 +388,7 @@ struct Context<'a> {
     /// Every quantized probe's quantized output ([`probes_session`]).
     session: Option<&'a Session>,
     /// With the split asked for: every probe's output with only its
-    /// weights quantized ([`weights_session`]).
+    /// weights quantized ([`probes_session`] with `weights_only`).
     weights: Option<&'a Session>,
     /// Whether the analysis splits each node's error between its weights
     /// and its activations.
@@ -493,7 +476,7 @@ impl Context<'_> {
     /// One run of the probes' session on this sub-batch: every quantized
     /// probe's output with its inputs (and weights) quantized, left in the
     /// run's buffer (`None` when no probe is quantized). With `weights_only`,
-    /// the same from [`weights_session`]'s graph.
+    /// the same from the weights-only graph.
     fn quantized_outputs(&self, part: &Part<'_>, weights_only: bool) -> Result<Option<Recording>> {
         let session = if weights_only {
             self.weights
@@ -822,12 +805,11 @@ pub(crate) fn analyze(
             },
         });
     }
-    let session =
-        probes_session(graph, &probes, plan, threads)?.map(|s| s.sharing_buffers_with(&fp32));
+    let session = probes_session(graph, &probes, plan, false, threads)?
+        .map(|s| s.sharing_buffers_with(&fp32));
     let weights = match split {
-        true => {
-            weights_session(graph, &probes, plan, threads)?.map(|s| s.sharing_buffers_with(&fp32))
-        }
+        true => probes_session(graph, &probes, plan, true, threads)?
+            .map(|s| s.sharing_buffers_with(&fp32)),
         false => None,
     };
     let ctx = Context {
