@@ -436,18 +436,11 @@ impl Context<'_> {
                         continue;
                     };
                     let mut ins: Vec<(String, &[usize])> = Vec::new();
-                    let runs = self
-                        .probes
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| p.runs(weights_only));
-                    for (k, probe) in runs {
-                        for name in &probe.inputs {
-                            let Some(s) = shapes.get(name) else {
-                                return;
-                            };
-                            ins.push((probe_name(k, name), s));
-                        }
+                    for (renamed, name) in self.probe_input_names(weights_only) {
+                        let Some(s) = shapes.get(name) else {
+                            return;
+                        };
+                        ins.push((renamed, s));
                     }
                     let ins: Vec<(&str, &[usize])> =
                         ins.iter().map(|(n, s)| (n.as_str(), *s)).collect();
@@ -504,18 +497,21 @@ impl Context<'_> {
         weights_only: bool,
     ) -> Result<Vec<ProbeInput<'p>>> {
         let mut ins = Vec::new();
-        let runs = self
-            .probes
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.runs(weights_only));
-        for (k, probe) in runs {
-            for name in &probe.inputs {
-                let (shape, xs) = self.value(part, name)?;
-                ins.push((probe_name(k, name), shape, xs));
-            }
+        for (renamed, name) in self.probe_input_names(weights_only) {
+            let (shape, xs) = self.value(part, name)?;
+            ins.push((renamed, shape, xs));
         }
         Ok(ins)
+    }
+
+    /// `(name in the probes' graph, recorded name)` of every input of the
+    /// probes' session ([`probes_session`], with or without `weights_only`).
+    fn probe_input_names(&self, weights_only: bool) -> impl Iterator<Item = (String, &str)> {
+        self.probes
+            .iter()
+            .enumerate()
+            .filter(move |(_, p)| p.runs(weights_only))
+            .flat_map(|(k, p)| p.inputs.iter().map(move |n| (probe_name(k, n), n.as_str())))
     }
 
     /// Node `k`'s output power and error statistics given the gradient `g`
