@@ -334,16 +334,7 @@ impl ModelReport {
         let _ = writeln!(o, "|---|---|---|---|---|---|");
         for (rank, &i) in s.ranking().iter().take(SENSITIVITY_ROWS).enumerate() {
             let n = &s.nodes[i];
-            let z = n.top_set_z.map_or_else(
-                || "-".to_string(),
-                |z| {
-                    if z > 1000.0 {
-                        ">1000".into()
-                    } else {
-                        format!("{z:.1}")
-                    }
-                },
-            );
+            let z = n.top_set_z.map_or_else(|| "-".to_string(), z_text);
             let _ = writeln!(
                 o,
                 "| {} | `{}` | {} | {:.2e} ± {:.1e} | {z} | {:+.2} |",
@@ -361,6 +352,17 @@ impl ModelReport {
             s.resolved_text(2.0, SENSITIVITY_ROWS)
         );
         o
+    }
+}
+
+/// A top set's `z` ([`crate::sensitivity::NodeSensitivity::top_set_z`])
+/// for tables: one decimal, and the huge values of a difference that is
+/// the same on every image as `>1000`.
+pub fn z_text(z: f64) -> String {
+    if z > 1000.0 {
+        ">1000".into()
+    } else {
+        format!("{z:.1}")
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_analysis::report::write_atomic;
+use qint8_analysis::report::{write_atomic, z_text};
 use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Outcome, Sensitivity};
 use qint8_analysis::svg::{Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, Calibrated, ImageDataset};
@@ -198,7 +198,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             format!("{:+.2}", (n.float.top1 - s.int8.top1) * 100.0),
             n.output_sqnr_db
                 .map_or_else(|| "-".into(), |v| format!("{v:.1}")),
-            n.top_set_z.map_or_else(|| "-".into(), format_z),
+            n.top_set_z.map_or_else(|| "-".into(), z_text),
         ];
         if args.split {
             let js =
@@ -251,16 +251,6 @@ fn resolved_note(s: &Sensitivity) -> String {
 /// One configuration's figures in the JSON.
 fn outcome_json(o: &Outcome) -> serde_json::Value {
     json!({"top1": o.top1, "sqnr_db": o.sqnr_db, "kl": o.kl, "js": o.js, "js_stderr": o.js_stderr})
-}
-
-/// A top set's `z` for the table: huge values (the same difference on
-/// every image) as `>1000`.
-fn format_z(z: f64) -> String {
-    if z > 1000.0 {
-        ">1000".into()
-    } else {
-        format!("{z:.1}")
-    }
 }
 
 /// Runs `qint8 mixed-precision`.
