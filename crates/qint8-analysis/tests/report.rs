@@ -228,6 +228,9 @@ fn sensitivity_section_ranks_the_top_ten() {
         md.contains("These images set the top 1, 2, 4, 5, 6, 7, 8, 9, 10 apart"),
         "{md}"
     );
+    // The same difference on every image gives a huge z, shown as such.
+    assert_eq!(qint8_analysis::report::z_text(f64::MAX), ">1000");
+    assert_eq!(qint8_analysis::report::z_text(2.26), "2.3");
     let svg = std::fs::read_to_string(files.last().unwrap()).unwrap();
     let doc = roxmltree::Document::parse(&svg).unwrap();
     check_numbers(&doc);
