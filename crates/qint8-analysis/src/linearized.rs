@@ -981,24 +981,19 @@ pub(crate) fn analyze(
         .collect();
     let node_outcome = |k: usize| {
         let node = &graph.nodes[probes[k].node];
-        let alone_est: Vec<f64> = margins
-            .iter()
-            .zip(&d[k])
-            .zip(&share)
-            .map(|((mg, &dv), &rho)| mg.m as f64 + rho * dv as f64)
-            .collect();
-        let (alone, alone_js) = outcome(&margins, &alone_est, two);
+        // FP32's margin moved by a share of the first-order change `part`.
+        let est = |part: &dyn Fn(usize) -> f64| -> Vec<f64> {
+            margins
+                .iter()
+                .zip(&share)
+                .enumerate()
+                .map(|(s, (mg, &rho))| mg.m as f64 + rho * part(s))
+                .collect()
+        };
+        let (alone, alone_js) = outcome(&margins, &est(&|s| d[k][s] as f64), two);
         // The node's weights alone, and the rest of its error (its inputs
         // and the residual it fuses; to first order, the two add up).
         let split = split.then(|| {
-            let est = |part: &dyn Fn(usize) -> f64| -> Vec<f64> {
-                margins
-                    .iter()
-                    .zip(&share)
-                    .enumerate()
-                    .map(|(s, (mg, &rho))| mg.m as f64 + rho * part(s))
-                    .collect()
-            };
             let w = |s: usize| dw[k].get(s).map_or(0.0, |&v| v as f64);
             let weights = outcome(&margins, &est(&w), two).0;
             let a = |s: usize| d[k][s] as f64 - w(s);
