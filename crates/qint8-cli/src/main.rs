@@ -116,10 +116,38 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, each said once. Library errors
+/// name their file and carry their cause both in their text and as their
+/// source, and the commands' context names the file too, so the plain
+/// chain reads `writing x.onnx: x.onnx: No such file (os error 2): No such
+/// file (os error 2)`. A cause whose text the line already holds is left
+/// out, and a cause that begins by naming what the line ends with
+/// (`x.onnx: ...` after `writing x.onnx`) drops that name.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let mut c = cause.to_string();
+        while let Some((head, rest)) = c.split_once(": ") {
+            if head.is_empty() || !text.ends_with(head) {
+                break;
+            }
+            c = rest.to_string();
+        }
+        if c.is_empty() || text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&c);
+    }
+    text
 }
 
 /// Number of available cores (1 when it cannot be determined).
@@ -138,5 +166,47 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
             Err(anyhow::Error::new(e).context("writing to stdout"))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[test]
+    fn error_text_says_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        // A library error that names its file and holds its cause twice,
+        // under a context that names the file again.
+        #[derive(Debug)]
+        struct Named(std::io::Error);
+        impl std::fmt::Display for Named {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "out/x.onnx: {}", self.0)
+            }
+        }
+        impl std::error::Error for Named {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Named(io())).context("writing out/x.onnx");
+        assert_eq!(error_text(&e), "writing out/x.onnx: No such file");
+        // Causes that add something are all kept, in order.
+        let e = anyhow::Error::new(io())
+            .context("reading calib.npy")
+            .context("calibrating m.onnx");
+        assert_eq!(
+            error_text(&e),
+            "calibrating m.onnx: reading calib.npy: No such file"
+        );
+        // A name the line holds but does not end with stays.
+        let e = anyhow::Error::new(Named(io())).context("writing out/x.onnx (opset 17)");
+        assert_eq!(
+            error_text(&e),
+            "writing out/x.onnx (opset 17): out/x.onnx: No such file"
+        );
+        let e = anyhow::anyhow!("plain");
+        assert_eq!(error_text(&e), "plain");
     }
 }

@@ -308,6 +308,9 @@ fn missing_model_file_is_an_error() {
         s(&eval_images()),
     ]));
     assert!(err.contains("/nonexistent/model.onnx"), "{err}");
+    // The file and the cause, each named once.
+    assert_eq!(err.matches("/nonexistent/model.onnx").count(), 1, "{err}");
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
 }
 
 #[test]
