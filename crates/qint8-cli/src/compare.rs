@@ -126,7 +126,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let model_name = args.study.model.display().to_string();
     let model = load_model(&args.study.model)?;
 
-    let opened = open_calibration(&args.study.calib, &args.study.pre)?;
+    let opened = open_calibration(&args.study.calib, &args.study.pre, &model)?;
     let calib_kind = opened.kind;
     let calib_prep = opened.preprocessing_text();
     let calib = opened.dataset;

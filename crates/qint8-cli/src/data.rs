@@ -266,12 +266,29 @@ pub(crate) fn find_labels(images: &Path) -> Result<PathBuf> {
 }
 
 /// The calibration set `args` name, preprocessed by `pre`: the first
-/// `--calib-size` images, or that many chosen with `--calib-seed`.
+/// `--calib-size` images, or that many chosen with `--calib-seed`. Its
+/// images must fit `model`'s declared input (checked before any
+/// calibration runs, so that a missing `--pad` is named as such and not as
+/// a pooling window deep in the network).
 pub(crate) fn open_calibration(
     args: &crate::cli::CalibDataArgs,
     pre: &PreprocessArgs,
+    model: &qint8_graph::Model,
 ) -> Result<Opened> {
     let mut opened = open_unlabeled(&args.calib, pre)?;
+    if let Some(input) = model.graph.inputs.first() {
+        let [c, h, w] = opened.dataset.input_shape();
+        // The batch dimension as declared: calibration picks its own.
+        let batch = match input.shape.as_deref() {
+            Some([qint8_graph::Dim::Fixed(b), ..]) => *b,
+            _ => 1,
+        };
+        crate::run::check_input_shape(
+            input,
+            &[batch, c, h, w],
+            &input_description(&args.calib, &opened.preprocessing_text(), opened.kind, c),
+        )?;
+    }
     opened.dataset = match args.calib_seed {
         Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
         None => opened.dataset.take(args.calib_size)?,

@@ -48,7 +48,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         bail!("--keep-float applies to the QDQ model: a TensorRT calibration cache cannot keep layers in float (set their precision in TensorRT instead)");
     }
     let mut model = load_model(&args.model)?;
-    let opened = crate::data::open_calibration(&args.cal.calib, &args.pre)?;
+    let opened = crate::data::open_calibration(&args.cal.calib, &args.pre, &model)?;
     let data_format = opened.kind.name();
     let data = opened.dataset;
     let cfg = CalibConfig {

@@ -308,7 +308,7 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
     let methods = methods_to_run(args.study.methods.as_deref());
     let model = load_model(&args.study.model)?;
-    let calib = open_calibration(&args.study.calib, &args.study.pre)?.dataset;
+    let calib = open_calibration(&args.study.calib, &args.study.pre, &model)?.dataset;
     let eval = open_evaluation(
         &args.study.data,
         args.study.labels.as_deref(),

@@ -33,7 +33,7 @@ struct Prepared {
 
 fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     let model = load_model(&a.model)?;
-    let calib = open_calibration(&a.cal.calib, &a.pre)?.dataset;
+    let calib = open_calibration(&a.cal.calib, &a.pre, &model)?.dataset;
     let eval = open_evaluation(&a.data, a.labels.as_deref(), &a.pre, None)?.dataset;
     if eval.is_empty() {
         bail!("{}: no images to evaluate", a.data.display());

@@ -432,6 +432,21 @@ fn wrong_input_shapes_name_expected_and_got() {
     assert!(err.contains("expected [batch, 1, 32, 32]"), "{err}");
     assert!(err.contains("got [4, 1, 28, 28]"), "{err}");
 
+    // Calibration without it fails before calibrating, and writes nothing.
+    let q = dir.path().join("q.onnx");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let err = fails(qint8(&[
+        "quantize",
+        s(&m),
+        "--calib",
+        s(&calib),
+        "-o",
+        s(&q),
+    ]));
+    assert!(err.contains("calib-images-idx3-ubyte, pad 0"), "{err}");
+    assert!(err.contains("expected [batch, 1, 32, 32]"), "{err}");
+    assert!(!q.exists());
+
     // Not an NPY file.
     let bad = dir.path().join("bad.npy");
     std::fs::write(&bad, b"nope").unwrap();
