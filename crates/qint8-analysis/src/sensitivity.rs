@@ -750,7 +750,10 @@ fn analyze_exact(
 /// closest to FP32's (mean Jensen-Shannon divergence). Each choice is
 /// verified by a real evaluation on `data`, until the top-1 drop against
 /// FP32 is at most `max_drop` (a fraction: 0.001 is 0.1 points) or
-/// `max_float` nodes are in float. With `max_drop = None` every round up to
+/// `max_float` nodes are in float. With `candidates = Some(k)` a round runs
+/// only the `k` remaining nodes that `sens` ranks highest (k evaluations of
+/// `subset` per round instead of one per remaining node; on large models
+/// the full rounds dominate the search's time). With `max_drop = None` every round up to
 /// `max_float` runs and the best verified prefix is kept (the best accuracy
 /// reachable with at most that many float nodes); so is it when the budget
 /// is not met within `max_float` nodes. `progress` is told each verified
@@ -765,10 +768,16 @@ pub fn mixed_precision(
     data: &ImageDataset,
     max_drop: Option<f64>,
     max_float: usize,
+    candidates: Option<usize>,
     batch: usize,
     threads: usize,
     progress: &mut dyn FnMut(&CurvePoint),
 ) -> Result<MixedPrecision> {
+    if candidates == Some(0) {
+        return Err(AnalysisError::Invalid(
+            "mixed precision needs at least 1 candidate per round".into(),
+        ));
+    }
     let (fp32, _) = run(model, graph, None, data, batch, threads)?;
     let fp32_top1 = fp32.score.top1_fraction();
     let known: BTreeSet<&str> = graph.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -799,9 +808,10 @@ pub fn mixed_precision(
     progress(&first);
     let mut curve = vec![first.clone()];
     let limit = max_float.min(sens.nodes.len());
+    let ranking = sens.ranking();
     while float.len() < limit && !meets(curve[curve.len() - 1].top1) {
         let next = if float.is_empty() {
-            sens.ranking().first().map(|&i| sens.nodes[i].node.clone())
+            ranking.first().map(|&i| sens.nodes[i].node.clone())
         } else {
             // Each remaining node, in float with those already chosen.
             // FP32 on `subset`, run once, when a round first needs it.
@@ -810,10 +820,12 @@ pub fn mixed_precision(
                 None => subset_fp32.insert(run(model, graph, None, subset, batch, threads)?.1),
             };
             let mut scored: Vec<(f64, String)> = Vec::new();
-            for n in &sens.nodes {
-                if float.contains(&n.node) {
-                    continue;
-                }
+            let remaining = ranking
+                .iter()
+                .map(|&i| &sens.nodes[i])
+                .filter(|n| !float.contains(&n.node))
+                .take(candidates.unwrap_or(usize::MAX));
+            for n in remaining {
                 let with: Vec<&str> = float
                     .iter()
                     .map(String::as_str)

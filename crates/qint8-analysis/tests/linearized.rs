@@ -407,6 +407,7 @@ fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
         &data,
         Some(0.0),
         2,
+        None,
         32,
         2,
         &mut |_| {},
@@ -449,4 +450,54 @@ fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
         assert_eq!(adds, want, "{n}");
     }
     assert!(mp.order.iter().any(|n| n == "c2"), "{:?}", mp.order);
+
+    // One candidate per round: the search follows the ranking. With the
+    // ranking's second and third swapped (the full search's second choice
+    // is then the ranking's third), it takes the ranking's order.
+    let ranked: Vec<usize> = sens.ranking();
+    let mut swapped = sens.clone();
+    let (b, c) = (ranked[1], ranked[2]);
+    let (jb, jc) = (swapped.nodes[b].alone.js, swapped.nodes[c].alone.js);
+    swapped.nodes[b].alone.js = jc;
+    swapped.nodes[c].alone.js = jb;
+    let ranked: Vec<&str> = swapped
+        .ranking()
+        .iter()
+        .map(|&i| swapped.nodes[i].node.as_str())
+        .collect();
+    assert_ne!(mp.order[1], ranked[1], "{ranked:?}");
+    let one = mixed_precision(
+        &model,
+        &cal.graph,
+        &cal.plan,
+        &swapped,
+        &subset,
+        &data,
+        Some(0.0),
+        3,
+        Some(1),
+        32,
+        2,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(one.order, ranked[..3], "{:?}", one.curve);
+    let zero = mixed_precision(
+        &model,
+        &cal.graph,
+        &cal.plan,
+        &sens,
+        &subset,
+        &data,
+        Some(0.0),
+        3,
+        Some(0),
+        32,
+        2,
+        &mut |_| {},
+    );
+    assert!(
+        matches!(&zero, Err(e) if e.to_string().contains("at least 1 candidate")),
+        "{zero:?}"
+    );
 }

@@ -143,6 +143,12 @@ pub(crate) struct MixedPrecisionArgs {
     /// sensitivity images per remaining node.
     #[arg(long, value_name = "K")]
     pub(crate) max_float: Option<usize>,
+    /// Each round after the first tries only the N remaining nodes the
+    /// sensitivity analysis ranks highest, N evaluations of the
+    /// sensitivity images instead of one per remaining node [default: all
+    /// of them]. For large models; the search may then need more nodes.
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) candidates: Option<usize>,
     /// Where to write the QDQ model (atomically).
     #[arg(long, short, value_name = "OUT.onnx")]
     pub(crate) output: PathBuf,

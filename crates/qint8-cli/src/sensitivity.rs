@@ -277,6 +277,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         &p.eval,
         args.max_drop.map(|d| d / 100.0),
         args.max_float.unwrap_or((s.nodes.len() / 10).max(1)),
+        args.candidates,
         a.batch,
         threads,
         &mut |c| {
@@ -350,6 +351,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             "quantizable_nodes": quantizable,
             "curve": m.curve.iter().map(|c| json!({"float_nodes": c.float_nodes + kept_counted, "top1": c.top1})).collect::<Vec<_>>(),
             "search_order": m.order,
+            "candidates": args.candidates,
             "seconds": start.elapsed().as_secs_f64(),
         });
         return crate::print_stdout(&format!("{v}\n"));

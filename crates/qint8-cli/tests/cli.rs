@@ -1822,6 +1822,8 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
         top,
         "--max-float",
         "1",
+        "--candidates",
+        "5",
         "--plan",
         s(&plan),
         "-o",
@@ -1845,6 +1847,7 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
         "{written}"
     );
     assert_eq!(k["kept_float"], serde_json::json!([top]));
+    assert_eq!(k["candidates"], 5);
     assert_eq!(k["quantizable_nodes"], 54);
     let chosen = k["float_nodes"].as_array().unwrap();
     assert!(chosen.len() == 1 && chosen[0] != top, "{k}");
@@ -1856,6 +1859,13 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     args.extend(["--max-drop", "-1", "-o", s(&dir.path().join("bad.onnx"))].map(String::from));
     let err = fails(qint8(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(err.contains("--max-drop"), "{err}");
+    assert!(!dir.path().join("bad.onnx").exists());
+    let mut args = vec!["mixed-precision".to_string()];
+    args.extend(common(&[]));
+    args.extend(["--candidates", "0", "-o", s(&dir.path().join("bad.onnx"))].map(String::from));
+    let o = qint8(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--candidates"), "{}", stderr(&o));
     assert!(!dir.path().join("bad.onnx").exists());
 }
 
