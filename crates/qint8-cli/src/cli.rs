@@ -1,6 +1,6 @@
 //! Command-line arguments (clap derive).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use qint8_calibration::Smoothing;
@@ -327,8 +327,10 @@ pub(crate) struct CalibDataArgs {
     /// Calibration images: an IDX file (uint8; may be gzipped), an image
     /// folder (ROOT/CLASS/*.jpg|*.png, or images directly in ROOT), or a
     /// float32 NPY of shape N x C x H x W, inputs already preprocessed.
+    /// Required, except for `sensitivity` and `mixed-precision` of a model
+    /// that is quantized already (QDQ), whose own quantization they analyze.
     #[arg(long, value_name = "DATA")]
-    pub(crate) calib: PathBuf,
+    pub(crate) calib: Option<PathBuf>,
     /// Calibrate on N images: the first N, or N chosen at random with --calib-seed.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = positive_usize)]
     pub(crate) calib_size: usize,
@@ -336,6 +338,25 @@ pub(crate) struct CalibDataArgs {
     /// seed (the same seed picks the same images) instead of the first N.
     #[arg(long, value_name = "S")]
     pub(crate) calib_seed: Option<u64>,
+}
+
+impl CalibDataArgs {
+    /// The calibration data. Without --calib this exits with a usage error
+    /// (status 2), as a missing required argument does.
+    pub(crate) fn required(&self) -> &Path {
+        match &self.calib {
+            Some(p) => p,
+            None => {
+                use clap::CommandFactory;
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "the following required argument was not provided: --calib <DATA>",
+                    )
+                    .exit()
+            }
+        }
+    }
 }
 
 /// Arguments of `qint8 quantize`.

@@ -291,7 +291,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             .collect();
         let v = json!({
             "model": model_name,
-            "calib": args.study.calib.calib.display().to_string(),
+            "calib": args.study.calib.required().display().to_string(),
             "calibration_data_format": calib_kind.name(),
             "calibration_images": calib.len(),
             "calibration_seed": args.study.calib.calib_seed,
@@ -361,7 +361,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 format!(
                     "{} images of {} ({calib_prep}), {calib_choice}",
                     format::group(calib.len()),
-                    args.study.calib.calib.display()
+                    args.study.calib.required().display()
                 ),
             ),
             (

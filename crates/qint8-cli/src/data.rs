@@ -275,26 +275,28 @@ pub(crate) fn open_calibration(
     pre: &PreprocessArgs,
     model: &qint8_graph::Model,
 ) -> Result<Opened> {
-    let mut opened = open_unlabeled(&args.calib, pre)?;
-    if let Some(input) = model.graph.inputs.first() {
-        let [c, h, w] = opened.dataset.input_shape();
-        // The batch dimension as declared: calibration picks its own.
-        let batch = match input.shape.as_deref() {
-            Some([qint8_graph::Dim::Fixed(b), ..]) => *b,
-            _ => 1,
-        };
-        crate::run::check_input_shape(
-            input,
-            &[batch, c, h, w],
-            &input_description(&args.calib, &opened.preprocessing_text(), opened.kind, c),
-        )?;
-    }
+    let calib = args.required();
+    let mut opened = open_unlabeled(calib, pre)?;
     opened.dataset = match args.calib_seed {
         Some(seed) => opened.dataset.sample(args.calib_size, seed)?,
         None => opened.dataset.take(args.calib_size)?,
     };
     if opened.dataset.is_empty() {
-        anyhow::bail!("{}: no calibration images", args.calib.display());
+        anyhow::bail!("{}: no calibration images", calib.display());
+    }
+    if let Some(input) = model.graph.inputs.first() {
+        let [c, h, w] = opened.dataset.input_shape();
+        // The batch as declared where it is fixed (calibration picks its
+        // own), else all the images.
+        let batch = match input.shape.as_deref() {
+            Some([qint8_graph::Dim::Fixed(b), ..]) => *b,
+            _ => opened.dataset.len(),
+        };
+        crate::run::check_input_shape(
+            input,
+            &[batch, c, h, w],
+            &input_description(calib, &opened.preprocessing_text(), opened.kind, c),
+        )?;
     }
     Ok(opened)
 }

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use qint8_analysis::report::{write_atomic, z_text};
 use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Outcome, Sensitivity};
 use qint8_analysis::svg::{Chart, Series, PALETTE};
-use qint8_calibration::{calibrate, Calibrated, ImageDataset};
-use qint8_graph::quant::{insert_qdq, WeightStorage};
-use qint8_graph::{Model, Op};
+use qint8_calibration::{calibrate, ImageDataset};
+use qint8_graph::quant::{float_from_qdq, insert_qdq, QuantPlan, WeightStorage};
+use qint8_graph::{Graph, Model, Op};
 use serde_json::json;
 
 use crate::cli::{AnalysisArgs, MixedPrecisionArgs, SensitivityArgs};
@@ -23,7 +23,14 @@ use crate::inspect::load_model;
 /// Everything both commands start from.
 struct Prepared {
     model: Model,
-    calibrated: Calibrated,
+    /// The float graph the plan names tensors of: the calibrated one, or
+    /// the one a QDQ model encodes.
+    graph: Graph,
+    plan: QuantPlan,
+    /// For a QDQ model: how many integer initializers it dequantizes
+    /// (weights and biases; the reference then computes with them, and
+    /// their rounding is not measured).
+    imported: Option<usize>,
     /// All evaluation images.
     eval: ImageDataset,
     /// The sensitivity subset.
@@ -33,7 +40,28 @@ struct Prepared {
 
 fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     let model = load_model(&a.model)?;
-    let calib = open_calibration(&a.cal.calib, &a.pre, &model)?.dataset;
+    let qdq = model.graph.nodes.iter().any(|n| {
+        matches!(
+            n.op,
+            Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. }
+        )
+    });
+    if qdq && a.cal.calib.calib.is_some() {
+        bail!(
+            "{} is quantized already (it has QuantizeLinear/DequantizeLinear nodes): its own quantization is analyzed, so leave out --calib",
+            a.model.display()
+        );
+    }
+    if qdq && !a.cal.keep_float.is_empty() {
+        bail!(
+            "{} is quantized already: --keep-float applies when calibrating a float model",
+            a.model.display()
+        );
+    }
+    let calib = match qdq {
+        true => None,
+        false => Some(open_calibration(&a.cal.calib, &a.pre, &model)?.dataset),
+    };
     let eval = open_evaluation(&a.data, a.labels.as_deref(), &a.pre, None)?.dataset;
     if eval.is_empty() {
         bail!("{}: no images to evaluate", a.data.display());
@@ -47,8 +75,29 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         Some(seed) => pool.sample(n, seed)?,
         None => pool.take(n)?,
     };
-    let cfg = a.cal.config(a.batch, threads)?;
     let show = !a.json && std::io::stderr().is_terminal();
+    let Some(calib) = calib else {
+        let (graph, plan) = float_from_qdq(&model.graph)
+            .with_context(|| format!("reading the quantization of {}", a.model.display()))?;
+        let integer = model
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::DequantizeLinear { .. }))
+            .filter_map(|n| n.input(0).and_then(|x| model.graph.initializers.get(x)))
+            .filter(|t| t.as_f32().is_none())
+            .count();
+        return Ok(Prepared {
+            model,
+            graph,
+            plan,
+            imported: Some(integer),
+            eval,
+            subset,
+            show,
+        });
+    };
+    let cfg = a.cal.config(a.batch, threads)?;
     let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p| {
         status(
             show,
@@ -61,18 +110,40 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     .with_context(|| format!("calibrating {}", a.model.display()))?;
     Ok(Prepared {
         model,
-        calibrated,
+        graph: calibrated.graph,
+        plan: calibrated.plan,
+        imported: None,
         eval,
         subset,
         show,
     })
 }
 
+/// For a QDQ model, a line saying where the quantization came from and
+/// what the reference is (empty for a calibrated one).
+fn imported_line(p: &Prepared) -> String {
+    match p.imported {
+        None => String::new(),
+        Some(0) => "quantization read from the file; its weights are stored in float, so the reference is the FP32 network\n".into(),
+        Some(n) => format!(
+            "quantization read from the file; it stores {n} weights or biases as integers, so the reference (\"fp32\") computes with them dequantized and their rounding is not measured\n"
+        ),
+    }
+}
+
+/// The JSON fields that say where the quantization came from.
+fn imported_json(p: &Prepared) -> serde_json::Value {
+    json!({
+        "quantization": if p.imported.is_some() { "read from the file" } else { "calibrated" },
+        "integer_initializers": p.imported,
+    })
+}
+
 /// The nodes --keep-float put in float, and how many of them are
 /// Conv/Gemm/MatMul nodes (the kind the analyses count).
 fn kept_float(p: &Prepared) -> (Vec<String>, usize) {
-    let g = &p.calibrated.graph;
-    let kept: Vec<String> = p.calibrated.plan.precision.keys().cloned().collect();
+    let g = &p.graph;
+    let kept: Vec<String> = p.plan.precision.keys().cloned().collect();
     let counted = g
         .nodes
         .iter()
@@ -91,8 +162,8 @@ fn measure(p: &Prepared, a: &AnalysisArgs, split: bool, threads: usize) -> Resul
     };
     Ok(analyze(
         &p.model,
-        &p.calibrated.graph,
-        &p.calibrated.plan,
+        &p.graph,
+        &p.plan,
         &p.subset,
         method,
         a.batch,
@@ -148,7 +219,8 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             .collect();
         let v = json!({
             "model": a.model.display().to_string(),
-            "method": p.calibrated.plan.method,
+            "method": p.plan.method,
+            "source": imported_json(&p),
             "analysis": if a.exact { "exact" } else { "linearized" },
             "measured_on": on,
             "images": s.images,
@@ -217,11 +289,12 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         k => format!(" (and {k} kept in float by --keep-float, not analyzed)"),
     };
     let text = format!(
-        "{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.2e}, JS {:.2e})\n\
+        "{}{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.2e}, JS {:.2e})\n\
          {} nodes{kept_line}, {how}\n\
          analysis {:.1} s = {:.1}x one evaluation of the quantized model on these images ({:.2} s)\n\n{}\n{}\nchart: {}\n",
+        imported_line(&p),
         a.model.display(),
-        p.calibrated.plan.method,
+        p.plan.method,
         s.images,
         s.fp32_top1 * 100.0,
         s.int8.top1 * 100.0,
@@ -270,8 +343,8 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
     let (kept, kept_counted) = kept_float(&p);
     let m = mixed_precision(
         &p.model,
-        &p.calibrated.graph,
-        &p.calibrated.plan,
+        &p.graph,
+        &p.plan,
         &s,
         &p.subset,
         &p.eval,
@@ -294,7 +367,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
     if show {
         eprint!("\r{}\r", " ".repeat(78));
     }
-    let graph = insert_qdq(&p.calibrated.graph, &m.plan, WeightStorage::Int8)?;
+    let graph = insert_qdq(&p.graph, &m.plan, WeightStorage::Int8)?;
     let out = p.model.with_graph(graph, p.model.opset.max(13));
     let chart_path = args
         .chart
@@ -337,7 +410,8 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             "model": a.model.display().to_string(),
             "output": args.output.display().to_string(),
             "chart": chart_path.display().to_string(),
-            "method": p.calibrated.plan.method,
+            "method": p.plan.method,
+            "source": imported_json(&p),
             "images": n,
             "sensitivity_images": s.images,
             "fp32_top1": m.fp32_top1,
@@ -377,7 +451,8 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         k => format!(" ({k} of them by --keep-float)"),
     };
     let mut text = format!(
-        "{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float{by_flag}; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
+        "{}{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float{by_flag}; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
+        imported_line(&p),
         a.model.display(),
         args.output.display(),
         m.float_nodes.len() + kept_counted,

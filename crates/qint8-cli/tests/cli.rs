@@ -1362,6 +1362,8 @@ fn compare_rejects_bad_input() {
         s(&m),
         "--calib",
         s(&calib),
+        "--pad",
+        "2",
         "--data",
         s(&absent),
         "--json",
@@ -1867,6 +1869,89 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--candidates"), "{}", stderr(&o));
     assert!(!dir.path().join("bad.onnx").exists());
+}
+
+/// A model quantized already is analyzed as its file quantizes it: with
+/// float weights the analysis is the one of the float model calibrated the
+/// same way, figure for figure; with int8 weights it says the reference
+/// computes with them; mixed precision writes a file TensorRT accepts.
+#[test]
+fn sensitivity_and_mixed_precision_read_a_qdq_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let m = model("vgg16_bn.onnx");
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let data = eval_images();
+    let analysis = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["sensitivity", s(model), "--data", s(&data)];
+        args.extend(["--sensitivity-images", "100", "--chart", "/dev/null"]);
+        args.extend(pre);
+        args.extend(extra);
+        qint8(&args)
+    };
+    let analysis_json = |model: &Path, extra: &[&str]| {
+        let mut extra = extra.to_vec();
+        extra.push("--json");
+        json(&ok(analysis(model, &extra)))
+    };
+    let cal = ["--calib", s(&calib), "--calib-size", "100"];
+    let float_weights = dir.path().join("f.onnx");
+    let int8_weights = dir.path().join("q.onnx");
+    for (out, extra) in [
+        (&float_weights, &["--float-weights"][..]),
+        (&int8_weights, &[]),
+    ] {
+        let mut args = vec!["quantize", s(&m), "-o", s(out)];
+        args.extend(cal);
+        args.extend(pre);
+        args.extend(extra);
+        ok(qint8(&args));
+    }
+    let from_float = analysis_json(&m, &cal);
+    let from_file = analysis_json(&float_weights, &[]);
+    assert_eq!(from_float["source"]["quantization"], "calibrated");
+    assert_eq!(from_file["source"]["quantization"], "read from the file");
+    assert_eq!(from_file["source"]["integer_initializers"], 0);
+    for key in ["fp32_top1", "int8", "nodes"] {
+        assert_eq!(from_float[key], from_file[key], "{key}");
+    }
+    let v = analysis_json(&int8_weights, &[]);
+    assert_eq!(v["source"]["integer_initializers"], 16);
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 16);
+    let text = ok(analysis(&int8_weights, &[]));
+    assert!(
+        text.contains("stores 16 weights or biases as integers"),
+        "{text}"
+    );
+
+    // Mixed precision on the file: a QDQ file with one node in float.
+    let out = dir.path().join("mp.onnx");
+    let mut args = vec!["mixed-precision", s(&int8_weights), "--data", s(&data)];
+    args.extend([
+        "--sensitivity-images",
+        "100",
+        "--max-float",
+        "1",
+        "--json",
+        "-o",
+        s(&out),
+    ]);
+    args.extend(pre);
+    let k = json(&ok(qint8(&args)));
+    assert_eq!(k["float_nodes"].as_array().unwrap().len(), 1, "{k}");
+    assert_eq!(k["source"]["quantization"], "read from the file");
+    let report = ok(qint8(&["check-trt", s(&out)]));
+    assert!(report.contains("0 violation(s)"), "{report}");
+
+    // A quantized model takes no calibration; a float one needs it.
+    let err = fails(analysis(&int8_weights, &cal));
+    assert!(
+        err.contains("quantized already") && err.contains("--calib"),
+        "{err}"
+    );
+    let o = analysis(&m, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--calib"), "{}", stderr(&o));
 }
 
 /// `qint8 eval --json` of a model file on the fixture eval slice.

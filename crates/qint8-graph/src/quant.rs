@@ -848,6 +848,57 @@ fn quantized_tensor(data: &[f32], shape: &[usize], params: &QuantParams) -> Resu
     })
 }
 
+/// The parameters a `QuantizeLinear` or `DequantizeLinear` node applies
+/// to `x`: constant scale (scalar or per channel along `axis`) and zero
+/// point (uint8 when absent, as ONNX defines). `Ok(None)` where the scale
+/// is absent.
+fn node_params(graph: &Graph, node: &Node, axis: i64) -> Result<Option<QuantParams>> {
+    let (Some(x), Some(scale)) = (node.input(0), node.input(1)) else {
+        return Ok(None);
+    };
+    let scale_t = graph.initializers.get(scale).ok_or_else(|| {
+        GraphError::Invalid(format!(
+            "{}: scale `{scale}` is not a constant, cannot import",
+            node.name
+        ))
+    })?;
+    let scales = scale_t.to_f32_vec();
+    let zp_t = node.input(2).and_then(|z| graph.initializers.get(z));
+    let zps: Vec<i64> = zp_t
+        .and_then(Tensor::to_i64_vec)
+        .unwrap_or_else(|| vec![0; scales.len()]);
+    let dtype = match zp_t {
+        Some(Tensor::I8(_)) => QuantDtype::Int8,
+        _ => QuantDtype::Uint8,
+    };
+    let channels = scales
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let z = zps.get(i).or(zps.first()).copied().unwrap_or(0) as i32;
+            qint8_math::params::ChannelParams::new(s, z, dtype, false)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?;
+    Ok(Some(if let [only] = channels[..] {
+        QuantParams::per_tensor(only)
+    } else if channels.is_empty() {
+        return Err(GraphError::Invalid(format!(
+            "{}: empty scale `{scale}`",
+            node.name
+        )));
+    } else {
+        let rank = graph
+            .initializers
+            .get(x)
+            .map(|t| t.shape().len() as i64)
+            .unwrap_or(4);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        QuantParams::per_channel(channels, axis.max(0) as usize)
+            .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?
+    }))
+}
+
 /// Reads the plan a QDQ graph encodes (made by qint8 or another tool):
 /// each `DequantizeLinear` with constant scale and zero point gives the
 /// parameters of the tensor its `QuantizeLinear` quantizes (an activation)
@@ -864,50 +915,10 @@ pub fn plan_from_qdq(graph: &Graph) -> Result<QuantPlan> {
         let Op::DequantizeLinear { axis } = node.op else {
             continue;
         };
-        let (Some(x), Some(scale)) = (node.input(0), node.input(1)) else {
+        let Some(params) = node_params(graph, node, axis)? else {
             continue;
         };
-        let scale_t = graph.initializers.get(scale).ok_or_else(|| {
-            GraphError::Invalid(format!(
-                "{}: scale `{scale}` is not a constant, cannot import",
-                node.name
-            ))
-        })?;
-        let scales = scale_t.to_f32_vec();
-        let zps: Vec<i64> = match node.input(2).and_then(|z| graph.initializers.get(z)) {
-            Some(t) => t.to_i64_vec().unwrap_or_default(),
-            None => vec![0; scales.len()],
-        };
-        let dtype = match node.input(2).and_then(|z| graph.initializers.get(z)) {
-            Some(Tensor::I8(_)) => QuantDtype::Int8,
-            _ => QuantDtype::Uint8,
-        };
-        let channels = scales
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| {
-                let z = zps.get(i).or(zps.first()).copied().unwrap_or(0) as i32;
-                qint8_math::params::ChannelParams::new(s, z, dtype, false)
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?;
-        let params = if let [only] = channels[..] {
-            QuantParams::per_tensor(only)
-        } else if channels.is_empty() {
-            return Err(GraphError::Invalid(format!(
-                "{}: empty scale `{scale}`",
-                node.name
-            )));
-        } else {
-            let rank = graph
-                .initializers
-                .get(x)
-                .map(|t| t.shape().len() as i64)
-                .unwrap_or(4);
-            let axis = if axis < 0 { axis + rank } else { axis };
-            QuantParams::per_channel(channels, axis.max(0) as usize)
-                .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?
-        };
+        let x = node.input(0).unwrap_or_default();
         if graph.initializers.contains_key(x) {
             plan.weights.insert(x.to_string(), params);
             continue;
@@ -926,4 +937,306 @@ pub fn plan_from_qdq(graph: &Graph) -> Result<QuantPlan> {
         }
     }
     Ok(plan)
+}
+
+/// A QDQ graph (made by qint8 or another tool) as the float graph and the
+/// plan it encodes, such that [`insert_qdq`] of the two computes what the
+/// QDQ graph computes:
+///
+/// - each `QuantizeLinear` -> `DequantizeLinear` pair goes; the nodes that
+///   read the pair read its float input, which the plan quantizes (as an
+///   activation, or as a weight when it is an initializer);
+/// - each integer initializer read through a `DequantizeLinear` becomes a
+///   float initializer of its dequantized values under that node's output
+///   name: a weight of the plan when it is 8-bit (quantizing it again gives
+///   the same integers), a float bias when it is int32 (its rounding, on a
+///   step of input scale times weight scale, is left out);
+/// - a node that reads a planned tensor directly (not through its pair),
+///   and nothing through a pair, is kept in float ([`Precision::Float`]);
+/// - a graph output read through a pair gets an `Identity` from the float
+///   tensor, so that the pair is kept and the output keeps its name.
+///
+/// Errors name every construct a plan cannot hold: a tensor quantized with
+/// two different parameters, a node that reads one planned tensor through
+/// its pair and another directly, a pair whose two halves disagree, a
+/// `QuantizeLinear` read by anything but `DequantizeLinear`, a
+/// `DequantizeLinear` of anything but an integer initializer or a
+/// `QuantizeLinear`.
+pub fn float_from_qdq(graph: &Graph) -> Result<(Graph, QuantPlan)> {
+    let mut plan = QuantPlan::new("imported");
+    let producers: HashMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(k, n)| n.outputs.iter().map(move |o| (o.as_str(), k)))
+        .collect();
+    let mut problems: Vec<String> = Vec::new();
+    let mut removed: HashSet<usize> = HashSet::new();
+    // Output of a removed DequantizeLinear -> the float tensor read instead.
+    let mut alias: HashMap<String, String> = HashMap::new();
+    let mut initializers = graph.initializers.clone();
+    // Dequantized 8-bit initializers: weights read through their pair.
+    let mut dequantized: HashSet<String> = HashSet::new();
+    let mut names = Names::of(graph);
+    // Relu nodes standing in for pairs whose range starts at 0, by the
+    // tensor they read, and where they go (the first pair's position).
+    let mut relu_of: HashMap<String, String> = HashMap::new();
+    let mut emit: HashMap<usize, Node> = HashMap::new();
+    let plan_param = |plan: &mut QuantPlan, name: &str, weight: bool, p: QuantParams| {
+        let map = if weight {
+            &mut plan.weights
+        } else {
+            &mut plan.activations
+        };
+        match map.get(name) {
+            Some(old) if *old != p => Err(format!(
+                "`{name}` is quantized with two different parameters"
+            )),
+            _ => {
+                map.insert(name.to_string(), p);
+                Ok(())
+            }
+        }
+    };
+    for (k, node) in graph.nodes.iter().enumerate() {
+        let Op::DequantizeLinear { axis } = node.op else {
+            continue;
+        };
+        let (Some(x), Some(out)) = (node.input(0), node.outputs.first()) else {
+            problems.push(format!(
+                "{}: DequantizeLinear without input or output",
+                node.name
+            ));
+            continue;
+        };
+        match initializers.get(x).cloned() {
+            Some(t @ (Tensor::I8(_) | Tensor::U8(_))) => {
+                let Some(p) = node_params(graph, node, axis)? else {
+                    problems.push(format!("{}: no scale", node.name));
+                    continue;
+                };
+                let values = if let Tensor::I8(a) = &t {
+                    let q: Vec<i8> = a.iter().copied().collect();
+                    qint8_math::quant::dequantize(&q, a.shape(), &p)
+                } else if let Tensor::U8(a) = &t {
+                    let q: Vec<u8> = a.iter().copied().collect();
+                    qint8_math::quant::dequantize(&q, a.shape(), &p)
+                } else {
+                    continue;
+                }
+                .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?;
+                let w = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(t.shape()), values)
+                    .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?;
+                initializers.insert(out.clone(), Tensor::F32(w));
+                if let Err(e) = plan_param(&mut plan, out, true, p) {
+                    problems.push(e);
+                }
+                dequantized.insert(out.clone());
+                removed.insert(k);
+            }
+            Some(Tensor::I32(a)) => {
+                // A bias: (q - zero point) * scale, per element or for all.
+                let scale = node
+                    .input(1)
+                    .and_then(|n| initializers.get(n))
+                    .map(Tensor::to_f32_vec)
+                    .unwrap_or_default();
+                let zp = node
+                    .input(2)
+                    .and_then(|n| initializers.get(n))
+                    .and_then(Tensor::to_i64_vec)
+                    .unwrap_or_default();
+                let n = a.len();
+                if !(scale.len() == 1 || scale.len() == n) || !(zp.len() <= 1 || zp.len() == n) {
+                    problems.push(format!(
+                        "{}: int32 `{x}` of {n} values with {} scales and {} zero points",
+                        node.name,
+                        scale.len(),
+                        zp.len()
+                    ));
+                    continue;
+                }
+                let values: Vec<f32> = a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| {
+                        let z = zp.get(i).or(zp.first()).copied().unwrap_or(0);
+                        let s = scale.get(i).or(scale.first()).copied().unwrap_or(1.0);
+                        ((q as i64 - z) as f64 * s as f64) as f32
+                    })
+                    .collect();
+                let b = ndarray::ArrayD::from_shape_vec(a.raw_dim(), values)
+                    .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?;
+                initializers.insert(out.clone(), Tensor::F32(b));
+                removed.insert(k);
+            }
+            Some(_) => problems.push(format!(
+                "{}: DequantizeLinear of `{x}`, which is not an integer initializer",
+                node.name
+            )),
+            None => {
+                let q = producers.get(x).map(|&i| (i, &graph.nodes[i]));
+                let Some((
+                    qi,
+                    qn @ Node {
+                        op: Op::QuantizeLinear { axis: q_axis },
+                        ..
+                    },
+                )) = q
+                else {
+                    problems.push(format!(
+                        "{}: DequantizeLinear of `{x}`, which no QuantizeLinear makes",
+                        node.name
+                    ));
+                    continue;
+                };
+                let (Some(src), Some(p), Some(qp)) = (
+                    qn.input(0),
+                    node_params(graph, node, axis)?,
+                    node_params(graph, qn, *q_axis)?,
+                ) else {
+                    problems.push(format!("{}: no scale", node.name));
+                    continue;
+                };
+                if p != qp {
+                    problems.push(format!(
+                        "{} and {}: QuantizeLinear and DequantizeLinear of `{src}` with different parameters",
+                        qn.name, node.name
+                    ));
+                    continue;
+                }
+                let weight = initializers.contains_key(src);
+                // A pair whose range starts at 0 also sets negative values
+                // to 0: some quantizers drop a Relu before such a pair and
+                // leave that to it (onnxruntime's quantize_static does), so
+                // the float graph gets the Relu back (a no-op on a tensor
+                // that is never negative).
+                let floor = !weight && p.channels().iter().all(|c| c.zero_point == c.qmin);
+                let read = match floor {
+                    true => relu_of
+                        .entry(src.to_string())
+                        .or_insert_with(|| {
+                            let out = names.fresh(&format!("{src}_relu"));
+                            let name = names.fresh(&format!("{src}_Relu"));
+                            emit.insert(k, Node::new(name, Op::Relu, &[src], &[&out]));
+                            out
+                        })
+                        .clone(),
+                    false => src.to_string(),
+                };
+                if let Err(e) = plan_param(&mut plan, &read, weight, p) {
+                    problems.push(e);
+                }
+                alias.insert(out.clone(), read);
+                removed.insert(k);
+                removed.insert(qi);
+            }
+        }
+    }
+    // Every QuantizeLinear must feed imported DequantizeLinear nodes only.
+    for (k, node) in graph.nodes.iter().enumerate() {
+        if !matches!(node.op, Op::QuantizeLinear { .. }) {
+            continue;
+        }
+        let out = node.outputs.first().map(String::as_str).unwrap_or_default();
+        let mut readers: Vec<&str> = graph
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| n.inputs.iter().any(|s| s == out) && !removed.contains(i))
+            .map(|(_, n)| n.name.as_str())
+            .collect();
+        if graph.outputs.iter().any(|v| v.name == out) {
+            readers.push("the graph's outputs");
+        }
+        if !removed.contains(&k) || !readers.is_empty() {
+            problems.push(format!(
+                "{}: QuantizeLinear read by {} (only a DequantizeLinear can follow it)",
+                node.name,
+                if readers.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    readers.join(", ")
+                }
+            ));
+        }
+    }
+    let mut nodes: Vec<Node> = Vec::with_capacity(graph.nodes.len());
+    let mut precision: BTreeMap<String, Precision> = BTreeMap::new();
+    for (k, node) in graph.nodes.iter().enumerate() {
+        if let Some(relu) = emit.remove(&k) {
+            nodes.push(relu);
+        }
+        if removed.contains(&k) {
+            continue;
+        }
+        let mut n = node.clone();
+        let (mut through_pair, mut direct) = (Vec::new(), Vec::new());
+        for input in n.inputs.iter_mut().filter(|s| !s.is_empty()) {
+            if let Some(src) = alias.get(input.as_str()) {
+                through_pair.push(src.clone());
+                *input = src.clone();
+            } else if dequantized.contains(input.as_str()) {
+                through_pair.push(input.clone());
+            } else if plan.activations.contains_key(input.as_str())
+                || plan.weights.contains_key(input.as_str())
+            {
+                direct.push(input.clone());
+            }
+        }
+        match (through_pair.is_empty(), direct.is_empty()) {
+            (_, true) => {}
+            (true, false) => {
+                precision.insert(n.name.clone(), Precision::Float);
+            }
+            (false, false) => problems.push(format!(
+                "{}: reads {} quantized and {} in float (a plan quantizes a tensor for all the nodes that quantize their inputs)",
+                n.name,
+                through_pair.join(", "),
+                direct.join(", ")
+            )),
+        }
+        nodes.push(n);
+    }
+    if !problems.is_empty() {
+        return Err(GraphError::Invalid(format!(
+            "cannot read the QDQ graph as a float graph and a plan: {}",
+            problems.join("; ")
+        )));
+    }
+    // Graph outputs read through a pair keep it: an Identity of the float
+    // tensor, named as the output.
+    for out in &graph.outputs {
+        if let Some(src) = alias.get(&out.name) {
+            let name = names.fresh(&format!("{}_Identity", out.name));
+            nodes.push(Node::new(name, Op::Identity, &[src], &[&out.name]));
+        }
+    }
+    plan.precision = precision;
+    let used: HashSet<&str> = nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter().map(String::as_str))
+        .chain(graph.outputs.iter().map(|v| v.name.as_str()))
+        .collect();
+    initializers.retain(|name, _| used.contains(name.as_str()));
+    let values: HashSet<&str> = nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(String::as_str))
+        .chain(graph.inputs.iter().map(|v| v.name.as_str()))
+        .collect();
+    let g = Graph {
+        name: graph.name.clone(),
+        inputs: graph.inputs.clone(),
+        outputs: graph.outputs.clone(),
+        value_info: graph
+            .value_info
+            .iter()
+            .filter(|v| values.contains(v.name.as_str()))
+            .cloned()
+            .collect(),
+        nodes,
+        initializers,
+    };
+    plan.validate(&g)?;
+    Ok((g, plan))
 }

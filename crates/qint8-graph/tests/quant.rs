@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{ArrayD, IxDyn};
 use qint8_graph::quant::{
-    insert_qdq, ort_placement, placement, plan_from_qdq, trt_placement, Precision, QuantPlan,
-    WeightStorage,
+    float_from_qdq, insert_qdq, ort_placement, placement, plan_from_qdq, trt_placement, Precision,
+    QuantPlan, WeightStorage,
 };
 use qint8_graph::{ConvAttrs, Graph, Node, Op, PlacementPolicy, PoolAttrs, Tensor, ValueInfo};
 use qint8_math::{QuantDtype, QuantParams};
@@ -199,6 +199,112 @@ fn import_recovers_the_plan_of_a_qdq_graph() {
             .collect();
         assert_eq!(weights, expected, "{storage:?}");
     }
+}
+
+#[test]
+fn a_qdq_graph_reads_back_as_its_float_graph_and_plan() {
+    let g = block();
+    let mut plan = plan_for(&g);
+    // b in float: it reads ra directly, the Add reads it through its pair.
+    plan.precision.insert("b".into(), Precision::Float);
+    for storage in [WeightStorage::Int8, WeightStorage::FloatQdq] {
+        let q = insert_qdq(&g, &plan, storage).unwrap();
+        let (f, back) = float_from_qdq(&q).unwrap();
+        let ops = |g: &Graph| -> Vec<(String, &'static str)> {
+            g.nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.op.op_type()))
+                .collect()
+        };
+        assert_eq!(ops(&f), ops(&g), "{storage:?}");
+        assert_eq!(back.activations, plan.activations, "{storage:?}");
+        assert_eq!(
+            back.precision,
+            BTreeMap::from([("b".to_string(), Precision::Float)])
+        );
+        // a's weight: quantized as planned, its values those the QDQ graph
+        // computes with (int8 storage: dequantized, under the
+        // DequantizeLinear's output name).
+        let a = f.nodes.iter().find(|n| n.name == "a").unwrap();
+        assert_eq!(a.inputs[0], "x");
+        let w = &a.inputs[1];
+        let got = back.weights[w.as_str()].scales();
+        assert_eq!(got, plan.weights["wa"].scales(), "{storage:?}");
+        let values = f.initializers[w.as_str()].to_f32_vec();
+        let original = g.initializers["wa"].to_f32_vec();
+        let fake =
+            qint8_math::quant::fake_quant(&original, &[4, 4, 3, 3], &plan.weights["wa"]).unwrap();
+        match storage {
+            WeightStorage::Int8 => assert_eq!(values, fake),
+            WeightStorage::FloatQdq => assert_eq!(values, original),
+        }
+        // b's weight is read in float only: no longer planned.
+        assert!(back.weights.len() == 1, "{:?}", back.weights.keys());
+        // Written again, the same pairs.
+        let again = insert_qdq(&f, &back, WeightStorage::Int8).unwrap();
+        assert_eq!(
+            plan_from_qdq(&again).unwrap().activations,
+            plan_from_qdq(&q).unwrap().activations
+        );
+        assert!(!f.nodes.iter().any(|n| n.op.op_type().ends_with("Linear")));
+    }
+}
+
+#[test]
+fn a_pair_whose_range_starts_at_zero_reads_back_through_a_relu() {
+    // x quantized to uint8 with zero point 0: the pair sets negative inputs
+    // to 0, so the float graph reads x through a Relu.
+    let g = block();
+    let mut plan = plan_for(&g);
+    let floor = qint8_math::ChannelParams::new(0.02, 0, QuantDtype::Uint8, false).unwrap();
+    plan.activations
+        .insert("x".into(), QuantParams::per_tensor(floor));
+    let q = insert_qdq(&g, &plan, WeightStorage::Int8).unwrap();
+    let (f, back) = float_from_qdq(&q).unwrap();
+    let relu = f.nodes.iter().find(|n| n.inputs == ["x"]).unwrap();
+    assert_eq!(relu.op.op_type(), "Relu");
+    let a = f.nodes.iter().find(|n| n.name == "a").unwrap();
+    assert_eq!(a.inputs[0], relu.outputs[0]);
+    assert_eq!(back.activations[&relu.outputs[0]], plan.activations["x"]);
+    assert!(!back.activations.contains_key("x"));
+    // Symmetric ranges (qint8's own) add none.
+    let (f, _) =
+        float_from_qdq(&insert_qdq(&g, &plan_for(&g), WeightStorage::Int8).unwrap()).unwrap();
+    assert_eq!(f.nodes.len(), g.nodes.len());
+}
+
+#[test]
+fn what_a_plan_cannot_hold_is_named() {
+    let g = block();
+    let plan = plan_for(&g);
+    let q = insert_qdq(&g, &plan, WeightStorage::Int8).unwrap();
+    let fails = |q: &Graph| float_from_qdq(q).unwrap_err().to_string();
+    // b reads its weight through a pair and ra directly.
+    let mut mixed = q.clone();
+    let b = mixed.nodes.iter_mut().find(|n| n.name == "b").unwrap();
+    b.inputs[0] = "ra".into();
+    let e = fails(&mixed);
+    assert!(e.contains("b: reads") && e.contains("in float"), "{e}");
+    // A QuantizeLinear read by something else than a DequantizeLinear.
+    let mut raw = q.clone();
+    raw.nodes
+        .push(Node::new("peek", Op::Relu, &["ra_quantized"], &["p"]));
+    let e = fails(&raw);
+    assert!(e.contains("read by peek"), "{e}");
+    // The two halves of a pair disagree.
+    let mut odd = q.clone();
+    odd.initializers.insert(
+        "other_scale".into(),
+        Tensor::F32(ArrayD::from_elem(IxDyn(&[]), 0.5)),
+    );
+    let dq = odd
+        .nodes
+        .iter_mut()
+        .find(|n| n.op.op_type() == "DequantizeLinear" && n.inputs[0] == "ra_quantized")
+        .unwrap();
+    dq.inputs[1] = "other_scale".into();
+    let e = fails(&odd);
+    assert!(e.contains("different parameters"), "{e}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use qint8_calibration::dataset::npy::write_npy_f32;
 use qint8_calibration::{calibrate, CalibConfig};
-use qint8_graph::quant::{insert_qdq, ort_placement, placement, WeightStorage};
+use qint8_graph::quant::{float_from_qdq, insert_qdq, ort_placement, placement, WeightStorage};
 use qint8_graph::{Model, PlacementPolicy};
 use qint8_suite::{fixture_dataset, fixtures, onnxruntime_available, top1_agreement};
 
@@ -159,6 +159,48 @@ fn same_tensors_as_quantize_static(file: &str, dir: &Path) {
             .map(|q| q.channels()[0].scale as f64);
         assert_eq!(got, Some(scale as f32 as f64), "{name}");
     }
+
+    // Read as a float graph and a plan (what `qint8 sensitivity` analyzes)
+    // and written again, it still agrees with onnxruntime running
+    // onnxruntime's file: only the int32 biases' rounding is left out.
+    let (float_graph, plan) = float_from_qdq(&ort_model.graph).unwrap();
+    assert_eq!(plan.weights.len(), p.weights.len());
+    // The float graph is the network (with onnxruntime's rounded weights):
+    // onnxruntime drops a Relu ahead of a pair whose range starts at 0, and
+    // the float graph has it back. Its predictions are FP32's.
+    let top1 = |m: &Model| -> Vec<usize> {
+        let input = &m.graph.inputs[0].name;
+        let y = qint8_suite::qint8_output_with(m, input, batch.inputs.view(), false).unwrap();
+        y.as_slice()
+            .unwrap()
+            .chunks(y.shape()[1])
+            .map(qint8_suite::argmax)
+            .collect()
+    };
+    let reference = top1(&model);
+    let float_model = Model {
+        graph: float_graph.clone(),
+        ..ort_model.clone()
+    };
+    let same = reference
+        .iter()
+        .zip(top1(&float_model))
+        .filter(|(a, b)| **a == *b)
+        .count();
+    eprintln!(
+        "{file}: the float graph of onnxruntime's file agrees with FP32 on {same} / {}",
+        reference.len()
+    );
+    assert!(same * 100 >= reference.len() * 98, "{same}");
+    let again = Model {
+        graph: insert_qdq(&float_graph, &plan, WeightStorage::Int8).unwrap(),
+        ..ort_model.clone()
+    };
+    let again_file = dir.join("ort_qdq_again.onnx");
+    qint8_graph::onnx::save(&again, &again_file).unwrap();
+    let b = top1_agreement(&again, &ort_file, &batch, dir).unwrap();
+    eprintln!("{file}: onnxruntime's file read as a plan and written again: {b:?}");
+    assert!(b.unoptimized * 1000 >= b.images * 995, "{b:?}");
 }
 
 /// Agreement of top-1 predictions between qint8's simulation and
