@@ -521,10 +521,22 @@ fn float_nodes_matching(
         })
         .map(|n| n.name.as_str())
         .collect();
+    match_node_patterns(&quantized, patterns, "(names after BatchNorm folding) ")
+}
+
+/// The names among `candidates` (nodes with quantized inputs) that
+/// `patterns` match, each `*` in a pattern matching any run of characters.
+/// Every pattern must match one: the error lists those that match none and
+/// the first candidates (`note` describes their names).
+pub fn match_node_patterns(
+    candidates: &[&str],
+    patterns: &BTreeSet<String>,
+    note: &str,
+) -> Result<BTreeSet<String>> {
     let mut found = BTreeSet::new();
     let mut unmatched = Vec::new();
     for p in patterns {
-        let hits: Vec<&&str> = quantized.iter().filter(|n| glob_match(p, n)).collect();
+        let hits: Vec<&&str> = candidates.iter().filter(|n| glob_match(p, n)).collect();
         if hits.is_empty() {
             unmatched.push(format!("`{p}`"));
         }
@@ -533,15 +545,19 @@ fn float_nodes_matching(
     if unmatched.is_empty() {
         return Ok(found);
     }
-    let shown: Vec<String> = quantized.iter().take(6).map(|n| format!("`{n}`")).collect();
+    let shown: Vec<String> = candidates
+        .iter()
+        .take(6)
+        .map(|n| format!("`{n}`"))
+        .collect();
     let (noun, verb) = match unmatched.len() {
         1 => ("pattern", "matches"),
         _ => ("patterns", "match"),
     };
     Err(CalibError::Invalid(format!(
-        "float node {noun} {} {verb} no node with quantized inputs; the {} such nodes (names after BatchNorm folding) begin {}",
+        "float node {noun} {} {verb} no node with quantized inputs; the {} such nodes {note}begin {}",
         unmatched.join(", "),
-        quantized.len(),
+        candidates.len(),
         shown.join(", ")
     )))
 }

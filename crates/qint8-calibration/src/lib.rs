@@ -69,7 +69,8 @@ pub mod refine;
 pub mod smooth;
 
 pub use calibrator::{
-    calibrate, calibrate_owned, weight_params, CalibConfig, Calibrated, Progress,
+    calibrate, calibrate_owned, match_node_patterns, weight_params, CalibConfig, Calibrated,
+    Progress,
 };
 pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};

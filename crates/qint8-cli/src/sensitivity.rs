@@ -1,16 +1,19 @@
 //! `qint8 sensitivity` and `qint8 mixed-precision`: which layer hurts, and
 //! the fewest float layers for an accuracy budget.
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qint8_analysis::report::{write_atomic, z_text};
-use qint8_analysis::sensitivity::{analyze, mixed_precision, Method, Outcome, Sensitivity};
+use qint8_analysis::sensitivity::{
+    analyze, mixed_precision, with_float_nodes, Method, Outcome, Sensitivity,
+};
 use qint8_analysis::svg::{Chart, Series, PALETTE};
-use qint8_calibration::{calibrate, ImageDataset};
-use qint8_graph::quant::{float_from_qdq, insert_qdq, QuantPlan, WeightStorage};
+use qint8_calibration::{calibrate, match_node_patterns, ImageDataset};
+use qint8_graph::quant::{float_from_qdq, insert_qdq, Precision, QuantPlan, WeightStorage};
 use qint8_graph::{Graph, Model, Op};
 use serde_json::json;
 
@@ -52,12 +55,6 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
             a.model.display()
         );
     }
-    if qdq && !a.cal.keep_float.is_empty() {
-        bail!(
-            "{} is quantized already: --keep-float applies when calibrating a float model",
-            a.model.display()
-        );
-    }
     let calib = match qdq {
         true => None,
         false => Some(open_calibration(&a.cal.calib, &a.pre, &model)?.dataset),
@@ -79,6 +76,22 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     let Some(calib) = calib else {
         let (graph, plan) = float_from_qdq(&model.graph)
             .with_context(|| format!("reading the quantization of {}", a.model.display()))?;
+        // --keep-float among the nodes the file quantizes.
+        let patterns: BTreeSet<String> = a.cal.keep_float.iter().cloned().collect();
+        let quantized: Vec<&str> = graph
+            .nodes
+            .iter()
+            .filter(|n| plan.precision_of(&n.name) == Precision::Int8)
+            .filter(|n| {
+                n.inputs
+                    .iter()
+                    .any(|i| plan.activations.contains_key(i) || plan.weights.contains_key(i))
+            })
+            .map(|n| n.name.as_str())
+            .collect();
+        let kept = match_node_patterns(&quantized, &patterns, "")
+            .with_context(|| format!("--keep-float on {}", a.model.display()))?;
+        let plan = with_float_nodes(&graph, &plan, kept.iter().map(String::as_str));
         let integer = model
             .graph
             .nodes
@@ -286,7 +299,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
     };
     let kept_line = match kept.len() {
         0 => String::new(),
-        k => format!(" (and {k} kept in float by --keep-float, not analyzed)"),
+        k => format!(" (and {k} kept in float by --keep-float or the file, not analyzed)"),
     };
     let text = format!(
         "{}{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.2e}, JS {:.2e})\n\

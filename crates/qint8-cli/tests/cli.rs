@@ -1923,6 +1923,13 @@ fn sensitivity_and_mixed_precision_read_a_qdq_model() {
         text.contains("stores 16 weights or biases as integers"),
         "{text}"
     );
+    // --keep-float among the nodes the file quantizes.
+    let first = "/features/features.0/Conv";
+    let k = analysis_json(&int8_weights, &["--keep-float", first]);
+    assert_eq!(k["kept_float"], serde_json::json!([first]));
+    assert_eq!(k["nodes"].as_array().unwrap().len(), 15);
+    let err = fails(analysis(&int8_weights, &["--keep-float", "/nothing*"]));
+    assert!(err.contains("`/nothing*` matches no node"), "{err}");
 
     // Mixed precision on the file: a QDQ file with one node in float.
     let out = dir.path().join("mp.onnx");
@@ -1950,6 +1957,9 @@ fn sensitivity_and_mixed_precision_read_a_qdq_model() {
         "{err}"
     );
     let o = analysis(&m, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--calib"), "{}", stderr(&o));
+    let o = qint8(&["quantize", s(&m), "-o", s(&dir.path().join("x.onnx"))]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--calib"), "{}", stderr(&o));
 }
