@@ -91,6 +91,12 @@ pub(crate) struct AnalysisArgs {
     /// Choose the sensitivity images at random with this seed.
     #[arg(long, value_name = "S")]
     pub(crate) sensitivity_seed: Option<u64>,
+    /// For a QDQ MODEL that stores its weights as integers: the FP32 model
+    /// it was quantized from. Its weights replace the dequantized ones
+    /// wherever they round to the file's integers, so the reference is the
+    /// FP32 network and the weights' rounding is measured too.
+    #[arg(long, value_name = "FP32.onnx")]
+    pub(crate) fp32: Option<PathBuf>,
     /// Image preprocessing.
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,

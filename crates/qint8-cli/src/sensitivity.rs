@@ -13,7 +13,10 @@ use qint8_analysis::sensitivity::{
 };
 use qint8_analysis::svg::{Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, match_node_patterns, ImageDataset};
-use qint8_graph::quant::{float_from_qdq, insert_qdq, Precision, QuantPlan, WeightStorage};
+use qint8_graph::quant::{
+    float_from_qdq, insert_qdq, restore_float_weights, Precision, QuantPlan, RestoredWeights,
+    WeightStorage,
+};
 use qint8_graph::{Graph, Model, Op};
 use serde_json::json;
 
@@ -23,6 +26,15 @@ use crate::data::{open_calibration, open_evaluation};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
 
+/// A QDQ model's reference.
+struct Imported {
+    /// Integer initializers the file dequantizes (weights and biases).
+    integer: usize,
+    /// With --fp32: the nodes given their FP32 weights back, and those
+    /// that keep the file's (with the reason).
+    restored: Option<RestoredWeights>,
+}
+
 /// Everything both commands start from.
 struct Prepared {
     model: Model,
@@ -30,10 +42,8 @@ struct Prepared {
     /// the one a QDQ model encodes.
     graph: Graph,
     plan: QuantPlan,
-    /// For a QDQ model: how many integer initializers it dequantizes
-    /// (weights and biases; the reference then computes with them, and
-    /// their rounding is not measured).
-    imported: Option<usize>,
+    /// For a QDQ model, what the reference computes with.
+    imported: Option<Imported>,
     /// All evaluation images.
     eval: ImageDataset,
     /// The sensitivity subset.
@@ -49,6 +59,12 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
             Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. }
         )
     });
+    if !qdq && a.fp32.is_some() {
+        bail!(
+            "--fp32 names the FP32 model of a QDQ model; {} is not quantized",
+            a.model.display()
+        );
+    }
     if qdq && a.cal.calib.calib.is_some() {
         bail!(
             "{} is quantized already (it has QuantizeLinear/DequantizeLinear nodes): its own quantization is analyzed, so leave out --calib",
@@ -92,6 +108,28 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         let kept = match_node_patterns(&quantized, &patterns, "")
             .with_context(|| format!("--keep-float on {}", a.model.display()))?;
         let plan = with_float_nodes(&graph, &plan, kept.iter().map(String::as_str));
+        let mut graph = graph;
+        let restored = match &a.fp32 {
+            Some(path) => {
+                let mut fp32 = load_model(path)?.graph;
+                qint8_graph::passes::simplify(&mut fp32)
+                    .with_context(|| format!("simplifying {}", path.display()))?;
+                let r = restore_float_weights(&mut graph, &plan, &fp32)?;
+                if r.restored.is_empty() {
+                    bail!(
+                        "no weight of {} rounds to {}'s integers: is it the model that was quantized? (first node: {})",
+                        path.display(),
+                        a.model.display(),
+                        r.kept
+                            .first()
+                            .map(|(n, why)| format!("{n}: {why}"))
+                            .unwrap_or_else(|| "none has a quantized weight".into())
+                    );
+                }
+                Some(r)
+            }
+            None => None,
+        };
         let integer = model
             .graph
             .nodes
@@ -104,7 +142,7 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
             model,
             graph,
             plan,
-            imported: Some(integer),
+            imported: Some(Imported { integer, restored }),
             eval,
             subset,
             show,
@@ -135,20 +173,45 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
 /// For a QDQ model, a line saying where the quantization came from and
 /// what the reference is (empty for a calibrated one).
 fn imported_line(p: &Prepared) -> String {
-    match p.imported {
-        None => String::new(),
-        Some(0) => "quantization read from the file; its weights are stored in float, so the reference is the FP32 network\n".into(),
-        Some(n) => format!(
-            "quantization read from the file; it stores {n} weights or biases as integers, so the reference (\"fp32\") computes with them dequantized and their rounding is not measured\n"
+    let Some(im) = &p.imported else {
+        return String::new();
+    };
+    match (&im.restored, im.integer) {
+        (None, 0) => "quantization read from the file; its weights are stored in float, so the reference is the FP32 network\n".into(),
+        (None, n) => format!(
+            "quantization read from the file; it stores {n} weights or biases as integers, so the reference (\"fp32\") computes with them dequantized and their rounding is not measured (--fp32 gives the FP32 weights back)\n"
         ),
+        (Some(r), _) => {
+            let mut line = format!(
+                "quantization read from the file; the FP32 weights of {} nodes from --fp32",
+                r.restored.len()
+            );
+            match r.kept.len() {
+                0 => line.push('\n'),
+                k => {
+                    line.push_str(&format!(
+                        "; {k} keep the file's dequantized weights, the reference computing with them:\n"
+                    ));
+                    for (n, why) in &r.kept {
+                        line.push_str(&format!("  {n}: {why}\n"));
+                    }
+                }
+            }
+            line
+        }
     }
 }
 
 /// The JSON fields that say where the quantization came from.
 fn imported_json(p: &Prepared) -> serde_json::Value {
+    let im = p.imported.as_ref();
     json!({
-        "quantization": if p.imported.is_some() { "read from the file" } else { "calibrated" },
-        "integer_initializers": p.imported,
+        "quantization": if im.is_some() { "read from the file" } else { "calibrated" },
+        "integer_initializers": im.map(|i| i.integer),
+        "fp32_weights": im.and_then(|i| i.restored.as_ref()).map(|r| json!({
+            "restored": r.restored,
+            "kept": r.kept.iter().map(|(n, why)| json!({"node": n, "why": why})).collect::<Vec<_>>(),
+        })),
     })
 }
 

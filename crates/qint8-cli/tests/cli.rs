@@ -1923,6 +1923,28 @@ fn sensitivity_and_mixed_precision_read_a_qdq_model() {
         text.contains("stores 16 weights or biases as integers"),
         "{text}"
     );
+    // With the FP32 model the int8 file was made from, the analysis is
+    // the FP32 model's again; --fp32 needs a QDQ model and its own FP32
+    // model.
+    let restored = analysis_json(&int8_weights, &["--fp32", s(&m)]);
+    for key in ["fp32_top1", "int8", "nodes"] {
+        assert_eq!(from_float[key], restored[key], "{key}");
+    }
+    let fw = &restored["source"]["fp32_weights"];
+    assert_eq!(fw["restored"].as_array().unwrap().len(), 16, "{fw}");
+    assert_eq!(fw["kept"], serde_json::json!([]));
+    let mut with_float_model = cal.to_vec();
+    with_float_model.extend(["--fp32", s(&m)]);
+    let err = fails(analysis(&m, &with_float_model));
+    assert!(
+        err.contains("--fp32") && err.contains("not quantized"),
+        "{err}"
+    );
+    let err = fails(analysis(
+        &int8_weights,
+        &["--fp32", s(&model("resnet50.onnx"))],
+    ));
+    assert!(err.contains("no weight of"), "{err}");
     // --keep-float among the nodes the file quantizes.
     let first = "/features/features.0/Conv";
     let k = analysis_json(&int8_weights, &["--keep-float", first]);

@@ -939,6 +939,114 @@ pub fn plan_from_qdq(graph: &Graph) -> Result<QuantPlan> {
     Ok(plan)
 }
 
+/// What [`restore_float_weights`] did, by node name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RestoredWeights {
+    /// Nodes whose weights now hold the FP32 values.
+    pub restored: Vec<String>,
+    /// Nodes that keep the dequantized weights, with the reason.
+    pub kept: Vec<(String, String)>,
+}
+
+/// Puts FP32 weights in place of the dequantized ones in `graph` (a float
+/// graph from [`float_from_qdq`] of a model that stores its weights as
+/// integers), so that it computes the FP32 network and quantizing it
+/// measures the weights' rounding again. `fp32` is the float graph the QDQ
+/// model was made from, simplified as the quantizer simplified it
+/// (BatchNorm folded). For each node with a planned weight, the node of the
+/// same name in `fp32` must hold an initializer of the same shape at the
+/// same input whose every value rounds, under the plan's parameters, to the
+/// integer the file stores (a value within a rounding of a step's midpoint
+/// counts); otherwise the node keeps the dequantized weight and the reason
+/// is listed (a rescaled weight, another model).
+pub fn restore_float_weights(
+    graph: &mut Graph,
+    plan: &QuantPlan,
+    fp32: &Graph,
+) -> Result<RestoredWeights> {
+    let mut done = RestoredWeights::default();
+    let by_name: HashMap<&str, &Node> = fp32.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut replace: Vec<(String, Tensor)> = Vec::new();
+    for node in &graph.nodes {
+        let weights: Vec<(usize, &String)> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| plan.weights.contains_key(i.as_str()))
+            .collect();
+        if weights.is_empty() {
+            continue;
+        }
+        let Some(theirs) = by_name.get(node.name.as_str()) else {
+            done.kept.push((
+                node.name.clone(),
+                "no node of that name in the FP32 model".into(),
+            ));
+            continue;
+        };
+        let mut why: Option<String> = None;
+        let mut found: Vec<(String, Tensor)> = Vec::new();
+        for (k, name) in weights {
+            let (Some(ours), Some(fp)) = (
+                graph
+                    .initializers
+                    .get(name.as_str())
+                    .and_then(Tensor::as_f32),
+                theirs
+                    .input(k)
+                    .and_then(|n| fp32.initializers.get(n))
+                    .and_then(Tensor::as_f32),
+            ) else {
+                why = Some(format!(
+                    "input {k} is not a float initializer in the FP32 model"
+                ));
+                break;
+            };
+            if ours.shape() != fp.shape() {
+                why = Some(format!(
+                    "input {k} has shape {:?} in the FP32 model, {:?} in the file",
+                    fp.shape(),
+                    ours.shape()
+                ));
+                break;
+            }
+            let ours: Vec<f32> = ours.iter().copied().collect();
+            let fp_values: Vec<f32> = fp.iter().copied().collect();
+            let rounded =
+                qint8_math::quant::fake_quant(&fp_values, fp.shape(), &plan.weights[name])
+                    .map_err(|e| GraphError::Invalid(format!("{}: {e}", node.name)))?;
+            // A value that rounds to another integer must sit at a step's
+            // midpoint (up to float rounding, as when BatchNorm was folded
+            // in another order).
+            let off = ours
+                .iter()
+                .zip(&rounded)
+                .zip(&fp_values)
+                .filter(|((d, r), w)| d != r && (**w - **d).abs() > 0.5001 * (**r - **d).abs())
+                .count();
+            if off > 0 {
+                why = Some(format!(
+                    "{off} of the {} FP32 values of input {k} do not round to the file's integers",
+                    ours.len()
+                ));
+                break;
+            }
+            found.push((name.clone(), Tensor::F32(fp.clone())));
+        }
+        match why {
+            Some(w) => done.kept.push((node.name.clone(), w)),
+            None => {
+                done.restored.push(node.name.clone());
+                replace.extend(found);
+            }
+        }
+    }
+    for (name, t) in replace {
+        graph.initializers.insert(name, t);
+    }
+    Ok(done)
+}
+
 /// A QDQ graph (made by qint8 or another tool) as the float graph and the
 /// plan it encodes, such that [`insert_qdq`] of the two computes what the
 /// QDQ graph computes:

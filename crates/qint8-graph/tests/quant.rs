@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{ArrayD, IxDyn};
 use qint8_graph::quant::{
-    float_from_qdq, insert_qdq, ort_placement, placement, plan_from_qdq, trt_placement, Precision,
-    QuantPlan, WeightStorage,
+    float_from_qdq, insert_qdq, ort_placement, placement, plan_from_qdq, restore_float_weights,
+    trt_placement, Precision, QuantPlan, WeightStorage,
 };
 use qint8_graph::{ConvAttrs, Graph, Node, Op, PlacementPolicy, PoolAttrs, Tensor, ValueInfo};
 use qint8_math::{QuantDtype, QuantParams};
@@ -271,6 +271,40 @@ fn a_pair_whose_range_starts_at_zero_reads_back_through_a_relu() {
     let (f, _) =
         float_from_qdq(&insert_qdq(&g, &plan_for(&g), WeightStorage::Int8).unwrap()).unwrap();
     assert_eq!(f.nodes.len(), g.nodes.len());
+}
+
+#[test]
+fn fp32_weights_come_back_where_they_round_to_the_file() {
+    let g = block();
+    let plan = plan_for(&g);
+    let q = insert_qdq(&g, &plan, WeightStorage::Int8).unwrap();
+    let (mut f, back) = float_from_qdq(&q).unwrap();
+    let mut fp32 = g.clone();
+    // b's FP32 weight moved by a step and more: it no longer rounds there.
+    if let Some(Tensor::F32(w)) = fp32.initializers.get_mut("wb") {
+        w.iter_mut().take(3).for_each(|v| *v += 1.0);
+    }
+    let r = restore_float_weights(&mut f, &back, &fp32).unwrap();
+    assert_eq!(r.restored, ["a"]);
+    assert_eq!(r.kept.len(), 1);
+    assert_eq!(r.kept[0].0, "b");
+    assert!(r.kept[0].1.contains("3 of the 144"), "{:?}", r.kept);
+    let a = f.nodes.iter().find(|n| n.name == "a").unwrap();
+    assert_eq!(f.initializers[&a.inputs[1]], g.initializers["wa"]);
+    let b = f.nodes.iter().find(|n| n.name == "b").unwrap();
+    let fake = qint8_math::quant::fake_quant(
+        &g.initializers["wb"].to_f32_vec(),
+        &[4, 4, 3, 3],
+        &plan.weights["wb"],
+    )
+    .unwrap();
+    assert_eq!(f.initializers[&b.inputs[1]].to_f32_vec(), fake);
+    // Another graph: nothing of it fits.
+    let (mut f, back) = float_from_qdq(&q).unwrap();
+    let mut other = g.clone();
+    other.nodes.iter_mut().for_each(|n| n.name.push('x'));
+    let r = restore_float_weights(&mut f, &back, &other).unwrap();
+    assert!(r.restored.is_empty() && r.kept.len() == 2, "{r:?}");
 }
 
 #[test]
