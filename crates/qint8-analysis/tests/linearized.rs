@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use ndarray::{Array4, ArrayD, IxDyn};
 use qint8_analysis::sensitivity::{
-    analyze, logit_error, mixed_precision, quantizable_nodes, with_float_nodes, Method,
+    analyze, logit_error, mixed_precision, quantizable_nodes, with_float_nodes, Method, Sensitivity,
 };
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
 use qint8_graph::quant::{insert_qdq, Precision, WeightStorage};
@@ -398,21 +398,24 @@ fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
         &mut |_, _| {},
     )
     .unwrap();
-    let mp = mixed_precision(
-        &model,
-        &cal.graph,
-        &cal.plan,
-        &sens,
-        &subset,
-        &data,
-        Some(0.0),
-        2,
-        None,
-        32,
-        2,
-        &mut |_| {},
-    )
-    .unwrap();
+    // A budget of 0 points, `max_float` nodes, `candidates` per round.
+    let search = |sens: &Sensitivity, max_float: usize, candidates: Option<usize>| {
+        mixed_precision(
+            &model,
+            &cal.graph,
+            &cal.plan,
+            sens,
+            &subset,
+            &data,
+            Some(0.0),
+            max_float,
+            candidates,
+            32,
+            2,
+            &mut |_| {},
+        )
+    };
+    let mp = search(&sens, 2, None).unwrap();
     assert!(!mp.met && mp.order.len() == 2, "{:?}", mp.order);
     // Not met: the verified prefix with the best top-1 (fewest nodes on ties).
     let best = mp
@@ -466,36 +469,9 @@ fn mixed_precision_adds_the_node_that_brings_the_outputs_closest_to_fp32() {
         .map(|&i| swapped.nodes[i].node.as_str())
         .collect();
     assert_ne!(mp.order[1], ranked[1], "{ranked:?}");
-    let one = mixed_precision(
-        &model,
-        &cal.graph,
-        &cal.plan,
-        &swapped,
-        &subset,
-        &data,
-        Some(0.0),
-        3,
-        Some(1),
-        32,
-        2,
-        &mut |_| {},
-    )
-    .unwrap();
+    let one = search(&swapped, 3, Some(1)).unwrap();
     assert_eq!(one.order, ranked[..3], "{:?}", one.curve);
-    let zero = mixed_precision(
-        &model,
-        &cal.graph,
-        &cal.plan,
-        &sens,
-        &subset,
-        &data,
-        Some(0.0),
-        3,
-        Some(0),
-        32,
-        2,
-        &mut |_| {},
-    );
+    let zero = search(&sens, 3, Some(0));
     assert!(
         matches!(&zero, Err(e) if e.to_string().contains("at least 1 candidate")),
         "{zero:?}"
