@@ -90,59 +90,12 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     };
     let show = !a.json && std::io::stderr().is_terminal();
     let Some(calib) = calib else {
-        let (graph, plan) = float_from_qdq(&model.graph)
-            .with_context(|| format!("reading the quantization of {}", a.model.display()))?;
-        // --keep-float among the nodes the file quantizes.
-        let patterns: BTreeSet<String> = a.cal.keep_float.iter().cloned().collect();
-        let quantized: Vec<&str> = graph
-            .nodes
-            .iter()
-            .filter(|n| plan.precision_of(&n.name) == Precision::Int8)
-            .filter(|n| {
-                n.inputs
-                    .iter()
-                    .any(|i| plan.activations.contains_key(i) || plan.weights.contains_key(i))
-            })
-            .map(|n| n.name.as_str())
-            .collect();
-        let kept = match_node_patterns(&quantized, &patterns, "")
-            .with_context(|| format!("--keep-float on {}", a.model.display()))?;
-        let plan = with_float_nodes(&graph, &plan, kept.iter().map(String::as_str));
-        let mut graph = graph;
-        let restored = match &a.fp32 {
-            Some(path) => {
-                let mut fp32 = load_model(path)?.graph;
-                qint8_graph::passes::simplify(&mut fp32)
-                    .with_context(|| format!("simplifying {}", path.display()))?;
-                let r = restore_float_weights(&mut graph, &plan, &fp32)?;
-                if r.restored.is_empty() {
-                    bail!(
-                        "no weight of {} rounds to {}'s integers: is it the model that was quantized? (first node: {})",
-                        path.display(),
-                        a.model.display(),
-                        r.kept
-                            .first()
-                            .map(|(n, why)| format!("{n}: {why}"))
-                            .unwrap_or_else(|| "none has a quantized weight".into())
-                    );
-                }
-                Some(r)
-            }
-            None => None,
-        };
-        let integer = model
-            .graph
-            .nodes
-            .iter()
-            .filter(|n| matches!(n.op, Op::DequantizeLinear { .. }))
-            .filter_map(|n| n.input(0).and_then(|x| model.graph.initializers.get(x)))
-            .filter(|t| t.as_f32().is_none())
-            .count();
+        let (graph, plan, imported) = read_quantized(a, &model)?;
         return Ok(Prepared {
             model,
             graph,
             plan,
-            imported: Some(Imported { integer, restored }),
+            imported: Some(imported),
             eval,
             subset,
             show,
@@ -168,6 +121,59 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         subset,
         show,
     })
+}
+
+/// A QDQ model's float graph and plan (with --keep-float applied), and
+/// with --fp32 its FP32 weights put back.
+fn read_quantized(a: &AnalysisArgs, model: &Model) -> Result<(Graph, QuantPlan, Imported)> {
+    let (mut graph, plan) = float_from_qdq(&model.graph)
+        .with_context(|| format!("reading the quantization of {}", a.model.display()))?;
+    // --keep-float among the nodes the file quantizes.
+    let patterns: BTreeSet<String> = a.cal.keep_float.iter().cloned().collect();
+    let quantized: Vec<&str> = graph
+        .nodes
+        .iter()
+        .filter(|n| plan.precision_of(&n.name) == Precision::Int8)
+        .filter(|n| {
+            n.inputs
+                .iter()
+                .any(|i| plan.activations.contains_key(i) || plan.weights.contains_key(i))
+        })
+        .map(|n| n.name.as_str())
+        .collect();
+    let kept = match_node_patterns(&quantized, &patterns, "")
+        .with_context(|| format!("--keep-float on {}", a.model.display()))?;
+    let plan = with_float_nodes(&graph, &plan, kept.iter().map(String::as_str));
+    let restored = match &a.fp32 {
+        Some(path) => {
+            let mut fp32 = load_model(path)?.graph;
+            qint8_graph::passes::simplify(&mut fp32)
+                .with_context(|| format!("simplifying {}", path.display()))?;
+            let r = restore_float_weights(&mut graph, &plan, &fp32)?;
+            if r.restored.is_empty() {
+                bail!(
+                    "no weight of {} rounds to {}'s integers: is it the model that was quantized? (first node: {})",
+                    path.display(),
+                    a.model.display(),
+                    r.kept
+                        .first()
+                        .map(|(n, why)| format!("{n}: {why}"))
+                        .unwrap_or_else(|| "none has a quantized weight".into())
+                );
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let integer = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::DequantizeLinear { .. }))
+        .filter_map(|n| n.input(0).and_then(|x| model.graph.initializers.get(x)))
+        .filter(|t| t.as_f32().is_none())
+        .count();
+    Ok((graph, plan, Imported { integer, restored }))
 }
 
 /// For a QDQ model, a line saying where the quantization came from and
