@@ -1064,6 +1064,9 @@ pub fn restore_float_weights(
 /// - a graph output read through a pair gets an `Identity` from the float
 ///   tensor, so that the pair is kept and the output keeps its name.
 ///
+/// Scales and zero points may be initializers or `Constant` nodes (as
+/// exporters write them); the latter are read as initializers.
+///
 /// Errors name every construct a plan cannot hold: a tensor quantized with
 /// two different parameters, a node that reads one planned tensor through
 /// its pair and another directly, a pair whose two halves disagree, a
@@ -1071,6 +1074,26 @@ pub fn restore_float_weights(
 /// `DequantizeLinear` of anything but an integer initializer or a
 /// `QuantizeLinear`.
 pub fn float_from_qdq(graph: &Graph) -> Result<(Graph, QuantPlan)> {
+    // Constant nodes (exporters write scales and zero points as such) read
+    // as the initializers they are.
+    let outputs: HashSet<&str> = graph.outputs.iter().map(|v| v.name.as_str()).collect();
+    let constant = |n: &Node| {
+        matches!(n.op, Op::Constant(_)) && n.outputs.iter().all(|o| !outputs.contains(o.as_str()))
+    };
+    let folded;
+    let graph = if graph.nodes.iter().any(constant) {
+        let mut g = graph.clone();
+        for n in graph.nodes.iter().filter(|n| constant(n)) {
+            if let (Op::Constant(t), Some(out)) = (&n.op, n.outputs.first()) {
+                g.initializers.insert(out.clone(), t.clone());
+            }
+        }
+        g.nodes.retain(|n| !constant(n));
+        folded = g;
+        &folded
+    } else {
+        graph
+    };
     let mut plan = QuantPlan::new("imported");
     let producers: HashMap<&str, usize> = graph
         .nodes

@@ -308,6 +308,30 @@ fn fp32_weights_come_back_where_they_round_to_the_file() {
 }
 
 #[test]
+fn scales_from_constant_nodes_read_as_initializers() {
+    let g = block();
+    let plan = plan_for(&g);
+    let mut q = insert_qdq(&g, &plan, WeightStorage::Int8).unwrap();
+    // Every scale and zero point of the pair on ra from a Constant node.
+    let dq = q
+        .nodes
+        .iter()
+        .find(|n| n.op.op_type() == "DequantizeLinear" && n.inputs[0] == "ra_quantized")
+        .unwrap()
+        .clone();
+    for name in &dq.inputs[1..] {
+        let t = q.initializers.remove(name).unwrap();
+        q.nodes.insert(
+            0,
+            Node::new(format!("{name}_const"), Op::Constant(t), &[], &[name]),
+        );
+    }
+    let (f, back) = float_from_qdq(&q).unwrap();
+    assert_eq!(back.activations, plan.activations);
+    assert!(!f.nodes.iter().any(|n| n.op.op_type() == "Constant"));
+}
+
+#[test]
 fn what_a_plan_cannot_hold_is_named() {
     let g = block();
     let plan = plan_for(&g);
