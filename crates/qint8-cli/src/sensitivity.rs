@@ -277,7 +277,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
     let chart = s.chart(&stem, 25);
     write_atomic(&chart_path, &chart.to_svg())?;
     let ratio = s.seconds / s.eval_seconds.max(1e-9);
-    let (kept, _) = kept_float(&p);
+    let (kept, kept_counted) = kept_float(&p);
     if a.json {
         let nodes: Vec<serde_json::Value> = order
             .iter()
@@ -366,7 +366,9 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         Method::Linearized => "first-order estimates (one recorded FP32 pass, one backward pass of the top-2 margin); SQNR and divergences of that margin".to_string(),
         Method::Exact => format!("{} real evaluations; SQNR and divergences of the logits", 1 + 2 * s.nodes.len()),
     };
-    let kept_line = match kept.len() {
+    // Conv/Gemm/MatMul nodes, as the analysis counts (a QDQ model's float
+    // Adds are not).
+    let kept_line = match kept_counted {
         0 => String::new(),
         k => format!(" (and {k} kept in float by --keep-float or the file, not analyzed)"),
     };
