@@ -1140,16 +1140,17 @@ pub fn float_from_qdq(graph: &Graph) -> Result<(Graph, QuantPlan)> {
             ));
             continue;
         };
-        match initializers.get(x).cloned() {
+        // Read in place from the file's initializers (no copy).
+        match graph.initializers.get(x) {
             Some(t @ (Tensor::I8(_) | Tensor::U8(_))) => {
                 let Some(p) = node_params(graph, node, axis)? else {
                     problems.push(format!("{}: no scale", node.name));
                     continue;
                 };
-                let values = if let Tensor::I8(a) = &t {
+                let values = if let Tensor::I8(a) = t {
                     let q: Vec<i8> = a.iter().copied().collect();
                     qint8_math::quant::dequantize(&q, a.shape(), &p)
-                } else if let Tensor::U8(a) = &t {
+                } else if let Tensor::U8(a) = t {
                     let q: Vec<u8> = a.iter().copied().collect();
                     qint8_math::quant::dequantize(&q, a.shape(), &p)
                 } else {
@@ -1169,12 +1170,12 @@ pub fn float_from_qdq(graph: &Graph) -> Result<(Graph, QuantPlan)> {
                 // A bias: (q - zero point) * scale, per element or for all.
                 let scale = node
                     .input(1)
-                    .and_then(|n| initializers.get(n))
+                    .and_then(|n| graph.initializers.get(n))
                     .map(Tensor::to_f32_vec)
                     .unwrap_or_default();
                 let zp = node
                     .input(2)
-                    .and_then(|n| initializers.get(n))
+                    .and_then(|n| graph.initializers.get(n))
                     .and_then(Tensor::to_i64_vec)
                     .unwrap_or_default();
                 let n = a.len();
