@@ -8,6 +8,10 @@
 //!
 //! Winograd F(4x4, 3x3) against the direct float kernels on 3x3 layers.
 //!
+//! Depthwise convolutions (EfficientNet-B0's, with its SiLU) on the
+//! integer kernel against the float one, one thread; the integer kernel
+//! also needs AVX-512 VBMI.
+//!
 //! Also the float activations that follow EfficientNet-B0's convolutions
 //! (SiLU, and the gates' Sigmoid) on 256k values, one thread.
 
@@ -84,9 +88,9 @@ fn conv_int8_vs_float(c: &mut Criterion) {
 
 /// (name, batch, channels, plane): 3x3 stride-1 layers of the VGG-16-BN
 /// fixture (batch 25, as calibration runs it) and of ResNet-50 and VGG-16
-/// at 224x224.
-const WINOGRAD_LAYERS: [(&str, usize, usize, usize); 6] = [
-    ("vgg 16 @16 b25", 25, 16, 16),
+/// at 224x224. (The fixture's 16-channel layers are below Winograd's
+/// channel threshold.)
+const WINOGRAD_LAYERS: [(&str, usize, usize, usize); 5] = [
     ("vgg 32 @8 b25", 25, 32, 8),
     ("224 64 @56", 1, 64, 56),
     ("224 128 @28", 1, 128, 28),
@@ -121,6 +125,63 @@ fn winograd_vs_direct(c: &mut Criterion) {
     g.finish();
 }
 
+/// (name, batch, channels, plane, kernel, stride): EfficientNet-B0's
+/// depthwise layers at 224x224 and on the fixtures' 32x32 images.
+/// (Planes under 32 positions, such as the fixture's 4x4 ones, keep the
+/// float kernel: see `int8::depthwise_fits`.)
+const DEPTHWISE_LAYERS: [(&str, usize, usize, usize, usize, usize); 7] = [
+    ("224 3x3 32 @112", 1, 32, 112, 3, 1),
+    ("224 3x3 96 @112 s2", 1, 96, 112, 3, 2),
+    ("224 5x5 144 @56 s2", 1, 144, 56, 5, 2),
+    ("224 5x5 672 @14", 1, 672, 14, 5, 1),
+    ("224 5x5 1152 @7", 1, 1152, 7, 5, 1),
+    ("32 3x3 32 @16 b32", 32, 32, 16, 3, 1),
+    ("32 3x3 96 @16 s2 b32", 32, 96, 16, 3, 2),
+];
+
+/// Depthwise convolutions with SiLU, integer kernel against float, one
+/// thread (throughput in multiply-adds).
+fn depthwise_int8_vs_float(c: &mut Criterion) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("one-thread pool");
+    let mut g = c.benchmark_group("depthwise");
+    for (name, n, ch, hw, k, stride) in DEPTHWISE_LAYERS {
+        let mut float =
+            qint8_benches::square_conv(n, (ch, ch), hw, (k, stride, k / 2), data(ch * k * k, 1));
+        float.geom.group = ch;
+        float.act = qint8_runtime::kernels::Activation::Silu;
+        let o = float.oh;
+        let q: Vec<f32> = float.weight.iter().map(|v| (v * 127.0).round()).collect();
+        let int = float.clone().with_int8(Int8Source {
+            q,
+            w_scale: vec![1.0 / 127.0],
+            input: InputQuant {
+                scale: 1.0 / 127.0,
+                zero: 0,
+                qmin: -128,
+                qmax: 127,
+            },
+        });
+        assert!(
+            int.int8.as_ref().is_some_and(|w| w.is_depthwise()),
+            "{name}"
+        );
+        let float = float.pack();
+        let x = data(n * ch * hw * hw, 3);
+        let mut y = vec![0f32; n * ch * o * o];
+        g.throughput(Throughput::Elements((n * ch * o * o * k * k) as u64));
+        for (kind, conv) in [("float", &float), ("int8", &int)] {
+            let mut scratch = vec![0f32; conv.scratch_len()];
+            g.bench_with_input(BenchmarkId::new(kind, name), &x, |b, x| {
+                b.iter(|| pool.install(|| conv.run(black_box(x), &mut y, &mut scratch, 1)))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn activations(c: &mut Criterion) {
     use qint8_runtime::kernels::elementwise::{unary, Unary};
     let x: Vec<f32> = data(1 << 18, 5).iter().map(|v| v * 8.0).collect();
@@ -133,5 +194,11 @@ fn activations(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv_int8_vs_float, winograd_vs_direct, activations);
+criterion_group!(
+    benches,
+    conv_int8_vs_float,
+    winograd_vs_direct,
+    depthwise_int8_vs_float,
+    activations
+);
 criterion_main!(benches);

@@ -3,7 +3,8 @@
 convolutions where the CPU has AVX-512 VNNI) against its FP32 run of the
 original model, against the same QDQ file simulated in float, and against
 onnxruntime running both files (its default graph optimizations turn the
-QDQ model into integer kernels).
+QDQ model into integer kernels). Besides the fixtures, full-size ResNet-50
+and EfficientNet-B0 from `qint8 zoo` at 224x224 (--skip-zoo leaves them out).
 
 Each model is quantized with `qint8 quantize` (defaults: entropy,
 per-channel, TensorRT placement). Every configuration runs in its own
@@ -53,14 +54,15 @@ def main():
     tmp = tempfile.mkdtemp(prefix="qint8-int8-bench-")
     cases = []
     if not args.skip_zoo:
-        # Full-size ResNet-50 (random weights: speed does not depend on them),
-        # calibrated on 32 fixture images resized to 224.
-        r50 = os.path.join(tmp, "resnet50_224.onnx")
-        subprocess.run([os.path.join(BIN, "qint8"), "zoo", "resnet50", "--channels", "1", "--classes", "10",
-                        "-o", r50], check=True, capture_output=True)
-        r50q = os.path.join(tmp, "resnet50_224.int8.onnx")
-        quantize(r50, r50q, ["--calib-size", "32", "--resize", "224", "--mean", "0.2860", "--std", "0.3530"])
-        cases += [("ResNet-50 224x224 (zoo)", r50, r50q, 1, 10), ("ResNet-50 224x224 (zoo)", r50, r50q, 8, 3)]
+        # Full-size ResNet-50 and EfficientNet-B0 (random weights: speed does
+        # not depend on them), calibrated on 32 fixture images resized to 224.
+        for zoo, label in [("resnet50", "ResNet-50"), ("efficientnet_b0", "EfficientNet-B0")]:
+            fp32 = os.path.join(tmp, f"{zoo}_224.onnx")
+            subprocess.run([os.path.join(BIN, "qint8"), "zoo", zoo, "--channels", "1", "--classes", "10",
+                            "-o", fp32], check=True, capture_output=True)
+            q = os.path.join(tmp, f"{zoo}_224.int8.onnx")
+            quantize(fp32, q, ["--calib-size", "32", "--resize", "224", "--mean", "0.2860", "--std", "0.3530"])
+            cases += [(f"{label} 224x224 (zoo)", fp32, q, 1, 10), (f"{label} 224x224 (zoo)", fp32, q, 8, 3)]
     for name in ["resnet50", "vgg16_bn", "efficientnet_b0"]:
         fp32 = os.path.join(ROOT, "fixtures", "models", f"{name}.onnx")
         q = os.path.join(tmp, f"{name}.int8.onnx")

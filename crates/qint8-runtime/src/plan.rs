@@ -698,6 +698,9 @@ pub(crate) fn compile(
             Kernel::Conv(c, _) if c.int8.is_some() && matches!(node.op, Op::Gemm { .. }) => {
                 "Gemm(int8)"
             }
+            Kernel::Conv(c, _) if c.int8.as_ref().is_some_and(|w| w.is_depthwise()) => {
+                "Conv(int8 depthwise)"
+            }
             Kernel::Conv(c, _) if c.int8.is_some() => "Conv(int8)",
             Kernel::Conv(c, _) if c.group > 1 && c.group == c.cin => "Conv(depthwise)",
             Kernel::Conv(c, _) if c.kh * c.kw == 1 => "Conv(1x1)",
@@ -1105,9 +1108,16 @@ fn int8_source(
         _ => true,
     };
     let taps: usize = ws.shape[2..].iter().product();
-    // One or two input channels would fill most of each 4-byte group with
-    // padding: such a stem runs in float.
-    if group > 1 || cin < 3 || cin * taps > int8::MAX_REDUCTION || !per_output_c {
+    // Depthwise: one input channel per output channel, on its own kernel
+    // where the CPU has one (else the float one is faster).
+    let depthwise = group > 1 && group == cout && cin == 1;
+    if depthwise {
+        if !int8::depthwise_available() {
+            return Ok(None);
+        }
+    } else if group > 1 || cin < 3 || cin * taps > int8::MAX_REDUCTION || !per_output_c {
+        // One or two input channels would fill most of each 4-byte group
+        // with padding: such a stem runs in float.
         return Ok(None);
     }
     let (Some(xp), Some(wp)) = (dq_params(xdq, shapes)?, dq_params(wdq, shapes)?) else {

@@ -75,6 +75,8 @@ struct Case {
     residual_quant: bool,
     /// Input already fake-quantized (as after QuantizeLinear + DequantizeLinear).
     fake_quantized: bool,
+    /// One group per channel (`cin == cout`).
+    depthwise: bool,
     seed: u64,
 }
 
@@ -104,6 +106,7 @@ fn case() -> impl Strategy<Value = Case> {
                 residual: flags.1,
                 residual_quant: flags.3,
                 fake_quantized: flags.2,
+                depthwise: false,
                 seed,
             },
         )
@@ -121,6 +124,12 @@ struct Built {
     input: InputQuant,
 }
 
+/// Terms of one output's sum.
+fn reduction(c: &Case) -> usize {
+    let cin_g = if c.depthwise { 1 } else { c.cin };
+    cin_g * c.k.0 * c.k.1
+}
+
 fn build(c: &Case) -> Built {
     let oh = (c.hw.0 + c.pad.0 + c.pad.2 - c.dilation.0 * (c.k.0 - 1) - 1) / c.stride.0 + 1;
     let ow = (c.hw.1 + c.pad.1 + c.pad.3 - c.dilation.1 * (c.k.1 - 1) - 1) / c.stride.1 + 1;
@@ -130,7 +139,7 @@ fn build(c: &Case) -> Built {
         ih: c.hw.0,
         iw: c.hw.1,
         cout: c.cout,
-        group: 1,
+        group: if c.depthwise { c.cin } else { 1 },
         kh: c.k.0,
         kw: c.k.1,
         stride: c.stride,
@@ -139,7 +148,7 @@ fn build(c: &Case) -> Built {
         oh,
         ow,
     };
-    let taps = c.cin * c.k.0 * c.k.1;
+    let taps = reduction(c);
     let q: Vec<f32> = ints(c.cout * taps, c.seed, -128, 127)
         .iter()
         .map(|&v| v as f32)
@@ -289,6 +298,54 @@ proptest! {
     }
 }
 
+/// Depthwise convolutions on the integer kernel: 3x3 and 5x5 windows and
+/// others, strides up to 4 across, rows of 16 or more positions (a vector
+/// per 16) and shorter ones (several rows per vector), with row and plane
+/// tails, every activation and input quantization (planes of 32 or more
+/// positions, where the plan uses the kernel).
+fn depthwise_case() -> impl Strategy<Value = Case> {
+    (
+        case(),
+        2usize..40,
+        (4usize..24, 4usize..40),
+        (1usize..6, 1usize..6),
+        (1usize..3, 1usize..5),
+    )
+        .prop_map(|(c, ch, hw, k, stride)| Case {
+            n: c.n.min(2),
+            cin: ch,
+            cout: ch,
+            hw,
+            k,
+            stride,
+            dilation: (c.dilation.0, 1),
+            residual: false,
+            residual_quant: false,
+            depthwise: true,
+            ..c
+        })
+        .prop_filter("the depthwise kernel applies", |c| {
+            let oh = (c.hw.0 + c.pad.0 + c.pad.2).checked_sub(c.dilation.0 * (c.k.0 - 1) + 1);
+            let ow = (c.hw.1 + c.pad.1 + c.pad.3).checked_sub(c.k.1);
+            match (oh, ow) {
+                (Some(oh), Some(ow)) => (oh / c.stride.0 + 1) * (ow / c.stride.1 + 1) >= 32,
+                _ => false,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// The depthwise integer kernel equals its scalar reference bit for bit
+    /// and the float convolution up to rounding.
+    #[test]
+    fn depthwise_int8_conv_matches_float(c in depthwise_case()) {
+        prop_assert!(build(&c).int.int8.as_ref().is_some_and(|w| w.is_depthwise()));
+        matches_float(&c)?;
+    }
+}
+
 /// The body of `int8_conv_matches_float_on_dequantized_values`.
 fn matches_float(c: &Case) -> Result<(), TestCaseError> {
     note_if_emulated();
@@ -349,7 +406,7 @@ fn matches_float(c: &Case) -> Result<(), TestCaseError> {
             .act
             .apply(*e + res_added.as_ref().map_or(0.0, |r| r[i]));
     }
-    let k = (c.cin * c.k.0 * c.k.1) as f32;
+    let k = reduction(c) as f32;
     for (i, (a, e)) in fast.iter().zip(&expected).enumerate() {
         prop_assert!(
             (a - e).abs() <= 2e-6 * k.sqrt() * (1.0 + e.abs()) * 8.0,
@@ -403,6 +460,7 @@ fn three_by_three(seed: u64) -> Case {
         residual: false,
         residual_quant: false,
         fake_quantized: false,
+        depthwise: false,
         seed,
     }
 }

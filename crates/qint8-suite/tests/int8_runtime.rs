@@ -104,3 +104,57 @@ fn integer_convolutions_match_the_float_simulation() {
         }
     }
 }
+
+/// EfficientNet-B0's depthwise convolutions on their integer kernel: which
+/// take it (planes of 32 or more positions; the smaller ones keep the
+/// float kernel, channels in the lanes), that their input fake-quant steps
+/// go, and that the run stays close to the float simulation.
+#[test]
+fn depthwise_convolutions_take_the_integer_kernel() {
+    let model = qint8_graph::onnx::load(fixtures().join("models/efficientnet_b0.onnx")).unwrap();
+    let calib = fixture_dataset("calib-images-idx3-ubyte", 100);
+    let cfg = CalibConfig {
+        threads: 2,
+        ..Default::default()
+    };
+    let c = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    let g = insert_qdq(&c.graph, &c.plan, WeightStorage::Int8).unwrap();
+    let session = |integer: bool| {
+        let opts = SessionOptions {
+            threads: 2,
+            integer,
+            ..Default::default()
+        };
+        Session::from_graph(g.clone(), opts).unwrap()
+    };
+    let (int, sim) = (session(true), session(false));
+    let input = int.input_names()[0].to_string();
+    let x = fixture_dataset("eval-images-idx3-ubyte", 32)
+        .batch(0, 32)
+        .unwrap()
+        .inputs;
+    let shape = x.shape().to_vec();
+    let steps = |s: &Session| -> Vec<&'static str> {
+        let plan = s.plan(&[(input.as_str(), &shape)]).unwrap();
+        plan.steps().iter().map(|(_, k)| *k).collect()
+    };
+    let count = |s: &[&str], kind: &str| s.iter().filter(|k| **k == kind).count();
+    let (si, ss) = (steps(&int), steps(&sim));
+    // 16 depthwise convolutions: on 32x32 images the first three blocks'
+    // (16x16 and two 8x8 planes) have 32 or more positions per plane; the
+    // thirteen on 4x4, 2x2 and 1x1 planes do not.
+    let on = usize::from(int8::depthwise_available());
+    assert_eq!(count(&ss, "Conv(depthwise)"), 16);
+    assert_eq!(count(&si, "Conv(int8 depthwise)"), 3 * on);
+    assert_eq!(count(&si, "Conv(depthwise)"), 16 - 3 * on);
+    // Each integer depthwise convolution quantizes its own input.
+    assert!(count(&ss, "FakeQuant") >= count(&si, "FakeQuant") + 3 * on);
+    if on == 0 {
+        eprintln!("note: no AVX-512 VNNI and VBMI here; depthwise convolutions run in float");
+    }
+    let a = int.run(&[(input.as_str(), x.view())]).unwrap().remove(0);
+    let b = sim.run(&[(input.as_str(), x.view())]).unwrap().remove(0);
+    let err = relative_max_error(b.as_slice().unwrap(), a.as_slice().unwrap());
+    eprintln!("relative max error {err:.2e}");
+    assert!(err < 0.05, "{err}");
+}

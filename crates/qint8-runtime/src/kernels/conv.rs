@@ -257,10 +257,11 @@ impl Conv2d {
     /// The same convolution on the integer kernel: `src.q` are its integer
     /// weights, laid out like `weight`. Call instead of [`Conv2d::pack`]
     /// (padding taps are dropped here as by [`Conv2d::without_dead_taps`]).
-    /// The integer kernel is for ungrouped convolutions: a grouped one is
+    /// The integer kernels are for ungrouped and depthwise convolutions
+    /// (the latter where [`int8::depthwise_fits`]): other grouped ones are
     /// returned packed for the float kernels, `src` unused.
     pub fn with_int8(self, src: Int8Source) -> Self {
-        if self.group != 1 {
+        if self.group != 1 && !self.is_depthwise() {
             return self.without_dead_taps().pack();
         }
         let q = Conv2d {
@@ -269,12 +270,18 @@ impl Conv2d {
             ..self.clone()
         }
         .without_dead_taps();
-        let int8 = Int8Weights::new(
-            &q.weight,
-            [q.cout, q.cin, q.kh, q.kw],
-            &src.w_scale,
-            src.input,
-        );
+        let int8 = if q.group == 1 {
+            Int8Weights::new(
+                &q.weight,
+                [q.cout, q.cin, q.kh, q.kw],
+                &src.w_scale,
+                src.input,
+            )
+        } else if int8::depthwise_fits(&q.geom) {
+            Int8Weights::new_depthwise(&q.weight, [q.cout, q.kh, q.kw], &src.w_scale, src.input)
+        } else {
+            return self.without_dead_taps().pack();
+        };
         Conv2d {
             geom: q.geom,
             // The float weights are not needed any more.

@@ -24,6 +24,10 @@ use rayon::prelude::*;
 
 use super::conv::Conv2d;
 
+mod depthwise;
+
+pub use depthwise::fits as depthwise_fits;
+
 /// Output channels per tile: two 16-lane i32 registers.
 pub const MC: usize = 32;
 /// Output positions per tile: with the two weight vectors, 8 broadcasts
@@ -77,6 +81,9 @@ pub struct Int8Weights {
     in_hi: f32,
     /// The unsigned byte that stands for a real 0 (zero point plus the shift).
     zero: i32,
+    /// Set for a depthwise convolution ([`depthwise`]), which uses none of
+    /// the fields above.
+    depthwise: Option<Arc<depthwise::DwWeights>>,
     /// A fused residual's quantization (scale and the bounds of
     /// `round(r / scale)`): the residual is fake-quantized as it is added.
     residual: Option<(f32, f32, f32)>,
@@ -119,8 +126,28 @@ impl Int8Weights {
             in_hi: (input.qmax - input.zero) as f32,
             // int8 values are shifted by 128 to unsigned bytes.
             zero: input.zero + if input.qmin < 0 { 128 } else { 0 },
+            depthwise: None,
             residual: None,
         }
+    }
+
+    /// Packs the integer weights `q` of a depthwise convolution (`[c, 1,
+    /// kh, kw]`, `dims` = `[c, kh, kw]`), as [`Int8Weights::new`].
+    pub fn new_depthwise(q: &[f32], dims: [usize; 3], w_scale: &[f32], input: InputQuant) -> Self {
+        let [c, kh, kw] = dims;
+        let (dw, row_sum) = depthwise::DwWeights::new(q, c, kh, kw);
+        Self {
+            row_sum,
+            depthwise: Some(Arc::new(dw)),
+            // The same input and per-channel scales as a dense convolution
+            // of `c` outputs (its empty packing is not used).
+            ..Self::new(&[], [c, 0, 0, 0], w_scale, input)
+        }
+    }
+
+    /// Whether these are a depthwise convolution's weights.
+    pub fn is_depthwise(&self) -> bool {
+        self.depthwise.is_some()
     }
 
     /// Fake-quantizes a fused residual with `q` (QuantizeLinear, then
@@ -150,7 +177,9 @@ impl Int8Weights {
 
     /// Bytes of constant data held.
     pub fn bytes(&self) -> usize {
-        self.packed.len() + 8 * self.row_sum.len()
+        self.packed.len()
+            + 8 * self.row_sum.len()
+            + self.depthwise.as_ref().map_or(0, |d| d.bytes())
     }
 }
 
@@ -161,6 +190,20 @@ pub fn available() -> bool {
     {
         super::simd_level() >= qint8_math::kernels::SimdLevel::Avx512
             && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the depthwise integer kernel natively: it also
+/// needs AVX-512 VBMI's byte permutes. (Where it does not, the plan keeps
+/// depthwise convolutions in float, faster than the scalar reference.)
+pub fn depthwise_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available() && std::arch::is_x86_feature_detected!("avx512vbmi")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -188,6 +231,10 @@ fn padded(c: &Conv2d) -> Padded {
 /// Scratch words [`run`] needs for `c`: the quantized input, four bytes
 /// (channels) to a word.
 pub fn scratch_len(c: &Conv2d, w: &Int8Weights) -> usize {
+    if w.is_depthwise() {
+        // Its planes use per-thread buffers.
+        return 0;
+    }
     let pd = padded(c);
     c.n * pd.ph * pd.pw * w.cin4 / 4
 }
@@ -216,6 +263,11 @@ pub fn run(
     scratch: &mut [u32],
     kernels: Kernels,
 ) {
+    if let Some(dw) = &w.depthwise {
+        // Depthwise convolutions fuse no residual (`Conv2d::can_fuse_residual`).
+        let fast = kernels == Kernels::Best && depthwise_available();
+        return depthwise::run(c, w, dw, x, y, fast);
+    }
     let fast = kernels == Kernels::Best && available();
     let p = c.oh * c.ow;
     let len = c.n * c.cout * p;
