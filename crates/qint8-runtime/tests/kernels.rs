@@ -1035,3 +1035,26 @@ fn winograd_runs_an_empty_batch() {
     conv.run(&[], &mut y, &mut [], 2);
     assert!(y.is_empty());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// GlobalAveragePool's plane means against an f64 sum, on planes below,
+    /// at and above the size where the partial sums take over, and on
+    /// full-size ones.
+    #[test]
+    fn global_average_matches_reference(planes in 1usize..6, plane in prop_oneof![1usize..70, 120usize..300, 12_000usize..12_600], seed in any::<u64>()) {
+        let x = values(planes * plane, seed);
+        let mut y = vec![0f32; planes];
+        qint8_runtime::kernels::pool::global_average(&x, &mut y, plane);
+        for (p, &got) in y.iter().enumerate() {
+            let exact = x[p * plane..(p + 1) * plane].iter().map(|&v| v as f64).sum::<f64>() / plane as f64;
+            let scale = x[p * plane..(p + 1) * plane].iter().map(|&v| v.abs() as f64).sum::<f64>() / plane as f64;
+            // Rounding bound: one f32 rounding per add along the longest
+            // chain (in order below 64 values; a lane's run, then six
+            // halvings, above), and the division.
+            let chain = if plane < 64 { plane } else { plane / 64 + 7 };
+            prop_assert!((got as f64 - exact).abs() <= 1.2e-7 * (chain + 1) as f64 * scale, "plane {}: {} vs {}", p, got, exact);
+        }
+    }
+}
