@@ -841,10 +841,20 @@ impl Conv2d {
             });
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        let fast = super::simd_level() >= qint8_math::kernels::SimdLevel::Avx512
+            && depthwise_rows_apply(self);
         super::for_chunks(y, oh * ow, |plane_idx, out| {
             let c = plane_idx % self.cout;
             let src = &x[plane_idx * ih * iw..(plane_idx + 1) * ih * iw];
             let w = &self.weight[c * kk..(c + 1) * kk];
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: AVX-512 is available (simd_level never exceeds
+                // what the CPU has); `src` and `out` are whole planes.
+                unsafe { depthwise_rows_avx512(self, src, w, self.bias[c], out) };
+                return;
+            }
             depthwise_plane(self, src, w, self.bias[c], out);
         });
     }
@@ -1028,6 +1038,113 @@ multiversion! {
     }
 }
 
+/// Whether [`depthwise_rows_avx512`] takes `c`'s geometry: horizontal
+/// stride 1 or 2, no horizontal dilation.
+fn depthwise_rows_apply(c: &Conv2d) -> bool {
+    c.dilation.1 == 1 && (1..=2).contains(&c.stride.1)
+}
+
+/// [`depthwise_plane`] with each output's taps summed in a register: 16
+/// outputs of a row at a time, for every window that lies inside the
+/// image across (the border columns one by one), where
+/// [`depthwise_plane`] makes one pass over the plane per tap. Each output
+/// is the same sum in the same order (bias, then the taps inside the image
+/// row by row, each a product then an add), so the bits are
+/// [`depthwise_plane`]'s.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `src` holds the input plane, `out` the output
+/// plane; [`depthwise_rows_apply`] holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise_rows_avx512(c: &Conv2d, src: &[f32], w: &[f32], bias: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (ih, iw, oh, ow) = (c.ih, c.iw, c.oh, c.ow);
+    let (sh, sw) = c.stride;
+    let dh = c.dilation.0;
+    let (pt, pl) = c.pad;
+    let kw = c.kw;
+    assert!(src.len() >= ih * iw && out.len() >= oh * ow && w.len() >= c.kh * kw && sw <= 2);
+    // Columns whose whole window lies inside the image: `lo..hi`.
+    let lo = pl.div_ceil(sw).min(ow);
+    let hi = if iw + pl >= kw {
+        ((iw + pl - kw) / sw + 1).min(ow)
+    } else {
+        0
+    }
+    .max(lo);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let mask = |n: usize| -> __mmask16 {
+        if n >= 16 {
+            !0
+        } else {
+            (1u16 << n) - 1
+        }
+    };
+    for oy in 0..oh {
+        let rows = live_taps(oy * sh, dh, pt, ih, c.kh);
+        let orow = &mut out[oy * ow..(oy + 1) * ow];
+        // One output, tap by tap, skipping taps outside the image.
+        let one = |ox: usize| {
+            let mut s = bias;
+            for ki in rows.clone() {
+                let iy = oy * sh + ki * dh - pt;
+                for kj in 0..kw {
+                    let ix = ox * sw + kj;
+                    if ix >= pl && ix - pl < iw {
+                        s += w[ki * kw + kj] * src[iy * iw + ix - pl];
+                    }
+                }
+            }
+            s
+        };
+        for ox in (0..lo).chain(hi..ow) {
+            orow[ox] = one(ox);
+        }
+        for ox0 in (lo..hi).step_by(16) {
+            let n = (hi - ox0).min(16);
+            // Input values one load covers: the stride-1 window starts, or
+            // every other value for stride 2.
+            let span = (n - 1) * sw + 1;
+            let mut acc = _mm512_set1_ps(bias);
+            for ki in rows.clone() {
+                let row = &src[(oy * sh + ki * dh - pt) * iw..][..iw];
+                for kj in 0..kw {
+                    let at = ox0 * sw + kj - pl;
+                    // SAFETY: `at + span <= iw` for columns below `hi`;
+                    // masked lanes read nothing.
+                    let v = unsafe {
+                        if sw == 1 {
+                            _mm512_maskz_loadu_ps(mask(span), row.as_ptr().add(at))
+                        } else {
+                            let a = _mm512_maskz_loadu_ps(mask(span), row.as_ptr().add(at));
+                            // (With no lane left for it, the second
+                            // load's address may lie past the row.)
+                            let b = _mm512_maskz_loadu_ps(
+                                mask(span.saturating_sub(16)),
+                                row.as_ptr().wrapping_add(at + 16),
+                            );
+                            _mm512_permutex2var_ps(a, even, b)
+                        }
+                    };
+                    acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(w[ki * kw + kj]), v));
+                }
+            }
+            // SAFETY: lanes below `n` are columns below `hi <= ow`.
+            unsafe { _mm512_mask_storeu_ps(orow.as_mut_ptr().add(ox0), mask(n), acc) };
+        }
+    }
+    let out = &mut out[..oh * ow];
+    match c.act {
+        Activation::None => {}
+        Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
+        Activation::Clip(lo, hi) => out
+            .iter_mut()
+            .for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
+        Activation::Silu => out.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v)),
+    }
+}
+
 /// A batched product `[cout_g, n, P]` into the output `[n, cout, P]` at
 /// channel `c0`: with the plane size a constant, each plane is a few
 /// register moves (no `memcpy` call, no size tests).
@@ -1119,5 +1236,67 @@ multiversion! {
             }
         }
     }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
+
+        /// The register-blocked depthwise rows equal the per-tap passes bit
+        /// for bit: windows of 1 to 5 taps, strides 1 and 2 across, any
+        /// padding (border columns on both sides, planes narrower than a
+        /// window), vertical stride and dilation, every activation.
+        #[test]
+        fn depthwise_rows_match_per_tap_passes(
+            (ih, iw) in (1usize..20, 1usize..60),
+            (kh, kw) in (1usize..6, 1usize..6),
+            (sh, sw, dh) in (1usize..3, 1usize..3, 1usize..3),
+            (pt, pl, pb, pr) in (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+            act in 0u8..4,
+            seed in any::<u64>(),
+        ) {
+            let (eh, ew) = (ih + pt + pb, iw + pl + pr);
+            prop_assume!(eh > (kh - 1) * dh && ew >= kw);
+            let (oh, ow) = ((eh - (kh - 1) * dh - 1) / sh + 1, (ew - kw) / sw + 1);
+            let c = Conv2d {
+                geom: ConvGeom {
+                    n: 1, cin: 2, ih, iw, cout: 2, group: 2, kh, kw,
+                    stride: (sh, sw), dilation: (dh, 1), pad: (pt, pl), oh, ow,
+                },
+                weight: Arc::new(values(2 * kh * kw, seed)),
+                bias: vec![0.25, -0.5],
+                act: [Activation::None, Activation::Relu, Activation::Clip(-0.3, 0.4), Activation::Silu][act as usize],
+                packed: Vec::new(),
+                int8: None,
+                winograd: None,
+            };
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                return Ok(());
+            }
+            let x = values(ih * iw, seed ^ 3);
+            let (mut fast, mut slow) = (vec![f32::NAN; oh * ow], vec![f32::NAN; oh * ow]);
+            // SAFETY: AVX-512 F is present; whole planes; stride and
+            // dilation as `depthwise_rows_apply` requires.
+            unsafe { depthwise_rows_avx512(&c, &x, &c.weight[..kh * kw], 0.25, &mut fast) };
+            depthwise_plane(&c, &x, &c.weight[..kh * kw], 0.25, &mut slow);
+            prop_assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{:?} vs {:?}", fast, slow);
+        }
     }
 }
