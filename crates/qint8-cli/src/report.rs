@@ -592,9 +592,14 @@ pub(crate) fn demo_main(args: &DemoArgs, threads: usize) -> Result<()> {
 
 /// How this CPU runs the INT8 models, for the report's notes.
 fn int8_execution() -> &'static str {
-    if qint8_runtime::kernels::int8::available() {
-        "its convolutions on integer kernels (AVX-512 VNNI), depthwise convolutions and the \
-         other operators in float between QuantizeLinear and DequantizeLinear"
+    use qint8_runtime::kernels::int8;
+    if int8::depthwise_available() {
+        "its convolutions on integer kernels (AVX-512 VNNI and VBMI; depthwise ones on planes \
+         under 32 positions in float), the other operators in float between QuantizeLinear and \
+         DequantizeLinear"
+    } else if int8::available() {
+        "its convolutions on integer kernels (AVX-512 VNNI), depthwise convolutions (no AVX-512 \
+         VBMI here) and the other operators in float between QuantizeLinear and DequantizeLinear"
     } else {
         "every operator simulated in float between QuantizeLinear and DequantizeLinear (this CPU \
          has no AVX-512 VNNI for the integer kernels)"
