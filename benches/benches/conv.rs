@@ -19,7 +19,7 @@
 #![allow(missing_docs)]
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qint8_runtime::kernels::conv::Int8Source;
+use qint8_runtime::kernels::conv::{Conv2d, Int8Source};
 use qint8_runtime::kernels::int8::InputQuant;
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
@@ -43,6 +43,22 @@ const LAYERS: [(&str, usize, usize, usize, usize, usize, usize); 5] = [
     ("32 3x3 128->128 @4 b32", 32, 128, 128, 4, 3, 1),
 ];
 
+/// `float` on the integer kernel: weights in [-1, 1] rounded to 1/127
+/// steps, the input quantized per tensor with the same step.
+fn on_integers(float: &Conv2d) -> Conv2d {
+    let q: Vec<f32> = float.weight.iter().map(|v| (v * 127.0).round()).collect();
+    float.clone().with_int8(Int8Source {
+        q,
+        w_scale: vec![1.0 / 127.0],
+        input: InputQuant {
+            scale: 1.0 / 127.0,
+            zero: 0,
+            qmin: -128,
+            qmax: 127,
+        },
+    })
+}
+
 fn conv_int8_vs_float(c: &mut Criterion) {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -59,17 +75,7 @@ fn conv_int8_vs_float(c: &mut Criterion) {
             data(cout * cin * k * k, 1),
         );
         let o = float.oh;
-        let q: Vec<f32> = float.weight.iter().map(|v| (v * 127.0).round()).collect();
-        let int = float.clone().with_int8(Int8Source {
-            q,
-            w_scale: vec![1.0 / 127.0],
-            input: InputQuant {
-                scale: 1.0 / 127.0,
-                zero: 0,
-                qmin: -128,
-                qmax: 127,
-            },
-        });
+        let int = on_integers(&float);
         let float = float.pack();
         let x = data(n * cin * hw * hw, 3);
         let mut y = vec![0f32; n * cout * o * o];
@@ -153,17 +159,7 @@ fn depthwise_int8_vs_float(c: &mut Criterion) {
         float.geom.group = ch;
         float.act = qint8_runtime::kernels::Activation::Silu;
         let o = float.oh;
-        let q: Vec<f32> = float.weight.iter().map(|v| (v * 127.0).round()).collect();
-        let int = float.clone().with_int8(Int8Source {
-            q,
-            w_scale: vec![1.0 / 127.0],
-            input: InputQuant {
-                scale: 1.0 / 127.0,
-                zero: 0,
-                qmin: -128,
-                qmax: 127,
-            },
-        });
+        let int = on_integers(&float);
         assert!(
             int.int8.as_ref().is_some_and(|w| w.is_depthwise()),
             "{name}"

@@ -11,28 +11,35 @@ use qint8_runtime::kernels::int8;
 use qint8_runtime::{Session, SessionOptions};
 use qint8_suite::{fixture_dataset, fixtures, relative_max_error};
 
-#[test]
-fn integer_convolutions_match_the_float_simulation() {
-    let model = qint8_graph::onnx::load(fixtures().join("models/resnet50.onnx")).unwrap();
-    let calib = fixture_dataset("calib-images-idx3-ubyte", 200);
+/// A fixture model calibrated (defaults) on `images` calibration images.
+fn calibrated(model: &str, images: usize) -> qint8_calibration::Calibrated {
+    let model = qint8_graph::onnx::load(fixtures().join(format!("models/{model}.onnx"))).unwrap();
+    let calib = fixture_dataset("calib-images-idx3-ubyte", images);
     let cfg = CalibConfig {
         threads: 2,
         ..Default::default()
     };
-    let c = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap()
+}
+
+/// A session of `g` on two threads, with or without the integer kernels.
+fn session(g: &qint8_graph::Graph, integer: bool) -> Session {
+    let opts = SessionOptions {
+        threads: 2,
+        integer,
+        ..Default::default()
+    };
+    Session::from_graph(g.clone(), opts).unwrap()
+}
+
+#[test]
+fn integer_convolutions_match_the_float_simulation() {
+    let c = calibrated("resnet50", 200);
     let eval = fixture_dataset("eval-images-idx3-ubyte", 64);
     let x = eval.batch(0, 64).unwrap().inputs;
     for storage in [WeightStorage::Int8, WeightStorage::FloatQdq] {
         let g = insert_qdq(&c.graph, &c.plan, storage).unwrap();
-        let session = |integer: bool| {
-            let opts = SessionOptions {
-                threads: 2,
-                integer,
-                ..Default::default()
-            };
-            Session::from_graph(g.clone(), opts).unwrap()
-        };
-        let (int, sim) = (session(true), session(false));
+        let (int, sim) = (session(&g, true), session(&g, false));
         let input = int.input_names()[0].to_string();
         let shape = x.shape().to_vec();
         let count = |s: &Session, kind: &str| {
@@ -111,23 +118,9 @@ fn integer_convolutions_match_the_float_simulation() {
 /// go, and that the run stays close to the float simulation.
 #[test]
 fn depthwise_convolutions_take_the_integer_kernel() {
-    let model = qint8_graph::onnx::load(fixtures().join("models/efficientnet_b0.onnx")).unwrap();
-    let calib = fixture_dataset("calib-images-idx3-ubyte", 100);
-    let cfg = CalibConfig {
-        threads: 2,
-        ..Default::default()
-    };
-    let c = calibrate(&model.graph, &calib, &cfg, &mut |_| {}).unwrap();
+    let c = calibrated("efficientnet_b0", 100);
     let g = insert_qdq(&c.graph, &c.plan, WeightStorage::Int8).unwrap();
-    let session = |integer: bool| {
-        let opts = SessionOptions {
-            threads: 2,
-            integer,
-            ..Default::default()
-        };
-        Session::from_graph(g.clone(), opts).unwrap()
-    };
-    let (int, sim) = (session(true), session(false));
+    let (int, sim) = (session(&g, true), session(&g, false));
     let input = int.input_names()[0].to_string();
     let x = fixture_dataset("eval-images-idx3-ubyte", 32)
         .batch(0, 32)
