@@ -1043,7 +1043,7 @@ proptest! {
     /// at and above the size where the partial sums take over, and on
     /// full-size ones.
     #[test]
-    fn global_average_matches_reference(planes in 1usize..6, plane in prop_oneof![1usize..70, 120usize..300, 12_000usize..12_600], seed in any::<u64>()) {
+    fn global_average_matches_reference(planes in 1usize..6, plane in prop_oneof![1usize..70, 120usize..300, 12_000usize..12_600, Just(1), Just(4), Just(16), Just(256)], seed in any::<u64>()) {
         let x = values(planes * plane, seed);
         let mut y = vec![0f32; planes];
         qint8_runtime::kernels::pool::global_average(&x, &mut y, plane);
@@ -1053,6 +1053,11 @@ proptest! {
             // Rounding bound: one f32 rounding per add along the longest
             // chain (in order below 64 values; a lane's run, then six
             // halvings, above), and the division.
+            if plane < 64 {
+                // Summed in order: the plain sum's bits, divided or not.
+                let plain = x[p * plane..(p + 1) * plane].iter().sum::<f32>() / plane as f32;
+                prop_assert_eq!(got.to_bits(), plain.to_bits());
+            }
             let chain = if plane < 64 { plane } else { plane / 64 + 7 };
             prop_assert!((got as f64 - exact).abs() <= 1.2e-7 * (chain + 1) as f64 * scale, "plane {}: {} vs {}", p, got, exact);
         }

@@ -170,6 +170,15 @@ multiversion! {
     /// the lanes, so every instruction set gives the same bits. Smaller
     /// planes are summed in order.
     fn plane_means(x: &[f32], out: &mut [f32], plane: usize) {
+        if plane == 1 {
+            // The sum of one value is the value, and dividing by 1 keeps it.
+            let n = out.len();
+            out.copy_from_slice(&x[..n]);
+            return;
+        }
+        // Dividing by a power of two and multiplying by its inverse round
+        // the same exact value: the same bits, without a division per plane.
+        let inv = plane.is_power_of_two().then(|| 1.0 / plane as f32);
         for (o, p) in out.iter_mut().zip(x.chunks_exact(plane.max(1))) {
             let s = if plane < SUM_LANES {
                 p.iter().sum()
@@ -193,7 +202,10 @@ multiversion! {
                 }
                 acc[0]
             };
-            *o = s / plane as f32;
+            *o = match inv {
+                Some(inv) => s * inv,
+                None => s / plane as f32,
+            };
         }
     }
 }
