@@ -81,8 +81,8 @@ pub struct Int8Weights {
     in_hi: f32,
     /// The unsigned byte that stands for a real 0 (zero point plus the shift).
     zero: i32,
-    /// Set for a depthwise convolution ([`depthwise`]), which uses none of
-    /// the fields above.
+    /// Set for a depthwise convolution ([`depthwise`]), which leaves
+    /// `packed`, `kq` and `cin4` unused.
     depthwise: Option<Arc<depthwise::DwWeights>>,
     /// A fused residual's quantization (scale and the bounds of
     /// `round(r / scale)`): the residual is fake-quantized as it is added.
