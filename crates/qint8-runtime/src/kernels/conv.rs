@@ -965,12 +965,7 @@ multiversion! {
             }
         }
         let out = &mut out[..plane * c];
-        match cv.act {
-            Activation::None => {}
-            Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
-            Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
-            Activation::Silu => out.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v)),
-        }
+        cv.act.apply_all(out);
         super::transpose(out, plane, c, y);
     }
 }
@@ -1029,12 +1024,7 @@ multiversion! {
                 }
             }
         }
-        match c.act {
-            Activation::None => {}
-            Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
-            Activation::Clip(lo, hi) => out.iter_mut().for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
-            Activation::Silu => out.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v)),
-        }
+        c.act.apply_all(out);
     }
 }
 
@@ -1135,14 +1125,7 @@ unsafe fn depthwise_rows_avx512(c: &Conv2d, src: &[f32], w: &[f32], bias: f32, o
         }
     }
     let out = &mut out[..oh * ow];
-    match c.act {
-        Activation::None => {}
-        Activation::Relu => out.iter_mut().for_each(|v| *v = Activation::Relu.apply(*v)),
-        Activation::Clip(lo, hi) => out
-            .iter_mut()
-            .for_each(|v| *v = Activation::Clip(lo, hi).apply(*v)),
-        Activation::Silu => out.iter_mut().for_each(|v| *v = Activation::Silu.apply(*v)),
-    }
+    c.act.apply_all(out);
 }
 
 /// A batched product `[cout_g, n, P]` into the output `[n, cout, P]` at

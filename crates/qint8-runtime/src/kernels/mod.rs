@@ -137,6 +137,21 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// Applies the activation to every value of `v`, one loop per
+    /// activation so that each vectorizes; inlined, so it runs with the
+    /// caller's instruction set (`multiversion!` bodies, AVX-512 kernels).
+    #[inline(always)]
+    pub fn apply_all(self, v: &mut [f32]) {
+        match self {
+            Activation::None => {}
+            Activation::Relu => v.iter_mut().for_each(|x| *x = Activation::Relu.apply(*x)),
+            Activation::Clip(lo, hi) => v
+                .iter_mut()
+                .for_each(|x| *x = Activation::Clip(lo, hi).apply(*x)),
+            Activation::Silu => v.iter_mut().for_each(|x| *x = Activation::Silu.apply(*x)),
+        }
+    }
+
     /// Applies the activation to one value.
     #[inline(always)]
     pub fn apply(self, v: f32) -> f32 {

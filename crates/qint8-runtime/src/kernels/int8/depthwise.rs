@@ -311,12 +311,7 @@ crate::kernels::multiversion! {
     /// on small planes, applying it per plane left each plane's few vectors
     /// waiting on SiLU's long chain of dependent operations.
     fn activate(v: &mut [f32], act: Activation) {
-        match act {
-            Activation::None => {}
-            Activation::Relu => v.iter_mut().for_each(|x| *x = Activation::Relu.apply(*x)),
-            Activation::Clip(lo, hi) => v.iter_mut().for_each(|x| *x = Activation::Clip(lo, hi).apply(*x)),
-            Activation::Silu => v.iter_mut().for_each(|x| *x = Activation::Silu.apply(*x)),
-        }
+        act.apply_all(v);
     }
 }
 
