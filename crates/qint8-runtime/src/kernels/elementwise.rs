@@ -188,9 +188,12 @@ multiversion! {
     fn rows_op_scalar(op: BinOp, out: &mut [f32], x: &[f32], s: &[f32], inner: usize, swap: bool) {
         // (An empty row only comes with an empty output.)
         let inner = inner.max(1);
-        macro_rules! lp {
-            ($f:expr) => {{
-                let rows = out.chunks_mut(inner).zip(x.chunks(inner)).zip(s);
+        // Rows of `$n` values: `$chunks` is `chunks_exact` for a constant
+        // `$n` dividing the output, so that a short row is one vector
+        // operation, not a loop.
+        macro_rules! rows {
+            ($f:expr, $n:expr, $chunks:ident, $chunks_mut:ident) => {{
+                let rows = out.$chunks_mut($n).zip(x.$chunks($n)).zip(s);
                 if swap {
                     for ((o, x), &s) in rows {
                         for (o, &v) in o.iter_mut().zip(x) {
@@ -203,6 +206,16 @@ multiversion! {
                             *o = $f(v, s);
                         }
                     }
+                }
+            }};
+        }
+        // Squeeze-and-excitation gates on 2x2 and 4x4 maps.
+        macro_rules! lp {
+            ($f:expr) => {{
+                match inner {
+                    4 if out.len() % 4 == 0 => rows!($f, 4, chunks_exact, chunks_exact_mut),
+                    16 if out.len() % 16 == 0 => rows!($f, 16, chunks_exact, chunks_exact_mut),
+                    _ => rows!($f, inner, chunks, chunks_mut),
                 }
             }};
         }
@@ -451,6 +464,10 @@ mod tests {
             (&[2, 3, 1, 1], &[2, 3, 2, 2]),
             (&[8, 64, 8, 8], &[8, 64, 1, 1]),
             (&[8, 64, 1, 1], &[8, 64, 8, 8]),
+            // Rows of 4 and 16 values take loops of constant length.
+            (&[2, 5, 4, 4], &[2, 5, 1, 1]),
+            (&[2, 5, 1, 1], &[2, 5, 4, 4]),
+            (&[64, 48, 2, 2], &[64, 48, 1, 1]),
         ];
         for (sa, sb) in cases {
             let out_shape: Vec<usize> = {
