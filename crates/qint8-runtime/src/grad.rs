@@ -373,7 +373,7 @@ impl<'g> Backward<'g> {
                 // The Flatten and Expand between are skipped: no gradient
                 // reaches their outputs.
                 match grads.get_mut(&name) {
-                    Some(acc) => acc.iter_mut().zip(&gx).for_each(|(a, b)| *a += b),
+                    Some(acc) => add_assign(acc, &gx),
                     None => {
                         grads.insert(name, gx);
                     }
@@ -399,7 +399,7 @@ impl<'g> Backward<'g> {
             for (name, gi) in node.inputs.iter().zip(gin) {
                 let Some(gi) = gi else { continue };
                 match grads.get_mut(name) {
-                    Some(acc) => acc.iter_mut().zip(&gi).for_each(|(a, b)| *a += b),
+                    Some(acc) => add_assign(acc, &gi),
                     None => {
                         grads.insert(name.clone(), gi);
                     }
@@ -893,6 +893,12 @@ fn rule(
 
 /// `sum(a * b)` in sixteen f32 lanes (they vectorize).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    wide(|| dot_lanes(a, b))
+}
+
+/// [`dot`]'s body, inlined into callers that run wide already.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca
@@ -909,22 +915,85 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+crate::kernels::multiversion! {
+    /// Gradients of `x * b` or `x / b` (`div`) where `b` holds one value
+    /// per block of `inner` values of `x` (a gate `[N, C, 1, 1]` on `[N,
+    /// C, H, W]`): into `ga` (when not empty) `g` times one factor per
+    /// block, into `gb` (when not empty) a multiple of the block's
+    /// `sum(g * x)`.
+    fn gate_grads(g: &[f32], x: &[f32], b: &[f32], inner: usize, div: bool, ga: &mut [f32], gb: &mut [f32]) {
+        for (j, &bv) in b.iter().enumerate() {
+            let (gs, xs) = (&g[j * inner..][..inner], &x[j * inner..][..inner]);
+            if !ga.is_empty() {
+                // g * b and g / b as g times one factor per block.
+                let f = if div { 1.0 / bv } else { 1.0 * bv };
+                for (d, &gv) in ga[j * inner..][..inner].iter_mut().zip(gs) {
+                    *d = gv * f;
+                }
+            }
+            if !gb.is_empty() {
+                // d(a*b)/db = sum(g*a); d(a/b)/db = -sum(g*a) / b^2.
+                let s = dot_lanes(gs, xs);
+                gb[j] = if div { -s * 1.0 / (bv * bv) } else { s * 1.0 };
+            }
+        }
+    }
+}
+
+/// Runs `f` with AVX-512 (or AVX2) enabled where the CPU has it, so that
+/// the elementwise loops it inlines run on wide vectors: the baseline
+/// build has 4-lane SSE2 only. The arithmetic per element is the same (no
+/// contraction into fused multiply-adds), so are the results.
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use qint8_math::kernels::SimdLevel;
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match crate::kernels::simd_level() {
+            // SAFETY: simd_level() never exceeds what the CPU supports.
+            SimdLevel::Avx512 => return unsafe { avx512(f) },
+            // SAFETY: as above.
+            SimdLevel::Avx2 => return unsafe { avx2(f) },
+            _ => {}
+        }
+    }
+    f()
+}
+
+/// `acc += g`, elementwise: a value read by several nodes collects their
+/// gradients.
+fn add_assign(acc: &mut [f32], g: &[f32]) {
+    wide(|| acc.iter_mut().zip(g).for_each(|(a, b)| *a += b))
+}
+
 /// `g = f(g, x, y)` over three equally long slices, reusing `g`.
 #[inline]
 fn in_place(mut g: Vec<f32>, x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
-    for (g, (&x, &y)) in g.iter_mut().zip(x.iter().zip(y)) {
-        *g = f(*g, x, y);
-    }
+    wide(|| {
+        for (g, (&x, &y)) in g.iter_mut().zip(x.iter().zip(y)) {
+            *g = f(*g, x, y);
+        }
+    });
     g
 }
 
 /// `f(g, x, y)` over three equally long slices.
 #[inline]
 fn elementwise(g: &[f32], x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
-    g.iter()
-        .zip(x.iter().zip(y))
-        .map(|(&g, (&x, &y))| f(g, x, y))
-        .collect()
+    wide(|| {
+        g.iter()
+            .zip(x.iter().zip(y))
+            .map(|(&g, (&x, &y))| f(g, x, y))
+            .collect()
+    })
 }
 
 /// `c[m x n] = a[m x k] * b[k x n]`. A row-major `a` (a gradient, a few
@@ -1106,21 +1175,15 @@ fn binary_grad(
                 if let Some(inner) = trailing_broadcast(out, b.shape) {
                     let mut ga = need_a.then(|| vec![0.0f32; g.len()]);
                     let mut gb = need_b.then(|| vec![0.0f32; b.data.len()]);
-                    for (j, &bv) in b.data.iter().enumerate() {
-                        let (gs, xs) = (&g[j * inner..][..inner], &a.data[j * inner..][..inner]);
-                        if let Some(ga) = ga.as_mut() {
-                            // g * b and g / b as g times one factor per block.
-                            let f = da(1.0, 0.0, bv);
-                            for (d, &gv) in ga[j * inner..][..inner].iter_mut().zip(gs) {
-                                *d = gv * f;
-                            }
-                        }
-                        if let Some(gb) = gb.as_mut() {
-                            // d(a*b)/db and d(a/b)/db are both multiples of sum(g*a).
-                            let ga_dot = dot(gs, xs);
-                            gb[j] = db(ga_dot, 1.0, bv);
-                        }
-                    }
+                    gate_grads(
+                        g,
+                        a.data,
+                        b.data,
+                        inner,
+                        div,
+                        ga.as_deref_mut().unwrap_or_default(),
+                        gb.as_deref_mut().unwrap_or_default(),
+                    );
                     return (ga, gb);
                 }
             }
