@@ -893,7 +893,7 @@ fn rule(
 
 /// `sum(a * b)` in sixteen f32 lanes (they vectorize).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    wide(|| dot_lanes(a, b))
+    crate::kernels::wide(|| dot_lanes(a, b))
 }
 
 /// [`dot`]'s body, inlined into callers that run wide already.
@@ -940,44 +940,16 @@ crate::kernels::multiversion! {
     }
 }
 
-/// Runs `f` with AVX-512 (or AVX2) enabled where the CPU has it, so that
-/// the elementwise loops it inlines run on wide vectors: the baseline
-/// build has 4-lane SSE2 only. The arithmetic per element is the same (no
-/// contraction into fused multiply-adds), so are the results.
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use qint8_math::kernels::SimdLevel;
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        match crate::kernels::simd_level() {
-            // SAFETY: simd_level() never exceeds what the CPU supports.
-            SimdLevel::Avx512 => return unsafe { avx512(f) },
-            // SAFETY: as above.
-            SimdLevel::Avx2 => return unsafe { avx2(f) },
-            _ => {}
-        }
-    }
-    f()
-}
-
 /// `acc += g`, elementwise: a value read by several nodes collects their
 /// gradients.
 fn add_assign(acc: &mut [f32], g: &[f32]) {
-    wide(|| acc.iter_mut().zip(g).for_each(|(a, b)| *a += b))
+    crate::kernels::wide(|| acc.iter_mut().zip(g).for_each(|(a, b)| *a += b))
 }
 
 /// `g = f(g, x, y)` over three equally long slices, reusing `g`.
 #[inline]
 fn in_place(mut g: Vec<f32>, x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
-    wide(|| {
+    crate::kernels::wide(|| {
         for (g, (&x, &y)) in g.iter_mut().zip(x.iter().zip(y)) {
             *g = f(*g, x, y);
         }
@@ -988,7 +960,7 @@ fn in_place(mut g: Vec<f32>, x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> 
 /// `f(g, x, y)` over three equally long slices.
 #[inline]
 fn elementwise(g: &[f32], x: &[f32], y: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
-    wide(|| {
+    crate::kernels::wide(|| {
         g.iter()
             .zip(x.iter().zip(y))
             .map(|(&g, (&x, &y))| f(g, x, y))

@@ -84,6 +84,35 @@ pub fn simd_level() -> SimdLevel {
     SimdLevel::active()
 }
 
+/// Runs `f` with AVX-512 (or AVX2) enabled where [`simd_level`] allows it,
+/// so that the loops `f` inlines run on wide vectors: the baseline build
+/// has 4-lane SSE2 only. The arithmetic per element is the same (Rust does
+/// not contract into fused multiply-adds), so are the results. A loop
+/// behind a call that does not inline stays at the baseline (a closure from
+/// another crate did not inline here: use [`multiversion!`] there).
+#[inline(always)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match simd_level() {
+            // SAFETY: simd_level() never exceeds what the CPU supports.
+            SimdLevel::Avx512 => return unsafe { avx512(f) },
+            // SAFETY: as above.
+            SimdLevel::Avx2 => return unsafe { avx2(f) },
+            _ => {}
+        }
+    }
+    f()
+}
+
 /// Defines a function whose body is compiled for the baseline target and
 /// inside `#[target_feature]` wrappers for AVX2 and AVX-512, dispatching on
 /// [`simd_level`] at run time. Bodies must not rely on closures for their
