@@ -1072,6 +1072,57 @@ fn trailing_broadcast(out: &[usize], small: &[usize]) -> Option<usize> {
         .then_some(inner)
 }
 
+/// With `small` right-aligned against `out`: its length when `small` is
+/// ones followed by `out`'s trailing axes (it repeats along the leading
+/// axes: a per-channel constant `[1, C, 1, 1]` on `[N, C, 1, 1]`), so
+/// that element `o` of `out` reads element `o % len` of `small`.
+fn leading_broadcast(out: &[usize], small: &[usize]) -> Option<usize> {
+    if small.len() > out.len() {
+        return None;
+    }
+    let lead = out.len() - small.len();
+    let padded: Vec<usize> = std::iter::repeat_n(1, lead)
+        .chain(small.iter().copied())
+        .collect();
+    let k = padded.iter().position(|&d| d != 1).unwrap_or(out.len());
+    let (repeats, len): (usize, usize) = (out[..k].iter().product(), out[k..].iter().product());
+    (padded[k..] == out[k..] && repeats > 1 && len > 0).then_some(len)
+}
+
+crate::kernels::multiversion! {
+    /// Gradients of `x * b` or `x / b` (`div`) where `b` repeats every
+    /// `b.len()` values of `x` ([`leading_broadcast`]): the general path's
+    /// sums in its order (into `ga` and `gb` when not empty).
+    fn periodic_grads(g: &[f32], x: &[f32], b: &[f32], div: bool, ga: &mut [f32], gb: &mut [f32]) {
+        let p = b.len();
+        for (c, (gs, xs)) in g.chunks_exact(p).zip(x.chunks_exact(p)).enumerate() {
+            if !ga.is_empty() {
+                let d = &mut ga[c * p..][..p];
+                if div {
+                    for ((d, &gv), &bv) in d.iter_mut().zip(gs).zip(b) {
+                        *d += gv / bv;
+                    }
+                } else {
+                    for ((d, &gv), &bv) in d.iter_mut().zip(gs).zip(b) {
+                        *d += gv * bv;
+                    }
+                }
+            }
+            if !gb.is_empty() {
+                if div {
+                    for (((s, &gv), &xv), &bv) in gb.iter_mut().zip(gs).zip(xs).zip(b) {
+                        *s += -gv * xv / (bv * bv);
+                    }
+                } else {
+                    for ((s, &gv), &xv) in gb.iter_mut().zip(gs).zip(xs) {
+                        *s += gv * xv;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Sums `g` (shaped `out`) down to the broadcast input shape `inp`.
 fn unbroadcast(g: &[f32], out: &[usize], inp: &[usize]) -> Vec<f32> {
     let n: usize = inp.iter().product();
@@ -1136,7 +1187,8 @@ fn binary_grad(
             if matches!(op, Op::Mul)
                 && b.data.len() == g.len()
                 && a.data.len() != g.len()
-                && trailing_broadcast(out, a.shape).is_some()
+                && (trailing_broadcast(out, a.shape).is_some()
+                    || leading_broadcast(out, a.shape).is_some())
             {
                 let (gb, ga) = binary_grad(op, b, a, out, g, need_b, need_a);
                 return (ga, gb);
@@ -1152,6 +1204,21 @@ fn binary_grad(
                         a.data,
                         b.data,
                         inner,
+                        div,
+                        ga.as_deref_mut().unwrap_or_default(),
+                        gb.as_deref_mut().unwrap_or_default(),
+                    );
+                    return (ga, gb);
+                }
+                // One operand repeating along leading axes (a per-channel
+                // constant on a gate, as smoothing writes it).
+                if leading_broadcast(out, b.shape) == Some(b.data.len()) {
+                    let mut ga = need_a.then(|| vec![0.0f32; g.len()]);
+                    let mut gb = need_b.then(|| vec![0.0f32; b.data.len()]);
+                    periodic_grads(
+                        g,
+                        a.data,
+                        b.data,
                         div,
                         ga.as_deref_mut().unwrap_or_default(),
                         gb.as_deref_mut().unwrap_or_default(),

@@ -509,6 +509,59 @@ fn broadcast_product_gradients_match_the_general_path() {
 }
 
 #[test]
+fn repeating_operand_gradients_equal_the_general_path() {
+    // A per-channel constant on a gate ([1, 3, 1, 1] on [4, 3, 1, 1]) and a
+    // row repeated down a matrix ([5] on [2, 3, 5]), on either side of a
+    // product and as a divisor: the general path's sums, bit for bit.
+    for (out, small) in [
+        (vec![4usize, 3, 1, 1], vec![1usize, 3, 1, 1]),
+        (vec![2, 3, 5], vec![5]),
+    ] {
+        let (n, k) = (
+            out.iter().product::<usize>(),
+            small.iter().product::<usize>(),
+        );
+        assert_eq!(leading_broadcast(&out, &small), Some(k));
+        let (a, b, g) = (values(n, 4), values(k, 5), values(n, 6));
+        let (va, vb) = (
+            Value {
+                shape: &out,
+                data: &a,
+            },
+            Value {
+                shape: &small,
+                data: &b,
+            },
+        );
+        let (sa, sb) = (bstrides(&out, &out), bstrides(&out, &small));
+        for div in [false, true] {
+            let (mut ra, mut rb) = (vec![0.0f32; n], vec![0.0f32; k]);
+            for_each_bcast(&out, &sa, &sb, |o, ia, ib| {
+                let (x, y) = (a[ia], b[ib]);
+                ra[ia] += if div { g[o] / y } else { g[o] * y };
+                rb[ib] += if div { -g[o] * x / (y * y) } else { g[o] * x };
+            });
+            let op = if div { Op::Div } else { Op::Mul };
+            let (ga, gb) = binary_grad(&op, va, vb, &out, &g, true, true);
+            assert_eq!(
+                (ga.unwrap(), gb.unwrap()),
+                (ra.clone(), rb.clone()),
+                "{out:?} {div}"
+            );
+            if !div {
+                let (gb, ga) = binary_grad(&op, vb, va, &out, &g, false, true);
+                assert!(gb.is_none());
+                assert_eq!(ga.unwrap(), ra, "{out:?} swapped");
+            }
+        }
+    }
+    // Not repeating: same shape, a trailing broadcast, a middle axis.
+    assert_eq!(leading_broadcast(&[2, 3], &[2, 3]), None);
+    assert_eq!(leading_broadcast(&[2, 3, 4], &[2, 1, 1]), None);
+    assert_eq!(leading_broadcast(&[2, 3, 4], &[3, 1]), None);
+}
+
+#[test]
 fn unbroadcast_sums_over_broadcast_axes() {
     let g: Vec<f32> = (0..12).map(|v| v as f32).collect();
     // [2, 3, 2] -> [3, 1]
