@@ -1055,17 +1055,21 @@ fn for_each_bcast(
     }
 }
 
+/// `small`'s shape with ones in front to `out`'s rank (`None` if longer).
+fn right_aligned(out: &[usize], small: &[usize]) -> Option<Vec<usize>> {
+    let lead = out.len().checked_sub(small.len())?;
+    Some(
+        std::iter::repeat_n(1, lead)
+            .chain(small.iter().copied())
+            .collect(),
+    )
+}
+
 /// With `small` right-aligned against `out`: the block size when `small`
 /// equals `out`'s leading axes followed by ones (each of its values covers
 /// one contiguous block of `out`).
 fn trailing_broadcast(out: &[usize], small: &[usize]) -> Option<usize> {
-    if small.len() > out.len() {
-        return None;
-    }
-    let lead = out.len() - small.len();
-    let padded: Vec<usize> = std::iter::repeat_n(1, lead)
-        .chain(small.iter().copied())
-        .collect();
+    let padded = right_aligned(out, small)?;
     let k = padded.iter().rposition(|&d| d != 1).map_or(0, |p| p + 1);
     let (inner, outer): (usize, usize) = (out[k..].iter().product(), out[..k].iter().product());
     (padded[..k] == out[..k] && inner > 1 && outer == small.iter().product::<usize>())
@@ -1077,13 +1081,7 @@ fn trailing_broadcast(out: &[usize], small: &[usize]) -> Option<usize> {
 /// axes: a per-channel constant `[1, C, 1, 1]` on `[N, C, 1, 1]`), so
 /// that element `o` of `out` reads element `o % len` of `small`.
 fn leading_broadcast(out: &[usize], small: &[usize]) -> Option<usize> {
-    if small.len() > out.len() {
-        return None;
-    }
-    let lead = out.len() - small.len();
-    let padded: Vec<usize> = std::iter::repeat_n(1, lead)
-        .chain(small.iter().copied())
-        .collect();
+    let padded = right_aligned(out, small)?;
     let k = padded.iter().position(|&d| d != 1).unwrap_or(out.len());
     let (repeats, len): (usize, usize) = (out[..k].iter().product(), out[k..].iter().product());
     (padded[k..] == out[k..] && repeats > 1 && len > 0).then_some(len)

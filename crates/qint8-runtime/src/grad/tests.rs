@@ -465,6 +465,11 @@ fn trailing_broadcast_finds_gate_blocks() {
     assert_eq!(trailing_broadcast(&[2, 3], &[2, 3]), None);
 }
 
+/// A recorded value of `shape` holding `data`.
+fn value_of<'a>(shape: &'a [usize], data: &'a [f32]) -> Value<'a> {
+    Value { shape, data }
+}
+
 #[test]
 fn broadcast_product_gradients_match_the_general_path() {
     // The gate fast path against the generic odometer.
@@ -472,16 +477,7 @@ fn broadcast_product_gradients_match_the_general_path() {
     let a = values(120, 1);
     let b = values(6, 2);
     let g = values(120, 3);
-    let (va, vb) = (
-        Value {
-            shape: &out,
-            data: &a,
-        },
-        Value {
-            shape: &small,
-            data: &b,
-        },
-    );
+    let (va, vb) = (value_of(&out, &a), value_of(&small, &b));
     let (ga, gb) = binary_grad(&Op::Mul, va, vb, &out, &g, true, true);
     let (sa, sb) = (bstrides(&out, &out), bstrides(&out, &small));
     let (mut ra, mut rb) = (vec![0.0f32; 120], vec![0.0f32; 6]);
@@ -523,16 +519,7 @@ fn repeating_operand_gradients_equal_the_general_path() {
         );
         assert_eq!(leading_broadcast(&out, &small), Some(k));
         let (a, b, g) = (values(n, 4), values(k, 5), values(n, 6));
-        let (va, vb) = (
-            Value {
-                shape: &out,
-                data: &a,
-            },
-            Value {
-                shape: &small,
-                data: &b,
-            },
-        );
+        let (va, vb) = (value_of(&out, &a), value_of(&small, &b));
         let (sa, sb) = (bstrides(&out, &out), bstrides(&out, &small));
         for div in [false, true] {
             let (mut ra, mut rb) = (vec![0.0f32; n], vec![0.0f32; k]);
