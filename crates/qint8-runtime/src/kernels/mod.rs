@@ -88,8 +88,8 @@ pub fn simd_level() -> SimdLevel {
 /// so that the loops `f` inlines run on wide vectors: the baseline build
 /// has 4-lane SSE2 only. The arithmetic per element is the same (Rust does
 /// not contract into fused multiply-adds), so are the results. A loop
-/// behind a call that does not inline stays at the baseline (a closure from
-/// another crate did not inline here: use [`multiversion!`] there).
+/// behind a call that does not inline stays at the baseline: this serves
+/// closures of this crate (one from the analysis crate did not inline).
 #[inline(always)]
 pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
