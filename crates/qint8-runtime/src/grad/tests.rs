@@ -8,17 +8,7 @@ use qint8_graph::{ConvAttrs, Graph, Node, Op, PoolAttrs, Tensor, ValueInfo};
 use super::*;
 use crate::{Session, SessionOptions};
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
-}
+use crate::kernels::test_values as values;
 
 fn conv_case() -> impl Strategy<Value = ConvGeom> {
     (

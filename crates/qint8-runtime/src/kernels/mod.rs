@@ -84,6 +84,21 @@ pub fn simd_level() -> SimdLevel {
     SimdLevel::active()
 }
 
+/// `n` values in [-1, 1] on a grid of 0.001 from a xorshift seeded with
+/// `seed`, for the crate's unit tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
 /// Runs `f` with AVX-512 (or AVX2) enabled where [`simd_level`] allows it,
 /// so that the loops `f` inlines run on wide vectors: the baseline build
 /// has 4-lane SSE2 only. The arithmetic per element is the same (Rust does
