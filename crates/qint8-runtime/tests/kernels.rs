@@ -382,6 +382,22 @@ fn depthwise_small_planes_with_many_channels_match_reference() {
     }
 }
 
+/// Depthwise convolutions on small planes with enough work per image to
+/// be cut into runs of channels (one image spread over the threads), rows
+/// wide enough for the grouped channels-last kernel, run counts that do
+/// and do not divide the channels.
+#[test]
+fn depthwise_small_planes_in_runs_of_channels_match_reference() {
+    for (n, group, hw, k, stride, pad, act) in [
+        (1, 72, (24, 24), (5, 5), (1, 1), (2, 2, 2, 2), 3u8),
+        (2, 64, (28, 26), (3, 3), (1, 1), (1, 1, 1, 1), 1),
+        (1, 50, (30, 30), (5, 5), (2, 2), (2, 2, 2, 2), 2),
+        (1, 160, (14, 14), (5, 3), (1, 2), (2, 1, 2, 1), 0),
+    ] {
+        assert!(depthwise_matches_reference(n, group, 2, (hw, k, stride, pad, act)) <= 1024);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 60, .. ProptestConfig::default() })]
 

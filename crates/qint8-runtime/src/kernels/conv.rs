@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use qint8_graph::{shape, ConvAttrs, GraphError, Node};
 
 use super::gemm::{sgemm, Mat};
@@ -144,6 +146,16 @@ const GRAIN: usize = 1 << 14;
 
 /// Depthwise planes up to this size run channels-last.
 const CHANNELS_LAST_BELOW: usize = 1024;
+
+/// Channels of one image a task of the channels-last depthwise path
+/// takes, on images of at least [`CHANNEL_RUNS_FROM`] multiply-adds (a
+/// run's reordered input stays in cache, and one image spreads over the
+/// threads).
+const CHANNELS_PER_TASK: usize = 32;
+
+/// Multiply-adds per image from which the channels-last depthwise path
+/// cuts images into runs of channels.
+const CHANNEL_RUNS_FROM: usize = 1 << 18;
 
 /// Output planes smaller than this are computed for the whole batch in one
 /// GEMM (better shaped products for small feature maps).
@@ -817,29 +829,7 @@ impl Conv2d {
         if oh * ow <= CHANNELS_LAST_BELOW {
             // Small planes: rows are too short to vectorize, so work
             // channels-last, where the innermost loop runs over channels.
-            let c = self.cout;
-            let mut w_t = vec![0.0f32; kk * c];
-            for ch in 0..c {
-                for t in 0..kk {
-                    w_t[t * c + ch] = self.weight[ch * kk + t];
-                }
-            }
-            let img_out = c * oh * ow;
-            super::for_chunks(y, img_out, |img, out| {
-                // Both halves are written before they are read.
-                with_reused(&DEPTHWISE, (ih * iw + oh * ow) * c, |buf| {
-                    let (nhwc, acc) = buf.split_at_mut(ih * iw * c);
-                    depthwise_image_nhwc(
-                        self,
-                        &x[img * c * ih * iw..(img + 1) * c * ih * iw],
-                        &w_t,
-                        out,
-                        nhwc,
-                        acc,
-                    );
-                });
-            });
-            return;
+            return self.depthwise_channels_last(x, y);
         }
         #[cfg(target_arch = "x86_64")]
         let fast = super::simd_level() >= qint8_math::kernels::SimdLevel::Avx512
@@ -857,6 +847,71 @@ impl Conv2d {
             }
             depthwise_plane(self, src, w, self.bias[c], out);
         });
+    }
+
+    /// [`Conv2d::depthwise`] on small planes: each image's channels in
+    /// runs of [`CHANNELS_PER_TASK`], one task each (so that one image
+    /// spreads over the threads too), each reordered channels-last, summed
+    /// by [`depthwise_nhwc`] (or its AVX-512 form) and reordered back.
+    fn depthwise_channels_last(&self, x: &[f32], y: &mut [f32]) {
+        let (c, kk) = (self.cout, self.kh * self.kw);
+        let (pixels, plane) = (self.ih * self.iw, self.oh * self.ow);
+        let mut w_t = vec![0.0f32; kk * c];
+        for ch in 0..c {
+            for t in 0..kk {
+                w_t[t * c + ch] = self.weight[ch * kk + t];
+            }
+        }
+        // Rows of a few pixels have too few windows to share each tap's
+        // weights between; there the reference's wider channel blocks do
+        // better.
+        #[cfg(target_arch = "x86_64")]
+        let fast =
+            super::simd_level() >= qint8_math::kernels::SimdLevel::Avx512 && self.ow >= NHWC_PIXELS;
+        // (image, first channel, output planes of its channels). Small
+        // images whole: their runs of channels would cost more to hand out
+        // than to sum.
+        let per_task = match c * plane * kk >= CHANNEL_RUNS_FROM {
+            true => CHANNELS_PER_TASK,
+            false => c,
+        };
+        let mut tasks: Vec<(usize, usize, &mut [f32])> =
+            Vec::with_capacity(self.n * c.div_ceil(per_task));
+        let mut rest = &mut y[..self.n * c * plane];
+        for img in 0..self.n {
+            for c0 in (0..c).step_by(per_task) {
+                let cr = per_task.min(c - c0);
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(cr * plane);
+                tasks.push((img, c0, head));
+                rest = tail;
+            }
+        }
+        let task = |(img, c0, out): (usize, usize, &mut [f32])| {
+            let cr = out.len() / plane.max(1);
+            let src = &x[(img * c + c0) * pixels..][..cr * pixels];
+            // Both halves are written before they are read.
+            with_reused(&DEPTHWISE, (pixels + plane) * cr, |buf| {
+                let (nhwc, sums) = buf.split_at_mut(pixels * cr);
+                super::transpose(src, cr, pixels, nhwc);
+                let (w, bias) = (&w_t[c0..], &self.bias[c0..c0 + cr]);
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: AVX-512 F is available (simd_level never
+                    // exceeds what the CPU has); the buffers' sizes are
+                    // those the function asks for.
+                    unsafe { depthwise_nhwc_avx512(self, cr, nhwc, w, c, bias, sums) };
+                    super::transpose(sums, plane, cr, out);
+                    return;
+                }
+                depthwise_nhwc(self, cr, nhwc, w, c, bias, sums);
+                super::transpose(sums, plane, cr, out);
+            });
+        };
+        if super::is_sequential() || tasks.len() == 1 {
+            tasks.into_iter().for_each(task);
+        } else {
+            tasks.into_par_iter().for_each(task);
+        }
     }
 
     /// Straightforward reference convolution for tests.
@@ -914,43 +969,41 @@ multiversion! {
 }
 
 multiversion! {
-    /// One image of a depthwise convolution, channels-last: the input is
-    /// copied into a `[ih, iw, c]` buffer, every output pixel accumulates
-    /// a vector of `c` channels for each tap that falls inside the image
-    /// (on the small planes this path takes, most of a 5x5 window can lie
-    /// in the padding), and the `[oh, ow, c]` result is written back
-    /// channels-first (both reorderings by [`super::transpose`]).
-    fn depthwise_image_nhwc(cv: &Conv2d, x: &[f32], w_t: &[f32], y: &mut [f32], nhwc: &mut [f32], out: &mut [f32]) {
-        let c = cv.cout;
+    /// Channels-last depthwise sums of `cr` channels: `nhwc` is the input
+    /// `[ih, iw, cr]`, tap `t`'s weights of these channels start at
+    /// `w_t[t * wc]`, `bias` holds their biases, and `out` gets the
+    /// activated `[oh, ow, cr]` result. Every output pixel accumulates a
+    /// vector of channels for each tap that falls inside the image (on the
+    /// small planes this path takes, most of a 5x5 window can lie in the
+    /// padding): bias, then the taps row by row, each a product then an
+    /// add. The reference of [`depthwise_nhwc_avx512`].
+    fn depthwise_nhwc(cv: &Conv2d, cr: usize, nhwc: &[f32], w_t: &[f32], wc: usize, bias: &[f32], out: &mut [f32]) {
         let (ih, iw, oh, ow) = (cv.ih, cv.iw, cv.oh, cv.ow);
         let (sh, sw) = cv.stride;
         let (dh, dw) = cv.dilation;
         let (pt, pl) = cv.pad;
-        let pixels = ih * iw;
-        super::transpose(x, c, pixels, nhwc);
-        let plane = oh * ow;
         for oy in 0..oh {
             let rows = live_taps(oy * sh, dh, pt, ih, cv.kh);
             for ox in 0..ow {
                 let cols = live_taps(ox * sw, dw, pl, iw, cv.kw);
-                let acc = &mut out[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
+                let acc = &mut out[(oy * ow + ox) * cr..(oy * ow + ox + 1) * cr];
                 // Channels in blocks of fixed size, each summed over every
                 // tap in registers (one load and store of the sums per
                 // block, not per tap); the same sums in the same order.
                 let mut c0 = 0;
                 macro_rules! blocks {
                     ($b:expr) => {
-                        while c - c0 >= $b {
+                        while cr - c0 >= $b {
                             let mut sums = [0f32; $b];
-                            sums.copy_from_slice(&cv.bias[c0..c0 + $b]);
+                            sums.copy_from_slice(&bias[c0..c0 + $b]);
                             for ki in rows.clone() {
                                 let iy = oy * sh + ki * dh - pt;
                                 for kj in cols.clone() {
                                     let ix = ox * sw + kj * dw - pl;
-                                    let w = &w_t[(ki * cv.kw + kj) * c + c0..][..$b];
-                                    let src = &nhwc[(iy * iw + ix) * c + c0..][..$b];
+                                    let w = &w_t[(ki * cv.kw + kj) * wc + c0..][..$b];
+                                    let src = &nhwc[(iy * iw + ix) * cr + c0..][..$b];
                                     for j in 0..$b {
-                                        sums[j] += w[j] * src[j];
+                                        sums[j] = w[j].mul_add(src[j], sums[j]);
                                     }
                                 }
                             }
@@ -964,9 +1017,166 @@ multiversion! {
                 blocks!(1);
             }
         }
-        let out = &mut out[..plane * c];
-        cv.act.apply_all(out);
-        super::transpose(out, plane, c, y);
+        cv.act.apply_all(&mut out[..oh * ow * cr]);
+    }
+}
+
+/// The output columns `first..end` whose windows lie inside the image
+/// across (every column tap of theirs reads the input, none the padding).
+fn inside_columns(cv: &Conv2d) -> (usize, usize) {
+    let (sw, dw, pl) = (cv.stride.1, cv.dilation.1, cv.pad.1);
+    let span = (cv.kw - 1) * dw;
+    let first = pl.div_ceil(sw).min(cv.ow);
+    // Columns with `ox * sw + span < pl + iw`.
+    let end = match (pl + cv.iw).checked_sub(span + 1) {
+        Some(last) => (last / sw + 1).min(cv.ow),
+        None => 0,
+    };
+    (first, end.max(first))
+}
+
+/// Output pixels of a row [`depthwise_nhwc_avx512`] sums at once at most,
+/// one register of 16 channels each.
+const NHWC_PIXELS: usize = 8;
+
+/// [`depthwise_nhwc`] with up to [`NHWC_PIXELS`] output pixels of a row
+/// summed in registers at once, each tap's weights loaded once for all of
+/// them (the reference loads them for every pixel), and the activation
+/// applied before the store. Columns whose windows reach into the padding
+/// go one at a time, testing each tap; the others in groups that test
+/// nothing. Each output is the same sum in the same order (bias, then the
+/// taps inside the image row by row, each a fused multiply-add), so the
+/// bits are [`depthwise_nhwc`]'s.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `nhwc` holds `ih * iw * cr` floats, `w_t` at
+/// least `(kh * kw - 1) * wc + cr`, `bias` `cr` and `out` `oh * ow * cr`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise_nhwc_avx512(
+    cv: &Conv2d,
+    cr: usize,
+    nhwc: &[f32],
+    w_t: &[f32],
+    wc: usize,
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (oh, ow) = (cv.oh, cv.ow);
+    assert!(
+        nhwc.len() >= cv.ih * cv.iw * cr
+            && w_t.len() >= (cv.kh * cv.kw).saturating_sub(1) * wc + cr
+            && bias.len() >= cr
+            && out.len() >= oh * ow * cr,
+        "channels-last depthwise called with short buffers"
+    );
+    let (lo, hi) = cv.act.bounds();
+    let (first, end) = inside_columns(cv);
+    let g = NhwcGroup {
+        cv,
+        cr,
+        nhwc,
+        w_t,
+        wc,
+    };
+    for c0 in (0..cr).step_by(16) {
+        let left = cr - c0;
+        let m: __mmask16 = if left >= 16 { !0 } else { (1u16 << left) - 1 };
+        // SAFETY (the loads and stores here and in `NhwcGroup::sums`):
+        // channels `c0..c0 + 16` under the mask `m` lie within `cr`; pixel
+        // and tap indices within the planes, as asserted above.
+        let b = unsafe { _mm512_maskz_loadu_ps(m, bias.as_ptr().add(c0)) };
+        for oy in 0..oh {
+            let mut store = |ox: usize, v: __m512| unsafe {
+                let v = super::act_zmm(v, cv.act, lo, hi);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add((oy * ow + ox) * cr + c0), m, v)
+            };
+            let mut ox = first;
+            while ox < end {
+                let n = end - ox;
+                // Whole groups, then the rest in halves.
+                macro_rules! group {
+                    ($p:literal) => {{
+                        let acc = unsafe { g.sums::<$p, false>(oy, ox, c0, m, b) };
+                        acc.into_iter()
+                            .enumerate()
+                            .for_each(|(p, v)| store(ox + p, v));
+                        ox += $p;
+                    }};
+                }
+                match n {
+                    8.. => group!(8),
+                    4..=7 => group!(4),
+                    2..=3 => group!(2),
+                    _ => group!(1),
+                }
+            }
+            for ox in (0..first).chain(end..ow) {
+                let [v] = unsafe { g.sums::<1, true>(oy, ox, c0, m, b) };
+                store(ox, v);
+            }
+        }
+    }
+}
+
+/// What [`depthwise_nhwc_avx512`]'s groups read.
+#[cfg(target_arch = "x86_64")]
+struct NhwcGroup<'a> {
+    cv: &'a Conv2d,
+    cr: usize,
+    nhwc: &'a [f32],
+    w_t: &'a [f32],
+    wc: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NhwcGroup<'_> {
+    /// The sums of pixels `ox..ox + P` of row `oy`, channels `c0..` under
+    /// `m`, starting from `b`. With `CHECKED`, taps outside the image
+    /// across are skipped; without, all of them must lie inside.
+    ///
+    /// # Safety
+    /// As [`depthwise_nhwc_avx512`], which checked the buffers; without
+    /// `CHECKED`, the pixels' windows lie inside the image across.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn sums<const P: usize, const CHECKED: bool>(
+        &self,
+        oy: usize,
+        ox: usize,
+        c0: usize,
+        m: std::arch::x86_64::__mmask16,
+        b: std::arch::x86_64::__m512,
+    ) -> [std::arch::x86_64::__m512; P] {
+        use std::arch::x86_64::*;
+        let (cv, cr) = (self.cv, self.cr);
+        let (sh, sw) = cv.stride;
+        let (dh, dw) = cv.dilation;
+        let (pt, pl) = cv.pad;
+        let (iw, kw) = (cv.iw, cv.kw);
+        let mut acc = [b; P];
+        for ki in live_taps(oy * sh, dh, pt, cv.ih, cv.kh) {
+            let row = (oy * sh + ki * dh - pt) * iw;
+            let cols = match CHECKED {
+                true => live_taps(ox * sw, dw, pl, iw, kw),
+                false => 0..kw,
+            };
+            for kj in cols {
+                // SAFETY: see `depthwise_nhwc_avx512`.
+                let wv = unsafe {
+                    _mm512_maskz_loadu_ps(m, self.w_t.as_ptr().add((ki * kw + kj) * self.wc + c0))
+                };
+                let at = (row + ox * sw + kj * dw - pl) * cr + c0;
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let v = unsafe {
+                        _mm512_maskz_loadu_ps(m, self.nhwc.as_ptr().add(at + p * sw * cr))
+                    };
+                    *a = _mm512_fmadd_ps(wv, v, *a);
+                }
+            }
+        }
+        acc
     }
 }
 
@@ -1268,6 +1478,52 @@ mod tests {
             // dilation as `depthwise_rows_apply` requires.
             unsafe { depthwise_rows_avx512(&c, &x, &c.weight[..kh * kw], 0.25, &mut fast) };
             depthwise_plane(&c, &x, &c.weight[..kh * kw], 0.25, &mut slow);
+            prop_assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{:?} vs {:?}", fast, slow);
+        }
+
+        /// The grouped channels-last kernel equals its reference bit for
+        /// bit: rows from 1 to 30 pixels (groups of 8, 4, 2 and 1, border
+        /// columns on both sides, windows wider than the image), strides
+        /// and dilations on both axes, channel runs that are and are not
+        /// multiples of 16 taken from the middle of a wider weight table,
+        /// every activation.
+        #[test]
+        fn depthwise_nhwc_groups_match_the_reference(
+            (ih, iw) in (1usize..12, 1usize..30),
+            (kh, kw) in (1usize..6, 1usize..6),
+            (sh, sw, dh, dw) in (1usize..3, 1usize..3, 1usize..3, 1usize..3),
+            (pt, pl, pb, pr) in (0usize..3, 0usize..3, 0usize..3, 0usize..3),
+            (cr, c0) in (1usize..40, 0usize..20),
+            act in 0u8..4,
+            seed in any::<u64>(),
+        ) {
+            let (eh, ew) = (ih + pt + pb, iw + pl + pr);
+            prop_assume!(eh > (kh - 1) * dh && ew > (kw - 1) * dw);
+            let (oh, ow) = ((eh - (kh - 1) * dh - 1) / sh + 1, (ew - (kw - 1) * dw - 1) / sw + 1);
+            let wc = c0 + cr + 3;
+            let c = Conv2d {
+                geom: ConvGeom {
+                    n: 1, cin: wc, ih, iw, cout: wc, group: wc, kh, kw,
+                    stride: (sh, sw), dilation: (dh, dw), pad: (pt, pl), oh, ow,
+                },
+                weight: Arc::new(Vec::new()),
+                bias: values(wc, seed ^ 5),
+                act: [Activation::None, Activation::Relu, Activation::Clip(-0.3, 0.4), Activation::Silu][act as usize],
+                packed: Vec::new(),
+                int8: None,
+                winograd: None,
+            };
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                return Ok(());
+            }
+            let x = values(ih * iw * cr, seed ^ 3);
+            let w_t = values(kh * kw * wc, seed);
+            let bias = &c.bias[c0..c0 + cr];
+            let (mut fast, mut slow) = (vec![f32::NAN; oh * ow * cr], vec![f32::NAN; oh * ow * cr]);
+            // SAFETY: AVX-512 F is present; the buffers have the sizes
+            // the kernel asks for.
+            unsafe { depthwise_nhwc_avx512(&c, cr, &x, &w_t[c0..], wc, bias, &mut fast) };
+            depthwise_nhwc(&c, cr, &x, &w_t[c0..], wc, bias, &mut slow);
             prop_assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{:?} vs {:?}", fast, slow);
         }
     }

@@ -505,8 +505,8 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
             a = j;
         }
     }
-    let (lo, hi) = act_bounds(c.act);
-    let act = |v: __m512| act_vec(v, c.act, lo, hi);
+    let (lo, hi) = c.act.bounds();
+    let act = |v: __m512| super::act_zmm(v, c.act, lo, hi);
     let n = channels.len();
     for h in 0..n.div_ceil(16) {
         let c0 = channels.start + 16 * h;
@@ -585,49 +585,6 @@ unsafe fn store_vnni(acc: &[i32; PT * MC], place: &TileAt, dest: Dest<'_>) {
             }
         }
     }
-}
-
-/// The bounds an activation clamps to (infinite where it does not).
-fn act_bounds(act: super::Activation) -> (f32, f32) {
-    match act {
-        super::Activation::None => (f32::NEG_INFINITY, f32::INFINITY),
-        super::Activation::Relu => (0.0, f32::INFINITY),
-        super::Activation::Clip(lo, hi) => (lo, hi),
-        super::Activation::Silu => (f32::NEG_INFINITY, f32::INFINITY),
-    }
-}
-
-/// `v` after `act`: clamped to `act`'s bounds `[lo, hi]`, or SiLU.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn act_vec(
-    v: std::arch::x86_64::__m512,
-    act: super::Activation,
-    lo: f32,
-    hi: f32,
-) -> std::arch::x86_64::__m512 {
-    match act {
-        super::Activation::Silu => super::silu_zmm(v),
-        _ => clamp_vec(v, lo, hi),
-    }
-}
-
-/// `v` clamped to `[lo, hi]` as `Activation::apply` does it: compare and
-/// select, which keeps NaN.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn clamp_vec(v: std::arch::x86_64::__m512, lo: f32, hi: f32) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let v = _mm512_mask_blend_ps(
-        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(lo)),
-        v,
-        _mm512_set1_ps(lo),
-    );
-    _mm512_mask_blend_ps(
-        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(hi)),
-        v,
-        _mm512_set1_ps(hi),
-    )
 }
 
 /// [`Int8Weights::residual`] on a vector, operation for operation.
@@ -793,7 +750,7 @@ unsafe fn lanes_vnni<const PARTS: usize>(
     use std::arch::x86_64::*;
     let (p, kq) = (c.oh * c.ow, w.kq);
     let block = &w.packed[b * kq * MC * 4..(b + 1) * kq * MC * 4];
-    let (lo, hi) = act_bounds(c.act);
+    let (lo, hi) = c.act.bounds();
     // SAFETY: 16 u32 lanes.
     let gather = unsafe { _mm512_loadu_si512(lanes.gather.as_ptr() as *const __m512i) };
     for r0 in (0..MC).step_by(LANES_MR) {
@@ -869,7 +826,7 @@ unsafe fn lanes_vnni<const PARTS: usize>(
                     // this image (see the function's contract).
                     unsafe {
                         let val = match res {
-                            Some(r) => act_vec(
+                            Some(r) => super::act_zmm(
                                 _mm512_add_ps(
                                     f,
                                     residual_vec(
@@ -881,7 +838,7 @@ unsafe fn lanes_vnni<const PARTS: usize>(
                                 lo,
                                 hi,
                             ),
-                            None => act_vec(f, c.act, lo, hi),
+                            None => super::act_zmm(f, c.act, lo, hi),
                         };
                         _mm512_mask_storeu_ps(out.0.add(at), masks[v], val);
                     }

@@ -181,6 +181,16 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The bounds the activation clamps to (infinite where it does not
+    /// clamp; SiLU clamps nothing).
+    pub(crate) fn bounds(self) -> (f32, f32) {
+        match self {
+            Activation::None | Activation::Silu => (f32::NEG_INFINITY, f32::INFINITY),
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Clip(lo, hi) => (lo, hi),
+        }
+    }
+
     /// Applies the activation to every value of `v`, one loop per
     /// activation so that each vectorizes; inlined, so it runs with the
     /// caller's instruction set (`multiversion!` bodies, AVX-512 kernels).
@@ -257,6 +267,33 @@ pub fn fast_exp(x: f32) -> f32 {
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
+}
+
+/// `v` after `act` on 16 lanes, where `(lo, hi)` is [`Activation::bounds`]:
+/// clamped (compare and select, as [`Activation::apply`] does, which keeps
+/// NaN), or [`silu_zmm`]. Every lane equals [`Activation::apply`] bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn act_zmm(
+    v: std::arch::x86_64::__m512,
+    act: Activation,
+    lo: f32,
+    hi: f32,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if act == Activation::Silu {
+        return silu_zmm(v);
+    }
+    let v = _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_set1_ps(lo)),
+        v,
+        _mm512_set1_ps(lo),
+    );
+    _mm512_mask_blend_ps(
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(hi)),
+        v,
+        _mm512_set1_ps(hi),
+    )
 }
 
 /// [`Activation::Silu`] on 16 lanes, for epilogues that hold values in
