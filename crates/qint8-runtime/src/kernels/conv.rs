@@ -1438,6 +1438,25 @@ mod tests {
     use crate::kernels::test_values as values;
     use proptest::prelude::*;
 
+    /// A convolution of geometry `geom` for the depthwise kernels' tests;
+    /// `act` picks None, Relu, a Clip or Silu.
+    fn depthwise_conv(geom: ConvGeom, weight: Vec<f32>, bias: Vec<f32>, act: u8) -> Conv2d {
+        Conv2d {
+            geom,
+            weight: Arc::new(weight),
+            bias,
+            act: [
+                Activation::None,
+                Activation::Relu,
+                Activation::Clip(-0.3, 0.4),
+                Activation::Silu,
+            ][act as usize],
+            packed: Vec::new(),
+            int8: None,
+            winograd: None,
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, .. ProptestConfig::default() })]
 
@@ -1457,18 +1476,15 @@ mod tests {
             let (eh, ew) = (ih + pt + pb, iw + pl + pr);
             prop_assume!(eh > (kh - 1) * dh && ew >= kw);
             let (oh, ow) = ((eh - (kh - 1) * dh - 1) / sh + 1, (ew - kw) / sw + 1);
-            let c = Conv2d {
-                geom: ConvGeom {
+            let c = depthwise_conv(
+                ConvGeom {
                     n: 1, cin: 2, ih, iw, cout: 2, group: 2, kh, kw,
                     stride: (sh, sw), dilation: (dh, 1), pad: (pt, pl), oh, ow,
                 },
-                weight: Arc::new(values(2 * kh * kw, seed)),
-                bias: vec![0.25, -0.5],
-                act: [Activation::None, Activation::Relu, Activation::Clip(-0.3, 0.4), Activation::Silu][act as usize],
-                packed: Vec::new(),
-                int8: None,
-                winograd: None,
-            };
+                values(2 * kh * kw, seed),
+                vec![0.25, -0.5],
+                act,
+            );
             if !std::arch::is_x86_feature_detected!("avx512f") {
                 return Ok(());
             }
@@ -1501,18 +1517,16 @@ mod tests {
             prop_assume!(eh > (kh - 1) * dh && ew > (kw - 1) * dw);
             let (oh, ow) = ((eh - (kh - 1) * dh - 1) / sh + 1, (ew - (kw - 1) * dw - 1) / sw + 1);
             let wc = c0 + cr + 3;
-            let c = Conv2d {
-                geom: ConvGeom {
+            // The kernels take the weights as arguments, not from `c`.
+            let c = depthwise_conv(
+                ConvGeom {
                     n: 1, cin: wc, ih, iw, cout: wc, group: wc, kh, kw,
                     stride: (sh, sw), dilation: (dh, dw), pad: (pt, pl), oh, ow,
                 },
-                weight: Arc::new(Vec::new()),
-                bias: values(wc, seed ^ 5),
-                act: [Activation::None, Activation::Relu, Activation::Clip(-0.3, 0.4), Activation::Silu][act as usize],
-                packed: Vec::new(),
-                int8: None,
-                winograd: None,
-            };
+                Vec::new(),
+                values(wc, seed ^ 5),
+                act,
+            );
             if !std::arch::is_x86_feature_detected!("avx512f") {
                 return Ok(());
             }
