@@ -1023,6 +1023,7 @@ multiversion! {
 
 /// The output columns `first..end` whose windows lie inside the image
 /// across (every column tap of theirs reads the input, none the padding).
+#[cfg(target_arch = "x86_64")]
 fn inside_columns(cv: &Conv2d) -> (usize, usize) {
     let (sw, dw, pl) = (cv.stride.1, cv.dilation.1, cv.pad.1);
     let span = (cv.kw - 1) * dw;
@@ -1037,6 +1038,7 @@ fn inside_columns(cv: &Conv2d) -> (usize, usize) {
 
 /// Output pixels of a row [`depthwise_nhwc_avx512`] sums at once at most,
 /// one register of 16 channels each.
+#[cfg(target_arch = "x86_64")]
 const NHWC_PIXELS: usize = 8;
 
 /// [`depthwise_nhwc`] with up to [`NHWC_PIXELS`] output pixels of a row
