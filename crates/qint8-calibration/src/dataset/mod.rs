@@ -437,8 +437,9 @@ impl ImageDataset {
     /// [`CalibError::BadPreprocess`] when `preprocess` pads, resizes or
     /// crops (those apply to images); [`CalibError::BadShape`] naming the
     /// file and its shape when the inputs are not 4-D with nonzero `C`, `H`,
-    /// `W`, or the labels are not 1-D with `N` entries;
-    /// [`CalibError::EmptyDataset`] for `N = 0`;
+    /// `W`, or the labels are not 1-D; [`CalibError::LabelCountMismatch`]
+    /// when they do not hold `N` entries; [`CalibError::EmptyDataset`] for
+    /// `N = 0`;
     /// [`CalibError::ValueOutOfRange`] for a non-finite input or a negative
     /// label.
     pub fn from_npy(
@@ -905,11 +906,17 @@ fn tensor_dims(path: &Path, shape: &[usize]) -> Result<[usize; 4]> {
 /// Labels from the integer NPY file `path`: shape `[n]`, non-negative.
 fn read_npy_labels(path: &Path, n: usize) -> Result<Vec<usize>> {
     let labels = read_npy_i64(path)?;
-    if labels.ndim() != 1 || labels.len() != n {
+    if labels.ndim() != 1 {
         return Err(CalibError::BadShape {
             path: path.to_path_buf(),
             expected: "1 dim (N) with N the number of inputs (first dim of the inputs)",
             got: labels.shape().to_vec(),
+        });
+    }
+    if labels.len() != n {
+        return Err(CalibError::LabelCountMismatch {
+            images: n,
+            labels: labels.len(),
         });
     }
     labels
