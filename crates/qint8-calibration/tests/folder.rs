@@ -499,16 +499,8 @@ fn npy_shape_and_value_errors_name_the_file() {
     let lp = dir.path().join("short.npy");
     write_npy_i64(&lp, &[0, 1], "(2,)");
     let e = ImageDataset::from_npy(&xp, Some(&lp), Preprocess::default()).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CalibError::LabelCountMismatch {
-                images: 3,
-                labels: 2
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, CalibError::LabelCountMismatch { .. }), "{e}");
+    assert_eq!(e.to_string(), "2 labels for 3 images");
     let lp = dir.path().join("negative.npy");
     write_npy_i64(&lp, &[0, -1, 2], "(3,)");
     let e = ImageDataset::from_npy(&xp, Some(&lp), Preprocess::default()).unwrap_err();
