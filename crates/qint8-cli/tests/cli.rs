@@ -890,7 +890,10 @@ fn eval_on_npy_inputs_matches_the_idx_file() {
         "--labels",
         s(&short),
     ]));
-    assert!(err.contains("short.npy") && err.contains("[10]"), "{err}");
+    assert!(
+        err.contains("short.npy") && err.contains("10 labels for 100 images"),
+        "{err}"
+    );
     let flat = dir.path().join("flat.npy");
     write_npy_f32(&flat, &ndarray::Array2::<f32>::zeros((4, 1024))).unwrap();
     let err = fails(qint8(&[
