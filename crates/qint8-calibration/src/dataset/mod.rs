@@ -909,7 +909,7 @@ fn read_npy_labels(path: &Path, n: usize) -> Result<Vec<usize>> {
     if labels.ndim() != 1 {
         return Err(CalibError::BadShape {
             path: path.to_path_buf(),
-            expected: "1 dim (N) with N the number of inputs (first dim of the inputs)",
+            expected: "1 dim (one label per input)",
             got: labels.shape().to_vec(),
         });
     }
