@@ -1267,14 +1267,9 @@ unsafe fn depthwise_rows_avx512(c: &Conv2d, src: &[f32], w: &[f32], bias: f32, o
     let (pt, pl) = c.pad;
     let kw = c.kw;
     assert!(src.len() >= ih * iw && out.len() >= oh * ow && w.len() >= c.kh * kw && sw <= 2);
-    // Columns whose whole window lies inside the image: `lo..hi`.
-    let lo = pl.div_ceil(sw).min(ow);
-    let hi = if iw + pl >= kw {
-        ((iw + pl - kw) / sw + 1).min(ow)
-    } else {
-        0
-    }
-    .max(lo);
+    // Columns whose whole window lies inside the image: `lo..hi`
+    // (dilation 1 across, see `depthwise_rows_apply`).
+    let (lo, hi) = inside_columns(c);
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let mask = |n: usize| -> __mmask16 {
         if n >= 16 {
