@@ -330,6 +330,29 @@ fn a_flat_folder_is_an_unlabeled_set() {
     assert_eq!(ds.batch(0, 2).unwrap().labels, None);
 }
 
+#[test]
+fn labels_can_be_given_afterwards_one_per_item() {
+    let dir = tempfile::tempdir().unwrap();
+    make_folder(dir.path());
+    let pre = Preprocess::imagenet().with_resize(16).with_crop(16);
+    let ds = ImageDataset::from_folder(dir.path(), ColorMode::Rgb, pre).unwrap();
+    assert!(ds.class_names().is_some());
+    let n = ds.len();
+    let e = ds.clone().with_labels(vec![0; n + 1]).unwrap_err();
+    assert!(
+        matches!(e, CalibError::LabelCountMismatch { images, labels } if images == n && labels == n + 1),
+        "{e}"
+    );
+    let given: Vec<usize> = (0..n).map(|i| 7 + i).collect();
+    let l = ds.with_labels(given.clone()).unwrap();
+    assert_eq!(l.labels(), Some(given.as_slice()));
+    // The folders' names no longer name these labels.
+    assert_eq!(l.class_names(), None);
+    assert_eq!(l.batch(1, 2).unwrap().labels, Some(given[1..3].to_vec()));
+    // They travel with their images.
+    assert_eq!(l.select(&[2, 0]).unwrap().labels(), Some(&[9, 7][..]));
+}
+
 /// Fifty 1x1 grayscale images whose pixel and label are their index.
 fn indexed(n: u8) -> ImageDataset {
     let images = Images::new(n.into(), 1, 1, 1, (0..n).collect()).unwrap();

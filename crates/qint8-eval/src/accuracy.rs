@@ -169,7 +169,11 @@ pub fn score_logits(
     Ok(classes)
 }
 
-/// A model ready to score labeled images: its session (QDQ models run in
+/// What [`Evaluator`]'s batch loop hands on: a batch's labels (if any),
+/// its logits (row-major) and the number of classes.
+type BatchLogits<'a> = dyn FnMut(Option<&[usize]>, &[f32], usize) -> Result<()> + 'a;
+
+/// A model ready to score labeled images (or to predict unlabeled ones): its session (QDQ models run in
 /// INT8: integer convolutions where the CPU has them, the rest simulated)
 /// and the names of its image input and logits output.
 pub struct Evaluator {
@@ -238,13 +242,34 @@ impl Evaluator {
         Ok((a, logits))
     }
 
-    fn run(
+    /// Every image's top-1 class (the index of its largest logit, as
+    /// [`argmax`]), in dataset order; `data` needs no labels. Scoring
+    /// another model against these (with [`ImageDataset::with_labels`])
+    /// makes its top-1 the agreement with this one.
+    pub fn predict(
         &self,
         data: &ImageDataset,
         batch: usize,
-        mut keep: Option<&mut Vec<f32>>,
         progress: &mut dyn FnMut(usize),
-    ) -> Result<Accuracy> {
+    ) -> Result<Vec<usize>> {
+        let mut predictions = Vec::with_capacity(data.len());
+        self.each_batch(data, batch, &mut |_, logits, classes| {
+            predictions.extend(logits.chunks_exact(classes).map(argmax));
+            progress(predictions.len());
+            Ok(())
+        })?;
+        Ok(predictions)
+    }
+
+    /// Runs `data` in batches of `batch` and hands `each` every batch's
+    /// labels, logits (row-major) and number of classes, checked to be
+    /// `[batch, classes]` logits with at least one class.
+    fn each_batch(
+        &self,
+        data: &ImageDataset,
+        batch: usize,
+        each: &mut BatchLogits<'_>,
+    ) -> Result<()> {
         if batch == 0 {
             return Err(EvalError::Invalid("batch size is 0".into()));
         }
@@ -254,22 +279,15 @@ impl Evaluator {
                 self.name
             )));
         }
-        let mut score = Score::default();
-        let mut predictions = Vec::with_capacity(data.len());
-        let mut all_labels = Vec::with_capacity(data.len());
-        let mut classes = 0;
         for b in data.batches(batch) {
             let b = b?;
-            let labels = b.labels.as_deref().ok_or_else(|| {
-                EvalError::Invalid(format!("{}: the dataset has no labels", self.name))
-            })?;
             let out = self
                 .session
                 .run(&[(self.input.as_str(), b.inputs.view())])?;
             let logits = out.first().ok_or_else(|| {
                 EvalError::Invalid(format!("{}: the model produced no outputs", self.name))
             })?;
-            if logits.ndim() != 2 || logits.shape()[0] != b.len() {
+            if logits.ndim() != 2 || logits.shape()[0] != b.len() || logits.shape()[1] == 0 {
                 return Err(EvalError::Invalid(format!(
                     "{}: output shape {:?} for a batch of {}; need [batch, classes] logits",
                     self.name,
@@ -278,13 +296,36 @@ impl Evaluator {
                 )));
             }
             let flat: Vec<f32> = logits.iter().copied().collect();
-            classes = score_logits(&flat, labels, &mut score, &mut predictions, &self.name)?;
+            each(b.labels.as_deref(), &flat, logits.shape()[1])?;
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        data: &ImageDataset,
+        batch: usize,
+        mut keep: Option<&mut Vec<f32>>,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Accuracy> {
+        let mut score = Score::default();
+        let mut predictions = Vec::with_capacity(data.len());
+        let mut all_labels = Vec::with_capacity(data.len());
+        let mut classes = 0;
+        let unlabeled = || EvalError::Invalid(format!("{}: the dataset has no labels", self.name));
+        if data.labels().is_none() {
+            return Err(unlabeled());
+        }
+        self.each_batch(data, batch, &mut |labels, flat, _| {
+            let labels = labels.ok_or_else(unlabeled)?;
+            classes = score_logits(flat, labels, &mut score, &mut predictions, &self.name)?;
             if let Some(k) = keep.as_deref_mut() {
-                k.extend_from_slice(&flat);
+                k.extend_from_slice(flat);
             }
             all_labels.extend_from_slice(labels);
             progress(score.n);
-        }
+            Ok(())
+        })?;
         Ok(Accuracy {
             score,
             classes,

@@ -54,6 +54,29 @@ fn resnet50_accuracy_errors_size_and_latency() {
     let b = int8.evaluate(&eval, 64, &mut |_| {}).unwrap();
     assert!(a.agreement(&b) >= 1950, "{}", a.agreement(&b));
 
+    // FP32's predictions need no labels; scored against them, the INT8
+    // model's top-1 is its agreement with FP32 (and FP32's own is 100%).
+    let unlabeled = ImageDataset::from_idx(
+        fixture("data/eval-images-idx3-ubyte"),
+        None,
+        Preprocess::normalize(vec![0.2860], vec![0.3530]).with_pad(2),
+    )
+    .unwrap()
+    .take(2000)
+    .unwrap();
+    assert!(fp32.evaluate(&unlabeled, 64, &mut |_| {}).is_err());
+    let mut told = 0;
+    let predicted = fp32.predict(&unlabeled, 48, &mut |n| told = n).unwrap();
+    assert_eq!(
+        (predicted.as_slice(), told),
+        (a.predictions.as_slice(), 2000)
+    );
+    let against_fp32 = eval.clone().with_labels(predicted).unwrap();
+    let b_fp32 = int8.evaluate(&against_fp32, 64, &mut |_| {}).unwrap();
+    assert_eq!(b_fp32.score.top1, a.agreement(&b));
+    let a_fp32 = fp32.evaluate(&against_fp32, 64, &mut |_| {}).unwrap();
+    assert_eq!(a_fp32.score.top1, 2000);
+
     let reference = Session::from_graph(
         c.graph.clone(),
         SessionOptions {

@@ -595,6 +595,20 @@ impl ImageDataset {
         self.labels.as_deref()
     }
 
+    /// Replaces the labels with `labels`, one per item in dataset order
+    /// (for instance a reference model's predictions, to score another
+    /// model against it on data that has no labels). Class folder names
+    /// are dropped: the new labels need not index them.
+    ///
+    /// Errors with [`CalibError::LabelCountMismatch`] when `labels` does not
+    /// have one entry per item.
+    pub fn with_labels(mut self, labels: Vec<usize>) -> Result<Self> {
+        check_labels(self.len(), Some(&labels))?;
+        self.labels = Some(labels);
+        self.classes = None;
+        Ok(self)
+    }
+
     /// The preprocessing applied to every batch (for tensors, what was
     /// given; it is not applied).
     pub fn preprocess(&self) -> &Preprocess {
