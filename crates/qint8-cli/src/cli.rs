@@ -79,6 +79,13 @@ pub(crate) struct AnalysisArgs {
     /// Labels of --data, as in `qint8 eval`.
     #[arg(long, value_name = "LABELS")]
     pub(crate) labels: Option<PathBuf>,
+    /// Score against the FP32 model's own predictions instead of labels,
+    /// for data that has none: every top-1 then reads as agreement with
+    /// FP32 (FP32 itself scores 100%), and --max-drop bounds the share of
+    /// predictions quantization may change. Costs one FP32 evaluation of
+    /// --data and of the sensitivity images.
+    #[arg(long, conflicts_with = "labels")]
+    pub(crate) fp32_labels: bool,
     /// Labeled images to measure sensitivity (and choose float nodes) on,
     /// read like --data [default: --data itself]; keeps the choice off the
     /// images the result is verified on.

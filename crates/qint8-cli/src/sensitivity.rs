@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +13,7 @@ use qint8_analysis::sensitivity::{
 };
 use qint8_analysis::svg::{Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, match_node_patterns, ImageDataset};
+use qint8_eval::Evaluator;
 use qint8_graph::quant::{
     float_from_qdq, insert_qdq, restore_float_weights, Precision, QuantPlan, RestoredWeights,
     WeightStorage,
@@ -22,7 +23,7 @@ use serde_json::json;
 
 use crate::cli::{AnalysisArgs, MixedPrecisionArgs, SensitivityArgs};
 use crate::compare::status;
-use crate::data::{open_calibration, open_evaluation};
+use crate::data::{open_calibration, open_evaluation, open_unlabeled};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
 
@@ -75,12 +76,26 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         true => None,
         false => Some(open_calibration(&a.cal.calib, &a.pre, &model)?.dataset),
     };
-    let eval = open_evaluation(&a.data, a.labels.as_deref(), &a.pre, None)?.dataset;
+    // With --fp32-labels, labels come from FP32 once the graph is known.
+    let open = |path: &Path, labels: Option<&Path>| -> Result<ImageDataset> {
+        Ok(match a.fp32_labels {
+            true => open_unlabeled(path, &a.pre)?.dataset,
+            false => match open_evaluation(path, labels, &a.pre, None) {
+                Ok(o) => o.dataset,
+                // The images open, only their labels are missing.
+                Err(e) if labels.is_none() && open_unlabeled(path, &a.pre).is_ok() => bail!(
+                    "{e:#}; or, for data without labels, --fp32-labels scores against FP32's predictions"
+                ),
+                Err(e) => return Err(e),
+            },
+        })
+    };
+    let eval = open(&a.data, a.labels.as_deref())?;
     if eval.is_empty() {
         bail!("{}: no images to evaluate", a.data.display());
     }
     let pool = match &a.sensitivity_data {
-        Some(d) => open_evaluation(d, None, &a.pre, None)?.dataset,
+        Some(d) => open(d, None)?,
         None => eval.clone(),
     };
     let n = a.sensitivity_images.min(pool.len());
@@ -91,7 +106,7 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     let show = !a.json && std::io::stderr().is_terminal();
     let Some(calib) = calib else {
         let (graph, plan, imported) = read_quantized(a, &model)?;
-        return Ok(Prepared {
+        return Prepared {
             model,
             graph,
             plan,
@@ -99,7 +114,8 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
             eval,
             subset,
             show,
-        });
+        }
+        .labeled(a, threads);
     };
     let cfg = a.cal.config(a.batch, threads)?;
     let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p| {
@@ -112,7 +128,7 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         )
     })
     .with_context(|| format!("calibrating {}", a.model.display()))?;
-    Ok(Prepared {
+    Prepared {
         model,
         graph: calibrated.graph,
         plan: calibrated.plan,
@@ -120,7 +136,50 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         eval,
         subset,
         show,
-    })
+    }
+    .labeled(a, threads)
+}
+
+impl Prepared {
+    /// With --fp32-labels, the evaluation and sensitivity images labeled
+    /// with the predictions of the FP32 reference the analysis compares
+    /// against (the float graph, as calibrated or as the QDQ file encodes
+    /// it); as they are otherwise.
+    fn labeled(mut self, a: &AnalysisArgs, threads: usize) -> Result<Self> {
+        if !a.fp32_labels {
+            return Ok(self);
+        }
+        let reference = self.model.with_graph(self.graph.clone(), self.model.opset);
+        let fp32 = Evaluator::new(&reference, "fp32", threads)?;
+        let show = self.show;
+        for (data, what) in [
+            (&mut self.eval, "data"),
+            (&mut self.subset, "sensitivity images"),
+        ] {
+            let n = data.len();
+            let predicted = fp32.predict(data, a.batch, &mut |done| {
+                status(show, &format!("fp32 labels of the {what}: {done}/{n}"))
+            })?;
+            *data = data.clone().with_labels(predicted)?;
+        }
+        Ok(self)
+    }
+}
+
+/// With --fp32-labels, a line saying what top-1 means (empty otherwise).
+fn labels_line(a: &AnalysisArgs) -> &'static str {
+    match a.fp32_labels {
+        true => "top-1 is scored against FP32's predictions (--fp32-labels): it is agreement with FP32\n",
+        false => "",
+    }
+}
+
+/// What the top-1 figures count, for the JSON.
+fn scored_against(a: &AnalysisArgs) -> &'static str {
+    match a.fp32_labels {
+        true => "fp32 predictions",
+        false => "labels",
+    }
 }
 
 /// A QDQ model's float graph and plan (with --keep-float applied), and
@@ -306,6 +365,7 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
             "analysis": if a.exact { "exact" } else { "linearized" },
             "measured_on": on,
             "images": s.images,
+            "scored_against": scored_against(a),
             "fp32_top1": s.fp32_top1,
             "int8": outcome_json(&s.int8),
             "seconds": s.seconds,
@@ -373,10 +433,11 @@ pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result
         k => format!(" (and {k} kept in float by --keep-float or the file, not analyzed)"),
     };
     let text = format!(
-        "{}{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.2e}, JS {:.2e})\n\
+        "{}{}{} ({}), {} images: fp32 top-1 {:.2}%, int8 {:.2}% ({on} SQNR {:.1} dB, KL {:.2e}, JS {:.2e})\n\
          {} nodes{kept_line}, {how}\n\
          analysis {:.1} s = {:.1}x one evaluation of the quantized model on these images ({:.2} s)\n\n{}\n{}\nchart: {}\n",
         imported_line(&p),
+        labels_line(a),
         a.model.display(),
         p.plan.method,
         s.images,
@@ -498,6 +559,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             "source": imported_json(&p),
             "images": n,
             "sensitivity_images": s.images,
+            "scored_against": scored_against(a),
             "fp32_top1": m.fp32_top1,
             "top1": m.top1,
             "drop_pp": (m.fp32_top1 - m.top1) * 100.0,
@@ -535,8 +597,9 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
         k => format!(" ({k} of them by --keep-float)"),
     };
     let mut text = format!(
-        "{}{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float{by_flag}; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
+        "{}{}{} -> {}: {} of {} Conv/Gemm/MatMul nodes in float{by_flag}; verified top-1 {:.2}% vs fp32 {:.2}% on {n} images (drop {:.2} pp; {budget})\n",
         imported_line(&p),
+        labels_line(a),
         a.model.display(),
         args.output.display(),
         m.float_nodes.len() + kept_counted,

@@ -1874,6 +1874,111 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
     assert!(!dir.path().join("bad.onnx").exists());
 }
 
+/// Data without labels: both commands say how to score it against FP32's
+/// predictions, and with --fp32-labels they do. The divergences do not
+/// depend on labels, so they are the labeled run's, figure for figure;
+/// top-1 becomes agreement with FP32, which `qint8 eval`'s predictions of
+/// the two models confirm for the file mixed precision writes.
+#[test]
+fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first 300 evaluation images, with no labels file beside them.
+    let n = 300usize;
+    let all = std::fs::read(eval_images()).unwrap();
+    let mut idx = all[..16].to_vec();
+    idx[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    idx.extend_from_slice(&all[16..16 + n * 28 * 28]);
+    let unlabeled = dir.path().join("shop-images-idx3-ubyte");
+    std::fs::write(&unlabeled, idx).unwrap();
+    let m = model("vgg16_bn.onnx");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let run = |command: &str, data: &Path, extra: &[&str]| {
+        let mut args = vec![command, s(&m), "--data", s(data), "--calib", s(&calib)];
+        args.extend(["--calib-size", "64", "--method", "minmax", "--per-tensor"]);
+        args.extend(pre);
+        args.extend(extra);
+        qint8(&args)
+    };
+    let chart = ["--chart", "/dev/null"];
+    let err = fails(run("sensitivity", &unlabeled, &chart));
+    assert!(
+        err.contains("no labels file") && err.contains("--fp32-labels"),
+        "{err}"
+    );
+    // --labels and --fp32-labels contradict each other.
+    let mut both = chart.to_vec();
+    both.extend(["--fp32-labels", "--labels", "x"]);
+    assert_eq!(run("sensitivity", &unlabeled, &both).status.code(), Some(2));
+
+    let json_chart = ["--chart", "/dev/null", "--json"];
+    let labeled = {
+        // The same 300 images, with their labels.
+        let mut e = json_chart.to_vec();
+        e.extend(["--sensitivity-images", "300"]);
+        json(&ok(run("sensitivity", &eval_images(), &e)))
+    };
+    let mut e = json_chart.to_vec();
+    e.push("--fp32-labels");
+    let v = json(&ok(run("sensitivity", &unlabeled, &e)));
+    assert_eq!(v["scored_against"], "fp32 predictions");
+    assert_eq!(labeled["scored_against"], "labels");
+    assert_eq!(
+        (v["images"].as_u64(), v["fp32_top1"].as_f64()),
+        (Some(300), Some(1.0))
+    );
+    assert!(labeled["fp32_top1"].as_f64().unwrap() < 1.0, "{labeled}");
+    let int8 = v["int8"]["top1"].as_f64().unwrap();
+    assert!((0.9..1.0).contains(&int8), "{v}");
+    let js = |v: &Value| -> std::collections::BTreeMap<String, Value> {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap().to_string(),
+                    n["quantized_alone"]["js"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(js(&v).len(), 16);
+    assert_eq!(js(&v), js(&labeled));
+    let text = ok(run(
+        "sensitivity",
+        &unlabeled,
+        &["--chart", "/dev/null", "--fp32-labels"],
+    ));
+    assert!(text.contains("agreement with FP32"), "{text}");
+
+    let out = dir.path().join("mixed.onnx");
+    let mut e = vec!["--fp32-labels", "--json", "--max-float", "1", "-o", s(&out)];
+    e.extend(["--max-drop", "0"]);
+    let mp = json(&ok(run("mixed-precision", &unlabeled, &e)));
+    assert_eq!(mp["scored_against"], "fp32 predictions");
+    assert_eq!(mp["fp32_top1"].as_f64(), Some(1.0));
+    // Agreement of the written file's predictions with FP32's.
+    let images = eval_images();
+    let predict = |model: &Path, to: &Path| {
+        let mut args = vec!["eval", s(model), "--data", s(&images)];
+        args.extend(pre);
+        args.extend(["--limit", "300", "--json", "--predictions", s(to)]);
+        ok(qint8(&args));
+        read_npy_f32(to).unwrap()
+    };
+    let (a, b) = (
+        predict(&m, &dir.path().join("fp32.npy")),
+        predict(&out, &dir.path().join("mixed.npy")),
+    );
+    let agree = a.iter().zip(b.iter()).filter(|(x, y)| x == y).count();
+    let top1 = mp["top1"].as_f64().unwrap();
+    assert!(
+        (top1 - agree as f64 / n as f64).abs() < 1e-12,
+        "{agree} {mp}"
+    );
+}
+
 /// A model quantized already is analyzed as its file quantizes it: with
 /// float weights the analysis is the one of the float model calibrated the
 /// same way, figure for figure; with int8 weights it says the reference
