@@ -227,6 +227,11 @@ pub(crate) struct StudyArgs {
     /// Labels of --data, as in `qint8 eval`.
     #[arg(long, value_name = "LABELS")]
     pub(crate) labels: Option<PathBuf>,
+    /// Score against the FP32 model's own predictions instead of labels,
+    /// for data that has none: every top-1 then reads as agreement with
+    /// FP32 (FP32 itself scores 100%). Costs one FP32 evaluation.
+    #[arg(long, conflicts_with = "labels")]
+    pub(crate) fp32_labels: bool,
     /// Evaluate only the first N images of --data.
     #[arg(long, value_name = "N", value_parser = positive_usize)]
     pub(crate) limit: Option<usize>,

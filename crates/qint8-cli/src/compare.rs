@@ -25,7 +25,7 @@ use qint8_runtime::SessionOptions;
 use serde_json::json;
 
 use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
-use crate::data::{input_description, open_calibration, open_evaluation};
+use crate::data::{input_description, label_with_predictions, open_calibration, open_scored};
 use crate::eval::{Score, Scorer};
 use crate::format::{self, Align, Table};
 use crate::inspect::load_model;
@@ -131,16 +131,17 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let calib_prep = opened.preprocessing_text();
     let calib = opened.dataset;
 
-    let opened = open_evaluation(
+    let opened = open_scored(
         &args.study.data,
         args.study.labels.as_deref(),
         &args.study.pre,
         args.study.limit,
+        args.study.fp32_labels,
     )?;
     let kind = opened.kind;
     let prep_text = opened.preprocessing_text();
     let labels_source = opened.labels.clone().unwrap_or_default();
-    let dataset = opened.dataset;
+    let mut dataset = opened.dataset;
     let n = dataset.len();
     if n == 0 {
         bail!("{}: no images to evaluate", args.study.data.display());
@@ -149,6 +150,12 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
     let data_text = input_description(&args.study.data, &prep_text, kind, c);
 
     let show = !args.json && std::io::stderr().is_terminal();
+    if args.study.fp32_labels {
+        dataset =
+            label_with_predictions(&model, dataset, args.study.batch, threads, &mut |done| {
+                status(show, &format!("fp32 labels: {done}/{n} images"))
+            })?;
+    }
     let steps = 1 + 2 * range_methods.len();
     // Scores `m` on the evaluation images, with progress (`what` prefixes it).
     let evaluate = |m: &Model, name: &str, what: &str| -> Result<(Score, usize, usize)> {

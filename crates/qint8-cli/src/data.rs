@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use qint8_calibration::dataset::idx::{labels_path_candidates, labels_path_for};
 use qint8_calibration::{ColorMode, ImageDataset, Preprocess};
+use qint8_eval::Evaluator;
+use qint8_graph::Model;
 
 use crate::cli::PreprocessArgs;
 
@@ -314,6 +316,55 @@ pub(crate) fn open_evaluation(
         opened.dataset = opened.dataset.take(limit)?;
     }
     Ok(opened)
+}
+
+/// The evaluation set to score: with `fp32_labels`, `data` without labels
+/// (for [`label_with_predictions`] to label), else as [`open_evaluation`]
+/// opens it, where an error about missing labels for images that do open
+/// also names `--fp32-labels`.
+pub(crate) fn open_scored(
+    data: &Path,
+    labels: Option<&Path>,
+    pre: &PreprocessArgs,
+    limit: Option<usize>,
+    fp32_labels: bool,
+) -> Result<Opened> {
+    if fp32_labels {
+        let mut opened = open_unlabeled(data, pre)?;
+        if let Some(limit) = limit {
+            opened.dataset = opened.dataset.take(limit)?;
+        }
+        opened.labels = Some(FP32_LABELS.into());
+        return Ok(opened);
+    }
+    match open_evaluation(data, labels, pre, limit) {
+        Ok(o) => Ok(o),
+        // The images open; only their labels are missing.
+        Err(e) if labels.is_none() && open_unlabeled(data, pre).is_ok() => bail!(
+            "{e:#}; or, for data without labels, --fp32-labels scores against FP32's predictions"
+        ),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where the labels come from with `--fp32-labels`, in words.
+pub(crate) const FP32_LABELS: &str = "FP32's predictions (--fp32-labels)";
+
+/// `data` labeled with `reference`'s top-1 predictions, so that another
+/// model's top-1 on it is its agreement with `reference` (one evaluation of
+/// `reference`; `progress` is told the images done).
+pub(crate) fn label_with_predictions(
+    reference: &Model,
+    data: ImageDataset,
+    batch: usize,
+    threads: usize,
+    progress: &mut dyn FnMut(usize),
+) -> Result<ImageDataset> {
+    let e = Evaluator::new(reference, "fp32", threads)?;
+    let predicted = e
+        .predict(&data, batch, progress)
+        .context("predicting the FP32 labels")?;
+    Ok(data.with_labels(predicted)?)
 }
 
 /// How errors about the model input name the data: the path, its

@@ -23,7 +23,7 @@ use qint8_runtime::{Session, SessionOptions};
 
 use crate::cli::{DemoArgs, EntropyVariantArg, Method, Placement, ReportArgs};
 use crate::compare::{method_name, methods_to_run, status, AVERAGING_CONSTANT, REFINE_IMAGES};
-use crate::data::{open_calibration, open_evaluation};
+use crate::data::{label_with_predictions, open_calibration, open_scored};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
 use crate::quantize::method_config;
@@ -309,15 +309,19 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
     let methods = methods_to_run(args.study.methods.as_deref());
     let model = load_model(&args.study.model)?;
     let calib = open_calibration(&args.study.calib, &args.study.pre, &model)?.dataset;
-    let eval = open_evaluation(
+    let mut eval = open_scored(
         &args.study.data,
         args.study.labels.as_deref(),
         &args.study.pre,
         args.study.limit,
+        args.study.fp32_labels,
     )?
     .dataset;
     if eval.is_empty() {
         bail!("{}: no images to evaluate", args.study.data.display());
+    }
+    if args.study.fp32_labels {
+        eval = label_with_predictions(&model, eval, args.study.batch, threads, &mut |_| {})?;
     }
     let name = args
         .study
@@ -338,7 +342,7 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
         show: std::io::stderr().is_terminal(),
         prefix: name.clone(),
     };
-    let a = analyze(
+    let mut a = analyze(
         &model,
         &name,
         &args.study.model.display().to_string(),
@@ -346,6 +350,12 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
         &eval,
         &settings,
     )?;
+    if args.study.fp32_labels {
+        a.report.notes.insert_str(
+            0,
+            "The images have no labels: every top-1 is scored against FP32's predictions (`--fp32-labels`), so it is the agreement with FP32.\n\n",
+        );
+    }
     status(settings.show, "writing the report");
     let files = write_report(
         &args.output,

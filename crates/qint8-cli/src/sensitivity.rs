@@ -13,7 +13,6 @@ use qint8_analysis::sensitivity::{
 };
 use qint8_analysis::svg::{Chart, Series, PALETTE};
 use qint8_calibration::{calibrate, match_node_patterns, ImageDataset};
-use qint8_eval::Evaluator;
 use qint8_graph::quant::{
     float_from_qdq, insert_qdq, restore_float_weights, Precision, QuantPlan, RestoredWeights,
     WeightStorage,
@@ -23,7 +22,7 @@ use serde_json::json;
 
 use crate::cli::{AnalysisArgs, MixedPrecisionArgs, SensitivityArgs};
 use crate::compare::status;
-use crate::data::{open_calibration, open_evaluation, open_unlabeled};
+use crate::data::{label_with_predictions, open_calibration, open_scored};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
 
@@ -78,17 +77,7 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
     };
     // With --fp32-labels, labels come from FP32 once the graph is known.
     let open = |path: &Path, labels: Option<&Path>| -> Result<ImageDataset> {
-        Ok(match a.fp32_labels {
-            true => open_unlabeled(path, &a.pre)?.dataset,
-            false => match open_evaluation(path, labels, &a.pre, None) {
-                Ok(o) => o.dataset,
-                // The images open, only their labels are missing.
-                Err(e) if labels.is_none() && open_unlabeled(path, &a.pre).is_ok() => bail!(
-                    "{e:#}; or, for data without labels, --fp32-labels scores against FP32's predictions"
-                ),
-                Err(e) => return Err(e),
-            },
-        })
+        Ok(open_scored(path, labels, &a.pre, None, a.fp32_labels)?.dataset)
     };
     let eval = open(&a.data, a.labels.as_deref())?;
     if eval.is_empty() {
@@ -150,17 +139,16 @@ impl Prepared {
             return Ok(self);
         }
         let reference = self.model.with_graph(self.graph.clone(), self.model.opset);
-        let fp32 = Evaluator::new(&reference, "fp32", threads)?;
         let show = self.show;
         for (data, what) in [
             (&mut self.eval, "data"),
             (&mut self.subset, "sensitivity images"),
         ] {
             let n = data.len();
-            let predicted = fp32.predict(data, a.batch, &mut |done| {
-                status(show, &format!("fp32 labels of the {what}: {done}/{n}"))
-            })?;
-            *data = data.clone().with_labels(predicted)?;
+            *data =
+                label_with_predictions(&reference, data.clone(), a.batch, threads, &mut |done| {
+                    status(show, &format!("fp32 labels of the {what}: {done}/{n}"))
+                })?;
         }
         Ok(self)
     }

@@ -1878,7 +1878,8 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
 /// predictions, and with --fp32-labels they do. The divergences do not
 /// depend on labels, so they are the labeled run's, figure for figure;
 /// top-1 becomes agreement with FP32, which `qint8 eval`'s predictions of
-/// the two models confirm for the file mixed precision writes.
+/// the two models confirm for the file mixed precision writes. `compare`
+/// and `report` take the flag too.
 #[test]
 fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
     let dir = tempfile::tempdir().unwrap();
@@ -1976,6 +1977,41 @@ fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
     assert!(
         (top1 - agree as f64 / n as f64).abs() < 1e-12,
         "{agree} {mp}"
+    );
+    // compare and report take the flag too.
+    let study = |command: &str, extra: &[&str]| {
+        let mut args = vec![
+            command,
+            s(&m),
+            "--data",
+            s(&unlabeled),
+            "--calib",
+            s(&calib),
+        ];
+        args.extend(["--calib-size", "64", "--methods", "minmax"]);
+        args.extend(pre);
+        args.extend(extra);
+        qint8(&args)
+    };
+    let err = fails(study("compare", &[]));
+    assert!(err.contains("--fp32-labels"), "{err}");
+    let c = json(&ok(study("compare", &["--fp32-labels", "--json"])));
+    assert_eq!(c["fp32_top1"].as_f64(), Some(1.0), "{c}");
+    assert!(
+        c["labels"].as_str().unwrap().contains("--fp32-labels"),
+        "{c}"
+    );
+    let rows = c["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| (0.9..=1.0).contains(&r["top1"].as_f64().unwrap())));
+    let report = dir.path().join("report");
+    ok(study("report", &["--fp32-labels", "-o", s(&report)]));
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(
+        md.contains("agreement with FP32") && md.contains("| fp32 | 100.00 |"),
+        "{md}"
     );
 }
 
