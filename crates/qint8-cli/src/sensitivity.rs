@@ -44,14 +44,16 @@ struct Prepared {
     plan: QuantPlan,
     /// For a QDQ model, what the reference computes with.
     imported: Option<Imported>,
-    /// All evaluation images.
+    /// All evaluation images (with --fp32-labels, labeled only for
+    /// `mixed-precision`, which scores them).
     eval: ImageDataset,
     /// The sensitivity subset.
     subset: ImageDataset,
     show: bool,
 }
 
-fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
+/// `verify`: whether the evaluation images are scored (`mixed-precision`).
+fn prepare(a: &AnalysisArgs, threads: usize, verify: bool) -> Result<Prepared> {
     let model = load_model(&a.model)?;
     let qdq = model.graph.nodes.iter().any(|n| {
         matches!(
@@ -104,7 +106,7 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
             subset,
             show,
         }
-        .labeled(a, threads);
+        .labeled(a, threads, verify);
     };
     let cfg = a.cal.config(a.batch, threads)?;
     let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p| {
@@ -126,24 +128,26 @@ fn prepare(a: &AnalysisArgs, threads: usize) -> Result<Prepared> {
         subset,
         show,
     }
-    .labeled(a, threads)
+    .labeled(a, threads, verify)
 }
 
 impl Prepared {
-    /// With --fp32-labels, the evaluation and sensitivity images labeled
-    /// with the predictions of the FP32 reference the analysis compares
-    /// against (the float graph, as calibrated or as the QDQ file encodes
-    /// it); as they are otherwise.
-    fn labeled(mut self, a: &AnalysisArgs, threads: usize) -> Result<Self> {
+    /// With --fp32-labels, the sensitivity images and, with `verify`, the
+    /// evaluation images labeled with the predictions of the FP32
+    /// reference the analysis compares against (the float graph, as
+    /// calibrated or as the QDQ file encodes it); as they are otherwise.
+    /// (`sensitivity` evaluates only the sensitivity images.)
+    fn labeled(mut self, a: &AnalysisArgs, threads: usize, verify: bool) -> Result<Self> {
         if !a.fp32_labels {
             return Ok(self);
         }
         let reference = self.model.with_graph(self.graph.clone(), self.model.opset);
         let show = self.show;
-        for (data, what) in [
-            (&mut self.eval, "data"),
-            (&mut self.subset, "sensitivity images"),
-        ] {
+        let mut sets = vec![(&mut self.subset, "sensitivity images")];
+        if verify {
+            sets.push((&mut self.eval, "data"));
+        }
+        for (data, what) in sets {
             let n = data.len();
             *data =
                 label_with_predictions(&reference, data.clone(), a.batch, threads, &mut |done| {
@@ -305,7 +309,7 @@ fn measure(p: &Prepared, a: &AnalysisArgs, split: bool, threads: usize) -> Resul
 /// Runs `qint8 sensitivity`.
 pub(crate) fn sensitivity_main(args: &SensitivityArgs, threads: usize) -> Result<()> {
     let a = &args.common;
-    let p = prepare(a, threads)?;
+    let p = prepare(a, threads, false)?;
     let s = measure(&p, a, args.split, threads)?;
     if p.show {
         eprint!("\r{}\r", " ".repeat(78));
@@ -468,7 +472,7 @@ pub(crate) fn mixed_precision_main(args: &MixedPrecisionArgs, threads: usize) ->
             bail!("--max-drop must be a number of points >= 0, got {d}");
         }
     }
-    let p = prepare(a, threads)?;
+    let p = prepare(a, threads, true)?;
     let s = measure(&p, a, false, threads)?;
     let show = p.show;
     let n = p.eval.len();
