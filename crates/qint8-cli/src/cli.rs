@@ -593,6 +593,12 @@ pub(crate) struct EvalArgs {
     /// (required). Not for image folders.
     #[arg(long, value_name = "LABELS")]
     pub(crate) labels: Option<PathBuf>,
+    /// Score against this model's predictions instead of labels, for data
+    /// without labels (for instance the FP32 model a QDQ file was
+    /// quantized from): top-1 is then the agreement with it. Costs one
+    /// evaluation of it.
+    #[arg(long, value_name = "REF.onnx", conflicts_with = "labels")]
+    pub(crate) reference: Option<PathBuf>,
     /// Image preprocessing.
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,

@@ -25,7 +25,9 @@ use qint8_runtime::SessionOptions;
 use serde_json::json;
 
 use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
-use crate::data::{input_description, label_with_predictions, open_calibration, open_scored};
+use crate::data::{
+    input_description, label_with_predictions, open_calibration, open_scored, FP32_LABELS_HINT,
+};
 use crate::eval::{Score, Scorer};
 use crate::format::{self, Align, Table};
 use crate::inspect::load_model;
@@ -137,6 +139,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         &args.study.pre,
         args.study.limit,
         args.study.fp32_labels,
+        FP32_LABELS_HINT,
     )?;
     let kind = opened.kind;
     let prep_text = opened.preprocessing_text();
@@ -151,10 +154,14 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
 
     let show = !args.json && std::io::stderr().is_terminal();
     if args.study.fp32_labels {
-        dataset =
-            label_with_predictions(&model, dataset, args.study.batch, threads, &mut |done| {
-                status(show, &format!("fp32 labels: {done}/{n} images"))
-            })?;
+        dataset = label_with_predictions(
+            &model,
+            &model_name,
+            dataset,
+            args.study.batch,
+            threads,
+            &mut |done| status(show, &format!("fp32 labels: {done}/{n} images")),
+        )?;
     }
     let steps = 1 + 2 * range_methods.len();
     // Scores `m` on the evaluation images, with progress (`what` prefixes it).

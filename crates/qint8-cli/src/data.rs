@@ -318,18 +318,20 @@ pub(crate) fn open_evaluation(
     Ok(opened)
 }
 
-/// The evaluation set to score: with `fp32_labels`, `data` without labels
-/// (for [`label_with_predictions`] to label), else as [`open_evaluation`]
-/// opens it, where an error about missing labels for images that do open
-/// also names `--fp32-labels`.
+/// The evaluation set to score: with `unlabeled`, `data` without labels
+/// (for [`label_with_predictions`] to label; `labels` then says
+/// [`FP32_LABELS`]), else as [`open_evaluation`] opens it, where an error
+/// about missing labels for images that do open also gives `hint` (the
+/// flag that scores without labels).
 pub(crate) fn open_scored(
     data: &Path,
     labels: Option<&Path>,
     pre: &PreprocessArgs,
     limit: Option<usize>,
-    fp32_labels: bool,
+    unlabeled: bool,
+    hint: &str,
 ) -> Result<Opened> {
-    if fp32_labels {
+    if unlabeled {
         let mut opened = open_unlabeled(data, pre)?;
         if let Some(limit) = limit {
             opened.dataset = opened.dataset.take(limit)?;
@@ -340,30 +342,35 @@ pub(crate) fn open_scored(
     match open_evaluation(data, labels, pre, limit) {
         Ok(o) => Ok(o),
         // The images open; only their labels are missing.
-        Err(e) if labels.is_none() && open_unlabeled(data, pre).is_ok() => bail!(
-            "{e:#}; or, for data without labels, --fp32-labels scores against FP32's predictions"
-        ),
+        Err(e) if labels.is_none() && open_unlabeled(data, pre).is_ok() => {
+            bail!("{e:#}; or, for data without labels, {hint}")
+        }
         Err(e) => Err(e),
     }
 }
+
+/// [`open_scored`]'s hint for the commands that take `--fp32-labels`.
+pub(crate) const FP32_LABELS_HINT: &str = "--fp32-labels scores against FP32's predictions";
 
 /// Where the labels come from with `--fp32-labels`, in words.
 pub(crate) const FP32_LABELS: &str = "FP32's predictions (--fp32-labels)";
 
 /// `data` labeled with `reference`'s top-1 predictions, so that another
 /// model's top-1 on it is its agreement with `reference` (one evaluation of
-/// `reference`; `progress` is told the images done).
+/// `reference`, which `name` names in errors; `progress` is told the
+/// images done).
 pub(crate) fn label_with_predictions(
     reference: &Model,
+    name: &str,
     data: ImageDataset,
     batch: usize,
     threads: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImageDataset> {
-    let e = Evaluator::new(reference, "fp32", threads)?;
+    let e = Evaluator::new(reference, name, threads)?;
     let predicted = e
         .predict(&data, batch, progress)
-        .context("predicting the FP32 labels")?;
+        .with_context(|| format!("labeling the images with the predictions of {name}"))?;
     Ok(data.with_labels(predicted)?)
 }
 

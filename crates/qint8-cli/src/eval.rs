@@ -14,7 +14,7 @@ use qint8_runtime::{Session, SessionOptions};
 use serde_json::json;
 
 use crate::cli::EvalArgs;
-use crate::data::{input_description, open_evaluation, DataKind};
+use crate::data::{input_description, label_with_predictions, open_scored, DataKind};
 use crate::format;
 use crate::inspect::load_model;
 use crate::run::check_input_shape;
@@ -176,11 +176,32 @@ impl Scorer {
 pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
     let total_start = Instant::now();
     let model = load_model(&args.model)?;
-    let opened = open_evaluation(&args.data, args.labels.as_deref(), &args.pre, args.limit)?;
+    // With --reference, without labels: its predictions label them below.
+    let opened = open_scored(
+        &args.data,
+        args.labels.as_deref(),
+        &args.pre,
+        args.limit,
+        args.reference.is_some(),
+        "--reference MODEL.onnx scores against that model's predictions",
+    )?;
     let kind = opened.kind;
     let prep_text = opened.preprocessing_text();
-    let labels_source = opened.labels.clone().unwrap_or_default();
-    let dataset = opened.dataset;
+    let mut labels_source = opened.labels.clone().unwrap_or_default();
+    let mut dataset = opened.dataset;
+    if let Some(r) = &args.reference {
+        let reference = load_model(r)?;
+        dataset = label_with_predictions(
+            &reference,
+            &r.display().to_string(),
+            dataset,
+            args.batch,
+            threads,
+            &mut |_| {},
+        )
+        .with_context(|| format!("--reference {}", r.display()))?;
+        labels_source = format!("predictions of {}", r.display());
+    }
     let preprocess = dataset.preprocess().clone();
     let n = dataset.len();
     let [c, h, w] = dataset.input_shape();

@@ -23,7 +23,7 @@ use qint8_runtime::{Session, SessionOptions};
 
 use crate::cli::{DemoArgs, EntropyVariantArg, Method, Placement, ReportArgs};
 use crate::compare::{method_name, methods_to_run, status, AVERAGING_CONSTANT, REFINE_IMAGES};
-use crate::data::{label_with_predictions, open_calibration, open_scored};
+use crate::data::{label_with_predictions, open_calibration, open_scored, FP32_LABELS_HINT};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
 use crate::quantize::method_config;
@@ -315,13 +315,21 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
         &args.study.pre,
         args.study.limit,
         args.study.fp32_labels,
+        FP32_LABELS_HINT,
     )?
     .dataset;
     if eval.is_empty() {
         bail!("{}: no images to evaluate", args.study.data.display());
     }
     if args.study.fp32_labels {
-        eval = label_with_predictions(&model, eval, args.study.batch, threads, &mut |_| {})?;
+        eval = label_with_predictions(
+            &model,
+            "the FP32 model",
+            eval,
+            args.study.batch,
+            threads,
+            &mut |_| {},
+        )?;
     }
     let name = args
         .study

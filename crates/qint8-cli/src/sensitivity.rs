@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::cli::{AnalysisArgs, MixedPrecisionArgs, SensitivityArgs};
 use crate::compare::status;
-use crate::data::{label_with_predictions, open_calibration, open_scored};
+use crate::data::{label_with_predictions, open_calibration, open_scored, FP32_LABELS_HINT};
 use crate::format::{Align, Table};
 use crate::inspect::load_model;
 
@@ -79,7 +79,7 @@ fn prepare(a: &AnalysisArgs, threads: usize, verify: bool) -> Result<Prepared> {
     };
     // With --fp32-labels, labels come from FP32 once the graph is known.
     let open = |path: &Path, labels: Option<&Path>| -> Result<ImageDataset> {
-        Ok(open_scored(path, labels, &a.pre, None, a.fp32_labels)?.dataset)
+        Ok(open_scored(path, labels, &a.pre, None, a.fp32_labels, FP32_LABELS_HINT)?.dataset)
     };
     let eval = open(&a.data, a.labels.as_deref())?;
     if eval.is_empty() {
@@ -149,10 +149,14 @@ impl Prepared {
         }
         for (data, what) in sets {
             let n = data.len();
-            *data =
-                label_with_predictions(&reference, data.clone(), a.batch, threads, &mut |done| {
-                    status(show, &format!("fp32 labels of the {what}: {done}/{n}"))
-                })?;
+            *data = label_with_predictions(
+                &reference,
+                "the FP32 reference",
+                data.clone(),
+                a.batch,
+                threads,
+                &mut |done| status(show, &format!("fp32 labels of the {what}: {done}/{n}")),
+            )?;
         }
         Ok(self)
     }

@@ -357,6 +357,7 @@ fn missing_labels_are_explained() {
     assert!(err.contains("no labels file"), "{err}");
     assert!(err.contains("lonely-labels-idx1-ubyte"), "{err}");
     assert!(err.contains("--labels"), "{err}");
+    assert!(err.contains("--reference"), "{err}");
 
     let missing = dir.path().join("missing-labels-idx1-ubyte");
     let err = fails(qint8(&[
@@ -1878,8 +1879,8 @@ fn sensitivity_ranks_nodes_and_mixed_precision_meets_its_budget() {
 /// predictions, and with --fp32-labels they do. The divergences do not
 /// depend on labels, so they are the labeled run's, figure for figure;
 /// top-1 becomes agreement with FP32, which `qint8 eval`'s predictions of
-/// the two models confirm for the file mixed precision writes. `compare`
-/// and `report` take the flag too.
+/// the two models confirm for the file mixed precision writes, as does
+/// `eval --reference`. `compare` and `report` take the flag too.
 #[test]
 fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
     let dir = tempfile::tempdir().unwrap();
@@ -1978,6 +1979,31 @@ fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
         (top1 - agree as f64 / n as f64).abs() < 1e-12,
         "{agree} {mp}"
     );
+    // `eval --reference` scores the file against FP32's predictions.
+    let v = json(&ok(qint8(&[
+        "eval",
+        s(&out),
+        "--data",
+        s(&unlabeled),
+        "--reference",
+        s(&m),
+        "--pad",
+        "2",
+        "--mean",
+        "0.2860",
+        "--std",
+        "0.3530",
+        "--json",
+    ])));
+    assert_eq!(
+        (v["n"].as_u64(), v["correct_top1"].as_u64()),
+        (Some(n as u64), Some(agree as u64))
+    );
+    assert!(
+        v["labels"].as_str().unwrap().starts_with("predictions of"),
+        "{v}"
+    );
+
     // compare and report take the flag too.
     let study = |command: &str, extra: &[&str]| {
         let mut args = vec![
