@@ -158,6 +158,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             &model,
             &model_name,
             dataset,
+            &data_text,
             args.study.batch,
             threads,
             &mut |done| status(show, &format!("fp32 labels: {done}/{n} images")),

@@ -12,6 +12,7 @@ use qint8_eval::Evaluator;
 use qint8_graph::Model;
 
 use crate::cli::PreprocessArgs;
+use crate::run::check_input_shape;
 
 /// The kinds of data the commands read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,16 +358,23 @@ pub(crate) const FP32_LABELS: &str = "FP32's predictions (--fp32-labels)";
 
 /// `data` labeled with `reference`'s top-1 predictions, so that another
 /// model's top-1 on it is its agreement with `reference` (one evaluation of
-/// `reference`, which `name` names in errors; `progress` is told the
-/// images done).
+/// `reference`, which `name` names in errors, as `what` names the data;
+/// `progress` is told the images done).
 pub(crate) fn label_with_predictions(
     reference: &Model,
     name: &str,
     data: ImageDataset,
+    what: &str,
     batch: usize,
     threads: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<ImageDataset> {
+    // Images that do not fit the model are named as such before it runs.
+    if let Some(input) = reference.graph.inputs.first() {
+        let [c, h, w] = data.input_shape();
+        check_input_shape(input, &[batch.min(data.len()), c, h, w], what)
+            .with_context(|| format!("labeling the images with the predictions of {name}"))?;
+    }
     let e = Evaluator::new(reference, name, threads)?;
     let predicted = e
         .predict(&data, batch, progress)

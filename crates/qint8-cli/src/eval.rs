@@ -191,10 +191,12 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
     let mut dataset = opened.dataset;
     if let Some(r) = &args.reference {
         let reference = load_model(r)?;
+        let what = input_description(&args.data, &prep_text, kind, dataset.input_shape()[0]);
         dataset = label_with_predictions(
             &reference,
             &r.display().to_string(),
             dataset,
+            &what,
             args.batch,
             threads,
             &mut |_| {},

@@ -326,6 +326,7 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
             &model,
             "the FP32 model",
             eval,
+            &format!("the data ({})", args.study.data.display()),
             args.study.batch,
             threads,
             &mut |_| {},

@@ -153,6 +153,7 @@ impl Prepared {
                 &reference,
                 "the FP32 reference",
                 data.clone(),
+                &format!("the {what}"),
                 a.batch,
                 threads,
                 &mut |done| status(show, &format!("fp32 labels of the {what}: {done}/{n}")),
