@@ -88,23 +88,14 @@ fn file_stem(s: &str) -> String {
         .collect()
 }
 
-/// Writes `text` to `path` through a temporary sibling and a rename, so a
-/// failure never leaves a half-written file.
+/// Writes `text` to `path` whole or not at all
+/// ([`qint8_graph::atomic::write_atomically`]: a failure never leaves a
+/// half-written file, and `/dev/null` stays a device).
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let io = |e| AnalysisError::Io {
-        path: path.display().to_string(),
-        source: e,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
+    qint8_graph::atomic::write_atomically(path, |w| std::io::Write::write_all(w, text.as_bytes()))
+        .map_err(|e| AnalysisError::Io {
+            path: e.path.display().to_string(),
+            source: e.source,
         })
 }
 

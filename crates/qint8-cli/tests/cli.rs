@@ -1952,6 +1952,13 @@ fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
         &unlabeled,
         &["--chart", "/dev/null", "--fp32-labels"],
     ));
+    // Charts sent to /dev/null went through it: it is still the device.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let null = std::fs::metadata("/dev/null").unwrap().file_type();
+        assert!(null.is_char_device(), "/dev/null was replaced");
+    }
     assert!(text.contains("agreement with FP32"), "{text}");
 
     let out = dir.path().join("mixed.onnx");

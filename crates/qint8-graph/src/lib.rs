@@ -9,6 +9,7 @@
 //! # Ok::<(), qint8_graph::GraphError>(())
 //! ```
 
+pub mod atomic;
 pub mod error;
 pub mod ir;
 pub mod onnx;

@@ -2,6 +2,7 @@
 //! and external data files), and conversion to and from the IR.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use prost::Message;
@@ -132,27 +133,13 @@ pub fn save(model: &Model, path: impl AsRef<Path>) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` whole or not at all
+/// ([`crate::atomic::write_atomically`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| GraphError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(())
+    crate::atomic::write_atomically(path, |w| w.write_all(bytes)).map_err(|e| GraphError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Reads external data files once each.

@@ -20,10 +20,9 @@
 //! mean: a `\r` before a newline is dropped, and hex digits may be upper case.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use crate::error::{Result, TrtError};
 
@@ -225,10 +224,8 @@ impl CalibrationCache {
         Ok(())
     }
 
-    /// Validates the cache and writes it to `path` atomically: the text goes
-    /// to a temporary file in the same directory, is synced, and is renamed
-    /// over `path`, so `path` keeps its old contents (or stays absent) if
-    /// anything fails.
+    /// Validates the cache and writes it to `path` atomically: `path` keeps
+    /// its old contents (or stays absent) if anything fails.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         self.validate()?;
         write_atomically(path.as_ref(), self.to_text().as_bytes())
@@ -303,52 +300,14 @@ fn check_scale(line: usize, name: &str, bits: u32) -> Result<()> {
     })
 }
 
-/// Writes `bytes` to a temporary sibling of `path`, syncs it, and renames it
-/// over `path`; removes the temporary file on any failure.
+/// Writes `bytes` to `path` whole or not at all
+/// ([`qint8_graph::atomic::write_atomically`]).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    // Distinguishes concurrent writers of the same path within one process.
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let io = |action, source| TrtError::Io {
-        path: path.to_path_buf(),
-        action,
-        source,
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io(
-            "writing",
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"),
-        )
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|source| TrtError::Io {
-            path: tmp.clone(),
-            action: "creating",
-            source,
-        })?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
-    drop(file);
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io("writing", e));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io("renaming a temporary file onto", e));
-    }
-    Ok(())
+    qint8_graph::atomic::write_atomically(path, |w| w.write_all(bytes)).map_err(|e| TrtError::Io {
+        path: e.path,
+        action: e.action,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]

@@ -14,10 +14,9 @@
 //!
 //! Reference: <https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html>.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn, ShapeBuilder};
 
@@ -275,45 +274,14 @@ where
     })
 }
 
-/// Writes through `body` to a temporary sibling of `path`, syncs, and renames
-/// it over `path`; removes the temporary file on any failure.
+/// Writes through `body` whole or not at all
+/// ([`qint8_graph::atomic::write_atomically`]).
 fn write_atomically(
     path: &Path,
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "npy".into());
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| io_error(&tmp, "creating", e))?;
-    let mut w = BufWriter::new(file);
-    let written = body(&mut w)
-        .and_then(|()| w.flush())
-        .and_then(|()| w.get_ref().sync_all());
-    drop(w);
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(path, "writing", e));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(path, "renaming a temporary file onto", e));
-    }
-    Ok(())
+    qint8_graph::atomic::write_atomically(path, body)
+        .map_err(|e| io_error(&e.path, e.action, e.source))
 }
 
 /// The full NPY preamble (magic, version, length, padded dict) for `<f4`.
