@@ -1987,21 +1987,17 @@ fn sensitivity_and_mixed_precision_score_unlabeled_data_against_fp32() {
         "{agree} {mp}"
     );
     // `eval --reference` scores the file against FP32's predictions.
-    let v = json(&ok(qint8(&[
+    let mut args = vec![
         "eval",
         s(&out),
         "--data",
         s(&unlabeled),
         "--reference",
         s(&m),
-        "--pad",
-        "2",
-        "--mean",
-        "0.2860",
-        "--std",
-        "0.3530",
-        "--json",
-    ])));
+    ];
+    args.extend(pre);
+    args.push("--json");
+    let v = json(&ok(qint8(&args)));
     assert_eq!(
         (v["n"].as_u64(), v["correct_top1"].as_u64()),
         (Some(n as u64), Some(agree as u64))
