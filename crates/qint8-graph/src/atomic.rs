@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, thiserror::Error)]
 #[error("{action} {}: {source}", path.display())]
 pub struct WriteError {
-    /// What failed: `"creating"` (the temporary file), `"writing"` or
+    /// What failed: `"creating"` (the file, through its temporary file),
+    /// `"opening"` (a device or FIFO), `"writing"` or
     /// `"renaming a temporary file onto"`.
     pub action: &'static str,
-    /// The file acted on (the temporary file when creating it).
+    /// The file asked for (never the temporary file).
     pub path: PathBuf,
     /// The underlying error.
     #[source]
@@ -70,7 +71,17 @@ pub fn write_atomically(
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| fail("creating", &tmp, e))?;
+        .map_err(|e| {
+            // The usual cause, said plainly (the OS names no path).
+            let e = match dir.is_dir() {
+                false if e.kind() == std::io::ErrorKind::NotFound => std::io::Error::new(
+                    e.kind(),
+                    format!("the folder {} does not exist", dir.display()),
+                ),
+                _ => e,
+            };
+            fail("creating", path, e)
+        })?;
     let mut w = BufWriter::new(file);
     let written = fill(&mut w)
         .and_then(|()| w.flush())
@@ -125,10 +136,16 @@ mod tests {
         assert!(write_atomically(&sub, |w| w.write_all(b"x")).is_err());
         assert!(sub.is_dir());
         assert_eq!(listing(dir.path()), ["out.bin", "sub"]);
-        // In a missing folder: an error naming the temporary file.
-        let e =
-            write_atomically(&dir.path().join("no/out.bin"), |w| w.write_all(b"x")).unwrap_err();
-        assert_eq!(e.action, "creating");
+        // In a missing folder: an error naming the file and the folder.
+        let target = dir.path().join("no/out.bin");
+        let e = write_atomically(&target, |w| w.write_all(b"x")).unwrap_err();
+        assert_eq!((e.action, e.path.as_path()), ("creating", target.as_path()));
+        let folder = dir.path().join("no");
+        assert!(
+            e.to_string()
+                .contains(&format!("the folder {} does not exist", folder.display())),
+            "{e}"
+        );
     }
 
     /// A FIFO stands for every special file (`/dev/null` among them, which

@@ -280,8 +280,12 @@ fn write_atomically(
     path: &Path,
     body: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    qint8_graph::atomic::write_atomically(path, body)
-        .map_err(|e| io_error(&e.path, e.action, e.source))
+    // Io, not NotFound: a missing folder is not a missing input file.
+    qint8_graph::atomic::write_atomically(path, body).map_err(|e| CalibError::Io {
+        path: e.path,
+        action: e.action,
+        source: e.source,
+    })
 }
 
 /// The full NPY preamble (magic, version, length, padded dict) for `<f4`.
