@@ -83,7 +83,7 @@ pub(crate) struct AnalysisArgs {
     /// for data that has none: every top-1 then reads as agreement with
     /// FP32 (FP32 itself scores 100%), and --max-drop bounds the share of
     /// predictions quantization may change. Costs one FP32 evaluation of
-    /// --data and of the sensitivity images.
+    /// the sensitivity images (and, for mixed-precision, of --data).
     #[arg(long, conflicts_with = "labels")]
     pub(crate) fp32_labels: bool,
     /// Labeled images to measure sensitivity (and choose float nodes) on,
