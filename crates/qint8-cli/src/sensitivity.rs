@@ -143,21 +143,22 @@ impl Prepared {
         }
         let reference = self.model.with_graph(self.graph.clone(), self.model.opset);
         let show = self.show;
-        let mut sets = vec![(&mut self.subset, "sensitivity images")];
-        if verify {
-            sets.push((&mut self.eval, "data"));
-        }
-        for (data, what) in sets {
+        // Each set moves through the labeling (no copy of its images).
+        let label = |data: ImageDataset, what: &str| {
             let n = data.len();
-            *data = label_with_predictions(
+            label_with_predictions(
                 &reference,
                 "the FP32 reference",
-                data.clone(),
+                data,
                 &format!("the {what}"),
                 a.batch,
                 threads,
                 &mut |done| status(show, &format!("fp32 labels of the {what}: {done}/{n}")),
-            )?;
+            )
+        };
+        self.subset = label(self.subset, "sensitivity images")?;
+        if verify {
+            self.eval = label(self.eval, "data")?;
         }
         Ok(self)
     }
