@@ -4,10 +4,13 @@
 //!
 //! [`backward`] seeds the gradient of one output and walks the nodes between
 //! the requested values and that output in reverse order, handing each
-//! requested value's gradient to a callback once it is complete. Gradients
-//! flow into activations only, never into weights. Per-layer sensitivity
-//! uses this: one backward pass gives, for every layer at once, how the
-//! output moves when that layer's result is perturbed.
+//! requested value's gradient to a callback once it is complete. Requested
+//! values may be activations or initializers: a Conv's weights and bias, a
+//! Gemm's B and C. QuantizeLinear/DequantizeLinear pass gradients straight
+//! through (with the clipping mask), as quantization-aware training needs.
+//! Per-layer sensitivity uses the activations' gradients: one backward
+//! pass gives, for every layer at once, how the output moves when that
+//! layer's result is perturbed.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -97,6 +100,8 @@ pub fn has_rule(op: &Op) -> bool {
             | Op::BatchNormalization { .. }
             | Op::Softmax { .. }
             | Op::Transpose { .. }
+            | Op::QuantizeLinear { .. }
+            | Op::DequantizeLinear { .. }
     )
 }
 
@@ -390,11 +395,25 @@ impl<'g> Backward<'g> {
                     gin[x_at] = Some(gx);
                     gin
                 }
-                None => match self.conv_grad(i, values, &g)? {
-                    // Only a Conv's input takes a gradient (rule checks it).
-                    Some(gx) if need.iter().skip(1).all(|&b| !b) => vec![Some(gx)],
-                    _ => rule(graph, values, node, g, &need)?,
-                },
+                None => {
+                    let fast = match need[0] {
+                        true => self.conv_grad(i, values, &g)?,
+                        false => None,
+                    };
+                    match fast {
+                        Some(gx) if need.iter().skip(1).all(|&b| !b) => vec![Some(gx)],
+                        // Weights or bias too: those from the rule, the
+                        // input's from the forward kernels.
+                        Some(gx) => {
+                            let mut rest = need.clone();
+                            rest[0] = false;
+                            let mut gin = rule(graph, values, node, g, &rest)?;
+                            gin[0] = Some(gx);
+                            gin
+                        }
+                        None => rule(graph, values, node, g, &need)?,
+                    }
+                }
             };
             for (name, gi) in node.inputs.iter().zip(gin) {
                 let Some(gi) = gi else { continue };
@@ -468,7 +487,10 @@ fn expanded_gemms(
             continue;
         };
         let expand = &graph.nodes[e];
+        // Gradients into B or C take the general rule.
+        let weights_wanted = node.inputs.iter().skip(1).any(|n| live.contains(n));
         if constant_b
+            && !weights_wanted
             && matches!(flatten.op, Op::Flatten { axis: 1 })
             && matches!(expand.op, Op::Expand)
             && only(&flatten.outputs[0], i)
@@ -521,6 +543,34 @@ fn silu_pairs(
         }
     }
     pairs
+}
+
+/// The parameters of QuantizeLinear/DequantizeLinear `node`, whose scale
+/// and zero point must be initializers.
+fn qdq_node_params(
+    graph: &Graph,
+    node: &Node,
+    axis: i64,
+    rank: usize,
+) -> Result<qint8_math::QuantParams> {
+    let mut known = shape::Shapes::new();
+    for i in 1..3 {
+        if let Some((name, t)) = node
+            .input(i)
+            .and_then(|n| graph.initializers.get(n).map(|t| (n, t)))
+        {
+            known.insert(
+                name.to_string(),
+                shape::ValueShape {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                    value: Some(t.clone()),
+                },
+            );
+        }
+    }
+    crate::plan::qdq_params(node, &known, axis, rank)?
+        .ok_or_else(|| node_err(node, "the scale must be an initializer"))
 }
 
 fn lookup<'a>(graph: &'a Graph, values: &'a Values<'_>, name: &str) -> Option<Value<'a>> {
@@ -809,23 +859,48 @@ fn rule(
             out[0] = Some(gx);
         }
         Op::Conv(c) => {
-            if need.get(1).copied().unwrap_or(false) || need.get(2).copied().unwrap_or(false) {
-                return Err(node_err(
-                    node,
-                    "gradients flow into activations only, not weights",
-                ));
-            }
             let w = input(graph, values, node, 1)?;
             let geom = ConvGeom::resolve(node, c, x.shape, w.shape)?;
-            let mut gx = vec![0.0; x.data.len()];
-            conv_input_grad(&geom, w.data, g, &mut gx);
-            out[0] = Some(gx);
+            if need[0] {
+                let mut gx = vec![0.0; x.data.len()];
+                conv_input_grad(&geom, w.data, g, &mut gx);
+                out[0] = Some(gx);
+            }
+            if need.get(1).copied().unwrap_or(false) {
+                let mut gw = vec![0.0; w.data.len()];
+                conv_weight_grad(&geom, x.data, g, &mut gw);
+                out[1] = Some(gw);
+            }
+            if need.get(2).copied().unwrap_or(false) {
+                out[2] = Some(channel_sums(g, geom.n, geom.cout));
+            }
+        }
+        Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } => {
+            // Straight-through: DequantizeLinear scales by s, and
+            // QuantizeLinear divides by s where it does not saturate (the
+            // clipping mask) and passes nothing where it does.
+            let p = qdq_node_params(graph, node, *axis, x.shape.len())?;
+            let mut factor = vec![0.0f32; x.data.len()];
+            if matches!(node.op, Op::QuantizeLinear { .. }) {
+                crate::plan::map_per_channel(x.data, x.shape, &p, &mut factor, |v, cp| {
+                    let q = v / cp.scale + cp.zero_point as f32;
+                    if q >= cp.qmin as f32 - 0.5 && q <= cp.qmax as f32 + 0.5 {
+                        1.0 / cp.scale
+                    } else {
+                        0.0
+                    }
+                });
+            } else {
+                crate::plan::map_per_channel(x.data, x.shape, &p, &mut factor, |_, cp| cp.scale);
+            }
+            factor.iter_mut().zip(g).for_each(|(f, &gv)| *f *= gv);
+            out[0] = Some(factor);
         }
         Op::Gemm {
             alpha,
+            beta,
             trans_a,
             trans_b,
-            ..
         } => {
             let b = input(graph, values, node, 1)?;
             if x.shape.len() != 2 || b.shape.len() != 2 {
@@ -856,9 +931,28 @@ fn rule(
                 ga.iter_mut().for_each(|v| *v *= alpha);
                 out[0] = Some(ga);
             }
-            // The runtime takes B (and C) as constants: nothing flows there.
-            if need.iter().skip(1).any(|&b| b) {
-                return Err(node_err(node, "gradients flow into a Gemm's A only"));
+            if need.get(1).copied().unwrap_or(false) {
+                // dB' = alpha * A'^T g ([k, n]), stored as B is: its
+                // transpose g^T A' ([n, k]) under trans_b.
+                let mut gb = vec![0.0; k * n];
+                let a_t = if *trans_a {
+                    Mat::row_major(x.data, m)
+                } else {
+                    Mat::transposed(x.data, k)
+                };
+                if *trans_b {
+                    matmul(n, k, m, gv.t(), a_t.t(), &mut gb, node)?;
+                } else {
+                    matmul(k, n, m, a_t, gv, &mut gb, node)?;
+                }
+                gb.iter_mut().for_each(|v| *v *= alpha);
+                out[1] = Some(gb);
+            }
+            if need.get(2).copied().unwrap_or(false) {
+                let c = input(graph, values, node, 2)?;
+                let mut gc = unbroadcast(g, y.shape, c.shape);
+                gc.iter_mut().for_each(|v| *v *= beta);
+                out[2] = Some(gc);
             }
         }
         Op::MatMul => {
@@ -2053,6 +2147,113 @@ pub fn conv_input_grad_reference(geom: &ConvGeom, w: &[f32], g: &[f32], gx: &mut
             }
         }
     }
+}
+
+/// The gradient of a convolution's weights, `gw[co, ci, ky, kx] = sum over
+/// images and output positions of g[co] * x[ci] at the tap`, overwriting
+/// `gw` (layout `[cout, cin / group, kh, kw]`). Grouped convolutions with
+/// more than one input channel per group run as one GEMM per image and
+/// group on the im2col matrix; depthwise ones as the direct loop, whose
+/// products are few. Does nothing when the buffer sizes do not fit `geom`.
+pub fn conv_weight_grad(geom: &ConvGeom, x: &[f32], g: &[f32], gw: &mut [f32]) {
+    if !geom.fits(gw, g, x) {
+        return;
+    }
+    let c = geom;
+    let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
+    if cin_g == 1 && cout_g == 1 {
+        conv_weight_grad_reference(geom, x, g, gw);
+        return;
+    }
+    gw.fill(0.0);
+    let (ip, op) = (c.ih * c.iw, c.oh * c.ow);
+    let rows = cin_g * c.kh * c.kw;
+    let mut cols = vec![0.0f32; rows * op];
+    for img in 0..c.n {
+        for grp in 0..c.group {
+            let xg = &x[(img * c.cin + grp * cin_g) * ip..][..cin_g * ip];
+            for (r, row) in cols.chunks_exact_mut(op).enumerate() {
+                let (ci, ky, kx) = (r / (c.kh * c.kw), (r / c.kw) % c.kh, r % c.kw);
+                im2col_tap(c, &xg[ci * ip..][..ip], ky, kx, row);
+            }
+            // gw_g [cout_g, rows] += g_g [cout_g, op] * cols^T [op, rows]
+            let gg = &g[(img * c.cout + grp * cout_g) * op..][..cout_g * op];
+            let out = &mut gw[grp * cout_g * rows..][..cout_g * rows];
+            sgemm(
+                cout_g,
+                rows,
+                op,
+                Mat::row_major(gg, op),
+                Mat::transposed(&cols, op),
+                out,
+                rows,
+                true,
+                1,
+            );
+        }
+    }
+}
+
+/// One im2col row: tap `(ky, kx)` of input plane `plane` at every output
+/// position, zero where the tap falls on padding.
+fn im2col_tap(c: &ConvGeom, plane: &[f32], ky: usize, kx: usize, row: &mut [f32]) {
+    row.fill(0.0);
+    let (ylo, yhi) = c.oy_range(ky);
+    let (xlo, xhi) = c.ox_range(kx);
+    for oy in ylo..yhi {
+        let iy = oy * c.stride.0 + ky * c.dilation.0 - c.pad.0;
+        let src = &plane[iy * c.iw..][..c.iw];
+        let dst = &mut row[oy * c.ow..][..c.ow];
+        for ox in xlo..xhi {
+            dst[ox] = src[ox * c.stride.1 + kx * c.dilation.1 - c.pad.1];
+        }
+    }
+}
+
+/// [`conv_weight_grad`] as the plain seven-deep loop: the reference the
+/// GEMM path is tested against, and the depthwise path.
+pub fn conv_weight_grad_reference(geom: &ConvGeom, x: &[f32], g: &[f32], gw: &mut [f32]) {
+    if !geom.fits(gw, g, x) {
+        return;
+    }
+    gw.fill(0.0);
+    let c = geom;
+    let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
+    for img in 0..c.n {
+        for co in 0..c.cout {
+            let grp = co / cout_g;
+            let gp = &g[(img * c.cout + co) * c.oh * c.ow..][..c.oh * c.ow];
+            for ci in 0..cin_g {
+                let xp = &x[(img * c.cin + grp * cin_g + ci) * c.ih * c.iw..][..c.ih * c.iw];
+                for ky in 0..c.kh {
+                    let (ylo, yhi) = c.oy_range(ky);
+                    for kx in 0..c.kw {
+                        let (xlo, xhi) = c.ox_range(kx);
+                        let mut acc = 0.0f32;
+                        for oy in ylo..yhi {
+                            let iy = oy * c.stride.0 + ky * c.dilation.0 - c.pad.0;
+                            for ox in xlo..xhi {
+                                let ix = ox * c.stride.1 + kx * c.dilation.1 - c.pad.1;
+                                acc += gp[oy * c.ow + ox] * xp[iy * c.iw + ix];
+                            }
+                        }
+                        gw[((co * cin_g + ci) * c.kh + ky) * c.kw + kx] += acc;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The gradient of a per-channel bias on axis 1 of `g` (`[n, c, ...]`):
+/// the sum over images and positions.
+fn channel_sums(g: &[f32], n: usize, c: usize) -> Vec<f32> {
+    let inner = g.len().checked_div(n * c).unwrap_or(0);
+    let mut out = vec![0.0f32; c];
+    for (k, chunk) in g.chunks_exact(inner.max(1)).enumerate().take(n * c) {
+        out[k % c] += chunk.iter().sum::<f32>();
+    }
+    out
 }
 
 #[cfg(test)]

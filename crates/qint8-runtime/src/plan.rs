@@ -970,7 +970,7 @@ fn clip_bounds(node: &Node, shapes: &HashMap<String, ValueShape>) -> Result<Opti
 }
 
 /// Quantization parameters of a QuantizeLinear/DequantizeLinear node.
-fn qdq_params(
+pub(crate) fn qdq_params(
     node: &Node,
     shapes: &HashMap<String, ValueShape>,
     axis: i64,
@@ -1686,7 +1686,7 @@ pub(crate) fn run_kernel(
 }
 
 /// Applies `f(x, channel params)` elementwise, per channel as `p` lays out `shape`.
-fn map_per_channel(
+pub(crate) fn map_per_channel(
     x: &[f32],
     shape: &[usize],
     p: &QuantParams,

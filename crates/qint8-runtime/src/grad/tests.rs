@@ -215,7 +215,10 @@ fn gradients(
         "every wanted value is visited once"
     );
     for (name, g) in &got {
-        let len = vals[name.as_str()].data.len();
+        let len = match vals.get(name.as_str()) {
+            Some(v) => v.data.len(),
+            None => graph.initializers[name].len(),
+        };
         assert_eq!(g.len(), len, "{name}: gradient size");
     }
     (session, r, got)
@@ -973,4 +976,194 @@ fn prepared_input_gradients_are_those_a_run_prepares() {
     );
     assert_eq!(run(&ready), lazy_grads);
     assert_eq!(keys(&ready), prepared, "the run prepared nothing more");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+    /// The weight gradient's GEMM path (and its depthwise direct loop)
+    /// equals the seven-deep loop.
+    #[test]
+    fn conv_weight_grad_matches_reference(c in conv_case(), seed in any::<u64>()) {
+        let x = values(c.n * c.cin * c.ih * c.iw, seed);
+        let g = values(c.n * c.cout * c.oh * c.ow, seed ^ 5);
+        let len = c.cout * c.cin / c.group * c.kh * c.kw;
+        let (mut fast, mut slow) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+        conv_weight_grad(&c, &x, &g, &mut fast);
+        conv_weight_grad_reference(&c, &x, &g, &mut slow);
+        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+            prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{c:?} at {i}: {a} vs {b}");
+        }
+    }
+}
+
+/// The gradients of `<r, y>` with respect to the initializers `names`
+/// against central differences along a pseudo-random direction in each.
+fn check_weight_directional(graph: &Graph, x: &ArrayD<f32>, names: &[&str]) {
+    let (_, r, got) = gradients(graph, x, names);
+    let input = graph.inputs[0].name.clone();
+    for (k, name) in names.iter().enumerate() {
+        let w = graph.initializers[*name].as_f32().unwrap().clone();
+        let dir = values(w.len(), 11 + k as u64);
+        let f = |eps: f32| -> f64 {
+            let mut g = graph.clone();
+            let moved: Vec<f32> = w.iter().zip(&dir).map(|(a, d)| a + eps * d).collect();
+            let moved = ArrayD::from_shape_vec(w.raw_dim(), moved).unwrap();
+            g.initializers.insert(name.to_string(), Tensor::F32(moved));
+            let y = unfused_session(&g)
+                .run(&[(&input, x.view())])
+                .unwrap()
+                .remove(0);
+            y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        let eps = 1e-3;
+        let numeric = (f(eps) - f(-eps)) / (2.0 * eps as f64);
+        let analytic: f64 = got[*name]
+            .iter()
+            .zip(&dir)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        assert!(
+            (numeric - analytic).abs() <= 0.03 * numeric.abs().max(analytic.abs()) + 1e-3,
+            "{name}: numeric {numeric}, backward {analytic}"
+        );
+    }
+}
+
+#[test]
+fn weight_gradients_match_finite_differences_on_efficientnet_b0() {
+    // Plain, strided, depthwise and 1x1 convolutions' weights and biases
+    // (BatchNormalization folded into them), and the classifier's B and C.
+    let g = zoo_graph(
+        ZooConfig::efficientnet_b0()
+            .with_width_mult(0.25)
+            .with_resolution(32, 32),
+        true,
+    );
+    let mut names: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm { .. }))
+        .flat_map(|n| n.inputs.iter().skip(1).map(String::as_str))
+        .filter(|i| g.initializers.contains_key(*i))
+        .collect();
+    // The first convolutions (stem, depthwise, SE, projection), a strided
+    // depthwise one further on, and the classifier.
+    let strided = g
+        .nodes
+        .iter()
+        .find(|n| matches!(&n.op, Op::Conv(c) if c.group > 1 && c.strides.iter().any(|&s| s > 1)))
+        .and_then(|n| n.input(1))
+        .unwrap();
+    let classifier: Vec<&str> = names.iter().rev().take(2).copied().collect();
+    names.truncate(10);
+    names.push(strided);
+    names.extend(classifier);
+    check_weight_directional(&g, &input_for(&g, 2, 6), &names);
+}
+
+#[test]
+fn gemm_weight_gradients_match_finite_differences_for_every_transpose() {
+    for (ta, tb) in [(true, true), (true, false), (false, true), (false, false)] {
+        let mut init = BTreeMap::new();
+        init.insert(
+            "w".to_string(),
+            f32_tensor(if tb { &[5, 4] } else { &[4, 5] }, 7),
+        );
+        // C broadcast over the rows.
+        init.insert("c".to_string(), f32_tensor(&[5], 5));
+        let x: &[usize] = if ta { &[4, 3] } else { &[3, 4] };
+        let graph = Graph {
+            name: "gemm".into(),
+            inputs: vec![ValueInfo::f32("x", x)],
+            outputs: vec![ValueInfo::f32("y", &[3, 5])],
+            nodes: vec![Node::new(
+                "g",
+                Op::Gemm {
+                    alpha: 0.8,
+                    beta: 0.6,
+                    trans_a: ta,
+                    trans_b: tb,
+                },
+                &["x", "w", "c"],
+                &["y"],
+            )],
+            initializers: init,
+            value_info: vec![],
+        };
+        check_weight_directional(&graph, &input_for(&graph, x[0], 6), &["w", "c"]);
+    }
+}
+
+#[test]
+fn quantize_dequantize_pass_gradients_straight_through_inside_the_range() {
+    // y = DQ(Q(x)) per tensor (scale 0.1, int8) and per channel on axis 1
+    // (uint8 zero point 128): the gradient is g where x/s + zp rounds
+    // inside [qmin, qmax] and 0 where it saturates.
+    for per_channel in [false, true] {
+        let mut init = BTreeMap::new();
+        let (scale, zp) = if per_channel {
+            (
+                Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![0.1, 0.02]).unwrap()),
+                Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[2]), vec![128, 128]).unwrap()),
+            )
+        } else {
+            (
+                Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[]), vec![0.1]).unwrap()),
+                Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[]), vec![0]).unwrap()),
+            )
+        };
+        init.insert("s".to_string(), scale);
+        init.insert("z".to_string(), zp);
+        let axis = 1;
+        let graph = Graph {
+            name: "qdq".into(),
+            inputs: vec![ValueInfo::f32("x", &[1, 2, 4])],
+            outputs: vec![ValueInfo::f32("y", &[1, 2, 4])],
+            nodes: vec![
+                Node::new("q", Op::QuantizeLinear { axis }, &["x", "s", "z"], &["q"]),
+                Node::new(
+                    "dq",
+                    Op::DequantizeLinear { axis },
+                    &["q", "s", "z"],
+                    &["y"],
+                ),
+            ],
+            initializers: init,
+            value_info: vec![],
+        };
+        // Channel 0 (scale 0.1) holds 1.0, -20.0, 12.7, 12.8; channel 1
+        // (0.1 or 0.02) 0.5, -3.0, 2.5, 2.56.
+        let xv = vec![1.0, -20.0, 12.7, 12.8, 0.5, -3.0, 2.5, 2.56];
+        let x = ArrayD::from_shape_vec(IxDyn(&[1, 2, 4]), xv.clone()).unwrap();
+        let (_, r, got) = gradients(&graph, &x, &[]);
+        let expect: Vec<f32> = xv
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (s, z, lo, hi) = match (per_channel, i / 4) {
+                    (false, _) => (0.1f32, 0.0f32, -128.0f32, 127.0f32),
+                    (true, 0) => (0.1, 128.0, 0.0, 255.0),
+                    (true, _) => (0.02, 128.0, 0.0, 255.0),
+                };
+                let q = v / s + z;
+                if q >= lo - 0.5 && q <= hi + 0.5 {
+                    r[i]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let g = &got["x"];
+        assert!(
+            expect.iter().filter(|&&e| e == 0.0).count() >= 2,
+            "the case saturates somewhere"
+        );
+        for (i, (a, b)) in g.iter().zip(&expect).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{per_channel} at {i}: {a} vs {b}"
+            );
+        }
+    }
 }
