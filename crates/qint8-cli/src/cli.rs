@@ -47,6 +47,10 @@ pub(crate) enum Command {
     /// Keep the fewest nodes in float that bring the top-1 drop within
     /// --max-drop (verified by evaluation) and write that QDQ model.
     MixedPrecision(MixedPrecisionArgs),
+    /// Quantization-aware training: calibrate, then fine-tune the weights
+    /// with INT8 simulated (straight-through gradients, ranges fixed) on
+    /// labeled images, and write the QDQ model.
+    Qat(QatArgs),
     /// The whole job on the shipped fixture models: calibrate with every
     /// method, evaluate FP32 and INT8, measure size, speed and memory, print
     /// the target table and write a report directory.
@@ -412,6 +416,70 @@ pub(crate) struct QuantizeArgs {
     /// cache is only read by the version it names).
     #[arg(long, value_name = "V", default_value = "8601")]
     pub(crate) trt_version: String,
+    /// Print one JSON summary instead of text (and no progress).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Arguments of `qint8 qat`.
+#[derive(Debug, Args)]
+pub(crate) struct QatArgs {
+    /// The FP32 ONNX model; its first output must be [batch, classes] logits.
+    #[arg(value_name = "MODEL")]
+    pub(crate) model: PathBuf,
+    /// Calibration data and method, as in `qint8 quantize` (the ranges
+    /// training keeps).
+    #[command(flatten)]
+    pub(crate) cal: CalibrationArgs,
+    /// Labeled training images, read like `qint8 eval --data`.
+    #[arg(long, value_name = "DATA")]
+    pub(crate) train: PathBuf,
+    /// Labels of --train, as in `qint8 eval`.
+    #[arg(long, value_name = "LABELS")]
+    pub(crate) train_labels: Option<PathBuf>,
+    /// Train on N images of --train: the first N, or N chosen at random
+    /// with --train-seed [default: all].
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) train_images: Option<usize>,
+    /// Seed of the image order (and of --train-images' choice).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub(crate) train_seed: u64,
+    /// Passes over the training images.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive_usize)]
+    pub(crate) epochs: usize,
+    /// Peak learning rate (a cosine schedule to zero); about 1% of the rate
+    /// the model was trained with.
+    #[arg(long, value_name = "LR", default_value_t = 1e-3)]
+    pub(crate) lr: f32,
+    /// SGD momentum.
+    #[arg(long, value_name = "M", default_value_t = 0.9)]
+    pub(crate) momentum: f32,
+    /// L2 weight decay on the weights.
+    #[arg(long, value_name = "WD", default_value_t = 0.0)]
+    pub(crate) weight_decay: f32,
+    /// Images per training step.
+    #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
+    pub(crate) train_batch: usize,
+    /// Labeled images to score the model on before and after training
+    /// (FP32, INT8 as calibrated, INT8 trained), read like `qint8 eval --data`.
+    #[arg(long, value_name = "DATA")]
+    pub(crate) data: Option<PathBuf>,
+    /// Labels of --data.
+    #[arg(long, value_name = "LABELS")]
+    pub(crate) labels: Option<PathBuf>,
+    /// Image preprocessing (calibration, training and --data alike).
+    #[command(flatten)]
+    pub(crate) pre: PreprocessArgs,
+    /// Store weights as float through QuantizeLinear/DequantizeLinear
+    /// (modelopt style) instead of int8 initializers.
+    #[arg(long)]
+    pub(crate) float_weights: bool,
+    /// Where to write the QDQ model (atomically).
+    #[arg(long, short, value_name = "OUT.onnx")]
+    pub(crate) output: PathBuf,
+    /// Also write the trained model's quantization plan as JSON.
+    #[arg(long, value_name = "PLAN.json")]
+    pub(crate) plan: Option<PathBuf>,
     /// Print one JSON summary instead of text (and no progress).
     #[arg(long)]
     pub(crate) json: bool,

@@ -83,6 +83,7 @@ mod data;
 mod eval;
 mod format;
 mod inspect;
+mod qat;
 mod quantize;
 mod report;
 mod run;
@@ -111,6 +112,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => report::demo_main(args, threads),
         Command::Sensitivity(args) => sensitivity::sensitivity_main(args, threads),
         Command::MixedPrecision(args) => sensitivity::mixed_precision_main(args, threads),
+        Command::Qat(args) => qat::main(args, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

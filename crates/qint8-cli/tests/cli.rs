@@ -2175,3 +2175,55 @@ fn eval_json_path(model: &Path) -> Value {
         "--json",
     ])))
 }
+
+#[test]
+fn qat_trains_the_weak_configuration_and_writes_what_it_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("efficientnet_b0.onnx");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let out = dir.path().join("qat.onnx");
+    let plan = dir.path().join("qat.json");
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let run = |train: &Path, extra: &[&str]| {
+        let mut args = vec!["qat", s(&m), "--calib", s(&calib), "--train", s(train)];
+        args.extend(["--calib-size", "32", "--method", "minmax", "--per-tensor"]);
+        args.extend(["--train-images", "256", "--data", s(&calib)]);
+        args.extend(["-o", s(&out), "--plan", s(&plan)]);
+        args.extend(pre);
+        args.extend(extra);
+        qint8(&args)
+    };
+    let v: serde_json::Value = serde_json::from_str(&ok(run(&calib, &["--json"]))).unwrap();
+    let (before, after) = (
+        v["int8_calibrated_top1"].as_f64().unwrap(),
+        v["int8_trained_top1"].as_f64().unwrap(),
+    );
+    assert!(after > before + 3.0, "{v}");
+    assert_eq!(v["training_images"], 256);
+    assert_eq!(v["epochs"].as_array().unwrap().len(), 1);
+    // The file scores what the command said it would.
+    let mut args = vec!["eval", s(&out), "--data", s(&calib), "--json"];
+    args.extend(pre);
+    let e: serde_json::Value = serde_json::from_str(&ok(qint8(&args))).unwrap();
+    assert!(
+        (e["top1"].as_f64().unwrap() * 100.0 - after).abs() < 1e-9,
+        "{e} vs {v}"
+    );
+    let saved = qint8_graph::QuantPlan::load(&plan).unwrap();
+    assert_eq!(saved.weights.len(), 82);
+    let report = ok(qint8(&["check-trt", s(&out)]));
+    assert!(report.contains("0 violation(s)"), "{report}");
+
+    // Training needs labels: images without them are refused, and nothing
+    // is written.
+    std::fs::remove_file(&out).unwrap();
+    let all = std::fs::read(&calib).unwrap();
+    let unlabeled = dir.path().join("shop-images-idx3-ubyte");
+    std::fs::write(&unlabeled, &all[..16 + 28 * 28 * 1000]).unwrap();
+    let err = fails(run(&unlabeled, &[]));
+    assert!(err.contains("labels"), "{err}");
+    assert!(!out.exists());
+    let err = fails(run(&calib, &["--lr=-1"]));
+    assert!(err.contains("learning rate"), "{err}");
+    assert!(!out.exists());
+}

@@ -10,7 +10,8 @@
 //!
 //! This crate is a facade: each module re-exports one crate of the
 //! workspace, [`ptq`] strings them into the post-training quantization
-//! pipeline, and [`prelude`] imports the common items at once.
+//! pipeline, [`qat`] fine-tunes its result with INT8 simulated, and
+//! [`prelude`] imports the common items at once.
 //!
 //! | module | crate | what |
 //! |---|---|---|
@@ -78,6 +79,7 @@ pub use qint8_runtime as runtime;
 pub use qint8_trt as trt;
 
 pub mod ptq;
+pub mod qat;
 
 use thiserror::Error;
 
@@ -106,6 +108,9 @@ pub enum Error {
     /// Reports.
     #[error(transparent)]
     Analysis(#[from] qint8_analysis::AnalysisError),
+    /// Quantization-aware training.
+    #[error(transparent)]
+    Qat(#[from] qint8_qat::QatError),
 }
 
 /// Result with [`Error`](enum@Error).
@@ -114,6 +119,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// The commonly used items in one import.
 pub mod prelude {
     pub use crate::ptq::{self, PtqConfig, QuantizedModel};
+    pub use crate::qat::{self, QatConfig};
     pub use crate::{Error, Result};
     pub use qint8_calibration::{ColorMode, ImageDataset, Images, Preprocess, Smoothing};
     pub use qint8_eval::{Accuracy, Score};

@@ -1,0 +1,191 @@
+//! `qint8 qat`: calibrate, fine-tune with INT8 simulated, write the QDQ model.
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use qint8_calibration::{calibrate, ImageDataset};
+use qint8_eval::Evaluator;
+use qint8_graph::quant::insert_qdq;
+use qint8_graph::{Graph, Model, QuantPlan, WeightStorage};
+use qint8_qat::{train, QatConfig};
+use serde_json::json;
+
+use crate::cli::QatArgs;
+use crate::inspect::load_model;
+
+/// Top-1 (0 to 1) of `graph` quantized by `plan` (or in float) on `data`.
+fn top1(
+    model: &Model,
+    graph: &Graph,
+    plan: Option<&QuantPlan>,
+    data: &ImageDataset,
+    name: &str,
+    threads: usize,
+) -> Result<f64> {
+    let graph = match plan {
+        Some(p) => insert_qdq(graph, p, WeightStorage::Int8)?,
+        None => graph.clone(),
+    };
+    let m = model.with_graph(graph, model.opset.max(13));
+    let e = Evaluator::new(&m, name, threads)?;
+    let a = e
+        .evaluate(data, 64, &mut |_| {})
+        .with_context(|| format!("evaluating {name}"))?;
+    Ok(a.score.top1_fraction())
+}
+
+pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
+    let start = Instant::now();
+    let model = load_model(&args.model)?;
+    let calib = crate::data::open_calibration(&args.cal.calib, &args.pre, &model)?.dataset;
+    let mut train_set =
+        crate::data::open_labeled(&args.train, args.train_labels.as_deref(), &args.pre)?.dataset;
+    if let Some(n) = args.train_images {
+        train_set = train_set.sample(n, args.train_seed)?;
+    }
+    let eval = match &args.data {
+        Some(p) => Some(crate::data::open_labeled(p, args.labels.as_deref(), &args.pre)?.dataset),
+        None => None,
+    };
+    if let Some(input) = model.graph.inputs.first() {
+        for (what, d) in [("--train", Some(&train_set)), ("--data", eval.as_ref())] {
+            if let Some(d) = d {
+                let [c, h, w] = d.input_shape();
+                crate::run::check_input_shape(input, &[1, c, h, w], what)?;
+            }
+        }
+    }
+    let cfg = args.cal.config(32, threads)?;
+    let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |_| {})
+        .with_context(|| format!("calibrating {}", args.model.display()))?;
+    let config = QatConfig {
+        epochs: args.epochs,
+        batch: args.train_batch,
+        lr: args.lr,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
+        seed: args.train_seed,
+        threads,
+    };
+    let show = !args.json && std::io::stderr().is_terminal();
+    let train_start = Instant::now();
+    let trained = train(
+        &calibrated.graph,
+        &calibrated.plan,
+        &train_set,
+        &config,
+        &mut |p| {
+            if show {
+                eprint!(
+                    "\rtraining: epoch {}/{} step {}/{} loss {:.4}",
+                    p.epoch, args.epochs, p.step, p.steps, p.loss
+                );
+                if p.step == p.steps {
+                    eprintln!();
+                }
+                let _ = std::io::stderr().flush();
+            }
+        },
+    )
+    .with_context(|| format!("training {}", args.model.display()))?;
+    let train_seconds = train_start.elapsed().as_secs_f64();
+    let storage = if args.float_weights {
+        WeightStorage::FloatQdq
+    } else {
+        WeightStorage::Int8
+    };
+    let out = model.with_graph(
+        insert_qdq(&trained.graph, &trained.plan, storage)?,
+        model.opset.max(13),
+    );
+    qint8_graph::onnx::save(&out, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    if let Some(p) = &args.plan {
+        if let Err(e) = trained.plan.save(p) {
+            // No half-finished set of outputs.
+            let _ = std::fs::remove_file(&args.output);
+            return Err(anyhow::Error::new(e).context(format!("writing {}", p.display())));
+        }
+    }
+    let scores = match &eval {
+        Some(d) => Some((
+            top1(&model, &calibrated.graph, None, d, "FP32", threads)?,
+            top1(
+                &model,
+                &calibrated.graph,
+                Some(&calibrated.plan),
+                d,
+                "INT8 as calibrated",
+                threads,
+            )?,
+            top1(
+                &model,
+                &trained.graph,
+                Some(&trained.plan),
+                d,
+                "INT8 trained",
+                threads,
+            )?,
+        )),
+        None => None,
+    };
+    let epochs: Vec<_> = trained
+        .epochs
+        .iter()
+        .map(|e| json!({"epoch": e.epoch, "loss": e.loss, "train_top1": e.top1 * 100.0, "seconds": e.seconds}))
+        .collect();
+    if args.json {
+        let summary = json!({
+            "model": args.model.display().to_string(),
+            "output": args.output.display().to_string(),
+            "method": trained.plan.method,
+            "calibration_images": calib.len(),
+            "training_images": train_set.len(),
+            "epochs": epochs,
+            "training_seconds": train_seconds,
+            "total_seconds": start.elapsed().as_secs_f64(),
+            "evaluation_images": eval.as_ref().map(ImageDataset::len),
+            "fp32_top1": scores.map(|s| s.0 * 100.0),
+            "int8_calibrated_top1": scores.map(|s| s.1 * 100.0),
+            "int8_trained_top1": scores.map(|s| s.2 * 100.0),
+        });
+        println!("{summary}");
+        return Ok(());
+    }
+    println!(
+        "{} -> {}: trained {} epoch(s) on {} images in {:.1} s ({} activations, {} weights quantized, {})",
+        args.model.display(),
+        args.output.display(),
+        args.epochs,
+        train_set.len(),
+        train_seconds,
+        trained.plan.activations.len(),
+        trained.plan.weights.len(),
+        trained.plan.method,
+    );
+    for e in &trained.epochs {
+        println!(
+            "  epoch {}: loss {:.4}, top-1 while training {:.2}% ({:.1} s)",
+            e.epoch,
+            e.loss,
+            e.top1 * 100.0,
+            e.seconds
+        );
+    }
+    if let (Some((fp32, before, after)), Some(d)) = (scores, &eval) {
+        println!("top-1 on {} images of --data:", d.len());
+        println!("  FP32                {:6.2}%", fp32 * 100.0);
+        println!(
+            "  INT8 as calibrated  {:6.2}%  (drop {:.2} points)",
+            before * 100.0,
+            (fp32 - before) * 100.0
+        );
+        println!(
+            "  INT8 trained        {:6.2}%  (drop {:.2} points)",
+            after * 100.0,
+            (fp32 - after) * 100.0
+        );
+    }
+    Ok(())
+}
