@@ -460,6 +460,10 @@ pub(crate) struct QatArgs {
     /// Images per training step.
     #[arg(long, value_name = "B", default_value_t = 32, value_parser = positive_usize)]
     pub(crate) train_batch: usize,
+    /// Also learn each activation's range (its step size, LSQ), starting
+    /// from the calibrated one; the written file carries the learned ranges.
+    #[arg(long)]
+    pub(crate) learn_ranges: bool,
     /// Labeled images to score the model on before and after training
     /// (FP32, INT8 as calibrated, INT8 trained), read like `qint8 eval --data`.
     #[arg(long, value_name = "DATA")]

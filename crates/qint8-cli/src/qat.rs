@@ -67,6 +67,7 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         weight_decay: args.weight_decay,
         seed: args.train_seed,
         threads,
+        learn_ranges: args.learn_ranges,
     };
     let show = !args.json && std::io::stderr().is_terminal();
     let train_start = Instant::now();

@@ -2211,6 +2211,15 @@ fn qat_trains_the_weak_configuration_and_writes_what_it_scored() {
     );
     let saved = qint8_graph::QuantPlan::load(&plan).unwrap();
     assert_eq!(saved.weights.len(), 82);
+    // --learn-ranges trains the activations' scales: the plan differs.
+    ok(run(&calib, &["--learn-ranges", "--json"]));
+    let learned = qint8_graph::QuantPlan::load(&plan).unwrap();
+    let moved = saved
+        .activations
+        .iter()
+        .filter(|(n, p)| learned.activations[*n].scales() != p.scales())
+        .count();
+    assert!(moved > 0, "no activation scale moved");
     let report = ok(qint8(&["check-trt", s(&out)]));
     assert!(report.contains("0 violation(s)"), "{report}");
 

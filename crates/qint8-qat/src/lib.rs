@@ -92,6 +92,11 @@ pub struct QatConfig {
     pub seed: u64,
     /// Worker threads (0: one per available core).
     pub threads: usize,
+    /// Also learn each quantized activation's step size (its scale, and so
+    /// its range), starting from the calibrated one, with the learned step
+    /// size gradient (LSQ) scaled by `1 / sqrt(elements per image * 127)`.
+    /// Off: the calibrated ranges stay fixed.
+    pub learn_ranges: bool,
 }
 
 impl Default for QatConfig {
@@ -104,6 +109,7 @@ impl Default for QatConfig {
             weight_decay: 0.0,
             seed: 0,
             threads: 0,
+            learn_ranges: false,
         }
     }
 }
@@ -183,6 +189,11 @@ struct Param {
     /// Output-channel axis of its weight scales; `None` for a bias or a
     /// weight that stays float.
     quantized: Option<QuantizedWeight>,
+    /// For an activation's scale: the activation it quantizes and the
+    /// factor its gradient is scaled by (LSQ's `1 / sqrt(N * Qp)`).
+    step_size: Option<(String, f32)>,
+    /// The least value an entry may take (step sizes stay positive).
+    floor: f32,
 }
 
 #[derive(Clone, Copy)]
@@ -231,6 +242,10 @@ pub fn train(
     let mut activations = plan.clone();
     activations.weights.clear();
     let mut qgraph = insert_qdq(graph, &activations, WeightStorage::Int8)?;
+    if config.learn_ranges {
+        let [c, h, w] = data.input_shape();
+        params.extend(step_sizes(&qgraph, plan, &[c, h, w])?);
+    }
     let wanted: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
     let wanted_refs: Vec<&str> = wanted.iter().map(String::as_str).collect();
 
@@ -312,7 +327,7 @@ pub fn train(
         });
     }
     let mut trained = graph.clone();
-    for p in &params {
+    for p in params.iter().filter(|p| p.step_size.is_none()) {
         trained.initializers.insert(
             p.name.clone(),
             Tensor::F32(
@@ -322,6 +337,29 @@ pub fn train(
         );
     }
     let mut out_plan = plan.clone();
+    for p in &params {
+        let Some((activation, _)) = &p.step_size else {
+            continue;
+        };
+        if let Some(old) = out_plan.activations.get_mut(activation) {
+            let channels: Vec<qint8_math::ChannelParams> = old
+                .channels()
+                .iter()
+                .zip(&p.value)
+                .map(|(c, &scale)| qint8_math::ChannelParams { scale, ..*c })
+                .collect();
+            *old = match (old.axis(), channels.as_slice()) {
+                (None, [one]) => qint8_math::QuantParams::per_tensor(*one),
+                (Some(axis), _) => qint8_math::QuantParams::per_channel(channels, axis)?,
+                (None, _) => {
+                    return Err(QatError::Model(format!(
+                        "activation `{activation}` has per-tensor parameters but {} scales",
+                        p.value.len()
+                    )))
+                }
+            };
+        }
+    }
     for per_channel in [true, false] {
         let axes: BTreeMap<String, usize> = params
             .iter()
@@ -379,6 +417,8 @@ fn trainable(graph: &Graph, plan: &QuantPlan) -> Result<Vec<Param>> {
                 value: t.iter().copied().collect(),
                 velocity: vec![0.0; t.len()],
                 quantized,
+                step_size: None,
+                floor: f32::NEG_INFINITY,
             });
         }
     }
@@ -435,9 +475,16 @@ fn update(
         } else {
             0.0
         };
+        let scale = p.step_size.as_ref().map_or(1.0, |s| s.1);
         for ((w, v), &g) in p.value.iter_mut().zip(&mut p.velocity).zip(g) {
-            *v = c.momentum * *v + g * inv + decay * *w;
+            *v = c.momentum * *v + g * inv * scale + decay * *w;
             *w -= lr * *v;
+        }
+        if p.step_size.is_some() {
+            // A step size must stay positive: no lower than a thousandth
+            // of what it was.
+            let floor = p.floor;
+            p.value.iter_mut().for_each(|s| *s = s.max(floor));
         }
     }
 }
@@ -571,4 +618,58 @@ fn cross_entropy(
         hits += usize::from(best == label);
     }
     Ok((seed, loss, hits))
+}
+
+/// The scale initializers of the activation Q/DQ pairs in `qgraph`, as
+/// trainable step sizes (per image, the activations' shapes come from
+/// shape inference on one image of `image`'s shape).
+fn step_sizes(qgraph: &Graph, plan: &QuantPlan, image: &[usize; 3]) -> Result<Vec<Param>> {
+    let input = qgraph
+        .inputs
+        .first()
+        .map(|i| i.name.clone())
+        .ok_or_else(|| QatError::Model("the graph has no input".into()))?;
+    let shapes = qint8_graph::shape::infer(
+        qgraph,
+        &HashMap::from([(input, vec![1, image[0], image[1], image[2]])]),
+    )?;
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for node in &qgraph.nodes {
+        let (Op::QuantizeLinear { .. }, Some(x), Some(scale)) =
+            (&node.op, node.input(0), node.input(1))
+        else {
+            continue;
+        };
+        let Some(params) = plan.activations.get(x) else {
+            continue;
+        };
+        if !seen.insert(scale.to_string()) {
+            continue;
+        }
+        let Some(t) = qgraph.initializers.get(scale).and_then(Tensor::as_f32) else {
+            continue;
+        };
+        let per_image: usize = shapes
+            .get(x)
+            .map(|s| s.shape.iter().product())
+            .unwrap_or(1)
+            .max(1);
+        let (_, qmax) = params.qrange();
+        let value: Vec<f32> = t.iter().copied().collect();
+        let floor = value.iter().copied().fold(f32::INFINITY, f32::min) * 1e-3;
+        out.push(Param {
+            name: scale.to_string(),
+            shape: t.shape().to_vec(),
+            velocity: vec![0.0; value.len()],
+            value,
+            quantized: None,
+            step_size: Some((
+                x.to_string(),
+                1.0 / ((per_image as f32) * qmax.max(1) as f32).sqrt(),
+            )),
+            floor,
+        });
+    }
+    Ok(out)
 }

@@ -545,6 +545,49 @@ fn silu_pairs(
     pairs
 }
 
+/// The gradient of QuantizeLinear/DequantizeLinear `node`'s output with
+/// respect to its scale (one entry per channel of `p`), for `g` the
+/// output's gradient and `x` its input. QuantizeLinear's rounding passes
+/// straight through (`dq/ds = -x / s^2` where it does not saturate, 0 where
+/// it does); DequantizeLinear's is `q - zero point`. Summed over a Q -> DQ
+/// pair sharing the scale, that is the learned step size gradient (Esser et
+/// al., "Learned Step Size Quantization", ICLR 2020): `round(x/s) - x/s`
+/// inside the range, `qmin` or `qmax` (less the zero point) outside.
+fn qdq_scale_grad(
+    node: &Node,
+    p: &qint8_math::QuantParams,
+    x: Value<'_>,
+    g: &[f32],
+) -> Result<Vec<f32>> {
+    let (_, c, inner) = p
+        .layout(x.shape)
+        .map_err(|e| node_err(node, e.to_string()))?;
+    let ch = p.channels();
+    let quantize = matches!(node.op, Op::QuantizeLinear { .. });
+    let mut out = vec![0.0f64; ch.len()];
+    let inner = inner.max(1);
+    for (b, (xb, gb)) in x.data.chunks(inner).zip(g.chunks(inner)).enumerate() {
+        let k = if ch.len() == 1 { 0 } else { b % c };
+        let cp = &ch[k];
+        let mut acc = 0.0f64;
+        for (&v, &gv) in xb.iter().zip(gb) {
+            let d = if quantize {
+                let q = v / cp.scale + cp.zero_point as f32;
+                if q >= cp.qmin as f32 - 0.5 && q <= cp.qmax as f32 + 0.5 {
+                    -v / (cp.scale * cp.scale)
+                } else {
+                    0.0
+                }
+            } else {
+                v - cp.zero_point as f32
+            };
+            acc += (gv * d) as f64;
+        }
+        out[k] += acc;
+    }
+    Ok(out.into_iter().map(|v| v as f32).collect())
+}
+
 /// The parameters of QuantizeLinear/DequantizeLinear `node`, whose scale
 /// and zero point must be initializers.
 fn qdq_node_params(
@@ -894,7 +937,12 @@ fn rule(
                 crate::plan::map_per_channel(x.data, x.shape, &p, &mut factor, |_, cp| cp.scale);
             }
             factor.iter_mut().zip(g).for_each(|(f, &gv)| *f *= gv);
-            out[0] = Some(factor);
+            if need[0] {
+                out[0] = Some(factor);
+            }
+            if need.get(1).copied().unwrap_or(false) {
+                out[1] = Some(qdq_scale_grad(node, &p, x, g)?);
+            }
         }
         Op::Gemm {
             alpha,

@@ -1167,3 +1167,64 @@ fn quantize_dequantize_pass_gradients_straight_through_inside_the_range() {
         }
     }
 }
+
+#[test]
+fn scale_gradient_of_a_quantize_dequantize_pair_is_the_learned_step_size_one() {
+    // y = DQ(Q(x)) with int8 scale 0.1 (zero point 0): d<r, y>/ds is
+    // sum r * (round(x/s) - x/s) inside the range (ties to even, as
+    // QuantizeLinear rounds) and r * qmin or r * qmax
+    // where x saturates.
+    let mut init = BTreeMap::new();
+    init.insert(
+        "s".to_string(),
+        Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[]), vec![0.1]).unwrap()),
+    );
+    init.insert(
+        "z".to_string(),
+        Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[]), vec![0]).unwrap()),
+    );
+    let graph = Graph {
+        name: "qdq".into(),
+        inputs: vec![ValueInfo::f32("x", &[1, 8])],
+        outputs: vec![ValueInfo::f32("y", &[1, 8])],
+        nodes: vec![
+            Node::new(
+                "q",
+                Op::QuantizeLinear { axis: 1 },
+                &["x", "s", "z"],
+                &["q"],
+            ),
+            Node::new(
+                "dq",
+                Op::DequantizeLinear { axis: 1 },
+                &["q", "s", "z"],
+                &["y"],
+            ),
+        ],
+        initializers: init,
+        value_info: vec![],
+    };
+    let xv = vec![0.123, -0.456, 3.21, -20.0, 12.8, 0.05, -0.049, 7.77];
+    let x = ArrayD::from_shape_vec(IxDyn(&[1, 8]), xv.clone()).unwrap();
+    let (_, r, got) = gradients(&graph, &x, &["s"]);
+    let expect: f64 = xv
+        .iter()
+        .zip(&r)
+        .map(|(&v, &rv)| {
+            let t = (v / 0.1f32) as f64;
+            let d = if t < -128.5 {
+                -128.0
+            } else if t > 127.5 {
+                127.0
+            } else {
+                t.round_ties_even() - t
+            };
+            rv as f64 * d
+        })
+        .sum();
+    let g = got["s"][0] as f64;
+    assert!(
+        (g - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+        "{g} vs {expect}"
+    );
+}
