@@ -39,8 +39,9 @@ fn top1(model: &Model, graph: &qint8_graph::Graph, plan: &QuantPlan, eval: &Imag
         .top1_fraction()
 }
 
-#[test]
-fn training_recovers_accuracy_of_the_weak_configuration() {
+/// The EfficientNet-B0 fixture calibrated the weak way: min-max ranges
+/// on 32 images, per-tensor weights.
+fn weak() -> (Model, qint8_calibration::Calibrated) {
     let model = qint8_graph::onnx::load(fixture("models/efficientnet_b0.onnx")).unwrap();
     let config = CalibConfig {
         method: RangeMethod::Max,
@@ -54,6 +55,12 @@ fn training_recovers_accuracy_of_the_weak_configuration() {
         &mut |_| {},
     )
     .unwrap();
+    (model, c)
+}
+
+#[test]
+fn training_recovers_accuracy_of_the_weak_configuration() {
+    let (model, c) = weak();
     let train_set = data("calib-images-idx3-ubyte", 1000);
     let eval = data("eval-images-idx3-ubyte", 1000);
     let before = top1(&model, &c.graph, &c.plan, &eval);
@@ -90,19 +97,7 @@ fn training_recovers_accuracy_of_the_weak_configuration() {
 
 #[test]
 fn learned_ranges_move_and_are_what_the_plan_exports() {
-    let model = qint8_graph::onnx::load(fixture("models/efficientnet_b0.onnx")).unwrap();
-    let config = CalibConfig {
-        method: RangeMethod::Max,
-        per_channel: false,
-        ..CalibConfig::default()
-    };
-    let c = calibrate(
-        &model.graph,
-        &data("calib-images-idx3-ubyte", 32),
-        &config,
-        &mut |_| {},
-    )
-    .unwrap();
+    let (model, c) = weak();
     let t = train(
         &c.graph,
         &c.plan,

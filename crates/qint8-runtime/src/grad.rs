@@ -2210,7 +2210,7 @@ pub fn conv_weight_grad(geom: &ConvGeom, x: &[f32], g: &[f32], gw: &mut [f32]) {
     let c = geom;
     let (cin_g, cout_g) = (c.cin / c.group, c.cout / c.group);
     if cin_g == 1 && cout_g == 1 {
-        conv_weight_grad_reference(geom, x, g, gw);
+        depthwise_weight_grad(geom, x, g, gw);
         return;
     }
     gw.fill(0.0);
@@ -2242,6 +2242,54 @@ pub fn conv_weight_grad(geom: &ConvGeom, x: &[f32], g: &[f32], gw: &mut [f32]) {
     }
 }
 
+/// [`conv_weight_grad`] of a depthwise convolution. With stride and
+/// dilation 1, each channel's input is copied zero-padded to width
+/// `W = iw + pads` and its gradient plane to the same width (zeros past
+/// `ow`): tap `(ky, kx)` is then one long dot product of the gradient with
+/// the padded input shifted by `ky * W + kx`, the zero columns keeping rows
+/// apart, where a direct loop would run rows of a few values each. Other
+/// geometries take the direct loop.
+fn depthwise_weight_grad(c: &ConvGeom, x: &[f32], g: &[f32], gw: &mut [f32]) {
+    if c.stride != (1, 1) || c.dilation != (1, 1) {
+        conv_weight_grad_reference(c, x, g, gw);
+        return;
+    }
+    gw.fill(0.0);
+    let (ip, op, taps) = (c.ih * c.iw, c.oh * c.ow, c.kh * c.kw);
+    // Padded width and height: every tap's window fits inside.
+    let wp = c.ow + c.kw - 1;
+    let hp = c.oh + c.kh - 1;
+    let mut xpad = vec![0.0f32; hp * wp + c.kw];
+    let mut gpad = vec![0.0f32; c.oh * wp];
+    crate::kernels::wide(|| {
+        for img in 0..c.n {
+            for ch in 0..c.cout {
+                let gp = &g[(img * c.cout + ch) * op..][..op];
+                let xp = &x[(img * c.cin + ch) * ip..][..ip];
+                // Input row iy lands at padded row iy + pad; columns past the
+                // input (when the window does not reach them) stay zero.
+                xpad.fill(0.0);
+                for iy in 0..c.ih {
+                    let py = iy + c.pad.0;
+                    if py >= hp {
+                        break;
+                    }
+                    let cols = c.iw.min(wp.saturating_sub(c.pad.1));
+                    xpad[py * wp + c.pad.1..][..cols].copy_from_slice(&xp[iy * c.iw..][..cols]);
+                }
+                for (oy, dst) in gpad.chunks_exact_mut(wp).enumerate() {
+                    dst[..c.ow].copy_from_slice(&gp[oy * c.ow..][..c.ow]);
+                }
+                let wk = &mut gw[ch * taps..][..taps];
+                for (t, w) in wk.iter_mut().enumerate() {
+                    let off = (t / c.kw) * wp + t % c.kw;
+                    *w += dot_lanes(&gpad, &xpad[off..off + gpad.len()]);
+                }
+            }
+        }
+    });
+}
+
 /// One im2col row: tap `(ky, kx)` of input plane `plane` at every output
 /// position, zero where the tap falls on padding.
 fn im2col_tap(c: &ConvGeom, plane: &[f32], ky: usize, kx: usize, row: &mut [f32]) {
@@ -2258,8 +2306,8 @@ fn im2col_tap(c: &ConvGeom, plane: &[f32], ky: usize, kx: usize, row: &mut [f32]
     }
 }
 
-/// [`conv_weight_grad`] as the plain seven-deep loop: the reference the
-/// GEMM path is tested against, and the depthwise path.
+/// [`conv_weight_grad`] as the plain seven-deep loop: the reference its
+/// GEMM and depthwise paths are tested against.
 pub fn conv_weight_grad_reference(geom: &ConvGeom, x: &[f32], g: &[f32], gw: &mut [f32]) {
     if !geom.fits(gw, g, x) {
         return;

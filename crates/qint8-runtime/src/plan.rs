@@ -1710,10 +1710,28 @@ pub(crate) fn map_per_channel(
 }
 
 /// QuantizeLinear with integer results stored as f32 (exact for 8-bit values).
+/// 8-bit ranges take the math crate's vectorized kernels (property-tested
+/// against the reference), others the reference itself.
 fn quantize_as_f32(x: &[f32], shape: &[usize], p: &QuantParams, out: &mut [f32]) {
-    map_per_channel(x, shape, p, out, |v, cp| {
-        qint8_math::reference::quantize_value(v, cp) as f32
-    });
+    let (qmin, qmax) = p.qrange();
+    let fast = if qmin >= i32::from(i8::MIN) && qmax <= i32::from(i8::MAX) {
+        let mut q = vec![0i8; x.len()];
+        let done = qint8_math::quant::quantize_into(x, shape, p, &mut q).is_ok();
+        out.iter_mut().zip(&q).for_each(|(o, &v)| *o = f32::from(v));
+        done
+    } else if qmin >= 0 && qmax <= i32::from(u8::MAX) {
+        let mut q = vec![0u8; x.len()];
+        let done = qint8_math::quant::quantize_into(x, shape, p, &mut q).is_ok();
+        out.iter_mut().zip(&q).for_each(|(o, &v)| *o = f32::from(v));
+        done
+    } else {
+        false
+    };
+    if !fast {
+        map_per_channel(x, shape, p, out, |v, cp| {
+            qint8_math::reference::quantize_value(v, cp) as f32
+        });
+    }
 }
 
 /// DequantizeLinear of integer-valued f32 input.

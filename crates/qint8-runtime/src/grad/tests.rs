@@ -301,6 +301,28 @@ fn backward_matches_finite_differences_on_efficientnet_b0() {
         .take(6)
         .collect();
     check_directional(&g, &input_for(&g, 2, 6), &mid);
+    // Weights and biases: plain, strided, depthwise and 1x1 convolutions
+    // (BatchNormalization folded into them), and the classifier's B and C.
+    let mut names: Vec<&str> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm { .. }))
+        .flat_map(|n| n.inputs.iter().skip(1).map(String::as_str))
+        .filter(|i| g.initializers.contains_key(*i))
+        .collect();
+    // The first convolutions (stem, depthwise, SE, projection), a strided
+    // depthwise one further on, and the classifier.
+    let strided = g
+        .nodes
+        .iter()
+        .find(|n| matches!(&n.op, Op::Conv(c) if c.group > 1 && c.strides.iter().any(|&s| s > 1)))
+        .and_then(|n| n.input(1))
+        .unwrap();
+    let classifier: Vec<&str> = names.iter().rev().take(2).copied().collect();
+    names.truncate(10);
+    names.push(strided);
+    names.extend(classifier);
+    check_weight_directional(&g, &input_for(&g, 2, 6), &names);
 }
 
 fn f32_tensor(shape: &[usize], seed: u64) -> Tensor {
@@ -668,7 +690,8 @@ fn reduce_mean_without_kept_axes_matches_finite_differences() {
 
 #[test]
 fn gemm_with_transposed_operands_matches_finite_differences() {
-    // y = 0.8 * op(x) op(w) + c with x stored [K, M] under trans_a.
+    // y = 0.8 * op(x) op(w) + 0.6 * c with x stored [K, M] under trans_a
+    // and c broadcast over the rows: gradients into x, w and c.
     for (ta, tb) in [(true, true), (true, false), (false, true), (false, false)] {
         let mut init = BTreeMap::new();
         init.insert(
@@ -687,7 +710,7 @@ fn gemm_with_transposed_operands_matches_finite_differences() {
                     "g",
                     Op::Gemm {
                         alpha: 0.8,
-                        beta: 1.0,
+                        beta: 0.6,
                         trans_a: ta,
                         trans_b: tb,
                     },
@@ -698,7 +721,9 @@ fn gemm_with_transposed_operands_matches_finite_differences() {
             initializers: init,
             value_info: vec![],
         };
-        check_directional(&graph, &input_for(&graph, x[0], 6), &["r"]);
+        let x = input_for(&graph, x[0], 6);
+        check_directional(&graph, &x, &["r"]);
+        check_weight_directional(&graph, &x, &["w", "c"]);
     }
 }
 
@@ -1027,71 +1052,6 @@ fn check_weight_directional(graph: &Graph, x: &ArrayD<f32>, names: &[&str]) {
             (numeric - analytic).abs() <= 0.03 * numeric.abs().max(analytic.abs()) + 1e-3,
             "{name}: numeric {numeric}, backward {analytic}"
         );
-    }
-}
-
-#[test]
-fn weight_gradients_match_finite_differences_on_efficientnet_b0() {
-    // Plain, strided, depthwise and 1x1 convolutions' weights and biases
-    // (BatchNormalization folded into them), and the classifier's B and C.
-    let g = zoo_graph(
-        ZooConfig::efficientnet_b0()
-            .with_width_mult(0.25)
-            .with_resolution(32, 32),
-        true,
-    );
-    let mut names: Vec<&str> = g
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm { .. }))
-        .flat_map(|n| n.inputs.iter().skip(1).map(String::as_str))
-        .filter(|i| g.initializers.contains_key(*i))
-        .collect();
-    // The first convolutions (stem, depthwise, SE, projection), a strided
-    // depthwise one further on, and the classifier.
-    let strided = g
-        .nodes
-        .iter()
-        .find(|n| matches!(&n.op, Op::Conv(c) if c.group > 1 && c.strides.iter().any(|&s| s > 1)))
-        .and_then(|n| n.input(1))
-        .unwrap();
-    let classifier: Vec<&str> = names.iter().rev().take(2).copied().collect();
-    names.truncate(10);
-    names.push(strided);
-    names.extend(classifier);
-    check_weight_directional(&g, &input_for(&g, 2, 6), &names);
-}
-
-#[test]
-fn gemm_weight_gradients_match_finite_differences_for_every_transpose() {
-    for (ta, tb) in [(true, true), (true, false), (false, true), (false, false)] {
-        let mut init = BTreeMap::new();
-        init.insert(
-            "w".to_string(),
-            f32_tensor(if tb { &[5, 4] } else { &[4, 5] }, 7),
-        );
-        // C broadcast over the rows.
-        init.insert("c".to_string(), f32_tensor(&[5], 5));
-        let x: &[usize] = if ta { &[4, 3] } else { &[3, 4] };
-        let graph = Graph {
-            name: "gemm".into(),
-            inputs: vec![ValueInfo::f32("x", x)],
-            outputs: vec![ValueInfo::f32("y", &[3, 5])],
-            nodes: vec![Node::new(
-                "g",
-                Op::Gemm {
-                    alpha: 0.8,
-                    beta: 0.6,
-                    trans_a: ta,
-                    trans_b: tb,
-                },
-                &["x", "w", "c"],
-                &["y"],
-            )],
-            initializers: init,
-            value_info: vec![],
-        };
-        check_weight_directional(&graph, &input_for(&graph, x[0], 6), &["w", "c"]);
     }
 }
 
