@@ -37,6 +37,18 @@ fn top1(
 
 pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
     let start = Instant::now();
+    let config = QatConfig {
+        epochs: args.epochs,
+        batch: args.train_batch,
+        lr: args.lr,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
+        seed: args.train_seed,
+        threads,
+        learn_ranges: args.learn_ranges,
+    };
+    // Settings out of range fail before any calibration.
+    config.validate()?;
     let model = load_model(&args.model)?;
     let calib = crate::data::open_calibration(&args.cal.calib, &args.pre, &model)?.dataset;
     let mut train_set =
@@ -59,16 +71,6 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
     let cfg = args.cal.config(32, threads)?;
     let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |_| {})
         .with_context(|| format!("calibrating {}", args.model.display()))?;
-    let config = QatConfig {
-        epochs: args.epochs,
-        batch: args.train_batch,
-        lr: args.lr,
-        momentum: args.momentum,
-        weight_decay: args.weight_decay,
-        seed: args.train_seed,
-        threads,
-        learn_ranges: args.learn_ranges,
-    };
     let show = !args.json && std::io::stderr().is_terminal();
     let train_start = Instant::now();
     let trained = train(

@@ -6,7 +6,8 @@
 //! the rounding and clipping they will see:
 //!
 //! - every activation the plan quantizes passes through QuantizeLinear ->
-//!   DequantizeLinear at its calibrated range, which stays fixed;
+//!   DequantizeLinear at its calibrated range, which stays fixed unless
+//!   [`QatConfig::learn_ranges`] trains it too (learned step sizes);
 //! - every quantized weight is fake-quantized at each step with the scale
 //!   it will be exported with (symmetric, narrow range, `max |W| / 127` per
 //!   output channel or per tensor, as in the plan), so training sees the
@@ -115,7 +116,9 @@ impl Default for QatConfig {
 }
 
 impl QatConfig {
-    fn validate(&self) -> Result<()> {
+    /// Checks every setting's range ([`train`] does too): an error names
+    /// the first one out of range.
+    pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(QatError::Config(what));
         if self.epochs == 0 {
             return bad("epochs must be at least 1".into());
@@ -173,8 +176,9 @@ pub struct Progress {
 pub struct Trained {
     /// The float graph with the trained weights and biases.
     pub graph: Graph,
-    /// The plan, its weight scales recomputed from the trained weights
-    /// (activation ranges as calibrated).
+    /// The plan, its weight scales recomputed from the trained weights;
+    /// activation ranges as calibrated, or as learned with
+    /// [`QatConfig::learn_ranges`].
     pub plan: QuantPlan,
     /// One entry per epoch.
     pub epochs: Vec<EpochStats>,
