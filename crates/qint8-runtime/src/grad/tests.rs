@@ -236,17 +236,23 @@ fn check_directional(graph: &Graph, x: &ArrayD<f32>, wanted_extra: &[&str]) {
         let y = session.run(&[(&input, xp.view())]).unwrap().remove(0);
         y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
     };
+    assert_central_difference(f, &got[&input], &dir, "the input");
+}
+
+/// `<grad, dir>` against the central difference of `f` (the function along
+/// `dir`) at 0.
+fn assert_central_difference(f: impl Fn(f32) -> f64, grad: &[f32], dir: &[f32], what: &str) {
     // Small: random-weight networks have many ReLU kinks near any input.
     let eps = 1e-3;
     let numeric = (f(eps) - f(-eps)) / (2.0 * eps as f64);
-    let analytic: f64 = got[&input]
+    let analytic: f64 = grad
         .iter()
-        .zip(&dir)
+        .zip(dir)
         .map(|(a, b)| *a as f64 * *b as f64)
         .sum();
     assert!(
         (numeric - analytic).abs() <= 0.03 * numeric.abs().max(analytic.abs()) + 1e-3,
-        "directional derivative: numeric {numeric}, backward {analytic}"
+        "{what}: numeric {numeric}, backward {analytic}"
     );
 }
 
@@ -1041,17 +1047,32 @@ fn check_weight_directional(graph: &Graph, x: &ArrayD<f32>, names: &[&str]) {
                 .remove(0);
             y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
         };
-        let eps = 1e-3;
-        let numeric = (f(eps) - f(-eps)) / (2.0 * eps as f64);
-        let analytic: f64 = got[*name]
-            .iter()
-            .zip(&dir)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum();
-        assert!(
-            (numeric - analytic).abs() <= 0.03 * numeric.abs().max(analytic.abs()) + 1e-3,
-            "{name}: numeric {numeric}, backward {analytic}"
-        );
+        assert_central_difference(f, &got[*name], &dir, name);
+    }
+}
+
+/// `y = DequantizeLinear(QuantizeLinear(x))` on axis 1 of `shape`, both
+/// with scale `s` and zero point `z`.
+fn qdq_pair(scale: Tensor, zp: Tensor, shape: &[usize]) -> Graph {
+    let mut init = BTreeMap::new();
+    init.insert("s".to_string(), scale);
+    init.insert("z".to_string(), zp);
+    let axis = 1;
+    Graph {
+        name: "qdq".into(),
+        inputs: vec![ValueInfo::f32("x", shape)],
+        outputs: vec![ValueInfo::f32("y", shape)],
+        nodes: vec![
+            Node::new("q", Op::QuantizeLinear { axis }, &["x", "s", "z"], &["q"]),
+            Node::new(
+                "dq",
+                Op::DequantizeLinear { axis },
+                &["q", "s", "z"],
+                &["y"],
+            ),
+        ],
+        initializers: init,
+        value_info: vec![],
     }
 }
 
@@ -1061,7 +1082,6 @@ fn quantize_dequantize_pass_gradients_straight_through_inside_the_range() {
     // (uint8 zero point 128): the gradient is g where x/s + zp rounds
     // inside [qmin, qmax] and 0 where it saturates.
     for per_channel in [false, true] {
-        let mut init = BTreeMap::new();
         let (scale, zp) = if per_channel {
             (
                 Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[2]), vec![0.1, 0.02]).unwrap()),
@@ -1073,25 +1093,7 @@ fn quantize_dequantize_pass_gradients_straight_through_inside_the_range() {
                 Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[]), vec![0]).unwrap()),
             )
         };
-        init.insert("s".to_string(), scale);
-        init.insert("z".to_string(), zp);
-        let axis = 1;
-        let graph = Graph {
-            name: "qdq".into(),
-            inputs: vec![ValueInfo::f32("x", &[1, 2, 4])],
-            outputs: vec![ValueInfo::f32("y", &[1, 2, 4])],
-            nodes: vec![
-                Node::new("q", Op::QuantizeLinear { axis }, &["x", "s", "z"], &["q"]),
-                Node::new(
-                    "dq",
-                    Op::DequantizeLinear { axis },
-                    &["q", "s", "z"],
-                    &["y"],
-                ),
-            ],
-            initializers: init,
-            value_info: vec![],
-        };
+        let graph = qdq_pair(scale, zp, &[1, 2, 4]);
         // Channel 0 (scale 0.1) holds 1.0, -20.0, 12.7, 12.8; channel 1
         // (0.1 or 0.02) 0.5, -3.0, 2.5, 2.56.
         let xv = vec![1.0, -20.0, 12.7, 12.8, 0.5, -3.0, 2.5, 2.56];
@@ -1134,36 +1136,11 @@ fn scale_gradient_of_a_quantize_dequantize_pair_is_the_learned_step_size_one() {
     // sum r * (round(x/s) - x/s) inside the range (ties to even, as
     // QuantizeLinear rounds) and r * qmin or r * qmax
     // where x saturates.
-    let mut init = BTreeMap::new();
-    init.insert(
-        "s".to_string(),
+    let graph = qdq_pair(
         Tensor::F32(ArrayD::from_shape_vec(IxDyn(&[]), vec![0.1]).unwrap()),
-    );
-    init.insert(
-        "z".to_string(),
         Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[]), vec![0]).unwrap()),
+        &[1, 8],
     );
-    let graph = Graph {
-        name: "qdq".into(),
-        inputs: vec![ValueInfo::f32("x", &[1, 8])],
-        outputs: vec![ValueInfo::f32("y", &[1, 8])],
-        nodes: vec![
-            Node::new(
-                "q",
-                Op::QuantizeLinear { axis: 1 },
-                &["x", "s", "z"],
-                &["q"],
-            ),
-            Node::new(
-                "dq",
-                Op::DequantizeLinear { axis: 1 },
-                &["q", "s", "z"],
-                &["y"],
-            ),
-        ],
-        initializers: init,
-        value_info: vec![],
-    };
     let xv = vec![0.123, -0.456, 3.21, -20.0, 12.8, 0.05, -0.049, 7.77];
     let x = ArrayD::from_shape_vec(IxDyn(&[1, 8]), xv.clone()).unwrap();
     let (_, r, got) = gradients(&graph, &x, &["s"]);
