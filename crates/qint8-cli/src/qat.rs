@@ -8,7 +8,7 @@ use qint8_calibration::{calibrate, ImageDataset};
 use qint8_eval::Evaluator;
 use qint8_graph::quant::insert_qdq;
 use qint8_graph::{Graph, Model, QuantPlan, WeightStorage};
-use qint8_qat::{train, QatConfig};
+use qint8_qat::{train_with_epochs, QatConfig, QatError};
 use serde_json::json;
 
 use crate::cli::QatArgs;
@@ -73,7 +73,10 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         .with_context(|| format!("calibrating {}", args.model.display()))?;
     let show = !args.json && std::io::stderr().is_terminal();
     let train_start = Instant::now();
-    let trained = train(
+    // With --data, the model is scored after every epoch; the last score
+    // is the trained model's.
+    let mut per_epoch: Vec<f64> = Vec::new();
+    let trained = train_with_epochs(
         &calibrated.graph,
         &calibrated.plan,
         &train_set,
@@ -89,6 +92,15 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
                 }
                 let _ = std::io::stderr().flush();
             }
+        },
+        &mut |e, graph, plan| {
+            if let Some(d) = &eval {
+                let name = format!("INT8 after epoch {}", e.epoch);
+                let t = top1(&model, graph, Some(plan), d, &name, threads)
+                    .map_err(|err| QatError::Data(format!("{err:#}")))?;
+                per_epoch.push(t);
+            }
+            Ok(())
         },
     )
     .with_context(|| format!("training {}", args.model.display()))?;
@@ -122,21 +134,22 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
                 "INT8 as calibrated",
                 threads,
             )?,
-            top1(
-                &model,
-                &trained.graph,
-                Some(&trained.plan),
-                d,
-                "INT8 trained",
-                threads,
-            )?,
+            per_epoch.last().copied().unwrap_or(f64::NAN),
         )),
         None => None,
     };
     let epochs: Vec<_> = trained
         .epochs
         .iter()
-        .map(|e| json!({"epoch": e.epoch, "loss": e.loss, "train_top1": e.top1 * 100.0, "seconds": e.seconds}))
+        .map(|e| {
+            json!({
+                "epoch": e.epoch,
+                "loss": e.loss,
+                "train_top1": e.top1 * 100.0,
+                "data_top1": per_epoch.get(e.epoch - 1).map(|t| t * 100.0),
+                "seconds": e.seconds,
+            })
+        })
         .collect();
     if args.json {
         let summary = json!({
@@ -168,8 +181,12 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         trained.plan.method,
     );
     for e in &trained.epochs {
+        let scored = per_epoch
+            .get(e.epoch - 1)
+            .map(|t| format!(", on --data {:.2}%", t * 100.0))
+            .unwrap_or_default();
         println!(
-            "  epoch {}: loss {:.4}, top-1 while training {:.2}% ({:.1} s)",
+            "  epoch {}: loss {:.4}, top-1 while training {:.2}%{scored} ({:.1} s)",
             e.epoch,
             e.loss,
             e.top1 * 100.0,

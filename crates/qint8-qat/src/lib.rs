@@ -218,6 +218,20 @@ pub fn train(
     config: &QatConfig,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Trained> {
+    train_with_epochs(graph, plan, data, config, progress, &mut |_, _, _| Ok(()))
+}
+
+/// [`train`], also handing `epoch_end` the model as it stands after each
+/// epoch (its stats, the float graph and the plan, as [`Trained`] would
+/// hold them), to score or save it; an error from it stops training.
+pub fn train_with_epochs(
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    config: &QatConfig,
+    progress: &mut dyn FnMut(&Progress),
+    epoch_end: &mut dyn FnMut(&EpochStats, &Graph, &QuantPlan) -> Result<()>,
+) -> Result<Trained> {
     config.validate()?;
     if data.is_empty() {
         return Err(QatError::Data("no images".into()));
@@ -323,13 +337,32 @@ pub fn train(
                 loss: loss_sum / seen as f64,
             });
         }
-        epochs.push(EpochStats {
+        let stats = EpochStats {
             epoch,
             loss: loss_sum / n as f64,
             top1: correct as f64 / n as f64,
             seconds: start.elapsed().as_secs_f64(),
-        });
+        };
+        epochs.push(stats);
+        if epoch < config.epochs {
+            let (g, p) = assemble(graph, plan, &params)?;
+            epoch_end(&stats, &g, &p)?;
+        }
     }
+    let (graph, plan) = assemble(graph, plan, &params)?;
+    if let Some(last) = epochs.last() {
+        epoch_end(last, &graph, &plan)?;
+    }
+    Ok(Trained {
+        graph,
+        plan,
+        epochs,
+    })
+}
+
+/// The float graph with the trained weights and biases of `params`, and
+/// `plan` with their weight scales and any learned step sizes.
+fn assemble(graph: &Graph, plan: &QuantPlan, params: &[Param]) -> Result<(Graph, QuantPlan)> {
     let mut trained = graph.clone();
     for p in params.iter().filter(|p| p.step_size.is_none()) {
         trained.initializers.insert(
@@ -341,7 +374,7 @@ pub fn train(
         );
     }
     let mut out_plan = plan.clone();
-    for p in &params {
+    for p in params {
         let Some((activation, _)) = &p.step_size else {
             continue;
         };
@@ -376,11 +409,7 @@ pub fn train(
             .weights
             .extend(weight_params(&trained, &axes, per_channel)?);
     }
-    Ok(Trained {
-        graph: trained,
-        plan: out_plan,
-        epochs,
-    })
+    Ok((trained, out_plan))
 }
 
 /// The Conv and Gemm weights and biases that are float initializers, with

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use ndarray::Array4;
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset};
-use qint8_qat::{train, QatConfig, QatError};
+use qint8_qat::{train, train_with_epochs, QatConfig, QatError};
 
 fn small_model() -> (qint8_graph::Graph, qint8_graph::QuantPlan) {
     let path =
@@ -89,4 +89,46 @@ fn settings_and_data_are_checked() {
         matches!(e, QatError::Diverged { .. }) && e.to_string().contains("lower the learning rate"),
         "{e}"
     );
+}
+
+#[test]
+fn epoch_end_sees_every_epoch_and_can_stop_training() {
+    let (graph, plan) = small_model();
+    let labeled = data(Some(vec![0, 1, 2, 3]), 4);
+    let config = QatConfig {
+        threads: 1,
+        epochs: 3,
+        batch: 2,
+        ..QatConfig::default()
+    };
+    let mut seen: Vec<(usize, qint8_graph::QuantPlan)> = Vec::new();
+    let t = train_with_epochs(
+        &graph,
+        &plan,
+        &labeled,
+        &config,
+        &mut |_| {},
+        &mut |e, _, p| {
+            seen.push((e.epoch, p.clone()));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(seen[2].1, t.plan);
+    assert_ne!(seen[0].1.weights, seen[2].1.weights, "the weights train");
+    // An error from the callback ends training with that error.
+    let e = train_with_epochs(
+        &graph,
+        &plan,
+        &labeled,
+        &config,
+        &mut |_| {},
+        &mut |e, _, _| match e.epoch {
+            2 => Err(QatError::Data("stop here".into())),
+            _ => Ok(()),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("stop here"), "{e}");
 }
