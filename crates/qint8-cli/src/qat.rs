@@ -105,11 +105,7 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
     )
     .with_context(|| format!("training {}", args.model.display()))?;
     let train_seconds = train_start.elapsed().as_secs_f64();
-    let storage = if args.float_weights {
-        WeightStorage::FloatQdq
-    } else {
-        WeightStorage::Int8
-    };
+    let storage = crate::quantize::weight_storage(args.float_weights);
     let out = model.with_graph(
         insert_qdq(&trained.graph, &trained.plan, storage)?,
         model.opset.max(13),

@@ -86,12 +86,11 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     let calibrated = calibrate_owned(graph, &data, &cfg, &mut progress)
         .with_context(|| format!("calibrating {}", args.model.display()))?;
     let calib_seconds = calib_start.elapsed().as_secs_f64();
-    let storage = if args.float_weights {
-        WeightStorage::FloatQdq
-    } else {
-        WeightStorage::Int8
-    };
-    let graph = insert_qdq_owned(calibrated.graph, &calibrated.plan, storage)?;
+    let graph = insert_qdq_owned(
+        calibrated.graph,
+        &calibrated.plan,
+        weight_storage(args.float_weights),
+    )?;
     // Per-channel QuantizeLinear/DequantizeLinear need opset 13.
     let out = model.with_graph(graph, model.opset.max(13));
     let cache = match &args.trt_cache {
@@ -181,6 +180,14 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How `--float-weights` stores quantized weights.
+pub(crate) fn weight_storage(float_weights: bool) -> WeightStorage {
+    match float_weights {
+        true => WeightStorage::FloatQdq,
+        false => WeightStorage::Int8,
+    }
 }
 
 /// The calibrator's settings for `method`: its range search, and the
