@@ -296,16 +296,12 @@ pub fn train_with_epochs(
             }
             let lr = cosine(config.lr, step_index, total);
             let shape = [idx.len(), c, h, w];
-            let (grads, loss, hits) = gradients(
-                &qgraph,
-                &input,
-                &output,
-                &wanted_refs,
-                &x,
-                &shape,
-                &y,
-                config.threads,
-            )?;
+            // The graph moves into the step's session and back out: a model's
+            // weights are never held twice.
+            let session = step_session(std::mem::take(&mut qgraph), config.threads)?;
+            let step_result = gradients(&session, &input, &output, &wanted_refs, &x, &shape, &y);
+            qgraph = session.into_graph();
+            let (grads, loss, hits) = step_result?;
             if !loss.is_finite() {
                 return Err(QatError::Diverged {
                     epoch,
@@ -525,22 +521,11 @@ fn update(
 /// Per worker: summed gradients, summed loss, correct predictions.
 type WorkerSums = (HashMap<String, Vec<f32>>, f64, usize);
 
-/// The summed gradients of the batch's cross-entropy with respect to
-/// `wanted`, the summed loss and the number of right predictions, the
-/// batch split among the session's workers.
-#[allow(clippy::too_many_arguments)]
-fn gradients(
-    qgraph: &Graph,
-    input: &str,
-    output: &str,
-    wanted: &[&str],
-    x: &[f32],
-    shape: &[usize; 4],
-    labels: &[usize],
-    threads: usize,
-) -> Result<WorkerSums> {
-    let session = Session::from_graph(
-        qgraph.clone(),
+/// A session that runs `qgraph` as training records it: every value kept
+/// (no fusion), Q/DQ in float, kernels chosen for many images per thread.
+fn step_session(qgraph: Graph, threads: usize) -> Result<Session> {
+    Ok(Session::from_graph(
+        qgraph,
         SessionOptions {
             threads,
             simplify: false,
@@ -549,8 +534,32 @@ fn gradients(
             batch_parallel: false,
             many_images: true,
         },
-    )?;
-    let backward = Backward::new(qgraph, wanted, output)?.with_many_images(true);
+    )?)
+}
+
+/// `g` added into `sums[name]` (inserted if absent).
+fn accumulate(sums: &mut HashMap<String, Vec<f32>>, name: &str, g: &[f32]) {
+    match sums.get_mut(name) {
+        Some(acc) => acc.iter_mut().zip(g).for_each(|(a, &b)| *a += b),
+        None => {
+            sums.insert(name.to_string(), g.to_vec());
+        }
+    }
+}
+
+/// The summed gradients of the batch's cross-entropy with respect to
+/// `wanted`, the summed loss and the number of right predictions, the
+/// batch split among the workers of `session` (a [`step_session`]).
+fn gradients(
+    session: &Session,
+    input: &str,
+    output: &str,
+    wanted: &[&str],
+    x: &[f32],
+    shape: &[usize; 4],
+    labels: &[usize],
+) -> Result<WorkerSums> {
+    let backward = Backward::new(session.graph(), wanted, output)?.with_many_images(true);
     let workers = session.threads().clamp(1, shape[0]);
     let per_part = shape[0].div_ceil(workers);
     let parts = shape[0].div_ceil(per_part);
@@ -590,12 +599,7 @@ fn gradients(
         state.2 += hits;
         let sums = &mut state.0;
         backward.run(&values, &seed, &mut |name, g| {
-            match sums.get_mut(name) {
-                Some(acc) => acc.iter_mut().zip(g).for_each(|(a, &b)| *a += b),
-                None => {
-                    sums.insert(name.to_string(), g.to_vec());
-                }
-            }
+            accumulate(sums, name, g);
             Ok(())
         })?;
         Ok(())
@@ -606,12 +610,7 @@ fn gradients(
         total.1 += loss;
         total.2 += hits;
         for (name, g) in grads {
-            match total.0.get_mut(&name) {
-                Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, &b)| *a += b),
-                None => {
-                    total.0.insert(name, g);
-                }
-            }
+            accumulate(&mut total.0, &name, &g);
         }
     }
     Ok(total)

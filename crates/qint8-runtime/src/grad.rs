@@ -545,6 +545,13 @@ fn silu_pairs(
     pairs
 }
 
+/// Whether QuantizeLinear maps `v` inside its integer range (rounding to
+/// `qmin..=qmax` rather than saturating): the straight-through mask.
+fn inside_range(v: f32, cp: &qint8_math::ChannelParams) -> bool {
+    let q = v / cp.scale + cp.zero_point as f32;
+    q >= cp.qmin as f32 - 0.5 && q <= cp.qmax as f32 + 0.5
+}
+
 /// The gradient of QuantizeLinear/DequantizeLinear `node`'s output with
 /// respect to its scale (one entry per channel of `p`), for `g` the
 /// output's gradient and `x` its input. QuantizeLinear's rounding passes
@@ -572,8 +579,7 @@ fn qdq_scale_grad(
         let mut acc = 0.0f64;
         for (&v, &gv) in xb.iter().zip(gb) {
             let d = if quantize {
-                let q = v / cp.scale + cp.zero_point as f32;
-                if q >= cp.qmin as f32 - 0.5 && q <= cp.qmax as f32 + 0.5 {
+                if inside_range(v, cp) {
                     -v / (cp.scale * cp.scale)
                 } else {
                     0.0
@@ -923,22 +929,21 @@ fn rule(
             // QuantizeLinear divides by s where it does not saturate (the
             // clipping mask) and passes nothing where it does.
             let p = qdq_node_params(graph, node, *axis, x.shape.len())?;
-            let mut factor = vec![0.0f32; x.data.len()];
-            if matches!(node.op, Op::QuantizeLinear { .. }) {
-                crate::plan::map_per_channel(x.data, x.shape, &p, &mut factor, |v, cp| {
-                    let q = v / cp.scale + cp.zero_point as f32;
-                    if q >= cp.qmin as f32 - 0.5 && q <= cp.qmax as f32 + 0.5 {
-                        1.0 / cp.scale
-                    } else {
-                        0.0
-                    }
-                });
-            } else {
-                crate::plan::map_per_channel(x.data, x.shape, &p, &mut factor, |_, cp| cp.scale);
-            }
-            factor.iter_mut().zip(g).for_each(|(f, &gv)| *f *= gv);
             if need[0] {
-                out[0] = Some(factor);
+                let mut gx = vec![0.0f32; x.data.len()];
+                if matches!(node.op, Op::QuantizeLinear { .. }) {
+                    crate::plan::map_per_channel(x.data, x.shape, &p, &mut gx, |v, cp| {
+                        if inside_range(v, cp) {
+                            1.0 / cp.scale
+                        } else {
+                            0.0
+                        }
+                    });
+                } else {
+                    crate::plan::map_per_channel(x.data, x.shape, &p, &mut gx, |_, cp| cp.scale);
+                }
+                gx.iter_mut().zip(g).for_each(|(f, &gv)| *f *= gv);
+                out[0] = Some(gx);
             }
             if need.get(1).copied().unwrap_or(false) {
                 out[1] = Some(qdq_scale_grad(node, &p, x, g)?);
