@@ -142,6 +142,80 @@ pub fn calibrate(
     calibrate_owned(graph.clone(), data, cfg, progress)
 }
 
+/// Runs calibration's forward passes somewhere other than qint8's CPU
+/// runtime: `qint8_trt::cuda::CudaExecutor` (feature `cuda`) runs them on a
+/// GPU. The statistics are gathered on the host exactly as for the CPU
+/// runtime, so only the forward pass moves.
+pub trait BatchRunner {
+    /// Runs one batch through the graph the runner was made for and calls
+    /// `see` with the name, shape and values of every produced tensor named
+    /// in `wanted` (the graph input too, when named), in graph order. An
+    /// error from `see` stops the run and is returned.
+    fn run_observed(
+        &mut self,
+        input: ndarray::ArrayViewD<'_, f32>,
+        wanted: &BTreeSet<String>,
+        see: &mut TensorSink<'_>,
+    ) -> std::result::Result<(), String>;
+
+    /// Whether the runner computes statistics where the batch runs
+    /// ([`abs_max`](Self::abs_max), [`abs_histograms`](Self::abs_histograms)),
+    /// so that the tensors need not be copied to the host. Calibration still
+    /// copies those it must see whole (smoothing sites, moving averages).
+    fn computes_statistics(&self) -> bool {
+        false
+    }
+
+    /// Runs one batch and returns the largest `|x|` of every tensor in
+    /// `wanted` it produced; a tensor holding NaN or infinity is an error
+    /// naming it. Only called when [`computes_statistics`](Self::computes_statistics).
+    fn abs_max(
+        &mut self,
+        input: ndarray::ArrayViewD<'_, f32>,
+        wanted: &BTreeSet<String>,
+    ) -> std::result::Result<BTreeMap<String, f32>, String> {
+        let _ = (input, wanted);
+        Err("this runner computes no statistics".into())
+    }
+
+    /// Runs one batch and returns, for every tensor `ranges` names, the
+    /// histogram of its `|x|` over `[0, range]` in `bins` bins
+    /// ([`Histogram::from_abs_counts`]). Only called when
+    /// [`computes_statistics`](Self::computes_statistics).
+    fn abs_histograms(
+        &mut self,
+        input: ndarray::ArrayViewD<'_, f32>,
+        ranges: &BTreeMap<String, f32>,
+        bins: usize,
+    ) -> std::result::Result<BTreeMap<String, Histogram>, String> {
+        let _ = (input, ranges, bins);
+        Err("this runner computes no statistics".into())
+    }
+}
+
+/// Receives a produced tensor's name, shape and values; an error stops the
+/// run.
+pub type TensorSink<'a> = dyn FnMut(&str, &[usize], &[f32]) -> std::result::Result<(), String> + 'a;
+
+/// Makes a [`BatchRunner`] for the graph calibration runs: the input graph
+/// simplified (BatchNormalization folded, constants folded), whose tensor
+/// names the plan uses.
+pub type RunnerFactory<'a> =
+    dyn Fn(&Graph) -> std::result::Result<Box<dyn BatchRunner>, String> + 'a;
+
+/// [`calibrate`] with the forward passes on a runner that `make` builds for
+/// the simplified graph (a GPU). Output-error refinement
+/// ([`CalibConfig::refine`]) still runs on the CPU.
+pub fn calibrate_on(
+    graph: &Graph,
+    data: &ImageDataset,
+    cfg: &CalibConfig,
+    make: &RunnerFactory<'_>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Calibrated> {
+    calibrate_inner(graph.clone(), data, cfg, Some(make), progress)
+}
+
 /// [`calibrate`], taking the graph: its weights are not copied (on the
 /// VGG-16-BN fixture, the two copies this saves took about 15 ms of CPU
 /// time per `qint8 quantize` run in a perf profile, most of it page faults).
@@ -149,6 +223,16 @@ pub fn calibrate_owned(
     graph: Graph,
     data: &ImageDataset,
     cfg: &CalibConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Calibrated> {
+    calibrate_inner(graph, data, cfg, None, progress)
+}
+
+fn calibrate_inner(
+    graph: Graph,
+    data: &ImageDataset,
+    cfg: &CalibConfig,
+    make: Option<&RunnerFactory<'_>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Calibrated> {
     if data.is_empty() {
@@ -208,6 +292,19 @@ pub fn calibrate_owned(
             .cloned()
             .chain(sites.iter().map(|s| s.tensor.clone())),
     );
+    let wanted: BTreeSet<String> = tracked
+        .iter()
+        .cloned()
+        .chain(sites.iter().map(|s| s.tensor.clone()))
+        .collect();
+    let mut runner = make
+        .map(|f| f(session.graph()))
+        .transpose()
+        .map_err(CalibError::Invalid)?;
+    let mut external = runner.as_deref_mut().map(|r| External {
+        runner: r,
+        wanted: &wanted,
+    });
     // The session's (simplified) graph, until smoothing rewrites a copy.
     let mut g: Cow<'_, Graph> = Cow::Borrowed(session.graph());
     let passes = if cfg.method == RangeMethod::Max || cfg.moving_average.is_some() {
@@ -225,7 +322,7 @@ pub fn calibrate_owned(
     // over batches). Sub-batches run on separate workers, each into its own
     // state, merged afterwards (a maximum does not depend on the split). The
     // moving average needs each whole batch's maximum: one state.
-    let workers = if cfg.moving_average.is_some() {
+    let workers = if cfg.moving_average.is_some() || external.is_some() {
         1
     } else {
         session.threads().max(1)
@@ -244,33 +341,55 @@ pub fn calibrate_owned(
             .collect(),
     };
     let mut states = vec![empty; workers];
-    for_each_batch(
-        &session,
-        &input,
-        data,
-        cfg.batch,
-        1,
-        shown,
-        progress,
-        &mut states,
-        &|st: &mut MaxState, name, shape, x| {
-            if let Some(m) = st.channels.get_mut(name) {
-                m.observe(shape, x);
-            }
-            if let Some(m) = st.amax.get_mut(name) {
-                let batch_max = abs_max(name, x)?;
-                match cfg.moving_average {
-                    Some(c) if st.seen.contains(name) => *m += c * (batch_max - *m),
-                    Some(_) => *m = batch_max,
-                    None => *m = m.max(batch_max),
-                }
-                if !st.seen.contains(name) {
-                    st.seen.insert(name.to_string());
+    // With a runner that computes statistics, only the maxima come back,
+    // unless some tensor must be seen whole.
+    let device_stats = external
+        .as_ref()
+        .is_some_and(|e| e.runner.computes_statistics());
+    if device_stats && sites.is_empty() && cfg.moving_average.is_none() {
+        let ext = external
+            .as_mut()
+            .ok_or_else(|| CalibError::Invalid("no runner".into()))?;
+        let st = &mut states[0];
+        for_each_external_batch(ext, data, cfg.batch, 1, shown, progress, &mut |r, w, b| {
+            for (n, m) in r.abs_max(b.inputs.view(), w)? {
+                if let Some(a) = st.amax.get_mut(&n) {
+                    *a = a.max(m);
+                    st.seen.insert(n);
                 }
             }
             Ok(())
-        },
-    )?;
+        })?;
+    } else {
+        for_each_batch(
+            &session,
+            external.as_mut(),
+            &input,
+            data,
+            cfg.batch,
+            1,
+            shown,
+            progress,
+            &mut states,
+            &|st: &mut MaxState, name, shape, x| {
+                if let Some(m) = st.channels.get_mut(name) {
+                    m.observe(shape, x);
+                }
+                if let Some(m) = st.amax.get_mut(name) {
+                    let batch_max = abs_max(name, x)?;
+                    match cfg.moving_average {
+                        Some(c) if st.seen.contains(name) => *m += c * (batch_max - *m),
+                        Some(_) => *m = batch_max,
+                        None => *m = m.max(batch_max),
+                    }
+                    if !st.seen.contains(name) {
+                        st.seen.insert(name.to_string());
+                    }
+                }
+                Ok(())
+            },
+        )?;
+    }
     let MaxState {
         mut amax,
         mut seen,
@@ -353,27 +472,50 @@ pub fn calibrate_owned(
             .filter(|(n, &m)| m > 0.0 && !inputs.contains(n.as_str()))
             .map(|(n, &m)| Ok((n.clone(), Histogram::fixed_abs(cfg.bins, m)?)))
             .collect::<std::result::Result<_, qint8_math::MathError>>()?;
-        let mut states = vec![hists.clone(); session.threads().max(1)];
-        for_each_batch(
-            &session,
-            &input,
-            data,
-            cfg.batch,
-            2,
-            shown,
-            progress,
-            &mut states,
-            &|st: &mut BTreeMap<String, Histogram>, name, shape, x| {
-                if let Some(h) = st.get_mut(name) {
-                    let r = match divisors.get(name) {
-                        Some(k) => h.add(&crate::smooth::divide_channels(shape, x, k)),
-                        None => h.add(x),
-                    };
-                    r.map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let workers = if external.is_some() {
+            1
+        } else {
+            session.threads().max(1)
+        };
+        let mut states = vec![hists.clone(); workers];
+        if device_stats && divisors.is_empty() {
+            let ext = external
+                .as_mut()
+                .ok_or_else(|| CalibError::Invalid("no runner".into()))?;
+            let ranges: BTreeMap<String, f32> =
+                hists.keys().map(|n| (n.clone(), amax[n])).collect();
+            let st = &mut states[0];
+            for_each_external_batch(ext, data, cfg.batch, 2, shown, progress, &mut |r, _, b| {
+                for (n, h) in r.abs_histograms(b.inputs.view(), &ranges, cfg.bins)? {
+                    if let Some(total) = st.get_mut(&n) {
+                        total.merge(&h).map_err(|e| format!("tensor `{n}`: {e}"))?;
+                    }
                 }
                 Ok(())
-            },
-        )?;
+            })?;
+        } else {
+            for_each_batch(
+                &session,
+                external.as_mut(),
+                &input,
+                data,
+                cfg.batch,
+                2,
+                shown,
+                progress,
+                &mut states,
+                &|st: &mut BTreeMap<String, Histogram>, name, shape, x| {
+                    if let Some(h) = st.get_mut(name) {
+                        let r = match divisors.get(name) {
+                            Some(k) => h.add(&crate::smooth::divide_channels(shape, x, k)),
+                            None => h.add(x),
+                        };
+                        r.map_err(|e| format!("tensor `{name}`: {e}"))?;
+                    }
+                    Ok(())
+                },
+            )?;
+        }
         // Counts add up exactly, whatever the split.
         for st in states {
             for (n, h) in st {
@@ -689,15 +831,72 @@ const WHOLE_BATCHES_BUDGET: usize = 256 << 20;
 type StateSink<'a, S> =
     dyn Fn(&mut S, &str, &[usize], &[f32]) -> std::result::Result<(), String> + Sync + 'a;
 
+/// A [`BatchRunner`] in use, with the tensors it must show.
+struct External<'a> {
+    runner: &'a mut dyn BatchRunner,
+    wanted: &'a BTreeSet<String>,
+}
+
+/// What [`for_each_external_batch`] does with one batch: given the runner
+/// and the tensors it must show.
+type BatchJob<'a> = dyn FnMut(
+        &mut dyn BatchRunner,
+        &BTreeSet<String>,
+        &crate::dataset::Batch,
+    ) -> std::result::Result<(), String>
+    + 'a;
+
+/// Hands every batch of `data` to `each` with the runner and the tensors
+/// it must show, reporting progress; an error names the batch and its
+/// images.
+fn for_each_external_batch(
+    ext: &mut External<'_>,
+    data: &ImageDataset,
+    batch: usize,
+    pass: u8,
+    passes: u8,
+    progress: &mut dyn FnMut(Progress),
+    each: &mut BatchJob<'_>,
+) -> Result<()> {
+    let total = data.len();
+    let mut done = 0;
+    progress(Progress {
+        pass,
+        passes,
+        done,
+        total,
+    });
+    for (index, b) in data.batches(batch).enumerate() {
+        let b = b?;
+        each(ext.runner, ext.wanted, &b).map_err(|msg| {
+            CalibError::Invalid(format!(
+                "calibration batch {index} (images {}..{}): {msg}",
+                index * batch,
+                index * batch + b.len()
+            ))
+        })?;
+        done += b.len();
+        progress(Progress {
+            pass,
+            passes,
+            done,
+            total,
+        });
+    }
+    Ok(())
+}
+
 /// Runs every batch of `data`, showing each produced tensor to `see` with
 /// the state of the worker that produced it: while the workers' arenas for
 /// whole batches fit [`WHOLE_BATCHES_BUDGET`], whole batches, each worker
 /// building and running the next one as soon as it is free
 /// ([`Session::pull`]); otherwise each batch cut into one
 /// sub-batch per state ([`Session::observe_split`]).
+/// With an external runner, batch after batch on it, into the first state.
 #[allow(clippy::too_many_arguments)]
 fn for_each_batch<S: Send>(
     session: &Session,
+    external: Option<&mut External<'_>>,
     input: &str,
     data: &ImageDataset,
     batch: usize,
@@ -707,6 +906,24 @@ fn for_each_batch<S: Send>(
     states: &mut [S],
     see: &StateSink<'_, S>,
 ) -> Result<()> {
+    if let Some(ext) = external {
+        let st = states
+            .first_mut()
+            .ok_or_else(|| CalibError::Invalid("no calibration state".into()))?;
+        return for_each_external_batch(
+            ext,
+            data,
+            batch,
+            pass,
+            passes,
+            progress,
+            &mut |r, w, b| {
+                r.run_observed(b.inputs.view(), w, &mut |name, shape, x| {
+                    see(st, name, shape, x)
+                })
+            },
+        );
+    }
     let total = data.len();
     let mut done = 0;
     progress(Progress {

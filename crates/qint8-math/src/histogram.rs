@@ -112,6 +112,46 @@ impl Histogram {
         Self::new(HistogramKind::Abs, true, bins, 0.0, amax)
     }
 
+    /// A histogram of `|x|` over `[0, amax]` binned elsewhere (on a GPU),
+    /// with the statistics [`add`](Self::add) would have kept: `clipped`
+    /// values above `amax` (counted in the last bin) and the smallest and
+    /// largest value. Binning must follow [`add`](Self::add)'s rule: bin
+    /// `min(|x| * (bins / amax), bins - 1)` truncated.
+    pub fn from_abs_counts(
+        amax: f32,
+        counts: Vec<u64>,
+        clipped: u64,
+        min: f32,
+        max: f32,
+    ) -> Result<Self> {
+        let mut h = Self::fixed_abs(counts.len(), amax)?;
+        let total: u64 = counts.iter().sum();
+        if clipped > total {
+            return Err(MathError::BadHistogram(format!(
+                "{clipped} clipped values of {total}"
+            )));
+        }
+        if total > 0 {
+            for v in [min, max] {
+                if !v.is_finite() {
+                    return Err(MathError::NonFinite {
+                        what: "histogram data",
+                        value: v,
+                    });
+                }
+            }
+            if min > max {
+                return Err(MathError::InvertedRange { min, max });
+            }
+            h.min = min;
+            h.max = max;
+        }
+        h.counts = counts;
+        h.total = total;
+        h.clipped = clipped;
+        Ok(h)
+    }
+
     /// Histogram of `x` over the fixed range `[lo, hi]`.
     pub fn fixed_signed(bins: usize, lo: f32, hi: f32) -> Result<Self> {
         Self::new(HistogramKind::Signed, true, bins, lo, hi)
@@ -786,6 +826,37 @@ mod tests {
             SimdLevel::active(),
         );
         assert_eq!(got[tiny.index(0.0).0], x.len() as u64);
+    }
+
+    #[test]
+    fn counts_binned_elsewhere_make_the_same_histogram() {
+        let x: Vec<f32> = (0..5000)
+            .map(|i| ((i * 37 % 1001) as f32 - 500.0) * 0.013)
+            .collect();
+        let amax = 5.0;
+        let mut want = Histogram::fixed_abs(64, amax).unwrap();
+        want.add(&x).unwrap();
+        // The documented rule, applied here as a GPU would.
+        let inv = 64.0 / amax;
+        let mut counts = vec![0u64; 64];
+        for &v in &x {
+            counts[to_index((v.abs() * inv).min(63.0))] += 1;
+        }
+        let clipped = x.iter().filter(|v| v.abs() > amax).count() as u64;
+        let (lo, hi) = x
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                (l.min(v), h.max(v))
+            });
+        let got = Histogram::from_abs_counts(amax, counts.clone(), clipped, lo, hi).unwrap();
+        assert_eq!(got.counts(), want.counts());
+        assert_eq!(got.total(), want.total());
+        assert_eq!(got.clipped(), want.clipped());
+        assert_eq!(got.min_max(), want.min_max());
+        assert!(Histogram::from_abs_counts(amax, counts.clone(), 6000, lo, hi).is_err());
+        assert!(Histogram::from_abs_counts(amax, counts.clone(), 0, f32::NAN, hi).is_err());
+        assert!(Histogram::from_abs_counts(amax, counts, 0, hi, lo).is_err());
+        assert!(Histogram::from_abs_counts(amax, vec![0; 3], 0, 0.0, 0.0).is_err());
     }
 
     #[test]
