@@ -12,3 +12,7 @@ fi
 # PROPTEST_RNG_SEED to explore others; failures are saved beside each test).
 export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261126}"
 cargo test --workspace
+# The cuda feature builds without CUDA. Its GPU tests skip without a GPU;
+# its kernels compile wherever NVRTC loads (pip's nvidia-cuda-nvrtc counts).
+nvrtc=$(python3 -c "import nvidia, pathlib; print(next((str(p.parent) for d in nvidia.__path__ for p in pathlib.Path(d).glob('*/lib/libnvrtc.so*')), ''))" 2>/dev/null || true)
+LD_LIBRARY_PATH="${nvrtc:+$nvrtc:}${LD_LIBRARY_PATH:-}" cargo test -p qint8-trt --features cuda

@@ -121,6 +121,14 @@ pub enum TrtError {
         /// What the decoder reported.
         detail: String,
     },
+    /// GPU execution (feature `cuda`): CUDA or a library is missing, a
+    /// CUDA call failed, or the graph has something the GPU executor does
+    /// not run (named).
+    #[error("GPU: {0}")]
+    Gpu(String),
+    /// The graph could not be simplified or its shapes inferred.
+    #[error(transparent)]
+    Graph(#[from] qint8_graph::GraphError),
 }
 
 /// `Result` with [`TrtError`].

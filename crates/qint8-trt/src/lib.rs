@@ -41,6 +41,8 @@
 
 pub mod cache;
 pub mod check;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 
 pub use cache::{CacheHeader, CalibrationCache};
