@@ -9,6 +9,12 @@ Then runs `qint8 eval --json --predictions FILE.npy` with the same flags and
 prints both top-1 values, both throughputs, and the number of images where
 the two predicted classes differ (argmax, lowest index on ties, in both).
 
+`--device cuda` runs qint8 on the GPU (a qint8 built with `--features cuda`);
+`--ort-no-opt` turns onnxruntime's graph optimizations off, so a QDQ model
+runs as its operators define it (float Q/DQ) rather than fused to integer
+kernels. A float32 NPY of preprocessed NCHW inputs (with an int64 NPY of
+labels) may stand in for the IDX images.
+
 Exit status: 0 when both top-1 values are equal, 1 when they differ, 2 on
 usage errors or when a tool fails.
 
@@ -112,7 +118,7 @@ def default_qint8() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", type=Path, help="ONNX model with [batch, classes] logits output")
-    ap.add_argument("images", type=Path, help="IDX images file (optionally .gz)")
+    ap.add_argument("images", type=Path, help="IDX images file (optionally .gz), or a float32 NPY of preprocessed NCHW inputs")
     ap.add_argument("--labels", type=Path, help="IDX labels [default: beside the images]")
     ap.add_argument("--pad", type=int, default=0)
     ap.add_argument("--mean", type=floats, default=[0.0], help="M[,M..]")
@@ -121,25 +127,36 @@ def main() -> int:
     ap.add_argument("--limit", type=int, help="only the first N images")
     ap.add_argument("--threads", type=int, default=2, help="threads for both runtimes [2]")
     ap.add_argument("--qint8", default=default_qint8(), help="the qint8 binary [target/release/qint8]")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where qint8 runs [cpu]")
+    ap.add_argument("--ort-no-opt", action="store_true", help="onnxruntime with graph optimizations off")
     args = ap.parse_args()
 
     import onnxruntime as ort
 
-    labels_path = args.labels or labels_path_for(args.images)
+    npy = args.images.suffix == ".npy"
+    labels_path = args.labels or (None if npy else labels_path_for(args.images))
     if labels_path is None:
         print(f"error: no labels file beside {args.images}; pass --labels", file=sys.stderr)
         return 2
-    images = read_idx(args.images)
-    labels = read_idx(labels_path).astype(np.int64)
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    x = preprocess(images, args.pad, args.mean, args.std)
+    if npy:
+        x = np.ascontiguousarray(np.load(args.images), dtype=np.float32)
+        labels = np.load(labels_path).astype(np.int64)
+        if args.limit:
+            x, labels = x[: args.limit], labels[: args.limit]
+    else:
+        images = read_idx(args.images)
+        labels = read_idx(labels_path).astype(np.int64)
+        if args.limit:
+            images, labels = images[: args.limit], labels[: args.limit]
+        x = preprocess(images, args.pad, args.mean, args.std)
     n = len(x)
 
     # onnxruntime, CPU EP, the same thread count; time the inference loop only.
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
+    if args.ort_no_opt:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(args.model), so, providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
     sess.run(None, {in_name: x[: min(args.batch, n)]})  # warm-up (not timed)
@@ -155,11 +172,15 @@ def main() -> int:
         pred_path = Path(tmp) / "pred.npy"
         cmd = [
             args.qint8, "eval", str(args.model), "--data", str(args.images),
-            "--labels", str(labels_path), "--pad", str(args.pad),
-            "--mean=" + ",".join(map(str, args.mean)), "--std=" + ",".join(map(str, args.std)),
+            "--labels", str(labels_path),
             "--batch", str(args.batch), "--threads", str(args.threads),
-            "--json", "--predictions", str(pred_path),
+            "--device", args.device, "--json", "--predictions", str(pred_path),
         ]
+        if not npy:
+            cmd += [
+                "--pad", str(args.pad),
+                "--mean=" + ",".join(map(str, args.mean)), "--std=" + ",".join(map(str, args.std)),
+            ]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -179,6 +200,8 @@ def main() -> int:
     print(f"model            {args.model}")
     print(f"images           {args.images} ({n} images, labels {labels_path})")
     print(f"preprocessing    pad {args.pad}, mean {args.mean}, std {args.std}; batch {args.batch}, {args.threads} threads")
+    opt = "optimizations off" if args.ort_no_opt else "default optimizations"
+    print(f"qint8 device     {q.get('device', 'cpu')}; onnxruntime CPU, {opt}")
     print(f"onnxruntime {ort.__version__:<5} top-1 {ort_correct / n:.4f} ({ort_correct}/{n})  {n / ort_s:8.1f} images/s")
     print(f"qint8            top-1 {q['top1']:.4f} ({q['correct_top1']}/{n})  {q['images_per_s']:8.1f} images/s")
     print(f"predictions differ on {differ} of {n} images")

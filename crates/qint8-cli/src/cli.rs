@@ -419,6 +419,11 @@ pub(crate) struct QuantizeArgs {
     /// Print one JSON summary instead of text (and no progress).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Where calibration's forward passes run: `cpu`, or `cuda` (GPU 0;
+    /// needs a qint8 built with `--features cuda`). The statistics are
+    /// gathered on the CPU either way.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub(crate) device: String,
 }
 
 /// Arguments of `qint8 qat`.
@@ -583,6 +588,14 @@ pub(crate) struct RunArgs {
     /// Where to write the model's first output (float32 NPY, written atomically).
     #[arg(long, short, value_name = "Y.npy")]
     pub(crate) output: PathBuf,
+    /// Where to run the model: `cpu`, or `cuda` (GPU 0; needs a qint8 built
+    /// with `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub(crate) device: String,
+    /// Run N times on the same input and report the median time of one run
+    /// (after one untimed run when N > 1, which compiles the plan).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = positive_usize)]
+    pub(crate) repeat: usize,
 }
 
 /// Preprocessing of images (IDX files and image folders), shared by every
@@ -693,6 +706,12 @@ pub(crate) struct EvalArgs {
     /// instead of on the integer kernels the CPU has (AVX-512 VNNI).
     #[arg(long)]
     pub(crate) simulated: bool,
+    /// Where to run the model: `cpu`, or `cuda` (GPU 0; needs a qint8 built
+    /// with `--features cuda`, the NVIDIA driver and CUDA 13's NVRTC and
+    /// cuBLAS). On the GPU Q/DQ pairs round in float, as onnxruntime with its
+    /// optimizations off does.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub(crate) device: String,
 }
 
 /// Parses an integer of at least 1.

@@ -27,6 +27,10 @@ pub(crate) use qint8_eval::accuracy::{argmax, Score};
 pub(crate) struct Scorer {
     /// The session that runs the model.
     pub(crate) session: Session,
+    /// The GPU executor that runs the batches instead of `session`
+    /// (`--device cuda`).
+    #[cfg(feature = "cuda")]
+    gpu: Option<std::cell::RefCell<qint8_trt::cuda::CudaExecutor>>,
     /// The model's only input.
     input: String,
     /// The model's first output: `[batch, classes]` logits.
@@ -96,11 +100,39 @@ impl Scorer {
         }
         Ok(Self {
             session,
+            #[cfg(feature = "cuda")]
+            gpu: None,
             input: input.name.clone(),
             output: output.name.clone(),
             name: name.to_string(),
             command,
         })
+    }
+
+    /// Runs the batches on GPU 0 instead of the CPU session; returns the
+    /// device's name.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn on_gpu(&mut self, model: &Model) -> Result<String> {
+        let exe = qint8_trt::cuda::CudaExecutor::new(&model.graph)
+            .with_context(|| format!("preparing {} on the GPU", self.name))?;
+        let name = format!("{} ({})", exe.device().name, exe.convolutions());
+        self.gpu = Some(std::cell::RefCell::new(exe));
+        Ok(name)
+    }
+
+    /// Without the `cuda` feature there is no GPU executor.
+    #[cfg(not(feature = "cuda"))]
+    pub(crate) fn on_gpu(&mut self, _model: &Model) -> Result<String> {
+        Err(crate::gpu::unavailable())
+    }
+
+    /// One batch's outputs, on the GPU when [`Scorer::on_gpu`] chose it.
+    fn run_batch(&self, inputs: ndarray::ArrayViewD<'_, f32>) -> Result<Vec<ndarray::ArrayD<f32>>> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Ok(g.borrow_mut().run(inputs)?);
+        }
+        Ok(self.session.run(&[(self.input.as_str(), inputs)])?)
     }
 
     /// Scores every image of `dataset` in batches of `batch`: returns the
@@ -122,16 +154,13 @@ impl Scorer {
         let mut classes = 0;
         for batch in dataset.batches(batch) {
             let batch = batch.with_context(|| format!("reading {}", data.display()))?;
-            let outputs = self
-                .session
-                .run(&[(self.input.as_str(), batch.inputs.view())])
-                .with_context(|| {
-                    format!(
-                        "running {name} on images {}..{}",
-                        batch.start,
-                        batch.start + batch.len()
-                    )
-                })?;
+            let outputs = self.run_batch(batch.inputs.view()).with_context(|| {
+                format!(
+                    "running {name} on images {}..{}",
+                    batch.start,
+                    batch.start + batch.len()
+                )
+            })?;
             let Some(logits) = outputs.first() else {
                 bail!("{name}: the model produced no outputs");
             };
@@ -208,7 +237,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
     let n = dataset.len();
     let [c, h, w] = dataset.input_shape();
 
-    let scorer = Scorer::new(
+    let mut scorer = Scorer::new(
         &model,
         &args.model.display().to_string(),
         "qint8 eval",
@@ -221,14 +250,22 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
         },
         &input_description(&args.data, &prep_text, kind, c),
     )?;
+    let gpu = match args.device.as_str() {
+        "cuda" => Some(scorer.on_gpu(&model)?),
+        _ => None,
+    };
     let session = &scorer.session;
     // Convolutions and Gemms the plan runs on integer kernels.
-    let integer = session
-        .plan(&[(scorer.input.as_str(), &[args.batch.min(n), c, h, w])])?
-        .steps()
-        .iter()
-        .filter(|(_, op)| op.ends_with("(int8)"))
-        .count();
+    let integer = match gpu {
+        Some(_) => 0,
+        None => session
+            .plan(&[(scorer.input.as_str(), &[args.batch.min(n), c, h, w])])?
+            .steps()
+            .iter()
+            .filter(|(_, op)| op.ends_with("(int8)"))
+            .count(),
+    };
+    let device = gpu.clone().unwrap_or_else(|| "cpu".to_string());
 
     let progress = !args.json && std::io::stderr().is_terminal();
     let mut predictions = Vec::with_capacity(if args.predictions.is_some() { n } else { 0 });
@@ -283,6 +320,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             "crop": preprocess.crop,
             "input_shape": [c, h, w],
             "int8_nodes": integer,
+            "device": device,
         });
         format!("{v}\n")
     } else {
@@ -319,10 +357,12 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             ),
             ("total time", format!("{total_seconds:.3} s")),
             ("batch", args.batch.to_string()),
+            ("device", device.clone()),
             ("threads", session.threads().to_string()),
             (
                 "int8 kernels",
                 match integer {
+                    0 if gpu.is_some() => "none (the GPU rounds Q/DQ pairs in float)".to_string(),
                     0 if args.simulated => "off (--simulated)".to_string(),
                     0 => "none (no quantized convolution, or no AVX-512 VNNI)".to_string(),
                     k => format!("{k} Conv/Gemm nodes"),

@@ -82,6 +82,7 @@ mod compare;
 mod data;
 mod eval;
 mod format;
+mod gpu;
 mod inspect;
 mod qat;
 mod quantize;

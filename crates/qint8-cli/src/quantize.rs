@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qint8_calibration::{calibrate_owned, CalibConfig, Progress};
+use qint8_calibration::{calibrate_on, calibrate_owned, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq_owned, WeightStorage};
 use qint8_math::search::{EntropyVariant, RangeMethod};
 use qint8_trt::CalibrationCache;
@@ -83,8 +83,11 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
     // The output is built from the calibrated graph: the model's own is
     // not needed again.
     let graph = std::mem::take(&mut model.graph);
-    let calibrated = calibrate_owned(graph, &data, &cfg, &mut progress)
-        .with_context(|| format!("calibrating {}", args.model.display()))?;
+    let calibrated = match crate::gpu::calibration_runner(&args.device)? {
+        Some(make) => calibrate_on(&graph, &data, &cfg, make, &mut progress),
+        None => calibrate_owned(graph, &data, &cfg, &mut progress),
+    }
+    .with_context(|| format!("calibrating {}", args.model.display()))?;
     let calib_seconds = calib_start.elapsed().as_secs_f64();
     let graph = insert_qdq_owned(
         calibrated.graph,

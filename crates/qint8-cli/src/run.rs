@@ -55,39 +55,95 @@ pub(crate) fn main(args: &RunArgs, threads: usize) -> Result<()> {
         );
     }
     check_input_shape(input, x.shape(), &args.input.display().to_string())?;
-    let session = Session::new(
-        &model,
-        SessionOptions {
-            threads,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("preparing {}", args.model.display()))?;
-    let start = Instant::now();
-    let outputs = session
-        .run(&[(input.name.as_str(), x.view())])
-        .with_context(|| {
-            format!(
-                "running {} on {}",
-                args.model.display(),
-                args.input.display()
-            )
-        })?;
-    let seconds = start.elapsed().as_secs_f64();
+    let mut engine = Engine::new(&model, &args.device, threads)
+        .with_context(|| format!("preparing {}", args.model.display()))?;
+    let context = || {
+        format!(
+            "running {} on {}",
+            args.model.display(),
+            args.input.display()
+        )
+    };
+    if args.repeat > 1 {
+        engine
+            .run(input.name.as_str(), x.view())
+            .with_context(context)?;
+    }
+    let mut times = Vec::with_capacity(args.repeat);
+    let mut outputs = Vec::new();
+    for _ in 0..args.repeat {
+        let start = Instant::now();
+        outputs = engine
+            .run(input.name.as_str(), x.view())
+            .with_context(context)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let seconds = times[times.len() / 2];
     let Some(y) = outputs.first() else {
         bail!("{}: the model has no outputs", args.model.display());
     };
     write_npy_f32(&args.output, y)
         .with_context(|| format!("writing output tensor {}", args.output.display()))?;
-    let out_name = session.output_names().first().map(|s| s.to_string());
+    let out_name = model.graph.outputs.first().map(|v| v.name.clone());
+    let timing = match args.repeat {
+        1 => format!("{seconds:.3} s"),
+        n => format!("median {:.3} ms of {n} runs", seconds * 1e3),
+    };
     crate::print_stdout(&format!(
-        "wrote {}: {} {} float32 ({:.3} s, {} threads)\n",
+        "wrote {}: {} {} float32 ({timing}, {})\n",
         args.output.display(),
         out_name.unwrap_or_default(),
         format::usize_dims(y.shape()),
-        seconds,
-        session.threads()
+        engine.describe()
     ))
+}
+
+/// What runs the model: the CPU session, or the GPU executor.
+enum Engine {
+    Cpu(Box<Session>),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<qint8_trt::cuda::CudaExecutor>),
+}
+
+impl Engine {
+    fn new(model: &qint8_graph::Model, device: &str, threads: usize) -> Result<Self> {
+        if device == "cuda" {
+            #[cfg(feature = "cuda")]
+            return Ok(Engine::Gpu(Box::new(qint8_trt::cuda::CudaExecutor::new(
+                &model.graph,
+            )?)));
+            #[cfg(not(feature = "cuda"))]
+            return Err(crate::gpu::unavailable());
+        }
+        Ok(Engine::Cpu(Box::new(Session::new(
+            model,
+            SessionOptions {
+                threads,
+                ..Default::default()
+            },
+        )?)))
+    }
+
+    fn run(
+        &mut self,
+        input: &str,
+        x: ndarray::ArrayViewD<'_, f32>,
+    ) -> Result<Vec<ndarray::ArrayD<f32>>> {
+        Ok(match self {
+            Engine::Cpu(s) => s.run(&[(input, x)])?,
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => g.run(x)?,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Engine::Cpu(s) => format!("{} threads", s.threads()),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(g) => format!("{} ({})", g.device().name, g.convolutions()),
+        }
+    }
 }
 
 #[cfg(test)]

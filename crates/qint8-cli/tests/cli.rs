@@ -2241,3 +2241,45 @@ fn qat_trains_the_weak_configuration_and_writes_what_it_scored() {
     assert!(err.contains("learning rate"), "{err}");
     assert!(!out.exists());
 }
+
+/// `--device cuda` runs on a GPU where qint8 has one (built with the `cuda`
+/// feature, on a machine with CUDA); elsewhere each command says why not
+/// and writes nothing.
+#[test]
+fn device_cuda_runs_or_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let (q, y, x) = (
+        dir.path().join("q.onnx"),
+        dir.path().join("y.npy"),
+        dir.path().join("x.npy"),
+    );
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let r50 = model("resnet50.onnx");
+    let mut quantize = vec!["quantize", s(&r50), "--calib", s(&calib), "-o", s(&q)];
+    quantize.extend(pre);
+    quantize.extend(["--calib-size", "64", "--device", "cuda"]);
+    let images = eval_images();
+    let mut eval = vec!["eval", s(&r50), "--data", s(&images), "--limit", "64"];
+    eval.extend(pre);
+    eval.extend(["--device", "cuda"]);
+    write_npy_f32(&x, &ndarray::Array4::<f32>::ones((1, 1, 32, 32))).unwrap();
+    let run = vec!["run", s(&r50), "-i", s(&x), "-o", s(&y), "--device", "cuda"];
+    for (args, out) in [(quantize, Some(&q)), (eval, None), (run, Some(&y))] {
+        let o = qint8(&args);
+        if o.status.success() {
+            if let Some(p) = out {
+                assert!(p.exists(), "{args:?}");
+            }
+        } else {
+            let err = fails(o);
+            assert!(
+                err.contains("built without GPU support") || err.contains("CUDA"),
+                "{args:?}: {err}"
+            );
+            if let Some(p) = out {
+                assert!(!p.exists(), "{args:?} left {}", p.display());
+            }
+        }
+    }
+}
