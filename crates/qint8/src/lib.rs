@@ -19,7 +19,7 @@
 //! | [`graph`] | `qint8-graph` | ONNX I/O, graph IR, shape inference, passes, `QuantPlan`, Q/DQ placement and rewriting, model zoo |
 //! | [`runtime`] | `qint8-runtime` | CPU execution of FP32 and QDQ graphs, observers |
 //! | [`calibration`] | `qint8-calibration` | datasets (IDX, image folders, NPY), preprocessing, the calibrator |
-//! | [`trt`] | `qint8-trt` | TensorRT calibration caches, checker of TensorRT's Q/DQ rules |
+//! | [`trt`] | `qint8-trt` | TensorRT calibration caches, checker of TensorRT's Q/DQ rules; with the `cuda` feature, `trt::cuda`: GPU execution, and calibration through `calibration::calibrate_on` |
 //! | [`eval`] | `qint8-eval` | accuracy, per-layer error, size, latency |
 //! | [`analysis`] | `qint8-analysis` | per-node sensitivity, mixed precision, reports with SVG plots |
 //!
