@@ -144,8 +144,9 @@ pub fn calibrate(
 
 /// Runs calibration's forward passes somewhere other than qint8's CPU
 /// runtime: `qint8_trt::cuda::CudaExecutor` (feature `cuda`) runs them on a
-/// GPU. The statistics are gathered on the host exactly as for the CPU
-/// runtime, so only the forward pass moves.
+/// GPU. A runner either shows the tensors themselves, which the host then
+/// folds into statistics exactly as for the CPU runtime, or computes the
+/// maxima and histograms itself ([`computes_statistics`](Self::computes_statistics)).
 pub trait BatchRunner {
     /// Runs one batch through the graph the runner was made for and calls
     /// `see` with the name, shape and values of every produced tensor named

@@ -11,8 +11,12 @@
 //!   CUDA 13.0): the crate builds and its tests pass on machines without
 //!   CUDA, and [`probe`] names the library or device that is missing.
 //! - Device code is CUDA C ([`KERNELS`]) compiled by NVRTC when an executor
-//!   is made; convolutions with one group and Gemm/MatMul go through cuBLAS
-//!   in strict FP32 (no TF32), grouped ones through a direct kernel.
+//!   is made. Gemm/MatMul and convolutions with one group go through cuBLAS
+//!   (im2col'd, or as they are for 1x1), or through cuDNN where timing both
+//!   on the convolution's shapes found cuDNN faster; grouped ones through a
+//!   direct kernel. Strict FP32 throughout (no TF32).
+//! - As calibration's `BatchRunner` it computes each tensor's largest `|x|`
+//!   and its histogram on the device ([`CudaExecutor::run_stats`]).
 //! - Every tensor lives on the device as contiguous float32; quantized
 //!   values are float integers, which hold int8 and uint8 exactly.
 //! - It runs every operator qint8 parses; Shape, Gather, Cast, Equal,
@@ -72,6 +76,21 @@ const BLOCK: u32 = 256;
 
 fn dbg_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> TrtError + '_ {
     move |e| TrtError::Gpu(format!("{what}: {e:?}"))
+}
+
+/// Launches kernel `$name` of [`KERNELS`] with launch configuration `$cfg`,
+/// pushing each argument and then each element of the optional trailing
+/// `$ints` (all by reference); `$what` names the launch in errors.
+macro_rules! launch {
+    ($self:expr, $name:literal, $cfg:expr, $what:literal; $($arg:expr),+ $(; $ints:expr)?) => {{
+        let f = $self.func($name)?;
+        let mut l = $self.stream.launch_builder(f);
+        $( l.arg($arg); )+
+        $( for v in $ints { l.arg(v); } )?
+        // SAFETY: the arguments are the kernel's parameters, in order and of
+        // its types (`kernels.cu`).
+        unsafe { l.launch($cfg) }.map_err(dbg_err($what))?;
+    }};
 }
 
 /// Runs `f`, turning a panic inside the CUDA bindings (a symbol an old
@@ -732,11 +751,7 @@ impl CudaExecutor {
             .clone_htod(&[0u32, 0, u32::MAX, 0])
             .map_err(dbg_err("uploading"))?;
         let blocks = Self::cfg(x.len().min(1 << 18));
-        let f = self.func("stats_f32")?;
-        let mut l = s.launch_builder(f);
-        l.arg(x).arg(&n).arg(&mut summary);
-        // SAFETY: arguments match the kernel's signature.
-        unsafe { l.launch(blocks) }.map_err(dbg_err("statistics kernel"))?;
+        launch!(self, "stats_f32", blocks, "statistics kernel"; x, &n, &mut summary);
         let histogram = match r {
             StatRequest::AbsMax => None,
             StatRequest::AbsHistogram { bins, amax } => {
@@ -753,19 +768,11 @@ impl CudaExecutor {
                 if shared == 1 {
                     cfg.shared_mem_bytes = bins32 * 4;
                 }
-                let f = self.func("abs_hist_f32")?;
-                let mut l = s.launch_builder(f);
-                l.arg(x)
-                    .arg(&n)
-                    .arg(&inv)
-                    .arg(&amax)
-                    .arg(&bins32)
-                    .arg(&mut counts)
-                    .arg(&mut clipped)
-                    .arg(&shared);
-                // SAFETY: arguments match the kernel's signature; `shared`
-                // bins of dynamic shared memory when set.
-                unsafe { l.launch(cfg) }.map_err(dbg_err("histogram kernel"))?;
+                // With `shared` set, each block counts in dynamic shared memory.
+                launch!(
+                    self, "abs_hist_f32", cfg, "histogram kernel";
+                    x, &n, &inv, &amax, &bins32, &mut counts, &mut clipped, &shared
+                );
                 Some((counts, clipped))
             }
         };
@@ -982,12 +989,11 @@ impl CudaExecutor {
         channels: i32,
         inner: usize,
     ) -> Result<()> {
-        let f = self.func("add_channel_f32")?;
         let (t64, p64) = (total as u64, inner as u64);
-        let mut l = self.stream.launch_builder(f);
-        l.arg(out).arg(bias).arg(&t64).arg(&channels).arg(&p64);
-        // SAFETY: arguments match the kernel's signature.
-        unsafe { l.launch(Self::cfg(total)) }.map_err(dbg_err("bias kernel"))?;
+        launch!(
+            self, "add_channel_f32", Self::cfg(total), "bias kernel";
+            out, bias, &t64, &channels, &p64
+        );
         Ok(())
     }
 
@@ -1035,18 +1041,11 @@ impl CudaExecutor {
         }
         let col = col.ok_or_else(|| TrtError::Gpu("no im2col space".into()))?;
         let cells = n as usize * k as usize * p as usize;
-        let f = self.func("im2col_f32")?;
-        let mut l = self.stream.launch_builder(f);
         let ints = [
             n, c, h, wd, win.kh, win.kw, win.sh, win.sw, win.ph, win.pw, win.dh, win.dw, win.oh,
             win.ow,
         ];
-        l.arg(x).arg(&mut *col);
-        for v in &ints {
-            l.arg(v);
-        }
-        // SAFETY: arguments match the kernel's signature.
-        unsafe { l.launch(Self::cfg(cells)) }.map_err(dbg_err("im2col kernel"))?;
+        launch!(self, "im2col_f32", Self::cfg(cells), "im2col kernel"; x, &mut *col; &ints);
         let colv = col.slice(..cells);
         // SAFETY: col is [n][k][p], w [m][k], out [n][m][p].
         unsafe { self.blas.gemm_strided_batched(cfg, &colv, w, out) }
@@ -1171,7 +1170,6 @@ impl CudaExecutor {
                 }
             };
         }
-        let launch_err = |what: &'static str| dbg_err::<cudarc::driver::DriverError>(what);
         match step {
             Step::Alias { x, y } => {
                 read!(hx, x);
@@ -1198,11 +1196,10 @@ impl CudaExecutor {
                 let xb = buf!(hx, x);
                 let mut out = self.alloc(*n)?;
                 let n64 = *n as u64;
-                let f = self.func("unary_f32")?;
-                let mut l = s.launch_builder(f);
-                l.arg(xb).arg(&mut out).arg(&n64).arg(kind).arg(a).arg(b);
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(*n)) }.map_err(launch_err("unary kernel"))?;
+                launch!(
+                    self, "unary_f32", Self::cfg(*n), "unary kernel";
+                    xb, &mut out, &n64, kind, a, b
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::Binary { a, b, y, n, p } => {
@@ -1213,24 +1210,22 @@ impl CudaExecutor {
                 let bb = buf!(hb, bname);
                 let mut out = self.alloc(*n)?;
                 let n64 = *n as u64;
-                let f = self.func("binary_f32")?;
-                let mut l = s.launch_builder(f);
-                l.arg(ab).arg(bb).arg(&mut out).arg(&n64).arg(p);
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(*n)) }.map_err(launch_err("broadcast kernel"))?;
+                launch!(
+                    self, "binary_f32", Self::cfg(*n), "broadcast kernel";
+                    ab, bb, &mut out, &n64, p
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::Concat { parts, y, n } => {
                 let mut out = self.alloc(*n)?;
-                let f = self.func("scatter_f32")?;
                 for (name, nx, offset, p) in parts {
                     read!(hx, name);
                     let xb = buf!(hx, name);
                     let (n64, o64) = (*nx as u64, *offset as u64);
-                    let mut l = s.launch_builder(f);
-                    l.arg(xb).arg(&mut out).arg(&n64).arg(&o64).arg(p);
-                    // SAFETY: arguments match the kernel's signature.
-                    unsafe { l.launch(Self::cfg(*nx)) }.map_err(launch_err("concat kernel"))?;
+                    launch!(
+                        self, "scatter_f32", Self::cfg(*nx), "concat kernel";
+                        xb, &mut out, &n64, &o64, p
+                    );
                 }
                 live.insert(y.clone(), Rc::new(out));
             }
@@ -1282,19 +1277,14 @@ impl CudaExecutor {
                 let bname = bias.as_deref().unwrap_or(w);
                 read!(hb, bname);
                 let bb = buf!(hb, bname);
-                let f = self.func("conv_grouped_f32")?;
                 let ints = [
                     n, c, h, wd, *m, *groups, win.kh, win.kw, win.sh, win.sw, win.ph, win.pw,
                     win.dh, win.dw, win.oh, win.ow,
                 ];
-                let mut l = s.launch_builder(f);
-                l.arg(xb).arg(wb).arg(bb).arg(&has_bias).arg(&mut out);
-                for v in &ints {
-                    l.arg(v);
-                }
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(total)) }
-                    .map_err(launch_err("grouped convolution kernel"))?;
+                launch!(
+                    self, "conv_grouped_f32", Self::cfg(total), "grouped convolution kernel";
+                    xb, wb, bb, &has_bias, &mut out; &ints
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::Gemm {
@@ -1319,12 +1309,11 @@ impl CudaExecutor {
                 let beta_run = if let Some((cn, p)) = c {
                     read!(hc, cn);
                     let cb = buf!(hc, cn);
-                    let f = self.func("binary_f32")?;
                     let t64 = total as u64;
-                    let mut l = s.launch_builder(f);
-                    l.arg(cb).arg(cb).arg(&mut out).arg(&t64).arg(p);
-                    // SAFETY: arguments match the kernel's signature.
-                    unsafe { l.launch(Self::cfg(total)) }.map_err(launch_err("Gemm's C"))?;
+                    launch!(
+                        self, "binary_f32", Self::cfg(total), "Gemm's C";
+                        cb, cb, &mut out, &t64, p
+                    );
                     *beta
                 } else {
                     0.0
@@ -1367,7 +1356,6 @@ impl CudaExecutor {
                 let xb = buf!(hx, x);
                 let total = *planes as usize * (win.oh * win.ow) as usize;
                 let mut out = self.alloc(total)?;
-                let f = self.func("pool2d_f32")?;
                 let ints = [
                     *planes,
                     *h,
@@ -1387,25 +1375,22 @@ impl CudaExecutor {
                     i32::from(*is_max),
                     i32::from(*count_include_pad),
                 ];
-                let mut l = s.launch_builder(f);
-                l.arg(xb).arg(&mut out);
-                for v in &ints {
-                    l.arg(v);
-                }
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(total)) }.map_err(launch_err("pooling kernel"))?;
+                launch!(
+                    self, "pool2d_f32", Self::cfg(total), "pooling kernel";
+                    xb, &mut out; &ints
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::RowMean { x, y, rows, len } => {
                 read!(hx, x);
                 let xb = buf!(hx, x);
                 let mut out = self.alloc(*rows)?;
-                let f = self.func("row_mean_f32")?;
                 let (r64, l64) = (*rows as u64, *len as u64);
-                let mut l = s.launch_builder(f);
-                l.arg(xb).arg(&mut out).arg(&r64).arg(&l64);
-                // SAFETY: arguments match the kernel's signature; one warp a row.
-                unsafe { l.launch(Self::cfg(rows * 32)) }.map_err(launch_err("mean kernel"))?;
+                // One warp a row.
+                launch!(
+                    self, "row_mean_f32", Self::cfg(rows * 32), "mean kernel";
+                    xb, &mut out, &r64, &l64
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::Softmax {
@@ -1418,13 +1403,11 @@ impl CudaExecutor {
                 read!(hx, x);
                 let xb = buf!(hx, x);
                 let mut out = self.alloc(outer * len * inner)?;
-                let f = self.func("softmax_f32")?;
                 let (o, n, i) = (*outer as u64, *len as u64, *inner as u64);
-                let mut l = s.launch_builder(f);
-                l.arg(xb).arg(&mut out).arg(&o).arg(&n).arg(&i);
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(outer * inner)) }
-                    .map_err(launch_err("softmax kernel"))?;
+                launch!(
+                    self, "softmax_f32", Self::cfg(outer * inner), "softmax kernel";
+                    xb, &mut out, &o, &n, &i
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::Linear8 {
@@ -1443,23 +1426,13 @@ impl CudaExecutor {
                     konst(scale).ok_or_else(|| TrtError::Gpu(format!("{scale} is missing")))?;
                 let zp = konst(zero).ok_or_else(|| TrtError::Gpu(format!("{zero} is missing")))?;
                 let mut out = self.alloc(*n)?;
-                let f = self.func("linear8_f32")?;
                 let (n64, i64_) = (*n as u64, *inner as u64);
                 let quantize = i32::from(saturate.is_some());
                 let (lo, hi) = saturate.unwrap_or((0.0, 0.0));
-                let mut l = s.launch_builder(f);
-                l.arg(xb)
-                    .arg(&mut out)
-                    .arg(&n64)
-                    .arg(sc)
-                    .arg(zp)
-                    .arg(channels)
-                    .arg(&i64_)
-                    .arg(&quantize)
-                    .arg(&lo)
-                    .arg(&hi);
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(*n)) }.map_err(launch_err("Q/DQ kernel"))?;
+                launch!(
+                    self, "linear8_f32", Self::cfg(*n), "Q/DQ kernel";
+                    xb, &mut out, &n64, sc, zp, channels, &i64_, &quantize, &lo, &hi
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
             Step::Affine {
@@ -1476,18 +1449,11 @@ impl CudaExecutor {
                 let ab = konst(a).ok_or_else(|| TrtError::Gpu(format!("{a} is missing")))?;
                 let bb = konst(b).ok_or_else(|| TrtError::Gpu(format!("{b} is missing")))?;
                 let mut out = self.alloc(*n)?;
-                let f = self.func("affine_channel_f32")?;
                 let (n64, i64_) = (*n as u64, *inner as u64);
-                let mut l = s.launch_builder(f);
-                l.arg(xb)
-                    .arg(&mut out)
-                    .arg(&n64)
-                    .arg(channels)
-                    .arg(&i64_)
-                    .arg(ab)
-                    .arg(bb);
-                // SAFETY: arguments match the kernel's signature.
-                unsafe { l.launch(Self::cfg(*n)) }.map_err(launch_err("batch-norm kernel"))?;
+                launch!(
+                    self, "affine_channel_f32", Self::cfg(*n), "batch-norm kernel";
+                    xb, &mut out, &n64, channels, &i64_, ab, bb
+                );
                 live.insert(y.clone(), Rc::new(out));
             }
         }
