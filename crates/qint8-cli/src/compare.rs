@@ -178,6 +178,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 ..Default::default()
             },
             &data_text,
+            true,
         )?;
         let (score, classes) = scorer.score(
             &dataset,

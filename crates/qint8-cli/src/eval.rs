@@ -44,10 +44,12 @@ pub(crate) struct Scorer {
 impl Scorer {
     /// Checks that `model` takes `dataset`'s images (one input that fits a
     /// batch; `data` names the data in that message) and yields `[batch,
-    /// classes]` logits, then creates its session and compiles the plans of
-    /// a full batch of `batch` images and of the remainder before any timing,
-    /// as other runtimes do when they create a session (with `opts`). `name` and
-    /// `command` name the model and the command in messages.
+    /// classes]` logits, then creates its session (with `opts`) and, with
+    /// `compile`, compiles the plans of a full batch of `batch` images and
+    /// of the remainder before any timing, as other runtimes do when they
+    /// create a session (not needed when the GPU runs the batches). `name`
+    /// and `command` name the model and the command in messages.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         model: &Model,
         name: &str,
@@ -56,6 +58,7 @@ impl Scorer {
         batch: usize,
         opts: SessionOptions,
         data: &str,
+        compile: bool,
     ) -> Result<Self> {
         let n = dataset.len();
         let [c, h, w] = dataset.input_shape();
@@ -84,8 +87,12 @@ impl Scorer {
             }
         }
         let session = Session::new(model, opts).with_context(|| format!("preparing {name}"))?;
-        let mut sizes = vec![first_batch];
-        if !n.is_multiple_of(batch) && n > batch {
+        let mut sizes = if compile {
+            vec![first_batch]
+        } else {
+            Vec::new()
+        };
+        if compile && !n.is_multiple_of(batch) && n > batch {
             sizes.push(n % batch);
         }
         for b in sizes {
@@ -249,6 +256,7 @@ pub(crate) fn main(args: &EvalArgs, threads: usize) -> Result<()> {
             ..Default::default()
         },
         &input_description(&args.data, &prep_text, kind, c),
+        args.device != "cuda",
     )?;
     let gpu = match args.device.as_str() {
         "cuda" => Some(scorer.on_gpu(&model)?),
