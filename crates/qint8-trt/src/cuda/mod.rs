@@ -2208,9 +2208,10 @@ struct Scratch<'a> {
 /// built-in kernels.
 fn cudnn_conv(h: &Arc<Cudnn>, step: &Step) -> Option<(CudnnConv, usize)> {
     use cudarc::cudnn::sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t};
-    // Grouped convolutions stay on the direct kernel and 1x1 ones on
-    // cuBLAS: on the H200 both ran faster there than through cuDNN's FP32
-    // algorithms (docs/results.md, "GPU execution").
+    // Grouped convolutions stay on the direct kernel, which ran
+    // EfficientNet-B0 faster on the H200 than cuDNN's grouped FP32
+    // algorithms (docs/results.md, "GPU execution"); 1x1 ones with stride 1
+    // are one cuBLAS product of the input as it is, with nothing to unroll.
     let (dims, m, groups, win) = match step {
         Step::ConvGemm {
             dims,
