@@ -287,17 +287,12 @@ fn calibrate_inner(
     // (Conv + Relu, + residual Add, SiLU) instead of unfused: a min-max
     // `qint8 quantize` of the VGG-16-BN fixture took 0.187 s instead of
     // 0.208 s (best of 12 runs each).
-    let session = session.keeping_visible(
-        tracked
-            .iter()
-            .cloned()
-            .chain(sites.iter().map(|s| s.tensor.clone())),
-    );
     let wanted: BTreeSet<String> = tracked
         .iter()
         .cloned()
         .chain(sites.iter().map(|s| s.tensor.clone()))
         .collect();
+    let session = session.keeping_visible(wanted.iter().cloned());
     let mut runner = make
         .map(|f| f(session.graph()))
         .transpose()

@@ -125,6 +125,8 @@ fn kernels_compile_with_nvrtc() {
     }
     // And every kernel of the source is one the executor loads.
     assert_eq!(ptx.matches(".entry ").count(), KERNEL_NAMES.len());
+    // A second executor takes the compiled PTX as it is.
+    assert_eq!(compile_kernels(None).unwrap(), ptx);
 }
 
 #[test]

@@ -193,8 +193,27 @@ pub fn probe() -> Result<DeviceInfo> {
 
 /// Compiles [`KERNELS`] with NVRTC to PTX for `arch` (`compute_90`; the
 /// NVRTC default when `None`). Needs only the NVRTC library, no GPU: the
-/// tests run it wherever NVRTC loads.
+/// tests run it wherever NVRTC loads. The PTX is kept per architecture for
+/// the process: NVRTC takes most of a second, and each executor needs it.
 pub fn compile_kernels(arch: Option<&'static str>) -> Result<String> {
+    static COMPILED: std::sync::Mutex<Vec<(Option<&'static str>, String)>> =
+        std::sync::Mutex::new(Vec::new());
+    let cached = |c: &Vec<(Option<&'static str>, String)>| {
+        c.iter().find(|(a, _)| *a == arch).map(|(_, p)| p.clone())
+    };
+    if let Some(p) = COMPILED.lock().ok().and_then(|c| cached(&c)) {
+        return Ok(p);
+    }
+    let ptx = compile_uncached(arch)?;
+    if let Ok(mut c) = COMPILED.lock() {
+        if cached(&c).is_none() {
+            c.push((arch, ptx.clone()));
+        }
+    }
+    Ok(ptx)
+}
+
+fn compile_uncached(arch: Option<&'static str>) -> Result<String> {
     // SAFETY: only opens the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(TrtError::Gpu(
