@@ -401,7 +401,32 @@ fn sample_is_seeded_distinct_and_in_range() {
         ds.clone().select(&[1, 50]),
         Err(CalibError::BatchOutOfRange { start: 50, .. })
     ));
-    assert!(ds.select(&[]).is_err());
+    assert!(ds.clone().select(&[]).is_err());
+    // split: the sample's items and the rest, disjoint, both in order.
+    let (held, rest) = ds.clone().split(10, 1).unwrap();
+    assert_eq!(held.labels(), a.labels());
+    let rest = rest.labels().unwrap();
+    assert_eq!(rest.len(), 40);
+    assert!(rest.windows(2).all(|w| w[0] < w[1]), "{rest:?}");
+    assert!(rest.iter().all(|i| !a.labels().unwrap().contains(i)));
+    let px: Vec<usize> = ds
+        .clone()
+        .split(10, 1)
+        .unwrap()
+        .1
+        .batch(0, 40)
+        .unwrap()
+        .inputs
+        .iter()
+        .map(|&x| x as usize)
+        .collect();
+    assert_eq!(px, rest);
+    for n in [0, 50, 60] {
+        assert!(
+            matches!(ds.clone().split(n, 1), Err(CalibError::EmptyDataset { .. })),
+            "{n}"
+        );
+    }
 }
 
 #[test]

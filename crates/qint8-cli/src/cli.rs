@@ -469,6 +469,25 @@ pub(crate) struct QatArgs {
     /// from the calibrated one; the written file carries the learned ranges.
     #[arg(long)]
     pub(crate) learn_ranges: bool,
+    /// Labeled images that choose the model written: it is scored on them
+    /// (as exported, INT8) before training and after every epoch, and the
+    /// best of those models is written, the calibrated one if no epoch
+    /// beats it. Read like `qint8 eval --data`; keep them out of --train
+    /// and --data.
+    #[arg(long, value_name = "DATA", conflicts_with = "val_images")]
+    pub(crate) val: Option<PathBuf>,
+    /// Labels of --val.
+    #[arg(long, value_name = "LABELS", requires = "val")]
+    pub(crate) val_labels: Option<PathBuf>,
+    /// Hold out N images of --train, chosen at random with --train-seed,
+    /// as the validation images of --val; training (and --train-images'
+    /// choice) uses the rest.
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) val_images: Option<usize>,
+    /// Stop once this many epochs in a row have not beaten the best
+    /// validation score (needs --val or --val-images).
+    #[arg(long, value_name = "N", value_parser = positive_usize)]
+    pub(crate) patience: Option<usize>,
     /// Labeled images to score the model on before and after training
     /// (FP32, INT8 as calibrated, INT8 trained), read like `qint8 eval --data`.
     #[arg(long, value_name = "DATA")]
@@ -476,7 +495,7 @@ pub(crate) struct QatArgs {
     /// Labels of --data.
     #[arg(long, value_name = "LABELS")]
     pub(crate) labels: Option<PathBuf>,
-    /// Image preprocessing (calibration, training and --data alike).
+    /// Image preprocessing (calibration, training, --val and --data alike).
     #[command(flatten)]
     pub(crate) pre: PreprocessArgs,
     /// Store weights as float through QuantizeLinear/DequantizeLinear

@@ -8,7 +8,7 @@ use qint8_calibration::{calibrate, ImageDataset};
 use qint8_eval::Evaluator;
 use qint8_graph::quant::insert_qdq;
 use qint8_graph::{Graph, Model, QuantPlan, WeightStorage};
-use qint8_qat::{train_with_epochs, QatConfig, QatError};
+use qint8_qat::{train_validated, train_with_epochs, QatConfig, QatError, Validation};
 use serde_json::json;
 
 use crate::cli::QatArgs;
@@ -49,10 +49,29 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
     };
     // Settings out of range fail before any calibration.
     config.validate()?;
+    if args.patience.is_some() && args.val.is_none() && args.val_images.is_none() {
+        anyhow::bail!("--patience needs validation images: give --val or --val-images");
+    }
     let model = load_model(&args.model)?;
     let calib = crate::data::open_calibration(&args.cal.calib, &args.pre, &model)?.dataset;
     let mut train_set =
         crate::data::open_labeled(&args.train, args.train_labels.as_deref(), &args.pre)?.dataset;
+    let mut val_set = match &args.val {
+        Some(p) => Some(
+            crate::data::open_labeled(p, args.val_labels.as_deref(), &args.pre)
+                .context("reading --val")?
+                .dataset,
+        ),
+        None => None,
+    };
+    if let Some(n) = args.val_images {
+        let total = train_set.len();
+        let (held, rest) = train_set
+            .split(n, args.train_seed)
+            .with_context(|| format!("--val-images {n} of the {total} --train images"))?;
+        val_set = Some(held);
+        train_set = rest;
+    }
     if let Some(n) = args.train_images {
         train_set = train_set.sample(n, args.train_seed)?;
     }
@@ -61,7 +80,11 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         None => None,
     };
     if let Some(input) = model.graph.inputs.first() {
-        for (what, d) in [("--train", Some(&train_set)), ("--data", eval.as_ref())] {
+        for (what, d) in [
+            ("--train", Some(&train_set)),
+            ("--val", val_set.as_ref()),
+            ("--data", eval.as_ref()),
+        ] {
             if let Some(d) = d {
                 let [c, h, w] = d.input_shape();
                 crate::run::check_input_shape(input, &[1, c, h, w], what)?;
@@ -73,36 +96,54 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         .with_context(|| format!("calibrating {}", args.model.display()))?;
     let show = !args.json && std::io::stderr().is_terminal();
     let train_start = Instant::now();
-    // With --data, the model is scored after every epoch; the last score
-    // is the trained model's.
+    // With --data, the model is scored after every epoch; the kept
+    // epoch's score is the written model's.
     let mut per_epoch: Vec<f64> = Vec::new();
-    let trained = train_with_epochs(
-        &calibrated.graph,
-        &calibrated.plan,
-        &train_set,
-        &config,
-        &mut |p| {
-            if show {
-                eprint!(
-                    "\rtraining: epoch {}/{} step {}/{} loss {:.4}",
-                    p.epoch, args.epochs, p.step, p.steps, p.loss
-                );
-                if p.step == p.steps {
-                    eprintln!();
-                }
-                let _ = std::io::stderr().flush();
+    let validation = val_set.as_ref().map(|data| Validation {
+        data,
+        patience: args.patience,
+    });
+    let mut show_progress = |p: &qint8_qat::Progress| {
+        if show {
+            eprint!(
+                "\rtraining: epoch {}/{} step {}/{} loss {:.4}",
+                p.epoch, args.epochs, p.step, p.steps, p.loss
+            );
+            if p.step == p.steps {
+                eprintln!();
             }
-        },
-        &mut |e, graph, plan| {
-            if let Some(d) = &eval {
-                let name = format!("INT8 after epoch {}", e.epoch);
-                let t = top1(&model, graph, Some(plan), d, &name, threads)
-                    .map_err(|err| QatError::Data(format!("{err:#}")))?;
-                per_epoch.push(t);
-            }
-            Ok(())
-        },
-    )
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let mut score_epoch = |e: &qint8_qat::EpochStats, graph: &Graph, plan: &QuantPlan| {
+        if let Some(d) = &eval {
+            let name = format!("INT8 after epoch {}", e.epoch);
+            let t = top1(&model, graph, Some(plan), d, &name, threads)
+                .map_err(|err| QatError::Data(format!("{err:#}")))?;
+            per_epoch.push(t);
+        }
+        Ok(())
+    };
+    let (g, p) = (&calibrated.graph, &calibrated.plan);
+    let trained = match &validation {
+        Some(v) => train_validated(
+            g,
+            p,
+            &train_set,
+            v,
+            &config,
+            &mut show_progress,
+            &mut score_epoch,
+        ),
+        None => train_with_epochs(
+            g,
+            p,
+            &train_set,
+            &config,
+            &mut show_progress,
+            &mut score_epoch,
+        ),
+    }
     .with_context(|| format!("training {}", args.model.display()))?;
     let train_seconds = train_start.elapsed().as_secs_f64();
     let storage = crate::quantize::weight_storage(args.float_weights);
@@ -120,18 +161,23 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         }
     }
     let scores = match &eval {
-        Some(d) => Some((
-            top1(&model, &calibrated.graph, None, d, "FP32", threads)?,
-            top1(
+        Some(d) => {
+            let fp32 = top1(&model, &calibrated.graph, None, d, "FP32", threads)?;
+            let before = top1(
                 &model,
                 &calibrated.graph,
                 Some(&calibrated.plan),
                 d,
                 "INT8 as calibrated",
                 threads,
-            )?,
-            per_epoch.last().copied().unwrap_or(f64::NAN),
-        )),
+            )?;
+            // The written model: the kept epoch's, or the calibrated one.
+            let after = match trained.kept_epoch {
+                0 => before,
+                k => per_epoch.get(k - 1).copied().unwrap_or(f64::NAN),
+            };
+            Some((fp32, before, after))
+        }
         None => None,
     };
     let epochs: Vec<_> = trained
@@ -143,6 +189,8 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
                 "loss": e.loss,
                 "train_top1": e.top1 * 100.0,
                 "data_top1": per_epoch.get(e.epoch - 1).map(|t| t * 100.0),
+                "validation_top1": e.validation.map(|v| v.top1 * 100.0),
+                "validation_loss": e.validation.map(|v| v.loss),
                 "seconds": e.seconds,
             })
         })
@@ -155,6 +203,10 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
             "calibration_images": calib.len(),
             "training_images": train_set.len(),
             "epochs": epochs,
+            "validation_images": val_set.as_ref().map(ImageDataset::len),
+            "calibrated_validation_top1": trained.calibrated_validation.map(|v| v.top1 * 100.0),
+            "calibrated_validation_loss": trained.calibrated_validation.map(|v| v.loss),
+            "kept_epoch": trained.kept_epoch,
             "training_seconds": train_seconds,
             "total_seconds": start.elapsed().as_secs_f64(),
             "evaluation_images": eval.as_ref().map(ImageDataset::len),
@@ -169,18 +221,24 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
         "{} -> {}: trained {} epoch(s) on {} images in {:.1} s ({} activations, {} weights quantized, {})",
         args.model.display(),
         args.output.display(),
-        args.epochs,
+        trained.epochs.len(),
         train_set.len(),
         train_seconds,
         trained.plan.activations.len(),
         trained.plan.weights.len(),
         trained.plan.method,
     );
+    let on_val = |v: &qint8_qat::ValidationScore| {
+        format!(", on --val {:.2}% (loss {:.4})", v.top1 * 100.0, v.loss)
+    };
+    if let Some(v) = &trained.calibrated_validation {
+        println!("  as calibrated{}", on_val(v));
+    }
     for e in &trained.epochs {
-        let scored = per_epoch
-            .get(e.epoch - 1)
-            .map(|t| format!(", on --data {:.2}%", t * 100.0))
-            .unwrap_or_default();
+        let mut scored = e.validation.as_ref().map(on_val).unwrap_or_default();
+        if let Some(t) = per_epoch.get(e.epoch - 1) {
+            scored += &format!(", on --data {:.2}%", t * 100.0);
+        }
         println!(
             "  epoch {}: loss {:.4}, top-1 while training {:.2}%{scored} ({:.1} s)",
             e.epoch,
@@ -189,19 +247,37 @@ pub(crate) fn main(args: &QatArgs, threads: usize) -> Result<()> {
             e.seconds
         );
     }
+    if let Some(n) = val_set.as_ref().map(ImageDataset::len) {
+        if trained.epochs.len() < args.epochs {
+            println!(
+                "  stopped after epoch {}: {} epoch(s) without a better score on --val",
+                trained.epochs.len(),
+                args.patience.unwrap_or_default()
+            );
+        }
+        match trained.kept_epoch {
+            0 => println!(
+                "wrote the calibrated model: no epoch beat it on the {n} validation images"
+            ),
+            k => println!("wrote the model of epoch {k}, the best on the {n} validation images"),
+        }
+    }
     if let (Some((fp32, before, after)), Some(d)) = (scores, &eval) {
         println!("top-1 on {} images of --data:", d.len());
-        println!("  FP32                {:6.2}%", fp32 * 100.0);
-        println!(
-            "  INT8 as calibrated  {:6.2}%  (drop {:.2} points)",
-            before * 100.0,
-            (fp32 - before) * 100.0
-        );
-        println!(
-            "  INT8 trained        {:6.2}%  (drop {:.2} points)",
-            after * 100.0,
-            (fp32 - after) * 100.0
-        );
+        let written = match trained.kept_epoch {
+            0 => "INT8 written (as calibrated)".to_string(),
+            k if k < trained.epochs.len() => format!("INT8 trained (epoch {k})"),
+            _ => "INT8 trained".to_string(),
+        };
+        let width = written.len().max(18);
+        println!("  {:<width$}  {:6.2}%", "FP32", fp32 * 100.0);
+        for (label, t) in [("INT8 as calibrated", before), (written.as_str(), after)] {
+            println!(
+                "  {label:<width$}  {:6.2}%  (drop {:.2} points)",
+                t * 100.0,
+                (fp32 - t) * 100.0
+            );
+        }
     }
     Ok(())
 }

@@ -2242,6 +2242,72 @@ fn qat_trains_the_weak_configuration_and_writes_what_it_scored() {
     assert!(!out.exists());
 }
 
+/// With held-out images `qat` writes the best-scoring model: here training
+/// at thirty times the default rate hurts, so the calibrated model is
+/// written, and `--patience 1` stops after the first epoch.
+#[test]
+fn qat_with_validation_keeps_the_calibrated_model_when_training_hurts() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("resnet50.onnx");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let out = dir.path().join("qat.onnx");
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["qat", s(&m), "--calib", s(&calib), "--calib-size", "64"];
+        args.extend([
+            "--train",
+            s(&calib),
+            "--train-images",
+            "256",
+            "--lr",
+            "0.03",
+        ]);
+        args.extend(["--data", s(&calib), "-o", s(&out)]);
+        args.extend(pre);
+        args.extend(extra);
+        qint8(&args)
+    };
+    let v: serde_json::Value = serde_json::from_str(&ok(run(&[
+        "--val-images",
+        "200",
+        "--epochs",
+        "3",
+        "--patience",
+        "1",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["kept_epoch"], 0, "{v}");
+    assert_eq!(v["validation_images"], 200);
+    assert_eq!(v["training_images"], 256);
+    let epochs = v["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 1, "{v}");
+    assert!(
+        epochs[0]["validation_top1"].as_f64().unwrap()
+            < v["calibrated_validation_top1"].as_f64().unwrap() - 10.0,
+        "{v}"
+    );
+    let before = v["int8_calibrated_top1"].as_f64().unwrap();
+    assert_eq!(v["int8_trained_top1"].as_f64().unwrap(), before, "{v}");
+    // The file is the calibrated model: it scores what calibration did.
+    let mut args = vec!["eval", s(&out), "--data", s(&calib), "--json"];
+    args.extend(pre);
+    let e: serde_json::Value = serde_json::from_str(&ok(qint8(&args))).unwrap();
+    assert!((e["top1"].as_f64().unwrap() * 100.0 - before).abs() < 1e-9);
+    let text = ok(run(&["--val-images", "200", "--patience", "1"]));
+    assert!(text.contains("wrote the calibrated model"), "{text}");
+    // Bad settings fail before training and write nothing.
+    std::fs::remove_file(&out).unwrap();
+    let err = fails(run(&["--patience", "2"]));
+    assert!(err.contains("--val"), "{err}");
+    let err = fails(run(&["--val-images", "1000"]));
+    assert!(err.contains("--val-images 1000"), "{err}");
+    let o = run(&["--val-images", "10", "--val", s(&calib)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
 /// `--device cuda` runs on a GPU where qint8 has one (built with the `cuda`
 /// feature, on a machine with CUDA); elsewhere each command says why not
 /// and writes nothing.

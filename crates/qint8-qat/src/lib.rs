@@ -20,6 +20,12 @@
 //! The result is the float graph with the trained weights and the plan with
 //! its weight scales recomputed from them: `insert_qdq` of the two is the
 //! QDQ model, with the same ranges TensorRT or onnxruntime read from it.
+//!
+//! [`train_validated`] also scores the exported model on held-out images
+//! before training and after every epoch, returns the best of those models
+//! (the calibrated one included, so training never hands back a model that
+//! scores worse there than PTQ's), and can stop once the score stops
+//! improving.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -69,6 +75,9 @@ pub enum QatError {
     /// From the quantization math.
     #[error(transparent)]
     Math(#[from] qint8_math::MathError),
+    /// From scoring the validation images.
+    #[error(transparent)]
+    Eval(#[from] qint8_eval::EvalError),
 }
 
 /// `Result` with [`QatError`].
@@ -156,6 +165,62 @@ pub struct EpochStats {
     pub top1: f64,
     /// Wall time of the epoch.
     pub seconds: f64,
+    /// The exported model's score on the validation images after this
+    /// epoch ([`train_validated`] only).
+    pub validation: Option<ValidationScore>,
+}
+
+/// Held-out labeled images that choose which model [`train_validated`]
+/// returns, none of them trained on.
+#[derive(Debug, Clone, Copy)]
+pub struct Validation<'a> {
+    /// The images, with labels, of the training images' shape.
+    pub data: &'a ImageDataset,
+    /// Stop once this many epochs in a row have not beaten the best score
+    /// so far; `None` trains every epoch.
+    pub patience: Option<usize>,
+}
+
+/// A model's score on the validation images: the QDQ model as it would be
+/// exported, run by the INT8 runtime.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValidationScore {
+    /// Share of the images classified right (0 to 1).
+    pub top1: f64,
+    /// Mean softmax cross-entropy.
+    pub loss: f64,
+}
+
+impl ValidationScore {
+    /// Whether this score is better than `other`: a higher top-1, or the
+    /// same top-1 (on the same images, the same count) and a lower loss,
+    /// which breaks the ties a few hundred images make common.
+    pub fn beats(&self, other: &ValidationScore) -> bool {
+        self.top1 > other.top1 || (self.top1 == other.top1 && self.loss < other.loss)
+    }
+}
+
+/// Scores `graph` quantized by `plan` on the labeled images of `data`: the
+/// QDQ model (int8 weights) as [`insert_qdq`] writes it, run on `threads`
+/// threads (0: all cores) by the runtime that `qint8 eval` uses.
+pub fn validation_score(
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    threads: usize,
+) -> Result<ValidationScore> {
+    let labels = data.labels().ok_or_else(|| {
+        QatError::Data("the validation images have no labels; scoring needs them".into())
+    })?;
+    let qdq = qint8_graph::Model::new(insert_qdq(graph, plan, WeightStorage::Int8)?, 13);
+    let evaluator = qint8_eval::Evaluator::new(&qdq, "the validation model", threads)?;
+    let (accuracy, logits) = evaluator.evaluate_logits(data, 64, &mut |_| {})?;
+    let classes = logits.len() / labels.len();
+    let (_, loss, _) = cross_entropy(&logits, classes, labels)?;
+    Ok(ValidationScore {
+        top1: accuracy.score.top1_fraction(),
+        loss: loss / labels.len() as f64,
+    })
 }
 
 /// Where training is, after each step.
@@ -180,8 +245,15 @@ pub struct Trained {
     /// activation ranges as calibrated, or as learned with
     /// [`QatConfig::learn_ranges`].
     pub plan: QuantPlan,
-    /// One entry per epoch.
+    /// One entry per epoch trained (fewer than configured when
+    /// [`Validation::patience`] stopped training).
     pub epochs: Vec<EpochStats>,
+    /// The epoch whose model this is: the last one trained, or with
+    /// validation the best-scoring one, where 0 is the model as it came
+    /// (graph and plan unchanged) when no epoch beat it.
+    pub kept_epoch: usize,
+    /// The score of the model as it came, before training ([`train_validated`] only).
+    pub calibrated_validation: Option<ValidationScore>,
 }
 
 /// One trained tensor.
@@ -232,6 +304,45 @@ pub fn train_with_epochs(
     progress: &mut dyn FnMut(&Progress),
     epoch_end: &mut dyn FnMut(&EpochStats, &Graph, &QuantPlan) -> Result<()>,
 ) -> Result<Trained> {
+    train_inner(graph, plan, data, None, config, progress, epoch_end)
+}
+
+/// [`train_with_epochs`] with held-out images that choose the model it
+/// returns: the exported model is scored on `validation.data` before
+/// training and after every epoch ([`EpochStats::validation`]), and the
+/// best-scoring one ([`ValidationScore::beats`]) is returned, the
+/// untrained one when no epoch beats it ([`Trained::kept_epoch`] 0).
+/// With [`Validation::patience`] training stops early. Scoring runs the
+/// INT8 runtime over the validation images once per epoch.
+pub fn train_validated(
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    validation: &Validation<'_>,
+    config: &QatConfig,
+    progress: &mut dyn FnMut(&Progress),
+    epoch_end: &mut dyn FnMut(&EpochStats, &Graph, &QuantPlan) -> Result<()>,
+) -> Result<Trained> {
+    train_inner(
+        graph,
+        plan,
+        data,
+        Some(validation),
+        config,
+        progress,
+        epoch_end,
+    )
+}
+
+fn train_inner(
+    graph: &Graph,
+    plan: &QuantPlan,
+    data: &ImageDataset,
+    validation: Option<&Validation<'_>>,
+    config: &QatConfig,
+    progress: &mut dyn FnMut(&Progress),
+    epoch_end: &mut dyn FnMut(&EpochStats, &Graph, &QuantPlan) -> Result<()>,
+) -> Result<Trained> {
     config.validate()?;
     if data.is_empty() {
         return Err(QatError::Data("no images".into()));
@@ -249,6 +360,23 @@ pub fn train_with_epochs(
         .first()
         .map(|o| o.name.clone())
         .ok_or_else(|| QatError::Model("the graph has no output".into()))?;
+    if let Some(v) = validation {
+        if v.patience == Some(0) {
+            return Err(QatError::Config("patience must be at least 1 epoch".into()));
+        }
+        if v.data.labels().is_none() {
+            return Err(QatError::Data(
+                "the validation images have no labels; choosing a model needs them".into(),
+            ));
+        }
+        if v.data.input_shape() != data.input_shape() {
+            return Err(QatError::Data(format!(
+                "the validation images are {:?} (C, H, W), the training images {:?}",
+                v.data.input_shape(),
+                data.input_shape()
+            )));
+        }
+    }
     let mut params = trainable(graph, plan)?;
     if params.is_empty() {
         return Err(QatError::Model(
@@ -276,6 +404,15 @@ pub fn train_with_epochs(
     let mut order: Vec<usize> = (0..n).collect();
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut step_index = 0usize;
+    // The best model so far: its epoch, score and (once trained) itself;
+    // the untrained model is epoch 0.
+    let calibrated_validation = match validation {
+        Some(v) => Some(validation_score(graph, plan, v.data, config.threads)?),
+        None => None,
+    };
+    let mut best: (usize, Option<ValidationScore>, Option<(Graph, QuantPlan)>) =
+        (0, calibrated_validation, None);
+    let mut since_best = 0usize;
     for epoch in 1..=config.epochs {
         let start = Instant::now();
         // Fisher-Yates with the seeded generator.
@@ -333,26 +470,48 @@ pub fn train_with_epochs(
                 loss: loss_sum / seen as f64,
             });
         }
+        let seconds = start.elapsed().as_secs_f64();
+        let (g, p) = assemble(graph, plan, &params)?;
+        let score = match validation {
+            Some(v) => Some(validation_score(&g, &p, v.data, config.threads)?),
+            None => None,
+        };
         let stats = EpochStats {
             epoch,
             loss: loss_sum / n as f64,
             top1: correct as f64 / n as f64,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds,
+            validation: score,
         };
         epochs.push(stats);
-        if epoch < config.epochs {
-            let (g, p) = assemble(graph, plan, &params)?;
-            epoch_end(&stats, &g, &p)?;
+        epoch_end(&stats, &g, &p)?;
+        let better = match (score, best.1) {
+            (Some(s), Some(b)) => s.beats(&b),
+            // Without validation the last epoch is kept, and no other
+            // epoch's model is held meanwhile.
+            _ => epoch == config.epochs,
+        };
+        if better {
+            best = (epoch, score, Some((g, p)));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if validation
+                .and_then(|v| v.patience)
+                .is_some_and(|k| since_best >= k)
+            {
+                break;
+            }
         }
     }
-    let (graph, plan) = assemble(graph, plan, &params)?;
-    if let Some(last) = epochs.last() {
-        epoch_end(last, &graph, &plan)?;
-    }
+    let (kept_epoch, _, model) = best;
+    let (graph, plan) = model.unwrap_or_else(|| (graph.clone(), plan.clone()));
     Ok(Trained {
         graph,
         plan,
         epochs,
+        kept_epoch,
+        calibrated_validation,
     })
 }
 

@@ -20,7 +20,10 @@ use crate::ptq::QuantizedModel;
 use crate::Result;
 use qint8_calibration::ImageDataset;
 
-pub use qint8_qat::{EpochStats, Progress, QatConfig, QatError, Trained};
+pub use qint8_qat::{
+    validation_score, EpochStats, Progress, QatConfig, QatError, Trained, Validation,
+    ValidationScore,
+};
 
 /// Fine-tunes `quantized`'s weights on the labeled images of `data` with
 /// its quantization simulated ([`qint8_qat::train`]) and returns the model
@@ -44,4 +47,30 @@ pub fn train(
     out.calibrated.graph = trained.graph;
     out.calibrated.plan = trained.plan;
     Ok(out)
+}
+
+/// [`train`] with held-out labeled images that choose the model returned:
+/// the best-scoring of the model as it came and each epoch's
+/// ([`qint8_qat::train_validated`]), with early stopping by
+/// [`Validation::patience`]. Also returns that model's epoch: 0 when no
+/// epoch beat `quantized`, which is then returned as it came.
+pub fn train_validated(
+    quantized: &QuantizedModel,
+    data: &ImageDataset,
+    validation: &Validation<'_>,
+    config: &QatConfig,
+) -> Result<(QuantizedModel, usize)> {
+    let trained = qint8_qat::train_validated(
+        quantized.graph(),
+        quantized.plan(),
+        data,
+        validation,
+        config,
+        &mut |_| {},
+        &mut |_, _, _| Ok(()),
+    )?;
+    let mut out = quantized.clone();
+    out.calibrated.graph = trained.graph;
+    out.calibrated.plan = trained.plan;
+    Ok((out, trained.kept_epoch))
 }

@@ -667,6 +667,29 @@ impl ImageDataset {
         self.select(&indices)
     }
 
+    /// Splits off `n` items chosen as [`sample`](Self::sample) chooses them
+    /// (the same seed picks the same items) and returns them with the
+    /// rest; both keep dataset order and no item is in both. For holding
+    /// out validation images from a training set.
+    ///
+    /// Errors with [`CalibError::EmptyDataset`] when either part would be
+    /// empty (`n` zero, or at least the number of items).
+    pub fn split(self, n: usize, seed: u64) -> Result<(Self, Self)> {
+        let len = self.len();
+        if n == 0 || n >= len {
+            return Err(CalibError::EmptyDataset {
+                what: format!("split of {n} of {len} items leaves one part empty"),
+            });
+        }
+        let picked = sample_indices(len, n, seed);
+        let mut taken = vec![false; len];
+        for &i in &picked {
+            taken[i] = true;
+        }
+        let rest: Vec<usize> = (0..len).filter(|&i| !taken[i]).collect();
+        Ok((self.clone().select(&picked)?, self.select(&rest)?))
+    }
+
     /// Keeps the items at `indices`, in that order (an index may repeat).
     ///
     /// Errors: [`CalibError::EmptyDataset`] when `indices` is empty,
