@@ -1078,9 +1078,38 @@ impl CudaExecutor {
     /// fixtures) and won on 224x224 inputs, so it is measured per shape.
     /// Where the trial cannot run (memory for im2col), cuDNN, which needs
     /// less, is kept.
+    ///
+    /// Decisions are kept for the process by device and convolution
+    /// geometry: the trial is most of the time a plan takes, and one
+    /// command's models (`qint8 compare`'s FP32 model, its QDQ variants and
+    /// calibration runners) share their convolutions' shapes.
     fn cudnn_wins(&self, cv: &CudnnConv, bytes: usize, step: &Step) -> bool {
-        self.time_both(cv, bytes, step)
-            .map_or(true, |[cudnn, gemm]| cudnn < gemm)
+        static DECIDED: std::sync::Mutex<BTreeMap<ConvKey, bool>> =
+            std::sync::Mutex::new(BTreeMap::new());
+        let Step::ConvGemm { dims, m, win, .. } = step else {
+            return true;
+        };
+        let w = win;
+        let key = (
+            self.stream.context().ordinal(),
+            *dims,
+            *m,
+            [w.kh, w.kw, w.sh, w.sw, w.ph, w.pw, w.dh, w.dw],
+        );
+        if let Some(wins) = DECIDED.lock().ok().and_then(|d| d.get(&key).copied()) {
+            return wins;
+        }
+        match self.time_both(cv, bytes, step) {
+            Ok([cudnn, gemm]) => {
+                let wins = cudnn < gemm;
+                if let Ok(mut d) = DECIDED.lock() {
+                    d.insert(key, wins);
+                }
+                wins
+            }
+            // Not remembered: the trial may fit another time.
+            Err(_) => true,
+        }
     }
 
     /// Best-of-three milliseconds of cuDNN and of im2col + cuBLAS on `step`.
@@ -2212,6 +2241,10 @@ impl qint8_calibration::BatchRunner for CudaExecutor {
         Ok(out)
     }
 }
+
+/// A convolution's device and geometry: input dims, output channels and
+/// the window (kernel, strides, pads, dilations; the output size follows).
+type ConvKey = (usize, [i32; 4], i32, [i32; 8]);
 
 /// Per-step scratch of a run: the im2col buffer, and the step's cuDNN
 /// setup with the workspace it needs.
