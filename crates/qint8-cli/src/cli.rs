@@ -208,6 +208,12 @@ pub(crate) struct CompareArgs {
     /// Model, data, methods and preprocessing.
     #[command(flatten)]
     pub(crate) study: StudyArgs,
+    /// Where to calibrate and evaluate: `cpu`, or `cuda` (GPU 0; needs a
+    /// qint8 built with `--features cuda`). On the GPU, Q/DQ pairs run in
+    /// float, as onnxruntime runs them with its optimizations off;
+    /// --fp32-labels' labeling pass stays on the CPU.
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub(crate) device: String,
     /// Print exactly one JSON object (and no progress) instead of a table.
     #[arg(long)]
     pub(crate) json: bool,

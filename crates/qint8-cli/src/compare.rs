@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use prost::Message;
-use qint8_calibration::{calibrate, weight_params, CalibConfig, Progress};
+use qint8_calibration::{calibrate, calibrate_on, weight_params, CalibConfig, Progress};
 use qint8_graph::quant::{insert_qdq, QuantPlan, WeightStorage};
 use qint8_graph::Model;
 use qint8_runtime::SessionOptions;
@@ -125,6 +125,8 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
         Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
     };
+    // Without GPU support this fails here, before any work.
+    let runner = crate::gpu::calibration_runner(&args.device)?;
     let model_name = args.study.model.display().to_string();
     let model = load_model(&args.study.model)?;
 
@@ -165,9 +167,11 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         )?;
     }
     let steps = 1 + 2 * range_methods.len();
+    // The GPU's name, once a model has run there.
+    let device = std::cell::RefCell::new("cpu".to_string());
     // Scores `m` on the evaluation images, with progress (`what` prefixes it).
     let evaluate = |m: &Model, name: &str, what: &str| -> Result<(Score, usize, usize)> {
-        let scorer = Scorer::new(
+        let mut scorer = Scorer::new(
             m,
             name,
             "qint8 compare",
@@ -178,8 +182,11 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 ..Default::default()
             },
             &data_text,
-            true,
+            runner.is_none(),
         )?;
+        if runner.is_some() {
+            *device.borrow_mut() = scorer.on_gpu(m)?;
+        }
         let (score, classes) = scorer.score(
             &dataset,
             args.study.batch,
@@ -210,7 +217,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 ..method_cfg.clone()
             };
             let calib_start = Instant::now();
-            let calibrated = calibrate(&model.graph, &calib, &cfg, &mut |p: Progress| {
+            let mut progress = |p: Progress| {
                 status(
                     show,
                     &format!(
@@ -222,7 +229,11 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                         if p.pass == 3 { "trials" } else { "images" }
                     ),
                 )
-            })
+            };
+            let calibrated = match runner {
+                Some(make) => calibrate_on(&model.graph, &calib, &cfg, make, &mut progress),
+                None => calibrate(&model.graph, &calib, &cfg, &mut progress),
+            }
             .with_context(|| format!("calibrating {model_name} with {name}"))?;
             anyhow::Ok((calibrated, calib_start.elapsed().as_secs_f64()))
         };
@@ -323,6 +334,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             "percentile": args.study.percentile,
             "batch": args.study.batch,
             "threads": session_threads,
+            "device": *device.borrow(),
             "fp32_top1": fp32_top1,
             "fp32_top5": fp32_top5,
             "fp32_file_bytes": fp32_bytes,
@@ -372,6 +384,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         };
         let mut out = format::key_values(&[
             ("model", model_name.clone()),
+            ("device", device.borrow().clone()),
             (
                 "calibration",
                 format!(

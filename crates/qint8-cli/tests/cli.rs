@@ -2331,11 +2331,34 @@ fn device_cuda_runs_or_says_why_not() {
     eval.extend(["--device", "cuda"]);
     write_npy_f32(&x, &ndarray::Array4::<f32>::ones((1, 1, 32, 32))).unwrap();
     let run = vec!["run", s(&r50), "-i", s(&x), "-o", s(&y), "--device", "cuda"];
-    for (args, out) in [(quantize, Some(&q)), (eval, None), (run, Some(&y))] {
+    let mut compare = vec![
+        "compare",
+        s(&r50),
+        "--calib",
+        s(&calib),
+        "--calib-size",
+        "64",
+    ];
+    compare.extend(["--data", s(&images), "--limit", "64", "--methods", "minmax"]);
+    compare.extend(pre);
+    compare.extend(["--device", "cuda", "--json"]);
+    for (args, out) in [
+        (quantize, Some(&q)),
+        (eval, None),
+        (run, Some(&y)),
+        (compare, None),
+    ] {
         let o = qint8(&args);
         if o.status.success() {
             if let Some(p) = out {
                 assert!(p.exists(), "{args:?}");
+            }
+            if args[0] == "compare" {
+                // The GPU scored FP32 and both weight granularities.
+                let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+                assert_ne!(v["device"], "cpu", "{v}");
+                assert_eq!(v["rows"].as_array().unwrap().len(), 2, "{v}");
+                assert!(v["fp32_top1"].as_f64().unwrap() > 0.8, "{v}");
             }
         } else {
             let err = fails(o);
