@@ -7,7 +7,8 @@ QDQ model into integer kernels). Besides the fixtures, full-size ResNet-50
 and EfficientNet-B0 from `qint8 zoo` at 224x224 (--skip-zoo leaves them out).
 
 Each model is quantized with `qint8 quantize` (defaults: entropy,
-per-channel, TensorRT placement). Every configuration runs in its own
+per-channel, TensorRT placement; `--activations uint8` for asymmetric
+uint8 activations, the form onnxruntime's x86 kernels prefer). Every configuration runs in its own
 process, all of them in turn for several rounds, so drift in machine speed
 hits each alike; a round reports the median over timed iterations after
 warm-up, and ratios are medians of the per-round ratios. Prints a Markdown
@@ -15,7 +16,7 @@ table (--json FILE writes the raw figures).
 
 Usage (from the repository root):
     cargo build --release -p qint8-benches --bins -p qint8-cli
-    python3 benches/scripts/int8_vs_onnxruntime.py [--threads 2] [--rounds 5]
+    python3 benches/scripts/int8_vs_onnxruntime.py [--threads 2] [--rounds 5] [--activations uint8]
 """
 import argparse
 import json
@@ -38,9 +39,9 @@ def qint8(model, batch, threads, iters, warmup, simulated=False):
     return run_json(cmd + (["--float-qdq"] if simulated else []))
 
 
-def quantize(model, out, extra):
+def quantize(model, out, extra, activations):
     subprocess.run([os.path.join(BIN, "qint8"), "quantize", model, "--calib", CALIB, "--threads", "2",
-                    "-o", out] + extra, check=True, capture_output=True)
+                    "--activations", activations, "-o", out] + extra, check=True, capture_output=True)
 
 
 def main():
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--skip-zoo", action="store_true", help="only the fixtures")
+    ap.add_argument("--activations", choices=["int8", "uint8"], default="int8",
+                    help="activation type of the QDQ files [int8]")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="qint8-int8-bench-")
@@ -61,12 +64,13 @@ def main():
             subprocess.run([os.path.join(BIN, "qint8"), "zoo", zoo, "--channels", "1", "--classes", "10",
                             "-o", fp32], check=True, capture_output=True)
             q = os.path.join(tmp, f"{zoo}_224.int8.onnx")
-            quantize(fp32, q, ["--calib-size", "32", "--resize", "224", "--mean", "0.2860", "--std", "0.3530"])
+            quantize(fp32, q, ["--calib-size", "32", "--resize", "224", "--mean", "0.2860", "--std", "0.3530"],
+                     args.activations)
             cases += [(f"{label} 224x224 (zoo)", fp32, q, 1, 10), (f"{label} 224x224 (zoo)", fp32, q, 8, 3)]
     for name in ["resnet50", "vgg16_bn", "efficientnet_b0"]:
         fp32 = os.path.join(ROOT, "fixtures", "models", f"{name}.onnx")
         q = os.path.join(tmp, f"{name}.int8.onnx")
-        quantize(fp32, q, PRE)
+        quantize(fp32, q, PRE, args.activations)
         cases += [(f"{name} fixture 32x32", fp32, q, 1, 200), (f"{name} fixture 32x32", fp32, q, 32, 60)]
 
     runs = {

@@ -69,6 +69,16 @@ pub struct CalibConfig {
     /// the graph as it is. Not applied with `moving_average` or
     /// `all_ranges` (a TensorRT cache describes the unmodified model).
     pub smooth: Option<Smoothing>,
+    /// Activations' type: [`QuantDtype::Int8`], symmetric (`scale =
+    /// threshold / 127`, zero point 0; what TensorRT requires), or
+    /// [`QuantDtype::Uint8`], asymmetric: the method's threshold `t` as for
+    /// int8, then the range is the part of `[-t, t]` the tensor's values
+    /// occupied during calibration, widened to contain 0 (`scale = (hi -
+    /// lo) / 255`). A tensor that is never negative (after Relu) gets all
+    /// 256 levels on `[0, t]`, twice int8's resolution, and onnxruntime's
+    /// CPU kernels run uint8 activations with int8 weights fastest. Min-max
+    /// calibration then makes a second pass, for the signed ranges.
+    pub activation_dtype: QuantDtype,
 }
 
 impl Default for CalibConfig {
@@ -85,6 +95,7 @@ impl Default for CalibConfig {
             all_ranges: false,
             refine: None,
             smooth: Some(Smoothing::Auto),
+            activation_dtype: QuantDtype::Int8,
         }
     }
 }
@@ -303,7 +314,9 @@ fn calibrate_inner(
     });
     // The session's (simplified) graph, until smoothing rewrites a copy.
     let mut g: Cow<'_, Graph> = Cow::Borrowed(session.graph());
-    let passes = if cfg.method == RangeMethod::Max || cfg.moving_average.is_some() {
+    let uint8 = cfg.activation_dtype == QuantDtype::Uint8;
+    // The histogram pass also finds each tensor's signed range.
+    let passes = if (cfg.method == RangeMethod::Max && !uint8) || cfg.moving_average.is_some() {
         1
     } else {
         2
@@ -325,6 +338,14 @@ fn calibrate_inner(
     };
     let empty = MaxState {
         amax: tracked.iter().map(|n| (n.clone(), 0.0)).collect(),
+        signed: if uint8 {
+            tracked
+                .iter()
+                .map(|n| (n.clone(), (f32::INFINITY, f32::NEG_INFINITY)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        },
         seen: BTreeSet::new(),
         channels: sites
             .iter()
@@ -354,6 +375,11 @@ fn calibrate_inner(
                     st.seen.insert(n);
                 }
             }
+            // The input's signed range from the batch itself; the others'
+            // come with their histograms.
+            if let (Some(r), Some(x)) = (st.signed.get_mut(&input), b.inputs.as_slice()) {
+                *r = widen(*r, signed_range(x));
+            }
             Ok(())
         })?;
     } else {
@@ -373,10 +399,19 @@ fn calibrate_inner(
                 }
                 if let Some(m) = st.amax.get_mut(name) {
                     let batch_max = abs_max(name, x)?;
+                    let first = !st.seen.contains(name);
                     match cfg.moving_average {
-                        Some(c) if st.seen.contains(name) => *m += c * (batch_max - *m),
+                        Some(c) if !first => *m += c * (batch_max - *m),
                         Some(_) => *m = batch_max,
                         None => *m = m.max(batch_max),
+                    }
+                    if let Some(r) = st.signed.get_mut(name) {
+                        let (lo, hi) = signed_range(x);
+                        *r = match cfg.moving_average {
+                            Some(c) if !first => (r.0 + c * (lo - r.0), r.1 + c * (hi - r.1)),
+                            Some(_) => (lo, hi),
+                            None => widen(*r, (lo, hi)),
+                        };
                     }
                     if !st.seen.contains(name) {
                         st.seen.insert(name.to_string());
@@ -388,6 +423,7 @@ fn calibrate_inner(
     }
     let MaxState {
         mut amax,
+        mut signed,
         mut seen,
         mut channels,
     } = states.swap_remove(0);
@@ -395,6 +431,11 @@ fn calibrate_inner(
         for (n, m) in st.amax {
             if let Some(a) = amax.get_mut(&n) {
                 *a = a.max(m);
+            }
+        }
+        for (n, m) in st.signed {
+            if let Some(a) = signed.get_mut(&n) {
+                *a = widen(*a, m);
             }
         }
         seen.extend(st.seen);
@@ -520,6 +561,13 @@ fn calibrate_inner(
                 }
             }
         }
+        // The histograms saw the values as quantized (smoothed ones
+        // divided): their signed ranges are the ones to use.
+        for (n, h) in &hists {
+            if let (Some(r), Some(mm)) = (signed.get_mut(n), h.min_max()) {
+                *r = mm;
+            }
+        }
         let search = |n: &str, h: &Histogram, m: &RangeMethod| {
             search_amax(h, m).map_err(|e| CalibError::Invalid(format!("tensor `{n}`: {e}")))
         };
@@ -572,12 +620,15 @@ fn calibrate_inner(
         .filter(|(n, _)| seen.contains(*n))
         .map(|(n, &t)| (n.clone(), t))
         .collect();
+    let params_for = |name: &str, t: f32| {
+        activation_params(t, signed.get(name).copied(), cfg.activation_dtype)
+            .map_err(|e| CalibError::Invalid(format!("tensor `{name}`: {e}")))
+    };
     for (name, t) in thresholds {
         if !placement.activations.contains(&name) {
             continue;
         }
-        let p = QuantParams::symmetric(t, QuantDtype::Int8, false)
-            .map_err(|e| CalibError::Invalid(format!("tensor `{name}`: {e}")))?;
+        let p = params_for(&name, t)?;
         plan.activations.insert(name, p);
     }
     // Tensors that reuse another's parameters (onnxruntime's max pool or
@@ -599,6 +650,7 @@ fn calibrate_inner(
             &g,
             &mut plan,
             &candidates,
+            &params_for,
             &placement.shared,
             &batches,
             cfg.threads,
@@ -614,9 +666,12 @@ fn calibrate_inner(
         // A cache written from this run carries the chosen thresholds.
         for (name, p) in &plan.activations {
             if let Some(r) = ranges.get_mut(name) {
-                let before = QuantParams::symmetric(*r, QuantDtype::Int8, false).ok();
-                if before.as_ref() != Some(p) {
-                    *r = p.channels()[0].scale * 127.0;
+                if params_for(name, *r).ok().as_ref() != Some(p) {
+                    let (lo, hi) = p.channels()[0].real_range();
+                    *r = match cfg.activation_dtype {
+                        QuantDtype::Int8 => p.channels()[0].scale * 127.0,
+                        QuantDtype::Uint8 => lo.abs().max(hi),
+                    };
                 }
             }
         }
@@ -812,10 +867,44 @@ fn abs_max(name: &str, x: &[f32]) -> std::result::Result<f32, String> {
 struct MaxState {
     /// Largest `|x|` (or its moving average) per tracked tensor.
     amax: BTreeMap<String, f32>,
+    /// Smallest and largest `x` (or their moving averages) per tracked
+    /// tensor, for uint8 activations only.
+    signed: BTreeMap<String, (f32, f32)>,
     /// Tensors the runtime showed (integer tensors never are).
     seen: BTreeSet<String>,
     /// Per-channel statistics of the tensors to smooth.
     channels: BTreeMap<String, crate::smooth::ChannelStats>,
+}
+
+/// The smallest and largest of `x` (infinities for no values).
+fn signed_range(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
+/// The range covering both.
+fn widen(a: (f32, f32), b: (f32, f32)) -> (f32, f32) {
+    (a.0.min(b.0), a.1.max(b.1))
+}
+
+/// An activation's parameters for threshold `t` (see
+/// [`CalibConfig::activation_dtype`]): symmetric int8, or uint8 over the
+/// part of `[-t, t]` that `seen` (the tensor's signed range; none: all of
+/// it) covers, with 0 in it.
+pub fn activation_params(
+    t: f32,
+    seen: Option<(f32, f32)>,
+    dtype: QuantDtype,
+) -> qint8_math::Result<QuantParams> {
+    match dtype {
+        QuantDtype::Int8 => QuantParams::symmetric(t, QuantDtype::Int8, false),
+        QuantDtype::Uint8 => {
+            let (lo, hi) = seen.filter(|(lo, hi)| lo <= hi).unwrap_or((-t, t));
+            QuantParams::affine(lo.max(-t).min(0.0), hi.min(t).max(0.0), dtype, false)
+        }
+    }
 }
 
 /// Largest activation memory, summed over the workers, for which

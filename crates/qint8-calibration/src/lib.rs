@@ -69,8 +69,8 @@ pub mod refine;
 pub mod smooth;
 
 pub use calibrator::{
-    calibrate, calibrate_on, calibrate_owned, match_node_patterns, weight_params, BatchRunner,
-    CalibConfig, Calibrated, Progress, RunnerFactory, TensorSink,
+    activation_params, calibrate, calibrate_on, calibrate_owned, match_node_patterns,
+    weight_params, BatchRunner, CalibConfig, Calibrated, Progress, RunnerFactory, TensorSink,
 };
 pub use dataset::{Batch, ColorMode, ImageDataset, Images, Preprocess};
 pub use error::{CalibError, Result};

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use ndarray::ArrayD;
 use qint8_graph::quant::{insert_qdq, QuantPlan, WeightStorage};
 use qint8_graph::Graph;
-use qint8_math::params::{QuantDtype, QuantParams};
+use qint8_math::params::QuantParams;
 use qint8_runtime::{Session, SessionOptions};
 
 use crate::dataset::Batch;
@@ -30,14 +30,17 @@ use crate::error::{CalibError, Result};
 pub const SCALE_CANDIDATES: [f32; 2] = [0.7, 1.4];
 
 /// Replaces, tensor by tensor in graph order, each activation threshold of
-/// `plan` by the candidate in `candidates` (amax values) that gives the
-/// smallest output error on `batches`, and returns the final error and the
-/// starting one. `shared` maps tensors that reuse another's parameters; they
-/// follow it. `progress(done, total)` counts evaluations.
+/// `plan` by the candidate in `candidates` (thresholds, turned into
+/// parameters by `params(tensor, threshold)`) that gives the smallest
+/// output error on `batches`, and returns the final error and the starting
+/// one. `shared` maps tensors that reuse another's parameters; they follow
+/// it. `progress(done, total)` counts evaluations.
+#[allow(clippy::too_many_arguments)]
 pub fn choose_thresholds(
     graph: &Graph,
     plan: &mut QuantPlan,
     candidates: &BTreeMap<String, Vec<f32>>,
+    params: &dyn Fn(&str, f32) -> Result<QuantParams>,
     shared: &BTreeMap<String, String>,
     batches: &[Batch],
     threads: usize,
@@ -91,8 +94,7 @@ pub fn choose_thresholds(
         let mut choice = kept.clone();
         for &amax in &candidates[name] {
             done += 1;
-            let p = QuantParams::symmetric(amax, QuantDtype::Int8, false)
-                .map_err(|e| CalibError::Invalid(format!("tensor `{name}`: {e}")))?;
+            let p = params(name, amax)?;
             if p == kept {
                 progress(done, total);
                 continue;

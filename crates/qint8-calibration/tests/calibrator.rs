@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use qint8_calibration::{calibrate, CalibConfig, ImageDataset, Images, Preprocess, Progress};
 use qint8_graph::{ConvAttrs, Graph, Node, Op, Tensor, ValueInfo};
 use qint8_math::search::RangeMethod;
+use qint8_math::QuantDtype;
 
 fn fixture(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -94,6 +95,74 @@ fn entropy_thresholds_stay_inside_the_observed_range_and_inputs_are_not_clipped(
     assert_eq!(ent.activations[input], max.activations[input]);
     let expected = (1.0f32 - 0.2860) / 0.3530 / 127.0;
     assert!((max.activations[input].scales()[0] - expected).abs() < 1e-6);
+}
+
+/// uint8 activations take the int8 run's thresholds and keep the part of
+/// `[-t, t]` each tensor occupies: all 256 levels on `[0, t]` after a Relu,
+/// the images' own minimum for the input; min-max then needs the histogram
+/// pass for the signed ranges.
+#[test]
+fn uint8_ranges_are_the_occupied_part_of_the_symmetric_range() {
+    let data = calib_set(64);
+    let g = resnet();
+    for (method, uint8_passes) in [(RangeMethod::entropy(), 2u8), (RangeMethod::Max, 2)] {
+        let run = |dtype| {
+            let mut passes = 0;
+            let cfg = CalibConfig {
+                method,
+                activation_dtype: dtype,
+                threads: 2,
+                ..Default::default()
+            };
+            let c = calibrate(&g, &data, &cfg, &mut |p| passes = passes.max(p.passes)).unwrap();
+            (c, passes)
+        };
+        let (int8, _) = run(QuantDtype::Int8);
+        let (uint8, passes) = run(QuantDtype::Uint8);
+        assert_eq!(passes, uint8_passes);
+        assert_eq!(int8.plan.weights, uint8.plan.weights);
+        let mut relus = 0;
+        for (name, p) in &uint8.plan.activations {
+            let u = p.channels()[0];
+            let t = int8.plan.activations[name].channels()[0].scale * 127.0;
+            assert_eq!((u.qmin, u.qmax), (0, 255), "{name}");
+            let (lo, hi) = u.real_range();
+            assert!(lo <= 0.0 && hi >= 0.0, "{name}: [{lo}, {hi}]");
+            // Within the threshold, up to the zero point's rounding.
+            assert!(
+                -lo <= t + u.scale && hi <= t + u.scale,
+                "{name}: [{lo}, {hi}] vs {t}"
+            );
+            if let Some((min, max)) = uint8.histograms.get(name).and_then(|h| h.min_max()) {
+                // Exactly the rule, on the histogram pass's signed range.
+                let expected =
+                    qint8_calibration::activation_params(t, Some((min, max)), QuantDtype::Uint8)
+                        .unwrap();
+                assert!(
+                    (expected.channels()[0].scale - u.scale).abs() <= 1e-6 * u.scale
+                        && expected.channels()[0].zero_point == u.zero_point,
+                    "{name}: {expected:?} vs {u:?}"
+                );
+            }
+            if name.contains("relu") {
+                relus += 1;
+                assert_eq!(u.zero_point, 0, "{name}");
+                assert!(
+                    (u.scale * 255.0 - t).abs() <= 1e-5 * t,
+                    "{name}: {u:?} vs {t}"
+                );
+            }
+        }
+        assert!(relus >= 16, "{relus} Relu outputs");
+        // The normalized images reach (0 - 0.2860) / 0.3530 below zero.
+        let input = uint8.plan.activations[&g.inputs[0].name].channels()[0];
+        let (lo, hi) = input.real_range();
+        assert!((lo + 0.2860 / 0.3530).abs() <= input.scale, "{input:?}");
+        assert!(
+            (hi - (1.0 - 0.2860) / 0.3530).abs() <= input.scale,
+            "{input:?}"
+        );
+    }
 }
 
 /// x -> Div(x, x) -> Conv: a zero pixel in the third image makes 0/0.
@@ -217,6 +286,20 @@ fn moving_average_max_follows_batches() {
     let scale = c.plan.activations["r"].channels()[0].scale;
     assert!((scale * 127.0 - 0.5).abs() < 1e-6, "{scale}");
     assert!(c.plan.method.starts_with("moving_average_max"));
+    // uint8: the moving averages of the minimum (0) and maximum.
+    let u = calibrate(
+        &g,
+        &data,
+        &CalibConfig {
+            activation_dtype: QuantDtype::Uint8,
+            ..cfg.clone()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let r = u.plan.activations["r"].channels()[0];
+    assert_eq!((r.zero_point, r.qmin, r.qmax), (0, 0, 255));
+    assert!((r.scale * 255.0 - 0.5).abs() < 1e-6, "{r:?}");
     let bad = CalibConfig {
         moving_average: Some(1.5),
         ..cfg
@@ -230,6 +313,7 @@ fn moving_average_max_follows_batches() {
 #[test]
 fn refined_thresholds_never_raise_the_output_error() {
     use qint8_calibration::refine::choose_thresholds;
+    use qint8_math::params::{QuantDtype, QuantParams};
     use std::collections::BTreeMap;
 
     let model = qint8_graph::zoo::build(
@@ -265,6 +349,7 @@ fn refined_thresholds_never_raise_the_output_error() {
         &base.graph,
         &mut plan,
         &candidates,
+        &|_, t| Ok(QuantParams::symmetric(t, QuantDtype::Int8, false)?),
         &BTreeMap::new(),
         &batches,
         2,

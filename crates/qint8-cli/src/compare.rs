@@ -24,7 +24,7 @@ use qint8_graph::Model;
 use qint8_runtime::SessionOptions;
 use serde_json::json;
 
-use crate::cli::{CompareArgs, EntropyVariantArg, Method, Placement};
+use crate::cli::{ActivationType, CompareArgs, EntropyVariantArg, Method, Placement};
 use crate::data::{
     input_description, label_with_predictions, open_calibration, open_scored, FP32_LABELS_HINT,
 };
@@ -210,6 +210,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
         let run_calibration = |per_channel: bool, step: usize| {
             let cfg = CalibConfig {
                 placement,
+                activation_dtype: args.study.activations.dtype(),
                 smooth: args.study.smooth.smoothing(),
                 batch: args.study.batch,
                 threads,
@@ -332,6 +333,10 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 Placement::Ort => "ort",
             },
             "percentile": args.study.percentile,
+            "activations": match args.study.activations {
+                ActivationType::Int8 => "int8",
+                ActivationType::Uint8 => "uint8",
+            },
             "batch": args.study.batch,
             "threads": session_threads,
             "device": *device.borrow(),
@@ -404,9 +409,13 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
             (
                 "quantization",
                 format!(
-                    "int8 QDQ, int8 weights, {} placement; each method calibrates once for both \
-                     weight granularities, again for per-tensor where smoothing or auto weighs \
-                     the weights' rounding",
+                    "QDQ, {} activations, int8 weights, {} placement; each method calibrates once \
+                     for both weight granularities, again for per-tensor where smoothing or auto \
+                     weighs the weights' rounding",
+                    match args.study.activations {
+                        ActivationType::Int8 => "int8",
+                        ActivationType::Uint8 => "uint8 (asymmetric)",
+                    },
                     match args.study.placement {
                         Placement::Trt => "TensorRT",
                         Placement::Ort => "onnxruntime",

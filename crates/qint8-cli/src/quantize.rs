@@ -47,6 +47,9 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         // The cache describes every tensor of the unmodified model.
         bail!("--keep-float applies to the QDQ model: a TensorRT calibration cache cannot keep layers in float (set their precision in TensorRT instead)");
     }
+    if args.trt_cache.is_some() && args.cal.activations == crate::cli::ActivationType::Uint8 {
+        bail!("--activations uint8 is for onnxruntime: TensorRT's calibration cache holds symmetric int8 ranges only");
+    }
     let mut model = load_model(&args.model)?;
     let opened = crate::data::open_calibration(&args.cal.calib, &args.pre, &model)?;
     let data_format = opened.kind.name();
@@ -151,6 +154,7 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
         "calibration_data_format": data_format,
         "calibration_seed": args.cal.calib.calib_seed,
         "activations": calibrated.plan.activations.len(),
+        "activation_type": cfg.activation_dtype.name(),
         "smoothed": calibrated.smoothed.len(),
         "weights": calibrated.plan.weights.len(),
         "float_nodes": float_nodes,
@@ -175,6 +179,9 @@ pub(crate) fn main(args: &QuantizeArgs, threads: usize) -> Result<()> {
             calib_seconds,
             size
         );
+        if cfg.activation_dtype == qint8_math::QuantDtype::Uint8 {
+            println!("activations uint8 (asymmetric): for onnxruntime; TensorRT takes int8 only");
+        }
         if !float_nodes.is_empty() {
             println!("kept in float ({}):", float_nodes.len());
             for n in &float_nodes {
@@ -224,6 +231,7 @@ impl CalibrationArgs {
             },
             batch,
             threads,
+            activation_dtype: self.activations.dtype(),
             ..method_config(
                 self.method,
                 self.percentile,

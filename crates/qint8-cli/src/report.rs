@@ -64,6 +64,7 @@ struct Settings {
     percentile: f64,
     smooth: Option<Smoothing>,
     placement: qint8_graph::PlacementPolicy,
+    activation_dtype: qint8_math::QuantDtype,
     batch: usize,
     threads: usize,
     show: bool,
@@ -101,6 +102,7 @@ fn analyze(
         let cfg = CalibConfig {
             smooth: s.smooth,
             placement: s.placement,
+            activation_dtype: s.activation_dtype,
             batch: s.batch,
             threads: s.threads,
             ..method_config(
@@ -143,7 +145,15 @@ fn analyze(
                 .plan
                 .activations
                 .iter()
-                .map(|(t, p)| (t.clone(), p.channels()[0].scale * 127.0))
+                .map(|(t, p)| {
+                    // The threshold: the larger end of the range.
+                    let (lo, hi) = p.channels()[0].real_range();
+                    let t_abs = match p.channels()[0].qmin {
+                        0 => lo.abs().max(hi),
+                        _ => p.channels()[0].scale * 127.0,
+                    };
+                    (t.clone(), t_abs)
+                })
                 .collect(),
         ));
         if method == Method::Entropy {
@@ -346,6 +356,7 @@ pub(crate) fn report_main(args: &ReportArgs, threads: usize) -> Result<()> {
             Placement::Trt => qint8_graph::PlacementPolicy::TensorRt,
             Placement::Ort => qint8_graph::PlacementPolicy::OnnxRuntime,
         },
+        activation_dtype: args.study.activations.dtype(),
         batch: args.study.batch,
         threads,
         show: std::io::stderr().is_terminal(),
@@ -455,6 +466,7 @@ pub(crate) fn demo_main(args: &DemoArgs, threads: usize) -> Result<()> {
             percentile: 99.99,
             smooth: Some(Smoothing::Auto),
             placement: qint8_graph::PlacementPolicy::TensorRt,
+            activation_dtype: qint8_math::QuantDtype::Int8,
             batch: 32,
             threads,
             show,

@@ -670,6 +670,41 @@ fn quantize_writes_a_qdq_model_that_eval_scores_and_check_trt_accepts() {
     assert!(scored["top1"].as_f64().unwrap() > 0.9, "{scored}");
 }
 
+/// `--activations uint8` writes uint8 zero points (for onnxruntime), which
+/// the checker refuses for TensorRT; a TensorRT cache cannot hold them.
+#[test]
+fn quantize_uint8_activations_for_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("u8.onnx");
+    let calib = fixtures().join("data/calib-images-idx3-ubyte");
+    let pre = ["--pad", "2", "--mean", "0.2860", "--std", "0.3530"];
+    let mut args = vec!["quantize", "--calib-size", "64", "--activations", "uint8"];
+    let m = model("resnet50.onnx");
+    args.extend([s(&m), "--calib", s(&calib), "-o", s(&out)]);
+    args.extend(pre);
+    let mut json = args.clone();
+    json.push("--json");
+    let v: serde_json::Value = serde_json::from_str(&ok(qint8(&json))).unwrap();
+    assert_eq!(v["activation_type"], "uint8", "{v}");
+    let plan =
+        qint8_graph::quant::plan_from_qdq(&qint8_graph::onnx::load(&out).unwrap().graph).unwrap();
+    assert!(plan.activations.values().all(|p| p.qrange() == (0, 255)));
+    let err = fails(qint8(&["check-trt", s(&out)]));
+    assert!(err.contains("does not follow TensorRT"), "{err}");
+    let images = eval_images();
+    let mut eval = vec!["eval", s(&out), "--data", s(&images), "--limit", "500"];
+    eval.extend(pre);
+    eval.push("--json");
+    let scored: serde_json::Value = serde_json::from_str(&ok(qint8(&eval))).unwrap();
+    assert!(scored["top1"].as_f64().unwrap() > 0.9, "{scored}");
+    std::fs::remove_file(&out).unwrap();
+    let cache = dir.path().join("u8.cache");
+    args.extend(["--trt-cache", s(&cache)]);
+    let err = fails(qint8(&args));
+    assert!(err.contains("uint8"), "{err}");
+    assert!(!out.exists() && !cache.exists());
+}
+
 #[test]
 fn check_trt_fails_on_a_float_model_only_when_strict() {
     let fp32 = model("resnet50.onnx");
