@@ -3,8 +3,10 @@
 
 For every model and calibration method both tools quantize the same FP32 ONNX
 file on the same calibration images (the first --calib-size images, padded and
-normalized the same way), to QDQ with symmetric signed INT8 activations and
-per-channel symmetric INT8 weights. Each quantization runs in its own child
+normalized the same way), to QDQ with symmetric signed INT8 activations (with
+--activations uint8: asymmetric uint8 activations, onnxruntime's own default,
+`qint8 quantize --activations uint8` against activation_type QUInt8 without
+ActivationSymmetric) and per-channel symmetric INT8 weights. Each quantization runs in its own child
 process, forked from a small launcher, so its wall time and its peak RSS
 (os.wait4's ru_maxrss) belong to it alone. Then every file is evaluated on the test set: top-1 with onnxruntime
 (CPU, --threads threads) for the FP32 model and both quantized files, and
@@ -281,14 +283,15 @@ def ort_quantize_child(spec_path: str) -> None:
         def set_range(self, start_index, end_index):
             raise NotImplementedError
 
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    uint8 = spec.get("activations") == "uint8"
+    extra = {"ActivationSymmetric": not uint8, "WeightSymmetric": True}
     if spec["method"] == "percentile":
         extra["CalibPercentile"] = spec["percentile"]
     t = time.perf_counter()
     quantize_static(
         spec["model"], spec["output"], Reader(),
         quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if uint8 else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         per_channel=True,
         calibrate_method=getattr(CalibrationMethod, ORT_METHODS[spec["method"]]),
@@ -342,7 +345,8 @@ def input_name(model: str) -> str:
 def qint8_quantize(args, model: str, calib: str, n: int, method: str, out: str, batch: int) -> dict:
     cmd = [args.qint8, "quantize", model, "--calib", calib, "--calib-size", str(n), "--method", method,
            "--pad", str(args.pad), "--mean=" + fmt_floats(args.mean), "--std=" + fmt_floats(args.std),
-           "--threads", str(args.threads), "--batch", str(batch), "-o", out, "--json"]
+           "--threads", str(args.threads), "--batch", str(batch), "-o", out, "--json",
+           "--activations", args.activations]
     if method == "percentile":
         cmd += ["--percentile", repr(args.percentile)]
     r = run_measured(cmd, child_env(args.threads))
@@ -410,6 +414,7 @@ def compare(args) -> list[dict]:
                                 "calib_size": args.calib_size, "pad": args.pad, "mean": args.mean, "std": args.std,
                                 "batch": batch, "threads": args.threads, "method": method,
                                 "percentile": args.percentile, "input_name": input_name(ort_input),
+                                "activations": args.activations,
                                 "result": ort_out + ".json"}
                         spec_path = ort_out + ".spec.json"
                         json.dump(spec, open(spec_path, "w"))
@@ -555,6 +560,8 @@ def main() -> int:
     ap.add_argument("--percentile", type=float, default=99.99, help="percentile for both tools [99.99]")
     ap.add_argument("--threads", type=int, default=2, help="threads for both tools [2]")
     ap.add_argument("--skip-ort", action="store_true", help="only qint8 (and the FP32 top-1)")
+    ap.add_argument("--activations", choices=["int8", "uint8"], default="int8",
+                    help="activation type for both tools [int8]")
     ap.add_argument("--repeat", type=int, default=5,
                     help="quantize this many times with each tool, interleaved; medians are reported [5]")
     ap.add_argument("--memory", action="store_true", help="measure qint8's entropy-calibration peak RSS instead")
