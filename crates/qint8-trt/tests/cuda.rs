@@ -425,3 +425,47 @@ fn calibration_on_the_gpu_finds_the_cpu_ranges() {
         }
     }
 }
+
+/// With uint8 activations the signed ranges come from the device's
+/// histograms (and the input's from the host batch): the parameters match
+/// the CPU's up to float rounding.
+#[test]
+fn uint8_calibration_on_the_gpu_finds_the_cpu_parameters() {
+    if !gpu("uint8_calibration_on_the_gpu_finds_the_cpu_parameters") {
+        return;
+    }
+    let calib = dataset("data/calib-images-idx3-ubyte", 256);
+    let make = |g: &Graph| -> Result<Box<dyn BatchRunner>, String> {
+        CudaExecutor::new(g)
+            .map(|e| Box::new(e) as Box<dyn BatchRunner>)
+            .map_err(|e| e.to_string())
+    };
+    for m in ["resnet50", "efficientnet_b0"] {
+        let graph = qint8_graph::onnx::load(fixture(&format!("models/{m}.onnx")))
+            .unwrap()
+            .graph;
+        let cfg = CalibConfig {
+            method: RangeMethod::Max,
+            activation_dtype: qint8_math::QuantDtype::Uint8,
+            ..Default::default()
+        };
+        let want = calibrate(&graph, &calib, &cfg, &mut |_| {}).unwrap();
+        let got = calibrate_on(&graph, &calib, &cfg, &make, &mut |_| {}).unwrap();
+        assert_eq!(
+            got.plan.activations.keys().collect::<Vec<_>>(),
+            want.plan.activations.keys().collect::<Vec<_>>()
+        );
+        for (n, w) in &want.plan.activations {
+            let (w, g) = (w.channels()[0], got.plan.activations[n].channels()[0]);
+            assert_eq!((g.qmin, g.qmax), (0, 255), "{m} {n}");
+            assert!(
+                (g.zero_point - w.zero_point).abs() <= 1,
+                "{m} {n}: {g:?} vs {w:?}"
+            );
+            assert!(
+                (g.scale - w.scale).abs() <= 1e-4 * w.scale,
+                "{m} {n}: {g:?} vs {w:?}"
+            );
+        }
+    }
+}
