@@ -333,10 +333,7 @@ pub(crate) fn main(args: &CompareArgs, threads: usize) -> Result<()> {
                 Placement::Ort => "ort",
             },
             "percentile": args.study.percentile,
-            "activations": match args.study.activations {
-                ActivationType::Int8 => "int8",
-                ActivationType::Uint8 => "uint8",
-            },
+            "activations": args.study.activations.dtype().name(),
             "batch": args.study.batch,
             "threads": session_threads,
             "device": *device.borrow(),
