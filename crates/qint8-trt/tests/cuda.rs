@@ -371,6 +371,13 @@ fn gemm_transposes_and_broadcast_bias_match_the_cpu() {
     }
 }
 
+/// The GPU executor as calibration's runner.
+fn gpu_runner(g: &Graph) -> Result<Box<dyn BatchRunner>, String> {
+    CudaExecutor::new(g)
+        .map(|e| Box::new(e) as Box<dyn BatchRunner>)
+        .map_err(|e| e.to_string())
+}
+
 /// Calibration with its forward passes on the GPU (`--device cuda`) finds
 /// the CPU's ranges up to float rounding: the activations differ in their
 /// last bits, so a maximum moves by rounding and a histogram method's
@@ -381,11 +388,6 @@ fn calibration_on_the_gpu_finds_the_cpu_ranges() {
         return;
     }
     let calib = dataset("data/calib-images-idx3-ubyte", 256);
-    let make = |g: &Graph| -> Result<Box<dyn BatchRunner>, String> {
-        CudaExecutor::new(g)
-            .map(|e| Box::new(e) as Box<dyn BatchRunner>)
-            .map_err(|e| e.to_string())
-    };
     for m in ["resnet50", "vgg16_bn", "efficientnet_b0"] {
         let graph = qint8_graph::onnx::load(fixture(&format!("models/{m}.onnx")))
             .unwrap()
@@ -396,7 +398,7 @@ fn calibration_on_the_gpu_finds_the_cpu_ranges() {
                 ..Default::default()
             };
             let want = calibrate(&graph, &calib, &cfg, &mut |_| {}).unwrap();
-            let got = calibrate_on(&graph, &calib, &cfg, &make, &mut |_| {}).unwrap();
+            let got = calibrate_on(&graph, &calib, &cfg, &gpu_runner, &mut |_| {}).unwrap();
             assert_eq!(
                 got.ranges.keys().collect::<Vec<_>>(),
                 want.ranges.keys().collect::<Vec<_>>()
@@ -435,11 +437,6 @@ fn uint8_calibration_on_the_gpu_finds_the_cpu_parameters() {
         return;
     }
     let calib = dataset("data/calib-images-idx3-ubyte", 256);
-    let make = |g: &Graph| -> Result<Box<dyn BatchRunner>, String> {
-        CudaExecutor::new(g)
-            .map(|e| Box::new(e) as Box<dyn BatchRunner>)
-            .map_err(|e| e.to_string())
-    };
     for m in ["resnet50", "efficientnet_b0"] {
         let graph = qint8_graph::onnx::load(fixture(&format!("models/{m}.onnx")))
             .unwrap()
@@ -450,7 +447,7 @@ fn uint8_calibration_on_the_gpu_finds_the_cpu_parameters() {
             ..Default::default()
         };
         let want = calibrate(&graph, &calib, &cfg, &mut |_| {}).unwrap();
-        let got = calibrate_on(&graph, &calib, &cfg, &make, &mut |_| {}).unwrap();
+        let got = calibrate_on(&graph, &calib, &cfg, &gpu_runner, &mut |_| {}).unwrap();
         assert_eq!(
             got.plan.activations.keys().collect::<Vec<_>>(),
             want.plan.activations.keys().collect::<Vec<_>>()
