@@ -338,14 +338,13 @@ fn calibrate_inner(
     };
     let empty = MaxState {
         amax: tracked.iter().map(|n| (n.clone(), 0.0)).collect(),
-        signed: if uint8 {
-            tracked
-                .iter()
-                .map(|n| (n.clone(), (f32::INFINITY, f32::NEG_INFINITY)))
-                .collect()
-        } else {
-            BTreeMap::new()
-        },
+        // Signed ranges in pass 1 only where no histogram will give them:
+        // the graph input (never histogrammed) and, with one pass, all.
+        signed: tracked
+            .iter()
+            .filter(|n| uint8 && (passes == 1 || g.inputs.iter().any(|v| &v.name == *n)))
+            .map(|n| (n.clone(), (f32::INFINITY, f32::NEG_INFINITY)))
+            .collect(),
         seen: BTreeSet::new(),
         channels: sites
             .iter()
@@ -563,9 +562,11 @@ fn calibrate_inner(
         }
         // The histograms saw the values as quantized (smoothed ones
         // divided): their signed ranges are the ones to use.
-        for (n, h) in &hists {
-            if let (Some(r), Some(mm)) = (signed.get_mut(n), h.min_max()) {
-                *r = mm;
+        if uint8 {
+            for (n, h) in &hists {
+                if let Some(mm) = h.min_max() {
+                    signed.insert(n.clone(), mm);
+                }
             }
         }
         let search = |n: &str, h: &Histogram, m: &RangeMethod| {
