@@ -75,8 +75,33 @@ pub struct UnsupportedOp {
 }
 
 fn format_unsupported(v: &[UnsupportedOp]) -> String {
-    v.iter()
-        .map(|u| format!("{} [{}]: {}", u.op_type, u.node, u.reason))
+    // One entry per operator type and reason, in order of first use, with
+    // a few of its nodes: a model with 200 unsupported nodes of 8 types
+    // reads as 8 entries.
+    let mut groups: Vec<(&str, &str, Vec<&str>)> = Vec::new();
+    for u in v {
+        match groups
+            .iter_mut()
+            .find(|g| g.0 == u.op_type && g.1 == u.reason)
+        {
+            Some(g) => g.2.push(&u.node),
+            None => groups.push((&u.op_type, &u.reason, vec![&u.node])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(op, reason, nodes)| {
+            const SHOWN: usize = 3;
+            let mut names = nodes[..nodes.len().min(SHOWN)].join(", ");
+            if nodes.len() > SHOWN {
+                names.push_str(&format!(" and {} more", nodes.len() - SHOWN));
+            }
+            let count = match nodes.len() {
+                1 => "1 node".to_string(),
+                n => format!("{n} nodes"),
+            };
+            format!("{op}: {reason} ({count}: {names})")
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

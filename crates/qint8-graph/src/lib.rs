@@ -23,6 +23,6 @@ pub mod zoo;
 
 pub use error::{GraphError, Result, UnsupportedOp};
 pub use ir::{Dim, Graph, Model, Node, ValueInfo};
-pub use ops::{AutoPad, ConvAttrs, Op, PoolAttrs};
+pub use ops::{AutoPad, ConvAttrs, Op, PadMode, PoolAttrs};
 pub use quant::{placement, Placement, PlacementPolicy, Precision, QuantPlan, WeightStorage};
 pub use tensor::{DataType, Tensor};

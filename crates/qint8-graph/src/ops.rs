@@ -209,6 +209,79 @@ pub enum Op {
     Equal,
     /// `cond ? x : y` with broadcasting.
     Where,
+    /// Slice: `data, starts, ends, [axes], [steps]` from opset 10; the
+    /// attributes before (kept here when present).
+    Slice {
+        /// Starts from the attribute (opset < 10).
+        starts: Option<Vec<i64>>,
+        /// Ends from the attribute (opset < 10).
+        ends: Option<Vec<i64>>,
+        /// Axes from the attribute (opset < 10).
+        axes: Option<Vec<i64>>,
+    },
+    /// Split along `axis`: sizes from input 1 (opset 13+) or the `split`
+    /// attribute (before), else `num_outputs` (opset 18) or one part per
+    /// output, equal except for a shorter last part.
+    Split {
+        /// Axis.
+        axis: i64,
+        /// Sizes from the attribute (opset < 13).
+        split: Option<Vec<i64>>,
+    },
+    /// Gauss error function.
+    Erf,
+    /// GELU (opset 20): `x * Phi(x)`, or its tanh approximation.
+    Gelu {
+        /// `approximate = "tanh"`.
+        tanh: bool,
+    },
+    /// Square root.
+    Sqrt,
+    /// Elementwise power with broadcasting.
+    Pow,
+    /// Elementwise remainder: the divisor's sign (`fmod = 0`, integers) or
+    /// C's `fmod` (`fmod = 1`).
+    Mod {
+        /// C `fmod` semantics.
+        fmod: bool,
+    },
+    /// Logical not.
+    Not,
+    /// `start, limit, delta` as a 1-D sequence (constant inputs only).
+    Range,
+    /// Layer normalization over the axes from `axis` on: `X, Scale, [B]`.
+    LayerNormalization {
+        /// First normalized axis (-1).
+        axis: i64,
+        /// Epsilon (1e-5).
+        epsilon: f32,
+    },
+    /// Pad: `data, pads, [constant_value], [axes]` from opset 11; the
+    /// attributes before (kept here when present).
+    Pad {
+        /// Padding mode.
+        mode: PadMode,
+        /// `pads` from the attribute (opset < 11).
+        pads: Option<Vec<i64>>,
+        /// Fill value from the attribute (opset < 11).
+        value: f32,
+    },
+    /// ScatterND without reduction: `data, indices, updates`.
+    ScatterND,
+}
+
+/// Padding mode of [`Op::Pad`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PadMode {
+    /// A constant fill value.
+    #[default]
+    Constant,
+    /// Mirror without repeating the edge.
+    Reflect,
+    /// Repeat the edge value.
+    Edge,
+    /// Wrap around.
+    Wrap,
 }
 
 /// Every operator type qint8 parses.
@@ -249,6 +322,18 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "ConstantOfShape",
     "Equal",
     "Where",
+    "Slice",
+    "Split",
+    "Erf",
+    "Gelu",
+    "Sqrt",
+    "Pow",
+    "Mod",
+    "Not",
+    "Range",
+    "LayerNormalization",
+    "Pad",
+    "ScatterND",
 ];
 
 impl Op {
@@ -291,6 +376,18 @@ impl Op {
             Op::ConstantOfShape { .. } => "ConstantOfShape",
             Op::Equal => "Equal",
             Op::Where => "Where",
+            Op::Slice { .. } => "Slice",
+            Op::Split { .. } => "Split",
+            Op::Erf => "Erf",
+            Op::Gelu { .. } => "Gelu",
+            Op::Sqrt => "Sqrt",
+            Op::Pow => "Pow",
+            Op::Mod { .. } => "Mod",
+            Op::Not => "Not",
+            Op::Range => "Range",
+            Op::LayerNormalization { .. } => "LayerNormalization",
+            Op::Pad { .. } => "Pad",
+            Op::ScatterND => "ScatterND",
         }
     }
 
@@ -403,6 +500,55 @@ impl Op {
             },
             "Equal" => Op::Equal,
             "Where" => Op::Where,
+            "Slice" => Op::Slice {
+                starts: a.ints_opt("starts")?,
+                ends: a.ints_opt("ends")?,
+                axes: a.ints_opt("axes")?,
+            },
+            "Split" => Op::Split {
+                axis: a.int("axis", 0)?,
+                split: a.ints_opt("split")?,
+            },
+            "Erf" => Op::Erf,
+            "Gelu" => Op::Gelu {
+                tanh: match a.string("approximate")?.as_deref() {
+                    None | Some("none") => false,
+                    Some("tanh") => true,
+                    Some(other) => {
+                        return Err(a.err("approximate", format!("unknown value {other:?}")))
+                    }
+                },
+            },
+            "Sqrt" => Op::Sqrt,
+            "Pow" => Op::Pow,
+            "Mod" => Op::Mod {
+                fmod: a.int("fmod", 0)? != 0,
+            },
+            "Not" => Op::Not,
+            "Range" => Op::Range,
+            "LayerNormalization" => Op::LayerNormalization {
+                axis: a.int("axis", -1)?,
+                epsilon: a.float("epsilon", 1e-5)?,
+            },
+            "Pad" => Op::Pad {
+                mode: match a.string("mode")?.as_deref() {
+                    None | Some("constant") => PadMode::Constant,
+                    Some("reflect") => PadMode::Reflect,
+                    Some("edge") => PadMode::Edge,
+                    Some("wrap") => PadMode::Wrap,
+                    Some(other) => return Err(a.err("mode", format!("unknown value {other:?}"))),
+                },
+                pads: a.ints_opt("pads")?,
+                value: a.float("value", 0.0)?,
+            },
+            "ScatterND" => {
+                if let Some(r) = a.string("reduction")? {
+                    if r != "none" {
+                        return Err(a.err("reduction", format!("reduction {r:?} is not supported")));
+                    }
+                }
+                Op::ScatterND
+            }
             _ => return Ok(None),
         };
         Ok(Some(op))
@@ -475,6 +621,42 @@ impl Op {
             | Op::Concat { axis }
             | Op::Softmax { axis }
             | Op::Gather { axis } => v.push(int("axis", *axis)),
+            Op::Slice { starts, ends, axes } => {
+                for (name, x) in [("starts", starts), ("ends", ends), ("axes", axes)] {
+                    if let Some(x) = x {
+                        v.push(ints_i64(name, x));
+                    }
+                }
+            }
+            Op::Split { axis, split } => {
+                v.push(int("axis", *axis));
+                if let Some(x) = split {
+                    v.push(ints_i64("split", x));
+                }
+            }
+            Op::Gelu { tanh } => {
+                if *tanh {
+                    v.push(string("approximate", "tanh"));
+                }
+            }
+            Op::Mod { fmod } => v.push(int("fmod", *fmod as i64)),
+            Op::LayerNormalization { axis, epsilon } => {
+                v.push(int("axis", *axis));
+                v.push(float("epsilon", *epsilon));
+            }
+            Op::Pad { mode, pads, value } => {
+                let m = match mode {
+                    PadMode::Constant => "constant",
+                    PadMode::Reflect => "reflect",
+                    PadMode::Edge => "edge",
+                    PadMode::Wrap => "wrap",
+                };
+                v.push(string("mode", m));
+                if let Some(p) = pads {
+                    v.push(ints_i64("pads", p));
+                    v.push(float("value", *value));
+                }
+            }
             Op::QuantizeLinear { axis } | Op::DequantizeLinear { axis } => {
                 v.push(int("axis", *axis))
             }
@@ -528,7 +710,13 @@ impl Op {
             | Op::Dropout
             | Op::Expand
             | Op::Equal
-            | Op::Where => {}
+            | Op::Where
+            | Op::Erf
+            | Op::Sqrt
+            | Op::Pow
+            | Op::Not
+            | Op::Range
+            | Op::ScatterND => {}
         }
         v
     }
@@ -569,6 +757,15 @@ fn float(name: &str, f: f32) -> AttributeProto {
         name: name.into(),
         r#type: at::FLOAT,
         f,
+        ..Default::default()
+    }
+}
+
+fn string(name: &str, x: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: at::STRING,
+        s: x.as_bytes().to_vec(),
         ..Default::default()
     }
 }
@@ -664,6 +861,16 @@ impl Attrs<'_> {
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
+        }
+    }
+
+    fn string(&self, name: &str) -> Result<Option<String>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(a) => {
+                self.check_type(a, at::STRING, "a string")?;
+                Ok(Some(String::from_utf8_lossy(&a.s).into_owned()))
+            }
         }
     }
 

@@ -359,3 +359,37 @@ pub fn remove_dead_nodes(g: &mut Graph) -> usize {
         }
     }
 }
+
+/// A Split node as one Slice per used output (attribute form, resolved for
+/// the inferred `shapes`), each with the Split's output name, so that
+/// executors that run one output per step can run it.
+pub fn split_as_slices(
+    n: &crate::ir::Node,
+    shapes: &shape::Shapes,
+) -> Result<Vec<crate::ir::Node>> {
+    let x = n.input(0).unwrap_or_default();
+    let xs = &shapes
+        .get(x)
+        .ok_or_else(|| invalid(format!("{}: input {x} has no known shape", n.name)))?
+        .shape;
+    let (axis, sizes) = shape::split_sizes(n, shapes, xs)?;
+    let mut start = 0i64;
+    let mut out = Vec::new();
+    for (k, (o, &len)) in n.outputs.iter().zip(&sizes).enumerate() {
+        let end = start + len as i64;
+        if !o.is_empty() {
+            out.push(crate::ir::Node::new(
+                format!("{}/part{k}", n.name),
+                Op::Slice {
+                    starts: Some(vec![start]),
+                    ends: Some(vec![end]),
+                    axes: Some(vec![axis as i64]),
+                },
+                &[x],
+                &[o],
+            ));
+        }
+        start = end;
+    }
+    Ok(out)
+}

@@ -566,11 +566,335 @@ fn infer_node_inner(node: &Node, s: &Shapes) -> Result<Vec<ValueShape>> {
             o.extend(&d.shape[a + 1..]);
             vs(d.dtype, o)
         }
+        Op::Slice { .. } => {
+            let v = x()?;
+            let axes = slice_axes(node, s, &v.shape)?;
+            vs(v.dtype, axes.iter().map(|a| a.len).collect())
+        }
+        Op::Split { .. } => {
+            let v = x()?;
+            let (axis, sizes) = split_sizes(node, s, &v.shape)?;
+            return Ok(sizes
+                .iter()
+                .map(|&n| {
+                    let mut o = v.shape.clone();
+                    o[axis] = n;
+                    vs(v.dtype, o)
+                })
+                .collect());
+        }
+        Op::Erf | Op::Gelu { .. } | Op::Sqrt => {
+            let v = x()?;
+            vs(v.dtype, v.shape.clone())
+        }
+        Op::Not => vs(DataType::Bool, x()?.shape.clone()),
+        Op::Pow | Op::Mod { .. } => {
+            let (a, b) = (x()?, get(node, s, 1)?);
+            vs(a.dtype, broadcast(node, &a.shape, &b.shape)?)
+        }
+        Op::Range => {
+            return Err(shape_err(
+                node,
+                "start, limit and delta must be constants for a given input shape",
+            ))
+        }
+        Op::LayerNormalization { axis, .. } => {
+            let v = x()?;
+            let a = norm_axis(node, *axis, v.shape.len())?;
+            for i in 1..3 {
+                if let Some(p) = opt(node, s, i) {
+                    if broadcast(node, &p.shape, &v.shape[a..])? != v.shape[a..] {
+                        return Err(shape_err(
+                            node,
+                            format!(
+                                "{} {:?} does not broadcast to the normalized shape {:?}",
+                                if i == 1 { "Scale" } else { "B" },
+                                p.shape,
+                                &v.shape[a..]
+                            ),
+                        ));
+                    }
+                }
+            }
+            let mut stats = v.shape.clone();
+            stats[a..].iter_mut().for_each(|d| *d = 1);
+            return Ok(vec![
+                vs(v.dtype, v.shape.clone()),
+                vs(DataType::Float, stats.clone()),
+                vs(DataType::Float, stats),
+            ]);
+        }
+        Op::Pad { .. } => {
+            let v = x()?;
+            let p = pad_spec(node, s, &v.shape)?;
+            vs(v.dtype, p.out_shape)
+        }
+        Op::ScatterND => {
+            let v = x()?;
+            vs(v.dtype, v.shape.clone())
+        }
         Op::Shape { .. } | Op::Constant(_) => {
             return Err(shape_err(node, "could not be evaluated"));
         }
     };
     Ok(vec![out])
+}
+
+/// One axis of a resolved Slice: the output takes `len` elements of the
+/// input, `start`, `start + step`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SliceAxis {
+    /// First input index.
+    pub start: usize,
+    /// Stride between taken indices (negative walks backwards).
+    pub step: i64,
+    /// Number of indices taken.
+    pub len: usize,
+}
+
+/// Resolves a Slice for an input of `shape`: one entry per input axis
+/// (untouched axes take everything), with ONNX's clamping of starts and ends.
+pub fn slice_axes(node: &Node, s: &Shapes, shape: &[usize]) -> Result<Vec<SliceAxis>> {
+    let Op::Slice { starts, ends, axes } = &node.op else {
+        return Err(shape_err(node, "not a Slice"));
+    };
+    let input_or = |attr: &Option<Vec<i64>>, i: usize, what: &str| -> Result<Option<Vec<i64>>> {
+        match attr {
+            Some(a) => Ok(Some(a.clone())),
+            None if node.input(i).is_some() => Ok(Some(const_ints(node, s, i, what)?)),
+            None => Ok(None),
+        }
+    };
+    let starts = input_or(starts, 1, "starts")?.ok_or_else(|| shape_err(node, "needs starts"))?;
+    let ends = input_or(ends, 2, "ends")?.ok_or_else(|| shape_err(node, "needs ends"))?;
+    let rank = shape.len();
+    let axes = match input_or(axes, 3, "axes")? {
+        Some(a) => a
+            .iter()
+            .map(|&v| norm_axis(node, v, rank))
+            .collect::<Result<Vec<_>>>()?,
+        None => (0..starts.len()).collect(),
+    };
+    let steps = match node.input(4) {
+        Some(_) => const_ints(node, s, 4, "steps")?,
+        None => vec![1; starts.len()],
+    };
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(shape_err(
+            node,
+            format!(
+                "starts, ends, axes and steps differ in length ({}, {}, {}, {})",
+                starts.len(),
+                ends.len(),
+                axes.len(),
+                steps.len()
+            ),
+        ));
+    }
+    let mut out: Vec<SliceAxis> = shape
+        .iter()
+        .map(|&d| SliceAxis {
+            start: 0,
+            step: 1,
+            len: d,
+        })
+        .collect();
+    let mut seen = vec![false; rank];
+    for (k, &a) in axes.iter().enumerate() {
+        if std::mem::replace(&mut seen[a], true) {
+            return Err(shape_err(node, format!("axis {a} is sliced twice")));
+        }
+        let dim = shape[a] as i64;
+        let step = steps[k];
+        if step == 0 {
+            return Err(shape_err(node, "a step is 0"));
+        }
+        let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+        let (start, end) = if step > 0 {
+            (wrap(starts[k]).clamp(0, dim), wrap(ends[k]).clamp(0, dim))
+        } else {
+            (
+                wrap(starts[k]).clamp(0, (dim - 1).max(0)),
+                wrap(ends[k]).clamp(-1, dim - 1),
+            )
+        };
+        let span = if step > 0 { end - start } else { start - end };
+        let len = if span <= 0 {
+            0
+        } else {
+            (span + step.abs() - 1) / step.abs()
+        };
+        out[a] = SliceAxis {
+            start: if len == 0 { 0 } else { start as usize },
+            step,
+            len: len as usize,
+        };
+    }
+    Ok(out)
+}
+
+/// The axis and the part sizes of a Split for an input of `shape`.
+pub fn split_sizes(node: &Node, s: &Shapes, shape: &[usize]) -> Result<(usize, Vec<usize>)> {
+    let Op::Split { axis, split } = &node.op else {
+        return Err(shape_err(node, "not a Split"));
+    };
+    let a = norm_axis(node, *axis, shape.len())?;
+    let dim = shape[a];
+    let given = match (split, node.input(1)) {
+        (Some(v), _) => Some(v.clone()),
+        (None, Some(_)) => Some(const_ints(node, s, 1, "split")?),
+        (None, None) => None,
+    };
+    let parts = node.outputs.len().max(1);
+    let sizes: Vec<usize> = match given {
+        Some(v) => {
+            if v.iter().any(|&x| x < 0) {
+                return Err(shape_err(node, format!("negative split sizes {v:?}")));
+            }
+            v.iter().map(|&x| x as usize).collect()
+        }
+        None => {
+            let each = dim.div_ceil(parts);
+            (0..parts)
+                .map(|i| each.min(dim.saturating_sub(i * each)))
+                .collect()
+        }
+    };
+    if sizes.len() != node.outputs.len() || sizes.iter().sum::<usize>() != dim {
+        return Err(shape_err(
+            node,
+            format!(
+                "split sizes {sizes:?} do not divide dimension {dim} into {} outputs",
+                node.outputs.len()
+            ),
+        ));
+    }
+    Ok((a, sizes))
+}
+
+/// A resolved Pad: padding before and after each axis (negative crops), the
+/// fill value and the output shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PadSpec {
+    /// Elements added before each axis.
+    pub begin: Vec<i64>,
+    /// Elements added after each axis.
+    pub end: Vec<i64>,
+    /// Fill value of constant mode.
+    pub value: f32,
+    /// Output shape.
+    pub out_shape: Vec<usize>,
+}
+
+/// Resolves a Pad for an input of `shape` (`pads` and `axes` must be
+/// constants).
+pub fn pad_spec(node: &Node, s: &Shapes, shape: &[usize]) -> Result<PadSpec> {
+    let Op::Pad { pads, value, .. } = &node.op else {
+        return Err(shape_err(node, "not a Pad"));
+    };
+    let rank = shape.len();
+    let raw = match pads {
+        Some(p) => p.clone(),
+        None => const_ints(node, s, 1, "pads")?,
+    };
+    let value = match (pads, opt(node, s, 2)) {
+        (None, Some(v)) => match &v.value {
+            Some(t) => t.to_f32_vec().first().copied().unwrap_or(0.0),
+            None => {
+                return Err(shape_err(
+                    node,
+                    "constant_value (input 2) must be a constant",
+                ))
+            }
+        },
+        _ => *value,
+    };
+    let axes: Vec<usize> = match node.input(3) {
+        Some(_) if pads.is_none() => const_ints(node, s, 3, "axes")?
+            .iter()
+            .map(|&a| norm_axis(node, a, rank))
+            .collect::<Result<_>>()?,
+        _ => (0..rank).collect(),
+    };
+    if raw.len() != 2 * axes.len() {
+        return Err(shape_err(
+            node,
+            format!("pads {raw:?} need {} values", 2 * axes.len()),
+        ));
+    }
+    let (mut begin, mut end) = (vec![0i64; rank], vec![0i64; rank]);
+    for (k, &a) in axes.iter().enumerate() {
+        begin[a] = raw[k];
+        end[a] = raw[k + axes.len()];
+    }
+    let out_shape = (0..rank)
+        .map(|i| {
+            let d = shape[i] as i64 + begin[i] + end[i];
+            if d < 0 {
+                Err(shape_err(
+                    node,
+                    format!("pads {raw:?} crop axis {i} of {shape:?} below zero"),
+                ))
+            } else {
+                Ok(d as usize)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PadSpec {
+        begin,
+        end,
+        value,
+        out_shape,
+    })
+}
+
+/// Where ScatterND writes: the flat offset in the data of each update
+/// slice, and the slice length. `indices` has shape `idx_shape`, its last
+/// dimension indexing the leading axes of `data_shape`.
+pub fn scatter_offsets(
+    node: &Node,
+    data_shape: &[usize],
+    indices: &[i64],
+    idx_shape: &[usize],
+    updates_len: usize,
+) -> Result<(Vec<usize>, usize)> {
+    let k = *idx_shape
+        .last()
+        .ok_or_else(|| shape_err(node, "indices must have rank 1 or more"))?;
+    if k > data_shape.len() {
+        return Err(shape_err(
+            node,
+            format!(
+                "index tuples of length {k} for data of rank {}",
+                data_shape.len()
+            ),
+        ));
+    }
+    let slice: usize = data_shape[k..].iter().product();
+    let n = indices.len().checked_div(k).unwrap_or(0);
+    if n * slice != updates_len {
+        return Err(shape_err(
+            node,
+            format!("updates hold {updates_len} values, the indices address {n} slices of {slice}"),
+        ));
+    }
+    let mut offsets = Vec::with_capacity(n);
+    for t in indices.chunks(k.max(1)).take(n) {
+        let mut off = 0usize;
+        for (j, &i) in t.iter().enumerate() {
+            let d = data_shape[j] as i64;
+            let w = if i < 0 { i + d } else { i };
+            if w < 0 || w >= d {
+                return Err(shape_err(
+                    node,
+                    format!("index {i} out of range for dimension {d}"),
+                ));
+            }
+            off = off * data_shape[j] + w as usize;
+        }
+        offsets.push(off * slice);
+    }
+    Ok((offsets, slice))
 }
 
 /// MatMul operand shapes with numpy's 1-D promotion: a vector A becomes
@@ -816,6 +1140,14 @@ fn fold(node: &Node, s: &Shapes) -> Result<Option<Tensor>> {
             | Op::Div
             | Op::Identity
             | Op::Flatten { .. }
+            | Op::Slice { .. }
+            | Op::Transpose { .. }
+            | Op::Range
+            | Op::Mod { .. }
+            | Op::Not
+            | Op::Sqrt
+            | Op::Pow
+            | Op::ScatterND
     );
     if !foldable {
         return Ok(None);
@@ -900,10 +1232,107 @@ fn fold(node: &Node, s: &Shapes) -> Result<Option<Tensor>> {
                     format!("cannot expand {:?} to {shape:?}", a.shape())
                 )))
         }
-        Op::Equal | Op::Where | Op::Add | Op::Sub | Op::Mul | Op::Div => elementwise(node, &vals)?,
+        Op::Slice { .. } => {
+            let axes = slice_axes(node, s, vals[0].shape())?;
+            let mut t = vals[0].clone();
+            for (a, sl) in axes.iter().enumerate() {
+                let idx: Vec<usize> = (0..sl.len)
+                    .map(|k| (sl.start as i64 + k as i64 * sl.step) as usize)
+                    .collect();
+                t = map_each!(&t, |arr| Ok::<_, GraphError>(arr.select(Axis(a), &idx)));
+            }
+            t
+        }
+        Op::Range => range(node, &vals)?,
+        Op::Transpose { perm } => {
+            let p = transpose_perm(node, perm.as_deref(), vals[0].shape().len())?;
+            map_each!(vals[0], |a| Ok::<_, GraphError>(
+                a.clone()
+                    .permuted_axes(IxDyn(&p))
+                    .as_standard_layout()
+                    .into_owned()
+            ))
+        }
+        Op::ScatterND => {
+            let idx = vals[1]
+                .to_i64_vec()
+                .ok_or_else(|| shape_err(node, "ScatterND indices must be integers"))?;
+            let (offsets, slice) =
+                scatter_offsets(node, vals[0].shape(), &idx, vals[1].shape(), vals[2].len())?;
+            macro_rules! scatter {
+                ($($v:ident),*) => {
+                    match (vals[0], vals[2]) {
+                        $((Tensor::$v(d), Tensor::$v(u)) => {
+                            let mut out = d.as_standard_layout().into_owned();
+                            let u = u.as_standard_layout();
+                            let (dst, src) = (
+                                out.as_slice_mut().ok_or_else(|| shape_err(node, "layout"))?,
+                                u.as_slice().ok_or_else(|| shape_err(node, "layout"))?,
+                            );
+                            for (i, &o) in offsets.iter().enumerate() {
+                                dst[o..o + slice].copy_from_slice(&src[i * slice..(i + 1) * slice]);
+                            }
+                            Tensor::$v(out)
+                        })*
+                        _ => return Err(shape_err(node, "data and updates differ in type")),
+                    }
+                };
+            }
+            scatter!(F32, U8, I8, I32, I64, Bool)
+        }
+        Op::Equal
+        | Op::Where
+        | Op::Add
+        | Op::Sub
+        | Op::Mul
+        | Op::Div
+        | Op::Mod { .. }
+        | Op::Pow
+        | Op::Not
+        | Op::Sqrt => elementwise(node, &vals)?,
         _ => return Ok(None),
     };
     Ok(Some(t))
+}
+
+/// Range on constant scalars, in the type of `start`.
+fn range(node: &Node, vals: &[&Tensor]) -> Result<Tensor> {
+    if vals.len() != 3 || vals.iter().any(|t| t.len() != 1) {
+        return Err(shape_err(node, "start, limit and delta must be scalars"));
+    }
+    if let (Some(a), Some(b), Some(d)) = (
+        vals[0].to_i64_vec(),
+        vals[1].to_i64_vec(),
+        vals[2].to_i64_vec(),
+    ) {
+        let (a, b, d) = (a[0], b[0], d[0]);
+        if d == 0 {
+            return Err(shape_err(node, "delta is 0"));
+        }
+        let n = ((b - a) as f64 / d as f64).ceil().max(0.0) as usize;
+        if n > MAX_FOLD_ELEMENTS {
+            return Err(shape_err(node, format!("{n} elements is too many")));
+        }
+        let v: Vec<i64> = (0..n as i64).map(|i| a + i * d).collect();
+        return Ok(match vals[0] {
+            Tensor::I32(_) => {
+                Tensor::I32(ndarray::Array1::from_iter(v.iter().map(|&x| x as i32)).into_dyn())
+            }
+            _ => Tensor::vec_i64(&v),
+        });
+    }
+    let f = |t: &Tensor| t.to_f32_vec()[0];
+    let (a, b, d) = (f(vals[0]), f(vals[1]), f(vals[2]));
+    if d == 0.0 || !(a.is_finite() && b.is_finite() && d.is_finite()) {
+        return Err(shape_err(node, "delta is 0 or a bound is not finite"));
+    }
+    let n = ((b - a) / d).ceil().max(0.0) as usize;
+    if n > MAX_FOLD_ELEMENTS {
+        return Err(shape_err(node, format!("{n} elements is too many")));
+    }
+    Ok(Tensor::F32(
+        ndarray::Array1::from_iter((0..n).map(|i| a + i as f32 * d)).into_dyn(),
+    ))
 }
 
 /// Inference without constant folding (the output shape of a foldable node).
@@ -1021,6 +1450,20 @@ fn elementwise(node: &Node, vals: &[&Tensor]) -> Result<Tensor> {
                 }
             }
             Op::Equal => (a == b) as u8 as f64,
+            Op::Not => (a == 0.0) as u8 as f64,
+            Op::Sqrt => a.sqrt(),
+            Op::Pow => a.powf(b),
+            Op::Mod { fmod } => {
+                if vals[0].dtype() != DataType::Float && b == 0.0 {
+                    return Err(shape_err(node, "integer modulo by zero"));
+                }
+                let r = a % b;
+                if fmod || r == 0.0 || (r < 0.0) == (b < 0.0) {
+                    r
+                } else {
+                    r + b
+                }
+            }
             Op::Where => {
                 if a != 0.0 {
                     b
@@ -1032,7 +1475,7 @@ fn elementwise(node: &Node, vals: &[&Tensor]) -> Result<Tensor> {
         });
     }
     let out_type = match node.op {
-        Op::Equal => DataType::Bool,
+        Op::Equal | Op::Not => DataType::Bool,
         Op::Where => vals[1].dtype(),
         _ => vals[0].dtype(),
     };

@@ -121,6 +121,38 @@ fn unsupported_ops_are_all_listed() {
 }
 
 #[test]
+fn unsupported_ops_are_grouped_by_type() {
+    let m = onnx::load(fixture()).unwrap();
+    let mut proto = onnx::model_to_proto(&m);
+    let g = proto.graph.as_mut().unwrap();
+    for k in [1, 4, 6, 8, 10] {
+        g.node[k].op_type = "MysteryOp".into();
+    }
+    g.node[2].op_type = "OtherOp".into();
+    let p = tmp("unsupported_grouped.onnx");
+    std::fs::write(&p, prost::Message::encode_to_vec(&proto)).unwrap();
+    let msg = onnx::load(&p).unwrap_err().to_string();
+    assert!(
+        msg.starts_with("unsupported operators (6 nodes): "),
+        "{msg}"
+    );
+    // One entry per type, in order of first use, three names and a count.
+    assert_eq!(msg.matches("MysteryOp").count(), 1, "{msg}");
+    assert!(
+        msg.contains("MysteryOp: operator not supported (5 nodes: "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(" and 2 more); OtherOp: operator not supported (1 node: "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&proto.graph.as_ref().unwrap().node[1].name),
+        "{msg}"
+    );
+}
+
+#[test]
 fn save_roundtrip_is_identical() {
     let m = onnx::load(fixture()).unwrap();
     let p = tmp("roundtrip.onnx");

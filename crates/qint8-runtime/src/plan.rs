@@ -109,6 +109,24 @@ pub(crate) enum Kernel {
         b: Vec<f32>,
         inner: usize,
     },
+    Slice {
+        shape: Vec<usize>,
+        axes: Vec<shape::SliceAxis>,
+    },
+    LayerNorm {
+        scale: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f32,
+    },
+    Pad {
+        shape: Vec<usize>,
+        spec: shape::PadSpec,
+        mode: qint8_graph::PadMode,
+    },
+    ScatterNd {
+        offsets: Vec<usize>,
+        slice: usize,
+    },
     Copy,
     Quantize {
         params: QuantParams,
@@ -348,7 +366,26 @@ pub(crate) fn compile(
     let mut bypassed: HashSet<usize> = HashSet::new();
     let mut scratch_len = 0usize;
     let mut const_bytes = 0usize;
+    // Splits run as one Slice step per output (steps have one output).
+    let mut parts: HashMap<usize, Vec<Node>> = HashMap::new();
     for (idx, node) in g.nodes.iter().enumerate() {
+        if matches!(node.op, Op::Split { .. }) {
+            parts.insert(
+                idx,
+                qint8_graph::passes::split_as_slices(node, &shapes)
+                    .map_err(|e| node_err(node, e.to_string()))?,
+            );
+        }
+    }
+    let steps = g
+        .nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(idx, node)| match parts.get(&idx) {
+            Some(p) => p.iter().map(|n| (idx, n)).collect::<Vec<_>>(),
+            None => vec![(idx, node)],
+        });
+    for (idx, node) in steps {
         if skip.contains(&idx) {
             continue;
         }
@@ -1381,6 +1418,77 @@ fn build_kernel(
             Kernel::Unary(Unary::Act(Activation::Clip(lo, hi)))
         }
         Op::Sigmoid => Kernel::Unary(Unary::Sigmoid),
+        Op::Erf => Kernel::Unary(Unary::Erf),
+        Op::Gelu { tanh } => Kernel::Unary(Unary::Gelu(*tanh)),
+        Op::Sqrt => Kernel::Unary(Unary::Sqrt),
+        Op::Not => Kernel::Unary(Unary::Not),
+        Op::Pow | Op::Mod { .. } => {
+            let op = match node.op {
+                Op::Mod { fmod } => BinOp::Mod(fmod),
+                _ => BinOp::Pow,
+            };
+            let (a, b) = (x_shape()?, in_shape(node, shapes, 1)?);
+            Kernel::Binary(op, Broadcast::new(&[a, b], out_shape))
+        }
+        Op::Slice { .. } => {
+            let xs = x_shape()?;
+            Kernel::Slice {
+                shape: xs.to_vec(),
+                axes: shape::slice_axes(node, shapes, xs)?,
+            }
+        }
+        Op::LayerNormalization { axis, epsilon } => {
+            if node.outputs[1..].iter().any(|o| !o.is_empty()) {
+                return Err(node_err(
+                    node,
+                    "the Mean and InvStdDev outputs are not supported",
+                ));
+            }
+            let xs = x_shape()?;
+            let a = shape::norm_axis(node, *axis, xs.len())?;
+            let norm = &xs[a..];
+            let n: usize = norm.iter().product();
+            // Scale and bias broadcast to the normalized shape once, here.
+            let full = |i: usize, what: &str| -> Result<Vec<f32>> {
+                let v = const_of(node, ins, i, what)?;
+                let mut o = vec![0.0; n];
+                ew::expand(
+                    &Broadcast::new(&[in_shape(node, shapes, i)?], norm),
+                    v,
+                    &mut o,
+                );
+                Ok(o)
+            };
+            Kernel::LayerNorm {
+                scale: full(1, "Scale")?,
+                bias: match node.input(2) {
+                    Some(_) => full(2, "B")?,
+                    None => vec![0.0; n],
+                },
+                eps: *epsilon,
+            }
+        }
+        Op::Pad { mode, .. } => {
+            let xs = x_shape()?;
+            Kernel::Pad {
+                shape: xs.to_vec(),
+                spec: shape::pad_spec(node, shapes, xs)?,
+                mode: *mode,
+            }
+        }
+        Op::ScatterND => {
+            let idx_vals = const_of(node, ins, 1, "indices")?;
+            let idx: Vec<i64> = idx_vals.iter().map(|&v| v as i64).collect();
+            let (offsets, slice) = shape::scatter_offsets(
+                node,
+                x_shape()?,
+                &idx,
+                in_shape(node, shapes, 1)?,
+                in_shape(node, shapes, 2)?.iter().product(),
+            )
+            .map_err(|e| node_err(node, e.to_string()))?;
+            Kernel::ScatterNd { offsets, slice }
+        }
         Op::HardSigmoid { alpha, beta } => Kernel::Unary(Unary::HardSigmoid(*alpha, *beta)),
         Op::HardSwish => Kernel::Unary(Unary::HardSwish),
         Op::MaxPool(p) | Op::AveragePool(p) => {
@@ -1670,6 +1778,12 @@ pub(crate) fn run_kernel(
         }
         Kernel::Gather { n, inner, idx } => ew::gather(ins[0], out, *n, *inner, idx),
         Kernel::Affine { a, b, inner } => ew::channel_affine(ins[0], out, a, b, *inner),
+        Kernel::Slice { shape, axes } => ew::slice(ins[0], shape, axes, out),
+        Kernel::LayerNorm { scale, bias, eps } => ew::layer_norm(ins[0], out, scale, bias, *eps),
+        Kernel::Pad { shape, spec, mode } => ew::pad(ins[0], shape, spec, *mode, out),
+        Kernel::ScatterNd { offsets, slice } => {
+            ew::scatter_nd(ins[0], ins[2], offsets, *slice, out)
+        }
         Kernel::Copy => out.copy_from_slice(&ins[0][..out.len()]),
         Kernel::Quantize { params, shape } => quantize_as_f32(ins[0], shape, params, out),
         Kernel::Dequantize { params, shape } => dequantize_f32(ins[0], shape, params, out),

@@ -397,6 +397,175 @@ fn cases() -> Vec<Case> {
             vec![Node::new("gap", Op::GlobalAveragePool, &["x"], &["y"])],
             vec![],
         ),
+        // Steps forward and backward, clamped and negative bounds, an
+        // omitted axis; then attribute-form slices as Split lowers to.
+        case(
+            "slice_steps",
+            &[2, 6, 7, 5],
+            &[2, 3, 3, 2],
+            vec![Node::new(
+                "sl",
+                Op::Slice {
+                    starts: None,
+                    ends: None,
+                    axes: None,
+                },
+                &["x", "st", "en", "ax", "sp"],
+                &["y"],
+            )],
+            vec![
+                ("st", Tensor::vec_i64(&[-1, 1, i64::MAX])),
+                ("en", Tensor::vec_i64(&[-100, 100, 0])),
+                ("ax", Tensor::vec_i64(&[1, 2, -1])),
+                ("sp", Tensor::vec_i64(&[-2, 2, -3])),
+            ],
+        ),
+        case(
+            "split_sizes_and_equal",
+            &[2, 6, 4, 3],
+            &[2, 6, 4, 3],
+            vec![
+                Node::new(
+                    "s1",
+                    Op::Split {
+                        axis: 1,
+                        split: None,
+                    },
+                    &["x", "sizes"],
+                    &["a", "b"],
+                ),
+                Node::new(
+                    "s2",
+                    Op::Split {
+                        axis: -1,
+                        split: None,
+                    },
+                    &["a"],
+                    &["c", "d", "e"],
+                ),
+                Node::new("cat", Op::Concat { axis: -1 }, &["e", "c", "d"], &["f"]),
+                Node::new("cat2", Op::Concat { axis: 1 }, &["b", "f"], &["y"]),
+            ],
+            vec![("sizes", Tensor::vec_i64(&[2, 4]))],
+        ),
+        case(
+            "erf_sqrt_pow_mod",
+            &x4,
+            &x4,
+            vec![
+                Node::new("erf", Op::Erf, &["x"], &["a"]),
+                Node::new("sq", Op::Mul, &["x", "x"], &["b"]),
+                Node::new("sqrt", Op::Sqrt, &["b"], &["c"]),
+                Node::new("pow", Op::Pow, &["c", "e"], &["d"]),
+                Node::new("mod", Op::Mod { fmod: true }, &["x", "m"], &["f"]),
+                Node::new("s1", Op::Add, &["a", "d"], &["g"]),
+                Node::new("y", Op::Add, &["g", "f"], &["y"]),
+            ],
+            vec![
+                ("e", Tensor::scalar_f32(1.7)),
+                ("m", Tensor::scalar_f32(0.75)),
+            ],
+        ),
+        case(
+            "layer_norm_last_two_axes",
+            &[2, 3, 5, 8],
+            &[2, 3, 5, 8],
+            vec![Node::new(
+                "ln",
+                Op::LayerNormalization {
+                    axis: -2,
+                    epsilon: 1e-5,
+                },
+                &["x", "g", "b"],
+                &["y"],
+            )],
+            vec![
+                ("g", f32_init(&[5, 8], 20, 1.0)),
+                ("b", f32_init(&[8], 21, 1.0)),
+            ],
+        ),
+        case(
+            "pad_constant_reflect_edge",
+            &[2, 3, 5, 6],
+            &[2, 3, 11, 8],
+            vec![
+                Node::new(
+                    "p1",
+                    Op::Pad {
+                        mode: qint8_graph::PadMode::Constant,
+                        pads: None,
+                        value: 0.0,
+                    },
+                    &["x", "p1s", "fill"],
+                    &["a"],
+                ),
+                Node::new(
+                    "p2",
+                    Op::Pad {
+                        mode: qint8_graph::PadMode::Reflect,
+                        pads: None,
+                        value: 0.0,
+                    },
+                    &["a", "p2s"],
+                    &["b"],
+                ),
+                Node::new(
+                    "p3",
+                    Op::Pad {
+                        mode: qint8_graph::PadMode::Edge,
+                        pads: None,
+                        value: 0.0,
+                    },
+                    &["b", "p3s"],
+                    &["y"],
+                ),
+            ],
+            vec![
+                ("p1s", Tensor::vec_i64(&[0, 0, 1, 2, 0, 0, 2, -1])),
+                ("fill", Tensor::scalar_f32(0.5)),
+                ("p2s", Tensor::vec_i64(&[0, 0, 2, 0, 0, 0, 1, 0])),
+                ("p3s", Tensor::vec_i64(&[0, 0, 0, 1, 0, 0, 0, 1])),
+            ],
+        ),
+        // Not, Range, Mod and ScatterND as swin's mask subgraph uses them,
+        // folded from constants, then a runtime scatter into the input.
+        case(
+            "scatter_range_not",
+            &[4, 5],
+            &[4, 5],
+            vec![
+                Node::new("r", Op::Range, &["r0", "r1", "r2"], &["ra"]),
+                Node::new("md", Op::Mod { fmod: false }, &["ra", "three"], &["rm"]),
+                Node::new("eq", Op::Equal, &["rm", "zero"], &["rb"]),
+                Node::new("nt", Op::Not, &["rb"], &["rn"]),
+                Node::new("cf", Op::Cast { to: 1 }, &["rn"], &["rf"]),
+                Node::new("sc", Op::ScatterND, &["x", "idx", "upd"], &["a"]),
+                Node::new("y", Op::Add, &["a", "rf"], &["y"]),
+            ],
+            vec![
+                ("r0", Tensor::I64(ndarray::arr0(-3i64).into_dyn())),
+                ("r1", Tensor::I64(ndarray::arr0(7i64).into_dyn())),
+                ("r2", Tensor::I64(ndarray::arr0(2i64).into_dyn())),
+                ("three", Tensor::I64(ndarray::arr0(3i64).into_dyn())),
+                ("zero", Tensor::I64(ndarray::arr0(0i64).into_dyn())),
+                ("idx", Tensor::I64(ndarray::arr2(&[[2i64], [0]]).into_dyn())),
+                ("upd", f32_init(&[2, 5], 22, 1.0)),
+            ],
+        ),
+        Case {
+            opset: 20,
+            ..case(
+                "gelu_exact_and_tanh",
+                &x4,
+                &x4,
+                vec![
+                    Node::new("g1", Op::Gelu { tanh: false }, &["x"], &["a"]),
+                    Node::new("g2", Op::Gelu { tanh: true }, &["x"], &["b"]),
+                    Node::new("y", Op::Add, &["a", "b"], &["y"]),
+                ],
+                vec![],
+            )
+        },
     ]
 }
 

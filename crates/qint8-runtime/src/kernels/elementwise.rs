@@ -21,6 +21,10 @@ pub enum BinOp {
     Div,
     /// 1.0 where a == b, else 0.0
     Equal,
+    /// a to the power b
+    Pow,
+    /// Remainder: C's `fmod` (`true`), or with the divisor's sign.
+    Mod(bool),
 }
 
 impl BinOp {
@@ -32,8 +36,42 @@ impl BinOp {
             BinOp::Mul => a * b,
             BinOp::Div => a / b,
             BinOp::Equal => (a == b) as u8 as f32,
+            BinOp::Pow => a.powf(b),
+            BinOp::Mod(fmod) => modulo(a, b, fmod),
         }
     }
+}
+
+/// ONNX Mod: `a % b` (C `fmod`), or with the divisor's sign (Python's `%`,
+/// ONNX's default for integers).
+#[inline(always)]
+fn modulo(a: f32, b: f32, fmod: bool) -> f32 {
+    let r = a % b;
+    if fmod || r == 0.0 || (r < 0.0) == (b < 0.0) {
+        r
+    } else {
+        r + b
+    }
+}
+
+/// Gauss error function (single precision).
+#[inline(always)]
+pub fn erf(v: f32) -> f32 {
+    libm::erff(v)
+}
+
+/// GELU, `x * Phi(x)`.
+#[inline(always)]
+pub fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU's tanh approximation.
+#[inline(always)]
+pub fn gelu_tanh(v: f32) -> f32 {
+    // sqrt(2 / pi)
+    const K: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + (K * (v + 0.044_715 * v * v * v)).tanh())
 }
 
 /// Strides of `shape` broadcast to `out` (0 on broadcast axes), aligned to `out`'s rank.
@@ -178,6 +216,8 @@ multiversion! {
             BinOp::Mul => lp!(|x: f32, y: f32| x * y),
             BinOp::Div => lp!(|x: f32, y: f32| x / y),
             BinOp::Equal => lp!(|x: f32, y: f32| (x == y) as u8 as f32),
+            BinOp::Pow => lp!(|x: f32, y: f32| x.powf(y)),
+            BinOp::Mod(f) => lp!(|x: f32, y: f32| modulo(x, y, f)),
         }
     }
 }
@@ -225,6 +265,8 @@ multiversion! {
             BinOp::Mul => lp!(|p: f32, q: f32| p * q),
             BinOp::Div => lp!(|p: f32, q: f32| p / q),
             BinOp::Equal => lp!(|p: f32, q: f32| (p == q) as u8 as f32),
+            BinOp::Pow => lp!(|p: f32, q: f32| p.powf(q)),
+            BinOp::Mod(f) => lp!(|p: f32, q: f32| modulo(p, q, f)),
         }
     }
 }
@@ -282,6 +324,14 @@ pub enum Unary {
     HardSigmoid(f32, f32),
     /// x * max(0, min(1, x / 6 + 0.5)).
     HardSwish,
+    /// Gauss error function.
+    Erf,
+    /// GELU, exact (`false`) or its tanh approximation.
+    Gelu(bool),
+    /// Square root.
+    Sqrt,
+    /// Logical not of a 0/1 value.
+    Not,
 }
 
 impl Unary {
@@ -294,6 +344,11 @@ impl Unary {
             Unary::Silu => v * sigmoid(v),
             Unary::HardSigmoid(a, b) => (a * v + b).clamp(0.0, 1.0),
             Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+            Unary::Erf => erf(v),
+            Unary::Gelu(false) => gelu(v),
+            Unary::Gelu(true) => gelu_tanh(v),
+            Unary::Sqrt => v.sqrt(),
+            Unary::Not => (v == 0.0) as u8 as f32,
         }
     }
 }
@@ -326,6 +381,11 @@ multiversion! {
             Unary::Silu => lp!(|v: f32| v * sigmoid(v)),
             Unary::HardSigmoid(a, b) => lp!(|v: f32| (a * v + b).clamp(0.0, 1.0)),
             Unary::HardSwish => lp!(|v: f32| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+            Unary::Erf => lp!(erf),
+            Unary::Gelu(false) => lp!(gelu),
+            Unary::Gelu(true) => lp!(gelu_tanh),
+            Unary::Sqrt => lp!(f32::sqrt),
+            Unary::Not => lp!(|v: f32| (v == 0.0) as u8 as f32),
         }
     }
 }
@@ -441,6 +501,136 @@ pub fn gather(x: &[f32], out: &mut [f32], n: usize, inner: usize, idx: &[usize])
     }
 }
 
+/// Slice: `out` takes, on every axis of `shape`, the indices `start`,
+/// `start + step`, ... that `axes` gives.
+pub fn slice(x: &[f32], shape: &[usize], axes: &[qint8_graph::shape::SliceAxis], out: &mut [f32]) {
+    let rank = shape.len();
+    if rank == 0 || out.is_empty() {
+        out.copy_from_slice(&x[..out.len()]);
+        return;
+    }
+    let mut strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    let last = axes[rank - 1];
+    let rows = out.len() / last.len.max(1);
+    let mut idx = vec![0usize; rank - 1];
+    for r in 0..rows {
+        // Offset of this output row's first element in the input.
+        let mut off = (last.start * strides[rank - 1]) as i64;
+        for a in 0..rank - 1 {
+            off += (axes[a].start as i64 + idx[a] as i64 * axes[a].step) * strides[a] as i64;
+        }
+        let row = &mut out[r * last.len..(r + 1) * last.len];
+        if last.step == 1 {
+            let o = off as usize;
+            row.copy_from_slice(&x[o..o + last.len]);
+        } else {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = x[(off + k as i64 * last.step) as usize];
+            }
+        }
+        for a in (0..rank - 1).rev() {
+            idx[a] += 1;
+            if idx[a] < axes[a].len {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+}
+
+/// Layer normalization over rows of `scale.len()` values:
+/// `(x - mean) / sqrt(var + eps) * scale + bias`.
+pub fn layer_norm(x: &[f32], out: &mut [f32], scale: &[f32], bias: &[f32], eps: f32) {
+    let n = scale.len().max(1);
+    super::for_chunks(out, n * (GRAIN / n).max(1), |t, chunk| {
+        let base = t * n * (GRAIN / n).max(1);
+        for (r, o) in chunk.chunks_mut(n).enumerate() {
+            let xs = &x[base + r * n..base + (r + 1) * n];
+            // Two passes: the variance of the centred values, not E[x^2] - mean^2.
+            let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            let var = xs
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n as f64;
+            let (mean, inv) = (mean as f32, (1.0 / (var + f64::from(eps)).sqrt()) as f32);
+            for (((o, &v), &s), &b) in o.iter_mut().zip(xs).zip(scale).zip(bias) {
+                *o = (v - mean) * inv * s + b;
+            }
+        }
+    });
+}
+
+/// Pad in constant, reflect, edge or wrap mode; `begin` and `end` per axis
+/// (negative values crop).
+pub fn pad(
+    x: &[f32],
+    shape: &[usize],
+    spec: &qint8_graph::shape::PadSpec,
+    mode: qint8_graph::PadMode,
+    out: &mut [f32],
+) {
+    use qint8_graph::PadMode;
+    let rank = shape.len();
+    let os = &spec.out_shape;
+    let mut strides = vec![1usize; rank];
+    for i in (0..rank.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    let mut idx = vec![0usize; rank];
+    for v in out.iter_mut() {
+        let mut off = 0usize;
+        let mut inside = true;
+        for a in 0..rank {
+            let d = shape[a] as i64;
+            let mut i = idx[a] as i64 - spec.begin[a];
+            if i < 0 || i >= d {
+                match mode {
+                    PadMode::Constant => inside = false,
+                    _ if d == 0 => inside = false,
+                    PadMode::Edge => i = i.clamp(0, d - 1),
+                    PadMode::Wrap => i = i.rem_euclid(d),
+                    PadMode::Reflect => {
+                        if d == 1 {
+                            i = 0;
+                        } else {
+                            let p = 2 * (d - 1);
+                            i = i.rem_euclid(p);
+                            if i >= d {
+                                i = p - i;
+                            }
+                        }
+                    }
+                }
+            }
+            if !inside {
+                break;
+            }
+            off += i as usize * strides[a];
+        }
+        *v = if inside { x[off] } else { spec.value };
+        for a in (0..rank).rev() {
+            idx[a] += 1;
+            if idx[a] < os[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+}
+
+/// ScatterND: `out = data` with `slice` values of `updates` written at each
+/// of `offsets` in turn.
+pub fn scatter_nd(data: &[f32], updates: &[f32], offsets: &[usize], slice: usize, out: &mut [f32]) {
+    out.copy_from_slice(&data[..out.len()]);
+    for (i, &o) in offsets.iter().enumerate() {
+        out[o..o + slice].copy_from_slice(&updates[i * slice..(i + 1) * slice]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,5 +740,171 @@ mod tests {
         let e: f32 = (1f32.exp() + 2f32.exp() + 3f32.exp()).recip();
         assert!((s[2] - 3f32.exp() * e).abs() < 1e-6);
         assert!((s[3] - 1.0 / 3.0).abs() < 1e-6);
+    }
+
+    /// The vectorized loops (one per operator, compiled for each SIMD
+    /// level and chosen at run time) against the scalar `apply`, bit for bit.
+    #[test]
+    fn vector_loops_match_scalar_apply() {
+        use proptest::prelude::*;
+        let unaries = [
+            Unary::Sigmoid,
+            Unary::Silu,
+            Unary::HardSigmoid(0.2, 0.5),
+            Unary::HardSwish,
+            Unary::Erf,
+            Unary::Gelu(false),
+            Unary::Gelu(true),
+            Unary::Sqrt,
+            Unary::Not,
+        ];
+        let binaries = [BinOp::Pow, BinOp::Mod(true), BinOp::Mod(false), BinOp::Div];
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        proptest!(|(x in proptest::collection::vec(-8.0f32..8.0, 1..200),
+                    y in proptest::collection::vec(0.1f32..3.0, 1..200))| {
+            for f in unaries {
+                let mut out = vec![0.0; x.len()];
+                unary(f, &x, &mut out);
+                for (v, o) in x.iter().zip(&out) {
+                    prop_assert!(same(f.apply(*v), *o), "{f:?}({v}) = {o}");
+                }
+            }
+            let n = x.len().min(y.len());
+            let plan = Broadcast::new(&[&[n], &[n]], &[n]);
+            for op in binaries {
+                let mut out = vec![0.0; n];
+                binary(op, &plan, &x[..n], &y[..n], &mut out);
+                for k in 0..n {
+                    prop_assert!(same(op.apply(x[k], y[k]), out[k]), "{op:?}({}, {})", x[k], y[k]);
+                }
+            }
+        });
+    }
+
+    /// erf and GELU against values computed in double precision.
+    #[test]
+    fn erf_and_gelu_values() {
+        for (x, e) in [
+            (0.0f32, 0.0f64),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (-2.0, -0.995_322_265_018_952_7),
+            (3.5, 0.999_999_256_901_627_7),
+        ] {
+            assert!((f64::from(erf(x)) - e).abs() < 2e-7, "erf({x})");
+            // gelu(x) = x (1 + erf(x / sqrt 2)) / 2, so at x sqrt 2 it
+            // reads erf(x).
+            let xs = x * std::f32::consts::SQRT_2;
+            let want = f64::from(xs) * (1.0 + e) / 2.0;
+            assert!((f64::from(gelu(xs)) - want).abs() < 1e-6, "gelu({xs})");
+        }
+        // The tanh form stays within 1e-3 of the exact one.
+        for i in -40..40 {
+            let v = i as f32 * 0.2;
+            assert!((gelu(v) - gelu_tanh(v)).abs() < 1e-3, "{v}");
+        }
+    }
+
+    /// Slice and Pad against index-by-index references.
+    #[test]
+    fn slice_and_pad_match_naive() {
+        use qint8_graph::shape::{PadSpec, SliceAxis};
+        let shape = [3usize, 5, 4];
+        let x: Vec<f32> = (0..60).map(|i| i as f32).collect();
+        let at = |i: usize, j: usize, k: usize| x[(i * 5 + j) * 4 + k];
+        let axes = [
+            SliceAxis {
+                start: 2,
+                step: -1,
+                len: 2,
+            },
+            SliceAxis {
+                start: 0,
+                step: 2,
+                len: 3,
+            },
+            SliceAxis {
+                start: 1,
+                step: 1,
+                len: 3,
+            },
+        ];
+        let mut out = vec![0.0; 18];
+        slice(&x, &shape, &axes, &mut out);
+        let mut want = Vec::new();
+        for i in [2, 1] {
+            for j in [0, 2, 4] {
+                for k in 1..4 {
+                    want.push(at(i, j, k));
+                }
+            }
+        }
+        assert_eq!(out, want);
+        for mode in [
+            qint8_graph::PadMode::Constant,
+            qint8_graph::PadMode::Reflect,
+            qint8_graph::PadMode::Edge,
+            qint8_graph::PadMode::Wrap,
+        ] {
+            let spec = PadSpec {
+                begin: vec![0, 2, -1],
+                end: vec![1, 1, 3],
+                value: -7.0,
+                out_shape: vec![4, 8, 6],
+            };
+            let mut out = vec![0.0; 4 * 8 * 6];
+            pad(&x, &shape, &spec, mode, &mut out);
+            let src = |i: i64, d: i64| -> Option<i64> {
+                if (0..d).contains(&i) {
+                    return Some(i);
+                }
+                match mode {
+                    qint8_graph::PadMode::Constant => None,
+                    qint8_graph::PadMode::Edge => Some(i.clamp(0, d - 1)),
+                    qint8_graph::PadMode::Wrap => Some(i.rem_euclid(d)),
+                    qint8_graph::PadMode::Reflect => {
+                        let mut i = i;
+                        while !(0..d).contains(&i) {
+                            i = if i < 0 { -i } else { 2 * (d - 1) - i };
+                        }
+                        Some(i)
+                    }
+                }
+            };
+            for i in 0..4 {
+                for j in 0..8 {
+                    for k in 0..6 {
+                        let v = match (src(i, 3), src(j - 2, 5), src(k + 1, 4)) {
+                            (Some(a), Some(b), Some(c)) => at(a as usize, b as usize, c as usize),
+                            _ => -7.0,
+                        };
+                        let got = out[((i * 8 + j) * 6 + k) as usize];
+                        assert_eq!(got, v, "{mode:?} at {i},{j},{k}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Layer normalization against a double-precision reference.
+    #[test]
+    fn layer_norm_matches_f64() {
+        let n = 24;
+        let x: Vec<f32> = (0..5 * n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3 + 1000.0)
+            .collect();
+        let scale: Vec<f32> = (0..n).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let bias: Vec<f32> = (0..n).map(|i| i as f32 * -0.2).collect();
+        let mut out = vec![0.0; x.len()];
+        layer_norm(&x, &mut out, &scale, &bias, 1e-5);
+        for (r, row) in x.chunks(n).enumerate() {
+            let m = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+            let var = row.iter().map(|&v| (f64::from(v) - m).powi(2)).sum::<f64>() / n as f64;
+            for k in 0..n {
+                let e = (f64::from(row[k]) - m) / (var + 1e-5).sqrt() * f64::from(scale[k])
+                    + f64::from(bias[k]);
+                assert!((f64::from(out[r * n + k]) - e).abs() < 1e-4, "{r},{k}");
+            }
+        }
     }
 }
