@@ -473,3 +473,43 @@ fn float_nodes_match_by_glob_and_their_inputs_stay_unquantized() {
         "{e}"
     );
 }
+
+/// Attention probabilities (Softmax outputs, which TensorRT placement
+/// quantizes as MatMul inputs) keep their observed maximum under every
+/// histogram method, while the other activations are clipped as the method
+/// says: on the ViT fixture entropy's thresholds for them were 0.15-0.5.
+#[test]
+fn softmax_outputs_keep_their_full_range() {
+    let data = calib_set(64);
+    let g = qint8_graph::onnx::load(fixture("models/zoo/vit.onnx"))
+        .unwrap()
+        .graph;
+    let probs: Vec<String> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Softmax { .. }))
+        .map(|n| n.outputs[0].clone())
+        .collect();
+    assert_eq!(probs.len(), 4);
+    let plan = |method| {
+        let cfg = CalibConfig {
+            method,
+            threads: 2,
+            ..Default::default()
+        };
+        calibrate(&g, &data, &cfg, &mut |_| {}).unwrap().plan
+    };
+    let (max, entropy) = (plan(RangeMethod::Max), plan(RangeMethod::entropy()));
+    let amax = |p: &qint8_graph::QuantPlan, t: &str| p.activations[t].channels()[0].scale * 127.0;
+    for t in &probs {
+        let m = amax(&max, t);
+        assert!(m > 0.5 && m <= 1.0 + 1e-6, "{t}: {m}");
+        assert_eq!(amax(&entropy, t), m, "{t}");
+    }
+    let clipped = entropy
+        .activations
+        .keys()
+        .filter(|t| !probs.contains(t) && amax(&entropy, t) < 0.95 * amax(&max, t))
+        .count();
+    assert!(clipped >= 10, "{clipped} activations clipped by entropy");
+}

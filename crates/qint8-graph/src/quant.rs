@@ -182,7 +182,8 @@ pub enum PlacementPolicy {
 }
 
 /// TensorRT's Q/DQ placement ("Q/DQ layer placement" in its developer
-/// guide): both inputs of every Conv, Gemm and MatMul (weights per output
+/// guide): both inputs of every Conv, Gemm and MatMul, attention's products
+/// of two activations included (weights per output
 /// channel: axis 0 for Conv and transposed Gemm weights, the last axis for
 /// plain `[k, n]` Gemm and MatMul weights), the residual input of an Add
 /// that follows a quantized convolution (so TensorRT can fuse the Add into
@@ -203,10 +204,14 @@ pub fn trt_placement(graph: &Graph, float: &BTreeSet<String>) -> Placement {
         let weight_axis = match &node.op {
             Op::Conv(_) => Some(0),
             Op::Gemm { trans_b, .. } => Some(if *trans_b { 0 } else { 1 }),
-            Op::MatMul => graph
-                .initializers
-                .get(node.input(1).unwrap_or(""))
-                .map(|t| t.shape().len().saturating_sub(1)),
+            // Attention's products of two activations too: TensorRT runs a
+            // MatMul in INT8 only when both inputs come from a Q/DQ pair.
+            Op::MatMul => Some(
+                graph
+                    .initializers
+                    .get(node.input(1).unwrap_or(""))
+                    .map_or(0, |t| t.shape().len().saturating_sub(1)),
+            ),
             Op::Add => {
                 let ins: Vec<&str> = node.inputs.iter().map(String::as_str).collect();
                 if let [a, b] = ins[..] {
@@ -324,8 +329,8 @@ pub fn trt_placement(graph: &Graph, float: &BTreeSet<String>) -> Placement {
 ///   A, constant MatMul operands of rank < 2, BatchNormalization's scale and
 ///   a constant Gather data input (whose output then is not quantized
 ///   either). [`Placement::weights`] holds per-channel axes only.
-/// - Softmax outputs get their calibrated range; onnxruntime fixes it to
-///   `[0, 1]` (`adjust_tensor_ranges`).
+/// - Softmax outputs get their observed maximum (calibration never clips
+///   them); onnxruntime fixes the range to `[0, 1]` (`adjust_tensor_ranges`).
 /// - Relu/Clip chains: onnxruntime copies the range an intermediate output
 ///   had before its own consumer's adjustment; here every shared tensor maps
 ///   to the end of its chain (see [`Placement::shared`]).
