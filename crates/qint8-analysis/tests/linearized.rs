@@ -267,19 +267,21 @@ fn a_padded_last_batch_gives_the_results_of_full_batches() {
 #[test]
 fn linearized_names_operators_without_a_gradient() {
     let mut model = linear_model();
-    // A Gather (of both classes, in reverse) between the quantized nodes
-    // and the output.
+    // A ScatterND (the first image's logits overwritten) between the
+    // quantized nodes and the output.
     model.graph.nodes.last_mut().unwrap().outputs[0] = "z".into();
-    model.graph.nodes.push(Node::new(
-        "ga",
-        Op::Gather { axis: 1 },
-        &["z", "order"],
-        &["y"],
-    ));
     model
         .graph
-        .initializers
-        .insert("order".into(), Tensor::vec_i64(&[1, 0]));
+        .nodes
+        .push(Node::new("sc", Op::ScatterND, &["z", "at", "upd"], &["y"]));
+    model.graph.initializers.insert(
+        "at".into(),
+        Tensor::I64(ndarray::arr2(&[[0i64]]).into_dyn()),
+    );
+    model.graph.initializers.insert(
+        "upd".into(),
+        Tensor::F32(ndarray::arr2(&[[0.5f32, -0.5]]).into_dyn()),
+    );
     let cfg = CalibConfig {
         method: RangeMethod::Max,
         smooth: None,
@@ -299,7 +301,7 @@ fn linearized_names_operators_without_a_gradient() {
         &mut |_, _| {},
     )
     .unwrap_err();
-    assert!(err.to_string().contains("Gather"), "{err}");
+    assert!(err.to_string().contains("ScatterND"), "{err}");
 }
 
 #[test]

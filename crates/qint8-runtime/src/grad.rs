@@ -48,14 +48,24 @@ thread_local! {
 fn path(graph: &Graph, from: &[&str], output: &str) -> (Vec<usize>, HashSet<String>) {
     let mut fwd: HashSet<&str> = from.iter().copied().collect();
     for n in &graph.nodes {
-        if n.inputs.iter().any(|i| fwd.contains(i.as_str())) {
+        if n.inputs
+            .iter()
+            .enumerate()
+            .any(|(k, i)| differentiable(&n.op, k) && fwd.contains(i.as_str()))
+        {
             fwd.extend(n.outputs.iter().map(String::as_str));
         }
     }
     let mut back: HashSet<&str> = HashSet::from([output]);
     for n in graph.nodes.iter().rev() {
         if n.outputs.iter().any(|o| back.contains(o.as_str())) {
-            back.extend(n.inputs.iter().map(String::as_str));
+            back.extend(
+                n.inputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| differentiable(&n.op, *k))
+                    .map(|(_, i)| i.as_str()),
+            );
         }
     }
     let live: HashSet<String> = fwd.intersection(&back).map(|s| s.to_string()).collect();
@@ -67,6 +77,39 @@ fn path(graph: &Graph, from: &[&str], output: &str) -> (Vec<usize>, HashSet<Stri
         .map(|(i, _)| i)
         .collect();
     (nodes, live)
+}
+
+/// Whether a gradient flows into input `i` of `op`: not into shapes,
+/// indices, axes, pads or conditions, nor through operators whose output
+/// does not vary smoothly with any input (Shape, comparisons, integer
+/// arithmetic of shape subgraphs).
+fn differentiable(op: &Op, i: usize) -> bool {
+    match op {
+        Op::Shape { .. }
+        | Op::ConstantOfShape { .. }
+        | Op::Equal
+        | Op::Not
+        | Op::Range
+        | Op::Mod { .. } => false,
+        Op::Cast { to } => {
+            qint8_graph::DataType::from_onnx(*to) == Some(qint8_graph::DataType::Float)
+        }
+        Op::Reshape { .. }
+        | Op::Expand
+        | Op::Slice { .. }
+        | Op::Pad { .. }
+        | Op::Squeeze { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Gather { .. }
+        | Op::Split { .. }
+        | Op::Clip { .. }
+        | Op::ReduceMean { .. }
+        | Op::Pow
+        | Op::LayerNormalization { .. } => i == 0,
+        Op::Where => i != 0,
+        Op::ScatterND => i != 1,
+        _ => true,
+    }
 }
 
 /// Whether [`backward`] has a rule for `op`.
@@ -102,7 +145,15 @@ pub fn has_rule(op: &Op) -> bool {
             | Op::Transpose { .. }
             | Op::QuantizeLinear { .. }
             | Op::DequantizeLinear { .. }
-    )
+            | Op::Erf
+            | Op::Gelu { .. }
+            | Op::Sqrt
+            | Op::Pow
+            | Op::Slice { .. }
+            | Op::Pad { .. }
+            | Op::Gather { .. }
+            | Op::LayerNormalization { .. }
+    ) || matches!(op, Op::Cast { to } if qint8_graph::DataType::from_onnx(*to) == Some(qint8_graph::DataType::Float))
 }
 
 /// The operators between `from` and `output` that [`backward`] has no rule
@@ -171,6 +222,17 @@ pub struct Backward<'g> {
     /// Input-gradient kernels chosen for batches on one thread
     /// ([`with_many_images`](Self::with_many_images)).
     many_images: bool,
+    /// Shapes and constants (slice bounds, pads, gather indices, scalars
+    /// computed from shapes) inferred per set of graph input shapes.
+    consts: Mutex<HashMap<Vec<Vec<usize>>, Arc<Consts>>>,
+}
+
+/// What shape inference knows for one set of input shapes: every value's
+/// shape and constant contents, and the constant float values as data.
+#[derive(Debug)]
+struct Consts {
+    shapes: shape::Shapes,
+    floats: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
 impl<'g> Backward<'g> {
@@ -196,7 +258,44 @@ impl<'g> Backward<'g> {
             expanded,
             folded: Mutex::default(),
             many_images: false,
+            consts: Mutex::default(),
         })
+    }
+
+    /// Inferred shapes and constants for the graph input shapes of `values`.
+    fn consts(&self, values: &Values<'_>) -> Result<Arc<Consts>> {
+        let inputs: HashMap<String, Vec<usize>> = self
+            .graph
+            .inputs
+            .iter()
+            .filter_map(|v| {
+                values
+                    .get(&v.name)
+                    .map(|x| (v.name.clone(), x.shape.to_vec()))
+            })
+            .collect();
+        let key: Vec<Vec<usize>> = self
+            .graph
+            .inputs
+            .iter()
+            .map(|v| inputs.get(&v.name).cloned().unwrap_or_default())
+            .collect();
+        let mut cache = self.consts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = cache.get(&key) {
+            return Ok(s.clone());
+        }
+        let shapes = shape::infer(self.graph, &inputs)?;
+        let floats = shapes
+            .iter()
+            .filter_map(|(n, v)| {
+                let t = v.value.as_ref()?;
+                (v.dtype == qint8_graph::DataType::Float)
+                    .then(|| (n.clone(), (v.shape.clone(), t.to_f32_vec())))
+            })
+            .collect();
+        let s = Arc::new(Consts { shapes, floats });
+        cache.insert(key, s.clone());
+        Ok(s)
     }
 
     /// This pass with its convolutions' input gradients on kernels chosen
@@ -351,6 +450,15 @@ impl<'g> Backward<'g> {
             )));
         }
         let want: HashSet<&str> = self.wanted.iter().map(String::as_str).collect();
+        // Constants the plan folded (scalars computed from shapes, as
+        // attention's 1/sqrt(d)) were never recorded: inference gives them.
+        let known = self.consts(values)?;
+        let mut merged: Values<'_> = values.clone();
+        for (name, (shape, data)) in &known.floats {
+            merged.entry(name.clone()).or_insert(Value { shape, data });
+        }
+        let values = &merged;
+        let consts = &known.shapes;
         let mut done: HashSet<&str> = HashSet::new();
         let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
         grads.insert(output.to_string(), seed.to_vec());
@@ -407,11 +515,11 @@ impl<'g> Backward<'g> {
                         Some(gx) => {
                             let mut rest = need.clone();
                             rest[0] = false;
-                            let mut gin = rule(graph, values, node, g, &rest)?;
+                            let mut gin = rule(graph, values, node, g, &rest, consts)?;
                             gin[0] = Some(gx);
                             gin
                         }
-                        None => rule(graph, values, node, g, &need)?,
+                        None => rule(graph, values, node, g, &need, consts)?,
                     }
                 }
             };
@@ -666,17 +774,52 @@ fn rule(
     node: &Node,
     g: Vec<f32>,
     need: &[bool],
+    consts: &shape::Shapes,
 ) -> Result<Vec<Option<Vec<f32>>>> {
     let mut out: Vec<Option<Vec<f32>>> = vec![None; node.inputs.len()];
-    let x = input(graph, values, node, 0)?;
     let y = value(graph, values, node, &node.outputs[0])?;
     if g.len() != y.data.len() {
         return Err(node_err(node, "gradient and output sizes differ"));
     }
+    // Concat needs only its inputs' shapes: one computed by the plan as a
+    // constant (ViT's class token expanded to the batch) was not recorded.
+    if let Op::Concat { axis } = &node.op {
+        let g = &g[..];
+        let rank = y.shape.len();
+        let ax = shape::norm_axis(node, *axis, rank)?;
+        let outer: usize = y.shape[..ax].iter().product();
+        let inner: usize = y.shape[ax + 1..].iter().product();
+        let total = y.shape[ax] * inner;
+        let mut off = 0;
+        for (k, name) in node.inputs.iter().enumerate() {
+            // Only the shape is needed: inputs the plan computed as
+            // constants (ViT's class token expanded to the batch) were
+            // not recorded.
+            let v_shape = match lookup(graph, values, name) {
+                Some(v) => v.shape,
+                None => consts
+                    .get(name)
+                    .map(|v| v.shape.as_slice())
+                    .ok_or_else(|| node_err(node, format!("the shape of {name} is unknown")))?,
+            };
+            let len = v_shape.get(ax).copied().unwrap_or(0) * inner;
+            if need[k] {
+                let mut gi = Vec::with_capacity(outer * len);
+                for o in 0..outer {
+                    gi.extend_from_slice(&g[o * total + off..o * total + off + len]);
+                }
+                out[k] = Some(gi);
+            }
+            off += len;
+        }
+        return Ok(out);
+    }
+    let x = input(graph, values, node, 0)?;
     // Operators that pass the gradient through unchanged take it as is.
     if matches!(
         node.op,
         Op::Identity
+            | Op::Cast { .. }
             | Op::Dropout
             | Op::Flatten { .. }
             | Op::Reshape { .. }
@@ -754,8 +897,148 @@ fn rule(
         out[0] = Some(gx);
         return Ok(out);
     }
+    match node.op {
+        Op::Erf => {
+            // d erf(x) / dx = 2 / sqrt(pi) exp(-x^2)
+            const K: f32 = std::f32::consts::FRAC_2_SQRT_PI;
+            out[0] = Some(in_place(g, x.data, y.data, |g, x, _| {
+                g * K * (-x * x).exp()
+            }));
+            return Ok(out);
+        }
+        Op::Gelu { tanh: false } => {
+            // Phi(x) + x phi(x)
+            out[0] = Some(in_place(g, x.data, y.data, |g, x, _| {
+                let phi = (-0.5 * x * x).exp() * 0.398_942_3;
+                let cdf = 0.5
+                    * (1.0 + crate::kernels::elementwise::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                g * (cdf + x * phi)
+            }));
+            return Ok(out);
+        }
+        Op::Gelu { tanh: true } => {
+            out[0] = Some(in_place(g, x.data, y.data, |g, x, _| {
+                const K: f32 = 0.797_884_6;
+                let t = (K * (x + 0.044_715 * x * x * x)).tanh();
+                g * (0.5 * (1.0 + t)
+                    + 0.5 * x * (1.0 - t * t) * K * (1.0 + 3.0 * 0.044_715 * x * x))
+            }));
+            return Ok(out);
+        }
+        Op::Sqrt => {
+            out[0] = Some(in_place(g, x.data, y.data, |g, _, y| {
+                if y > 0.0 {
+                    g * 0.5 / y
+                } else {
+                    0.0
+                }
+            }));
+            return Ok(out);
+        }
+        _ => {}
+    }
     let g = &g[..];
     match &node.op {
+        Op::Pow => {
+            let e = match lookup(graph, values, &node.inputs[1]) {
+                Some(v) => v.data.to_vec(),
+                None => consts
+                    .get(&node.inputs[1])
+                    .and_then(|v| v.value.as_ref())
+                    .map(|t| t.to_f32_vec())
+                    .unwrap_or_default(),
+            };
+            let [e] = e[..] else {
+                return Err(node_err(node, "gradients need a constant scalar exponent"));
+            };
+            out[0] = Some(elementwise(g, x.data, y.data, |g, x, _| {
+                g * e * x.powf(e - 1.0)
+            }));
+        }
+        Op::Slice { .. } => {
+            let s = consts;
+            let axes = shape::slice_axes(node, s, x.shape)?;
+            let mut gx = vec![0.0; x.data.len()];
+            for (k, o) in crate::kernels::elementwise::slice_offsets(x.shape, &axes)
+                .into_iter()
+                .enumerate()
+            {
+                gx[o] += g[k];
+            }
+            out[0] = Some(gx);
+        }
+        Op::Pad { mode, .. } => {
+            let s = consts;
+            let spec = shape::pad_spec(node, s, x.shape)?;
+            let mut gx = vec![0.0; x.data.len()];
+            crate::kernels::elementwise::for_each_pad_source(x.shape, &spec, *mode, |k, src| {
+                if let Some(o) = src {
+                    gx[o] += g[k];
+                }
+            });
+            out[0] = Some(gx);
+        }
+        Op::Gather { axis } => {
+            let ax = shape::norm_axis(node, *axis, x.shape.len())?;
+            let idx = consts
+                .get(&node.inputs[1])
+                .and_then(|v| v.value.as_ref())
+                .and_then(|t| t.to_i64_vec())
+                .ok_or_else(|| node_err(node, "gradients need constant indices"))?;
+            let dim = x.shape[ax];
+            let inner: usize = x.shape[ax + 1..].iter().product();
+            let outer: usize = x.shape[..ax].iter().product();
+            let mut gx = vec![0.0; x.data.len()];
+            for o in 0..outer {
+                for (j, &i) in idx.iter().enumerate() {
+                    let i = if i < 0 { i + dim as i64 } else { i } as usize;
+                    let src = &g[(o * idx.len() + j) * inner..][..inner];
+                    let dst = &mut gx[(o * dim + i) * inner..][..inner];
+                    add_assign(dst, src);
+                }
+            }
+            out[0] = Some(gx);
+        }
+        Op::LayerNormalization { axis, epsilon } => {
+            let ax = shape::norm_axis(node, *axis, x.shape.len())?;
+            let norm = &x.shape[ax..];
+            let n: usize = norm.iter().product();
+            let scale = input(graph, values, node, 1)?;
+            let mut sc = vec![0.0; n];
+            crate::kernels::elementwise::expand(
+                &crate::kernels::elementwise::Broadcast::new(&[scale.shape], norm),
+                scale.data,
+                &mut sc,
+            );
+            let mut gx = vec![0.0; x.data.len()];
+            for ((xr, gr), dr) in x
+                .data
+                .chunks_exact(n.max(1))
+                .zip(g.chunks_exact(n.max(1)))
+                .zip(gx.chunks_exact_mut(n.max(1)))
+            {
+                let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+                let var = xr
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / n as f64;
+                let inv = 1.0 / (var + f64::from(*epsilon)).sqrt();
+                // dx = inv (gs - mean(gs) - xhat mean(gs xhat)), gs = g * scale.
+                let (mut m1, mut m2) = (0.0f64, 0.0f64);
+                for k in 0..n {
+                    let gs = f64::from(gr[k] * sc[k]);
+                    m1 += gs;
+                    m2 += gs * (f64::from(xr[k]) - mean) * inv;
+                }
+                let (m1, m2) = (m1 / n as f64, m2 / n as f64);
+                for k in 0..n {
+                    let xhat = (f64::from(xr[k]) - mean) * inv;
+                    dr[k] = (inv * (f64::from(gr[k] * sc[k]) - m1 - xhat * m2)) as f32;
+                }
+            }
+            out[0] = Some(gx);
+        }
         Op::Add | Op::Sub | Op::Mul | Op::Div => {
             let b = input(graph, values, node, 1)?;
             if x.shape.len() > y.shape.len() || b.shape.len() > y.shape.len() {
@@ -877,26 +1160,6 @@ fn rule(
             }
             out[0] = Some(gx);
         }
-        Op::Concat { axis } => {
-            let rank = y.shape.len();
-            let ax = shape::norm_axis(node, *axis, rank)?;
-            let outer: usize = y.shape[..ax].iter().product();
-            let inner: usize = y.shape[ax + 1..].iter().product();
-            let total = y.shape[ax] * inner;
-            let mut off = 0;
-            for (k, name) in node.inputs.iter().enumerate() {
-                let v = value(graph, values, node, name)?;
-                let len = v.shape.get(ax).copied().unwrap_or(0) * inner;
-                if need[k] {
-                    let mut gi = Vec::with_capacity(outer * len);
-                    for o in 0..outer {
-                        gi.extend_from_slice(&g[o * total + off..o * total + off + len]);
-                    }
-                    out[k] = Some(gi);
-                }
-                off += len;
-            }
-        }
         Op::MaxPool(p) | Op::AveragePool(p) => {
             let pool = Pool2d::resolve(node, p, x.shape)?;
             let mut gx = vec![0.0; x.data.len()];
@@ -1010,11 +1273,14 @@ fn rule(
         }
         Op::MatMul => {
             let b = input(graph, values, node, 1)?;
-            if x.shape.len() < 2 || b.shape.len() != 2 {
-                return Err(node_err(
-                    node,
-                    "gradients need A of rank >= 2 and a matrix B",
-                ));
+            if x.shape.len() < 2 || b.shape.len() < 2 {
+                return Err(node_err(node, "gradients need operands of rank >= 2"));
+            }
+            if b.shape.len() > 2 {
+                let (ga, gb) = batched_matmul_grad(node, x, b, g, need)?;
+                out[0] = ga;
+                out[1] = gb;
+                return Ok(out);
             }
             let k = b.shape[0];
             let n = b.shape[1];
@@ -2359,3 +2625,61 @@ fn channel_sums(g: &[f32], n: usize, c: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests;
+
+/// Gradients of a MatMul whose operands both carry batch dimensions
+/// (attention's products), batch dimensions broadcast as numpy does:
+/// `dA_i += g_i B_i^T`, `dB_i += A_i^T g_i` for every batch entry.
+#[allow(clippy::type_complexity)]
+fn batched_matmul_grad(
+    node: &Node,
+    a: Value<'_>,
+    b: Value<'_>,
+    g: &[f32],
+    need: &[bool],
+) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], b.shape[rb - 1]);
+    if b.shape[rb - 2] != k {
+        return Err(node_err(node, "inner dimensions differ"));
+    }
+    let batch = shape::broadcast(node, &a.shape[..ra - 2], &b.shape[..rb - 2])?;
+    let offsets = |dims: &[usize]| -> Vec<usize> {
+        let strides = bstrides(&batch, dims);
+        let nb: usize = batch.iter().product();
+        (0..nb)
+            .map(|mut r| {
+                let mut off = 0;
+                for d in (0..batch.len()).rev() {
+                    off += (r % batch[d]) * strides[d];
+                    r /= batch[d];
+                }
+                off
+            })
+            .collect()
+    };
+    let (oa, ob) = (offsets(&a.shape[..ra - 2]), offsets(&b.shape[..rb - 2]));
+    if g.len() != oa.len() * m * n {
+        return Err(node_err(node, "gradient and output sizes differ"));
+    }
+    let mut ga = need[0].then(|| vec![0.0; a.data.len()]);
+    let mut gb = need
+        .get(1)
+        .copied()
+        .unwrap_or(false)
+        .then(|| vec![0.0; b.data.len()]);
+    let mut tmp = vec![0.0; (m * k).max(k * n)];
+    for (i, (&pa, &pb)) in oa.iter().zip(&ob).enumerate() {
+        let gi = Mat::row_major(&g[i * m * n..(i + 1) * m * n], n);
+        let ai = &a.data[pa * m * k..(pa + 1) * m * k];
+        let bi = &b.data[pb * k * n..(pb + 1) * k * n];
+        if let Some(ga) = ga.as_mut() {
+            matmul(m, k, n, gi, Mat::transposed(bi, n), &mut tmp[..m * k], node)?;
+            add_assign(&mut ga[pa * m * k..(pa + 1) * m * k], &tmp[..m * k]);
+        }
+        if let Some(gb) = gb.as_mut() {
+            matmul(k, n, m, Mat::transposed(ai, k), gi, &mut tmp[..k * n], node)?;
+            add_assign(&mut gb[pb * k * n..(pb + 1) * k * n], &tmp[..k * n]);
+        }
+    }
+    Ok((ga, gb))
+}

@@ -573,24 +573,37 @@ pub fn pad(
     mode: qint8_graph::PadMode,
     out: &mut [f32],
 ) {
+    for_each_pad_source(shape, spec, mode, |k, src| {
+        out[k] = src.map_or(spec.value, |o| x[o]);
+    });
+}
+
+/// Calls `f(k, source)` for every element `k` of a Pad's output: the input
+/// offset it copies, or `None` where it takes the fill value.
+pub fn for_each_pad_source(
+    shape: &[usize],
+    spec: &qint8_graph::shape::PadSpec,
+    mode: qint8_graph::PadMode,
+    mut f: impl FnMut(usize, Option<usize>),
+) {
     use qint8_graph::PadMode;
     let rank = shape.len();
     let os = &spec.out_shape;
+    let total: usize = os.iter().product();
     let mut strides = vec![1usize; rank];
     for i in (0..rank.saturating_sub(1)).rev() {
         strides[i] = strides[i + 1] * shape[i + 1];
     }
     let mut idx = vec![0usize; rank];
-    for v in out.iter_mut() {
-        let mut off = 0usize;
-        let mut inside = true;
+    for k in 0..total {
+        let mut off = Some(0usize);
         for a in 0..rank {
             let d = shape[a] as i64;
             let mut i = idx[a] as i64 - spec.begin[a];
             if i < 0 || i >= d {
                 match mode {
-                    PadMode::Constant => inside = false,
-                    _ if d == 0 => inside = false,
+                    PadMode::Constant => i = -1,
+                    _ if d == 0 => i = -1,
                     PadMode::Edge => i = i.clamp(0, d - 1),
                     PadMode::Wrap => i = i.rem_euclid(d),
                     PadMode::Reflect => {
@@ -606,12 +619,13 @@ pub fn pad(
                     }
                 }
             }
-            if !inside {
+            if i < 0 {
+                off = None;
                 break;
             }
-            off += i as usize * strides[a];
+            off = off.map(|o| o + i as usize * strides[a]);
         }
-        *v = if inside { x[off] } else { spec.value };
+        f(k, off);
         for a in (0..rank).rev() {
             idx[a] += 1;
             if idx[a] < os[a] {
@@ -620,6 +634,32 @@ pub fn pad(
             idx[a] = 0;
         }
     }
+}
+
+/// The input offset of every output element of a Slice (for its gradient).
+pub fn slice_offsets(shape: &[usize], axes: &[qint8_graph::shape::SliceAxis]) -> Vec<usize> {
+    let rank = shape.len();
+    let total: usize = axes.iter().map(|a| a.len).product();
+    let mut strides = vec![1usize; rank];
+    for i in (0..rank.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    let mut idx = vec![0usize; rank];
+    let mut out = Vec::with_capacity(total);
+    for _ in 0..total {
+        let off: i64 = (0..rank)
+            .map(|a| (axes[a].start as i64 + idx[a] as i64 * axes[a].step) * strides[a] as i64)
+            .sum();
+        out.push(off as usize);
+        for a in (0..rank).rev() {
+            idx[a] += 1;
+            if idx[a] < axes[a].len {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+    out
 }
 
 /// ScatterND: `out = data` with `slice` values of `updates` written at each
