@@ -200,6 +200,10 @@ type TransposedConvs = HashMap<(usize, ConvGeom), Option<Arc<InputGrad>>>;
 /// count.
 type FoldedWeights = HashMap<(usize, usize), Arc<Vec<f32>>>;
 
+/// The gradients of a binary operator's two operands (`None` where not
+/// wanted).
+type OperandGrads = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// A backward pass from one output to a set of values, prepared once (the
 /// nodes on the way, which inputs take gradients, fused SiLU pairs) and run
 /// on the values of any number of forward runs.
@@ -1555,7 +1559,7 @@ fn binary_grad(
     g: &[f32],
     need_a: bool,
     need_b: bool,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> OperandGrads {
     let same = a.data.len() == g.len() && b.data.len() == g.len();
     match op {
         Op::Add | Op::Sub => {
@@ -2629,35 +2633,21 @@ mod tests;
 /// Gradients of a MatMul whose operands both carry batch dimensions
 /// (attention's products), batch dimensions broadcast as numpy does:
 /// `dA_i += g_i B_i^T`, `dB_i += A_i^T g_i` for every batch entry.
-#[allow(clippy::type_complexity)]
 fn batched_matmul_grad(
     node: &Node,
     a: Value<'_>,
     b: Value<'_>,
     g: &[f32],
     need: &[bool],
-) -> Result<(Option<Vec<f32>>, Option<Vec<f32>>)> {
+) -> Result<OperandGrads> {
     let (ra, rb) = (a.shape.len(), b.shape.len());
     let (m, k, n) = (a.shape[ra - 2], a.shape[ra - 1], b.shape[rb - 1]);
     if b.shape[rb - 2] != k {
         return Err(node_err(node, "inner dimensions differ"));
     }
     let batch = shape::broadcast(node, &a.shape[..ra - 2], &b.shape[..rb - 2])?;
-    let offsets = |dims: &[usize]| -> Vec<usize> {
-        let strides = bstrides(&batch, dims);
-        let nb: usize = batch.iter().product();
-        (0..nb)
-            .map(|mut r| {
-                let mut off = 0;
-                for d in (0..batch.len()).rev() {
-                    off += (r % batch[d]) * strides[d];
-                    r /= batch[d];
-                }
-                off
-            })
-            .collect()
-    };
-    let (oa, ob) = (offsets(&a.shape[..ra - 2]), offsets(&b.shape[..rb - 2]));
+    let oa = crate::plan::matmul_batch_offsets(&batch, &a.shape[..ra - 2]);
+    let ob = crate::plan::matmul_batch_offsets(&batch, &b.shape[..rb - 2]);
     if g.len() != oa.len() * m * n {
         return Err(node_err(node, "gradient and output sizes differ"));
     }

@@ -1359,37 +1359,12 @@ fn build_kernel(
             let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
             let n = b2[b2.len() - 1];
             let batch = shape::broadcast(node, &a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
-            let nb: usize = batch.iter().product();
-            // Offsets (in matrices) of each batch entry in A and B.
-            let index = |dims: &[usize]| -> Vec<usize> {
-                let plan_shape: Vec<usize> = dims.to_vec();
-                let strides = {
-                    let mut s = vec![0usize; batch.len()];
-                    let mut acc = 1;
-                    for i in (0..plan_shape.len()).rev() {
-                        let o = batch.len() - plan_shape.len() + i;
-                        s[o] = if plan_shape[i] == 1 { 0 } else { acc };
-                        acc *= plan_shape[i];
-                    }
-                    s
-                };
-                (0..nb)
-                    .map(|mut r| {
-                        let mut off = 0;
-                        for d in (0..batch.len()).rev() {
-                            off += (r % batch[d]) * strides[d];
-                            r /= batch[d];
-                        }
-                        off
-                    })
-                    .collect()
-            };
             Kernel::MatMul {
                 m,
                 n,
                 k,
-                a_batch: index(&a2[..a2.len() - 2]),
-                b_batch: index(&b2[..b2.len() - 2]),
+                a_batch: matmul_batch_offsets(&batch, &a2[..a2.len() - 2]),
+                b_batch: matmul_batch_offsets(&batch, &b2[..b2.len() - 2]),
             }
         }
         Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Equal => {
@@ -1652,6 +1627,30 @@ fn build_kernel(
             ))
         }
     })
+}
+
+/// Offsets (in matrices) into an operand with batch dimensions `dims` of
+/// every entry of the broadcast `batch` (numpy's matmul broadcasting:
+/// `dims` right-aligned, size-1 dimensions repeated).
+pub(crate) fn matmul_batch_offsets(batch: &[usize], dims: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0usize; batch.len()];
+    let mut acc = 1;
+    for i in (0..dims.len()).rev() {
+        let o = batch.len() - dims.len() + i;
+        strides[o] = if dims[i] == 1 { 0 } else { acc };
+        acc *= dims[i];
+    }
+    let nb: usize = batch.iter().product();
+    (0..nb)
+        .map(|mut r| {
+            let mut off = 0;
+            for d in (0..batch.len()).rev() {
+                off += (r % batch[d]) * strides[d];
+                r /= batch[d];
+            }
+            off
+        })
+        .collect()
 }
 
 /// Runs one kernel. `ins` are the step's inputs in node order.
