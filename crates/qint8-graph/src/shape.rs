@@ -719,7 +719,7 @@ pub fn slice_axes(node: &Node, s: &Shapes, shape: &[usize]) -> Result<Vec<SliceA
             )
         };
         let span = if step > 0 { end - start } else { start - end };
-        let len = if span <= 0 {
+        let len = if span <= 0 || dim == 0 {
             0
         } else {
             (span + step.abs() - 1) / step.abs()

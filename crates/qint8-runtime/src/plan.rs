@@ -1413,7 +1413,7 @@ fn build_kernel(
             }
         }
         Op::LayerNormalization { axis, epsilon } => {
-            if node.outputs[1..].iter().any(|o| !o.is_empty()) {
+            if node.outputs.iter().skip(1).any(|o| !o.is_empty()) {
                 return Err(node_err(
                     node,
                     "the Mean and InvStdDev outputs are not supported",
