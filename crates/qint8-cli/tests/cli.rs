@@ -1603,10 +1603,10 @@ fn report_writes_one_models_plots() {
     assert!(!bad.exists());
 }
 
-/// A classifier `x [batch, 1, 32, 32] -> Conv -> Cast -> global pool ->
+/// A classifier `x [batch, 1, 32, 32] -> Conv -> Where -> global pool ->
 /// Gemm -> y [batch, 10]`: it runs and quantizes, but the backward pass has
-/// no rule for Cast.
-fn classifier_with_cast(path: &Path) {
+/// no rule for Where.
+fn classifier_with_where(path: &Path) {
     use qint8_graph::{ConvAttrs, Dim, Graph, Model, Node, Op, Tensor, ValueInfo};
     let tensor = |shape: &[usize]| {
         let len: usize = shape.iter().product();
@@ -1639,13 +1639,13 @@ fn classifier_with_cast(path: &Path) {
         trans_b: true,
     };
     let graph = Graph {
-        name: "cast".into(),
+        name: "where".into(),
         inputs: vec![x],
         outputs: vec![y],
         nodes: vec![
             Node::new("conv", conv, &["x", "w"], &["a"]),
             Node::new("relu", Op::Relu, &["a"], &["r"]),
-            Node::new("cast", Op::Cast { to: 1 }, &["r"], &["c"]),
+            Node::new("where", Op::Where, &["keep", "r", "zero"], &["c"]),
             Node::new("gap", Op::GlobalAveragePool, &["c"], &["p"]),
             Node::new("flat", Op::Flatten { axis: 1 }, &["p"], &["f"]),
             Node::new("fc", gemm, &["f", "w2", "b2"], &["y"]),
@@ -1654,6 +1654,11 @@ fn classifier_with_cast(path: &Path) {
             ("w".to_string(), tensor(&[4, 1, 3, 3])),
             ("w2".to_string(), tensor(&[10, 4])),
             ("b2".to_string(), tensor(&[10])),
+            (
+                "keep".to_string(),
+                Tensor::Bool(ndarray::arr1(&[true]).into_dyn()),
+            ),
+            ("zero".to_string(), Tensor::scalar_f32(0.0)),
         ]
         .into_iter()
         .collect(),
@@ -1667,8 +1672,8 @@ fn classifier_with_cast(path: &Path) {
 #[test]
 fn report_without_sensitivity_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("cast.onnx");
-    classifier_with_cast(&m);
+    let m = dir.path().join("where.onnx");
+    classifier_with_where(&m);
     let out = dir.path().join("r");
     let text = ok(qint8(&[
         "report",
@@ -1692,8 +1697,8 @@ fn report_without_sensitivity_says_why() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| entropy |"), "{md}");
     assert!(md.contains("Which layer hurts: not measured ("), "{md}");
-    assert!(md.contains("Cast"), "{md}");
-    assert!(!out.join("cast-sensitivity.svg").exists());
+    assert!(md.contains("Where"), "{md}");
+    assert!(!out.join("where-sensitivity.svg").exists());
 }
 
 /// `qint8 sensitivity` ranks every Conv/Gemm node of the ResNet-50 fixture

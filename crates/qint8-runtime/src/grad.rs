@@ -153,6 +153,7 @@ pub fn has_rule(op: &Op) -> bool {
             | Op::Pad { .. }
             | Op::Gather { .. }
             | Op::LayerNormalization { .. }
+            | Op::Split { .. }
     ) || matches!(op, Op::Cast { to } if qint8_graph::DataType::from_onnx(*to) == Some(qint8_graph::DataType::Float))
 }
 
@@ -468,6 +469,29 @@ impl<'g> Backward<'g> {
         grads.insert(output.to_string(), seed.to_vec());
         for &i in nodes.iter().rev() {
             let node = &graph.nodes[i];
+            if matches!(node.op, Op::Split { .. }) {
+                // Several outputs: their gradients side by side along the
+                // axis (zeros for parts no gradient reached) are the input's.
+                let parts: Vec<Option<Vec<f32>>> = node
+                    .outputs
+                    .iter()
+                    .map(|o| grads.remove(o.as_str()))
+                    .collect();
+                let Some(x) = node.input(0).filter(|x| live.contains(*x)) else {
+                    continue;
+                };
+                if parts.iter().all(Option::is_none) {
+                    continue;
+                }
+                let gx = split_grad(node, value(graph, values, node, x)?, &parts, consts)?;
+                match grads.get_mut(x) {
+                    Some(acc) => add_assign(acc, &gx),
+                    None => {
+                        grads.insert(x.to_string(), gx);
+                    }
+                }
+                continue;
+            }
             let out = node.outputs[0].as_str();
             // No gradient reached this value: it contributes nothing upstream.
             let Some(g) = grads.remove(out) else {
@@ -2672,4 +2696,34 @@ fn batched_matmul_grad(
         }
     }
     Ok((ga, gb))
+}
+
+/// The input gradient of a Split from its outputs' (`None`: no gradient
+/// reached that part).
+fn split_grad(
+    node: &Node,
+    x: Value<'_>,
+    parts: &[Option<Vec<f32>>],
+    consts: &shape::Shapes,
+) -> Result<Vec<f32>> {
+    let (axis, sizes) = shape::split_sizes(node, consts, x.shape)?;
+    let outer: usize = x.shape[..axis].iter().product();
+    let inner: usize = x.shape[axis + 1..].iter().product();
+    let total = x.shape[axis] * inner;
+    let mut gx = vec![0.0; x.data.len()];
+    let mut off = 0;
+    for (part, &size) in parts.iter().zip(&sizes) {
+        let len = size * inner;
+        if let Some(g) = part {
+            if g.len() != outer * len {
+                return Err(node_err(node, "gradient and output sizes differ"));
+            }
+            for o in 0..outer {
+                gx[o * total + off..o * total + off + len]
+                    .copy_from_slice(&g[o * len..(o + 1) * len]);
+            }
+        }
+        off += len;
+    }
+    Ok(gx)
 }

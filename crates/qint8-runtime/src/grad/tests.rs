@@ -502,6 +502,7 @@ fn backward_matches_finite_differences_on_transformer_rules() {
     let n = |name: &str, op: Op, i: &[&str]| Node::new(name, op, i, &[name]);
     // The expand target is [batch, 1, 4]: Shape(x)[0], then 1 and 4.
     init.insert("one4".to_string(), Tensor::vec_i64(&[1, 4]));
+    init.insert("sizes".to_string(), Tensor::vec_i64(&[3, 5]));
     let nodes = vec![
         n(
             "ln",
@@ -544,7 +545,18 @@ fn backward_matches_finite_differences_on_transformer_rules() {
         n("sq", Op::Sqrt, &["o3"]),
         n("pw", Op::Pow, &["sq", "e"]),
         n("a1", Op::Add, &["ge", "gt"]),
-        n("a2", Op::Add, &["a1", "pw"]),
+        n("a0", Op::Add, &["a1", "pw"]),
+        // A Split whose second part only is read further on.
+        Node::new(
+            "sp2",
+            Op::Split {
+                axis: 2,
+                split: None,
+            },
+            &["a0", "sizes"],
+            &["h0", "h1"],
+        ),
+        n("a2", Op::Concat { axis: 2 }, &["h1", "a0"]),
         n(
             "sl",
             Op::Slice {
@@ -701,22 +713,14 @@ fn unsupported_operators_are_all_named() {
         inputs: vec![ValueInfo::f32("x", &[1, 4])],
         outputs: vec![ValueInfo::f32("y", &[1, 4])],
         nodes: vec![
-            Node::new(
-                "a",
-                Op::Split {
-                    axis: 1,
-                    split: None,
-                },
-                &["x"],
-                &["a", "a2"],
-            ),
+            Node::new("a", Op::Where, &["m", "x", "x"], &["a"]),
             Node::new("b", Op::Relu, &["a"], &["b"]),
             Node::new("c", Op::ScatterND, &["b", "i", "u"], &["y"]),
         ],
         initializers: BTreeMap::new(),
         value_info: vec![],
     };
-    assert_eq!(unsupported(&graph, &["x"], "y"), vec!["ScatterND", "Split"]);
+    assert_eq!(unsupported(&graph, &["x"], "y"), vec!["ScatterND", "Where"]);
     // Operators before the wanted values do not count.
     assert_eq!(unsupported(&graph, &["b"], "y"), vec!["ScatterND"]);
     let x = [0.0f32; 4];
@@ -729,7 +733,7 @@ fn unsupported_operators_are_all_named() {
     )]
     .into();
     let err = backward(&graph, &vals, "y", &x, &["x"], &mut |_, _| Ok(())).unwrap_err();
-    assert!(err.to_string().contains("ScatterND, Split"), "{err}");
+    assert!(err.to_string().contains("ScatterND, Where"), "{err}");
 }
 
 #[test]
