@@ -457,7 +457,13 @@ impl<'g> Backward<'g> {
         let want: HashSet<&str> = self.wanted.iter().map(String::as_str).collect();
         // Constants the plan folded (scalars computed from shapes, as
         // attention's 1/sqrt(d)) were never recorded: inference gives them.
-        let known = self.consts(values)?;
+        // Where inference fails the rules that need it say so themselves.
+        let known = self.consts(values).unwrap_or_else(|_| {
+            Arc::new(Consts {
+                shapes: shape::Shapes::new(),
+                floats: HashMap::new(),
+            })
+        });
         let mut merged: Values<'_> = values.clone();
         for (name, (shape, data)) in &known.floats {
             merged.entry(name.clone()).or_insert(Value { shape, data });
@@ -820,9 +826,6 @@ fn rule(
         let total = y.shape[ax] * inner;
         let mut off = 0;
         for (k, name) in node.inputs.iter().enumerate() {
-            // Only the shape is needed: inputs the plan computed as
-            // constants (ViT's class token expanded to the batch) were
-            // not recorded.
             let v_shape = match lookup(graph, values, name) {
                 Some(v) => v.shape,
                 None => consts
