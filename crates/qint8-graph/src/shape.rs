@@ -733,6 +733,25 @@ pub fn slice_axes(node: &Node, s: &Shapes, shape: &[usize]) -> Result<Vec<SliceA
     Ok(out)
 }
 
+/// Gather indices for an axis of `dim` entries, negative ones counted from
+/// the end; an index outside the axis is an error naming the node.
+pub fn gather_indices(node: &Node, raw: &[i64], dim: usize) -> Result<Vec<usize>> {
+    let d = dim as i64;
+    raw.iter()
+        .map(|&i| {
+            let j = if i < 0 { i + d } else { i };
+            if (0..d).contains(&j) {
+                Ok(j as usize)
+            } else {
+                Err(shape_err(
+                    node,
+                    format!("index {i} out of range for dimension {dim}"),
+                ))
+            }
+        })
+        .collect()
+}
+
 /// The axis and the part sizes of a Split for an input of `shape`.
 pub fn split_sizes(node: &Node, s: &Shapes, shape: &[usize]) -> Result<(usize, Vec<usize>)> {
     let Op::Split { axis, split } = &node.op else {
@@ -1175,24 +1194,10 @@ fn fold(node: &Node, s: &Shapes) -> Result<Option<Tensor>> {
         Op::Gather { axis } => {
             let data = vals[0];
             let a = norm_axis(node, *axis, data.shape().len())?;
-            let dim = data.shape()[a] as i64;
             let raw = vals[1]
                 .to_i64_vec()
                 .ok_or_else(|| shape_err(node, "Gather indices must be integers"))?;
-            let idx: Vec<usize> = raw
-                .iter()
-                .map(|&i| {
-                    let j = if i < 0 { i + dim } else { i };
-                    if j < 0 || j >= dim {
-                        Err(shape_err(
-                            node,
-                            format!("index {i} out of range for dim {dim}"),
-                        ))
-                    } else {
-                        Ok(j as usize)
-                    }
-                })
-                .collect::<Result<_>>()?;
+            let idx = gather_indices(node, &raw, data.shape()[a])?;
             let shape = infer_unfolded(node, s)?.shape;
             map_each!(data, |arr| arr
                 .select(Axis(a), &idx)

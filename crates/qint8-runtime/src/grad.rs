@@ -154,7 +154,7 @@ pub fn has_rule(op: &Op) -> bool {
             | Op::Gather { .. }
             | Op::LayerNormalization { .. }
             | Op::Split { .. }
-    ) || matches!(op, Op::Cast { to } if qint8_graph::DataType::from_onnx(*to) == Some(qint8_graph::DataType::Float))
+    ) || (matches!(op, Op::Cast { .. }) && differentiable(op, 0))
 }
 
 /// The operators between `from` and `output` that [`backward`] has no rule
@@ -292,10 +292,13 @@ impl<'g> Backward<'g> {
         let shapes = shape::infer(self.graph, &inputs)?;
         let floats = shapes
             .iter()
+            // Initializers are read from the graph (`lookup`); only values
+            // computed from constants need a copy here.
+            .filter(|(n, v)| {
+                v.dtype == qint8_graph::DataType::Float && !self.graph.initializers.contains_key(*n)
+            })
             .filter_map(|(n, v)| {
-                let t = v.value.as_ref()?;
-                (v.dtype == qint8_graph::DataType::Float)
-                    .then(|| (n.clone(), (v.shape.clone(), t.to_f32_vec())))
+                Some((n.clone(), (v.shape.clone(), v.value.as_ref()?.to_f32_vec())))
             })
             .collect();
         let s = Arc::new(Consts { shapes, floats });
@@ -971,15 +974,9 @@ fn rule(
     let g = &g[..];
     match &node.op {
         Op::Pow => {
-            let e = match lookup(graph, values, &node.inputs[1]) {
-                Some(v) => v.data.to_vec(),
-                None => consts
-                    .get(&node.inputs[1])
-                    .and_then(|v| v.value.as_ref())
-                    .map(|t| t.to_f32_vec())
-                    .unwrap_or_default(),
-            };
-            let [e] = e[..] else {
+            // Constants the plan folded are among `values` (see `run`).
+            let e = input(graph, values, node, 1)?.data;
+            let &[e] = e else {
                 return Err(node_err(node, "gradients need a constant scalar exponent"));
             };
             out[0] = Some(elementwise(g, x.data, y.data, |g, x, _| {
@@ -987,8 +984,7 @@ fn rule(
             }));
         }
         Op::Slice { .. } => {
-            let s = consts;
-            let axes = shape::slice_axes(node, s, x.shape)?;
+            let axes = shape::slice_axes(node, consts, x.shape)?;
             let mut gx = vec![0.0; x.data.len()];
             for (k, o) in crate::kernels::elementwise::slice_offsets(x.shape, &axes)
                 .into_iter()
@@ -999,8 +995,7 @@ fn rule(
             out[0] = Some(gx);
         }
         Op::Pad { mode, .. } => {
-            let s = consts;
-            let spec = shape::pad_spec(node, s, x.shape)?;
+            let spec = shape::pad_spec(node, consts, x.shape)?;
             let mut gx = vec![0.0; x.data.len()];
             crate::kernels::elementwise::for_each_pad_source(x.shape, &spec, *mode, |k, src| {
                 if let Some(o) = src {
@@ -1011,18 +1006,18 @@ fn rule(
         }
         Op::Gather { axis } => {
             let ax = shape::norm_axis(node, *axis, x.shape.len())?;
-            let idx = consts
+            let raw = consts
                 .get(&node.inputs[1])
                 .and_then(|v| v.value.as_ref())
                 .and_then(|t| t.to_i64_vec())
                 .ok_or_else(|| node_err(node, "gradients need constant indices"))?;
             let dim = x.shape[ax];
+            let idx = shape::gather_indices(node, &raw, dim)?;
             let inner: usize = x.shape[ax + 1..].iter().product();
             let outer: usize = x.shape[..ax].iter().product();
             let mut gx = vec![0.0; x.data.len()];
             for o in 0..outer {
                 for (j, &i) in idx.iter().enumerate() {
-                    let i = if i < 0 { i + dim as i64 } else { i } as usize;
                     let src = &g[(o * idx.len() + j) * inner..][..inner];
                     let dst = &mut gx[(o * dim + i) * inner..][..inner];
                     add_assign(dst, src);
@@ -1048,13 +1043,7 @@ fn rule(
                 .zip(g.chunks_exact(n.max(1)))
                 .zip(gx.chunks_exact_mut(n.max(1)))
             {
-                let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-                let var = xr
-                    .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
-                    .sum::<f64>()
-                    / n as f64;
-                let inv = 1.0 / (var + f64::from(*epsilon)).sqrt();
+                let (mean, inv) = crate::kernels::elementwise::mean_inv_std(xr, *epsilon);
                 // dx = inv (gs - mean(gs) - xhat mean(gs xhat)), gs = g * scale.
                 let (mut m1, mut m2) = (0.0f64, 0.0f64);
                 for k in 0..n {

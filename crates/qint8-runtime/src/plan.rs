@@ -370,21 +370,14 @@ pub(crate) fn compile(
     let mut parts: HashMap<usize, Vec<Node>> = HashMap::new();
     for (idx, node) in g.nodes.iter().enumerate() {
         if matches!(node.op, Op::Split { .. }) {
-            parts.insert(
-                idx,
-                qint8_graph::passes::split_as_slices(node, &shapes)
-                    .map_err(|e| node_err(node, e.to_string()))?,
-            );
+            parts.insert(idx, qint8_graph::passes::split_as_slices(node, &shapes)?);
         }
     }
-    let steps = g
-        .nodes
-        .iter()
-        .enumerate()
-        .flat_map(|(idx, node)| match parts.get(&idx) {
-            Some(p) => p.iter().map(|n| (idx, n)).collect::<Vec<_>>(),
-            None => vec![(idx, node)],
-        });
+    let steps = g.nodes.iter().enumerate().flat_map(|(idx, node)| {
+        let own = (!parts.contains_key(&idx)).then_some((idx, node));
+        let split = parts.get(&idx).into_iter().flatten();
+        own.into_iter().chain(split.map(move |n| (idx, n)))
+    });
     for (idx, node) in steps {
         if skip.contains(&idx) {
             continue;
@@ -1460,8 +1453,7 @@ fn build_kernel(
                 &idx,
                 in_shape(node, shapes, 1)?,
                 in_shape(node, shapes, 2)?.iter().product(),
-            )
-            .map_err(|e| node_err(node, e.to_string()))?;
+            )?;
             Kernel::ScatterNd { offsets, slice }
         }
         Op::HardSigmoid { alpha, beta } => Kernel::Unary(Unary::HardSigmoid(*alpha, *beta)),
@@ -1530,23 +1522,11 @@ fn build_kernel(
         Op::Gather { axis } => {
             let xs = x_shape()?;
             let a = shape::norm_axis(node, *axis, xs.len())?;
-            let dim = xs[a] as i64;
-            let raw = const_of(node, ins, 1, "indices")?;
-            let idx = raw
+            let raw: Vec<i64> = const_of(node, ins, 1, "indices")?
                 .iter()
-                .map(|&v| {
-                    let i = v as i64;
-                    let j = if i < 0 { i + dim } else { i };
-                    if j < 0 || j >= dim {
-                        Err(node_err(
-                            node,
-                            format!("index {i} out of range for dimension {dim}"),
-                        ))
-                    } else {
-                        Ok(j as usize)
-                    }
-                })
-                .collect::<Result<Vec<_>>>()?;
+                .map(|&v| v as i64)
+                .collect();
+            let idx = shape::gather_indices(node, &raw, xs[a])?;
             Kernel::Gather {
                 n: xs[a],
                 inner: xs[a + 1..].iter().product(),

@@ -541,6 +541,19 @@ pub fn slice(x: &[f32], shape: &[usize], axes: &[qint8_graph::shape::SliceAxis],
     }
 }
 
+/// The mean of `xs` and `1 / sqrt(var + eps)`, in double precision; two
+/// passes: the variance of the centred values, not `E[x^2] - mean^2`.
+pub fn mean_inv_std(xs: &[f32], eps: f32) -> (f64, f64) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = xs
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + f64::from(eps)).sqrt())
+}
+
 /// Layer normalization over rows of `scale.len()` values:
 /// `(x - mean) / sqrt(var + eps) * scale + bias`.
 pub fn layer_norm(x: &[f32], out: &mut [f32], scale: &[f32], bias: &[f32], eps: f32) {
@@ -549,14 +562,8 @@ pub fn layer_norm(x: &[f32], out: &mut [f32], scale: &[f32], bias: &[f32], eps: 
         let base = t * n * (GRAIN / n).max(1);
         for (r, o) in chunk.chunks_mut(n).enumerate() {
             let xs = &x[base + r * n..base + (r + 1) * n];
-            // Two passes: the variance of the centred values, not E[x^2] - mean^2.
-            let mean = xs.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-            let var = xs
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / n as f64;
-            let (mean, inv) = (mean as f32, (1.0 / (var + f64::from(eps)).sqrt()) as f32);
+            let (mean, inv) = mean_inv_std(xs, eps);
+            let (mean, inv) = (mean as f32, inv as f32);
             for (((o, &v), &s), &b) in o.iter_mut().zip(xs).zip(scale).zip(bias) {
                 *o = (v - mean) * inv * s + b;
             }
